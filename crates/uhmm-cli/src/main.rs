@@ -1,0 +1,2 @@
+//! The uhmm command.
+fn main() {}

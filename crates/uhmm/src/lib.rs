@@ -1,0 +1,3 @@
+//! uhmm: heterogeneous memory management for user space.
+#![deny(unsafe_code)]
+pub mod sys;

@@ -1,0 +1,261 @@
+//! Anonymous mappings and the `mmap`/`mprotect`/`madvise` calls on them.
+//!
+//! A [`Mapping`] is memory whose contents can change underneath the program
+//! at any time: a userfaultfd ioctl may move its pages away or install new
+//! ones, a device may write it, the program may write it through raw
+//! pointers. It therefore never hands out `&[u8]`; its bytes are reached only
+//! through the copying methods here, which bounds-check once and then copy.
+
+use std::ffi::c_void;
+use std::io;
+use std::ptr::NonNull;
+
+use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
+
+use super::PAGE_SIZE;
+
+/// Access rights of a mapping, as `mmap`'s `PROT_*` bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// `PROT_NONE`.
+    None,
+    /// `PROT_READ`.
+    Read,
+    /// `PROT_READ | PROT_WRITE`.
+    ReadWrite,
+}
+
+impl Protection {
+    fn map_flags(self) -> ProtFlags {
+        match self {
+            Protection::None => ProtFlags::empty(),
+            Protection::Read => ProtFlags::READ,
+            Protection::ReadWrite => ProtFlags::READ | ProtFlags::WRITE,
+        }
+    }
+
+    fn mprotect_flags(self) -> MprotectFlags {
+        match self {
+            Protection::None => MprotectFlags::empty(),
+            Protection::Read => MprotectFlags::READ,
+            Protection::ReadWrite => MprotectFlags::READ | MprotectFlags::WRITE,
+        }
+    }
+}
+
+/// An owned private anonymous mapping, unmapped on drop.
+///
+/// # Invariants
+///
+/// `addr..addr + len` is a page-aligned mapping created by [`Mapping::anonymous`]
+/// and owned by this value; `len` is a non-zero multiple of [`PAGE_SIZE`].
+#[derive(Debug)]
+pub struct Mapping {
+    addr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a `Mapping` is an address range; every access to its bytes goes
+// through the kernel or through the bounds-checked copies below, which are
+// valid from any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as for `Send`: `&Mapping` gives no references into the memory.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// `mmap(NULL, len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE)`,
+    /// optionally aligned to `align` bytes (a power of two, at least a page)
+    /// by over-allocating and trimming.
+    ///
+    /// Nothing is populated: a 1 TiB mapping costs only its VMA.
+    pub fn anonymous(len: usize, prot: Protection, align: usize) -> io::Result<Mapping> {
+        if len == 0 || len % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let extra = align - PAGE_SIZE;
+        let total = len
+            .checked_add(extra)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses
+        // cannot overlap any memory Rust knows about.
+        let base = unsafe {
+            mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                total,
+                prot.map_flags(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }?;
+        let base_addr = base as usize;
+        let start = base_addr.next_multiple_of(align);
+        let head = start - base_addr;
+        let tail = total - head - len;
+        // SAFETY: `base..start` and `start + len..base + total` are the
+        // untouched slack of the mapping just created; nothing refers to them.
+        unsafe {
+            if head > 0 {
+                mm::munmap(base, head)?;
+            }
+            if tail > 0 {
+                mm::munmap((start + len) as *mut c_void, tail)?;
+            }
+        }
+        let addr =
+            NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        // INVARIANT: `start` is `align`-aligned and `len` bytes from it are mapped.
+        Ok(Mapping { addr, len })
+    }
+
+    /// The first address of the mapping.
+    pub fn addr(&self) -> usize {
+        self.addr.as_ptr() as usize
+    }
+
+    /// The mapping's start as a raw pointer. Dereferencing it is the caller's
+    /// business; the memory may change at any time (see the module docs).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a mapping is never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Checks that `off..off + len` is a page-aligned, non-empty sub-range,
+    /// and returns its start address.
+    pub fn page_range(&self, off: usize, len: usize) -> io::Result<usize> {
+        let end = off.checked_add(len);
+        if len == 0
+            || off % PAGE_SIZE != 0
+            || len % PAGE_SIZE != 0
+            || end.is_none_or(|e| e > self.len)
+        {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        Ok(self.addr() + off)
+    }
+
+    fn byte_range(&self, off: usize, len: usize) -> io::Result<*mut u8> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.len => Ok(self.addr.as_ptr().wrapping_add(off)),
+            _ => Err(io::Error::from(io::ErrorKind::InvalidInput)),
+        }
+    }
+
+    /// `mprotect` of a page-aligned sub-range.
+    pub fn protect(&self, off: usize, len: usize, prot: Protection) -> io::Result<()> {
+        let addr = self.page_range(off, len)?;
+        // SAFETY: the range lies inside this mapping (checked above), which
+        // no Rust reference points into (type invariant).
+        unsafe { mm::mprotect(addr as *mut c_void, len, prot.mprotect_flags()) }?;
+        Ok(())
+    }
+
+    /// `madvise(MADV_DONTNEED)` of a page-aligned sub-range: its pages are
+    /// freed and its page-table entries become empty.
+    pub fn discard(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxDontNeed)
+    }
+
+    /// `madvise(MADV_POPULATE_WRITE)`: allocate (and zero) every page of a
+    /// sub-range now. Must not be used on a range registered for MISSING
+    /// faults, whose population is the fault handler's job.
+    pub fn populate_write(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxPopulateWrite)
+    }
+
+    /// `madvise(MADV_HUGEPAGE)`: let the kernel back the range with THPs.
+    pub fn advise_huge(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxHugepage)
+    }
+
+    fn advise(&self, off: usize, len: usize, advice: Advice) -> io::Result<()> {
+        let addr = self.page_range(off, len)?;
+        // SAFETY: the range lies inside this mapping; discarding or
+        // populating its pages invalidates no Rust reference (type invariant).
+        unsafe { mm::madvise(addr as *mut c_void, len, advice) }?;
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes from offset `off` into `buf`.
+    ///
+    /// The caller must know the bytes are present (or that faulting them in
+    /// is served by someone other than the calling thread).
+    pub fn read(&self, off: usize, buf: &mut [u8]) -> io::Result<()> {
+        let src = self.byte_range(off, buf.len())?;
+        // SAFETY: `src..src + buf.len()` is inside this live mapping (checked)
+        // and cannot overlap `buf`, which is ordinary Rust memory. Concurrent
+        // writers to the mapping are the shared-memory model this type
+        // documents: the copy sees some interleaving of their bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `buf` into the mapping at offset `off`.
+    pub fn write(&self, off: usize, buf: &[u8]) -> io::Result<()> {
+        let dst = self.byte_range(off, buf.len())?;
+        // SAFETY: as in `read`, with the roles swapped; the mapping must be
+        // writable at that range, which callers guarantee (a write to a
+        // read-only page faults with SIGSEGV, it is never undefined).
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes between two mappings.
+    pub fn copy_to(&self, off: usize, dst: &Mapping, dst_off: usize, len: usize) -> io::Result<()> {
+        let src = self.byte_range(off, len)?;
+        let to = dst.byte_range(dst_off, len)?;
+        if std::ptr::eq(self, dst) && off.abs_diff(dst_off) < len {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: both ranges lie inside live mappings (checked) and do not
+        // overlap (distinct mappings, or disjoint ranges of one).
+        unsafe { std::ptr::copy_nonoverlapping(src, to, len) };
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the range is the mapping this value owns (type invariant);
+        // after drop nothing can name it.
+        if let Err(err) = unsafe { mm::munmap(self.addr.as_ptr().cast(), self.len) } {
+            tracing::error!(%err, addr = self.addr(), len = self.len, "munmap failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_read_write_discard() {
+        let m = Mapping::anonymous(4 * PAGE_SIZE, Protection::ReadWrite, 2 << 20).unwrap();
+        assert_eq!(m.addr() % (2 << 20), 0);
+        m.write(10, b"hello").unwrap();
+        let mut b = [0u8; 5];
+        m.read(10, &mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        m.discard(0, PAGE_SIZE).unwrap();
+        m.read(10, &mut b).unwrap();
+        assert_eq!(b, [0; 5]);
+    }
+
+    #[test]
+    fn bounds_are_checked() {
+        let m = Mapping::anonymous(PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
+        let mut b = [0u8; 2];
+        assert!(m.read(PAGE_SIZE - 1, &mut b).is_err());
+        assert!(m.read(usize::MAX, &mut b).is_err());
+        assert!(m.discard(1, PAGE_SIZE).is_err());
+        assert!(m.discard(0, 2 * PAGE_SIZE).is_err());
+        assert!(Mapping::anonymous(0, Protection::Read, PAGE_SIZE).is_err());
+    }
+}

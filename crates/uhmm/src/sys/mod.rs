@@ -1,0 +1,73 @@
+//! The system-call layer: the only module of the core with `unsafe`.
+//!
+//! Thin, audited wrappers over `rustix` and `linux-raw-sys` for what uhmm
+//! needs from the kernel: userfaultfd ([`uffd`]), anonymous mappings and
+//! `madvise` ([`mman`]), and the `PAGEMAP_SCAN` residency query
+//! ([`pagemap`]). Each wrapper opens with the call it is; each `unsafe` block
+//! argues why it is sound. Nothing here knows about regions, page tables or
+//! devices. The module is public so that benchmarks can measure a raw
+//! userfaultfd round trip with the same calls uhmm uses.
+#![allow(unsafe_code)]
+
+pub mod mman;
+pub mod pagemap;
+pub mod uffd;
+
+/// The base page size uhmm works in. [`check_page_size`] verifies that the
+/// running kernel agrees.
+pub const PAGE_SIZE: usize = 4096;
+
+/// `log2(PAGE_SIZE)`.
+pub const PAGE_SHIFT: u32 = 12;
+
+/// Fails unless the kernel's base page size is [`PAGE_SIZE`].
+pub fn check_page_size() -> std::io::Result<()> {
+    let size = rustix::param::page_size();
+    if size == PAGE_SIZE {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "uhmm needs {PAGE_SIZE}-byte base pages; this kernel uses {size}"
+        )))
+    }
+}
+
+/// Issues an `ioctl` whose argument is a `T` the kernel reads and updates.
+///
+/// Returns the ioctl's non-negative return value.
+///
+/// # Safety
+///
+/// `opcode` must be an ioctl of `fd` whose argument is a `T`, and the
+/// operation it performs on memory named inside `arg` must be sound for the
+/// caller (each wrapper argues this).
+unsafe fn ioctl_update<T>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    opcode: rustix::ioctl::Opcode,
+    arg: &mut T,
+) -> rustix::io::Result<i32> {
+    struct Update<'a, T> {
+        opcode: rustix::ioctl::Opcode,
+        arg: &'a mut T,
+    }
+    // SAFETY: `as_ptr` hands the kernel a pointer to a live, exclusively
+    // borrowed `T`, and the output is only the integer return value.
+    unsafe impl<T> rustix::ioctl::Ioctl for Update<'_, T> {
+        type Output = i32;
+        const IS_MUTATING: bool = true;
+        fn opcode(&self) -> rustix::ioctl::Opcode {
+            self.opcode
+        }
+        fn as_ptr(&mut self) -> *mut core::ffi::c_void {
+            (self.arg as *mut T).cast()
+        }
+        unsafe fn output_from_ptr(
+            out: rustix::ioctl::IoctlOutput,
+            _: *mut core::ffi::c_void,
+        ) -> rustix::io::Result<i32> {
+            Ok(out)
+        }
+    }
+    // SAFETY: forwarded to the caller (see `# Safety`).
+    unsafe { rustix::ioctl::ioctl(fd, Update { opcode, arg }) }
+}
