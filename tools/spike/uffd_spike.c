@@ -122,6 +122,32 @@ static void fill(char *p, size_t len, uint64_t salt)
 	}
 }
 
+/* ---- optional controls: SPIKE_PIN=same|split pins faulting + handler threads;
+ * SPIKE_ONLY=2,4b,... runs only the rows with those ids;
+ * SPIKE_SPIN_US=N makes the handler busy-poll N us before sleeping in poll() ---- */
+static int pin_mode; /* 0 none, 1 same CPU, 2 different CPUs */
+static double spin_us; /* SPIKE_SPIN_US: handler busy-polls this long before poll() */
+static void pin_self(int cpu)
+{
+	cpu_set_t s;
+	CPU_ZERO(&s);
+	CPU_SET(cpu, &s);
+	errno = pthread_setaffinity_np(pthread_self(), sizeof s, &s);
+	if (errno)
+		die("pthread_setaffinity_np");
+}
+static int want(const char *id)
+{
+	const char *only = getenv("SPIKE_ONLY");
+	if (!only)
+		return 1;
+	char buf[256];
+	snprintf(buf, sizeof buf, ",%s,", only);
+	char key[16];
+	snprintf(key, sizeof key, ",%s,", id);
+	return strstr(buf, key) != NULL;
+}
+
 /* ---- userfaultfd plumbing ---- */
 static int uffd;
 
@@ -250,23 +276,26 @@ struct handler {
 static void *handler_main(void *arg)
 {
 	struct handler *h = arg;
+	if (pin_mode)
+		pin_self(pin_mode == 1 ? 0 : 1);
 	struct pollfd pf[2] = {{.fd = uffd, .events = POLLIN}, {.fd = h->evfd, .events = POLLIN}};
 	for (;;) {
-		if (poll(pf, 2, -1) < 0) {
-			if (errno == EINTR)
-				continue;
-			die("poll");
-		}
-		if (pf[1].revents)
-			return NULL;
-		if (pf[0].revents & (POLLERR | POLLHUP))
-			fail("uffd POLLERR/POLLHUP");
 		struct uffd_msg msg[16];
 		ssize_t n = read(uffd, msg, sizeof msg);
+		/* optional busy-poll before sleeping: a sleeping vCPU is slow to wake */
+		for (double end = spin_us ? now() + spin_us * 1e-6 : 0;
+		     n < 0 && errno == EAGAIN && spin_us && now() < end;)
+			n = read(uffd, msg, sizeof msg);
 		if (n < 0) {
-			if (errno == EAGAIN)
-				continue;
-			die("read uffd");
+			if (errno != EAGAIN)
+				die("read uffd");
+			if (poll(pf, 2, -1) < 0 && errno != EINTR)
+				die("poll");
+			if (pf[1].revents)
+				return NULL;
+			if (pf[0].revents & (POLLERR | POLLHUP))
+				fail("uffd POLLERR/POLLHUP");
+			continue;
 		}
 		for (ssize_t i = 0; i < n / (ssize_t)sizeof msg[0]; i++) {
 			if (msg[i].event != UFFD_EVENT_PAGEFAULT)
@@ -392,6 +421,8 @@ static void prep_move(struct ftest *f)
 
 static void run_fault(const char *id, enum op op, size_t winpages, int write, const char *label)
 {
+	if (!want(id))
+		return;
 	struct ftest f = {.npages = NFAULT, .write = write, .salt = 0x1234};
 	f.h.op = op;
 	f.h.len = NFAULT * PG;
@@ -464,6 +495,8 @@ static void b_bulk(void *arg, double *out)
 }
 static void run_bulk(const char *id, enum op op, int src_hint, const char *label)
 {
+	if (!want(id))
+		return;
 	struct bulk b = {.op = op};
 	b.dst = map_anon(GIB, src_hint);
 	if (op != OP_ZERO) {
@@ -521,6 +554,8 @@ static void b_pmscan(void *arg, double *out)
 static void prep_minor(struct ftest *f) { dontneed(f->h.base, f->h.len); /* zaps PTEs, keeps page cache */ }
 static void run_minor(const char *id, size_t winpages, const char *label)
 {
+	if (!want(id))
+		return;
 	struct ftest f = {.npages = NFAULT, .verify = 1, .salt = 0x77, .prep = prep_minor};
 	size_t len = NFAULT * PG;
 	int mfd = memfd_create("uffd_spike", MFD_CLOEXEC);
@@ -561,17 +596,26 @@ static void run_minor(const char *id, size_t winpages, const char *label)
 int main(void)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	const char *pin = getenv("SPIKE_PIN");
+	pin_mode = !pin ? 0 : !strcmp(pin, "same") ? 1 : !strcmp(pin, "split") ? 2 : -1;
+	if (pin_mode < 0)
+		fail("SPIKE_PIN must be same or split");
+	if (pin_mode)
+		pin_self(0);
+	if (getenv("SPIKE_SPIN_US"))
+		spin_us = atof(getenv("SPIKE_SPIN_US"));
 	uffd_open();
 	pmfd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (pmfd < 0)
 		die("open /proc/self/pagemap");
 	long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-	printf("uffd_spike: %ld CPUs, %d runs per row after 1 warm-up; min/max are over those runs\n\n",
-	       ncpu, RUNS);
+	printf("uffd_spike: %ld CPUs, %d runs per row after 1 warm-up; min/max are over those runs; "
+	       "threads %s; handler spin %.0f us\n\n", ncpu, RUNS, pin_mode == 1 ? "pinned to one CPU" :
+	       pin_mode == 2 ? "pinned to CPUs 0 (faulting) and 1 (handler)" : "not pinned", spin_us);
 	printf("| #    | %-66s | %9s | %9s | %9s | %-7s |\n", "measurement", "median", "min", "max", "unit");
 	printf("| ---- | %-66s | %9s | %9s | %9s | %-7s |\n", "---", "---", "---", "---", "---");
 
-	{ /* 1 */
+	if (want("1")) { /* 1 */
 		char *b[2] = {map_anon(GIB, 0), map_anon(GIB, 0)};
 		fill(b[0], GIB, 0);
 		memset(b[1], 1, GIB);
@@ -580,7 +624,7 @@ int main(void)
 		unmap(b[0], GIB);
 		unmap(b[1], GIB);
 	}
-	{ /* kernel baseline */
+	if (want("0")) { /* kernel baseline */
 		char *p = map_anon(NFAULT * PG, -1);
 		struct row r = {"0", "kernel baseline: first-touch write fault, unregistered, 4 KiB", "us/page"};
 		measure(b_kernel_touch, p, 1, &r);
@@ -597,7 +641,7 @@ int main(void)
 	run_bulk("5", OP_MOVE, 1, "bulk UFFDIO_MOVE 1 GiB, 2 MiB chunks, THP source (MADV_HUGEPAGE)");
 	run_bulk("5", OP_COPY, -1, "bulk UFFDIO_COPY 1 GiB, 2 MiB chunks");
 	run_bulk("6", OP_ZERO, -1, "bulk UFFDIO_ZEROPAGE 1 GiB, 2 MiB chunks");
-	{ /* 6 */
+	if (want("6")) { /* 6 */
 		char *p = map_anon(GIB, -1);
 		struct row r = {"6", "MADV_DONTNEED 1 GiB populated 4 KiB pages, one call", "us/page"};
 		measure(b_dontneed, p, 1, &r);
@@ -607,7 +651,7 @@ int main(void)
 		measure(b_dontneed, p, 1, &r2);
 		unmap(p, GIB);
 	}
-	{ /* 7 */
+	if (want("7")) { /* 7 */
 		char *p = map_anon(GIB, -1);
 		for (size_t off = 0; off < GIB; off += 2 * PG) /* every other page: worst case */
 			p[off] = 1;

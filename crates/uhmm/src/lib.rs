@@ -1,3 +1,53 @@
 //! uhmm: heterogeneous memory management for user space.
+//!
+//! uhmm moves the pages behind ranges of a process's virtual addresses
+//! between RAM and device memories while the program keeps using plain
+//! pointers — the kernel's HMM (`migrate_vma_setup` / `_pages` /
+//! `_finalize`, device-private pages, `migrate_to_ram` on CPU fault) carried
+//! into a process with userfaultfd.
+//!
+//! ```no_run
+//! # fn main() -> uhmm::Result<()> {
+//! let space = uhmm::AddressSpace::new(uhmm::Config::default())?;
+//! let region = space.map(1 << 20, uhmm::Prot::READ_WRITE)?;
+//! region.write(0, b"hello")?;
+//! let owner = uhmm::Owner::new();
+//! let m = uhmm::Migration::setup(&space, region.range(), uhmm::Select::SYSTEM, owner)?;
+//! // a driver allocates device pages, copies, and sets destinations here
+//! m.pages().finalize(); // nothing had a destination: every page is restored
+//! # Ok(()) }
+//! ```
+//!
+//! Layout: [`sys`] is the system-call layer (the only `unsafe`); `pte` the
+//! software page table and page locks; `pagemap` device pages and the driver
+//! trait; `space` and `region` the mm and its vmas; `fault` the fault engine;
+//! `migrate` the three steps; `mirror` device access through the CPU page
+//! table; `staging` where pages sit in flight.
 #![deny(unsafe_code)]
+
+mod error;
+mod fault;
+mod migrate;
+mod mirror;
+mod pagemap;
+mod pte;
+mod region;
+mod space;
+mod staging;
+mod stats;
 pub mod sys;
+
+pub use error::{Error, ErrorKind, Result};
+pub use fault::CpuFault;
+pub use migrate::{
+    ChunkDriver, Collected, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select,
+    migrate_chunked, migrate_device_range,
+};
+pub use mirror::{AccessPage, RangeAccess, range_fault};
+pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner};
+pub use pte::State as PageState;
+pub use region::{Prot, Region};
+pub use space::{AddressSpace, Config, HandlerWatch, PageSnapshot, Residency};
+pub use staging::{BATCH_PAGES, SystemPage};
+pub use stats::StatsSnapshot;
+pub use sys::PAGE_SIZE;

@@ -11,6 +11,7 @@
 
 pub mod mman;
 pub mod pagemap;
+pub mod pin;
 pub mod uffd;
 
 /// The base page size uhmm works in. [`check_page_size`] verifies that the

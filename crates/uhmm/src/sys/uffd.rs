@@ -372,7 +372,7 @@ impl Uffd {
 
     /// `UFFDIO_WAKE`: wake threads waiting on faults in `start..start + len`
     /// (they retry the access).
-    pub fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+    pub fn wake(&self, start: usize, len: usize) -> rustix::io::Result<()> {
         let mut arg = range(start, len);
         // SAFETY: UFFDIO_WAKE reads a `uffdio_range` and changes no memory.
         unsafe { ioctl_update(self.fd(), OP_WAKE, &mut arg) }?;

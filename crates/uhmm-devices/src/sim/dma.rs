@@ -1,0 +1,142 @@
+//! The sim device's DMA engine: a thread that runs copy jobs from a queue
+//! and signals a fence for each job.
+
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use uhmm::sys::mman::Mapping;
+use uhmm::{Error, ErrorKind, PAGE_SIZE, Result, SystemPage};
+
+/// A page of device memory: a chunk and the offset in it.
+#[derive(Debug, Clone)]
+pub(crate) struct DevMem {
+    pub(crate) chunk: Arc<Mapping>,
+    pub(crate) off: usize,
+}
+
+/// One page copy.
+#[derive(Debug)]
+pub(crate) enum CopyOp {
+    /// RAM page → device page.
+    ToDevice(SystemPage, DevMem),
+    /// Zero a device page (a hole's destination).
+    Zero(DevMem),
+    /// Device page → RAM page.
+    ToSystem(DevMem, SystemPage),
+}
+
+/// Signalled when a job's copies are done.
+#[derive(Debug, Default)]
+pub(crate) struct Fence {
+    done: Mutex<Option<Result<(), String>>>,
+    cv: Condvar,
+}
+
+impl Fence {
+    /// Waits for the job (bounded: a stuck engine is an error, not a hang).
+    pub(crate) fn wait(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = done.take() {
+                return r.map_err(|msg| Error::new(ErrorKind::Fault, msg));
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::new(ErrorKind::Busy, "DMA fence timed out"));
+            }
+            done = self
+                .cv
+                .wait_timeout(done, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn signal(&self, r: Result<(), String>) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.cv.notify_all();
+    }
+}
+
+struct Job {
+    ops: Vec<CopyOp>,
+    fence: Arc<Fence>,
+}
+
+/// The engine: one thread, one queue.
+#[derive(Debug)]
+pub(crate) struct DmaEngine {
+    queue: Mutex<Option<Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DmaEngine {
+    pub(crate) fn start() -> Result<DmaEngine> {
+        let (tx, rx) = channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("uhmm-sim-dma".into())
+            .spawn(move || run(&rx))
+            .map_err(|e| Error::sys("spawn DMA thread", e))?;
+        Ok(DmaEngine {
+            queue: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues `ops`; the returned fence signals when all are done.
+    pub(crate) fn submit(&self, ops: Vec<CopyOp>) -> Result<Arc<Fence>> {
+        let fence = Arc::new(Fence::default());
+        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = queue
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
+        tx.send(Job {
+            ops,
+            fence: fence.clone(),
+        })
+        .map_err(|_| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
+        Ok(fence)
+    }
+
+    /// Copies `ops` and waits for them.
+    pub(crate) fn copy(&self, ops: Vec<CopyOp>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.submit(ops)?.wait()
+    }
+}
+
+impl Drop for DmaEngine {
+    fn drop(&mut self) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(rx: &Receiver<Job>) {
+    let zero = vec![0u8; PAGE_SIZE];
+    while let Ok(job) = rx.recv() {
+        let mut result = Ok(());
+        for op in &job.ops {
+            let r = match op {
+                CopyOp::ToDevice(src, dst) => src.copy_to(&dst.chunk, dst.off),
+                CopyOp::Zero(dst) => dst
+                    .chunk
+                    .write(dst.off, &zero)
+                    .map_err(|e| Error::sys("zero", e)),
+                CopyOp::ToSystem(src, dst) => dst.copy_from(&src.chunk, src.off),
+            };
+            if let Err(e) = r {
+                result = Err(e.to_string());
+                break;
+            }
+        }
+        job.fence.signal(result);
+    }
+}

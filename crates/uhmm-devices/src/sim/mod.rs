@@ -1,0 +1,569 @@
+//! The sim device: a model of the kernel's HMM test driver (`lib/test_hmm.c`,
+//! "dmirror"), and uhmm's embedded default device.
+//!
+//! Device memory is host RAM the program cannot reach through its regions,
+//! allocated in chunks with a free list (growing chunk by chunk up to a
+//! capacity). Copies run on a DMA engine thread with fences. A device page
+//! table maps the addresses whose pages live on this device. The test
+//! operations are dmirror's: `read`, `write`, `migrate_to_device`,
+//! `migrate_to_system`, `snapshot`, `release`, `fail_next_alloc`.
+
+mod dma;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use uhmm::sys::mman::{Mapping, Protection};
+use uhmm::{
+    AccessPage, AddressSpace, ChunkDriver, Collected, CpuFault, DevicePage, DevicePagemap,
+    DevicePagemapOps, DevicePfn, Error, ErrorKind, MigrateSrc, Migrated, Migration, Owner,
+    PAGE_SIZE, Prot, Residency, Result, Select, migrate_chunked, migrate_device_range, range_fault,
+};
+
+use dma::{CopyOp, DevMem, DmaEngine};
+
+/// Settings of a sim device.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Device memory capacity in bytes.
+    pub capacity_bytes: usize,
+    /// Device memory is added in chunks of this many bytes.
+    pub chunk_bytes: usize,
+    /// Pages per migration chunk (the batch handed to the DMA engine).
+    pub migrate_chunk_pages: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            capacity_bytes: 4 << 30,
+            chunk_bytes: 64 << 20,
+            migrate_chunk_pages: 512,
+        }
+    }
+}
+
+/// The counters dmirror returns with each test operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Pages copied / migrated / readable from the device.
+    pub cpages: usize,
+    /// Fault rounds: times the device had to fault pages it did not map.
+    pub faults: usize,
+}
+
+bitflags::bitflags! {
+    /// One page of a [`SimDevice::snapshot`] (dmirror's `HMM_DMIRROR_PROT_*`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct PageState: u8 {
+        /// Readable (and not writable).
+        const READ = 0x01;
+        /// Writable.
+        const WRITE = 0x02;
+        /// The shared zero page.
+        const ZERO = 0x10;
+        /// Device-private memory of this device.
+        const DEV_PRIVATE_LOCAL = 0x20;
+        /// Device-private memory of another device.
+        const DEV_PRIVATE_REMOTE = 0x30;
+        /// No region, or no access.
+        const ERROR = 0xFF;
+    }
+}
+
+impl PageState {
+    /// Not mapped at all (a hole).
+    pub const NONE: PageState = PageState::empty();
+}
+
+/// A simulated device attached to one address space.
+#[derive(Debug)]
+pub struct SimDevice {
+    inner: Arc<SimInner>,
+}
+
+#[derive(Debug)]
+struct SimInner {
+    space: AddressSpace,
+    owner: Owner,
+    config: SimConfig,
+    pagemap: OnceLock<Arc<DevicePagemap>>,
+    mem: Mutex<Memory>,
+    dma: DmaEngine,
+    /// The device page table, for pages on this device.
+    table: Mutex<Table>,
+    fail_next_alloc: AtomicBool,
+}
+
+/// The device page table: address ↔ device page.
+#[derive(Debug, Default)]
+struct Table {
+    by_addr: HashMap<usize, DevicePfn>,
+    by_pfn: HashMap<DevicePfn, usize>,
+}
+
+impl Table {
+    fn insert(&mut self, addr: usize, pfn: DevicePfn) {
+        if let Some(old) = self.by_addr.insert(addr, pfn) {
+            self.by_pfn.remove(&old);
+        }
+        self.by_pfn.insert(pfn, addr);
+    }
+
+    fn remove_addr(&mut self, addr: usize) {
+        if let Some(pfn) = self.by_addr.remove(&addr) {
+            self.by_pfn.remove(&pfn);
+        }
+    }
+
+    fn remove_pfn(&mut self, pfn: DevicePfn) {
+        if let Some(addr) = self.by_pfn.remove(&pfn) {
+            self.by_addr.remove(&addr);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    chunks: Vec<Arc<Mapping>>,
+    free: Vec<DevicePfn>,
+}
+
+impl SimDevice {
+    /// Creates a device in `space`.
+    pub fn new(space: &AddressSpace, config: SimConfig) -> Result<SimDevice> {
+        if config.chunk_bytes < PAGE_SIZE
+            || config.chunk_bytes % PAGE_SIZE != 0
+            || config.capacity_bytes < config.chunk_bytes
+        {
+            return Err(Error::invalid(
+                "chunk_bytes must be page-aligned and at most capacity_bytes",
+            ));
+        }
+        if config.migrate_chunk_pages == 0 {
+            return Err(Error::invalid("migrate_chunk_pages must be > 0"));
+        }
+        let inner = Arc::new(SimInner {
+            space: space.clone(),
+            owner: Owner::new(),
+            pagemap: OnceLock::new(),
+            mem: Mutex::new(Memory::default()),
+            dma: DmaEngine::start()?,
+            table: Mutex::new(Table::default()),
+            fail_next_alloc: AtomicBool::new(false),
+            config,
+        });
+        let weak: Weak<dyn DevicePagemapOps> = Arc::downgrade(&inner) as Weak<SimInner>;
+        let npages = (inner.config.capacity_bytes / PAGE_SIZE) as u64;
+        let pm = space.register_pagemap(weak, inner.owner, npages)?;
+        inner.pagemap.set(pm).expect("pagemap set once");
+        Ok(SimDevice { inner })
+    }
+
+    /// This device's owner token.
+    pub fn owner(&self) -> Owner {
+        self.inner.owner
+    }
+
+    /// This device's pagemap.
+    pub fn pagemap(&self) -> &Arc<DevicePagemap> {
+        self.inner.pagemap()
+    }
+
+    /// Device pages in use.
+    pub fn pages_in_use(&self) -> usize {
+        self.inner
+            .table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_addr
+            .len()
+    }
+
+    /// The next device or system page allocation in a migration fails, once.
+    pub fn fail_next_alloc(&self) {
+        self.inner.fail_next_alloc.store(true, Ordering::SeqCst);
+    }
+
+    /// Migrates the system pages and holes of `npages` pages at `addr` to
+    /// this device, then reads them back from the device page table: a page
+    /// missing there is [`ErrorKind::NotFound`]. `cpages` = pages readable
+    /// from the device.
+    pub fn migrate_to_device(&self, addr: usize, npages: usize) -> Result<Counters> {
+        let range = check_range(addr, npages)?;
+        let chunk = self.inner.config.migrate_chunk_pages;
+        let mut driver = ToDevice { dev: &self.inner };
+        migrate_chunked(
+            &self.inner.space,
+            range.clone(),
+            chunk,
+            Select::SYSTEM,
+            self.inner.owner,
+            &mut driver,
+        )?;
+        let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+        let cpages = range
+            .step_by(PAGE_SIZE)
+            .filter(|a| table.by_addr.contains_key(a))
+            .count();
+        if cpages < npages {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "{} of {npages} pages are not on the device",
+                    npages - cpages
+                ),
+            ));
+        }
+        Ok(Counters { cpages, faults: 0 })
+    }
+
+    /// Migrates this device's pages among `npages` pages at `addr` back to
+    /// system memory. `cpages` = pages migrated.
+    pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<Counters> {
+        let range = check_range(addr, npages)?;
+        let chunk = self.inner.config.migrate_chunk_pages;
+        let mut driver = ToSystem { dev: &self.inner };
+        let s = migrate_chunked(
+            &self.inner.space,
+            range,
+            chunk,
+            Select::DEVICE_PRIVATE,
+            self.inner.owner,
+            &mut driver,
+        )?;
+        Ok(Counters {
+            cpages: s.migrated,
+            faults: 0,
+        })
+    }
+
+    /// The device reads `npages` pages at `addr` into `buf`, faulting them
+    /// in through the CPU page table.
+    pub fn read(&self, addr: usize, npages: usize, buf: &mut [u8]) -> Result<Counters> {
+        let range = check_range(addr, npages)?;
+        if buf.len() < npages * PAGE_SIZE {
+            return Err(Error::invalid("buffer shorter than the range"));
+        }
+        let access = range_fault(&self.inner.space, range, false, self.inner.owner)?;
+        let mut faults = 0;
+        for i in 0..npages {
+            let page = &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            match access.page(i) {
+                AccessPage::System => {
+                    faults = 1;
+                    access.read(i, 0, page)?;
+                }
+                AccessPage::Device(p) => {
+                    let m = self.inner.dev_mem(p.pfn)?;
+                    m.chunk
+                        .read(m.off, page)
+                        .map_err(|e| Error::sys("device read", e))?;
+                }
+            }
+        }
+        Ok(Counters {
+            cpages: npages,
+            faults,
+        })
+    }
+
+    /// The device writes `buf` to `npages` pages at `addr`, faulting them in
+    /// for writing.
+    pub fn write(&self, addr: usize, npages: usize, buf: &[u8]) -> Result<Counters> {
+        let range = check_range(addr, npages)?;
+        if buf.len() < npages * PAGE_SIZE {
+            return Err(Error::invalid("buffer shorter than the range"));
+        }
+        let access = range_fault(&self.inner.space, range, true, self.inner.owner)?;
+        let mut faults = 0;
+        for i in 0..npages {
+            let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            match access.page(i) {
+                AccessPage::System => {
+                    faults = 1;
+                    access.write(i, 0, page)?;
+                }
+                AccessPage::Device(p) => {
+                    let m = self.inner.dev_mem(p.pfn)?;
+                    m.chunk
+                        .write(m.off, page)
+                        .map_err(|e| Error::sys("device write", e))?;
+                }
+            }
+        }
+        Ok(Counters {
+            cpages: npages,
+            faults,
+        })
+    }
+
+    /// The state of each page, without faulting (dmirror's snapshot).
+    pub fn snapshot(&self, addr: usize, npages: usize) -> Result<Vec<PageState>> {
+        let range = check_range(addr, npages)?;
+        let pages = self.inner.space.snapshot(range)?;
+        Ok(pages
+            .into_iter()
+            .map(|p| {
+                let rw = if p.prot.contains(Prot::WRITE) {
+                    PageState::WRITE
+                } else {
+                    PageState::READ
+                };
+                match p.residency {
+                    Residency::Unmapped | Residency::Poisoned => PageState::ERROR,
+                    _ if p.prot == Prot::NONE => PageState::ERROR,
+                    Residency::None => PageState::NONE,
+                    Residency::Zero => PageState::ZERO | PageState::READ,
+                    Residency::Ram => rw,
+                    Residency::Device(_, owner) if owner == self.inner.owner => {
+                        PageState::DEV_PRIVATE_LOCAL | rw
+                    }
+                    Residency::Device(..) => PageState::DEV_PRIVATE_REMOTE | rw,
+                }
+            })
+            .collect())
+    }
+
+    /// Evicts every page of this device back to RAM (`migrate_device_range`).
+    /// Returns the pages evicted.
+    pub fn release(&self) -> Result<usize> {
+        self.inner.release()
+    }
+}
+
+impl Drop for SimDevice {
+    fn drop(&mut self) {
+        match self.inner.release() {
+            Ok(_) => {
+                if let Err(err) = self.inner.space.unregister_pagemap(self.inner.pagemap()) {
+                    tracing::error!(%err, "sim device: pagemap still in use at drop");
+                }
+            }
+            Err(err) => tracing::error!(%err, "sim device: eviction at drop failed"),
+        }
+    }
+}
+
+fn check_range(addr: usize, npages: usize) -> Result<std::ops::Range<usize>> {
+    if addr % PAGE_SIZE != 0 {
+        return Err(Error::invalid("address is not page-aligned"));
+    }
+    if npages == 0 {
+        return Err(Error::invalid("zero pages"));
+    }
+    let end = npages
+        .checked_mul(PAGE_SIZE)
+        .and_then(|l| addr.checked_add(l))
+        .ok_or_else(|| Error::invalid("range overflows"))?;
+    Ok(addr..end)
+}
+
+impl SimInner {
+    fn pagemap(&self) -> &Arc<DevicePagemap> {
+        self.pagemap.get().expect("pagemap registered at creation")
+    }
+
+    fn take_fail(&self) -> bool {
+        self.fail_next_alloc.swap(false, Ordering::SeqCst)
+    }
+
+    /// Allocates a device page, growing by a chunk when the free list is empty.
+    fn alloc_page(&self) -> Option<DevicePfn> {
+        if self.take_fail() {
+            return None;
+        }
+        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        if mem.free.is_empty() {
+            let chunk_pages = self.config.chunk_bytes / PAGE_SIZE;
+            let base = mem.chunks.len() * chunk_pages;
+            if base + chunk_pages > self.config.capacity_bytes / PAGE_SIZE {
+                return None;
+            }
+            let chunk =
+                Mapping::anonymous(self.config.chunk_bytes, Protection::ReadWrite, PAGE_SIZE)
+                    .ok()?;
+            mem.chunks.push(Arc::new(chunk));
+            mem.free.extend(
+                (base..base + chunk_pages)
+                    .rev()
+                    .map(|p| DevicePfn(p as u64)),
+            );
+        }
+        mem.free.pop()
+    }
+
+    fn dev_mem(&self, pfn: DevicePfn) -> Result<DevMem> {
+        let chunk_pages = self.config.chunk_bytes / PAGE_SIZE;
+        let i = usize::try_from(pfn.0).map_err(|_| Error::invalid("pfn"))?;
+        let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let chunk = mem
+            .chunks
+            .get(i / chunk_pages)
+            .ok_or_else(|| Error::invalid("device page not allocated"))?;
+        Ok(DevMem {
+            chunk: chunk.clone(),
+            off: (i % chunk_pages) * PAGE_SIZE,
+        })
+    }
+
+    fn page(&self, pfn: DevicePfn) -> DevicePage {
+        self.pagemap().page(pfn).expect("pfn within capacity")
+    }
+
+    /// Copies this device's pages among the sources of `m` to RAM. A page
+    /// that cannot get a RAM page is left where it is.
+    fn copy_to_ram(&self, m: &mut Migration<Collected>) -> Result<()> {
+        let mut ops = Vec::new();
+        let mut dsts = Vec::new();
+        for i in 0..m.npages() {
+            let MigrateSrc::Device(p) = m.src(i) else {
+                continue;
+            };
+            if p.pagemap != self.pagemap().id() || self.take_fail() {
+                continue;
+            }
+            let sp = m.system_dst(i)?;
+            ops.push(CopyOp::ToSystem(self.dev_mem(p.pfn)?, sp));
+            dsts.push(i);
+        }
+        self.dma.copy(ops)?;
+        for i in dsts {
+            m.set_dst_system(i)?;
+        }
+        Ok(())
+    }
+
+    /// Drops the device page-table entries of pages that left the device.
+    fn unmap_moved(&self, m: &Migration<Migrated>) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..m.npages() {
+            if m.migrated(i) {
+                table.remove_addr(m.addr(i));
+            }
+        }
+    }
+
+    fn release(&self) -> Result<usize> {
+        let mut total = 0;
+        for _round in 0..100 {
+            let used = self
+                .mem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .chunks
+                .len()
+                * (self.config.chunk_bytes / PAGE_SIZE);
+            if used == 0 {
+                return Ok(total);
+            }
+            let mut m = migrate_device_range(&self.space, self.pagemap(), 0..used as u64)?;
+            if m.cpages() == 0 {
+                return Ok(total);
+            }
+            self.copy_to_ram(&mut m)?;
+            let m = m.pages();
+            self.unmap_moved(&m);
+            total += m.finalize().migrated;
+        }
+        Err(Error::new(
+            ErrorKind::Busy,
+            "device pages kept coming back during release",
+        ))
+    }
+}
+
+impl DevicePagemapOps for SimInner {
+    fn page_free(&self, pfn: DevicePfn) {
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove_pfn(pfn);
+        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        let allocated = (mem.chunks.len() * (self.config.chunk_bytes / PAGE_SIZE)) as u64;
+        if pfn.0 < allocated {
+            mem.free.push(pfn);
+        } else {
+            tracing::error!(
+                pfn = pfn.0,
+                "page_free of a device page this device never allocated"
+            );
+        }
+    }
+
+    fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
+        let mut m = Migration::setup(
+            fault.space(),
+            fault.window(),
+            Select::DEVICE_PRIVATE,
+            self.owner,
+        )?;
+        self.copy_to_ram(&mut m)?;
+        let m = m.pages();
+        self.unmap_moved(&m);
+        m.finalize();
+        Ok(())
+    }
+}
+
+/// `alloc_and_copy` / `finalize_and_map` towards the device.
+struct ToDevice<'a> {
+    dev: &'a SimInner,
+}
+
+impl ChunkDriver for ToDevice<'_> {
+    fn alloc_and_copy(&mut self, m: &mut Migration<Collected>) -> Result<()> {
+        let mut ops = Vec::new();
+        let mut dsts = Vec::new();
+        for i in 0..m.npages() {
+            let src = m.src(i);
+            if matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_)) {
+                continue;
+            }
+            let Some(pfn) = self.dev.alloc_page() else {
+                break;
+            };
+            let mem = self.dev.dev_mem(pfn)?;
+            ops.push(match src {
+                MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem),
+                _ => CopyOp::Zero(mem),
+            });
+            dsts.push((i, pfn));
+        }
+        if let Err(e) = self.dev.dma.copy(ops) {
+            for (_, pfn) in dsts {
+                self.dev.page_free(pfn);
+            }
+            return Err(e);
+        }
+        for (i, pfn) in dsts {
+            m.set_dst_device(i, self.dev.page(pfn))?;
+        }
+        Ok(())
+    }
+
+    fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
+        let mut table = self.dev.table.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..m.npages() {
+            if let (true, uhmm::MigrateDst::Device(p)) = (m.migrated(i), m.dst(i)) {
+                table.insert(m.addr(i), p.pfn);
+            }
+        }
+    }
+}
+
+/// `alloc_and_copy` / `finalize_and_map` back to RAM.
+struct ToSystem<'a> {
+    dev: &'a SimInner,
+}
+
+impl ChunkDriver for ToSystem<'_> {
+    fn alloc_and_copy(&mut self, m: &mut Migration<Collected>) -> Result<()> {
+        self.dev.copy_to_ram(m)
+    }
+
+    fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
+        self.dev.unmap_moved(m);
+    }
+}

@@ -1,0 +1,92 @@
+//! Helpers shared by the conformance tests.
+#![allow(dead_code)]
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot, Region};
+use uhmm_devices::sim::{SimConfig, SimDevice};
+
+/// 4 MiB, as in the kernel's tests.
+pub const NPAGES: usize = 1024;
+pub const WORDS_PER_PAGE: usize = PAGE_SIZE / 4;
+
+/// Runs `f` on a thread and fails the test if it does not finish in `secs`.
+pub fn with_timeout<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => {
+            t.join().expect("test thread");
+            v
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("test hung: no result after {secs} s"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            // the closure panicked: surface its panic
+            match t.join() {
+                Err(p) => std::panic::resume_unwind(p),
+                Ok(()) => unreachable!("sender dropped without sending"),
+            }
+        }
+    }
+}
+
+pub fn space() -> AddressSpace {
+    AddressSpace::new(Config::default()).expect("userfaultfd must be available for these tests")
+}
+
+pub fn device(space: &AddressSpace) -> SimDevice {
+    SimDevice::new(
+        space,
+        SimConfig {
+            capacity_bytes: 256 << 20,
+            ..SimConfig::default()
+        },
+    )
+    .expect("sim device")
+}
+
+pub fn map(space: &AddressSpace, npages: usize) -> Region {
+    space
+        .map(npages * PAGE_SIZE, Prot::READ_WRITE)
+        .expect("map")
+}
+
+/// Buffer of `npages` pages whose i-th u32 word is `f(i)`.
+pub fn pattern(npages: usize, f: impl Fn(u32) -> u32) -> Vec<u8> {
+    let mut buf = vec![0u8; npages * PAGE_SIZE];
+    for (i, w) in buf.chunks_exact_mut(4).enumerate() {
+        w.copy_from_slice(&f(i as u32).to_ne_bytes());
+    }
+    buf
+}
+
+/// The i-th u32 word of `buf`.
+pub fn word(buf: &[u8], i: usize) -> u32 {
+    u32::from_ne_bytes(buf[i * 4..i * 4 + 4].try_into().unwrap())
+}
+
+/// Fills the region's pages `pages` with word index i (global in the region).
+pub fn fill(region: &Region, pages: std::ops::Range<usize>, f: impl Fn(u32) -> u32) {
+    let all = pattern(region.npages(), f);
+    let (a, b) = (pages.start * PAGE_SIZE, pages.end * PAGE_SIZE);
+    region.write(a, &all[a..b]).expect("fill");
+}
+
+/// Reads the whole region through the CPU.
+pub fn cpu_read(region: &Region) -> Vec<u8> {
+    let mut buf = vec![0u8; region.len()];
+    region.read(0, &mut buf).expect("cpu read");
+    buf
+}
+
+/// Asserts that every word i of `buf` is `f(i)`.
+pub fn assert_words(buf: &[u8], f: impl Fn(u32) -> u32) {
+    for i in 0..buf.len() / 4 {
+        let want = f(i as u32);
+        let got = word(buf, i);
+        assert_eq!(got, want, "word {i} (page {})", i / WORDS_PER_PAGE);
+    }
+}

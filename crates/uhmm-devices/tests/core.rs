@@ -1,0 +1,444 @@
+//! The Core conformance scenarios C01–C13 (CONFORMANCE.md): the kernel's
+//! `hmm-tests.c` translated to uhmm and the sim device.
+
+mod common;
+
+use common::*;
+use uhmm::sys::pin::IoPin;
+use uhmm::{ErrorKind, MigrateSrc, Migration, Owner, PAGE_SIZE, PageState as Pte, Prot, Select};
+use uhmm_devices::sim::PageState;
+
+fn einval<T: std::fmt::Debug>(r: uhmm::Result<T>) {
+    let e = r.expect_err("must fail");
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(e.errno(), 22);
+}
+
+#[test]
+fn c01_open_close() {
+    with_timeout(60, || {
+        let space = space();
+        let watch = space.handler_watch();
+        assert_eq!(watch.alive(), space.config().handler_threads);
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        fill(&region, 0..NPAGES, |i| i);
+        dev.migrate_to_device(region.addr(), NPAGES).unwrap();
+        drop(region);
+        assert_eq!(
+            dev.pages_in_use(),
+            0,
+            "unmapping the region frees its device pages"
+        );
+        drop(dev);
+        drop(space);
+        assert_eq!(
+            watch.alive(),
+            0,
+            "handler threads must stop when the space is dropped"
+        );
+    });
+}
+
+#[test]
+fn c02_anon_read() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        fill(&region, 2..NPAGES, |i| i);
+        let mut b = [0u8; 4];
+        region.read(PAGE_SIZE, &mut b).unwrap(); // page 1: zero page
+        region.protect(0..region.len(), Prot::READ).unwrap();
+        let mut buf = vec![0xAAu8; region.len()];
+        let c = dev.read(region.addr(), NPAGES, &mut buf).unwrap();
+        assert_eq!(c.cpages, NPAGES);
+        assert_eq!(c.faults, 1);
+        assert_words(&buf, |i| {
+            if (i as usize) < 2 * WORDS_PER_PAGE {
+                0
+            } else {
+                i
+            }
+        });
+    });
+}
+
+#[test]
+fn c03_anon_write() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        let buf = pattern(NPAGES, |i| i);
+        let c = dev.write(region.addr(), NPAGES, &buf).unwrap();
+        assert_eq!(c.cpages, NPAGES);
+        assert_eq!(c.faults, 1);
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn c04_migrate() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        fill(&region, 0..NPAGES, |i| i);
+        let c = dev.migrate_to_device(region.addr(), NPAGES).unwrap();
+        assert_eq!(c.cpages, NPAGES);
+        let snap = dev.snapshot(region.addr(), NPAGES).unwrap();
+        assert!(
+            snap.iter()
+                .all(|s| *s == PageState::DEV_PRIVATE_LOCAL | PageState::WRITE),
+            "{:?}",
+            &snap[..4]
+        );
+        let mut buf = vec![0u8; region.len()];
+        let c = dev.read(region.addr(), NPAGES, &mut buf).unwrap();
+        assert_eq!(c.faults, 0, "pages on the device need no fault");
+        assert_words(&buf, |i| i);
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn c05_migrate_fault() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        fill(&region, 0..NPAGES, |i| i);
+        assert_eq!(
+            dev.migrate_to_device(region.addr(), NPAGES).unwrap().cpages,
+            NPAGES
+        );
+        let mut half = vec![0u8; region.len() / 2];
+        region.read(0, &mut half).unwrap(); // CPU faults the first half back
+        assert_words(&half, |i| i);
+        assert!(
+            space.stats().migrate_to_ram > 0,
+            "CPU reads must fault pages back"
+        );
+        let snap = dev.snapshot(region.addr(), NPAGES).unwrap();
+        assert!(snap[..NPAGES / 2].iter().all(|s| *s == PageState::WRITE));
+        assert!(
+            snap[NPAGES / 2..]
+                .iter()
+                .all(|s| s.contains(PageState::DEV_PRIVATE_LOCAL))
+        );
+        assert_eq!(
+            dev.migrate_to_device(region.addr(), NPAGES).unwrap().cpages,
+            NPAGES
+        );
+        let mut buf = vec![0u8; region.len()];
+        dev.read(region.addr(), NPAGES, &mut buf).unwrap();
+        assert_words(&buf, |i| i);
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn c06_migrate_multiple() {
+    with_timeout(120, || {
+        let space = space();
+        let dev = device(&space);
+        for round in 0..10u32 {
+            let region = map(&space, NPAGES);
+            fill(&region, 0..NPAGES, |i| i ^ round);
+            let c = dev.migrate_to_device(region.addr(), NPAGES).unwrap();
+            assert_eq!(c.cpages, NPAGES, "round {round}");
+            assert_words(&cpu_read(&region), |i| i ^ round);
+        }
+    });
+}
+
+#[test]
+fn c07_anon_read_multiple() {
+    with_timeout(120, || {
+        let space = space();
+        let dev = device(&space);
+        for c in 0..10u32 {
+            let region = map(&space, NPAGES);
+            fill(&region, 0..NPAGES, |i| i + c);
+            let mut buf = vec![0u8; region.len()];
+            let r = dev.read(region.addr(), NPAGES, &mut buf).unwrap();
+            assert_eq!(r.cpages, NPAGES);
+            assert_eq!(r.faults, 1);
+            assert_words(&buf, |i| i + c);
+        }
+    });
+}
+
+#[test]
+fn c08_migrate_holes() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        let owner = dev.owner();
+        {
+            let m = Migration::setup(&space, region.range(), Select::SYSTEM, owner).unwrap();
+            assert_eq!(m.cpages(), NPAGES);
+            assert!(
+                (0..NPAGES).all(|i| matches!(m.src(i), MigrateSrc::Hole)),
+                "every page is a hole"
+            );
+        }
+        let c = dev.migrate_to_device(region.addr(), NPAGES).unwrap();
+        assert_eq!(c.cpages, NPAGES);
+        let mut buf = vec![0xFFu8; region.len()];
+        dev.read(region.addr(), NPAGES, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 0),
+            "new device pages are zero-filled"
+        );
+        assert!(cpu_read(&region).iter().all(|b| *b == 0));
+        assert_eq!(region.state(0), Some(Pte::Cpu));
+    });
+}
+
+#[test]
+fn c09_bad_arguments() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let owner = dev.owner();
+        let a = map(&space, 16);
+        let b = map(&space, 16);
+        fill(&a, 0..16, |i| i);
+        let before = space.snapshot(a.range()).unwrap();
+        einval(Migration::setup(
+            &space,
+            a.addr()..a.addr(),
+            Select::SYSTEM,
+            owner,
+        ));
+        einval(Migration::setup(
+            &space,
+            0x1000..0x3000,
+            Select::SYSTEM,
+            owner,
+        ));
+        let (lo, hi) = if a.addr() < b.addr() {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        einval(Migration::setup(
+            &space,
+            lo.addr()..hi.addr() + PAGE_SIZE,
+            Select::SYSTEM,
+            owner,
+        ));
+        einval(Migration::setup(
+            &space,
+            lo.addr() + lo.len() - PAGE_SIZE..lo.addr() + lo.len() + PAGE_SIZE,
+            Select::SYSTEM,
+            owner,
+        ));
+        // Unaligned ends round down.
+        let m = Migration::setup(
+            &space,
+            a.addr() + 100..a.addr() + 2 * PAGE_SIZE + 100,
+            Select::SYSTEM,
+            owner,
+        )
+        .unwrap();
+        assert_eq!(m.npages(), 2);
+        drop(m);
+        // Sim device operations.
+        let mut buf = vec![0u8; 16 * PAGE_SIZE];
+        einval(dev.read(a.addr() + 8, 1, &mut buf));
+        einval(dev.read(a.addr(), 0, &mut buf));
+        einval(dev.migrate_to_device(a.addr() + 1, 1));
+        einval(dev.migrate_to_device(a.addr(), 0));
+        einval(dev.write(lo.addr() + lo.len() - PAGE_SIZE, 2, &buf));
+        einval(dev.migrate_to_device(lo.addr() + lo.len() - PAGE_SIZE, 2));
+        // Nothing changed.
+        assert_eq!(space.snapshot(a.range()).unwrap(), before);
+        assert_words(&cpu_read(&a), |i| i);
+        assert_eq!(dev.pages_in_use(), 0);
+    });
+}
+
+#[test]
+fn c10_snapshot_basic() {
+    with_timeout(60, || {
+        // First-touch fault-around would zero-fill page 0 along with page 1;
+        // the kernel's one-page behaviour keeps page 0 untouched.
+        let space = uhmm::AddressSpace::new(uhmm::Config {
+            zero_fill_pages: 1,
+            ..uhmm::Config::default()
+        })
+        .unwrap();
+        let dev = device(&space);
+        let region = map(&space, 5);
+        let mut b = [0u8; 4];
+        region.read(PAGE_SIZE, &mut b).unwrap(); // 1: zero page
+        region.write(2 * PAGE_SIZE, &[1]).unwrap(); // 2: data, then read-only
+        region
+            .protect(2 * PAGE_SIZE..3 * PAGE_SIZE, Prot::READ)
+            .unwrap();
+        region.write(3 * PAGE_SIZE, &[1]).unwrap(); // 3: writable data
+        region.write(4 * PAGE_SIZE, &[1]).unwrap(); // 4: on the device
+        dev.migrate_to_device(region.addr() + 4 * PAGE_SIZE, 1)
+            .unwrap();
+        let snap = dev.snapshot(region.addr(), 5).unwrap();
+        assert_eq!(
+            snap,
+            vec![
+                PageState::NONE,
+                PageState::ZERO | PageState::READ,
+                PageState::READ,
+                PageState::WRITE,
+                PageState::DEV_PRIVATE_LOCAL | PageState::WRITE,
+            ]
+        );
+    });
+}
+
+#[test]
+fn c11_concurrent_access() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    with_timeout(300, || {
+        const N: usize = 64;
+        let space = space();
+        let dev = device(&space);
+        let region = Arc::new(map(&space, N));
+        fill(&region, 0..N, |_| 0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (region, stop) = (region.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut round = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    round += 1;
+                    for p in 0..N {
+                        // first and last word of each page
+                        region.write(p * PAGE_SIZE, &round.to_ne_bytes()).unwrap();
+                        region
+                            .write(p * PAGE_SIZE + PAGE_SIZE - 4, &round.to_ne_bytes())
+                            .unwrap();
+                    }
+                }
+                round
+            })
+        };
+        let mut moved = 0;
+        for _ in 0..100 {
+            if let Ok(c) = dev.migrate_to_device(region.addr(), N) {
+                moved += c.cpages;
+            }
+            dev.migrate_to_system(region.addr(), N).unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+        let last = writer.join().unwrap();
+        assert!(last > 0);
+        let buf = cpu_read(&region);
+        for p in 0..N {
+            assert_eq!(word(&buf, p * WORDS_PER_PAGE), last, "page {p} first word");
+            assert_eq!(
+                word(&buf, p * WORDS_PER_PAGE + WORDS_PER_PAGE - 1),
+                last,
+                "page {p} last word"
+            );
+        }
+        let _ = moved;
+        assert!(
+            space.stats().pages_to_device > 0,
+            "some migrations must have happened"
+        );
+    });
+}
+
+#[test]
+fn c12_busy_pages() {
+    with_timeout(60, || {
+        const N: usize = 8;
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, N);
+        fill(&region, 0..N, |i| i);
+        let other = Owner::new();
+        // Page 2 is locked by another migration; page 5 is pinned for I/O.
+        let locked = Migration::setup(
+            &space,
+            region.addr() + 2 * PAGE_SIZE..region.addr() + 3 * PAGE_SIZE,
+            Select::SYSTEM,
+            other,
+        )
+        .unwrap();
+        assert_eq!(locked.cpages(), 1);
+        let pin = IoPin::new(region.addr() + 5 * PAGE_SIZE, PAGE_SIZE)
+            .expect("io_uring buffer registration");
+        let busy_before = space.stats().busy_pages;
+        let m = Migration::setup(&space, region.range(), Select::SYSTEM, dev.owner()).unwrap();
+        assert_eq!(m.cpages(), N - 2);
+        assert!(matches!(m.src(2), MigrateSrc::Skip));
+        assert!(matches!(m.src(5), MigrateSrc::Skip));
+        assert!(matches!(m.src(4), MigrateSrc::System(_)));
+        assert_eq!(space.stats().busy_pages - busy_before, 2);
+        drop(m);
+        // Through the device: the rest migrates, the busy pages stay.
+        let err = dev.migrate_to_device(region.addr(), N).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        let snap = dev.snapshot(region.addr(), N).unwrap();
+        for (p, s) in snap.iter().enumerate() {
+            let on_dev = s.contains(PageState::DEV_PRIVATE_LOCAL);
+            assert_eq!(on_dev, p != 2 && p != 5, "page {p}: {s:?}");
+        }
+        // The pinned page's source is intact and usable while pinned.
+        let mut w = [0u8; 4];
+        region.read(5 * PAGE_SIZE, &mut w).unwrap();
+        assert_eq!(u32::from_ne_bytes(w), (5 * WORDS_PER_PAGE) as u32);
+        drop(locked);
+        drop(pin);
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn c13_dropped_migration() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        fill(&region, 0..NPAGES, |i| i);
+        let owner = dev.owner();
+        // Dropped after setup.
+        let m = Migration::setup(&space, region.range(), Select::SYSTEM, owner).unwrap();
+        assert_eq!(m.cpages(), NPAGES);
+        drop(m);
+        assert_words(&cpu_read(&region), |i| i);
+        region.write(0, &7u32.to_ne_bytes()).unwrap();
+        region.write(0, &0u32.to_ne_bytes()).unwrap();
+        // A panic in driver code between steps.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut m = Migration::setup(&space, region.range(), Select::SYSTEM, owner).unwrap();
+            m.set_dst_error(3).unwrap();
+            panic!("driver bug");
+        }));
+        assert!(r.is_err());
+        assert_words(&cpu_read(&region), |i| i);
+        // Device pages: a dropped migration back leaves them on the device.
+        dev.migrate_to_device(region.addr(), NPAGES).unwrap();
+        let m = Migration::setup(&space, region.range(), Select::DEVICE_PRIVATE, owner).unwrap();
+        assert_eq!(m.cpages(), NPAGES);
+        drop(m);
+        assert_eq!(dev.pages_in_use(), NPAGES);
+        // No lock is held: a new migration collects every page.
+        let m = Migration::setup(
+            &space,
+            region.range(),
+            Select::SYSTEM | Select::DEVICE_PRIVATE,
+            owner,
+        )
+        .unwrap();
+        assert_eq!(m.cpages(), NPAGES);
+        drop(m);
+        assert_words(&cpu_read(&region), |i| i);
+        region.write(8, &[1, 2, 3]).unwrap();
+    });
+}

@@ -1,0 +1,430 @@
+//! The fault engine: threads that read userfaults and resolve them.
+//!
+//! A fault on a page uhmm never populated is answered with the zero page over
+//! an aligned window (one ioctl for many pages). A fault on a device page
+//! calls the owning driver's `migrate_to_ram` with a fault-around window. A
+//! fault on a locked page is parked: the unlocker wakes the thread, which
+//! retries the access and faults again if the page is still away.
+//!
+//! Lessons the code below relies on (the kernel's userfaultfd rules):
+//! - `EAGAIN` from a resolving ioctl means non-cooperative events are
+//!   pending; the fault is queued again and retried after the next read.
+//! - `EEXIST` means someone installed the page already: success, just wake.
+//! - The same fault can be read twice (several threads, or a retry), and
+//!   faults arrive in any order; every step tolerates a page that changed.
+//! - Handler threads never wait for a page lock: only migrations and device
+//!   accesses hold page locks, they never wait for a handler thread, and
+//!   uhmm's own copies touch only staging memory or pages they hold present.
+//!   So a handler can never deadlock against the work it serves.
+
+use std::ops::Range;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+
+use crate::pagemap::DevicePage;
+use crate::pte::State;
+use crate::region::RegionInner;
+use crate::space::{AddressSpace, SpaceInner};
+use crate::stats::Stats;
+use crate::sys::PAGE_SIZE;
+use crate::sys::uffd::Event;
+use crate::{Error, Result};
+
+/// A CPU fault on device memory, handed to
+/// [`DevicePagemapOps::migrate_to_ram`](crate::DevicePagemapOps::migrate_to_ram)
+/// (the kernel's `struct vm_fault`).
+#[derive(Debug)]
+pub struct CpuFault {
+    space: AddressSpace,
+    addr: usize,
+    window: Range<usize>,
+    page: DevicePage,
+}
+
+impl CpuFault {
+    pub(crate) fn new(
+        space: AddressSpace,
+        addr: usize,
+        window: Range<usize>,
+        page: DevicePage,
+    ) -> CpuFault {
+        CpuFault {
+            space,
+            addr,
+            window,
+            page,
+        }
+    }
+
+    /// The address space of the fault.
+    pub fn space(&self) -> &AddressSpace {
+        &self.space
+    }
+
+    /// The faulting page's address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// The fault-around window (page-aligned, inside one region, containing
+    /// `addr`): the range a driver should migrate back.
+    pub fn window(&self) -> Range<usize> {
+        self.window.clone()
+    }
+
+    /// The device page the faulting address maps.
+    pub fn page(&self) -> DevicePage {
+        self.page
+    }
+}
+
+/// The running handler threads of one address space.
+#[derive(Debug)]
+pub(crate) struct Engine {
+    stop: OwnedFd,
+    threads: Vec<JoinHandle<()>>,
+    pub(crate) alive: Arc<AtomicUsize>,
+}
+
+impl Engine {
+    pub(crate) fn start(space: &Arc<SpaceInner>) -> Result<Engine> {
+        let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|e| Error::sys("eventfd", e))?;
+        let alive = Arc::new(AtomicUsize::new(0));
+        let mut engine = Engine {
+            stop,
+            threads: Vec::new(),
+            alive,
+        };
+        for i in 0..space.config.handler_threads {
+            let weak = Arc::downgrade(space);
+            let uffd = space
+                .uffd
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::sys("dup", e))?;
+            let stop = engine.stop.try_clone().map_err(|e| Error::sys("dup", e))?;
+            let alive = engine.alive.clone();
+            alive.fetch_add(1, Ordering::SeqCst);
+            let t = std::thread::Builder::new()
+                .name(format!("uhmm-fault-{i}"))
+                .spawn(move || {
+                    handler_loop(&weak, &uffd, &stop);
+                    alive.fetch_sub(1, Ordering::SeqCst);
+                });
+            match t {
+                Ok(t) => engine.threads.push(t),
+                Err(e) => {
+                    engine.alive.fetch_sub(1, Ordering::SeqCst);
+                    engine.stop();
+                    return Err(Error::sys("spawn fault handler", e));
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// Tells the threads to stop and joins them (except the calling thread,
+    /// when the last handle was dropped by a handler itself).
+    pub(crate) fn stop(self) {
+        if let Err(err) = rustix::io::write(&self.stop, &1u64.to_ne_bytes()) {
+            tracing::error!(%err, "cannot signal fault handlers to stop");
+        }
+        let me = std::thread::current().id();
+        for t in self.threads {
+            if t.thread().id() != me && t.join().is_err() {
+                tracing::error!("a fault handler thread panicked");
+            }
+        }
+    }
+}
+
+fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
+    let mut queue = FaultQueue::default();
+    let mut events = Vec::with_capacity(64);
+    let retry = Timespec {
+        tv_sec: 0,
+        tv_nsec: 1_000_000,
+    };
+    loop {
+        let mut fds = [
+            PollFd::new(uffd, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        let timeout = if queue.is_empty() { None } else { Some(&retry) };
+        match rustix::event::poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(err) => {
+                tracing::error!(%err, "poll on userfaultfd failed; handler exits");
+                return;
+            }
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        let Some(space) = space.upgrade() else { return };
+        events.clear();
+        match space.uffd.read_events(&mut events, 64) {
+            Ok(_) => {}
+            Err(err) => tracing::error!(%err, "reading userfaultfd failed"),
+        }
+        for ev in &events {
+            match *ev {
+                Event::PageFault { addr, .. } => {
+                    Stats::add(&space.stats.faults, 1);
+                    if !queue.push(addr & !(PAGE_SIZE - 1)) {
+                        Stats::add(&space.stats.duplicate_faults, 1);
+                    }
+                }
+                other => tracing::warn!(?other, "unexpected userfaultfd event"),
+            }
+        }
+        queue.drain(|addr| resolve(&space, addr));
+    }
+}
+
+/// Faults waiting to be resolved, without duplicates, in arrival order.
+#[derive(Debug, Default)]
+pub(crate) struct FaultQueue {
+    pending: Vec<usize>,
+}
+
+impl FaultQueue {
+    /// Queues a fault on the page at `addr`; false if it is already queued.
+    pub(crate) fn push(&mut self, addr: usize) -> bool {
+        if self.pending.contains(&addr) {
+            return false;
+        }
+        self.pending.push(addr);
+        true
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Resolves every queued fault with `resolve`; those answered with
+    /// `EAGAIN` stay queued for the next round, the rest leave the queue.
+    pub(crate) fn drain(&mut self, mut resolve: impl FnMut(usize) -> Result<(), Errno>) {
+        self.pending.retain(|&addr| match resolve(addr) {
+            Ok(()) => false,
+            Err(Errno::AGAIN) => true,
+            Err(err) => {
+                tracing::error!(%err, addr, "fault could not be resolved");
+                false
+            }
+        });
+    }
+}
+
+/// Resolves a fault on the page at `addr`.
+pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize) -> Result<(), Errno> {
+    let Some(region) = space.region_at(addr) else {
+        // Not a managed address (a region being unmapped, or stray staging
+        // access): make the access fail loudly instead of spinning.
+        tracing::warn!(addr, "fault outside any region: poisoning the page");
+        return match space.uffd.poison(addr, PAGE_SIZE, false) {
+            Ok(_) => Ok(()),
+            Err(p) if p.errno == Errno::EXIST => space.uffd.wake(addr, PAGE_SIZE),
+            Err(p) => Err(p.errno),
+        };
+    };
+    let idx = (addr - region.start()) / PAGE_SIZE;
+    for attempt in 0..1000 {
+        let entry = region.pt.load(idx);
+        if entry.locked() {
+            if region.pt.add_fault_waiter(idx) {
+                Stats::add(&space.stats.deferred_faults, 1);
+                return Ok(());
+            }
+            continue;
+        }
+        match entry.state() {
+            State::Cpu => match zero_fill(space, &region, idx) {
+                Err(Errno::INPROGRESS) => continue,
+                other => return other,
+            },
+            State::Poisoned => return poison_install(space, &region, idx),
+            State::Device(page) => {
+                Stats::add(&space.stats.migrate_to_ram, 1);
+                let ops = space.pagemap(page.pagemap).and_then(|pm| pm.ops());
+                let result = match ops {
+                    Some(ops) => {
+                        let fault = CpuFault {
+                            space: AddressSpace {
+                                inner: space.clone(),
+                            },
+                            addr,
+                            window: fault_window(space, &region, idx),
+                            page,
+                        };
+                        ops.migrate_to_ram(&fault)
+                    }
+                    None => Err(Error::new(crate::ErrorKind::NotFound, "the device is gone")),
+                };
+                if let Err(err) = result {
+                    tracing::error!(%err, addr, "migrate_to_ram failed: poisoning the page");
+                    poison_page(space, &region, idx, page);
+                } else if region.pt.load(idx).is_cpu_unlocked() {
+                    // Installed (the install woke the thread) — make sure.
+                    return space.uffd.wake(addr, PAGE_SIZE);
+                }
+                if attempt > 0 {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+    tracing::error!(
+        addr,
+        "fault did not settle after 1000 attempts; waking the thread to retry"
+    );
+    space.uffd.wake(addr, PAGE_SIZE)
+}
+
+/// The fault-around window for page `idx`: aligned, clipped to the region.
+fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<usize> {
+    let w = space.config.fault_around_pages;
+    let first = idx - idx % w;
+    let last = (first + w).min(region.npages());
+    region.addr_of(first)..region.addr_of(last)
+}
+
+/// Zero-fills the first-touch window around page `idx`. Returns
+/// `EINPROGRESS` when the page changed under us (the caller looks again).
+fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> Result<(), Errno> {
+    let pt = &region.pt;
+    if !pt.try_lock_if(idx, State::Cpu) {
+        return Err(Errno::INPROGRESS);
+    }
+    // The window may not cross a protection boundary (one VMA per ioctl).
+    let w = space.config.zero_fill_pages;
+    let first = idx - idx % w;
+    let run = region
+        .prot_runs(first..(first + w).min(region.npages()))
+        .into_iter()
+        .find(|(r, _)| r.contains(&idx))
+        .map_or(idx..idx + 1, |(r, _)| r);
+    let mut lo = idx;
+    while lo > run.start && pt.try_lock_if(lo - 1, State::Cpu) {
+        lo -= 1;
+    }
+    let mut hi = idx + 1;
+    while hi < run.end && pt.try_lock_if(hi, State::Cpu) {
+        hi += 1;
+    }
+    // DONTWAKE: the faulting thread must not run on before the window is
+    // unlocked, or its next migration would find its own pages busy.
+    let mut result = Ok(());
+    let mut filled = 0;
+    match space
+        .uffd
+        .zeropage(region.addr_of(idx), (hi - idx) * PAGE_SIZE, true)
+    {
+        Ok(n) => filled += n,
+        Err(p) if p.errno == Errno::EXIST => {
+            Stats::add(&space.stats.eexist, 1);
+            filled += p.done;
+        }
+        Err(p) => {
+            if p.errno == Errno::AGAIN {
+                Stats::add(&space.stats.eagain, 1);
+            }
+            result = Err(p.errno);
+        }
+    }
+    if lo < idx && result.is_ok() {
+        // Pages before the fault: best effort, nobody waits on them.
+        filled += space
+            .uffd
+            .zeropage(region.addr_of(lo), (idx - lo) * PAGE_SIZE, true)
+            .unwrap_or_else(|p| p.done);
+    }
+    Stats::add(&space.stats.zero_filled_pages, (filled / PAGE_SIZE) as u64);
+    let mut wake_end = idx + 1;
+    for i in lo..hi {
+        if pt.unlock(i, State::Cpu, &space.waits) && i >= wake_end {
+            wake_end = i + 1;
+        }
+    }
+    // The faulting page (present now, by us or by someone else; on EAGAIN
+    // its thread retries and faults again), and any page of the window a
+    // thread waited on while we held it.
+    space.wake(region, lo..wake_end);
+    result
+}
+
+/// Installs the SIGBUS marker for a page already recorded as poisoned.
+fn poison_install(space: &SpaceInner, region: &RegionInner, idx: usize) -> Result<(), Errno> {
+    let addr = region.addr_of(idx);
+    match space.uffd.poison(addr, PAGE_SIZE, false) {
+        Ok(_) => Ok(()),
+        Err(p) if p.errno == Errno::EXIST => space.uffd.wake(addr, PAGE_SIZE),
+        Err(p) => Err(p.errno),
+    }
+}
+
+/// The driver could not bring `page` back: the page is lost. Record it,
+/// free the device page, and make accesses fail with SIGBUS.
+fn poison_page(space: &SpaceInner, region: &RegionInner, idx: usize, page: DevicePage) {
+    if !region.pt.try_lock_if(idx, State::Device(page)) {
+        return; // it changed meanwhile: the caller looks again
+    }
+    let waiter = region.pt.unlock(idx, State::Poisoned, &space.waits);
+    Stats::add(&space.stats.poisoned_pages, 1);
+    if let Some(pm) = space.pagemap(page.pagemap) {
+        pm.free_page(page.pfn);
+    }
+    if let Err(err) = poison_install(space, region, idx) {
+        tracing::error!(%err, "UFFDIO_POISON failed");
+    }
+    if waiter {
+        space.wake(region, idx..idx + 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_drops_duplicates_and_keeps_order() {
+        let mut q = FaultQueue::default();
+        assert!(q.push(0x1000));
+        assert!(q.push(0x3000));
+        assert!(!q.push(0x1000), "duplicate fault must be coalesced");
+        assert!(q.push(0x2000));
+        let mut seen = Vec::new();
+        q.drain(|a| {
+            seen.push(a);
+            Ok(())
+        });
+        assert_eq!(seen, vec![0x1000, 0x3000, 0x2000], "arrival order kept");
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn queue_retries_eagain_only() {
+        let mut q = FaultQueue::default();
+        q.push(0x1000);
+        q.push(0x2000);
+        q.push(0x3000);
+        q.drain(|a| match a {
+            0x1000 => Err(Errno::AGAIN),
+            0x2000 => Err(Errno::FAULT),
+            _ => Ok(()),
+        });
+        assert!(!q.is_empty());
+        let mut seen = Vec::new();
+        q.drain(|a| {
+            seen.push(a);
+            Ok(())
+        });
+        assert_eq!(seen, vec![0x1000], "only the EAGAIN fault is retried");
+    }
+}

@@ -1,0 +1,894 @@
+//! Migration of pages between RAM and devices: the kernel's
+//! `migrate_vma_setup` / `migrate_vma_pages` / `migrate_vma_finalize`, the
+//! device-range eviction `migrate_device_range`, and a chunked helper.
+//!
+//! # The protocol
+//!
+//! 1. [`Migration::setup`] collects every page of a range: a hole is a
+//!    candidate with no source; a RAM page is a candidate when the selection
+//!    includes [`Select::SYSTEM`]; a device page when it includes
+//!    [`Select::DEVICE_PRIVATE`] *and* its pagemap has the migration's owner.
+//!    Candidates are locked best-effort (a locked page is skipped, never
+//!    waited for), and RAM candidates are unmapped: moved, without copying,
+//!    into the staging area, so any CPU access to them waits. A page the
+//!    kernel will not move (pinned, shared) is skipped as busy.
+//! 2. The driver allocates destination pages for the candidates it wants and
+//!    copies (its DMA engine, with a fence it waits on), then sets each
+//!    destination. Moving device → RAM it must not silently skip a page: it
+//!    migrates it or marks it as an error (accessors then get SIGBUS).
+//! 3. [`Migration::pages`] commits: from now on [`Migration::migrated`] says
+//!    exactly which pages move, while sources and destinations are still
+//!    locked — the moment for the driver to update its own page table.
+//! 4. [`Migration::finalize`] maps each moved page at its new home, restores
+//!    the others, unlocks, wakes waiting threads and frees the sources
+//!    (`page_free` for device pages).
+//!
+//! The steps are types: `Migration<Collected>` becomes `Migration<Migrated>`
+//! and is consumed by `finalize`, so no step can be skipped or reordered.
+//! Dropping a migration before `finalize` restores every page — an early `?`
+//! or a panic in driver code never leaks a lock or loses data.
+
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::Arc;
+
+use rustix::io::Errno;
+
+use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
+use crate::pte::State;
+use crate::region::{Prot, RegionInner};
+use crate::space::{AddressSpace, SpaceInner};
+use crate::staging::{Slots, SystemPage};
+use crate::stats::Stats;
+use crate::sys::PAGE_SIZE;
+use crate::sys::pagemap::{Query, category};
+use crate::{Error, ErrorKind, Result};
+
+bitflags::bitflags! {
+    /// Which pages a migration collects (`MIGRATE_VMA_SELECT_*`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Select: u8 {
+        /// Pages in system RAM (and the zero page).
+        const SYSTEM = 1;
+        /// Device-private pages of the migration's owner.
+        const DEVICE_PRIVATE = 2;
+    }
+}
+
+/// Step marker: collected, locked and unmapped by `setup`.
+#[derive(Debug)]
+pub enum Collected {}
+/// Step marker: committed by `pages`.
+#[derive(Debug)]
+pub enum Migrated {}
+
+/// The source of page `i` of a migration (the kernel's `src[i]`).
+#[derive(Debug, Clone)]
+pub enum MigrateSrc {
+    /// Not collected: skipped (not selected, locked, pinned, no access).
+    Skip,
+    /// A hole: no data; a destination must be zero-filled.
+    Hole,
+    /// A RAM page, stable in staging while the migration holds it.
+    System(SystemPage),
+    /// A device page.
+    Device(DevicePage),
+}
+
+/// The destination chosen by the driver for page `i` (the kernel's `dst[i]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateDst {
+    /// None: the page stays where it is.
+    None,
+    /// This device page, filled by the driver.
+    Device(DevicePage),
+    /// The RAM page from [`Migration::system_dst`], filled by the driver.
+    System,
+    /// The data is lost (`MIGRATE_PFN_ERROR`): accesses get SIGBUS.
+    Error,
+}
+
+/// What a finished migration did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MigrateSummary {
+    /// Pages in the range (`npages`).
+    pub npages: usize,
+    /// Pages collected as candidates (`cpages`).
+    pub cpages: usize,
+    /// Pages that moved.
+    pub migrated: usize,
+}
+
+impl std::ops::AddAssign for MigrateSummary {
+    fn add_assign(&mut self, o: Self) {
+        self.npages += o.npages;
+        self.cpages += o.cpages;
+        self.migrated += o.migrated;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    Skip,
+    Hole,
+    System,
+    Device(DevicePage),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Page {
+    /// Index into `Inner::regions`.
+    region: u32,
+    /// Page index in that region.
+    idx: usize,
+    src: Src,
+    /// The state to restore.
+    prior: State,
+    dst: MigrateDst,
+    migrated: bool,
+}
+
+/// A migration in progress. See the [module docs](self) for the protocol.
+#[derive(Debug)]
+pub struct Migration<S = Collected> {
+    inner: Inner,
+    _step: PhantomData<S>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    space: Arc<SpaceInner>,
+    regions: Vec<Arc<RegionInner>>,
+    pages: Vec<Page>,
+    stage: Option<Slots>,
+    pool: Option<Slots>,
+    cpages: usize,
+    finished: bool,
+}
+
+impl Migration<Collected> {
+    /// Step 1 (`migrate_vma_setup`): collect, lock and unmap the pages of
+    /// `range` selected by `select` and `owner`.
+    ///
+    /// `range` is rounded down to pages at both ends. It must be non-empty
+    /// and inside one region; otherwise [`ErrorKind::InvalidArgument`] and
+    /// nothing changes. Each call starts from fresh state, so a loop can
+    /// reuse the same code path chunk after chunk.
+    pub fn setup(
+        space: &AddressSpace,
+        range: Range<usize>,
+        select: Select,
+        owner: Owner,
+    ) -> Result<Self> {
+        let start = range.start & !(PAGE_SIZE - 1);
+        let end = range.end & !(PAGE_SIZE - 1);
+        if end <= start {
+            return Err(Error::invalid("empty range"));
+        }
+        let space = &space.inner;
+        let region = space
+            .region_at(start)
+            .ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
+        if end - region.start() > region.map.len() {
+            return Err(Error::invalid("range crosses the end of its region"));
+        }
+        let first = (start - region.start()) / PAGE_SIZE;
+        let n = (end - start) / PAGE_SIZE;
+        let mut m = Inner::new(space.clone(), vec![region.clone()], n);
+        for (i, p) in m.pages.iter_mut().enumerate() {
+            p.idx = first + i;
+        }
+        let owner_ok = |p: &DevicePage| {
+            space
+                .pagemap(p.pagemap)
+                .is_some_and(|pm| pm.owner() == owner)
+        };
+
+        // Collect and lock.
+        let mut cpu = Vec::new();
+        for (prange, prot) in region.prot_runs(first..first + n) {
+            for idx in prange {
+                let i = idx - first;
+                let Some(prior) = region.pt.try_lock(idx) else {
+                    Stats::add(&space.stats.busy_pages, 1);
+                    continue;
+                };
+                m.pages[i].prior = prior;
+                let keep = match prior {
+                    State::Cpu if prot != Prot::NONE => {
+                        cpu.push(i);
+                        true
+                    }
+                    State::Device(p) if select.contains(Select::DEVICE_PRIVATE) && owner_ok(&p) => {
+                        m.pages[i].src = Src::Device(p);
+                        true
+                    }
+                    _ => false,
+                };
+                if !keep {
+                    m.unlock_skip(i);
+                }
+                // A page in Src::Skip but locked is marked by `prior` until decided.
+                if keep && m.pages[i].src == Src::Skip {
+                    m.pages[i].src = Src::Hole; // provisional; decided below
+                }
+            }
+        }
+        if region.is_dead() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "the region is being unmapped",
+            ));
+        }
+        if !cpu.is_empty() {
+            if select.contains(Select::SYSTEM) {
+                m.unmap_system(&region, first, &cpu)?;
+            } else {
+                m.keep_holes_only(&region, first, &cpu)?;
+            }
+        }
+        m.cpages = m.pages.iter().filter(|p| p.src != Src::Skip).count();
+        Stats::add(&space.stats.collected_pages, m.cpages as u64);
+        Ok(Migration {
+            inner: m,
+            _step: PhantomData,
+        })
+    }
+
+    /// A RAM page to fill with the data of page `i` when migrating it to RAM
+    /// (the kernel's freshly allocated system page). Pair it with
+    /// [`Migration::set_dst_system`].
+    pub fn system_dst(&mut self, i: usize) -> Result<SystemPage> {
+        self.inner.check_collected(i)?;
+        if self.inner.pool.is_none() {
+            self.inner.pool = Some(self.inner.space.pool.alloc(self.inner.pages.len())?);
+        }
+        let pool = self.inner.pool.as_ref().expect("pool just allocated");
+        Ok(SystemPage::new(pool.arena(), pool.offset(i)))
+    }
+
+    /// Page `i` moves to device page `page`, which the driver has filled.
+    pub fn set_dst_device(&mut self, i: usize, page: DevicePage) -> Result<()> {
+        self.inner.check_collected(i)?;
+        if self.inner.space.pagemap(page.pagemap).is_none() {
+            return Err(Error::invalid(
+                "destination device page of an unknown pagemap",
+            ));
+        }
+        self.inner.pages[i].dst = MigrateDst::Device(page);
+        Ok(())
+    }
+
+    /// Page `i` moves to RAM: the page from [`Migration::system_dst`], which
+    /// the driver has filled.
+    pub fn set_dst_system(&mut self, i: usize) -> Result<()> {
+        self.inner.check_collected(i)?;
+        if self.inner.pool.is_none() {
+            return Err(Error::invalid("set_dst_system before system_dst"));
+        }
+        self.inner.pages[i].dst = MigrateDst::System;
+        Ok(())
+    }
+
+    /// Page `i` cannot be brought back: its data is lost and accesses will
+    /// get SIGBUS. Only for unrecoverable device state.
+    pub fn set_dst_error(&mut self, i: usize) -> Result<()> {
+        self.inner.check_collected(i)?;
+        self.inner.pages[i].dst = MigrateDst::Error;
+        Ok(())
+    }
+
+    /// Step 2 (`migrate_vma_pages`): commit the pages that have a destination.
+    pub fn pages(self) -> Migration<Migrated> {
+        let Migration { mut inner, .. } = self;
+        for p in &mut inner.pages {
+            p.migrated = p.src != Src::Skip && p.dst != MigrateDst::None;
+        }
+        Migration {
+            inner,
+            _step: PhantomData,
+        }
+    }
+}
+
+impl Migration<Migrated> {
+    /// Whether page `i` moves (the kernel's `MIGRATE_PFN_MIGRATE` after
+    /// `migrate_vma_pages`).
+    pub fn migrated(&self, i: usize) -> bool {
+        self.inner.pages.get(i).is_some_and(|p| p.migrated)
+    }
+
+    /// How many pages move.
+    pub fn migrated_count(&self) -> usize {
+        self.inner.pages.iter().filter(|p| p.migrated).count()
+    }
+
+    /// Step 3 (`migrate_vma_finalize`): map moved pages at their new home,
+    /// restore the others, unlock and wake.
+    pub fn finalize(mut self) -> MigrateSummary {
+        self.inner.finish()
+    }
+}
+
+impl<S> Migration<S> {
+    /// Pages in the range (`npages`).
+    pub fn npages(&self) -> usize {
+        self.inner.pages.len()
+    }
+
+    /// Pages collected (`cpages`).
+    pub fn cpages(&self) -> usize {
+        self.inner.cpages
+    }
+
+    /// The address of page `i`.
+    pub fn addr(&self, i: usize) -> usize {
+        let p = &self.inner.pages[i];
+        self.inner.regions[p.region as usize].addr_of(p.idx)
+    }
+
+    /// The source of page `i`.
+    pub fn src(&self, i: usize) -> MigrateSrc {
+        match self.inner.pages.get(i).map(|p| p.src) {
+            None | Some(Src::Skip) => MigrateSrc::Skip,
+            Some(Src::Hole) => MigrateSrc::Hole,
+            Some(Src::Device(p)) => MigrateSrc::Device(p),
+            Some(Src::System) => {
+                let stage = self
+                    .inner
+                    .stage
+                    .as_ref()
+                    .expect("system sources live in staging");
+                MigrateSrc::System(SystemPage::new(stage.arena(), stage.offset(i)))
+            }
+        }
+    }
+
+    /// The destination of page `i`.
+    pub fn dst(&self, i: usize) -> MigrateDst {
+        self.inner.pages.get(i).map_or(MigrateDst::None, |p| p.dst)
+    }
+}
+
+impl Inner {
+    fn new(space: Arc<SpaceInner>, regions: Vec<Arc<RegionInner>>, n: usize) -> Inner {
+        let page = Page {
+            region: 0,
+            idx: 0,
+            src: Src::Skip,
+            prior: State::Cpu,
+            dst: MigrateDst::None,
+            migrated: false,
+        };
+        Inner {
+            space,
+            regions,
+            pages: vec![page; n],
+            stage: None,
+            pool: None,
+            cpages: 0,
+            finished: false,
+        }
+    }
+
+    fn check_collected(&self, i: usize) -> Result<()> {
+        match self.pages.get(i) {
+            None => Err(Error::invalid("page index out of the migration")),
+            Some(p) if p.src == Src::Skip => Err(Error::invalid("page was not collected")),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn region_of(&self, i: usize) -> &Arc<RegionInner> {
+        &self.regions[self.pages[i].region as usize]
+    }
+
+    /// Unlocks page `i` unchanged and drops it from the migration.
+    fn unlock_skip(&mut self, i: usize) {
+        let p = self.pages[i];
+        let region = &self.regions[p.region as usize];
+        if region.pt.unlock(p.idx, p.prior, &self.space.waits) {
+            self.space.wake(region, p.idx..p.idx + 1);
+        }
+        self.pages[i].src = Src::Skip;
+    }
+
+    /// Unmaps the locked CPU pages `cpu` (indices into the migration, whose
+    /// region pages are `first + i`) into staging, then classifies each as a
+    /// RAM page or a hole.
+    fn unmap_system(
+        &mut self,
+        region: &Arc<RegionInner>,
+        first: usize,
+        cpu: &[usize],
+    ) -> Result<()> {
+        let stage = self.space.stage.alloc(self.pages.len())?;
+        let space = self.space.clone();
+        for run in runs(cpu) {
+            let writable = region.prot_at(first + run.start).contains(Prot::WRITE);
+            if writable {
+                let mut i = run.start;
+                while i < run.end {
+                    let len = stage.contiguous(i, run.end - i);
+                    let dst = stage.addr(i);
+                    match space.uffd.move_pages(
+                        dst,
+                        &region.map,
+                        (first + i) * PAGE_SIZE,
+                        len * PAGE_SIZE,
+                        true,
+                        true,
+                    ) {
+                        Ok(_) => i += len,
+                        Err(e) => {
+                            let k = i + e.done / PAGE_SIZE;
+                            if e.errno == Errno::AGAIN {
+                                Stats::add(&space.stats.eagain, 1);
+                                i = k;
+                                std::thread::yield_now();
+                                continue;
+                            }
+                            if e.errno != Errno::BUSY {
+                                tracing::warn!(errno = %e.errno, "UFFDIO_MOVE into staging failed; page skipped");
+                            }
+                            Stats::add(&space.stats.busy_pages, 1);
+                            self.unlock_skip(k);
+                            i = k + 1;
+                        }
+                    }
+                }
+            } else {
+                // Read-only: MOVE needs writable mappings, so copy the present
+                // pages into staging and zap them. Nothing can write them
+                // meanwhile: the protection lock of `set_prot` is not held,
+                // but the pages are read-only and uhmm-managed.
+                let (a, b) = (
+                    region.addr_of(first + run.start),
+                    region.addr_of(first + run.end),
+                );
+                let mut present = Vec::new();
+                let q = Query {
+                    mask: 0,
+                    inverted: 0,
+                    report: 0,
+                };
+                let q = Query {
+                    mask: category::PRESENT,
+                    ..q
+                };
+                space
+                    .pagemap_file
+                    .scan(a, b, q, &mut present)
+                    .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+                for r in present {
+                    let mut addr = r.start;
+                    while addr < r.end {
+                        let i = first_index(region, first, addr);
+                        let len = stage.contiguous(i, (r.end - addr) / PAGE_SIZE);
+                        if let Err(e) =
+                            space
+                                .uffd
+                                .copy(stage.addr(i), addr as *const u8, len * PAGE_SIZE, true)
+                        {
+                            return Err(Error::sys(
+                                "UFFDIO_COPY into staging",
+                                std::io::Error::from(e.errno),
+                            ));
+                        }
+                        addr += len * PAGE_SIZE;
+                    }
+                }
+                region
+                    .map
+                    .discard((first + run.start) * PAGE_SIZE, run.len() * PAGE_SIZE)
+                    .map_err(|e| Error::sys("MADV_DONTNEED", e))?;
+            }
+        }
+        // Which staged slots hold data? Holes and the zero page are holes.
+        let mut present = Vec::new();
+        let q = Query {
+            mask: 0,
+            inverted: 0,
+            report: category::PRESENT | category::SWAPPED | category::PFNZERO,
+        };
+        let mut i = 0;
+        while i < self.pages.len() {
+            let len = stage.contiguous(i, self.pages.len() - i);
+            present.clear();
+            let a = stage.addr(i);
+            space
+                .pagemap_file
+                .scan(a, a + len * PAGE_SIZE, q, &mut present)
+                .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+            for r in &present {
+                let data = r.categories & (category::PRESENT | category::SWAPPED) != 0
+                    && r.categories & category::PFNZERO == 0;
+                if data {
+                    for j in (r.start - a) / PAGE_SIZE..(r.end - a) / PAGE_SIZE {
+                        if self.pages[i + j].src != Src::Skip
+                            && self.pages[i + j].prior == State::Cpu
+                        {
+                            self.pages[i + j].src = Src::System;
+                        }
+                    }
+                }
+            }
+            i += len;
+        }
+        self.stage = Some(stage);
+        Ok(())
+    }
+
+    /// Without `Select::SYSTEM`: RAM and zero pages are not candidates, holes are.
+    fn keep_holes_only(
+        &mut self,
+        region: &Arc<RegionInner>,
+        first: usize,
+        cpu: &[usize],
+    ) -> Result<()> {
+        let (Some(&lo), Some(&hi)) = (cpu.first(), cpu.last()) else {
+            return Ok(());
+        };
+        let mut present = Vec::new();
+        let q = Query {
+            mask: 0,
+            inverted: 0,
+            report: 0,
+        };
+        let q = Query {
+            mask: category::PRESENT | category::SWAPPED,
+            report: 0,
+            ..q
+        };
+        let (a, b) = (region.addr_of(first + lo), region.addr_of(first + hi + 1));
+        self.space
+            .pagemap_file
+            .scan(a, b, q, &mut present)
+            .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+        let swapped = Query {
+            mask: category::SWAPPED,
+            ..q
+        };
+        self.space
+            .pagemap_file
+            .scan(a, b, swapped, &mut present)
+            .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+        for r in present {
+            for addr in (r.start..r.end).step_by(PAGE_SIZE) {
+                let i = first_index(region, first, addr);
+                if self.pages[i].src != Src::Skip {
+                    self.unlock_skip(i);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `finalize`, and the restore path of `Drop`.
+    fn finish(&mut self) -> MigrateSummary {
+        self.finished = true;
+        let space = self.space.clone();
+        let mut summary = MigrateSummary {
+            npages: self.pages.len(),
+            cpages: self.cpages,
+            migrated: 0,
+        };
+        let mut to_free: Vec<DevicePage> = Vec::new();
+        let mut new_state = vec![State::Cpu; self.pages.len()];
+        // Runs to install into regions: (page index, from pool?) batched.
+        let mut installs: Vec<(usize, bool)> = Vec::new();
+        for i in 0..self.pages.len() {
+            let p = self.pages[i];
+            if p.src == Src::Skip {
+                continue;
+            }
+            new_state[i] = p.prior;
+            let region = self.region_of(i);
+            if p.migrated {
+                summary.migrated += 1;
+                if let Src::Device(old) = p.src {
+                    to_free.push(old);
+                }
+                match p.dst {
+                    MigrateDst::Device(d) => {
+                        new_state[i] = State::Device(d);
+                        if let Some(pm) = space.pagemap(d.pagemap) {
+                            pm.set_rmap(d.pfn, Some((region.id, p.idx)));
+                        }
+                        Stats::add(&space.stats.pages_to_device, 1);
+                    }
+                    MigrateDst::System => {
+                        new_state[i] = State::Cpu;
+                        installs.push((i, true));
+                        Stats::add(&space.stats.pages_to_ram, 1);
+                    }
+                    MigrateDst::Error => {
+                        new_state[i] = State::Poisoned;
+                        Stats::add(&space.stats.poisoned_pages, 1);
+                        if let Err(e) = space.uffd.poison(region.addr_of(p.idx), PAGE_SIZE, true) {
+                            tracing::error!(errno = %e.errno, "UFFDIO_POISON failed");
+                        }
+                    }
+                    MigrateDst::None => unreachable!("migrated pages have a destination"),
+                }
+            } else {
+                if p.src == Src::System {
+                    installs.push((i, false));
+                }
+                if let MigrateDst::Device(d) = p.dst {
+                    // An allocated destination that was not used goes back.
+                    to_free.push(d);
+                }
+            }
+        }
+        self.install(&installs);
+        // Unlock, then wake the threads that faulted meanwhile and those
+        // waiting on installed pages (installs do not wake: a woken thread
+        // must find its page unlocked).
+        let mut wake = vec![false; self.pages.len()];
+        for &(i, _) in &installs {
+            wake[i] = true;
+        }
+        for i in 0..self.pages.len() {
+            let p = self.pages[i];
+            if p.src != Src::Skip
+                && self
+                    .region_of(i)
+                    .pt
+                    .unlock(p.idx, new_state[i], &space.waits)
+            {
+                wake[i] = true;
+            }
+        }
+        let mut i = 0;
+        while i < wake.len() {
+            if !wake[i] {
+                i += 1;
+                continue;
+            }
+            let (region, idx) = (self.pages[i].region, self.pages[i].idx);
+            let mut n = 1;
+            while i + n < wake.len()
+                && wake[i + n]
+                && self.pages[i + n].region == region
+                && self.pages[i + n].idx == idx + n
+            {
+                n += 1;
+            }
+            space.wake(self.region_of(i), idx..idx + n);
+            i += n;
+        }
+        for d in to_free {
+            if let Some(pm) = space.pagemap(d.pagemap) {
+                pm.free_page(d.pfn);
+            }
+        }
+        self.stage = None;
+        self.pool = None;
+        Stats::add(&space.stats.migrations, 1);
+        summary
+    }
+
+    /// Maps pages back into their regions: `(i, true)` from the pool (new
+    /// data), `(i, false)` from staging (restore). Moves when it can, copies
+    /// where the region is read-only.
+    fn install(&self, installs: &[(usize, bool)]) {
+        let mut k = 0;
+        while k < installs.len() {
+            let (i, from_pool) = installs[k];
+            let slots = if from_pool {
+                self.pool.as_ref()
+            } else {
+                self.stage.as_ref()
+            };
+            let Some(slots) = slots else {
+                tracing::error!("install without staging slots");
+                k += 1;
+                continue;
+            };
+            // Extend over consecutive pages of one region with contiguous slots.
+            let max = slots.contiguous(i, usize::MAX);
+            let mut n = 1;
+            while k + n < installs.len()
+                && n < max
+                && installs[k + n] == (i + n, from_pool)
+                && self.pages[i + n].region == self.pages[i].region
+                && self.pages[i + n].idx == self.pages[i].idx + n
+            {
+                n += 1;
+            }
+            let region = self.region_of(i);
+            let dst = region.addr_of(self.pages[i].idx);
+            let len = n * PAGE_SIZE;
+            let mut done = 0;
+            for _attempt in 0..100 {
+                let r = self.space.uffd.move_pages(
+                    dst + done,
+                    slots.mapping(),
+                    slots.offset(i) + done,
+                    len - done,
+                    false,
+                    true,
+                );
+                let e = match r {
+                    Ok(_) => break,
+                    Err(e) => e,
+                };
+                done += e.done;
+                if e.errno == Errno::INVAL || e.errno == Errno::BUSY {
+                    // Read-only region (or an unmovable page): copy instead.
+                    let src = (slots.addr(i) + done) as *const u8;
+                    match self.space.uffd.copy(dst + done, src, len - done, true) {
+                        Ok(_) => break,
+                        Err(c) => done += c.done,
+                    }
+                } else if e.errno == Errno::EXIST {
+                    tracing::error!(
+                        addr = dst + done,
+                        "a page appeared under a locked entry; keeping it"
+                    );
+                    done += PAGE_SIZE;
+                }
+                if done >= len {
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            if done < len {
+                tracing::error!(
+                    addr = dst + done,
+                    "could not map pages back after 100 attempts"
+                );
+            }
+            k += n;
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.finished {
+            for p in &mut self.pages {
+                p.migrated = false;
+            }
+            self.finish();
+        }
+    }
+}
+
+/// Evicts device pages `pfns` of `pagemap` back to RAM, wherever they are
+/// mapped (`migrate_device_range`): returns a migration whose sources are
+/// the device pages that are mapped; the driver fills
+/// [`Migration::system_dst`] for each and commits as usual. Pages that are
+/// not mapped are skipped.
+pub fn migrate_device_range(
+    space: &AddressSpace,
+    pagemap: &DevicePagemap,
+    pfns: Range<u64>,
+) -> Result<Migration<Collected>> {
+    if pfns.end > pagemap.npages() || pfns.is_empty() {
+        return Err(Error::invalid("device page range outside the pagemap"));
+    }
+    let space = &space.inner;
+    let mut regions: Vec<Arc<RegionInner>> = Vec::new();
+    let mut pages = Vec::new();
+    for pfn in pfns {
+        let pfn = DevicePfn(pfn);
+        let Some((region_id, idx)) = pagemap.rmap(pfn) else {
+            continue;
+        };
+        let region = match regions.iter().position(|r| r.id == region_id) {
+            Some(k) => k,
+            None => match space.region_by_id(region_id) {
+                Some(r) => {
+                    regions.push(r);
+                    regions.len() - 1
+                }
+                None => continue,
+            },
+        };
+        let page = DevicePage {
+            pagemap: pagemap.id(),
+            pfn,
+        };
+        let r = &regions[region];
+        let state = r.pt.lock(idx, &space.waits);
+        if state != State::Device(page) {
+            if r.pt.unlock(idx, state, &space.waits) {
+                space.wake(r, idx..idx + 1);
+            }
+            continue;
+        }
+        pages.push(Page {
+            region: u32::try_from(region).expect("few regions"),
+            idx,
+            src: Src::Device(page),
+            prior: state,
+            dst: MigrateDst::None,
+            migrated: false,
+        });
+    }
+    let mut inner = Inner::new(space.clone(), regions, 0);
+    inner.cpages = pages.len();
+    inner.pages = pages;
+    Ok(Migration {
+        inner,
+        _step: PhantomData,
+    })
+}
+
+/// The driver's part of a chunked migration: the two callbacks of the
+/// kernel's original `migrate_vma(ops, ...)`.
+pub trait ChunkDriver {
+    /// Allocate destinations for the collected pages, copy (waiting for the
+    /// copy's fence) and set each destination.
+    fn alloc_and_copy(&mut self, m: &mut Migration<Collected>) -> Result<()>;
+
+    /// After `pages`, before `finalize`: update the device's page table for
+    /// the pages that moved, while they are still locked.
+    fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
+        let _ = m;
+    }
+}
+
+/// Drives the three steps over `range` in chunks of `chunk_pages` pages
+/// (like nouveau's migration loop): for each chunk `setup`, the driver's
+/// `alloc_and_copy`, `pages`, the driver's `finalize_and_map`, `finalize`.
+/// Stops at the first error; chunks already done stay migrated.
+pub fn migrate_chunked(
+    space: &AddressSpace,
+    range: Range<usize>,
+    chunk_pages: usize,
+    select: Select,
+    owner: Owner,
+    driver: &mut impl ChunkDriver,
+) -> Result<MigrateSummary> {
+    if chunk_pages == 0 {
+        return Err(Error::invalid("chunk_pages must be > 0"));
+    }
+    let start = range.start & !(PAGE_SIZE - 1);
+    let end = range.end & !(PAGE_SIZE - 1);
+    if end <= start {
+        return Err(Error::invalid("empty range"));
+    }
+    let mut total = MigrateSummary::default();
+    let mut at = start;
+    while at < end {
+        let next = end.min(at.saturating_add(chunk_pages * PAGE_SIZE));
+        let mut m = Migration::setup(space, at..next, select, owner)?;
+        driver.alloc_and_copy(&mut m)?;
+        let m = m.pages();
+        driver.finalize_and_map(&m);
+        total += m.finalize();
+        at = next;
+    }
+    Ok(total)
+}
+
+/// The index into a setup migration of the page at `addr`.
+fn first_index(region: &RegionInner, first: usize, addr: usize) -> usize {
+    (addr - region.start()) / PAGE_SIZE - first
+}
+
+/// Splits sorted indices into runs of consecutive values.
+fn runs(sorted: &[usize]) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for &i in sorted {
+        match out.last_mut() {
+            Some(r) if r.end == i => r.end = i + 1,
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_on_gaps() {
+        assert_eq!(runs(&[1, 2, 3, 5, 6, 9]), vec![1..4, 5..7, 9..10]);
+        assert!(runs(&[]).is_empty());
+    }
+}

@@ -1,0 +1,281 @@
+//! Device access to a range through the CPU page table (`hmm_range_fault`
+//! with `HMM_PFN_REQ_FAULT`): bring every page of a range to where a device
+//! can use it, and hold it there while the device reads or writes.
+//!
+//! [`range_fault`] faults holes in (the zero page), brings pages that live on
+//! another owner's device back through that driver's `migrate_to_ram`, and
+//! returns a [`RangeAccess`] that holds the page locks: while it lives no
+//! migration can take the pages away, so the device's copies are safe. Pages
+//! of the caller's own device are reported as such (the device reads its own
+//! memory), as the kernel does for `dev_private_owner`.
+//!
+//! Interval notifiers (`mmu_interval_notifier`) with sequence numbers, which
+//! let a device keep a mirror between accesses, come with the issue on
+//! mirrors; until then an access holds the pages for its duration.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::fault::CpuFault;
+use crate::pagemap::{DevicePage, Owner};
+use crate::pte::State;
+use crate::region::{Prot, RegionInner};
+use crate::space::{AddressSpace, SpaceInner};
+use crate::sys::PAGE_SIZE;
+use crate::sys::pagemap::{Query, category};
+use crate::{Error, ErrorKind, Result};
+
+/// One page of a [`RangeAccess`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessPage {
+    /// In RAM: read or write it with [`RangeAccess::read`] / [`RangeAccess::write`].
+    System,
+    /// On the caller's own device: the device uses its own memory.
+    Device(DevicePage),
+}
+
+/// Pages of one region held present for a device access. Unlocks on drop.
+#[derive(Debug)]
+pub struct RangeAccess {
+    space: Arc<SpaceInner>,
+    region: Arc<RegionInner>,
+    first: usize,
+    pages: Vec<AccessPage>,
+    faulted: bool,
+}
+
+/// Faults `range` (page-aligned, inside one region) in for a device access
+/// by `owner`'s device: for reading, or for writing when `write`.
+///
+/// Errors, as the kernel's: [`ErrorKind::InvalidArgument`] for a bad range;
+/// [`ErrorKind::Fault`] when a page cannot be read (no access, poisoned);
+/// [`ErrorKind::Permission`] when `write` and a page is read-only. On error
+/// nothing is held and no page changed.
+pub fn range_fault(
+    space: &AddressSpace,
+    range: Range<usize>,
+    write: bool,
+    owner: Owner,
+) -> Result<RangeAccess> {
+    let space = &space.inner;
+    if range.start % PAGE_SIZE != 0 || range.end % PAGE_SIZE != 0 || range.is_empty() {
+        return Err(Error::invalid(
+            "range_fault needs a non-empty, page-aligned range",
+        ));
+    }
+    let region = space
+        .region_at(range.start)
+        .ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
+    if range.end - region.start() > region.map.len() {
+        return Err(Error::invalid("range crosses the end of its region"));
+    }
+    let first = (range.start - region.start()) / PAGE_SIZE;
+    let n = range.len() / PAGE_SIZE;
+    for (_, prot) in region.prot_runs(first..first + n) {
+        if !prot.contains(Prot::READ) {
+            return Err(Error::new(ErrorKind::Fault, "no read access to the range"));
+        }
+        if write && !prot.contains(Prot::WRITE) {
+            return Err(Error::new(
+                ErrorKind::Permission,
+                "write access to a read-only range",
+            ));
+        }
+    }
+    let foreign = |s: State| matches!(s, State::Device(p) if space.pagemap(p.pagemap).is_none_or(|pm| pm.owner() != owner));
+    for _attempt in 0..100 {
+        // Bring other devices' pages back first, without holding locks.
+        let mut faulted = false;
+        for idx in first..first + n {
+            if let State::Device(page) = region.pt.load(idx).state() {
+                if foreign(State::Device(page)) {
+                    faulted = true;
+                    migrate_foreign(space, &region, idx, page)?;
+                }
+            }
+        }
+        // Lock in ascending order (waiting is fine: holders never wait for us).
+        let mut pages = Vec::with_capacity(n);
+        let mut retry = false;
+        for idx in first..first + n {
+            let s = region.pt.lock(idx, &space.waits);
+            let page = match s {
+                State::Cpu => AccessPage::System,
+                State::Device(p) if !foreign(s) => AccessPage::Device(p),
+                State::Device(_) => {
+                    retry = true;
+                    AccessPage::System
+                }
+                State::Poisoned => {
+                    unlock_all(space, &region, first, idx + 1, &pages, Some(s));
+                    return Err(Error::new(
+                        ErrorKind::Fault,
+                        "a page of the range is poisoned",
+                    ));
+                }
+            };
+            pages.push(page);
+            if retry {
+                break;
+            }
+        }
+        if retry || region.is_dead() {
+            let done = first + pages.len();
+            unlock_all(space, &region, first, done, &pages, None);
+            if region.is_dead() {
+                return Err(Error::new(ErrorKind::Fault, "the region was unmapped"));
+            }
+            continue;
+        }
+        // Fill holes of the RAM pages (zero page; a device write then takes
+        // the kernel's copy-on-write).
+        let mut holes = Vec::new();
+        let q = Query {
+            mask: category::PRESENT | category::SWAPPED,
+            inverted: category::PRESENT | category::SWAPPED,
+            report: 0,
+        };
+        let (a, b) = (region.addr_of(first), region.addr_of(first + n));
+        if let Err(e) = space.pagemap_file.scan(a, b, q, &mut holes) {
+            unlock_all(space, &region, first, first + n, &pages, None);
+            return Err(Error::sys("PAGEMAP_SCAN", e));
+        }
+        for h in &holes {
+            for addr in (h.start..h.end).step_by(PAGE_SIZE) {
+                let i = (addr - a) / PAGE_SIZE;
+                if pages[i] == AccessPage::System {
+                    faulted = true;
+                    match space.uffd.zeropage(addr, PAGE_SIZE, true) {
+                        Ok(_) => {}
+                        Err(p) if p.errno == rustix::io::Errno::EXIST => {}
+                        Err(p) => {
+                            unlock_all(space, &region, first, first + n, &pages, None);
+                            return Err(Error::sys(
+                                "UFFDIO_ZEROPAGE",
+                                std::io::Error::from(p.errno),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        return Ok(RangeAccess {
+            space: space.clone(),
+            region,
+            first,
+            pages,
+            faulted,
+        });
+    }
+    Err(Error::new(
+        ErrorKind::Busy,
+        "the range kept moving; gave up after 100 attempts",
+    ))
+}
+
+/// Brings a page of another device back with its driver's `migrate_to_ram`.
+fn migrate_foreign(
+    space: &Arc<SpaceInner>,
+    region: &RegionInner,
+    idx: usize,
+    page: DevicePage,
+) -> Result<()> {
+    let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else {
+        return Err(Error::new(
+            ErrorKind::Fault,
+            "a page lives on a device that is gone",
+        ));
+    };
+    let addr = region.addr_of(idx);
+    let fault = CpuFault::new(
+        AddressSpace {
+            inner: space.clone(),
+        },
+        addr,
+        addr..addr + PAGE_SIZE,
+        page,
+    );
+    ops.migrate_to_ram(&fault)
+}
+
+fn unlock_all(
+    space: &SpaceInner,
+    region: &RegionInner,
+    first: usize,
+    end: usize,
+    pages: &[AccessPage],
+    last: Option<State>,
+) {
+    for idx in first..end {
+        let state = match pages.get(idx - first) {
+            Some(AccessPage::Device(p)) => State::Device(*p),
+            Some(AccessPage::System) => region.pt.load(idx).state(),
+            None => last.unwrap_or(State::Cpu),
+        };
+        if region.pt.unlock(idx, state, &space.waits) {
+            space.wake(region, idx..idx + 1);
+        }
+    }
+}
+
+impl RangeAccess {
+    /// Number of pages.
+    pub fn npages(&self) -> usize {
+        self.pages.len()
+    }
+
+    /// Page `i`: in RAM, or on the caller's device.
+    pub fn page(&self, i: usize) -> AccessPage {
+        self.pages[i]
+    }
+
+    /// Whether anything had to be faulted in (a fault round in dmirror's terms).
+    pub fn faulted(&self) -> bool {
+        self.faulted
+    }
+
+    /// Copies RAM page `i` from `offset` into `buf`.
+    pub fn read(&self, i: usize, offset: usize, buf: &mut [u8]) -> Result<()> {
+        let off = self.offset(i, offset, buf.len())?;
+        self.region
+            .map
+            .read(off, buf)
+            .map_err(|e| Error::sys("read", e))
+    }
+
+    /// Copies `buf` into RAM page `i` at `offset`.
+    pub fn write(&self, i: usize, offset: usize, buf: &[u8]) -> Result<()> {
+        let off = self.offset(i, offset, buf.len())?;
+        if !self.region.prot_at(self.first + i).contains(Prot::WRITE) {
+            return Err(Error::new(ErrorKind::Permission, "page is read-only"));
+        }
+        self.region
+            .map
+            .write(off, buf)
+            .map_err(|e| Error::sys("write", e))
+    }
+
+    fn offset(&self, i: usize, offset: usize, len: usize) -> Result<usize> {
+        if self.pages.get(i) != Some(&AccessPage::System) {
+            return Err(Error::invalid("not a RAM page of this access"));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= PAGE_SIZE => Ok((self.first + i) * PAGE_SIZE + offset),
+            _ => Err(Error::invalid("access beyond the page")),
+        }
+    }
+}
+
+impl Drop for RangeAccess {
+    fn drop(&mut self) {
+        let end = self.first + self.pages.len();
+        unlock_all(
+            &self.space,
+            &self.region,
+            self.first,
+            end,
+            &self.pages,
+            None,
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! Device memory as uhmm sees it: device page frames, owners, and the driver
+//! trait (`struct dev_pagemap` and `dev_pagemap_ops` in the kernel).
+//!
+//! A driver creates a [`DevicePagemap`] for its memory with
+//! [`AddressSpace::register_pagemap`](crate::AddressSpace::register_pagemap).
+//! Each device page has a frame here: a reference count, the reverse map to
+//! the (region, page) that maps it, and a word of driver data. The page lock
+//! of a device page is the lock of the software page-table entry that points
+//! to it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, Weak};
+
+use crate::Result;
+use crate::fault::CpuFault;
+
+/// A device page number, local to one [`DevicePagemap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DevicePfn(pub u64);
+
+/// A device page: which pagemap, which page in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DevicePage {
+    /// The pagemap's id in its address space.
+    pub pagemap: u16,
+    /// The page number in that pagemap.
+    pub pfn: DevicePfn,
+}
+
+/// The owner token of device memory (`pgmap_owner`): a migration selects only
+/// device pages whose pagemap has the migration's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Owner(u64);
+
+impl Owner {
+    /// A fresh owner, distinct from every other one in this process.
+    pub fn new() -> Owner {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Owner(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl Default for Owner {
+    fn default() -> Self {
+        Owner::new()
+    }
+}
+
+/// What a device driver must do for uhmm (`dev_pagemap_ops`).
+pub trait DevicePagemapOps: Send + Sync {
+    /// The device page `pfn` is no longer used by any address: give it back
+    /// to the device's allocator. Called after the page is unmapped; never
+    /// with a page lock held.
+    fn page_free(&self, pfn: DevicePfn);
+
+    /// A CPU thread faulted on `fault.addr()`, which lives on this device:
+    /// migrate it (and any of `fault.window()` the driver chooses) back to
+    /// RAM with a [`Migration`](crate::Migration) selecting
+    /// [`Select::DEVICE_PRIVATE`](crate::Select::DEVICE_PRIVATE) and this
+    /// pagemap's owner. An error makes the faulting page poisoned (SIGBUS),
+    /// so return one only for unrecoverable device state.
+    fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()>;
+}
+
+/// An empty reverse-map word.
+const RMAP_NONE: u64 = u64::MAX;
+
+/// One device page frame (`struct page` of ZONE_DEVICE memory).
+#[derive(Debug)]
+struct Frame {
+    /// `region id << 40 | page index`, or [`RMAP_NONE`].
+    rmap: AtomicU64,
+    /// Driver data.
+    data: AtomicU64,
+}
+
+const FRAME_CHUNK: usize = 4096;
+
+/// The device memory of one driver in one address space.
+pub struct DevicePagemap {
+    id: u16,
+    owner: Owner,
+    npages: u64,
+    ops: Weak<dyn DevicePagemapOps>,
+    frames: Box<[OnceLock<Box<[Frame]>>]>,
+}
+
+impl std::fmt::Debug for DevicePagemap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevicePagemap")
+            .field("id", &self.id)
+            .field("owner", &self.owner)
+            .field("npages", &self.npages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevicePagemap {
+    pub(crate) fn new(
+        id: u16,
+        owner: Owner,
+        npages: u64,
+        ops: Weak<dyn DevicePagemapOps>,
+    ) -> DevicePagemap {
+        let chunks = usize::try_from(npages)
+            .unwrap_or(usize::MAX)
+            .div_ceil(FRAME_CHUNK);
+        DevicePagemap {
+            id,
+            owner,
+            npages,
+            ops,
+            frames: (0..chunks).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The id of this pagemap in its address space.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// The owner token.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// How many device pages it can hold.
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// The device page `pfn` of this pagemap, if `pfn` is in range.
+    pub fn page(&self, pfn: DevicePfn) -> Option<DevicePage> {
+        (pfn.0 < self.npages).then_some(DevicePage {
+            pagemap: self.id,
+            pfn,
+        })
+    }
+
+    /// The driver, unless it is gone.
+    pub(crate) fn ops(&self) -> Option<std::sync::Arc<dyn DevicePagemapOps>> {
+        self.ops.upgrade()
+    }
+
+    fn frame(&self, pfn: DevicePfn) -> &Frame {
+        let i = usize::try_from(pfn.0).expect("pfn fits usize");
+        let chunk = self.frames[i / FRAME_CHUNK].get_or_init(|| {
+            (0..FRAME_CHUNK)
+                .map(|_| Frame {
+                    rmap: AtomicU64::new(RMAP_NONE),
+                    data: AtomicU64::new(0),
+                })
+                .collect()
+        });
+        &chunk[i % FRAME_CHUNK]
+    }
+
+    /// Driver data of page `pfn`.
+    pub fn data(&self, pfn: DevicePfn) -> u64 {
+        self.frame(pfn).data.load(Ordering::Relaxed)
+    }
+
+    /// Sets the driver data of page `pfn`.
+    pub fn set_data(&self, pfn: DevicePfn, data: u64) {
+        self.frame(pfn).data.store(data, Ordering::Relaxed);
+    }
+
+    /// Whether page `pfn` is mapped at some address (its reference count is
+    /// one: uhmm does not share device pages between addresses).
+    pub fn is_mapped(&self, pfn: DevicePfn) -> bool {
+        self.rmap(pfn).is_some()
+    }
+
+    /// The (region id, page index) that maps `pfn`.
+    pub(crate) fn rmap(&self, pfn: DevicePfn) -> Option<(u32, usize)> {
+        let w = self.frame(pfn).rmap.load(Ordering::Acquire);
+        (w != RMAP_NONE).then(|| ((w >> 40) as u32, (w & ((1 << 40) - 1)) as usize))
+    }
+
+    pub(crate) fn set_rmap(&self, pfn: DevicePfn, at: Option<(u32, usize)>) {
+        let w = at.map_or(RMAP_NONE, |(region, idx)| {
+            (u64::from(region) << 40) | idx as u64
+        });
+        self.frame(pfn).rmap.store(w, Ordering::Release);
+    }
+
+    /// Unmaps `pfn` and hands it back to the driver (`page_free`).
+    pub(crate) fn free_page(&self, pfn: DevicePfn) {
+        self.set_rmap(pfn, None);
+        if let Some(ops) = self.ops() {
+            ops.page_free(pfn);
+        }
+    }
+}

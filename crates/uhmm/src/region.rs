@@ -1,0 +1,292 @@
+//! `Region`: a managed mapping the program reads and writes directly (the
+//! kernel's `vm_area_struct`), with its software page table and protections.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::pte::{PageTable, State};
+use crate::space::SpaceInner;
+use crate::sys::PAGE_SIZE;
+use crate::sys::mman::{Mapping, Protection};
+use crate::{Error, Result};
+
+bitflags::bitflags! {
+    /// Access rights of (part of) a region.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct Prot: u8 {
+        /// Reads allowed.
+        const READ = 1;
+        /// Writes allowed (only together with `READ`).
+        const WRITE = 2;
+    }
+}
+
+impl Prot {
+    /// No access.
+    pub const NONE: Prot = Prot::empty();
+    /// Read and write.
+    pub const READ_WRITE: Prot = Prot::READ.union(Prot::WRITE);
+
+    pub(crate) fn protection(self) -> Result<Protection> {
+        if self == Prot::NONE {
+            Ok(Protection::None)
+        } else if self == Prot::READ {
+            Ok(Protection::Read)
+        } else if self == Prot::READ_WRITE {
+            Ok(Protection::ReadWrite)
+        } else {
+            Err(Error::invalid("write-only protection is not supported"))
+        }
+    }
+}
+
+/// The shared state of a region; migrations and the fault engine hold it.
+#[derive(Debug)]
+pub(crate) struct RegionInner {
+    pub(crate) id: u32,
+    pub(crate) map: Mapping,
+    pub(crate) pt: PageTable,
+    /// Protection runs: start page → protection up to the next key.
+    prot: RwLock<BTreeMap<usize, Prot>>,
+    /// Set when the region is being unmapped; a migration that sees it after
+    /// locking its pages gives up.
+    pub(crate) dead: AtomicBool,
+}
+
+impl RegionInner {
+    pub(crate) fn new(id: u32, map: Mapping, prot: Prot) -> RegionInner {
+        let npages = map.len() / PAGE_SIZE;
+        RegionInner {
+            id,
+            map,
+            pt: PageTable::new(npages),
+            prot: RwLock::new(BTreeMap::from([(0, prot)])),
+            dead: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn start(&self) -> usize {
+        self.map.addr()
+    }
+
+    pub(crate) fn npages(&self) -> usize {
+        self.map.len() / PAGE_SIZE
+    }
+
+    pub(crate) fn addr_of(&self, idx: usize) -> usize {
+        self.start() + idx * PAGE_SIZE
+    }
+
+    pub(crate) fn contains(&self, addr: usize) -> bool {
+        addr >= self.start() && addr - self.start() < self.map.len()
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// The protection runs covering pages `pages`, clipped to it.
+    pub(crate) fn prot_runs(&self, pages: Range<usize>) -> Vec<(Range<usize>, Prot)> {
+        let map = self.prot.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        let first = map.range(..=pages.start).next_back().map(|(k, p)| (*k, *p));
+        let iter = first
+            .into_iter()
+            .chain(map.range(pages.start + 1..pages.end).map(|(k, p)| (*k, *p)));
+        let mut prev: Option<(usize, Prot)> = None;
+        for (k, p) in iter {
+            if let Some((s, pp)) = prev {
+                out.push((s.max(pages.start)..k, pp));
+            }
+            prev = Some((k, p));
+        }
+        if let Some((s, pp)) = prev {
+            out.push((s.max(pages.start)..pages.end, pp));
+        }
+        out
+    }
+
+    /// The protection of page `idx`.
+    pub(crate) fn prot_at(&self, idx: usize) -> Prot {
+        let map = self.prot.read().unwrap_or_else(|e| e.into_inner());
+        map.range(..=idx)
+            .next_back()
+            .map_or(Prot::NONE, |(_, p)| *p)
+    }
+
+    /// Changes the protection of pages `pages` (mprotect).
+    pub(crate) fn set_prot(&self, pages: Range<usize>, prot: Prot) -> Result<()> {
+        let protection = prot.protection()?;
+        let mut map = self.prot.write().unwrap_or_else(|e| e.into_inner());
+        self.map
+            .protect(pages.start * PAGE_SIZE, pages.len() * PAGE_SIZE, protection)
+            .map_err(|e| Error::sys("mprotect", e))?;
+        let after = map.range(..=pages.end).next_back().map(|(_, p)| *p);
+        let keys: Vec<usize> = map
+            .range(pages.start..=pages.end)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            map.remove(&k);
+        }
+        map.insert(pages.start, prot);
+        if pages.end < self.npages() {
+            if let Some(a) = after {
+                map.insert(pages.end, a);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A managed mapping in the program's address space.
+///
+/// The program uses the memory directly through [`Region::as_ptr`]; uhmm
+/// moves the pages behind it. Dropping the region unmaps it: pages on devices
+/// are freed, after in-flight migrations of its pages end.
+#[derive(Debug)]
+pub struct Region {
+    pub(crate) inner: Arc<RegionInner>,
+    pub(crate) space: Arc<SpaceInner>,
+}
+
+impl Region {
+    /// The first address.
+    pub fn addr(&self) -> usize {
+        self.inner.start()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// Always false: regions are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Number of pages.
+    pub fn npages(&self) -> usize {
+        self.inner.npages()
+    }
+
+    /// The address range.
+    pub fn range(&self) -> Range<usize> {
+        self.addr()..self.addr() + self.len()
+    }
+
+    /// The start as a raw pointer. The memory is shared with the fault
+    /// engine and devices: dereferencing it is `unsafe` for the caller, who
+    /// must not keep Rust references across migrations of the same bytes by
+    /// a device that writes them.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.inner.map.as_ptr()
+    }
+
+    /// Copies bytes at `offset` into `buf`, faulting pages back from devices
+    /// as needed (the calling thread must not be a uhmm handler thread).
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.inner
+            .map
+            .read(offset, buf)
+            .map_err(|_| Error::new(crate::ErrorKind::Fault, "read outside the region"))
+    }
+
+    /// Copies `buf` to `offset`, faulting pages back from devices as needed.
+    pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len())
+            .ok_or_else(|| Error::invalid("offset overflows"))?;
+        if end > self.len() {
+            return Err(Error::new(
+                crate::ErrorKind::Fault,
+                "write outside the region",
+            ));
+        }
+        let (first, last) = (offset / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if self
+            .inner
+            .prot_runs(first..last)
+            .iter()
+            .any(|(_, p)| !p.contains(Prot::WRITE))
+        {
+            return Err(Error::new(
+                crate::ErrorKind::Permission,
+                "write to a read-only part of the region",
+            ));
+        }
+        self.inner
+            .map
+            .write(offset, buf)
+            .map_err(|e| Error::sys("write", e))
+    }
+
+    /// Changes the protection of `range` (byte offsets, page-aligned).
+    pub fn protect(&self, range: Range<usize>, prot: Prot) -> Result<()> {
+        if range.start % PAGE_SIZE != 0
+            || range.end % PAGE_SIZE != 0
+            || range.is_empty()
+            || range.end > self.len()
+        {
+            return Err(Error::invalid(
+                "protect needs a non-empty, page-aligned range inside the region",
+            ));
+        }
+        self.inner
+            .set_prot(range.start / PAGE_SIZE..range.end / PAGE_SIZE, prot)
+    }
+
+    /// Where each page of the region is, per uhmm's page table (`Cpu` for a
+    /// RAM page or a hole).
+    pub fn state(&self, page: usize) -> Option<State> {
+        (page < self.npages()).then(|| self.inner.pt.load(page).state())
+    }
+
+    /// Bytes of uhmm metadata this region holds now (its page table).
+    pub fn metadata_bytes(&self) -> usize {
+        self.inner.pt.metadata_bytes()
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.space.unmap_region(&self.inner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prot_runs_split_and_merge() {
+        let map = Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
+        let r = RegionInner::new(1, map, Prot::READ_WRITE);
+        assert_eq!(r.prot_runs(0..16), vec![(0..16, Prot::READ_WRITE)]);
+        r.set_prot(4..8, Prot::READ).unwrap();
+        assert_eq!(
+            r.prot_runs(0..16),
+            vec![
+                (0..4, Prot::READ_WRITE),
+                (4..8, Prot::READ),
+                (8..16, Prot::READ_WRITE)
+            ]
+        );
+        assert_eq!(r.prot_runs(5..6), vec![(5..6, Prot::READ)]);
+        assert_eq!(r.prot_at(7), Prot::READ);
+        assert_eq!(r.prot_at(8), Prot::READ_WRITE);
+        r.set_prot(0..16, Prot::NONE).unwrap();
+        assert_eq!(r.prot_runs(0..16), vec![(0..16, Prot::NONE)]);
+        r.set_prot(12..16, Prot::READ).unwrap();
+        assert_eq!(
+            r.prot_runs(10..16),
+            vec![(10..12, Prot::NONE), (12..16, Prot::READ)]
+        );
+    }
+}

@@ -1,0 +1,406 @@
+//! `AddressSpace`: the mm of uhmm. One userfaultfd, its fault-handling
+//! threads, the staging areas, the regions and the device pagemaps.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::fault::Engine;
+use crate::pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, Owner};
+use crate::pte::{State, WaitTable};
+use crate::region::{Prot, Region, RegionInner};
+use crate::staging::Arena;
+use crate::stats::{Stats, StatsSnapshot};
+use crate::sys::mman::Mapping;
+use crate::sys::pagemap::{Pagemap, Query, category};
+use crate::sys::uffd::{self, Origin, Uffd};
+use crate::sys::{self, PAGE_SIZE};
+use crate::{Error, ErrorKind, Result};
+
+/// Tunables of an address space.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Fault-handling threads (each polls the one userfaultfd).
+    pub handler_threads: usize,
+    /// Pages a CPU fault on device memory may bring back at once (the
+    /// fault-around window offered to `migrate_to_ram`); 1 is the kernel's
+    /// behaviour.
+    pub fault_around_pages: usize,
+    /// Pages a first-touch fault zero-fills at once (an aligned window).
+    pub zero_fill_pages: usize,
+    /// Bytes of address space for each staging arena; bounds the pages that
+    /// can be in flight at once.
+    pub staging_bytes: usize,
+    /// Fall back to `UFFD_USER_MODE_ONLY` when full userfaultfd is refused.
+    pub allow_user_mode_only: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            handler_threads: 1,
+            fault_around_pages: 16,
+            zero_fill_pages: 16,
+            staging_bytes: 1 << 30,
+            allow_user_mode_only: true,
+        }
+    }
+}
+
+/// What one page looks like from outside, without faulting anything
+/// (`hmm_range_fault` without `HMM_PFN_REQ_FAULT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residency {
+    /// No region maps the address.
+    Unmapped,
+    /// A hole: never populated.
+    None,
+    /// The shared zero page.
+    Zero,
+    /// A RAM page.
+    Ram,
+    /// On a device, whose pagemap has this owner.
+    Device(DevicePage, Owner),
+    /// Lost; accesses get SIGBUS.
+    Poisoned,
+}
+
+/// One page of a [`AddressSpace::snapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSnapshot {
+    /// Where the page is.
+    pub residency: Residency,
+    /// The region's protection at the page (`NONE` when unmapped).
+    pub prot: Prot,
+}
+
+/// The managed part of a process's address space.
+///
+/// Cheap to clone (a shared handle). The fault-handling threads stop when
+/// the last handle, region and device referring to it are gone.
+#[derive(Debug, Clone)]
+pub struct AddressSpace {
+    pub(crate) inner: Arc<SpaceInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct SpaceInner {
+    pub(crate) uffd: Uffd,
+    pub(crate) pagemap_file: Pagemap,
+    pub(crate) config: Config,
+    regions: RwLock<BTreeMap<usize, Arc<RegionInner>>>,
+    next_region: AtomicU32,
+    pagemaps: RwLock<Vec<Option<Arc<DevicePagemap>>>>,
+    pub(crate) stage: Arc<Arena>,
+    pub(crate) pool: Arc<Arena>,
+    pub(crate) waits: WaitTable,
+    pub(crate) stats: Stats,
+    engine: Mutex<Option<Engine>>,
+}
+
+impl AddressSpace {
+    /// Opens a userfaultfd, sets up the staging areas and starts the
+    /// fault-handling threads.
+    ///
+    /// Fails with [`ErrorKind::Unsupported`] naming the permission or sysctl
+    /// to change when no userfaultfd can be had, or when the kernel lacks
+    /// `UFFDIO_MOVE` (Linux 6.8) or `UFFDIO_POISON` (6.6).
+    pub fn new(config: Config) -> Result<AddressSpace> {
+        sys::check_page_size().map_err(|e| Error::new(ErrorKind::Unsupported, e.to_string()))?;
+        if config.handler_threads == 0
+            || config.fault_around_pages == 0
+            || config.zero_fill_pages == 0
+        {
+            return Err(Error::invalid(
+                "handler_threads, fault_around_pages and zero_fill_pages must be > 0",
+            ));
+        }
+        let wanted = uffd::feature::MOVE | uffd::feature::POISON | uffd::feature::THREAD_ID;
+        let uffd = Uffd::open(wanted, config.allow_user_mode_only).map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                Error::new(ErrorKind::Unsupported, e.to_string())
+            }
+            _ => Error::sys("userfaultfd", e),
+        })?;
+        for (f, name) in [
+            (uffd::feature::MOVE, "UFFDIO_MOVE (Linux 6.8)"),
+            (uffd::feature::POISON, "UFFDIO_POISON (Linux 6.6)"),
+        ] {
+            if !uffd.has(f) {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("the kernel lacks {name}"),
+                ));
+            }
+        }
+        if uffd.origin() == Origin::UserModeOnly {
+            tracing::warn!(
+                "userfaultfd is user-mode only: system calls that touch a page on a device fail with EFAULT"
+            );
+        }
+        let stage = Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?);
+        let pool = Arc::new(Arena::new(config.staging_bytes, None)?);
+        let inner = Arc::new(SpaceInner {
+            pagemap_file: Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?,
+            uffd,
+            regions: RwLock::new(BTreeMap::new()),
+            next_region: AtomicU32::new(1),
+            pagemaps: RwLock::new(Vec::new()),
+            stage,
+            pool,
+            waits: WaitTable::new(),
+            stats: Stats::default(),
+            engine: Mutex::new(None),
+            config,
+        });
+        let engine = Engine::start(&inner)?;
+        *inner.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine);
+        Ok(AddressSpace { inner })
+    }
+
+    /// Maps a new region of `len` bytes (rounded up to pages), lazily backed:
+    /// nothing is allocated until it is touched. Regions of 2 MiB or more are
+    /// 2 MiB-aligned.
+    pub fn map(&self, len: usize, prot: Prot) -> Result<Region> {
+        if len == 0 {
+            return Err(Error::invalid("cannot map an empty region"));
+        }
+        let len = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or_else(|| Error::invalid("length overflows"))?;
+        let align = if len >= 2 << 20 { 2 << 20 } else { PAGE_SIZE };
+        let map = Mapping::anonymous(len, prot.protection()?, align)
+            .map_err(|e| Error::sys("mmap", e))?;
+        self.inner
+            .uffd
+            .register(&map, 0, len, false)
+            .map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+        let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
+        if id >= 1 << 24 {
+            return Err(Error::new(ErrorKind::NoMemory, "too many regions"));
+        }
+        let inner = Arc::new(RegionInner::new(id, map, prot));
+        self.inner
+            .regions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(inner.start(), inner.clone());
+        Ok(Region {
+            inner,
+            space: self.inner.clone(),
+        })
+    }
+
+    /// Registers device memory of `npages` pages owned by `owner`, served by
+    /// `ops` (held weakly: the driver owns itself and its pagemap).
+    pub fn register_pagemap(
+        &self,
+        ops: std::sync::Weak<dyn DevicePagemapOps>,
+        owner: Owner,
+        npages: u64,
+    ) -> Result<Arc<DevicePagemap>> {
+        if npages == 0 || npages > crate::pte::MAX_DEVICE_PFN {
+            return Err(Error::invalid("a pagemap needs 1 ..= 2^40 pages"));
+        }
+        let mut maps = self
+            .inner
+            .pagemaps
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        let id = match maps.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                maps.push(None);
+                maps.len() - 1
+            }
+        };
+        let id16 =
+            u16::try_from(id).map_err(|_| Error::new(ErrorKind::NoMemory, "too many pagemaps"))?;
+        let pm = Arc::new(DevicePagemap::new(id16, owner, npages, ops));
+        maps[id] = Some(pm.clone());
+        Ok(pm)
+    }
+
+    /// Removes a pagemap. Its pages must have been evicted first
+    /// ([`migrate_device_range`](crate::migrate_device_range)); pages still
+    /// mapped make this fail with [`ErrorKind::Busy`].
+    pub fn unregister_pagemap(&self, pagemap: &DevicePagemap) -> Result<()> {
+        let mut maps = self
+            .inner
+            .pagemaps
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if (0..pagemap.npages()).any(|pfn| pagemap.is_mapped(crate::DevicePfn(pfn))) {
+            return Err(Error::new(ErrorKind::Busy, "device pages are still mapped"));
+        }
+        if let Some(slot) = maps.get_mut(usize::from(pagemap.id())) {
+            *slot = None;
+        }
+        Ok(())
+    }
+
+    /// The counters of this address space.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// The configuration it was created with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// How the userfaultfd was obtained (full, or user-mode only).
+    pub fn uffd_origin(&self) -> Origin {
+        self.inner.uffd.origin()
+    }
+
+    /// A watch on the fault-handling threads: how many are running. Stays
+    /// valid after the address space is gone.
+    pub fn handler_watch(&self) -> HandlerWatch {
+        let engine = self.inner.engine.lock().unwrap_or_else(|e| e.into_inner());
+        HandlerWatch(engine.as_ref().map(|e| e.alive.clone()).unwrap_or_default())
+    }
+
+    /// The state of each page of `range` (page-aligned), without faulting.
+    pub fn snapshot(&self, range: Range<usize>) -> Result<Vec<PageSnapshot>> {
+        self.inner.snapshot(range)
+    }
+}
+
+/// Counts running fault-handling threads; see [`AddressSpace::handler_watch`].
+#[derive(Debug, Clone)]
+pub struct HandlerWatch(Arc<std::sync::atomic::AtomicUsize>);
+
+impl HandlerWatch {
+    /// Threads still running.
+    pub fn alive(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl SpaceInner {
+    /// The region containing `addr`.
+    pub(crate) fn region_at(&self, addr: usize) -> Option<Arc<RegionInner>> {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        let (_, r) = regions.range(..=addr).next_back()?;
+        r.contains(addr).then(|| r.clone())
+    }
+
+    /// The region with id `id`.
+    pub(crate) fn region_by_id(&self, id: u32) -> Option<Arc<RegionInner>> {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        regions.values().find(|r| r.id == id).cloned()
+    }
+
+    /// The pagemap with id `id`.
+    pub(crate) fn pagemap(&self, id: u16) -> Option<Arc<DevicePagemap>> {
+        let maps = self.pagemaps.read().unwrap_or_else(|e| e.into_inner());
+        maps.get(usize::from(id)).and_then(Clone::clone)
+    }
+
+    /// Wakes program threads blocked on a userfault at pages `pages` of `region`.
+    pub(crate) fn wake(&self, region: &RegionInner, pages: Range<usize>) {
+        if pages.is_empty() {
+            return;
+        }
+        if let Err(err) = self
+            .uffd
+            .wake(region.addr_of(pages.start), pages.len() * PAGE_SIZE)
+        {
+            tracing::error!(%err, "UFFDIO_WAKE failed");
+        }
+    }
+
+    /// Unmaps a region: no new migration finds it; in-flight ones finish;
+    /// its device pages are freed.
+    pub(crate) fn unmap_region(&self, region: &Arc<RegionInner>) {
+        region.dead.store(true, Ordering::SeqCst);
+        self.regions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&region.start());
+        // Lock every page that was ever touched, for good: this waits for
+        // in-flight migrations, and nothing can lock them after.
+        region.pt.for_each_allocated(|idx, _| {
+            if let State::Device(page) = region.pt.lock(idx, &self.waits) {
+                if let Some(pm) = self.pagemap(page.pagemap) {
+                    pm.free_page(page.pfn);
+                }
+            }
+        });
+        // Threads still faulting on the dying region retry and find it gone.
+        self.wake(region, 0..region.npages());
+    }
+
+    fn snapshot(&self, range: Range<usize>) -> Result<Vec<PageSnapshot>> {
+        if range.start % PAGE_SIZE != 0 || range.end % PAGE_SIZE != 0 || range.is_empty() {
+            return Err(Error::invalid(
+                "snapshot needs a non-empty, page-aligned range",
+            ));
+        }
+        let mut out = Vec::with_capacity(range.len() / PAGE_SIZE);
+        let mut addr = range.start;
+        let mut runs = Vec::new();
+        while addr < range.end {
+            let Some(region) = self.region_at(addr) else {
+                out.push(PageSnapshot {
+                    residency: Residency::Unmapped,
+                    prot: Prot::NONE,
+                });
+                addr += PAGE_SIZE;
+                continue;
+            };
+            let end = range.end.min(region.start() + region.map.len());
+            runs.clear();
+            let q = Query {
+                mask: 0,
+                inverted: 0,
+                report: category::PRESENT | category::SWAPPED | category::PFNZERO,
+            };
+            self.pagemap_file
+                .scan(addr, end, q, &mut runs)
+                .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+            let first = (addr - region.start()) / PAGE_SIZE;
+            for (prange, prot) in region.prot_runs(first..first + (end - addr) / PAGE_SIZE) {
+                for idx in prange {
+                    let a = region.addr_of(idx);
+                    let residency = match region.pt.load(idx).state() {
+                        State::Device(page) => {
+                            let owner = self
+                                .pagemap(page.pagemap)
+                                .map_or(Owner::new(), |p| p.owner());
+                            Residency::Device(page, owner)
+                        }
+                        State::Poisoned => Residency::Poisoned,
+                        State::Cpu => match runs.iter().find(|r| r.start <= a && a < r.end) {
+                            Some(r) if r.categories & category::PFNZERO != 0 => Residency::Zero,
+                            Some(r)
+                                if r.categories & (category::PRESENT | category::SWAPPED) != 0 =>
+                            {
+                                Residency::Ram
+                            }
+                            _ => Residency::None,
+                        },
+                    };
+                    out.push(PageSnapshot { residency, prot });
+                }
+            }
+            addr = end;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for SpaceInner {
+    fn drop(&mut self) {
+        if let Some(engine) = self
+            .engine
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            engine.stop();
+        }
+    }
+}

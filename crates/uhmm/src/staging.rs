@@ -1,0 +1,189 @@
+//! Staging areas: where pages sit while they are in flight.
+//!
+//! Two arenas per address space, both private anonymous read-write memory
+//! handed out in batches of [`BATCH_PAGES`] pages (2 MiB, so a batch can hold
+//! a huge page):
+//!
+//! - the **stage**, registered with the address space's userfaultfd, receives
+//!   pages moved out of a region by `UFFDIO_MOVE` (the kernel's migration
+//!   entry: the region's entry is empty, the page is stable and readable);
+//! - the **pool**, not registered, holds the RAM pages a driver fills when
+//!   migrating back; they are then moved into the region.
+//!
+//! A batch is emptied (`MADV_DONTNEED`) when it is given back, so a stale
+//! page never leaks into the next migration and its memory returns to the
+//! system.
+
+use std::sync::{Arc, Mutex};
+
+use crate::sys::PAGE_SIZE;
+use crate::sys::mman::{Mapping, Protection};
+use crate::sys::uffd::Uffd;
+use crate::{Error, ErrorKind, Result};
+
+/// Pages in one staging batch.
+pub const BATCH_PAGES: usize = 512;
+const BATCH_BYTES: usize = BATCH_PAGES * PAGE_SIZE;
+
+/// One staging arena.
+#[derive(Debug)]
+pub(crate) struct Arena {
+    pub(crate) map: Mapping,
+    free: Mutex<Vec<u32>>,
+}
+
+impl Arena {
+    pub(crate) fn new(bytes: usize, uffd: Option<&Uffd>) -> Result<Arena> {
+        let nbatches = bytes.div_ceil(BATCH_BYTES).max(1);
+        let map = Mapping::anonymous(nbatches * BATCH_BYTES, Protection::ReadWrite, BATCH_BYTES)
+            .map_err(|e| Error::sys("mmap staging", e))?;
+        if let Some(u) = uffd {
+            u.register(&map, 0, map.len(), false)
+                .map_err(|e| Error::sys("UFFDIO_REGISTER staging", e))?;
+        }
+        let free = (0..u32::try_from(nbatches).expect("staging batches fit u32"))
+            .rev()
+            .collect();
+        Ok(Arena {
+            map,
+            free: Mutex::new(free),
+        })
+    }
+
+    /// Takes batches for `npages` slots; the slots are empty.
+    pub(crate) fn alloc(self: &Arc<Self>, npages: usize) -> Result<Slots> {
+        let n = npages.div_ceil(BATCH_PAGES);
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < n {
+            return Err(Error::new(
+                ErrorKind::NoMemory,
+                format!(
+                    "staging area exhausted ({npages} pages wanted); migrate in smaller chunks"
+                ),
+            ));
+        }
+        let at = free.len() - n;
+        let batches = free.split_off(at);
+        Ok(Slots {
+            arena: self.clone(),
+            batches,
+            npages,
+        })
+    }
+
+    fn release(&self, batches: &[u32], npages: usize) {
+        for (i, b) in batches.iter().enumerate() {
+            let used = (npages - i * BATCH_PAGES).min(BATCH_PAGES);
+            if let Err(err) = self
+                .map
+                .discard(*b as usize * BATCH_BYTES, used * PAGE_SIZE)
+            {
+                tracing::error!(%err, "discarding a staging batch failed; leaking it");
+                return;
+            }
+        }
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(batches);
+    }
+}
+
+/// Slots `0..npages` in an arena, owned by one migration until dropped.
+#[derive(Debug)]
+pub(crate) struct Slots {
+    arena: Arc<Arena>,
+    batches: Vec<u32>,
+    npages: usize,
+}
+
+impl Slots {
+    /// Offset of slot `i` in the arena's mapping.
+    pub(crate) fn offset(&self, i: usize) -> usize {
+        self.batches[i / BATCH_PAGES] as usize * BATCH_BYTES + (i % BATCH_PAGES) * PAGE_SIZE
+    }
+
+    /// Address of slot `i`.
+    pub(crate) fn addr(&self, i: usize) -> usize {
+        self.arena.map.addr() + self.offset(i)
+    }
+
+    /// How many slots from `i` on are contiguous in memory (up to `max`).
+    pub(crate) fn contiguous(&self, i: usize, max: usize) -> usize {
+        (BATCH_PAGES - i % BATCH_PAGES).min(max)
+    }
+
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.arena.map
+    }
+
+    pub(crate) fn arena(&self) -> &Arc<Arena> {
+        &self.arena
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        self.arena.release(&self.batches, self.npages);
+    }
+}
+
+/// A RAM page in a staging arena, lent to a driver during a migration: the
+/// source of a copy to the device, or the destination of a copy back.
+///
+/// It stays valid memory for as long as the handle lives (the arena outlives
+/// it); its contents belong to the migration that lent it, and a driver must
+/// finish its copies (wait for its fence) before the migration's next step.
+#[derive(Debug, Clone)]
+pub struct SystemPage {
+    arena: Arc<Arena>,
+    off: usize,
+}
+
+impl SystemPage {
+    pub(crate) fn new(arena: &Arc<Arena>, off: usize) -> SystemPage {
+        SystemPage {
+            arena: arena.clone(),
+            off,
+        }
+    }
+
+    /// Copies from the page at `offset` into `buf`.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        check(offset, buf.len())?;
+        self.arena
+            .map
+            .read(self.off + offset, buf)
+            .map_err(|e| Error::sys("staging read", e))
+    }
+
+    /// Copies `buf` into the page at `offset`.
+    pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
+        check(offset, buf.len())?;
+        self.arena
+            .map
+            .write(self.off + offset, buf)
+            .map_err(|e| Error::sys("staging write", e))
+    }
+
+    /// Copies the whole page into `dst` at `dst_off` (a device's memory).
+    pub fn copy_to(&self, dst: &Mapping, dst_off: usize) -> Result<()> {
+        self.arena
+            .map
+            .copy_to(self.off, dst, dst_off, PAGE_SIZE)
+            .map_err(|e| Error::sys("staging copy", e))
+    }
+
+    /// Fills the whole page from `src` at `src_off` (a device's memory).
+    pub fn copy_from(&self, src: &Mapping, src_off: usize) -> Result<()> {
+        src.copy_to(src_off, &self.arena.map, self.off, PAGE_SIZE)
+            .map_err(|e| Error::sys("staging copy", e))
+    }
+}
+
+fn check(offset: usize, len: usize) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= PAGE_SIZE => Ok(()),
+        _ => Err(Error::invalid("access beyond the page")),
+    }
+}

@@ -1,0 +1,56 @@
+//! Counters of an address space: faults, zero fills, migrations, pages and
+//! bytes moved. Relaxed atomics; read them with [`AddressSpace::stats`](crate::AddressSpace::stats).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        #[derive(Debug, Default)]
+        pub(crate) struct Stats { $(pub(crate) $name: AtomicU64,)* }
+
+        /// A copy of the counters at one moment.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct StatsSnapshot { $($(#[$doc])* pub $name: u64,)* }
+
+        impl Stats {
+            pub(crate) fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Userfaults read from the kernel.
+    faults,
+    /// Faults that repeated one already queued (same page, same batch).
+    duplicate_faults,
+    /// Faults on locked pages, parked until the unlock wakes them.
+    deferred_faults,
+    /// Resolving ioctls that returned `EAGAIN` (events pending) and were retried.
+    eagain,
+    /// Resolving ioctls that found the page already installed (`EEXIST`).
+    eexist,
+    /// Pages zero-filled on first touch.
+    zero_filled_pages,
+    /// Calls of a driver's `migrate_to_ram` from the fault path.
+    migrate_to_ram,
+    /// Migrations finalized (or dropped).
+    migrations,
+    /// Pages collected by migrations (`cpages`).
+    collected_pages,
+    /// Pages that moved to a device.
+    pages_to_device,
+    /// Pages that moved to RAM.
+    pages_to_ram,
+    /// Pages a driver could not bring back, now poisoned.
+    poisoned_pages,
+    /// Pages skipped by `setup` because they were locked or pinned.
+    busy_pages,
+}
+
+impl Stats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
