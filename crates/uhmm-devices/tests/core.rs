@@ -25,18 +25,10 @@ fn c01_open_close() {
         fill(&region, 0..NPAGES, |i| i);
         dev.migrate_to_device(region.addr(), NPAGES).unwrap();
         drop(region);
-        assert_eq!(
-            dev.pages_in_use(),
-            0,
-            "unmapping the region frees its device pages"
-        );
+        assert_eq!(dev.pages_in_use(), 0, "unmapping the region frees its device pages");
         drop(dev);
         drop(space);
-        assert_eq!(
-            watch.alive(),
-            0,
-            "handler threads must stop when the space is dropped"
-        );
+        assert_eq!(watch.alive(), 0, "handler threads must stop when the space is dropped");
     });
 }
 
@@ -54,13 +46,7 @@ fn c02_anon_read() {
         let c = dev.read(region.addr(), NPAGES, &mut buf).unwrap();
         assert_eq!(c.cpages, NPAGES);
         assert_eq!(c.faults, 1);
-        assert_words(&buf, |i| {
-            if (i as usize) < 2 * WORDS_PER_PAGE {
-                0
-            } else {
-                i
-            }
-        });
+        assert_words(&buf, |i| if (i as usize) < 2 * WORDS_PER_PAGE { 0 } else { i });
     });
 }
 
@@ -88,12 +74,7 @@ fn c04_migrate() {
         let c = dev.migrate_to_device(region.addr(), NPAGES).unwrap();
         assert_eq!(c.cpages, NPAGES);
         let snap = dev.snapshot(region.addr(), NPAGES).unwrap();
-        assert!(
-            snap.iter()
-                .all(|s| *s == PageState::DEV_PRIVATE_LOCAL | PageState::WRITE),
-            "{:?}",
-            &snap[..4]
-        );
+        assert!(snap.iter().all(|s| *s == PageState::DEV_PRIVATE_LOCAL | PageState::WRITE), "{:?}", &snap[..4]);
         let mut buf = vec![0u8; region.len()];
         let c = dev.read(region.addr(), NPAGES, &mut buf).unwrap();
         assert_eq!(c.faults, 0, "pages on the device need no fault");
@@ -109,28 +90,15 @@ fn c05_migrate_fault() {
         let dev = device(&space);
         let region = map(&space, NPAGES);
         fill(&region, 0..NPAGES, |i| i);
-        assert_eq!(
-            dev.migrate_to_device(region.addr(), NPAGES).unwrap().cpages,
-            NPAGES
-        );
+        assert_eq!(dev.migrate_to_device(region.addr(), NPAGES).unwrap().cpages, NPAGES);
         let mut half = vec![0u8; region.len() / 2];
         region.read(0, &mut half).unwrap(); // CPU faults the first half back
         assert_words(&half, |i| i);
-        assert!(
-            space.stats().migrate_to_ram > 0,
-            "CPU reads must fault pages back"
-        );
+        assert!(space.stats().migrate_to_ram > 0, "CPU reads must fault pages back");
         let snap = dev.snapshot(region.addr(), NPAGES).unwrap();
         assert!(snap[..NPAGES / 2].iter().all(|s| *s == PageState::WRITE));
-        assert!(
-            snap[NPAGES / 2..]
-                .iter()
-                .all(|s| s.contains(PageState::DEV_PRIVATE_LOCAL))
-        );
-        assert_eq!(
-            dev.migrate_to_device(region.addr(), NPAGES).unwrap().cpages,
-            NPAGES
-        );
+        assert!(snap[NPAGES / 2..].iter().all(|s| s.contains(PageState::DEV_PRIVATE_LOCAL)));
+        assert_eq!(dev.migrate_to_device(region.addr(), NPAGES).unwrap().cpages, NPAGES);
         let mut buf = vec![0u8; region.len()];
         dev.read(region.addr(), NPAGES, &mut buf).unwrap();
         assert_words(&buf, |i| i);
@@ -180,19 +148,13 @@ fn c08_migrate_holes() {
         {
             let m = Migration::setup(&space, region.range(), Select::SYSTEM, owner).unwrap();
             assert_eq!(m.cpages(), NPAGES);
-            assert!(
-                (0..NPAGES).all(|i| matches!(m.src(i), MigrateSrc::Hole)),
-                "every page is a hole"
-            );
+            assert!((0..NPAGES).all(|i| matches!(m.src(i), MigrateSrc::Hole)), "every page is a hole");
         }
         let c = dev.migrate_to_device(region.addr(), NPAGES).unwrap();
         assert_eq!(c.cpages, NPAGES);
         let mut buf = vec![0xFFu8; region.len()];
         dev.read(region.addr(), NPAGES, &mut buf).unwrap();
-        assert!(
-            buf.iter().all(|b| *b == 0),
-            "new device pages are zero-filled"
-        );
+        assert!(buf.iter().all(|b| *b == 0), "new device pages are zero-filled");
         assert!(cpu_read(&region).iter().all(|b| *b == 0));
         assert_eq!(region.state(0), Some(Pte::Cpu));
     });
@@ -208,29 +170,10 @@ fn c09_bad_arguments() {
         let b = map(&space, 16);
         fill(&a, 0..16, |i| i);
         let before = space.snapshot(a.range()).unwrap();
-        einval(Migration::setup(
-            &space,
-            a.addr()..a.addr(),
-            Select::SYSTEM,
-            owner,
-        ));
-        einval(Migration::setup(
-            &space,
-            0x1000..0x3000,
-            Select::SYSTEM,
-            owner,
-        ));
-        let (lo, hi) = if a.addr() < b.addr() {
-            (&a, &b)
-        } else {
-            (&b, &a)
-        };
-        einval(Migration::setup(
-            &space,
-            lo.addr()..hi.addr() + PAGE_SIZE,
-            Select::SYSTEM,
-            owner,
-        ));
+        einval(Migration::setup(&space, a.addr()..a.addr(), Select::SYSTEM, owner));
+        einval(Migration::setup(&space, 0x1000..0x3000, Select::SYSTEM, owner));
+        let (lo, hi) = if a.addr() < b.addr() { (&a, &b) } else { (&b, &a) };
+        einval(Migration::setup(&space, lo.addr()..hi.addr() + PAGE_SIZE, Select::SYSTEM, owner));
         einval(Migration::setup(
             &space,
             lo.addr() + lo.len() - PAGE_SIZE..lo.addr() + lo.len() + PAGE_SIZE,
@@ -238,13 +181,8 @@ fn c09_bad_arguments() {
             owner,
         ));
         // Unaligned ends round down.
-        let m = Migration::setup(
-            &space,
-            a.addr() + 100..a.addr() + 2 * PAGE_SIZE + 100,
-            Select::SYSTEM,
-            owner,
-        )
-        .unwrap();
+        let m =
+            Migration::setup(&space, a.addr() + 100..a.addr() + 2 * PAGE_SIZE + 100, Select::SYSTEM, owner).unwrap();
         assert_eq!(m.npages(), 2);
         drop(m);
         // Sim device operations.
@@ -267,23 +205,16 @@ fn c10_snapshot_basic() {
     with_timeout(60, || {
         // First-touch fault-around would zero-fill page 0 along with page 1;
         // the kernel's one-page behaviour keeps page 0 untouched.
-        let space = uhmm::AddressSpace::new(uhmm::Config {
-            zero_fill_pages: 1,
-            ..uhmm::Config::default()
-        })
-        .unwrap();
+        let space = uhmm::AddressSpace::new(uhmm::Config { zero_fill_pages: 1, ..uhmm::Config::default() }).unwrap();
         let dev = device(&space);
         let region = map(&space, 5);
         let mut b = [0u8; 4];
         region.read(PAGE_SIZE, &mut b).unwrap(); // 1: zero page
         region.write(2 * PAGE_SIZE, &[1]).unwrap(); // 2: data, then read-only
-        region
-            .protect(2 * PAGE_SIZE..3 * PAGE_SIZE, Prot::READ)
-            .unwrap();
+        region.protect(2 * PAGE_SIZE..3 * PAGE_SIZE, Prot::READ).unwrap();
         region.write(3 * PAGE_SIZE, &[1]).unwrap(); // 3: writable data
         region.write(4 * PAGE_SIZE, &[1]).unwrap(); // 4: on the device
-        dev.migrate_to_device(region.addr() + 4 * PAGE_SIZE, 1)
-            .unwrap();
+        dev.migrate_to_device(region.addr() + 4 * PAGE_SIZE, 1).unwrap();
         let snap = dev.snapshot(region.addr(), 5).unwrap();
         assert_eq!(
             snap,
@@ -318,9 +249,7 @@ fn c11_concurrent_access() {
                     for p in 0..N {
                         // first and last word of each page
                         region.write(p * PAGE_SIZE, &round.to_ne_bytes()).unwrap();
-                        region
-                            .write(p * PAGE_SIZE + PAGE_SIZE - 4, &round.to_ne_bytes())
-                            .unwrap();
+                        region.write(p * PAGE_SIZE + PAGE_SIZE - 4, &round.to_ne_bytes()).unwrap();
                     }
                 }
                 round
@@ -339,17 +268,10 @@ fn c11_concurrent_access() {
         let buf = cpu_read(&region);
         for p in 0..N {
             assert_eq!(word(&buf, p * WORDS_PER_PAGE), last, "page {p} first word");
-            assert_eq!(
-                word(&buf, p * WORDS_PER_PAGE + WORDS_PER_PAGE - 1),
-                last,
-                "page {p} last word"
-            );
+            assert_eq!(word(&buf, p * WORDS_PER_PAGE + WORDS_PER_PAGE - 1), last, "page {p} last word");
         }
         let _ = moved;
-        assert!(
-            space.stats().pages_to_device > 0,
-            "some migrations must have happened"
-        );
+        assert!(space.stats().pages_to_device > 0, "some migrations must have happened");
     });
 }
 
@@ -371,8 +293,7 @@ fn c12_busy_pages() {
         )
         .unwrap();
         assert_eq!(locked.cpages(), 1);
-        let pin = IoPin::new(region.addr() + 5 * PAGE_SIZE, PAGE_SIZE)
-            .expect("io_uring buffer registration");
+        let pin = IoPin::new(region.addr() + 5 * PAGE_SIZE, PAGE_SIZE).expect("io_uring buffer registration");
         let busy_before = space.stats().busy_pages;
         let m = Migration::setup(&space, region.range(), Select::SYSTEM, dev.owner()).unwrap();
         assert_eq!(m.cpages(), N - 2);
@@ -429,13 +350,7 @@ fn c13_dropped_migration() {
         drop(m);
         assert_eq!(dev.pages_in_use(), NPAGES);
         // No lock is held: a new migration collects every page.
-        let m = Migration::setup(
-            &space,
-            region.range(),
-            Select::SYSTEM | Select::DEVICE_PRIVATE,
-            owner,
-        )
-        .unwrap();
+        let m = Migration::setup(&space, region.range(), Select::SYSTEM | Select::DEVICE_PRIVATE, owner).unwrap();
         assert_eq!(m.cpages(), NPAGES);
         drop(m);
         assert_words(&cpu_read(&region), |i| i);

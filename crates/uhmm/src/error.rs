@@ -41,11 +41,7 @@ pub struct Error {
 impl Error {
     /// A new error of `kind`.
     pub fn new(kind: ErrorKind, msg: impl Into<Cow<'static, str>>) -> Error {
-        Error {
-            kind,
-            msg: msg.into(),
-            errno: None,
-        }
+        Error { kind, msg: msg.into(), errno: None }
     }
 
     /// An invalid-argument error.
@@ -58,16 +54,10 @@ impl Error {
         let err = err.into();
         let errno = err.raw_os_error();
         let kind = match errno {
-            Some(libc_enomem) if libc_enomem == rustix::io::Errno::NOMEM.raw_os_error() => {
-                ErrorKind::NoMemory
-            }
+            Some(libc_enomem) if libc_enomem == rustix::io::Errno::NOMEM.raw_os_error() => ErrorKind::NoMemory,
             _ => ErrorKind::Sys,
         };
-        Error {
-            kind,
-            msg: format!("{op}: {err}").into(),
-            errno,
-        }
+        Error { kind, msg: format!("{op}: {err}").into(), errno }
     }
 
     /// The kind, to match on.

@@ -47,18 +47,8 @@ pub struct CpuFault {
 }
 
 impl CpuFault {
-    pub(crate) fn new(
-        space: AddressSpace,
-        addr: usize,
-        window: Range<usize>,
-        page: DevicePage,
-    ) -> CpuFault {
-        CpuFault {
-            space,
-            addr,
-            window,
-            page,
-        }
+    pub(crate) fn new(space: AddressSpace, addr: usize, window: Range<usize>, page: DevicePage) -> CpuFault {
+        CpuFault { space, addr, window, page }
     }
 
     /// The address space of the fault.
@@ -96,27 +86,17 @@ impl Engine {
         let stop = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
             .map_err(|e| Error::sys("eventfd", e))?;
         let alive = Arc::new(AtomicUsize::new(0));
-        let mut engine = Engine {
-            stop,
-            threads: Vec::new(),
-            alive,
-        };
+        let mut engine = Engine { stop, threads: Vec::new(), alive };
         for i in 0..space.config.handler_threads {
             let weak = Arc::downgrade(space);
-            let uffd = space
-                .uffd
-                .fd()
-                .try_clone_to_owned()
-                .map_err(|e| Error::sys("dup", e))?;
+            let uffd = space.uffd.fd().try_clone_to_owned().map_err(|e| Error::sys("dup", e))?;
             let stop = engine.stop.try_clone().map_err(|e| Error::sys("dup", e))?;
             let alive = engine.alive.clone();
             alive.fetch_add(1, Ordering::SeqCst);
-            let t = std::thread::Builder::new()
-                .name(format!("uhmm-fault-{i}"))
-                .spawn(move || {
-                    handler_loop(&weak, &uffd, &stop);
-                    alive.fetch_sub(1, Ordering::SeqCst);
-                });
+            let t = std::thread::Builder::new().name(format!("uhmm-fault-{i}")).spawn(move || {
+                handler_loop(&weak, &uffd, &stop);
+                alive.fetch_sub(1, Ordering::SeqCst);
+            });
             match t {
                 Ok(t) => engine.threads.push(t),
                 Err(e) => {
@@ -147,15 +127,9 @@ impl Engine {
 fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
     let mut queue = FaultQueue::default();
     let mut events = Vec::with_capacity(64);
-    let retry = Timespec {
-        tv_sec: 0,
-        tv_nsec: 1_000_000,
-    };
+    let retry = Timespec { tv_sec: 0, tv_nsec: 1_000_000 };
     loop {
-        let mut fds = [
-            PollFd::new(uffd, PollFlags::IN),
-            PollFd::new(stop, PollFlags::IN),
-        ];
+        let mut fds = [PollFd::new(uffd, PollFlags::IN), PollFd::new(stop, PollFlags::IN)];
         let timeout = if queue.is_empty() { None } else { Some(&retry) };
         match rustix::event::poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::INTR) => {}
@@ -175,32 +149,35 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
         }
         for ev in &events {
             match *ev {
-                Event::PageFault { addr, .. } => {
+                Event::PageFault { addr, write, .. } => {
                     Stats::add(&space.stats.faults, 1);
-                    if !queue.push(addr & !(PAGE_SIZE - 1)) {
+                    if !queue.push(addr & !(PAGE_SIZE - 1), write) {
                         Stats::add(&space.stats.duplicate_faults, 1);
                     }
                 }
                 other => tracing::warn!(?other, "unexpected userfaultfd event"),
             }
         }
-        queue.drain(|addr| resolve(&space, addr));
+        queue.drain(|addr, write| resolve(&space, addr, write));
     }
 }
 
-/// Faults waiting to be resolved, without duplicates, in arrival order.
+/// Faults waiting to be resolved (page address, write access), without
+/// duplicates, in arrival order.
 #[derive(Debug, Default)]
 pub(crate) struct FaultQueue {
-    pending: Vec<usize>,
+    pending: Vec<(usize, bool)>,
 }
 
 impl FaultQueue {
-    /// Queues a fault on the page at `addr`; false if it is already queued.
-    pub(crate) fn push(&mut self, addr: usize) -> bool {
-        if self.pending.contains(&addr) {
+    /// Queues a fault on the page at `addr`; false if it is already queued
+    /// (a write access then upgrades the queued one).
+    pub(crate) fn push(&mut self, addr: usize, write: bool) -> bool {
+        if let Some(f) = self.pending.iter_mut().find(|f| f.0 == addr) {
+            f.1 |= write;
             return false;
         }
-        self.pending.push(addr);
+        self.pending.push((addr, write));
         true
     }
 
@@ -210,8 +187,8 @@ impl FaultQueue {
 
     /// Resolves every queued fault with `resolve`; those answered with
     /// `EAGAIN` stay queued for the next round, the rest leave the queue.
-    pub(crate) fn drain(&mut self, mut resolve: impl FnMut(usize) -> Result<(), Errno>) {
-        self.pending.retain(|&addr| match resolve(addr) {
+    pub(crate) fn drain(&mut self, mut resolve: impl FnMut(usize, bool) -> Result<(), Errno>) {
+        self.pending.retain(|&(addr, write)| match resolve(addr, write) {
             Ok(()) => false,
             Err(Errno::AGAIN) => true,
             Err(err) => {
@@ -222,8 +199,8 @@ impl FaultQueue {
     }
 }
 
-/// Resolves a fault on the page at `addr`.
-pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize) -> Result<(), Errno> {
+/// Resolves a fault on the page at `addr` (a write access when `write`).
+pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Result<(), Errno> {
     let Some(region) = space.region_at(addr) else {
         // Not a managed address (a region being unmapped, or stray staging
         // access): make the access fail loudly instead of spinning.
@@ -245,7 +222,7 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize) -> Result<(), Errno>
             continue;
         }
         match entry.state() {
-            State::Cpu => match zero_fill(space, &region, idx) {
+            State::Cpu => match zero_fill(space, &region, idx, write) {
                 Err(Errno::INPROGRESS) => continue,
                 other => return other,
             },
@@ -256,9 +233,7 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize) -> Result<(), Errno>
                 let result = match ops {
                     Some(ops) => {
                         let fault = CpuFault {
-                            space: AddressSpace {
-                                inner: space.clone(),
-                            },
+                            space: AddressSpace { inner: space.clone() },
                             addr,
                             window: fault_window(space, &region, idx),
                             page,
@@ -280,10 +255,7 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize) -> Result<(), Errno>
             }
         }
     }
-    tracing::error!(
-        addr,
-        "fault did not settle after 1000 attempts; waking the thread to retry"
-    );
+    tracing::error!(addr, "fault did not settle after 1000 attempts; waking the thread to retry");
     space.uffd.wake(addr, PAGE_SIZE)
 }
 
@@ -295,9 +267,11 @@ fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<u
     region.addr_of(first)..region.addr_of(last)
 }
 
-/// Zero-fills the first-touch window around page `idx`. Returns
-/// `EINPROGRESS` when the page changed under us (the caller looks again).
-fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> Result<(), Errno> {
+/// Zero-fills the first-touch window around page `idx`: with the zero page
+/// for a read, with fresh zeroed pages for a write (which would otherwise
+/// take a second, copy-on-write fault per page). Returns `EINPROGRESS` when
+/// the page changed under us (the caller looks again).
+fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) -> Result<(), Errno> {
     let pt = &region.pt;
     if !pt.try_lock_if(idx, State::Cpu) {
         return Err(Errno::INPROGRESS);
@@ -318,14 +292,19 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> Result<(),
     while hi < run.end && pt.try_lock_if(hi, State::Cpu) {
         hi += 1;
     }
+    let fill = |first: usize, n: usize| {
+        let (addr, len) = (region.addr_of(first), n * PAGE_SIZE);
+        if write {
+            space.uffd.copy(addr, space.zeros.as_ptr(), len, true)
+        } else {
+            space.uffd.zeropage(addr, len, true)
+        }
+    };
     // DONTWAKE: the faulting thread must not run on before the window is
     // unlocked, or its next migration would find its own pages busy.
     let mut result = Ok(());
     let mut filled = 0;
-    match space
-        .uffd
-        .zeropage(region.addr_of(idx), (hi - idx) * PAGE_SIZE, true)
-    {
+    match fill(idx, hi - idx) {
         Ok(n) => filled += n,
         Err(p) if p.errno == Errno::EXIST => {
             Stats::add(&space.stats.eexist, 1);
@@ -340,10 +319,7 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> Result<(),
     }
     if lo < idx && result.is_ok() {
         // Pages before the fault: best effort, nobody waits on them.
-        filled += space
-            .uffd
-            .zeropage(region.addr_of(lo), (idx - lo) * PAGE_SIZE, true)
-            .unwrap_or_else(|p| p.done);
+        filled += fill(lo, idx - lo).unwrap_or_else(|p| p.done);
     }
     Stats::add(&space.stats.zero_filled_pages, (filled / PAGE_SIZE) as u64);
     let mut wake_end = idx + 1;
@@ -395,33 +371,80 @@ mod tests {
     #[test]
     fn queue_drops_duplicates_and_keeps_order() {
         let mut q = FaultQueue::default();
-        assert!(q.push(0x1000));
-        assert!(q.push(0x3000));
-        assert!(!q.push(0x1000), "duplicate fault must be coalesced");
-        assert!(q.push(0x2000));
+        assert!(q.push(0x1000, false));
+        assert!(q.push(0x3000, false));
+        assert!(!q.push(0x1000, true), "duplicate fault must be coalesced");
+        assert!(q.push(0x2000, false));
         let mut seen = Vec::new();
-        q.drain(|a| {
-            seen.push(a);
+        q.drain(|a, w| {
+            seen.push((a, w));
             Ok(())
         });
-        assert_eq!(seen, vec![0x1000, 0x3000, 0x2000], "arrival order kept");
+        assert_eq!(seen, vec![(0x1000, true), (0x3000, false), (0x2000, false)], "arrival order kept, write upgraded");
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn duplicate_fault_on_present_page_takes_eexist_and_wakes() {
+        let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
+        let region = space.map(64 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
+        region.write(5 * PAGE_SIZE, &[9]).unwrap(); // faulted in by the handler
+        let before = space.stats();
+        assert!(before.zero_filled_pages >= 1);
+        // A stale copy of that fault, read late or twice: must succeed and wake.
+        resolve(&space.inner, region.addr() + 5 * PAGE_SIZE, true).unwrap();
+        let after = space.stats();
+        assert_eq!(after.eexist, before.eexist + 1, "the already-present page answers EEXIST");
+        let mut b = [0u8; 1];
+        region.read(5 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b[0], 9, "the page was not replaced");
+    }
+
+    #[test]
+    fn fault_on_locked_page_is_parked_then_woken() {
+        use std::sync::atomic::AtomicBool;
+        let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
+        let region = Arc::new(space.map(16 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap());
+        let owner = crate::Owner::new();
+        let m = crate::Migration::setup(&space, region.range(), crate::Select::SYSTEM, owner).unwrap();
+        let done = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (region, done) = (region.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1];
+                region.read(3 * PAGE_SIZE, &mut b).unwrap();
+                std::hint::black_box(b);
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while space.stats().deferred_faults == 0 {
+            assert!(std::time::Instant::now() < deadline, "fault never arrived");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert!(!done.load(Ordering::SeqCst), "the access must wait while the page is locked");
+        drop(m); // restores and unlocks: the parked thread is woken
+        while !done.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "parked fault was never woken");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        t.join().unwrap();
     }
 
     #[test]
     fn queue_retries_eagain_only() {
         let mut q = FaultQueue::default();
-        q.push(0x1000);
-        q.push(0x2000);
-        q.push(0x3000);
-        q.drain(|a| match a {
+        q.push(0x1000, false);
+        q.push(0x2000, false);
+        q.push(0x3000, false);
+        q.drain(|a, _| match a {
             0x1000 => Err(Errno::AGAIN),
             0x2000 => Err(Errno::FAULT),
             _ => Ok(()),
         });
         assert!(!q.is_empty());
         let mut seen = Vec::new();
-        q.drain(|a| {
+        q.drain(|a, _| {
             seen.push(a);
             Ok(())
         });

@@ -25,6 +25,9 @@
 //! table; `staging` where pages sit in flight.
 #![deny(unsafe_code)]
 
+#[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
+compile_error!("uhmm supports 64-bit Linux only");
+
 mod error;
 mod fault;
 mod migrate;
@@ -40,8 +43,8 @@ pub mod sys;
 pub use error::{Error, ErrorKind, Result};
 pub use fault::CpuFault;
 pub use migrate::{
-    ChunkDriver, Collected, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select,
-    migrate_chunked, migrate_device_range,
+    ChunkDriver, Collected, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select, migrate_chunked,
+    migrate_device_range,
 };
 pub use mirror::{AccessPage, RangeAccess, range_fault};
 pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner};

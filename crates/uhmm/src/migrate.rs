@@ -154,21 +154,14 @@ impl Migration<Collected> {
     /// and inside one region; otherwise [`ErrorKind::InvalidArgument`] and
     /// nothing changes. Each call starts from fresh state, so a loop can
     /// reuse the same code path chunk after chunk.
-    pub fn setup(
-        space: &AddressSpace,
-        range: Range<usize>,
-        select: Select,
-        owner: Owner,
-    ) -> Result<Self> {
+    pub fn setup(space: &AddressSpace, range: Range<usize>, select: Select, owner: Owner) -> Result<Self> {
         let start = range.start & !(PAGE_SIZE - 1);
         let end = range.end & !(PAGE_SIZE - 1);
         if end <= start {
             return Err(Error::invalid("empty range"));
         }
         let space = &space.inner;
-        let region = space
-            .region_at(start)
-            .ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
+        let region = space.region_at(start).ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
         if end - region.start() > region.map.len() {
             return Err(Error::invalid("range crosses the end of its region"));
         }
@@ -178,11 +171,7 @@ impl Migration<Collected> {
         for (i, p) in m.pages.iter_mut().enumerate() {
             p.idx = first + i;
         }
-        let owner_ok = |p: &DevicePage| {
-            space
-                .pagemap(p.pagemap)
-                .is_some_and(|pm| pm.owner() == owner)
-        };
+        let owner_ok = |p: &DevicePage| space.pagemap(p.pagemap).is_some_and(|pm| pm.owner() == owner);
 
         // Collect and lock.
         let mut cpu = Vec::new();
@@ -215,10 +204,7 @@ impl Migration<Collected> {
             }
         }
         if region.is_dead() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                "the region is being unmapped",
-            ));
+            return Err(Error::new(ErrorKind::NotFound, "the region is being unmapped"));
         }
         if !cpu.is_empty() {
             if select.contains(Select::SYSTEM) {
@@ -229,10 +215,7 @@ impl Migration<Collected> {
         }
         m.cpages = m.pages.iter().filter(|p| p.src != Src::Skip).count();
         Stats::add(&space.stats.collected_pages, m.cpages as u64);
-        Ok(Migration {
-            inner: m,
-            _step: PhantomData,
-        })
+        Ok(Migration { inner: m, _step: PhantomData })
     }
 
     /// A RAM page to fill with the data of page `i` when migrating it to RAM
@@ -251,9 +234,7 @@ impl Migration<Collected> {
     pub fn set_dst_device(&mut self, i: usize, page: DevicePage) -> Result<()> {
         self.inner.check_collected(i)?;
         if self.inner.space.pagemap(page.pagemap).is_none() {
-            return Err(Error::invalid(
-                "destination device page of an unknown pagemap",
-            ));
+            return Err(Error::invalid("destination device page of an unknown pagemap"));
         }
         self.inner.pages[i].dst = MigrateDst::Device(page);
         Ok(())
@@ -284,10 +265,7 @@ impl Migration<Collected> {
         for p in &mut inner.pages {
             p.migrated = p.src != Src::Skip && p.dst != MigrateDst::None;
         }
-        Migration {
-            inner,
-            _step: PhantomData,
-        }
+        Migration { inner, _step: PhantomData }
     }
 }
 
@@ -334,11 +312,7 @@ impl<S> Migration<S> {
             Some(Src::Hole) => MigrateSrc::Hole,
             Some(Src::Device(p)) => MigrateSrc::Device(p),
             Some(Src::System) => {
-                let stage = self
-                    .inner
-                    .stage
-                    .as_ref()
-                    .expect("system sources live in staging");
+                let stage = self.inner.stage.as_ref().expect("system sources live in staging");
                 MigrateSrc::System(SystemPage::new(stage.arena(), stage.offset(i)))
             }
         }
@@ -352,23 +326,9 @@ impl<S> Migration<S> {
 
 impl Inner {
     fn new(space: Arc<SpaceInner>, regions: Vec<Arc<RegionInner>>, n: usize) -> Inner {
-        let page = Page {
-            region: 0,
-            idx: 0,
-            src: Src::Skip,
-            prior: State::Cpu,
-            dst: MigrateDst::None,
-            migrated: false,
-        };
-        Inner {
-            space,
-            regions,
-            pages: vec![page; n],
-            stage: None,
-            pool: None,
-            cpages: 0,
-            finished: false,
-        }
+        let page =
+            Page { region: 0, idx: 0, src: Src::Skip, prior: State::Cpu, dst: MigrateDst::None, migrated: false };
+        Inner { space, regions, pages: vec![page; n], stage: None, pool: None, cpages: 0, finished: false }
     }
 
     fn check_collected(&self, i: usize) -> Result<()> {
@@ -396,12 +356,7 @@ impl Inner {
     /// Unmaps the locked CPU pages `cpu` (indices into the migration, whose
     /// region pages are `first + i`) into staging, then classifies each as a
     /// RAM page or a hole.
-    fn unmap_system(
-        &mut self,
-        region: &Arc<RegionInner>,
-        first: usize,
-        cpu: &[usize],
-    ) -> Result<()> {
+    fn unmap_system(&mut self, region: &Arc<RegionInner>, first: usize, cpu: &[usize]) -> Result<()> {
         let stage = self.space.stage.alloc(self.pages.len())?;
         let space = self.space.clone();
         for run in runs(cpu) {
@@ -411,14 +366,8 @@ impl Inner {
                 while i < run.end {
                     let len = stage.contiguous(i, run.end - i);
                     let dst = stage.addr(i);
-                    match space.uffd.move_pages(
-                        dst,
-                        &region.map,
-                        (first + i) * PAGE_SIZE,
-                        len * PAGE_SIZE,
-                        true,
-                        true,
-                    ) {
+                    match space.uffd.move_pages(dst, &region.map, (first + i) * PAGE_SIZE, len * PAGE_SIZE, true, true)
+                    {
                         Ok(_) => i += len,
                         Err(e) => {
                             let k = i + e.done / PAGE_SIZE;
@@ -442,38 +391,18 @@ impl Inner {
                 // pages into staging and zap them. Nothing can write them
                 // meanwhile: the protection lock of `set_prot` is not held,
                 // but the pages are read-only and uhmm-managed.
-                let (a, b) = (
-                    region.addr_of(first + run.start),
-                    region.addr_of(first + run.end),
-                );
+                let (a, b) = (region.addr_of(first + run.start), region.addr_of(first + run.end));
                 let mut present = Vec::new();
-                let q = Query {
-                    mask: 0,
-                    inverted: 0,
-                    report: 0,
-                };
-                let q = Query {
-                    mask: category::PRESENT,
-                    ..q
-                };
-                space
-                    .pagemap_file
-                    .scan(a, b, q, &mut present)
-                    .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+                let q = Query { mask: 0, inverted: 0, report: 0 };
+                let q = Query { mask: category::PRESENT, ..q };
+                space.pagemap_file.scan(a, b, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
                 for r in present {
                     let mut addr = r.start;
                     while addr < r.end {
                         let i = first_index(region, first, addr);
                         let len = stage.contiguous(i, (r.end - addr) / PAGE_SIZE);
-                        if let Err(e) =
-                            space
-                                .uffd
-                                .copy(stage.addr(i), addr as *const u8, len * PAGE_SIZE, true)
-                        {
-                            return Err(Error::sys(
-                                "UFFDIO_COPY into staging",
-                                std::io::Error::from(e.errno),
-                            ));
+                        if let Err(e) = space.uffd.copy(stage.addr(i), addr as *const u8, len * PAGE_SIZE, true) {
+                            return Err(Error::sys("UFFDIO_COPY into staging", std::io::Error::from(e.errno)));
                         }
                         addr += len * PAGE_SIZE;
                     }
@@ -486,11 +415,7 @@ impl Inner {
         }
         // Which staged slots hold data? Holes and the zero page are holes.
         let mut present = Vec::new();
-        let q = Query {
-            mask: 0,
-            inverted: 0,
-            report: category::PRESENT | category::SWAPPED | category::PFNZERO,
-        };
+        let q = Query { mask: 0, inverted: 0, report: category::PRESENT | category::SWAPPED | category::PFNZERO };
         let mut i = 0;
         while i < self.pages.len() {
             let len = stage.contiguous(i, self.pages.len() - i);
@@ -505,9 +430,7 @@ impl Inner {
                     && r.categories & category::PFNZERO == 0;
                 if data {
                     for j in (r.start - a) / PAGE_SIZE..(r.end - a) / PAGE_SIZE {
-                        if self.pages[i + j].src != Src::Skip
-                            && self.pages[i + j].prior == State::Cpu
-                        {
+                        if self.pages[i + j].src != Src::Skip && self.pages[i + j].prior == State::Cpu {
                             self.pages[i + j].src = Src::System;
                         }
                     }
@@ -520,39 +443,17 @@ impl Inner {
     }
 
     /// Without `Select::SYSTEM`: RAM and zero pages are not candidates, holes are.
-    fn keep_holes_only(
-        &mut self,
-        region: &Arc<RegionInner>,
-        first: usize,
-        cpu: &[usize],
-    ) -> Result<()> {
+    fn keep_holes_only(&mut self, region: &Arc<RegionInner>, first: usize, cpu: &[usize]) -> Result<()> {
         let (Some(&lo), Some(&hi)) = (cpu.first(), cpu.last()) else {
             return Ok(());
         };
         let mut present = Vec::new();
-        let q = Query {
-            mask: 0,
-            inverted: 0,
-            report: 0,
-        };
-        let q = Query {
-            mask: category::PRESENT | category::SWAPPED,
-            report: 0,
-            ..q
-        };
+        let q = Query { mask: 0, inverted: 0, report: 0 };
+        let q = Query { mask: category::PRESENT | category::SWAPPED, report: 0, ..q };
         let (a, b) = (region.addr_of(first + lo), region.addr_of(first + hi + 1));
-        self.space
-            .pagemap_file
-            .scan(a, b, q, &mut present)
-            .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
-        let swapped = Query {
-            mask: category::SWAPPED,
-            ..q
-        };
-        self.space
-            .pagemap_file
-            .scan(a, b, swapped, &mut present)
-            .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+        self.space.pagemap_file.scan(a, b, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+        let swapped = Query { mask: category::SWAPPED, ..q };
+        self.space.pagemap_file.scan(a, b, swapped, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
         for r in present {
             for addr in (r.start..r.end).step_by(PAGE_SIZE) {
                 let i = first_index(region, first, addr);
@@ -568,22 +469,16 @@ impl Inner {
     fn finish(&mut self) -> MigrateSummary {
         self.finished = true;
         let space = self.space.clone();
-        let mut summary = MigrateSummary {
-            npages: self.pages.len(),
-            cpages: self.cpages,
-            migrated: 0,
-        };
+        let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, migrated: 0 };
         let mut to_free: Vec<DevicePage> = Vec::new();
-        let mut new_state = vec![State::Cpu; self.pages.len()];
-        // Runs to install into regions: (page index, from pool?) batched.
+        let mut new_state: Vec<State> = self.pages.iter().map(|p| p.prior).collect();
+        // Pages to map back into regions: (page index, from the pool?).
         let mut installs: Vec<(usize, bool)> = Vec::new();
-        for i in 0..self.pages.len() {
-            let p = self.pages[i];
+        for (i, p) in self.pages.iter().enumerate() {
             if p.src == Src::Skip {
                 continue;
             }
-            new_state[i] = p.prior;
-            let region = self.region_of(i);
+            let region = &self.regions[p.region as usize];
             if p.migrated {
                 summary.migrated += 1;
                 if let Src::Device(old) = p.src {
@@ -631,12 +526,7 @@ impl Inner {
         }
         for i in 0..self.pages.len() {
             let p = self.pages[i];
-            if p.src != Src::Skip
-                && self
-                    .region_of(i)
-                    .pt
-                    .unlock(p.idx, new_state[i], &space.waits)
-            {
+            if p.src != Src::Skip && self.region_of(i).pt.unlock(p.idx, new_state[i], &space.waits) {
                 wake[i] = true;
             }
         }
@@ -676,11 +566,7 @@ impl Inner {
         let mut k = 0;
         while k < installs.len() {
             let (i, from_pool) = installs[k];
-            let slots = if from_pool {
-                self.pool.as_ref()
-            } else {
-                self.stage.as_ref()
-            };
+            let slots = if from_pool { self.pool.as_ref() } else { self.stage.as_ref() };
             let Some(slots) = slots else {
                 tracing::error!("install without staging slots");
                 k += 1;
@@ -723,10 +609,7 @@ impl Inner {
                         Err(c) => done += c.done,
                     }
                 } else if e.errno == Errno::EXIST {
-                    tracing::error!(
-                        addr = dst + done,
-                        "a page appeared under a locked entry; keeping it"
-                    );
+                    tracing::error!(addr = dst + done, "a page appeared under a locked entry; keeping it");
                     done += PAGE_SIZE;
                 }
                 if done >= len {
@@ -735,10 +618,7 @@ impl Inner {
                 std::thread::yield_now();
             }
             if done < len {
-                tracing::error!(
-                    addr = dst + done,
-                    "could not map pages back after 100 attempts"
-                );
+                tracing::error!(addr = dst + done, "could not map pages back after 100 attempts");
             }
             k += n;
         }
@@ -787,10 +667,7 @@ pub fn migrate_device_range(
                 None => continue,
             },
         };
-        let page = DevicePage {
-            pagemap: pagemap.id(),
-            pfn,
-        };
+        let page = DevicePage { pagemap: pagemap.id(), pfn };
         let r = &regions[region];
         let state = r.pt.lock(idx, &space.waits);
         if state != State::Device(page) {
@@ -811,10 +688,7 @@ pub fn migrate_device_range(
     let mut inner = Inner::new(space.clone(), regions, 0);
     inner.cpages = pages.len();
     inner.pages = pages;
-    Ok(Migration {
-        inner,
-        _step: PhantomData,
-    })
+    Ok(Migration { inner, _step: PhantomData })
 }
 
 /// The driver's part of a chunked migration: the two callbacks of the

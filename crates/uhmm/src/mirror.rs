@@ -51,21 +51,12 @@ pub struct RangeAccess {
 /// [`ErrorKind::Fault`] when a page cannot be read (no access, poisoned);
 /// [`ErrorKind::Permission`] when `write` and a page is read-only. On error
 /// nothing is held and no page changed.
-pub fn range_fault(
-    space: &AddressSpace,
-    range: Range<usize>,
-    write: bool,
-    owner: Owner,
-) -> Result<RangeAccess> {
+pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner: Owner) -> Result<RangeAccess> {
     let space = &space.inner;
-    if range.start % PAGE_SIZE != 0 || range.end % PAGE_SIZE != 0 || range.is_empty() {
-        return Err(Error::invalid(
-            "range_fault needs a non-empty, page-aligned range",
-        ));
+    if !range.start.is_multiple_of(PAGE_SIZE) || !range.end.is_multiple_of(PAGE_SIZE) || range.is_empty() {
+        return Err(Error::invalid("range_fault needs a non-empty, page-aligned range"));
     }
-    let region = space
-        .region_at(range.start)
-        .ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
+    let region = space.region_at(range.start).ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
     if range.end - region.start() > region.map.len() {
         return Err(Error::invalid("range crosses the end of its region"));
     }
@@ -76,22 +67,20 @@ pub fn range_fault(
             return Err(Error::new(ErrorKind::Fault, "no read access to the range"));
         }
         if write && !prot.contains(Prot::WRITE) {
-            return Err(Error::new(
-                ErrorKind::Permission,
-                "write access to a read-only range",
-            ));
+            return Err(Error::new(ErrorKind::Permission, "write access to a read-only range"));
         }
     }
-    let foreign = |s: State| matches!(s, State::Device(p) if space.pagemap(p.pagemap).is_none_or(|pm| pm.owner() != owner));
+    let foreign =
+        |s: State| matches!(s, State::Device(p) if space.pagemap(p.pagemap).is_none_or(|pm| pm.owner() != owner));
     for _attempt in 0..100 {
         // Bring other devices' pages back first, without holding locks.
         let mut faulted = false;
         for idx in first..first + n {
-            if let State::Device(page) = region.pt.load(idx).state() {
-                if foreign(State::Device(page)) {
-                    faulted = true;
-                    migrate_foreign(space, &region, idx, page)?;
-                }
+            if let State::Device(page) = region.pt.load(idx).state()
+                && foreign(State::Device(page))
+            {
+                faulted = true;
+                migrate_foreign(space, &region, idx, page)?;
             }
         }
         // Lock in ascending order (waiting is fine: holders never wait for us).
@@ -108,10 +97,7 @@ pub fn range_fault(
                 }
                 State::Poisoned => {
                     unlock_all(space, &region, first, idx + 1, &pages, Some(s));
-                    return Err(Error::new(
-                        ErrorKind::Fault,
-                        "a page of the range is poisoned",
-                    ));
+                    return Err(Error::new(ErrorKind::Fault, "a page of the range is poisoned"));
                 }
             };
             pages.push(page);
@@ -150,51 +136,24 @@ pub fn range_fault(
                         Err(p) if p.errno == rustix::io::Errno::EXIST => {}
                         Err(p) => {
                             unlock_all(space, &region, first, first + n, &pages, None);
-                            return Err(Error::sys(
-                                "UFFDIO_ZEROPAGE",
-                                std::io::Error::from(p.errno),
-                            ));
+                            return Err(Error::sys("UFFDIO_ZEROPAGE", std::io::Error::from(p.errno)));
                         }
                     }
                 }
             }
         }
-        return Ok(RangeAccess {
-            space: space.clone(),
-            region,
-            first,
-            pages,
-            faulted,
-        });
+        return Ok(RangeAccess { space: space.clone(), region, first, pages, faulted });
     }
-    Err(Error::new(
-        ErrorKind::Busy,
-        "the range kept moving; gave up after 100 attempts",
-    ))
+    Err(Error::new(ErrorKind::Busy, "the range kept moving; gave up after 100 attempts"))
 }
 
 /// Brings a page of another device back with its driver's `migrate_to_ram`.
-fn migrate_foreign(
-    space: &Arc<SpaceInner>,
-    region: &RegionInner,
-    idx: usize,
-    page: DevicePage,
-) -> Result<()> {
+fn migrate_foreign(space: &Arc<SpaceInner>, region: &RegionInner, idx: usize, page: DevicePage) -> Result<()> {
     let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else {
-        return Err(Error::new(
-            ErrorKind::Fault,
-            "a page lives on a device that is gone",
-        ));
+        return Err(Error::new(ErrorKind::Fault, "a page lives on a device that is gone"));
     };
     let addr = region.addr_of(idx);
-    let fault = CpuFault::new(
-        AddressSpace {
-            inner: space.clone(),
-        },
-        addr,
-        addr..addr + PAGE_SIZE,
-        page,
-    );
+    let fault = CpuFault::new(AddressSpace { inner: space.clone() }, addr, addr..addr + PAGE_SIZE, page);
     ops.migrate_to_ram(&fault)
 }
 
@@ -237,10 +196,7 @@ impl RangeAccess {
     /// Copies RAM page `i` from `offset` into `buf`.
     pub fn read(&self, i: usize, offset: usize, buf: &mut [u8]) -> Result<()> {
         let off = self.offset(i, offset, buf.len())?;
-        self.region
-            .map
-            .read(off, buf)
-            .map_err(|e| Error::sys("read", e))
+        self.region.map.read(off, buf).map_err(|e| Error::sys("read", e))
     }
 
     /// Copies `buf` into RAM page `i` at `offset`.
@@ -249,10 +205,7 @@ impl RangeAccess {
         if !self.region.prot_at(self.first + i).contains(Prot::WRITE) {
             return Err(Error::new(ErrorKind::Permission, "page is read-only"));
         }
-        self.region
-            .map
-            .write(off, buf)
-            .map_err(|e| Error::sys("write", e))
+        self.region.map.write(off, buf).map_err(|e| Error::sys("write", e))
     }
 
     fn offset(&self, i: usize, offset: usize, len: usize) -> Result<usize> {
@@ -269,13 +222,6 @@ impl RangeAccess {
 impl Drop for RangeAccess {
     fn drop(&mut self) {
         let end = self.first + self.pages.len();
-        unlock_all(
-            &self.space,
-            &self.region,
-            self.first,
-            end,
-            &self.pages,
-            None,
-        );
+        unlock_all(&self.space, &self.region, self.first, end, &self.pages, None);
     }
 }

@@ -96,22 +96,9 @@ impl std::fmt::Debug for DevicePagemap {
 }
 
 impl DevicePagemap {
-    pub(crate) fn new(
-        id: u16,
-        owner: Owner,
-        npages: u64,
-        ops: Weak<dyn DevicePagemapOps>,
-    ) -> DevicePagemap {
-        let chunks = usize::try_from(npages)
-            .unwrap_or(usize::MAX)
-            .div_ceil(FRAME_CHUNK);
-        DevicePagemap {
-            id,
-            owner,
-            npages,
-            ops,
-            frames: (0..chunks).map(|_| OnceLock::new()).collect(),
-        }
+    pub(crate) fn new(id: u16, owner: Owner, npages: u64, ops: Weak<dyn DevicePagemapOps>) -> DevicePagemap {
+        let chunks = usize::try_from(npages).unwrap_or(usize::MAX).div_ceil(FRAME_CHUNK);
+        DevicePagemap { id, owner, npages, ops, frames: (0..chunks).map(|_| OnceLock::new()).collect() }
     }
 
     /// The id of this pagemap in its address space.
@@ -131,10 +118,7 @@ impl DevicePagemap {
 
     /// The device page `pfn` of this pagemap, if `pfn` is in range.
     pub fn page(&self, pfn: DevicePfn) -> Option<DevicePage> {
-        (pfn.0 < self.npages).then_some(DevicePage {
-            pagemap: self.id,
-            pfn,
-        })
+        (pfn.0 < self.npages).then_some(DevicePage { pagemap: self.id, pfn })
     }
 
     /// The driver, unless it is gone.
@@ -145,12 +129,7 @@ impl DevicePagemap {
     fn frame(&self, pfn: DevicePfn) -> &Frame {
         let i = usize::try_from(pfn.0).expect("pfn fits usize");
         let chunk = self.frames[i / FRAME_CHUNK].get_or_init(|| {
-            (0..FRAME_CHUNK)
-                .map(|_| Frame {
-                    rmap: AtomicU64::new(RMAP_NONE),
-                    data: AtomicU64::new(0),
-                })
-                .collect()
+            (0..FRAME_CHUNK).map(|_| Frame { rmap: AtomicU64::new(RMAP_NONE), data: AtomicU64::new(0) }).collect()
         });
         &chunk[i % FRAME_CHUNK]
     }
@@ -174,13 +153,11 @@ impl DevicePagemap {
     /// The (region id, page index) that maps `pfn`.
     pub(crate) fn rmap(&self, pfn: DevicePfn) -> Option<(u32, usize)> {
         let w = self.frame(pfn).rmap.load(Ordering::Acquire);
-        (w != RMAP_NONE).then(|| ((w >> 40) as u32, (w & ((1 << 40) - 1)) as usize))
+        (w != RMAP_NONE).then_some(((w >> 40) as u32, (w & ((1 << 40) - 1)) as usize))
     }
 
     pub(crate) fn set_rmap(&self, pfn: DevicePfn, at: Option<(u32, usize)>) {
-        let w = at.map_or(RMAP_NONE, |(region, idx)| {
-            (u64::from(region) << 40) | idx as u64
-        });
+        let w = at.map_or(RMAP_NONE, |(region, idx)| (u64::from(region) << 40) | idx as u64);
         self.frame(pfn).rmap.store(w, Ordering::Release);
     }
 

@@ -49,9 +49,7 @@ impl State {
             State::Cpu => KIND_CPU,
             State::Poisoned => KIND_POISONED,
             State::Device(p) => {
-                KIND_DEVICE
-                    | (u64::from(p.pagemap) << PAGEMAP_SHIFT)
-                    | ((p.pfn.0 & ((1 << PFN_BITS) - 1)) << PFN_SHIFT)
+                KIND_DEVICE | (u64::from(p.pagemap) << PAGEMAP_SHIFT) | ((p.pfn.0 & ((1 << PFN_BITS) - 1)) << PFN_SHIFT)
             }
         }
     }
@@ -108,28 +106,21 @@ pub(crate) struct PageTable {
 
 impl std::fmt::Debug for PageTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageTable")
-            .field("npages", &self.npages)
-            .finish_non_exhaustive()
+        f.debug_struct("PageTable").field("npages", &self.npages).finish_non_exhaustive()
     }
 }
 
 impl PageTable {
     pub(crate) fn new(npages: usize) -> PageTable {
         let n = npages.div_ceil(FANOUT * FANOUT).max(1);
-        PageTable {
-            npages,
-            top: (0..n).map(|_| OnceLock::new()).collect(),
-        }
+        PageTable { npages, top: (0..n).map(|_| OnceLock::new()).collect() }
     }
 
     /// The entry word of page `idx`, allocating its leaf.
     fn slot(&self, idx: usize) -> &AtomicU64 {
         assert!(idx < self.npages, "page index {idx} out of {}", self.npages);
-        let mid = self.top[idx / (FANOUT * FANOUT)]
-            .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-        let leaf = mid[(idx / FANOUT) % FANOUT]
-            .get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+        let mid = self.top[idx / (FANOUT * FANOUT)].get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        let leaf = mid[(idx / FANOUT) % FANOUT].get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
         &leaf[idx % FANOUT]
     }
 
@@ -142,10 +133,7 @@ impl PageTable {
 
     /// Reads page `idx` without allocating.
     pub(crate) fn load(&self, idx: usize) -> Entry {
-        Entry(
-            self.peek_slot(idx)
-                .map_or(KIND_CPU, |s| s.load(Ordering::Acquire)),
-        )
+        Entry(self.peek_slot(idx).map_or(KIND_CPU, |s| s.load(Ordering::Acquire)))
     }
 
     /// Tries to lock page `idx`; returns its state on success, `None` if it
@@ -158,12 +146,7 @@ impl PageTable {
             if cur & LOCKED != 0 {
                 return None;
             }
-            match slot.compare_exchange_weak(
-                cur,
-                cur | LOCKED,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
+            match slot.compare_exchange_weak(cur, cur | LOCKED, Ordering::Acquire, Ordering::Relaxed) {
                 Ok(_) => return Some(State::decode(cur)),
                 Err(now) => cur = now,
             }
@@ -179,12 +162,7 @@ impl PageTable {
             if cur & LOCKED != 0 || cur & !FLAGS != want {
                 return false;
             }
-            match slot.compare_exchange_weak(
-                cur,
-                cur | LOCKED,
-                Ordering::Acquire,
-                Ordering::Relaxed,
-            ) {
+            match slot.compare_exchange_weak(cur, cur | LOCKED, Ordering::Acquire, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(now) => cur = now,
             }
@@ -228,12 +206,7 @@ impl PageTable {
             if cur & FAULT_WAITERS != 0 {
                 return true;
             }
-            match slot.compare_exchange_weak(
-                cur,
-                cur | FAULT_WAITERS,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
+            match slot.compare_exchange_weak(cur, cur | FAULT_WAITERS, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return true,
                 Err(now) => cur = now,
             }
@@ -279,17 +252,13 @@ pub(crate) struct WaitTable {
 
 impl std::fmt::Debug for WaitTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WaitTable")
-            .field("stripes", &self.stripes.len())
-            .finish()
+        f.debug_struct("WaitTable").field("stripes", &self.stripes.len()).finish()
     }
 }
 
 impl WaitTable {
     pub(crate) fn new() -> WaitTable {
-        WaitTable {
-            stripes: (0..64).map(|_| (Mutex::new(()), Condvar::new())).collect(),
-        }
+        WaitTable { stripes: (0..64).map(|_| (Mutex::new(()), Condvar::new())).collect() }
     }
 
     fn stripe(&self, slot: &AtomicU64) -> &(Mutex<()>, Condvar) {
@@ -309,19 +278,12 @@ impl WaitTable {
             if cur & WAITERS != 0 {
                 break;
             }
-            match slot.compare_exchange_weak(
-                cur,
-                cur | WAITERS,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match slot.compare_exchange_weak(cur, cur | WAITERS, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => break,
                 Err(now) => cur = now,
             }
         }
-        let _unused = cv
-            .wait_timeout(guard, Duration::from_millis(50))
-            .unwrap_or_else(|e| e.into_inner());
+        let _unused = cv.wait_timeout(guard, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner());
     }
 
     fn wake_all(&self, slot: &AtomicU64) {
@@ -339,21 +301,12 @@ mod tests {
     use std::time::Instant;
 
     fn dev(pagemap: u16, pfn: u64) -> State {
-        State::Device(DevicePage {
-            pagemap,
-            pfn: DevicePfn(pfn),
-        })
+        State::Device(DevicePage { pagemap, pfn: DevicePfn(pfn) })
     }
 
     #[test]
     fn encode_roundtrip() {
-        for s in [
-            State::Cpu,
-            State::Poisoned,
-            dev(0, 0),
-            dev(7, 12345),
-            dev(u16::MAX, MAX_DEVICE_PFN),
-        ] {
+        for s in [State::Cpu, State::Poisoned, dev(0, 0), dev(7, 12345), dev(u16::MAX, MAX_DEVICE_PFN)] {
             assert_eq!(State::decode(s.encode()), s);
         }
     }
@@ -362,11 +315,7 @@ mod tests {
     fn untouched_pages_are_cpu_and_cost_nothing() {
         let pt = PageTable::new(1 << 28); // 1 TiB of 4 KiB pages
         assert_eq!(pt.load(123_456_789).state(), State::Cpu);
-        assert!(
-            pt.metadata_bytes() < 64 << 10,
-            "{} bytes",
-            pt.metadata_bytes()
-        );
+        assert!(pt.metadata_bytes() < 64 << 10, "{} bytes", pt.metadata_bytes());
         let mut n = 0;
         pt.for_each_allocated(|_, _| n += 1);
         assert_eq!(n, 0);
@@ -379,20 +328,14 @@ mod tests {
         assert_eq!(pt.try_lock(5), Some(State::Cpu));
         assert_eq!(pt.try_lock(5), None, "second try_lock must fail");
         assert!(pt.load(5).locked());
-        assert!(
-            !pt.add_fault_waiter(6),
-            "unlocked page takes no fault waiter"
-        );
+        assert!(!pt.add_fault_waiter(6), "unlocked page takes no fault waiter");
         assert!(pt.add_fault_waiter(5));
         assert!(pt.unlock(5, dev(1, 42), &waits), "fault waiter reported");
         assert_eq!(pt.load(5).state(), dev(1, 42));
         assert!(!pt.load(5).locked());
         assert!(!pt.try_lock_if(5, State::Cpu));
         assert!(pt.try_lock_if(5, dev(1, 42)));
-        assert!(
-            !pt.unlock(5, State::Cpu, &waits),
-            "no fault waiter this time"
-        );
+        assert!(!pt.unlock(5, State::Cpu, &waits), "no fault waiter this time");
     }
 
     #[test]
@@ -411,10 +354,7 @@ mod tests {
             })
         };
         std::thread::sleep(Duration::from_millis(20));
-        assert!(
-            !done.load(Ordering::SeqCst),
-            "waiter must block while locked"
-        );
+        assert!(!done.load(Ordering::SeqCst), "waiter must block while locked");
         let _ = pt.unlock(3, State::Poisoned, &waits);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !done.load(Ordering::SeqCst) {
@@ -442,6 +382,11 @@ mod tests {
                 })
             })
             .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !threads.iter().all(|t| t.is_finished()) {
+            assert!(Instant::now() < deadline, "lock holders hung");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         for t in threads {
             t.join().unwrap();
         }

@@ -92,9 +92,7 @@ impl RegionInner {
         let map = self.prot.read().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
         let first = map.range(..=pages.start).next_back().map(|(k, p)| (*k, *p));
-        let iter = first
-            .into_iter()
-            .chain(map.range(pages.start + 1..pages.end).map(|(k, p)| (*k, *p)));
+        let iter = first.into_iter().chain(map.range(pages.start + 1..pages.end).map(|(k, p)| (*k, *p)));
         let mut prev: Option<(usize, Prot)> = None;
         for (k, p) in iter {
             if let Some((s, pp)) = prev {
@@ -111,9 +109,7 @@ impl RegionInner {
     /// The protection of page `idx`.
     pub(crate) fn prot_at(&self, idx: usize) -> Prot {
         let map = self.prot.read().unwrap_or_else(|e| e.into_inner());
-        map.range(..=idx)
-            .next_back()
-            .map_or(Prot::NONE, |(_, p)| *p)
+        map.range(..=idx).next_back().map_or(Prot::NONE, |(_, p)| *p)
     }
 
     /// Changes the protection of pages `pages` (mprotect).
@@ -124,18 +120,15 @@ impl RegionInner {
             .protect(pages.start * PAGE_SIZE, pages.len() * PAGE_SIZE, protection)
             .map_err(|e| Error::sys("mprotect", e))?;
         let after = map.range(..=pages.end).next_back().map(|(_, p)| *p);
-        let keys: Vec<usize> = map
-            .range(pages.start..=pages.end)
-            .map(|(k, _)| *k)
-            .collect();
+        let keys: Vec<usize> = map.range(pages.start..=pages.end).map(|(k, _)| *k).collect();
         for k in keys {
             map.remove(&k);
         }
         map.insert(pages.start, prot);
-        if pages.end < self.npages() {
-            if let Some(a) = after {
-                map.insert(pages.end, a);
-            }
+        if pages.end < self.npages()
+            && let Some(a) = after
+        {
+            map.insert(pages.end, a);
         }
         Ok(())
     }
@@ -189,57 +182,35 @@ impl Region {
     /// Copies bytes at `offset` into `buf`, faulting pages back from devices
     /// as needed (the calling thread must not be a uhmm handler thread).
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.inner
-            .map
-            .read(offset, buf)
-            .map_err(|_| Error::new(crate::ErrorKind::Fault, "read outside the region"))
+        self.inner.map.read(offset, buf).map_err(|_| Error::new(crate::ErrorKind::Fault, "read outside the region"))
     }
 
     /// Copies `buf` to `offset`, faulting pages back from devices as needed.
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
-        let end = offset
-            .checked_add(buf.len())
-            .ok_or_else(|| Error::invalid("offset overflows"))?;
+        let end = offset.checked_add(buf.len()).ok_or_else(|| Error::invalid("offset overflows"))?;
         if end > self.len() {
-            return Err(Error::new(
-                crate::ErrorKind::Fault,
-                "write outside the region",
-            ));
+            return Err(Error::new(crate::ErrorKind::Fault, "write outside the region"));
         }
         let (first, last) = (offset / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
         if buf.is_empty() {
             return Ok(());
         }
-        if self
-            .inner
-            .prot_runs(first..last)
-            .iter()
-            .any(|(_, p)| !p.contains(Prot::WRITE))
-        {
-            return Err(Error::new(
-                crate::ErrorKind::Permission,
-                "write to a read-only part of the region",
-            ));
+        if self.inner.prot_runs(first..last).iter().any(|(_, p)| !p.contains(Prot::WRITE)) {
+            return Err(Error::new(crate::ErrorKind::Permission, "write to a read-only part of the region"));
         }
-        self.inner
-            .map
-            .write(offset, buf)
-            .map_err(|e| Error::sys("write", e))
+        self.inner.map.write(offset, buf).map_err(|e| Error::sys("write", e))
     }
 
     /// Changes the protection of `range` (byte offsets, page-aligned).
     pub fn protect(&self, range: Range<usize>, prot: Prot) -> Result<()> {
-        if range.start % PAGE_SIZE != 0
-            || range.end % PAGE_SIZE != 0
+        if !range.start.is_multiple_of(PAGE_SIZE)
+            || !range.end.is_multiple_of(PAGE_SIZE)
             || range.is_empty()
             || range.end > self.len()
         {
-            return Err(Error::invalid(
-                "protect needs a non-empty, page-aligned range inside the region",
-            ));
+            return Err(Error::invalid("protect needs a non-empty, page-aligned range inside the region"));
         }
-        self.inner
-            .set_prot(range.start / PAGE_SIZE..range.end / PAGE_SIZE, prot)
+        self.inner.set_prot(range.start / PAGE_SIZE..range.end / PAGE_SIZE, prot)
     }
 
     /// Where each page of the region is, per uhmm's page table (`Cpu` for a
@@ -270,23 +241,13 @@ mod tests {
         let r = RegionInner::new(1, map, Prot::READ_WRITE);
         assert_eq!(r.prot_runs(0..16), vec![(0..16, Prot::READ_WRITE)]);
         r.set_prot(4..8, Prot::READ).unwrap();
-        assert_eq!(
-            r.prot_runs(0..16),
-            vec![
-                (0..4, Prot::READ_WRITE),
-                (4..8, Prot::READ),
-                (8..16, Prot::READ_WRITE)
-            ]
-        );
+        assert_eq!(r.prot_runs(0..16), vec![(0..4, Prot::READ_WRITE), (4..8, Prot::READ), (8..16, Prot::READ_WRITE)]);
         assert_eq!(r.prot_runs(5..6), vec![(5..6, Prot::READ)]);
         assert_eq!(r.prot_at(7), Prot::READ);
         assert_eq!(r.prot_at(8), Prot::READ_WRITE);
         r.set_prot(0..16, Prot::NONE).unwrap();
         assert_eq!(r.prot_runs(0..16), vec![(0..16, Prot::NONE)]);
         r.set_prot(12..16, Prot::READ).unwrap();
-        assert_eq!(
-            r.prot_runs(10..16),
-            vec![(10..12, Prot::NONE), (12..16, Prot::READ)]
-        );
+        assert_eq!(r.prot_runs(10..16), vec![(10..12, Prot::NONE), (12..16, Prot::READ)]);
     }
 }

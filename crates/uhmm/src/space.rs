@@ -96,6 +96,8 @@ pub(crate) struct SpaceInner {
     pub(crate) pool: Arc<Arena>,
     pub(crate) waits: WaitTable,
     pub(crate) stats: Stats,
+    /// `zero_fill_pages` pages of zeros: the source of first-touch writes.
+    pub(crate) zeros: Box<[u8]>,
     engine: Mutex<Option<Engine>>,
 }
 
@@ -108,30 +110,19 @@ impl AddressSpace {
     /// `UFFDIO_MOVE` (Linux 6.8) or `UFFDIO_POISON` (6.6).
     pub fn new(config: Config) -> Result<AddressSpace> {
         sys::check_page_size().map_err(|e| Error::new(ErrorKind::Unsupported, e.to_string()))?;
-        if config.handler_threads == 0
-            || config.fault_around_pages == 0
-            || config.zero_fill_pages == 0
-        {
-            return Err(Error::invalid(
-                "handler_threads, fault_around_pages and zero_fill_pages must be > 0",
-            ));
+        if config.handler_threads == 0 || config.fault_around_pages == 0 || config.zero_fill_pages == 0 {
+            return Err(Error::invalid("handler_threads, fault_around_pages and zero_fill_pages must be > 0"));
         }
         let wanted = uffd::feature::MOVE | uffd::feature::POISON | uffd::feature::THREAD_ID;
         let uffd = Uffd::open(wanted, config.allow_user_mode_only).map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => {
-                Error::new(ErrorKind::Unsupported, e.to_string())
-            }
+            std::io::ErrorKind::PermissionDenied => Error::new(ErrorKind::Unsupported, e.to_string()),
             _ => Error::sys("userfaultfd", e),
         })?;
-        for (f, name) in [
-            (uffd::feature::MOVE, "UFFDIO_MOVE (Linux 6.8)"),
-            (uffd::feature::POISON, "UFFDIO_POISON (Linux 6.6)"),
-        ] {
+        for (f, name) in
+            [(uffd::feature::MOVE, "UFFDIO_MOVE (Linux 6.8)"), (uffd::feature::POISON, "UFFDIO_POISON (Linux 6.6)")]
+        {
             if !uffd.has(f) {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("the kernel lacks {name}"),
-                ));
+                return Err(Error::new(ErrorKind::Unsupported, format!("the kernel lacks {name}")));
             }
         }
         if uffd.origin() == Origin::UserModeOnly {
@@ -151,6 +142,7 @@ impl AddressSpace {
             pool,
             waits: WaitTable::new(),
             stats: Stats::default(),
+            zeros: vec![0; config.zero_fill_pages * PAGE_SIZE].into_boxed_slice(),
             engine: Mutex::new(None),
             config,
         });
@@ -166,30 +158,17 @@ impl AddressSpace {
         if len == 0 {
             return Err(Error::invalid("cannot map an empty region"));
         }
-        let len = len
-            .checked_next_multiple_of(PAGE_SIZE)
-            .ok_or_else(|| Error::invalid("length overflows"))?;
+        let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or_else(|| Error::invalid("length overflows"))?;
         let align = if len >= 2 << 20 { 2 << 20 } else { PAGE_SIZE };
-        let map = Mapping::anonymous(len, prot.protection()?, align)
-            .map_err(|e| Error::sys("mmap", e))?;
-        self.inner
-            .uffd
-            .register(&map, 0, len, false)
-            .map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+        let map = Mapping::anonymous(len, prot.protection()?, align).map_err(|e| Error::sys("mmap", e))?;
+        self.inner.uffd.register(&map, 0, len, false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
         let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
         if id >= 1 << 24 {
             return Err(Error::new(ErrorKind::NoMemory, "too many regions"));
         }
         let inner = Arc::new(RegionInner::new(id, map, prot));
-        self.inner
-            .regions
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(inner.start(), inner.clone());
-        Ok(Region {
-            inner,
-            space: self.inner.clone(),
-        })
+        self.inner.regions.write().unwrap_or_else(|e| e.into_inner()).insert(inner.start(), inner.clone());
+        Ok(Region { inner, space: self.inner.clone() })
     }
 
     /// Registers device memory of `npages` pages owned by `owner`, served by
@@ -203,11 +182,7 @@ impl AddressSpace {
         if npages == 0 || npages > crate::pte::MAX_DEVICE_PFN {
             return Err(Error::invalid("a pagemap needs 1 ..= 2^40 pages"));
         }
-        let mut maps = self
-            .inner
-            .pagemaps
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut maps = self.inner.pagemaps.write().unwrap_or_else(|e| e.into_inner());
         let id = match maps.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
@@ -215,8 +190,7 @@ impl AddressSpace {
                 maps.len() - 1
             }
         };
-        let id16 =
-            u16::try_from(id).map_err(|_| Error::new(ErrorKind::NoMemory, "too many pagemaps"))?;
+        let id16 = u16::try_from(id).map_err(|_| Error::new(ErrorKind::NoMemory, "too many pagemaps"))?;
         let pm = Arc::new(DevicePagemap::new(id16, owner, npages, ops));
         maps[id] = Some(pm.clone());
         Ok(pm)
@@ -226,11 +200,7 @@ impl AddressSpace {
     /// ([`migrate_device_range`](crate::migrate_device_range)); pages still
     /// mapped make this fail with [`ErrorKind::Busy`].
     pub fn unregister_pagemap(&self, pagemap: &DevicePagemap) -> Result<()> {
-        let mut maps = self
-            .inner
-            .pagemaps
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut maps = self.inner.pagemaps.write().unwrap_or_else(|e| e.into_inner());
         if (0..pagemap.npages()).any(|pfn| pagemap.is_mapped(crate::DevicePfn(pfn))) {
             return Err(Error::new(ErrorKind::Busy, "device pages are still mapped"));
         }
@@ -304,10 +274,7 @@ impl SpaceInner {
         if pages.is_empty() {
             return;
         }
-        if let Err(err) = self
-            .uffd
-            .wake(region.addr_of(pages.start), pages.len() * PAGE_SIZE)
-        {
+        if let Err(err) = self.uffd.wake(region.addr_of(pages.start), pages.len() * PAGE_SIZE) {
             tracing::error!(%err, "UFFDIO_WAKE failed");
         }
     }
@@ -316,17 +283,14 @@ impl SpaceInner {
     /// its device pages are freed.
     pub(crate) fn unmap_region(&self, region: &Arc<RegionInner>) {
         region.dead.store(true, Ordering::SeqCst);
-        self.regions
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&region.start());
+        self.regions.write().unwrap_or_else(|e| e.into_inner()).remove(&region.start());
         // Lock every page that was ever touched, for good: this waits for
         // in-flight migrations, and nothing can lock them after.
         region.pt.for_each_allocated(|idx, _| {
-            if let State::Device(page) = region.pt.lock(idx, &self.waits) {
-                if let Some(pm) = self.pagemap(page.pagemap) {
-                    pm.free_page(page.pfn);
-                }
+            if let State::Device(page) = region.pt.lock(idx, &self.waits)
+                && let Some(pm) = self.pagemap(page.pagemap)
+            {
+                pm.free_page(page.pfn);
             }
         });
         // Threads still faulting on the dying region retry and find it gone.
@@ -334,52 +298,35 @@ impl SpaceInner {
     }
 
     fn snapshot(&self, range: Range<usize>) -> Result<Vec<PageSnapshot>> {
-        if range.start % PAGE_SIZE != 0 || range.end % PAGE_SIZE != 0 || range.is_empty() {
-            return Err(Error::invalid(
-                "snapshot needs a non-empty, page-aligned range",
-            ));
+        if !range.start.is_multiple_of(PAGE_SIZE) || !range.end.is_multiple_of(PAGE_SIZE) || range.is_empty() {
+            return Err(Error::invalid("snapshot needs a non-empty, page-aligned range"));
         }
         let mut out = Vec::with_capacity(range.len() / PAGE_SIZE);
         let mut addr = range.start;
         let mut runs = Vec::new();
         while addr < range.end {
             let Some(region) = self.region_at(addr) else {
-                out.push(PageSnapshot {
-                    residency: Residency::Unmapped,
-                    prot: Prot::NONE,
-                });
+                out.push(PageSnapshot { residency: Residency::Unmapped, prot: Prot::NONE });
                 addr += PAGE_SIZE;
                 continue;
             };
             let end = range.end.min(region.start() + region.map.len());
             runs.clear();
-            let q = Query {
-                mask: 0,
-                inverted: 0,
-                report: category::PRESENT | category::SWAPPED | category::PFNZERO,
-            };
-            self.pagemap_file
-                .scan(addr, end, q, &mut runs)
-                .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+            let q = Query { mask: 0, inverted: 0, report: category::PRESENT | category::SWAPPED | category::PFNZERO };
+            self.pagemap_file.scan(addr, end, q, &mut runs).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
             let first = (addr - region.start()) / PAGE_SIZE;
             for (prange, prot) in region.prot_runs(first..first + (end - addr) / PAGE_SIZE) {
                 for idx in prange {
                     let a = region.addr_of(idx);
                     let residency = match region.pt.load(idx).state() {
                         State::Device(page) => {
-                            let owner = self
-                                .pagemap(page.pagemap)
-                                .map_or(Owner::new(), |p| p.owner());
+                            let owner = self.pagemap(page.pagemap).map_or(Owner::new(), |p| p.owner());
                             Residency::Device(page, owner)
                         }
                         State::Poisoned => Residency::Poisoned,
                         State::Cpu => match runs.iter().find(|r| r.start <= a && a < r.end) {
                             Some(r) if r.categories & category::PFNZERO != 0 => Residency::Zero,
-                            Some(r)
-                                if r.categories & (category::PRESENT | category::SWAPPED) != 0 =>
-                            {
-                                Residency::Ram
-                            }
+                            Some(r) if r.categories & (category::PRESENT | category::SWAPPED) != 0 => Residency::Ram,
                             _ => Residency::None,
                         },
                     };
@@ -394,12 +341,7 @@ impl SpaceInner {
 
 impl Drop for SpaceInner {
     fn drop(&mut self) {
-        if let Some(engine) = self
-            .engine
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        if let Some(engine) = self.engine.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             engine.stop();
         }
     }

@@ -38,16 +38,10 @@ impl Arena {
         let map = Mapping::anonymous(nbatches * BATCH_BYTES, Protection::ReadWrite, BATCH_BYTES)
             .map_err(|e| Error::sys("mmap staging", e))?;
         if let Some(u) = uffd {
-            u.register(&map, 0, map.len(), false)
-                .map_err(|e| Error::sys("UFFDIO_REGISTER staging", e))?;
+            u.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER staging", e))?;
         }
-        let free = (0..u32::try_from(nbatches).expect("staging batches fit u32"))
-            .rev()
-            .collect();
-        Ok(Arena {
-            map,
-            free: Mutex::new(free),
-        })
+        let free = (0..u32::try_from(nbatches).expect("staging batches fit u32")).rev().collect();
+        Ok(Arena { map, free: Mutex::new(free) })
     }
 
     /// Takes batches for `npages` slots; the slots are empty.
@@ -57,35 +51,23 @@ impl Arena {
         if free.len() < n {
             return Err(Error::new(
                 ErrorKind::NoMemory,
-                format!(
-                    "staging area exhausted ({npages} pages wanted); migrate in smaller chunks"
-                ),
+                format!("staging area exhausted ({npages} pages wanted); migrate in smaller chunks"),
             ));
         }
         let at = free.len() - n;
         let batches = free.split_off(at);
-        Ok(Slots {
-            arena: self.clone(),
-            batches,
-            npages,
-        })
+        Ok(Slots { arena: self.clone(), batches, npages })
     }
 
     fn release(&self, batches: &[u32], npages: usize) {
         for (i, b) in batches.iter().enumerate() {
             let used = (npages - i * BATCH_PAGES).min(BATCH_PAGES);
-            if let Err(err) = self
-                .map
-                .discard(*b as usize * BATCH_BYTES, used * PAGE_SIZE)
-            {
+            if let Err(err) = self.map.discard(*b as usize * BATCH_BYTES, used * PAGE_SIZE) {
                 tracing::error!(%err, "discarding a staging batch failed; leaking it");
                 return;
             }
         }
-        self.free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(batches);
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(batches);
     }
 }
 
@@ -142,42 +124,29 @@ pub struct SystemPage {
 
 impl SystemPage {
     pub(crate) fn new(arena: &Arc<Arena>, off: usize) -> SystemPage {
-        SystemPage {
-            arena: arena.clone(),
-            off,
-        }
+        SystemPage { arena: arena.clone(), off }
     }
 
     /// Copies from the page at `offset` into `buf`.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         check(offset, buf.len())?;
-        self.arena
-            .map
-            .read(self.off + offset, buf)
-            .map_err(|e| Error::sys("staging read", e))
+        self.arena.map.read(self.off + offset, buf).map_err(|e| Error::sys("staging read", e))
     }
 
     /// Copies `buf` into the page at `offset`.
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
         check(offset, buf.len())?;
-        self.arena
-            .map
-            .write(self.off + offset, buf)
-            .map_err(|e| Error::sys("staging write", e))
+        self.arena.map.write(self.off + offset, buf).map_err(|e| Error::sys("staging write", e))
     }
 
     /// Copies the whole page into `dst` at `dst_off` (a device's memory).
     pub fn copy_to(&self, dst: &Mapping, dst_off: usize) -> Result<()> {
-        self.arena
-            .map
-            .copy_to(self.off, dst, dst_off, PAGE_SIZE)
-            .map_err(|e| Error::sys("staging copy", e))
+        self.arena.map.copy_to(self.off, dst, dst_off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
     }
 
     /// Fills the whole page from `src` at `src_off` (a device's memory).
     pub fn copy_from(&self, src: &Mapping, src_off: usize) -> Result<()> {
-        src.copy_to(src_off, &self.arena.map, self.off, PAGE_SIZE)
-            .map_err(|e| Error::sys("staging copy", e))
+        src.copy_to(src_off, &self.arena.map, self.off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
     }
 }
 

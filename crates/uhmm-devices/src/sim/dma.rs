@@ -47,11 +47,7 @@ impl Fence {
             if now >= deadline {
                 return Err(Error::new(ErrorKind::Busy, "DMA fence timed out"));
             }
-            done = self
-                .cv
-                .wait_timeout(done, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            done = self.cv.wait_timeout(done, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 
@@ -80,24 +76,16 @@ impl DmaEngine {
             .name("uhmm-sim-dma".into())
             .spawn(move || run(&rx))
             .map_err(|e| Error::sys("spawn DMA thread", e))?;
-        Ok(DmaEngine {
-            queue: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
-        })
+        Ok(DmaEngine { queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
     }
 
     /// Queues `ops`; the returned fence signals when all are done.
     pub(crate) fn submit(&self, ops: Vec<CopyOp>) -> Result<Arc<Fence>> {
         let fence = Arc::new(Fence::default());
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = queue
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
-        tx.send(Job {
-            ops,
-            fence: fence.clone(),
-        })
-        .map_err(|_| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
+        let tx = queue.as_ref().ok_or_else(|| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
+        tx.send(Job { ops, fence: fence.clone() })
+            .map_err(|_| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
         Ok(fence)
     }
 
@@ -126,10 +114,7 @@ fn run(rx: &Receiver<Job>) {
         for op in &job.ops {
             let r = match op {
                 CopyOp::ToDevice(src, dst) => src.copy_to(&dst.chunk, dst.off),
-                CopyOp::Zero(dst) => dst
-                    .chunk
-                    .write(dst.off, &zero)
-                    .map_err(|e| Error::sys("zero", e)),
+                CopyOp::Zero(dst) => dst.chunk.write(dst.off, &zero).map_err(|e| Error::sys("zero", e)),
                 CopyOp::ToSystem(src, dst) => dst.copy_from(&src.chunk, src.off),
             };
             if let Err(e) = r {

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use uhmm::sys::mman::{Mapping, Protection};
 use uhmm::{
-    AccessPage, AddressSpace, ChunkDriver, Collected, CpuFault, DevicePage, DevicePagemap,
-    DevicePagemapOps, DevicePfn, Error, ErrorKind, MigrateSrc, Migrated, Migration, Owner,
-    PAGE_SIZE, Prot, Residency, Result, Select, migrate_chunked, migrate_device_range, range_fault,
+    AccessPage, AddressSpace, ChunkDriver, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn,
+    Error, ErrorKind, MigrateSrc, Migrated, Migration, Owner, PAGE_SIZE, Prot, Residency, Result, Select,
+    migrate_chunked, migrate_device_range, range_fault,
 };
 
 use dma::{CopyOp, DevMem, DmaEngine};
@@ -36,11 +36,7 @@ pub struct SimConfig {
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig {
-            capacity_bytes: 4 << 30,
-            chunk_bytes: 64 << 20,
-            migrate_chunk_pages: 512,
-        }
+        SimConfig { capacity_bytes: 4 << 30, chunk_bytes: 64 << 20, migrate_chunk_pages: 512 }
     }
 }
 
@@ -134,12 +130,10 @@ impl SimDevice {
     /// Creates a device in `space`.
     pub fn new(space: &AddressSpace, config: SimConfig) -> Result<SimDevice> {
         if config.chunk_bytes < PAGE_SIZE
-            || config.chunk_bytes % PAGE_SIZE != 0
+            || !config.chunk_bytes.is_multiple_of(PAGE_SIZE)
             || config.capacity_bytes < config.chunk_bytes
         {
-            return Err(Error::invalid(
-                "chunk_bytes must be page-aligned and at most capacity_bytes",
-            ));
+            return Err(Error::invalid("chunk_bytes must be page-aligned and at most capacity_bytes"));
         }
         if config.migrate_chunk_pages == 0 {
             return Err(Error::invalid("migrate_chunk_pages must be > 0"));
@@ -173,12 +167,7 @@ impl SimDevice {
 
     /// Device pages in use.
     pub fn pages_in_use(&self) -> usize {
-        self.inner
-            .table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_addr
-            .len()
+        self.inner.table.lock().unwrap_or_else(|e| e.into_inner()).by_addr.len()
     }
 
     /// The next device or system page allocation in a migration fails, once.
@@ -194,26 +183,13 @@ impl SimDevice {
         let range = check_range(addr, npages)?;
         let chunk = self.inner.config.migrate_chunk_pages;
         let mut driver = ToDevice { dev: &self.inner };
-        migrate_chunked(
-            &self.inner.space,
-            range.clone(),
-            chunk,
-            Select::SYSTEM,
-            self.inner.owner,
-            &mut driver,
-        )?;
+        migrate_chunked(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
-        let cpages = range
-            .step_by(PAGE_SIZE)
-            .filter(|a| table.by_addr.contains_key(a))
-            .count();
+        let cpages = range.step_by(PAGE_SIZE).filter(|a| table.by_addr.contains_key(a)).count();
         if cpages < npages {
             return Err(Error::new(
                 ErrorKind::NotFound,
-                format!(
-                    "{} of {npages} pages are not on the device",
-                    npages - cpages
-                ),
+                format!("{} of {npages} pages are not on the device", npages - cpages),
             ));
         }
         Ok(Counters { cpages, faults: 0 })
@@ -225,18 +201,9 @@ impl SimDevice {
         let range = check_range(addr, npages)?;
         let chunk = self.inner.config.migrate_chunk_pages;
         let mut driver = ToSystem { dev: &self.inner };
-        let s = migrate_chunked(
-            &self.inner.space,
-            range,
-            chunk,
-            Select::DEVICE_PRIVATE,
-            self.inner.owner,
-            &mut driver,
-        )?;
-        Ok(Counters {
-            cpages: s.migrated,
-            faults: 0,
-        })
+        let s =
+            migrate_chunked(&self.inner.space, range, chunk, Select::DEVICE_PRIVATE, self.inner.owner, &mut driver)?;
+        Ok(Counters { cpages: s.migrated, faults: 0 })
     }
 
     /// The device reads `npages` pages at `addr` into `buf`, faulting them
@@ -257,16 +224,11 @@ impl SimDevice {
                 }
                 AccessPage::Device(p) => {
                     let m = self.inner.dev_mem(p.pfn)?;
-                    m.chunk
-                        .read(m.off, page)
-                        .map_err(|e| Error::sys("device read", e))?;
+                    m.chunk.read(m.off, page).map_err(|e| Error::sys("device read", e))?;
                 }
             }
         }
-        Ok(Counters {
-            cpages: npages,
-            faults,
-        })
+        Ok(Counters { cpages: npages, faults })
     }
 
     /// The device writes `buf` to `npages` pages at `addr`, faulting them in
@@ -287,16 +249,11 @@ impl SimDevice {
                 }
                 AccessPage::Device(p) => {
                     let m = self.inner.dev_mem(p.pfn)?;
-                    m.chunk
-                        .write(m.off, page)
-                        .map_err(|e| Error::sys("device write", e))?;
+                    m.chunk.write(m.off, page).map_err(|e| Error::sys("device write", e))?;
                 }
             }
         }
-        Ok(Counters {
-            cpages: npages,
-            faults,
-        })
+        Ok(Counters { cpages: npages, faults })
     }
 
     /// The state of each page, without faulting (dmirror's snapshot).
@@ -306,20 +263,14 @@ impl SimDevice {
         Ok(pages
             .into_iter()
             .map(|p| {
-                let rw = if p.prot.contains(Prot::WRITE) {
-                    PageState::WRITE
-                } else {
-                    PageState::READ
-                };
+                let rw = if p.prot.contains(Prot::WRITE) { PageState::WRITE } else { PageState::READ };
                 match p.residency {
                     Residency::Unmapped | Residency::Poisoned => PageState::ERROR,
                     _ if p.prot == Prot::NONE => PageState::ERROR,
                     Residency::None => PageState::NONE,
                     Residency::Zero => PageState::ZERO | PageState::READ,
                     Residency::Ram => rw,
-                    Residency::Device(_, owner) if owner == self.inner.owner => {
-                        PageState::DEV_PRIVATE_LOCAL | rw
-                    }
+                    Residency::Device(_, owner) if owner == self.inner.owner => PageState::DEV_PRIVATE_LOCAL | rw,
                     Residency::Device(..) => PageState::DEV_PRIVATE_REMOTE | rw,
                 }
             })
@@ -347,7 +298,7 @@ impl Drop for SimDevice {
 }
 
 fn check_range(addr: usize, npages: usize) -> Result<std::ops::Range<usize>> {
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(Error::invalid("address is not page-aligned"));
     }
     if npages == 0 {
@@ -381,15 +332,9 @@ impl SimInner {
             if base + chunk_pages > self.config.capacity_bytes / PAGE_SIZE {
                 return None;
             }
-            let chunk =
-                Mapping::anonymous(self.config.chunk_bytes, Protection::ReadWrite, PAGE_SIZE)
-                    .ok()?;
+            let chunk = Mapping::anonymous(self.config.chunk_bytes, Protection::ReadWrite, PAGE_SIZE).ok()?;
             mem.chunks.push(Arc::new(chunk));
-            mem.free.extend(
-                (base..base + chunk_pages)
-                    .rev()
-                    .map(|p| DevicePfn(p as u64)),
-            );
+            mem.free.extend((base..base + chunk_pages).rev().map(|p| DevicePfn(p as u64)));
         }
         mem.free.pop()
     }
@@ -398,14 +343,8 @@ impl SimInner {
         let chunk_pages = self.config.chunk_bytes / PAGE_SIZE;
         let i = usize::try_from(pfn.0).map_err(|_| Error::invalid("pfn"))?;
         let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        let chunk = mem
-            .chunks
-            .get(i / chunk_pages)
-            .ok_or_else(|| Error::invalid("device page not allocated"))?;
-        Ok(DevMem {
-            chunk: chunk.clone(),
-            off: (i % chunk_pages) * PAGE_SIZE,
-        })
+        let chunk = mem.chunks.get(i / chunk_pages).ok_or_else(|| Error::invalid("device page not allocated"))?;
+        Ok(DevMem { chunk: chunk.clone(), off: (i % chunk_pages) * PAGE_SIZE })
     }
 
     fn page(&self, pfn: DevicePfn) -> DevicePage {
@@ -448,13 +387,8 @@ impl SimInner {
     fn release(&self) -> Result<usize> {
         let mut total = 0;
         for _round in 0..100 {
-            let used = self
-                .mem
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .chunks
-                .len()
-                * (self.config.chunk_bytes / PAGE_SIZE);
+            let used =
+                self.mem.lock().unwrap_or_else(|e| e.into_inner()).chunks.len() * (self.config.chunk_bytes / PAGE_SIZE);
             if used == 0 {
                 return Ok(total);
             }
@@ -467,38 +401,24 @@ impl SimInner {
             self.unmap_moved(&m);
             total += m.finalize().migrated;
         }
-        Err(Error::new(
-            ErrorKind::Busy,
-            "device pages kept coming back during release",
-        ))
+        Err(Error::new(ErrorKind::Busy, "device pages kept coming back during release"))
     }
 }
 
 impl DevicePagemapOps for SimInner {
     fn page_free(&self, pfn: DevicePfn) {
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove_pfn(pfn);
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).remove_pfn(pfn);
         let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
         let allocated = (mem.chunks.len() * (self.config.chunk_bytes / PAGE_SIZE)) as u64;
         if pfn.0 < allocated {
             mem.free.push(pfn);
         } else {
-            tracing::error!(
-                pfn = pfn.0,
-                "page_free of a device page this device never allocated"
-            );
+            tracing::error!(pfn = pfn.0, "page_free of a device page this device never allocated");
         }
     }
 
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
-        let mut m = Migration::setup(
-            fault.space(),
-            fault.window(),
-            Select::DEVICE_PRIVATE,
-            self.owner,
-        )?;
+        let mut m = Migration::setup(fault.space(), fault.window(), Select::DEVICE_PRIVATE, self.owner)?;
         self.copy_to_ram(&mut m)?;
         let m = m.pages();
         self.unmap_moved(&m);

@@ -69,22 +69,15 @@ impl Mapping {
     ///
     /// Nothing is populated: a 1 TiB mapping costs only its VMA.
     pub fn anonymous(len: usize, prot: Protection, align: usize) -> io::Result<Mapping> {
-        if len == 0 || len % PAGE_SIZE != 0 || !align.is_power_of_two() || align < PAGE_SIZE {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !align.is_power_of_two() || align < PAGE_SIZE {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         let extra = align - PAGE_SIZE;
-        let total = len
-            .checked_add(extra)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let total = len.checked_add(extra).ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: a fresh anonymous mapping at an address the kernel chooses
         // cannot overlap any memory Rust knows about.
         let base = unsafe {
-            mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                total,
-                prot.map_flags(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
+            mm::mmap_anonymous(std::ptr::null_mut(), total, prot.map_flags(), MapFlags::PRIVATE | MapFlags::NORESERVE)
         }?;
         let base_addr = base as usize;
         let start = base_addr.next_multiple_of(align);
@@ -100,8 +93,7 @@ impl Mapping {
                 mm::munmap((start + len) as *mut c_void, tail)?;
             }
         }
-        let addr =
-            NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        let addr = NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         // INVARIANT: `start` is `align`-aligned and `len` bytes from it are mapped.
         Ok(Mapping { addr, len })
     }
@@ -132,8 +124,8 @@ impl Mapping {
     pub fn page_range(&self, off: usize, len: usize) -> io::Result<usize> {
         let end = off.checked_add(len);
         if len == 0
-            || off % PAGE_SIZE != 0
-            || len % PAGE_SIZE != 0
+            || !off.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
             || end.is_none_or(|e| e > self.len)
         {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
@@ -194,6 +186,9 @@ impl Mapping {
         // writers to the mapping are the shared-memory model this type
         // documents: the copy sees some interleaving of their bytes.
         unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        // The read is an access to shared memory (it may fault pages in):
+        // keep the compiler from dropping it when `buf` is never looked at.
+        std::hint::black_box(buf);
         Ok(())
     }
 

@@ -27,9 +27,7 @@ pub fn check_page_size() -> std::io::Result<()> {
     if size == PAGE_SIZE {
         Ok(())
     } else {
-        Err(std::io::Error::other(format!(
-            "uhmm needs {PAGE_SIZE}-byte base pages; this kernel uses {size}"
-        )))
+        Err(std::io::Error::other(format!("uhmm needs {PAGE_SIZE}-byte base pages; this kernel uses {size}")))
     }
 }
 

@@ -66,9 +66,7 @@ pub struct Query {
 impl Pagemap {
     /// Opens `/proc/self/pagemap`.
     pub fn open() -> io::Result<Pagemap> {
-        Ok(Pagemap {
-            file: File::open("/proc/self/pagemap")?,
-        })
+        Ok(Pagemap { file: File::open("/proc/self/pagemap")? })
     }
 
     /// Appends to `out` the runs of `start..end` that match `q`, in address
@@ -77,19 +75,9 @@ impl Pagemap {
     /// Works around a kernel quirk: when one call fills the buffer and also
     /// finishes the range, `walk_end` can be stale; a call that returns fewer
     /// runs than the buffer holds is treated as complete.
-    pub fn scan(
-        &self,
-        start: usize,
-        end: usize,
-        q: Query,
-        out: &mut Vec<PageRun>,
-    ) -> io::Result<usize> {
+    pub fn scan(&self, start: usize, end: usize, q: Query, out: &mut Vec<PageRun>) -> io::Result<usize> {
         const BUF: usize = 512;
-        let mut buf = [uapi::page_region {
-            start: 0,
-            end: 0,
-            categories: 0,
-        }; BUF];
+        let mut buf = [uapi::page_region { start: 0, end: 0, categories: 0 }; BUF];
         let first = out.len();
         let mut at = start;
         while at < end {
@@ -139,23 +127,16 @@ mod tests {
         m.write(3 * PAGE_SIZE, &[1]).unwrap();
         let mut z = [0u8; 1];
         m.read(6 * PAGE_SIZE, &mut z).unwrap(); // maps the zero page
+        std::hint::black_box(z);
         let pm = Pagemap::open().unwrap();
         let mut runs = Vec::new();
-        let q = Query {
-            mask: category::PRESENT,
-            inverted: 0,
-            report: category::PRESENT | category::PFNZERO,
-        };
+        let q = Query { mask: category::PRESENT, inverted: 0, report: category::PRESENT | category::PFNZERO };
         pm.scan(m.addr(), m.addr() + m.len(), q, &mut runs).unwrap();
         let a = m.addr();
         assert_eq!(
             runs,
             vec![
-                PageRun {
-                    start: a + 2 * PAGE_SIZE,
-                    end: a + 4 * PAGE_SIZE,
-                    categories: category::PRESENT
-                },
+                PageRun { start: a + 2 * PAGE_SIZE, end: a + 4 * PAGE_SIZE, categories: category::PRESENT },
                 PageRun {
                     start: a + 6 * PAGE_SIZE,
                     end: a + 7 * PAGE_SIZE,
@@ -165,11 +146,7 @@ mod tests {
         );
         // inverted: the holes
         runs.clear();
-        let holes = Query {
-            mask: category::PRESENT,
-            inverted: category::PRESENT,
-            report: 0,
-        };
+        let holes = Query { mask: category::PRESENT, inverted: category::PRESENT, report: 0 };
         pm.scan(a, a + m.len(), holes, &mut runs).unwrap();
         let total: usize = runs.iter().map(|r| r.end - r.start).sum();
         assert_eq!(total, 5 * PAGE_SIZE);

@@ -30,21 +30,11 @@ impl IoPin {
         let mut params = io_uring_params::default();
         // SAFETY: creates a ring we own; nothing is submitted to it.
         let ring = unsafe { io_uring_setup(1, &mut params) }?;
-        let iov = rustix::io_uring::iovec {
-            iov_base: mapping_addr as *mut core::ffi::c_void,
-            iov_len: len,
-        };
+        let iov = rustix::io_uring::iovec { iov_base: mapping_addr as *mut core::ffi::c_void, iov_len: len };
         // SAFETY: IORING_REGISTER_BUFFERS reads one iovec from `iov`, which is
         // live for the call; the kernel pins the pages it names and never
         // writes them (no I/O is ever submitted to this ring).
-        unsafe {
-            io_uring_register(
-                &ring,
-                IoringRegisterOp::RegisterBuffers,
-                (&raw const iov).cast(),
-                1,
-            )
-        }?;
+        unsafe { io_uring_register(&ring, IoringRegisterOp::RegisterBuffers, (&raw const iov).cast(), 1) }?;
         Ok(IoPin { _ring: ring })
     }
 

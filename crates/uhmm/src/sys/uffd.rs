@@ -162,11 +162,7 @@ impl Uffd {
         let (fd, origin2) = Self::create(allow_user_mode_only)?;
         debug_assert_eq!(origin, origin2);
         let features = api(fd.as_fd(), wanted & supported)?;
-        Ok(Uffd {
-            fd,
-            origin,
-            features,
-        })
+        Ok(Uffd { fd, origin, features })
     }
 
     /// The features the kernel supports, discovered on a throwaway descriptor.
@@ -177,11 +173,7 @@ impl Uffd {
 
     fn create(allow_user_mode_only: bool) -> io::Result<(OwnedFd, Origin)> {
         let flags = (uapi::O_CLOEXEC | uapi::O_NONBLOCK) as usize;
-        if let Ok(dev) = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/userfaultfd")
-        {
+        if let Ok(dev) = OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
             struct DevNew(usize);
             // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value (the
             // "pointer" is the integer) and returns a new descriptor.
@@ -194,10 +186,7 @@ impl Uffd {
                 fn as_ptr(&mut self) -> *mut core::ffi::c_void {
                     self.0 as *mut core::ffi::c_void
                 }
-                unsafe fn output_from_ptr(
-                    out: i32,
-                    _: *mut core::ffi::c_void,
-                ) -> rustix::io::Result<i32> {
+                unsafe fn output_from_ptr(out: i32, _: *mut core::ffi::c_void) -> rustix::io::Result<i32> {
                     Ok(out)
                 }
             }
@@ -207,18 +196,14 @@ impl Uffd {
                 return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Origin::DevNode));
             }
         }
-        let cloexec_nonblock =
-            rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
+        let cloexec_nonblock = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
         // SAFETY: creating a userfaultfd affects nothing until ranges are
         // registered with it, which only `register` (taking a Mapping) does.
         match unsafe { rustix::mm::userfaultfd(cloexec_nonblock) } {
             Ok(fd) => return Ok((fd, Origin::Syscall)),
             Err(Errno::PERM | Errno::ACCESS) if allow_user_mode_only => {}
             Err(Errno::PERM | Errno::ACCESS | Errno::NOSYS) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    PERMISSION_HINT,
-                ));
+                return Err(io::Error::new(io::ErrorKind::PermissionDenied, PERMISSION_HINT));
             }
             Err(e) => return Err(e.into()),
         }
@@ -226,10 +211,7 @@ impl Uffd {
         // SAFETY: as above.
         match unsafe { rustix::mm::userfaultfd(cloexec_nonblock | user_mode) } {
             Ok(fd) => Ok((fd, Origin::UserModeOnly)),
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                PERMISSION_HINT,
-            )),
+            Err(_) => Err(io::Error::new(io::ErrorKind::PermissionDenied, PERMISSION_HINT)),
         }
     }
 
@@ -261,11 +243,7 @@ impl Uffd {
         if wp {
             mode |= u64::from(uapi::UFFDIO_REGISTER_MODE_WP);
         }
-        let mut arg = uapi::uffdio_register {
-            range: range(start, len),
-            mode,
-            ioctls: 0,
-        };
+        let mut arg = uapi::uffdio_register { range: range(start, len), mode, ioctls: 0 };
         // SAFETY: UFFDIO_REGISTER reads/updates a `uffdio_register`; the range
         // belongs to a Mapping, which no Rust reference points into.
         unsafe { ioctl_update(self.fd(), OP_REGISTER, &mut arg) }?;
@@ -286,11 +264,7 @@ impl Uffd {
     /// already present). Wakes threads faulting in the range unless `dontwake`.
     pub fn zeropage(&self, dst: usize, len: usize, dontwake: bool) -> Result<usize, Partial> {
         let mode = if dontwake { ZEROPAGE_MODE_DONTWAKE } else { 0 };
-        let mut arg = uapi::uffdio_zeropage {
-            range: range(dst, len),
-            mode,
-            zeropage: 0,
-        };
+        let mut arg = uapi::uffdio_zeropage { range: range(dst, len), mode, zeropage: 0 };
         // SAFETY: UFFDIO_ZEROPAGE fills only empty entries of ranges registered
         // with this descriptor (see the module docs).
         let r = unsafe { ioctl_update(self.fd(), OP_ZEROPAGE, &mut arg) };
@@ -300,21 +274,9 @@ impl Uffd {
     /// `UFFDIO_COPY`: allocate pages at the empty entries of `dst..dst + len`
     /// and fill them from `src` (any readable memory: the kernel copies it and
     /// answers `EFAULT` if it cannot). Stops at the first error.
-    pub fn copy(
-        &self,
-        dst: usize,
-        src: *const u8,
-        len: usize,
-        dontwake: bool,
-    ) -> Result<usize, Partial> {
+    pub fn copy(&self, dst: usize, src: *const u8, len: usize, dontwake: bool) -> Result<usize, Partial> {
         let mode = if dontwake { COPY_MODE_DONTWAKE } else { 0 };
-        let mut arg = uapi::uffdio_copy {
-            dst: dst as u64,
-            src: src as u64,
-            len: len as u64,
-            mode,
-            copy: 0,
-        };
+        let mut arg = uapi::uffdio_copy { dst: dst as u64, src: src as u64, len: len as u64, mode, copy: 0 };
         // SAFETY: UFFDIO_COPY fills only empty entries of registered ranges and
         // only reads `src` (see the module docs).
         let r = unsafe { ioctl_update(self.fd(), OP_COPY, &mut arg) };
@@ -335,21 +297,12 @@ impl Uffd {
         allow_src_holes: bool,
         dontwake: bool,
     ) -> Result<usize, Partial> {
-        let src_addr = src.page_range(src_off, len).map_err(|_| Partial {
-            done: 0,
-            errno: Errno::INVAL,
-        })?;
+        let src_addr = src.page_range(src_off, len).map_err(|_| Partial { done: 0, errno: Errno::INVAL })?;
         let mut mode = if dontwake { MOVE_MODE_DONTWAKE } else { 0 };
         if allow_src_holes {
             mode |= MOVE_MODE_ALLOW_SRC_HOLES;
         }
-        let mut arg = uapi::uffdio_move {
-            dst: dst as u64,
-            src: src_addr as u64,
-            len: len as u64,
-            mode,
-            move_: 0,
-        };
+        let mut arg = uapi::uffdio_move { dst: dst as u64, src: src_addr as u64, len: len as u64, mode, move_: 0 };
         // SAFETY: the source is a Mapping, so no Rust reference sees its pages
         // vanish; the destination only gets empty entries filled.
         let r = unsafe { ioctl_update(self.fd(), OP_MOVE, &mut arg) };
@@ -360,11 +313,7 @@ impl Uffd {
     /// access raises SIGBUS.
     pub fn poison(&self, dst: usize, len: usize, dontwake: bool) -> Result<usize, Partial> {
         let mode = if dontwake { 1 } else { 0 };
-        let mut arg = uapi::uffdio_poison {
-            range: range(dst, len),
-            mode,
-            updated: 0,
-        };
+        let mut arg = uapi::uffdio_poison { range: range(dst, len), mode, updated: 0 };
         // SAFETY: UFFDIO_POISON only marks empty entries of registered ranges.
         let r = unsafe { ioctl_update(self.fd(), OP_POISON, &mut arg) };
         outcome(r, arg.updated, len)
@@ -381,13 +330,7 @@ impl Uffd {
 
     /// `UFFDIO_WRITEPROTECT`: set (or clear) write protection of a range
     /// registered in WP mode.
-    pub fn writeprotect(
-        &self,
-        start: usize,
-        len: usize,
-        protect: bool,
-        dontwake: bool,
-    ) -> io::Result<()> {
+    pub fn writeprotect(&self, start: usize, len: usize, protect: bool, dontwake: bool) -> io::Result<()> {
         let mut mode = 0;
         if protect {
             mode |= 1 << 0;
@@ -395,10 +338,7 @@ impl Uffd {
         if dontwake {
             mode |= 1 << 1;
         }
-        let mut arg = uapi::uffdio_writeprotect {
-            range: range(start, len),
-            mode,
-        };
+        let mut arg = uapi::uffdio_writeprotect { range: range(start, len), mode };
         // SAFETY: write protection changes permissions, never contents.
         unsafe { ioctl_update(self.fd(), OP_WRITEPROTECT, &mut arg) }?;
         Ok(())
@@ -433,42 +373,25 @@ fn parse_msg(m: &[u8]) -> Event {
             addr: u64_at(ARG + 8) as usize,
             tid: u32_at(ARG + 16),
         },
-        uapi::UFFD_EVENT_FORK => Event::Fork {
-            fd: u32_at(ARG).cast_signed(),
-        },
-        uapi::UFFD_EVENT_REMAP => Event::Remap {
-            from: u64_at(ARG) as usize,
-            to: u64_at(ARG + 8) as usize,
-            len: u64_at(ARG + 16) as usize,
-        },
-        uapi::UFFD_EVENT_REMOVE => Event::Remove {
-            start: u64_at(ARG) as usize,
-            end: u64_at(ARG + 8) as usize,
-        },
-        uapi::UFFD_EVENT_UNMAP => Event::Unmap {
-            start: u64_at(ARG) as usize,
-            end: u64_at(ARG + 8) as usize,
-        },
+        uapi::UFFD_EVENT_FORK => Event::Fork { fd: u32_at(ARG).cast_signed() },
+        uapi::UFFD_EVENT_REMAP => {
+            Event::Remap { from: u64_at(ARG) as usize, to: u64_at(ARG + 8) as usize, len: u64_at(ARG + 16) as usize }
+        }
+        uapi::UFFD_EVENT_REMOVE => Event::Remove { start: u64_at(ARG) as usize, end: u64_at(ARG + 8) as usize },
+        uapi::UFFD_EVENT_UNMAP => Event::Unmap { start: u64_at(ARG) as usize, end: u64_at(ARG + 8) as usize },
         _ => Event::Unknown(m[0]),
     }
 }
 
 fn api(fd: BorrowedFd<'_>, features: u64) -> io::Result<u64> {
-    let mut arg = uapi::uffdio_api {
-        api: u64::from(uapi::UFFD_API),
-        features,
-        ioctls: 0,
-    };
+    let mut arg = uapi::uffdio_api { api: u64::from(uapi::UFFD_API), features, ioctls: 0 };
     // SAFETY: UFFDIO_API reads/updates a `uffdio_api` and changes no memory.
     unsafe { ioctl_update(fd, OP_API, &mut arg) }?;
     Ok(arg.features)
 }
 
 fn range(start: usize, len: usize) -> uapi::uffdio_range {
-    uapi::uffdio_range {
-        start: start as u64,
-        len: len as u64,
-    }
+    uapi::uffdio_range { start: start as u64, len: len as u64 }
 }
 
 /// Turns an ioctl result plus its progress field into bytes done or a
@@ -477,10 +400,7 @@ fn range(start: usize, len: usize) -> uapi::uffdio_range {
 fn outcome(r: rustix::io::Result<i32>, progress: i64, len: usize) -> Result<usize, Partial> {
     match r {
         Ok(_) => Ok(len),
-        Err(errno) => Err(Partial {
-            done: usize::try_from(progress).unwrap_or(0),
-            errno,
-        }),
+        Err(errno) => Err(Partial { done: usize::try_from(progress).unwrap_or(0), errno }),
     }
 }
 
@@ -496,8 +416,7 @@ mod tests {
 
     #[test]
     fn open_and_discover_features() {
-        let u = Uffd::open(feature::MOVE | feature::POISON | feature::THREAD_ID, true)
-            .expect("userfaultfd");
+        let u = Uffd::open(feature::MOVE | feature::POISON | feature::THREAD_ID, true).expect("userfaultfd");
         assert!(u.has(feature::MOVE), "this kernel must support UFFDIO_MOVE");
         assert!(u.has(feature::POISON));
     }
@@ -510,52 +429,19 @@ mod tests {
         u.register(&region, 0, region.len(), false).unwrap();
         u.register(&stage, 0, stage.len(), false).unwrap();
         // zero page over the first two pages, then EEXIST on overlap
-        assert_eq!(
-            u.zeropage(region.addr(), 2 * PAGE_SIZE, true),
-            Ok(2 * PAGE_SIZE)
-        );
-        let err = u
-            .zeropage(region.addr() + PAGE_SIZE, 2 * PAGE_SIZE, true)
-            .unwrap_err();
+        assert_eq!(u.zeropage(region.addr(), 2 * PAGE_SIZE, true), Ok(2 * PAGE_SIZE));
+        let err = u.zeropage(region.addr() + PAGE_SIZE, 2 * PAGE_SIZE, true).unwrap_err();
         assert_eq!(err.errno, Errno::EXIST);
         // copy data into page 2, move it to the stage, read it there
         let data = vec![7u8; PAGE_SIZE];
-        assert_eq!(
-            u.copy(
-                region.addr() + 2 * PAGE_SIZE,
-                data.as_ptr(),
-                PAGE_SIZE,
-                true
-            ),
-            Ok(PAGE_SIZE)
-        );
-        assert_eq!(
-            u.move_pages(stage.addr(), &region, 2 * PAGE_SIZE, PAGE_SIZE, false, true),
-            Ok(PAGE_SIZE)
-        );
+        assert_eq!(u.copy(region.addr() + 2 * PAGE_SIZE, data.as_ptr(), PAGE_SIZE, true), Ok(PAGE_SIZE));
+        assert_eq!(u.move_pages(stage.addr(), &region, 2 * PAGE_SIZE, PAGE_SIZE, false, true), Ok(PAGE_SIZE));
         let mut b = [0u8; 4];
         stage.read(0, &mut b).unwrap();
         assert_eq!(b, [7; 4]);
         // a source hole fails without ALLOW_SRC_HOLES and is skipped with it
-        let hole = u.move_pages(
-            stage.addr() + PAGE_SIZE,
-            &region,
-            3 * PAGE_SIZE,
-            PAGE_SIZE,
-            false,
-            true,
-        );
+        let hole = u.move_pages(stage.addr() + PAGE_SIZE, &region, 3 * PAGE_SIZE, PAGE_SIZE, false, true);
         assert_eq!(hole.unwrap_err().errno, Errno::NOENT);
-        assert!(
-            u.move_pages(
-                stage.addr() + PAGE_SIZE,
-                &region,
-                3 * PAGE_SIZE,
-                PAGE_SIZE,
-                true,
-                true
-            )
-            .is_ok()
-        );
+        assert!(u.move_pages(stage.addr() + PAGE_SIZE, &region, 3 * PAGE_SIZE, PAGE_SIZE, true, true).is_ok());
     }
 }

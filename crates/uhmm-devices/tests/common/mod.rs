@@ -38,20 +38,11 @@ pub fn space() -> AddressSpace {
 }
 
 pub fn device(space: &AddressSpace) -> SimDevice {
-    SimDevice::new(
-        space,
-        SimConfig {
-            capacity_bytes: 256 << 20,
-            ..SimConfig::default()
-        },
-    )
-    .expect("sim device")
+    SimDevice::new(space, SimConfig { capacity_bytes: 256 << 20, ..SimConfig::default() }).expect("sim device")
 }
 
 pub fn map(space: &AddressSpace, npages: usize) -> Region {
-    space
-        .map(npages * PAGE_SIZE, Prot::READ_WRITE)
-        .expect("map")
+    space.map(npages * PAGE_SIZE, Prot::READ_WRITE).expect("map")
 }
 
 /// Buffer of `npages` pages whose i-th u32 word is `f(i)`.
