@@ -358,6 +358,27 @@ impl Inner {
     /// RAM page or a hole.
     fn unmap_system(&mut self, region: &Arc<RegionInner>, first: usize, cpu: &[usize]) -> Result<()> {
         let stage = self.space.stage.alloc(self.pages.len())?;
+        let r = self.unmap_system_into(&stage, region, first, cpu);
+        if r.is_err() {
+            // Some pages may already sit in staging: restore every candidate
+            // from there (restoring moves skip staging holes).
+            for &i in cpu {
+                if self.pages[i].src != Src::Skip {
+                    self.pages[i].src = Src::System;
+                }
+            }
+        }
+        self.stage = Some(stage);
+        r
+    }
+
+    fn unmap_system_into(
+        &mut self,
+        stage: &Slots,
+        region: &Arc<RegionInner>,
+        first: usize,
+        cpu: &[usize],
+    ) -> Result<()> {
         let space = self.space.clone();
         for run in runs(cpu) {
             let writable = region.prot_at(first + run.start).contains(Prot::WRITE);
@@ -438,7 +459,6 @@ impl Inner {
             }
             i += len;
         }
-        self.stage = Some(stage);
         Ok(())
     }
 
@@ -588,25 +608,17 @@ impl Inner {
             let len = n * PAGE_SIZE;
             let mut done = 0;
             for _attempt in 0..100 {
-                let r = self.space.uffd.move_pages(
-                    dst + done,
-                    slots.mapping(),
-                    slots.offset(i) + done,
-                    len - done,
-                    false,
-                    true,
-                );
-                let e = match r {
+                let (at, off, rest) = (dst + done, slots.offset(i) + done, len - done);
+                let e = match self.space.uffd.move_pages(at, slots.mapping(), off, rest, true, true) {
                     Ok(_) => break,
                     Err(e) => e,
                 };
                 done += e.done;
                 if e.errno == Errno::INVAL || e.errno == Errno::BUSY {
                     // Read-only region (or an unmovable page): copy instead.
-                    let src = (slots.addr(i) + done) as *const u8;
-                    match self.space.uffd.copy(dst + done, src, len - done, true) {
-                        Ok(_) => break,
-                        Err(c) => done += c.done,
+                    match self.copy_present(slots.addr(i) + done, dst + done, len - done) {
+                        Ok(()) => break,
+                        Err(err) => tracing::error!(%err, "copying pages back failed; retrying"),
                     }
                 } else if e.errno == Errno::EXIST {
                     tracing::error!(addr = dst + done, "a page appeared under a locked entry; keeping it");
@@ -622,6 +634,27 @@ impl Inner {
             }
             k += n;
         }
+    }
+}
+
+impl Inner {
+    /// `UFFDIO_COPY` of the present pages of `src..src + len` (staging) to
+    /// `dst`; staging holes are left as holes (copying from one would fault
+    /// on uhmm's own userfaultfd).
+    fn copy_present(&self, src: usize, dst: usize, len: usize) -> Result<()> {
+        let mut present = Vec::new();
+        let q = Query { mask: 0, inverted: 0, report: 0 };
+        let q = Query { mask: category::PRESENT, ..q };
+        self.space.pagemap_file.scan(src, src + len, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+        for r in present {
+            let to = dst + (r.start - src);
+            match self.space.uffd.copy(to, r.start as *const u8, r.end - r.start, true) {
+                Ok(_) => {}
+                Err(e) if e.errno == Errno::EXIST => {}
+                Err(e) => return Err(Error::sys("UFFDIO_COPY", std::io::Error::from(e.errno))),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,574 @@
+//! `uhmm demo`: fill a region, move it to the sim device, touch part of it
+//! back from the CPU, verify every byte.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use uhmm::sys::uffd::Origin;
+use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region, StatsSnapshot};
+use uhmm_devices::sim::{SimConfig, SimDevice};
+
+use crate::map::{self, Census, Layout};
+use crate::units::{gbps, human, parse_fraction, parse_size};
+
+/// Options of `uhmm demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Size of the region: bytes, or a number with suffix K, M, G (powers of
+    /// 1024); rounded up to whole pages.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub size: usize,
+
+    /// The part of the region (from its start) the CPU reads back after it
+    /// has moved to the device; each access faults its pages back to RAM.
+    #[arg(long, default_value_t = 0.25, value_parser = parse_fraction)]
+    pub touch_fraction: f64,
+
+    /// Pages per migration chunk: the batch the sim device's DMA engine
+    /// copies at once (`SimConfig::migrate_chunk_pages`).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub chunk_pages: u32,
+
+    /// Bytes per call of `migrate_to_device` / `migrate_to_system` (one
+    /// progress step); suffixes as for --size.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub slice: usize,
+
+    /// Pages a CPU fault on device memory may bring back at once
+    /// (`Config::fault_around_pages`); default: the core's default.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fault_around: Option<u32>,
+
+    /// Seed of the fill pattern: each 64-bit word holds its index XOR this.
+    #[arg(long, default_value_t = 0x5eed_c0de_d00d_f00d)]
+    pub seed: u64,
+
+    /// Characters per row of the residency map.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub map_width: u16,
+
+    /// Most rows of the residency map (cells grow to fit).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub map_rows: u16,
+
+    /// Do not draw progress bars (they are drawn only on a terminal anyway).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// The name of the CPU touch-back step.
+const TOUCH: &str = "CPU touch-back";
+
+/// Bytes a CPU or device read/write call handles at once.
+const IO_CHUNK: usize = 4 << 20;
+
+/// An error of the demo: the step it happened in, and the cause.
+#[derive(Debug)]
+struct Failure {
+    step: &'static str,
+    err: uhmm::Error,
+}
+
+type Res<T> = std::result::Result<T, Failure>;
+
+fn at(step: &'static str) -> impl FnOnce(uhmm::Error) -> Failure {
+    move |err| Failure { step, err }
+}
+
+/// Runs the demo; the exit status says whether every byte was right.
+pub fn run(args: &DemoArgs) -> ExitCode {
+    let result = Demo::new(args).and_then(|mut d| {
+        let r = d.run();
+        if r.is_err() {
+            d.dump_state();
+            // Report before tearing down: after a failed step, unmapping
+            // the region may have to wait on pages that step left behind.
+            report(&r);
+            std::process::exit(2);
+        }
+        r
+    });
+    report(&result)
+}
+
+fn report(result: &Res<usize>) -> ExitCode {
+    match *result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(wrong) => {
+            eprintln!("uhmm demo: FAILED: {wrong} byte(s) read back wrong");
+            ExitCode::from(1)
+        }
+        Err(ref f) => {
+            eprintln!("uhmm demo: error while {}: {}", f.step, f.err);
+            if f.err.kind() == ErrorKind::Unsupported {
+                eprintln!(
+                    "hint: uhmm needs userfaultfd: read-write access to /dev/userfaultfd, \
+                     or `sysctl vm.unprivileged_userfaultfd=1`, or root; and Linux >= 6.8 (UFFDIO_MOVE)"
+                );
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The word at byte offset `off` of the region (the fill pattern).
+fn pattern(off: usize, seed: u64) -> u64 {
+    (off / 8) as u64 ^ seed
+}
+
+/// Fills `buf` with the pattern of region bytes `off..off + buf.len()`.
+fn fill_pattern(buf: &mut [u8], off: usize, seed: u64) {
+    for (j, w) in buf.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&pattern(off + j * 8, seed).to_ne_bytes());
+    }
+}
+
+/// Wrong bytes in `buf`, which should hold region bytes `off..`; the first
+/// wrong offset goes to `first_bad`.
+fn check(buf: &[u8], off: usize, seed: u64, first_bad: &mut Option<usize>) -> usize {
+    let mut wrong = 0;
+    for (j, w) in buf.chunks_exact(8).enumerate() {
+        let got = u64::from_ne_bytes(w.try_into().unwrap_or([0; 8]));
+        let want = pattern(off + j * 8, seed);
+        if got != want {
+            let diff = (got ^ want).to_ne_bytes().iter().filter(|b| **b != 0).count();
+            wrong += diff;
+            if first_bad.is_none() {
+                *first_bad = Some(off + j * 8);
+            }
+        }
+    }
+    wrong
+}
+
+/// The counters of [`StatsSnapshot`], by name.
+fn counters(s: &StatsSnapshot) -> [(&'static str, u64); 13] {
+    [
+        ("faults", s.faults),
+        ("duplicate_faults", s.duplicate_faults),
+        ("deferred_faults", s.deferred_faults),
+        ("eagain", s.eagain),
+        ("eexist", s.eexist),
+        ("zero_filled_pages", s.zero_filled_pages),
+        ("migrate_to_ram", s.migrate_to_ram),
+        ("migrations", s.migrations),
+        ("collected_pages", s.collected_pages),
+        ("pages_to_device", s.pages_to_device),
+        ("pages_to_ram", s.pages_to_ram),
+        ("poisoned_pages", s.poisoned_pages),
+        ("busy_pages", s.busy_pages),
+    ]
+}
+
+/// One timed step, for the summary.
+struct StepRecord {
+    name: &'static str,
+    bytes: usize,
+    time: Duration,
+    /// How the counters changed during the step.
+    delta: StatsSnapshot,
+}
+
+/// `a - b`, counter by counter.
+fn delta(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
+    let mut d = *a;
+    let fields = [
+        (&mut d.faults, b.faults),
+        (&mut d.duplicate_faults, b.duplicate_faults),
+        (&mut d.deferred_faults, b.deferred_faults),
+        (&mut d.eagain, b.eagain),
+        (&mut d.eexist, b.eexist),
+        (&mut d.zero_filled_pages, b.zero_filled_pages),
+        (&mut d.migrate_to_ram, b.migrate_to_ram),
+        (&mut d.migrations, b.migrations),
+        (&mut d.collected_pages, b.collected_pages),
+        (&mut d.pages_to_device, b.pages_to_device),
+        (&mut d.pages_to_ram, b.pages_to_ram),
+        (&mut d.poisoned_pages, b.poisoned_pages),
+        (&mut d.busy_pages, b.busy_pages),
+    ];
+    for (x, y) in fields {
+        *x = x.saturating_sub(y);
+    }
+    d
+}
+
+/// The progress-bar template.
+const BAR_TEMPLATE: &str =
+    "  {msg:<20} [{wide_bar:.cyan/blue}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}";
+
+struct Demo<'a> {
+    args: &'a DemoArgs,
+    space: AddressSpace,
+    // Declared before `region` so that the region is dropped first: its
+    // device pages are then freed with it rather than evicted to RAM.
+    dev: SimDevice,
+    region: Region,
+    layout: Layout,
+    steps: Vec<StepRecord>,
+    stats: StatsSnapshot,
+    wrong: usize,
+    first_bad: Option<usize>,
+    step_no: usize,
+}
+
+impl<'a> Demo<'a> {
+    fn new(args: &'a DemoArgs) -> Res<Demo<'a>> {
+        if args.size == 0 {
+            return Err(at("checking --size")(uhmm::Error::invalid("the size must be at least one byte")));
+        }
+        let size = args
+            .size
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or_else(|| at("checking --size")(uhmm::Error::invalid("size overflows")))?;
+        let mut config = Config::default();
+        if let Some(n) = args.fault_around {
+            config.fault_around_pages = n as usize;
+        }
+        let space = AddressSpace::new(config).map_err(at("opening the address space (userfaultfd)"))?;
+        let defaults = SimConfig::default();
+        let capacity = size
+            .checked_next_multiple_of(defaults.chunk_bytes)
+            .ok_or_else(|| at("sizing the device")(uhmm::Error::invalid("size overflows")))?;
+        let sim = SimConfig { capacity_bytes: capacity, migrate_chunk_pages: args.chunk_pages as usize, ..defaults };
+        let dev = SimDevice::new(&space, sim).map_err(at("creating the sim device"))?;
+        let region = space.map(size, Prot::READ_WRITE).map_err(at("mapping the region"))?;
+        let layout = Layout::new(region.npages(), usize::from(args.map_width), usize::from(args.map_rows));
+        let stats = space.stats();
+        Ok(Demo { args, space, dev, region, layout, steps: Vec::new(), stats, wrong: 0, first_bad: None, step_no: 0 })
+    }
+
+    fn bar(&self, len: usize, msg: &'static str) -> ProgressBar {
+        if self.args.no_progress {
+            return ProgressBar::hidden();
+        }
+        let pb = ProgressBar::new(len as u64);
+        let style = ProgressStyle::with_template(BAR_TEMPLATE)
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        pb.set_style(style);
+        pb.set_message(msg);
+        pb
+    }
+
+    /// Prints the residency map of the whole region and the page census.
+    fn print_map(&self) -> Res<()> {
+        let pages = self.space.snapshot(self.region.range()).map_err(at("taking a residency snapshot"))?;
+        print!("{}", map::render(&pages, self.layout, "  "));
+        println!("  {}", Census::of(&pages));
+        Ok(())
+    }
+
+    /// Starts a step: its title.
+    fn begin(&mut self, title: &str) {
+        self.step_no += 1;
+        println!();
+        println!("[{}] {title}", self.step_no);
+    }
+
+    /// Ends a timed step: time, rate, the counters that changed, the map.
+    fn end(&mut self, name: &'static str, bytes: usize, time: Duration, extra: &str) -> Res<()> {
+        let now = self.space.stats();
+        let d = delta(&now, &self.stats);
+        let changed: Vec<String> =
+            counters(&d).iter().filter(|(_, v)| *v != 0).map(|(n, v)| format!("{n} +{v}")).collect();
+        self.stats = now;
+        println!("  {} in {:.1} ms = {:.2} GB/s{extra}", human(bytes), time.as_secs_f64() * 1e3, gbps(bytes, time));
+        println!("  counters: {}", if changed.is_empty() { "(none changed)".to_string() } else { changed.join("  ") });
+        self.steps.push(StepRecord { name, bytes, time, delta: d });
+        self.print_map()
+    }
+
+    fn run(&mut self) -> Res<usize> {
+        let size = self.region.len();
+        let npages = self.region.npages();
+        let touch_pages = ((npages as f64 * self.args.touch_fraction).floor() as usize).min(npages);
+        let rest = npages - touch_pages;
+        let dev_read_pages = rest / 2;
+        let back_pages = rest - dev_read_pages;
+        let slice_pages = (self.args.slice / PAGE_SIZE).max(1);
+        let origin = match self.space.uffd_origin() {
+            Origin::DevNode => "/dev/userfaultfd (catches kernel-mode faults too)",
+            Origin::Syscall => "userfaultfd(2), full",
+            Origin::UserModeOnly => "userfaultfd(2), user-mode only (system calls on device pages get EFAULT)",
+        };
+
+        println!("uhmm demo");
+        println!("  region       {} at {:#x}: {npages} pages of {} B", human(size), self.region.addr(), PAGE_SIZE);
+        println!(
+            "  device       sim: capacity {}, {} pages per migration chunk, {} per migrate call",
+            human(size.next_multiple_of(SimConfig::default().chunk_bytes)),
+            self.args.chunk_pages,
+            human(slice_pages * PAGE_SIZE)
+        );
+        println!("  userfaultfd  {origin}; fault-around {} pages", self.space.config().fault_around_pages);
+        println!(
+            "  plan         fill; migrate all to the device; CPU reads the first {} ({:.0}%); verify: CPU {}, device read {}, migrate back + CPU {}",
+            human(touch_pages * PAGE_SIZE),
+            self.args.touch_fraction * 100.0,
+            human(touch_pages * PAGE_SIZE),
+            human(dev_read_pages * PAGE_SIZE),
+            human(back_pages * PAGE_SIZE)
+        );
+        println!("  map          {}; {}", self.layout.describe(), map::LEGEND);
+
+        let total = Instant::now();
+        self.begin("mapped (lazily backed: nothing allocated yet)");
+        self.print_map()?;
+
+        // 1. Fill through the CPU: first touch is zero-filled by the fault engine.
+        self.begin("fill: the CPU writes the pattern (first touch: zero-fill faults)");
+        let t = self.fill()?;
+        self.end("fill (CPU write)", size, t, "")?;
+
+        // 2. Migrate everything to the device, in slices.
+        self.begin("migrate the whole region to the device (migrate_to_device)");
+        let (t, cpages) = self.migrate(0, npages, slice_pages, true)?;
+        self.end("migrate to device", size, t, &format!("  ({cpages} pages on the device)"))?;
+
+        // 3. The CPU reads the first part back: faults through the fault engine.
+        let touch_bytes = touch_pages * PAGE_SIZE;
+        self.begin("CPU reads back the first part (faults migrate pages back to RAM)");
+        let t = self.touch(touch_bytes)?;
+        self.end(TOUCH, touch_bytes, t, "")?;
+
+        // 4. Verify every byte.
+        self.begin("verify the touched part through the CPU");
+        let t = self.verify_cpu(0, touch_bytes, "verify (CPU)")?;
+        self.end("verify touched (CPU)", touch_bytes, t, &self.wrong_note())?;
+
+        let dev_off = touch_bytes;
+        let dev_bytes = dev_read_pages * PAGE_SIZE;
+        self.begin("verify the next part with device reads (pages stay on the device)");
+        let (t, faults) = self.verify_device(dev_off, dev_read_pages)?;
+        self.end(
+            "verify (device read)",
+            dev_bytes,
+            t,
+            &format!("  (device fault rounds {faults}){}", self.wrong_note()),
+        )?;
+
+        let back_off = dev_off + dev_bytes;
+        let back_bytes = back_pages * PAGE_SIZE;
+        self.begin("migrate the last part back to RAM (migrate_to_system)");
+        let (t, moved) = self.migrate(back_off / PAGE_SIZE, back_pages, slice_pages, false)?;
+        self.end("migrate to system", back_bytes, t, &format!("  ({moved} pages migrated)"))?;
+
+        self.begin("verify the migrated-back part through the CPU");
+        let t = self.verify_cpu(back_off, back_bytes, "verify (CPU)")?;
+        self.end("verify migrated (CPU)", back_bytes, t, &self.wrong_note())?;
+
+        self.summary(total.elapsed(), size);
+        Ok(self.wrong)
+    }
+
+    /// After a failed step: the counters and the map, for diagnosis.
+    fn dump_state(&self) {
+        let all: Vec<String> = counters(&self.space.stats()).iter().map(|(n, v)| format!("{n} {v}")).collect();
+        println!("  counters (space.stats): {}", all.join("  "));
+        if let Err(f) = self.print_map() {
+            println!("  (no map: {})", f.err);
+        }
+    }
+
+    fn wrong_note(&self) -> String {
+        if self.wrong == 0 {
+            "  (all bytes right so far)".to_string()
+        } else {
+            format!("  ({} bytes wrong so far)", self.wrong)
+        }
+    }
+
+    fn fill(&mut self) -> Res<Duration> {
+        let size = self.region.len();
+        let pb = self.bar(size, "fill (CPU write)");
+        let mut buf = vec![0u8; IO_CHUNK.min(size)];
+        let start = Instant::now();
+        let mut off = 0;
+        while off < size {
+            let n = buf.len().min(size - off);
+            fill_pattern(&mut buf[..n], off, self.args.seed);
+            self.region.write(off, &buf[..n]).map_err(at("filling the region"))?;
+            off += n;
+            pb.set_position(off as u64);
+        }
+        let t = start.elapsed();
+        pb.finish_and_clear();
+        Ok(t)
+    }
+
+    /// Migrates `npages` pages from page `first` to the device (or back to
+    /// system memory), `slice` pages a call. Returns the time and the pages
+    /// the calls reported.
+    fn migrate(&mut self, first: usize, npages: usize, slice: usize, to_device: bool) -> Res<(Duration, usize)> {
+        let (msg, step) = if to_device {
+            ("migrate to device", "migrating to the device")
+        } else {
+            ("migrate to system", "migrating back to system memory")
+        };
+        let pb = self.bar(npages * PAGE_SIZE, msg);
+        let start = Instant::now();
+        let mut done = 0;
+        let mut cpages = 0;
+        while done < npages {
+            let n = slice.min(npages - done);
+            let addr = self.region.addr() + (first + done) * PAGE_SIZE;
+            let c = if to_device { self.dev.migrate_to_device(addr, n) } else { self.dev.migrate_to_system(addr, n) }
+                .map_err(at(step))?;
+            cpages += c.cpages;
+            done += n;
+            pb.set_position((done * PAGE_SIZE) as u64);
+        }
+        let t = start.elapsed();
+        pb.finish_and_clear();
+        Ok((t, cpages))
+    }
+
+    /// The CPU reads the first `bytes` of the region.
+    fn touch(&mut self, bytes: usize) -> Res<Duration> {
+        let pb = self.bar(bytes, "CPU touch-back");
+        let mut buf = vec![0u8; IO_CHUNK.min(bytes.max(1))];
+        let start = Instant::now();
+        let mut off = 0;
+        while off < bytes {
+            let n = buf.len().min(bytes - off);
+            self.region.read(off, &mut buf[..n]).map_err(at("reading the region back"))?;
+            std::hint::black_box(&buf);
+            off += n;
+            pb.set_position(off as u64);
+        }
+        let t = start.elapsed();
+        pb.finish_and_clear();
+        Ok(t)
+    }
+
+    /// Reads `bytes` at `off` through the CPU and checks them.
+    fn verify_cpu(&mut self, off: usize, bytes: usize, msg: &'static str) -> Res<Duration> {
+        let pb = self.bar(bytes, msg);
+        let mut buf = vec![0u8; IO_CHUNK.min(bytes.max(1))];
+        let start = Instant::now();
+        let mut done = 0;
+        while done < bytes {
+            let n = buf.len().min(bytes - done);
+            self.region.read(off + done, &mut buf[..n]).map_err(at("verifying through the CPU"))?;
+            self.wrong += check(&buf[..n], off + done, self.args.seed, &mut self.first_bad);
+            done += n;
+            pb.set_position(done as u64);
+        }
+        let t = start.elapsed();
+        pb.finish_and_clear();
+        Ok(t)
+    }
+
+    /// The device reads `npages` pages from byte `off` and they are checked.
+    /// Returns the time and the device's fault rounds.
+    fn verify_device(&mut self, off: usize, npages: usize) -> Res<(Duration, usize)> {
+        let pb = self.bar(npages * PAGE_SIZE, "verify (device read)");
+        let chunk_pages = IO_CHUNK / PAGE_SIZE;
+        let mut buf = vec![0u8; chunk_pages.min(npages.max(1)) * PAGE_SIZE];
+        let start = Instant::now();
+        let mut done = 0;
+        let mut faults = 0;
+        while done < npages {
+            let n = chunk_pages.min(npages - done);
+            let at_off = off + done * PAGE_SIZE;
+            let c =
+                self.dev.read(self.region.addr() + at_off, n, &mut buf).map_err(at("reading through the device"))?;
+            faults += c.faults;
+            self.wrong += check(&buf[..n * PAGE_SIZE], at_off, self.args.seed, &mut self.first_bad);
+            done += n;
+            pb.set_position((done * PAGE_SIZE) as u64);
+        }
+        let t = start.elapsed();
+        pb.finish_and_clear();
+        Ok((t, faults))
+    }
+
+    fn summary(&self, total: Duration, size: usize) {
+        println!();
+        println!("summary");
+        println!(
+            "  {:<24} {:>10} {:>11} {:>7} {:>8} {:>8} {:>8}",
+            "step", "bytes", "time", "GB/s", "faults", "to dev", "to RAM"
+        );
+        for s in &self.steps {
+            println!(
+                "  {:<24} {:>10} {:>8.1} ms {:>7.2} {:>8} {:>8} {:>8}",
+                s.name,
+                human(s.bytes),
+                s.time.as_secs_f64() * 1e3,
+                gbps(s.bytes, s.time),
+                s.delta.faults,
+                s.delta.pages_to_device,
+                s.delta.pages_to_ram
+            );
+        }
+        let st = self.space.stats();
+        let by_fault: u64 = self.steps.iter().filter(|s| s.name == TOUCH).map(|s| s.delta.pages_to_ram).sum();
+        println!(
+            "  pages migrated: to device {}, to RAM {} ({by_fault} by CPU faults through {} migrate_to_ram calls, {} by migrate_to_system)",
+            st.pages_to_device,
+            st.pages_to_ram,
+            st.migrate_to_ram,
+            st.pages_to_ram.saturating_sub(by_fault)
+        );
+        println!(
+            "  CPU faults {} (zero-filled pages {}); device pages in use {}",
+            st.faults,
+            st.zero_filled_pages,
+            self.dev.pages_in_use()
+        );
+        println!(
+            "  bytes moved: to device {}, to RAM {}",
+            human(st.pages_to_device as usize * PAGE_SIZE),
+            human(st.pages_to_ram as usize * PAGE_SIZE)
+        );
+        let all: Vec<String> = counters(&st).iter().map(|(n, v)| format!("{n} {v}")).collect();
+        println!("  counters (space.stats): {}", all.join("  "));
+        println!("  total time {:.1} ms", total.as_secs_f64() * 1e3);
+        println!();
+        match self.first_bad {
+            None => println!("result: OK: all {} ({size} bytes) read back right", human(size)),
+            Some(off) => println!(
+                "result: FAILED: {} byte(s) wrong of {size}; first wrong word at offset {off:#x} (page {})",
+                self.wrong,
+                off / PAGE_SIZE
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bar_template_parses() {
+        assert!(ProgressStyle::with_template(BAR_TEMPLATE).is_ok());
+    }
+
+    #[test]
+    fn deltas() {
+        let a = StatsSnapshot { faults: 10, pages_to_ram: 7, ..StatsSnapshot::default() };
+        let b = StatsSnapshot { faults: 4, pages_to_ram: 7, ..StatsSnapshot::default() };
+        let d = delta(&a, &b);
+        assert_eq!((d.faults, d.pages_to_ram, d.busy_pages), (6, 0, 0));
+    }
+
+    #[test]
+    fn pattern_roundtrip() {
+        let mut buf = vec![0u8; 3 * PAGE_SIZE];
+        fill_pattern(&mut buf, PAGE_SIZE, 42);
+        let mut first = None;
+        assert_eq!(check(&buf, PAGE_SIZE, 42, &mut first), 0);
+        assert_eq!(first, None);
+        buf[PAGE_SIZE + 3] ^= 0xff;
+        buf[PAGE_SIZE + 4] ^= 0x01;
+        assert_eq!(check(&buf, PAGE_SIZE, 42, &mut first), 2);
+        assert_eq!(first, Some(2 * PAGE_SIZE));
+        // A page in the wrong place is caught: the pattern differs per word.
+        let mut first = None;
+        assert!(check(&buf[..PAGE_SIZE], 0, 42, &mut first) > 0);
+    }
+}
