@@ -128,7 +128,9 @@ struct Page {
     migrated: bool,
 }
 
-/// A migration in progress. See the [module docs](self) for the protocol.
+/// A migration in progress: `setup` → the driver copies → `pages` → `finalize`
+/// (the kernel's migrate_vma protocol; dropping it before `finalize` restores
+/// every page).
 #[derive(Debug)]
 pub struct Migration<S = Collected> {
     inner: Inner,
