@@ -209,48 +209,51 @@ impl SimDevice {
     /// The device reads `npages` pages at `addr` into `buf`, faulting them
     /// in through the CPU page table.
     pub fn read(&self, addr: usize, npages: usize, buf: &mut [u8]) -> Result<Counters> {
-        let range = check_range(addr, npages)?;
-        if buf.len() < npages * PAGE_SIZE {
-            return Err(Error::invalid("buffer shorter than the range"));
-        }
-        let access = range_fault(&self.inner.space, range, false, self.inner.owner)?;
-        let mut faults = 0;
-        for i in 0..npages {
-            let page = &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            match access.page(i) {
-                AccessPage::System => {
-                    faults = 1;
-                    access.read(i, 0, page)?;
-                }
-                AccessPage::Device(p) => {
-                    let m = self.inner.dev_mem(p.pfn)?;
-                    m.chunk.read(m.off, page).map_err(|e| Error::sys("device read", e))?;
-                }
+        self.access(addr, npages, buf.len(), false, |i, page| {
+            let dst = &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            match page {
+                Page::System(access) => access.read(i, 0, dst),
+                Page::Device(m) => m.chunk.read(m.off, dst).map_err(|e| Error::sys("device read", e)),
             }
-        }
-        Ok(Counters { cpages: npages, faults })
+        })
     }
 
     /// The device writes `buf` to `npages` pages at `addr`, faulting them in
     /// for writing.
     pub fn write(&self, addr: usize, npages: usize, buf: &[u8]) -> Result<Counters> {
+        self.access(addr, npages, buf.len(), true, |i, page| {
+            let src = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            match page {
+                Page::System(access) => access.write(i, 0, src),
+                Page::Device(m) => m.chunk.write(m.off, src).map_err(|e| Error::sys("device write", e)),
+            }
+        })
+    }
+
+    /// dmirror's fault loop: fault the range in, then copy page by page,
+    /// from RAM or from this device's own memory. `faults` is one round when
+    /// any page was not in the device's page table.
+    fn access(
+        &self,
+        addr: usize,
+        npages: usize,
+        buf_len: usize,
+        write: bool,
+        mut copy: impl FnMut(usize, Page<'_>) -> Result<()>,
+    ) -> Result<Counters> {
         let range = check_range(addr, npages)?;
-        if buf.len() < npages * PAGE_SIZE {
+        if buf_len < npages * PAGE_SIZE {
             return Err(Error::invalid("buffer shorter than the range"));
         }
-        let access = range_fault(&self.inner.space, range, true, self.inner.owner)?;
+        let access = range_fault(&self.inner.space, range, write, self.inner.owner)?;
         let mut faults = 0;
         for i in 0..npages {
-            let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             match access.page(i) {
                 AccessPage::System => {
                     faults = 1;
-                    access.write(i, 0, page)?;
+                    copy(i, Page::System(&access))?;
                 }
-                AccessPage::Device(p) => {
-                    let m = self.inner.dev_mem(p.pfn)?;
-                    m.chunk.write(m.off, page).map_err(|e| Error::sys("device write", e))?;
-                }
+                AccessPage::Device(p) => copy(i, Page::Device(self.inner.dev_mem(p.pfn)?))?,
             }
         }
         Ok(Counters { cpages: npages, faults })
@@ -295,6 +298,12 @@ impl Drop for SimDevice {
             Err(err) => tracing::error!(%err, "sim device: eviction at drop failed"),
         }
     }
+}
+
+/// Where one page of a device access is.
+enum Page<'a> {
+    System(&'a uhmm::RangeAccess),
+    Device(DevMem),
 }
 
 fn check_range(addr: usize, npages: usize) -> Result<std::ops::Range<usize>> {
