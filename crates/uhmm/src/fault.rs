@@ -33,7 +33,7 @@ use crate::space::{AddressSpace, SpaceInner};
 use crate::stats::Stats;
 use crate::sys::PAGE_SIZE;
 use crate::sys::uffd::Event;
-use crate::{Error, Result};
+use crate::{Error, ErrorKind, Result};
 
 /// A CPU fault on device memory, handed to
 /// [`DevicePagemapOps::migrate_to_ram`](crate::DevicePagemapOps::migrate_to_ram)
@@ -240,9 +240,16 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Resu
                         };
                         ops.migrate_to_ram(&fault)
                     }
-                    None => Err(Error::new(crate::ErrorKind::NotFound, "the device is gone")),
+                    None => Err(Error::new(ErrorKind::NotFound, "the device is gone")),
                 };
                 if let Err(err) = result {
+                    if matches!(err.kind(), ErrorKind::NoMemory | ErrorKind::Busy) {
+                        // Transient (staging or device memory short, a
+                        // fence slow): retry rather than lose the page.
+                        tracing::warn!(%err, addr, "migrate_to_ram failed transiently; retrying");
+                        std::thread::sleep(std::time::Duration::from_micros(100));
+                        continue;
+                    }
                     tracing::error!(%err, addr, "migrate_to_ram failed: poisoning the page");
                     poison_page(space, &region, idx, page);
                 } else if region.pt.load(idx).is_cpu_unlocked() {

@@ -382,8 +382,15 @@ impl Inner {
         cpu: &[usize],
     ) -> Result<()> {
         let space = self.space.clone();
-        for run in runs(cpu) {
-            let writable = region.prot_at(first + run.start).contains(Prot::WRITE);
+        // One ioctl never crosses a protection boundary (a VMA boundary).
+        let prot_split = runs(cpu).into_iter().flat_map(|run| {
+            region
+                .prot_runs(first + run.start..first + run.end)
+                .into_iter()
+                .map(move |(r, p)| (r.start - first..r.end - first, p))
+        });
+        for (run, prot) in prot_split.collect::<Vec<_>>() {
+            let writable = prot.contains(Prot::WRITE);
             if writable {
                 let mut i = run.start;
                 while i < run.end {
@@ -416,8 +423,7 @@ impl Inner {
                 // but the pages are read-only and uhmm-managed.
                 let (a, b) = (region.addr_of(first + run.start), region.addr_of(first + run.end));
                 let mut present = Vec::new();
-                let q = Query { mask: 0, inverted: 0, report: 0 };
-                let q = Query { mask: category::PRESENT, ..q };
+                let q = Query::any_of(category::PRESENT | category::SWAPPED);
                 space.pagemap_file.scan(a, b, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
                 for r in present {
                     let mut addr = r.start;
@@ -438,7 +444,7 @@ impl Inner {
         }
         // Which staged slots hold data? Holes and the zero page are holes.
         let mut present = Vec::new();
-        let q = Query { mask: 0, inverted: 0, report: category::PRESENT | category::SWAPPED | category::PFNZERO };
+        let q = Query::all(category::PRESENT | category::SWAPPED | category::PFNZERO);
         let mut i = 0;
         while i < self.pages.len() {
             let len = stage.contiguous(i, self.pages.len() - i);
@@ -470,12 +476,9 @@ impl Inner {
             return Ok(());
         };
         let mut present = Vec::new();
-        let q = Query { mask: 0, inverted: 0, report: 0 };
-        let q = Query { mask: category::PRESENT | category::SWAPPED, report: 0, ..q };
+        let q = Query::any_of(category::PRESENT | category::SWAPPED);
         let (a, b) = (region.addr_of(first + lo), region.addr_of(first + hi + 1));
         self.space.pagemap_file.scan(a, b, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
-        let swapped = Query { mask: category::SWAPPED, ..q };
-        self.space.pagemap_file.scan(a, b, swapped, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
         for r in present {
             for addr in (r.start..r.end).step_by(PAGE_SIZE) {
                 let i = first_index(region, first, addr);
@@ -529,7 +532,10 @@ impl Inner {
                     MigrateDst::None => unreachable!("migrated pages have a destination"),
                 }
             } else {
-                if p.src == Src::System {
+                // Put back what setup moved to staging: RAM pages, and zero
+                // pages that were collected as holes (true holes are skipped
+                // by the move).
+                if matches!(p.src, Src::System | Src::Hole) && self.stage.is_some() {
                     installs.push((i, false));
                 }
                 if let MigrateDst::Device(d) = p.dst {
@@ -552,6 +558,13 @@ impl Inner {
                 wake[i] = true;
             }
         }
+        // Sources go back to their drivers before the waiting threads run,
+        // so a thread that saw its page come back sees the device page freed.
+        for d in to_free {
+            if let Some(pm) = space.pagemap(d.pagemap) {
+                pm.free_page(d.pfn);
+            }
+        }
         let mut i = 0;
         while i < wake.len() {
             if !wake[i] {
@@ -569,11 +582,6 @@ impl Inner {
             }
             space.wake(self.region_of(i), idx..idx + n);
             i += n;
-        }
-        for d in to_free {
-            if let Some(pm) = space.pagemap(d.pagemap) {
-                pm.free_page(d.pfn);
-            }
         }
         self.stage = None;
         self.pool = None;
@@ -606,7 +614,12 @@ impl Inner {
                 n += 1;
             }
             let region = self.region_of(i);
-            let dst = region.addr_of(self.pages[i].idx);
+            // ... and inside one protection run (one VMA).
+            let idx = self.pages[i].idx;
+            if let Some((r, _)) = region.prot_runs(idx..idx + n).first() {
+                n = r.len();
+            }
+            let dst = region.addr_of(idx);
             let len = n * PAGE_SIZE;
             let mut done = 0;
             for _attempt in 0..100 {
@@ -645,8 +658,7 @@ impl Inner {
     /// on uhmm's own userfaultfd).
     fn copy_present(&self, src: usize, dst: usize, len: usize) -> Result<()> {
         let mut present = Vec::new();
-        let q = Query { mask: 0, inverted: 0, report: 0 };
-        let q = Query { mask: category::PRESENT, ..q };
+        let q = Query::any_of(category::PRESENT | category::SWAPPED);
         self.space.pagemap_file.scan(src, src + len, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
         for r in present {
             let to = dst + (r.start - src);

@@ -116,11 +116,7 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
         // Fill holes of the RAM pages (zero page; a device write then takes
         // the kernel's copy-on-write).
         let mut holes = Vec::new();
-        let q = Query {
-            mask: category::PRESENT | category::SWAPPED,
-            inverted: category::PRESENT | category::SWAPPED,
-            report: 0,
-        };
+        let q = Query::none_of(category::PRESENT | category::SWAPPED);
         let (a, b) = (region.addr_of(first), region.addr_of(first + n));
         if let Err(e) = space.pagemap_file.scan(a, b, q, &mut holes) {
             unlock_all(space, &region, first, first + n, &pages, None);

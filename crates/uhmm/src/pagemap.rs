@@ -57,8 +57,10 @@ pub trait DevicePagemapOps: Send + Sync {
     /// migrate it (and any of `fault.window()` the driver chooses) back to
     /// RAM with a [`Migration`](crate::Migration) selecting
     /// [`Select::DEVICE_PRIVATE`](crate::Select::DEVICE_PRIVATE) and this
-    /// pagemap's owner. An error makes the faulting page poisoned (SIGBUS),
-    /// so return one only for unrecoverable device state.
+    /// pagemap's owner. An error of kind `NoMemory` or `Busy` is taken as
+    /// transient and the fault is retried; any other error makes the
+    /// faulting page poisoned (SIGBUS), so return one only for unrecoverable
+    /// device state.
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()>;
 }
 

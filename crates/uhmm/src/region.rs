@@ -181,24 +181,45 @@ impl Region {
 
     /// Copies bytes at `offset` into `buf`, faulting pages back from devices
     /// as needed (the calling thread must not be a uhmm handler thread).
+    ///
+    /// Fails with [`ErrorKind::Fault`](crate::ErrorKind::Fault) outside the
+    /// region, on pages without read access or on poisoned pages, instead of
+    /// the signal a direct access would raise.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.inner.map.read(offset, buf).map_err(|_| Error::new(crate::ErrorKind::Fault, "read outside the region"))
+        self.check_access(offset, buf.len(), Prot::READ)?;
+        self.inner.map.read(offset, buf).map_err(|e| Error::sys("read", e))
     }
 
     /// Copies `buf` to `offset`, faulting pages back from devices as needed.
+    /// Fails with [`ErrorKind::Permission`](crate::ErrorKind::Permission) on
+    /// read-only pages, otherwise as [`Region::read`].
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
-        let end = offset.checked_add(buf.len()).ok_or_else(|| Error::invalid("offset overflows"))?;
+        self.check_access(offset, buf.len(), Prot::READ_WRITE)?;
+        self.inner.map.write(offset, buf).map_err(|e| Error::sys("write", e))
+    }
+
+    fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<()> {
+        use crate::ErrorKind::{Fault, Permission};
+        let end = offset.checked_add(len).ok_or_else(|| Error::invalid("offset overflows"))?;
         if end > self.len() {
-            return Err(Error::new(crate::ErrorKind::Fault, "write outside the region"));
+            return Err(Error::new(Fault, "access outside the region"));
         }
-        let (first, last) = (offset / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
-        if buf.is_empty() {
+        if len == 0 {
             return Ok(());
         }
-        if self.inner.prot_runs(first..last).iter().any(|(_, p)| !p.contains(Prot::WRITE)) {
-            return Err(Error::new(crate::ErrorKind::Permission, "write to a read-only part of the region"));
+        let pages = offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
+        for (_, prot) in self.inner.prot_runs(pages.clone()) {
+            if !prot.contains(Prot::READ) {
+                return Err(Error::new(Fault, "no access to part of the range"));
+            }
+            if !prot.contains(need) {
+                return Err(Error::new(Permission, "write to a read-only part of the region"));
+            }
         }
-        self.inner.map.write(offset, buf).map_err(|e| Error::sys("write", e))
+        if pages.into_iter().any(|p| self.inner.pt.load(p).state() == State::Poisoned) {
+            return Err(Error::new(Fault, "a page of the range is poisoned"));
+        }
+        Ok(())
     }
 
     /// Changes the protection of `range` (byte offsets, page-aligned).

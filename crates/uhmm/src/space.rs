@@ -13,7 +13,7 @@ use crate::region::{Prot, Region, RegionInner};
 use crate::staging::Arena;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::sys::mman::Mapping;
-use crate::sys::pagemap::{Pagemap, Query, category};
+use crate::sys::pagemap::{PageRun, Pagemap, Query, category};
 use crate::sys::uffd::{self, Origin, Uffd};
 use crate::sys::{self, PAGE_SIZE};
 use crate::{Error, ErrorKind, Result};
@@ -312,9 +312,10 @@ impl SpaceInner {
             };
             let end = range.end.min(region.start() + region.map.len());
             runs.clear();
-            let q = Query { mask: 0, inverted: 0, report: category::PRESENT | category::SWAPPED | category::PFNZERO };
+            let q = Query::all(category::PRESENT | category::SWAPPED | category::PFNZERO);
             self.pagemap_file.scan(addr, end, q, &mut runs).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
             let first = (addr - region.start()) / PAGE_SIZE;
+            let mut cursor = 0;
             for (prange, prot) in region.prot_runs(first..first + (end - addr) / PAGE_SIZE) {
                 for idx in prange {
                     let a = region.addr_of(idx);
@@ -324,7 +325,7 @@ impl SpaceInner {
                             Residency::Device(page, owner)
                         }
                         State::Poisoned => Residency::Poisoned,
-                        State::Cpu => match runs.iter().find(|r| r.start <= a && a < r.end) {
+                        State::Cpu => match next_run(&runs, &mut cursor, a) {
                             Some(r) if r.categories & category::PFNZERO != 0 => Residency::Zero,
                             Some(r) if r.categories & (category::PRESENT | category::SWAPPED) != 0 => Residency::Ram,
                             _ => Residency::None,
@@ -337,6 +338,15 @@ impl SpaceInner {
         }
         Ok(out)
     }
+}
+
+/// The run of `runs` (sorted, disjoint) containing `addr`, walking forward
+/// from `*cursor` (addresses are asked in increasing order).
+fn next_run<'a>(runs: &'a [PageRun], cursor: &mut usize, addr: usize) -> Option<&'a PageRun> {
+    while *cursor < runs.len() && runs[*cursor].end <= addr {
+        *cursor += 1;
+    }
+    runs.get(*cursor).filter(|r| r.start <= addr)
 }
 
 impl Drop for SpaceInner {

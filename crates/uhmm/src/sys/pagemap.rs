@@ -52,15 +52,35 @@ pub struct Pagemap {
     file: File,
 }
 
-/// What to look for: pages match when `(categories ^ inverted) & mask == mask`.
-#[derive(Debug, Clone, Copy)]
+/// What to look for: a page matches when, after inverting `inverted`, all
+/// of `mask` and (if not empty) one of `anyof` are set.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Query {
     /// Categories that must all be set (after inversion).
     pub mask: u64,
     /// Categories to invert before matching (to ask for "not present").
     pub inverted: u64,
+    /// Categories of which at least one must be set.
+    pub anyof: u64,
     /// Categories to report in each run.
     pub report: u64,
+}
+
+impl Query {
+    /// Every page, reporting the `report` categories of each run.
+    pub fn all(report: u64) -> Query {
+        Query { report, ..Query::default() }
+    }
+
+    /// Pages with at least one of `cats`.
+    pub fn any_of(cats: u64) -> Query {
+        Query { anyof: cats, ..Query::default() }
+    }
+
+    /// Pages with none of `cats`.
+    pub fn none_of(cats: u64) -> Query {
+        Query { mask: cats, inverted: cats, ..Query::default() }
+    }
 }
 
 impl Pagemap {
@@ -92,7 +112,7 @@ impl Pagemap {
                 max_pages: 0,
                 category_inverted: q.inverted,
                 category_mask: q.mask,
-                category_anyof_mask: 0,
+                category_anyof_mask: q.anyof,
                 return_mask: q.report,
             };
             // SAFETY: PAGEMAP_SCAN reads page tables and writes at most
@@ -130,7 +150,7 @@ mod tests {
         std::hint::black_box(z);
         let pm = Pagemap::open().unwrap();
         let mut runs = Vec::new();
-        let q = Query { mask: category::PRESENT, inverted: 0, report: category::PRESENT | category::PFNZERO };
+        let q = Query { mask: category::PRESENT, report: category::PRESENT | category::PFNZERO, ..Query::default() };
         pm.scan(m.addr(), m.addr() + m.len(), q, &mut runs).unwrap();
         let a = m.addr();
         assert_eq!(
@@ -146,7 +166,7 @@ mod tests {
         );
         // inverted: the holes
         runs.clear();
-        let holes = Query { mask: category::PRESENT, inverted: category::PRESENT, report: 0 };
+        let holes = Query::none_of(category::PRESENT);
         pm.scan(a, a + m.len(), holes, &mut runs).unwrap();
         let total: usize = runs.iter().map(|r| r.end - r.start).sum();
         assert_eq!(total, 5 * PAGE_SIZE);

@@ -1,0 +1,347 @@
+//! The migration steps of the core, driven by a minimal in-test driver (no
+//! sim device): setup's selection and rejections, pages/finalize, restore,
+//! owners, device-range eviction, the chunked helper, read-only regions,
+//! poison, and the metadata cost of an untouched region.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use uhmm::{
+    AddressSpace, ChunkDriver, Collected, Config, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn,
+    ErrorKind, MigrateDst, MigrateSrc, Migrated, Migration, Owner, PAGE_SIZE, PageState, Prot, Residency, Result,
+    Select, migrate_chunked, migrate_device_range,
+};
+
+/// A device whose memory is a map of page buffers.
+struct TestDev {
+    owner: Owner,
+    pagemap: OnceLock<Arc<DevicePagemap>>,
+    mem: Mutex<HashMap<u64, Vec<u8>>>,
+    next: Mutex<u64>,
+    freed: Mutex<Vec<u64>>,
+}
+
+impl TestDev {
+    fn new(space: &AddressSpace) -> Arc<TestDev> {
+        let dev = Arc::new(TestDev {
+            owner: Owner::new(),
+            pagemap: OnceLock::new(),
+            mem: Mutex::new(HashMap::new()),
+            next: Mutex::new(0),
+            freed: Mutex::new(Vec::new()),
+        });
+        let weak: Weak<dyn DevicePagemapOps> = Arc::downgrade(&dev) as Weak<TestDev>;
+        dev.pagemap.set(space.register_pagemap(weak, dev.owner, 1 << 20).unwrap()).unwrap();
+        dev
+    }
+
+    fn pm(&self) -> &DevicePagemap {
+        self.pagemap.get().unwrap()
+    }
+
+    fn alloc(&self, data: Vec<u8>) -> DevicePage {
+        let mut next = self.next.lock().unwrap();
+        let pfn = *next;
+        *next += 1;
+        self.mem.lock().unwrap().insert(pfn, data);
+        self.pm().page(DevicePfn(pfn)).unwrap()
+    }
+
+    /// alloc_and_copy towards the device for every collected page.
+    fn copy_in(&self, m: &mut Migration<Collected>) {
+        for i in 0..m.npages() {
+            let data = match m.src(i) {
+                MigrateSrc::Hole => vec![0; PAGE_SIZE],
+                MigrateSrc::System(sp) => {
+                    let mut b = vec![0; PAGE_SIZE];
+                    sp.read(0, &mut b).unwrap();
+                    b
+                }
+                _ => continue,
+            };
+            let page = self.alloc(data);
+            m.set_dst_device(i, page).unwrap();
+        }
+    }
+
+    /// alloc_and_copy back to RAM for every page of this device.
+    fn copy_out(&self, m: &mut Migration<Collected>) -> Result<()> {
+        for i in 0..m.npages() {
+            let MigrateSrc::Device(p) = m.src(i) else { continue };
+            let data = self.mem.lock().unwrap()[&p.pfn.0].clone();
+            m.system_dst(i)?.write(0, &data)?;
+            m.set_dst_system(i)?;
+        }
+        Ok(())
+    }
+
+    fn to_device(&self, space: &AddressSpace, range: std::ops::Range<usize>) -> uhmm::MigrateSummary {
+        let mut m = Migration::setup(space, range, Select::SYSTEM, self.owner).unwrap();
+        self.copy_in(&mut m);
+        m.pages().finalize()
+    }
+}
+
+impl DevicePagemapOps for TestDev {
+    fn page_free(&self, pfn: DevicePfn) {
+        self.mem.lock().unwrap().remove(&pfn.0);
+        self.freed.lock().unwrap().push(pfn.0);
+    }
+
+    fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
+        let mut m = Migration::setup(fault.space(), fault.window(), Select::DEVICE_PRIVATE, self.owner)?;
+        self.copy_out(&mut m)?;
+        m.pages().finalize();
+        Ok(())
+    }
+}
+
+impl ChunkDriver for &TestDev {
+    fn alloc_and_copy(&mut self, m: &mut Migration<Collected>) -> Result<()> {
+        self.copy_in(m);
+        Ok(())
+    }
+
+    fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
+        assert!((0..m.npages()).all(|i| m.migrated(i) == (m.dst(i) != MigrateDst::None)));
+    }
+}
+
+fn space() -> AddressSpace {
+    AddressSpace::new(Config::default()).expect("userfaultfd must be available")
+}
+
+fn fill(region: &uhmm::Region, pages: std::ops::Range<usize>) {
+    for p in pages {
+        region.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+    }
+}
+
+fn check(region: &uhmm::Region, pages: std::ops::Range<usize>) {
+    for p in pages {
+        let mut b = vec![0; PAGE_SIZE];
+        region.read(p * PAGE_SIZE, &mut b).unwrap();
+        assert!(b.iter().all(|x| *x == p as u8 + 1), "page {p}");
+    }
+}
+
+#[test]
+fn setup_rejects_bad_ranges_and_changes_nothing() {
+    let space = space();
+    let r = space.map(8 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..8);
+    let owner = Owner::new();
+    let a = r.addr();
+    for bad in [a..a, a + 5..a + 100, 0..PAGE_SIZE, a..a + 9 * PAGE_SIZE, a + 7 * PAGE_SIZE..usize::MAX & !4095] {
+        let e = Migration::setup(&space, bad.clone(), Select::SYSTEM, owner).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad:?}: {e}");
+        assert_eq!(e.errno(), 22);
+    }
+    assert_eq!(space.stats().collected_pages, 0, "nothing was collected");
+    check(&r, 0..8);
+    let m = Migration::setup(&space, a + 1..a + 3 * PAGE_SIZE - 1, Select::SYSTEM, owner).unwrap();
+    assert_eq!((m.npages(), m.cpages()), (2, 2), "ends round down to pages");
+}
+
+#[test]
+fn selection_follows_the_kernel() {
+    let space = space();
+    let cfg_one = AddressSpace::new(Config { zero_fill_pages: 1, ..Config::default() }).unwrap();
+    for s in [&space, &cfg_one] {
+        let r = s.map(3 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        let mut b = [0u8; 1];
+        r.read(PAGE_SIZE, &mut b).unwrap(); // page 1: zero page (with a 1-page window, page 0 stays a hole)
+        r.write(2 * PAGE_SIZE, &[5]).unwrap(); // page 2: RAM
+        let owner = Owner::new();
+        let m = Migration::setup(s, r.range(), Select::SYSTEM, owner).unwrap();
+        assert_eq!(m.cpages(), 3);
+        assert!(matches!(m.src(0), MigrateSrc::Hole));
+        assert!(matches!(m.src(1), MigrateSrc::Hole), "the zero page is a hole");
+        assert!(matches!(m.src(2), MigrateSrc::System(_)));
+        drop(m);
+        let m = Migration::setup(s, r.range(), Select::DEVICE_PRIVATE, owner).unwrap();
+        assert!(matches!(m.src(2), MigrateSrc::Skip), "RAM is not selected");
+        assert!(matches!(m.src(1), MigrateSrc::Skip), "nor the zero page");
+        if std::ptr::eq(s, &cfg_one) {
+            assert!(matches!(m.src(0), MigrateSrc::Hole), "holes are collected whatever the selection");
+            assert_eq!(m.cpages(), 1);
+        }
+        drop(m);
+        let mut b = [0u8; 1];
+        r.read(2 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(b[0], 5);
+    }
+}
+
+#[test]
+fn owners_and_device_pages() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let other = TestDev::new(&space);
+    let r = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..4);
+    assert_eq!(dev.to_device(&space, r.range()).migrated, 4);
+    let m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, other.owner).unwrap();
+    assert_eq!(m.cpages(), 0, "another owner's pages are not collected");
+    drop(m);
+    let m = Migration::setup(&space, r.range(), Select::SYSTEM, dev.owner).unwrap();
+    assert_eq!(m.cpages(), 0, "device pages need DEVICE_PRIVATE");
+    drop(m);
+    let m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+    assert_eq!(m.cpages(), 4);
+    assert!(matches!(m.src(3), MigrateSrc::Device(p) if p.pagemap == dev.pm().id()));
+    drop(m);
+    assert!(matches!(r.state(0), Some(PageState::Device(_))));
+    check(&r, 0..4); // CPU faults bring them back through migrate_to_ram
+    assert_eq!(dev.mem.lock().unwrap().len(), 0, "page_free was called for every page");
+}
+
+#[test]
+fn pages_commits_only_pages_with_a_destination() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(8 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..8);
+    let mut m = Migration::setup(&space, r.range(), Select::SYSTEM, dev.owner).unwrap();
+    for i in [1, 4, 6] {
+        let MigrateSrc::System(sp) = m.src(i) else { panic!("page {i} must be RAM") };
+        let mut b = vec![0; PAGE_SIZE];
+        sp.read(0, &mut b).unwrap();
+        m.set_dst_device(i, dev.alloc(b)).unwrap();
+    }
+    let m = m.pages();
+    assert_eq!(m.migrated_count(), 3);
+    assert!(m.migrated(4) && !m.migrated(5));
+    let s = m.finalize();
+    assert_eq!((s.npages, s.cpages, s.migrated), (8, 8, 3));
+    let snap = space.snapshot(r.range()).unwrap();
+    for (i, p) in snap.iter().enumerate() {
+        let on_dev = matches!(p.residency, Residency::Device(_, o) if o == dev.owner);
+        assert_eq!(on_dev, [1, 4, 6].contains(&i), "page {i}");
+    }
+    check(&r, 0..8);
+}
+
+#[test]
+fn destination_errors_are_typed() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..2);
+    let locker = Migration::setup(&space, r.addr()..r.addr() + PAGE_SIZE, Select::SYSTEM, dev.owner).unwrap();
+    let mut m = Migration::setup(&space, r.range(), Select::SYSTEM, dev.owner).unwrap();
+    let page = dev.alloc(vec![0; PAGE_SIZE]);
+    assert_eq!(m.set_dst_device(0, page).unwrap_err().kind(), ErrorKind::InvalidArgument, "page 0 is busy");
+    assert_eq!(m.set_dst_device(9, page).unwrap_err().kind(), ErrorKind::InvalidArgument, "out of range");
+    assert_eq!(m.set_dst_system(1).unwrap_err().kind(), ErrorKind::InvalidArgument, "no system page yet");
+    drop(m);
+    drop(locker);
+    check(&r, 0..2);
+}
+
+#[test]
+fn device_range_eviction_and_poison() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let a = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    let b = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&a, 0..4);
+    fill(&b, 0..4);
+    dev.to_device(&space, a.range());
+    dev.to_device(&space, b.range());
+    // Evict by device page number, across both regions; page 2 is lost.
+    let mut m = migrate_device_range(&space, dev.pm(), 0..8).unwrap();
+    assert_eq!(m.cpages(), 8);
+    dev.copy_out(&mut m).unwrap();
+    let lost = (0..8).find(|&i| m.addr(i) == a.addr() + 2 * PAGE_SIZE).unwrap();
+    m.set_dst_error(lost).unwrap();
+    assert_eq!(m.pages().finalize().migrated, 8);
+    assert_eq!(dev.mem.lock().unwrap().len(), 0, "every device page was freed");
+    check(&b, 0..4);
+    check(&a, 0..2);
+    check(&a, 3..4);
+    let e = a.read(2 * PAGE_SIZE, &mut [0u8; 4]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Fault, "a poisoned page reads as an error, not zeros");
+    assert_eq!(space.snapshot(a.range()).unwrap()[2].residency, Residency::Poisoned);
+    assert_eq!(space.stats().poisoned_pages, 1);
+}
+
+#[test]
+fn chunked_helper_covers_the_range() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(100 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..100);
+    let before = space.stats().migrations;
+    let s = migrate_chunked(&space, r.range(), 16, Select::SYSTEM, dev.owner, &mut &*dev).unwrap();
+    assert_eq!((s.npages, s.cpages, s.migrated), (100, 100, 100));
+    assert_eq!(space.stats().migrations - before, 7, "ceil(100 / 16) chunks");
+    check(&r, 0..100);
+}
+
+#[test]
+fn read_only_pages_migrate_and_come_back() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(8 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..8);
+    r.protect(2 * PAGE_SIZE..6 * PAGE_SIZE, Prot::READ).unwrap();
+    assert_eq!(dev.to_device(&space, r.range()).migrated, 8);
+    check(&r, 0..8);
+    assert_eq!(r.write(3 * PAGE_SIZE, &[1]).unwrap_err().kind(), ErrorKind::Permission);
+    // A dropped migration of read-only RAM pages restores them too.
+    let m = Migration::setup(&space, r.range(), Select::SYSTEM, dev.owner).unwrap();
+    assert_eq!(m.cpages(), 8);
+    drop(m);
+    check(&r, 0..8);
+}
+
+#[test]
+fn no_access_pages_are_never_collected() {
+    let space = space();
+    let r = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..4);
+    r.protect(0..2 * PAGE_SIZE, Prot::NONE).unwrap();
+    let m = Migration::setup(&space, r.range(), Select::SYSTEM, Owner::new()).unwrap();
+    assert_eq!(m.cpages(), 2);
+    drop(m);
+    assert_eq!(r.read(0, &mut [0u8; 1]).unwrap_err().kind(), ErrorKind::Fault);
+    r.protect(0..2 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    check(&r, 0..4);
+}
+
+#[test]
+fn untouched_terabyte_region_costs_under_a_mebibyte() {
+    let space = space();
+    let r = space.map(1 << 40, Prot::READ_WRITE).unwrap();
+    assert!(r.metadata_bytes() < 1 << 20, "{} bytes", r.metadata_bytes());
+    r.write((1 << 39) + 123, &[7]).unwrap();
+    let mut b = [0u8; 1];
+    r.read((1 << 39) + 123, &mut b).unwrap();
+    assert_eq!(b[0], 7);
+    assert!(r.metadata_bytes() < 1 << 20, "one touched page: {} bytes", r.metadata_bytes());
+}
+
+#[test]
+fn cpu_waits_for_a_migration_then_sees_the_data() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = Arc::new(space.map(16 * PAGE_SIZE, Prot::READ_WRITE).unwrap());
+    fill(&r, 0..16);
+    let mut m = Migration::setup(&space, r.range(), Select::SYSTEM, dev.owner).unwrap();
+    let reader = {
+        let r = r.clone();
+        std::thread::spawn(move || check(&r, 5..6))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!reader.is_finished(), "the CPU access waits while the page is under migration");
+    dev.copy_in(&mut m);
+    m.pages().finalize();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "reader hung");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    reader.join().unwrap();
+}
