@@ -357,3 +357,81 @@ fn c13_dropped_migration() {
         region.write(8, &[1, 2, 3]).unwrap();
     });
 }
+
+// ---- The sim device itself (CONFORMANCE.md's operations) ----
+
+#[test]
+fn sim_fail_next_alloc_fails_once() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, 16);
+        fill(&region, 0..16, |i| i);
+        dev.fail_next_alloc();
+        let e = dev.migrate_to_device(region.addr(), 16).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "the failed allocation leaves pages behind");
+        assert_words(&cpu_read(&region), |i| i);
+        assert_eq!(dev.migrate_to_device(region.addr(), 16).unwrap().cpages, 16, "only once");
+        // A failed system allocation leaves the page on the device.
+        dev.fail_next_alloc();
+        let c = dev.migrate_to_system(region.addr(), 16).unwrap();
+        assert_eq!(c.cpages, 15);
+        assert_eq!(dev.pages_in_use(), 1);
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn sim_device_pages_never_leak_old_data() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let secret = map(&space, 64);
+        fill(&secret, 0..64, |_| 0x5EC2_E700);
+        dev.migrate_to_device(secret.addr(), 64).unwrap();
+        drop(secret); // frees its device pages
+        assert_eq!(dev.pages_in_use(), 0);
+        let fresh = map(&space, 64);
+        dev.migrate_to_device(fresh.addr(), 64).unwrap(); // holes: the freed pages are reused
+        let mut buf = vec![0xFFu8; 64 * PAGE_SIZE];
+        dev.read(fresh.addr(), 64, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0), "a reused device page must not show old data");
+        assert!(cpu_read(&fresh).iter().all(|b| *b == 0));
+    });
+}
+
+#[test]
+fn sim_capacity_is_enforced_and_release_evicts_everything() {
+    with_timeout(60, || {
+        let space = space();
+        let config = uhmm_devices::sim::SimConfig {
+            capacity_bytes: 4 << 20,
+            chunk_bytes: 2 << 20,
+            ..uhmm_devices::sim::SimConfig::default()
+        };
+        let dev = uhmm_devices::sim::SimDevice::new(&space, config).unwrap();
+        let region = map(&space, 2048); // 8 MiB: twice the capacity
+        fill(&region, 0..2048, |i| i);
+        let e = dev.migrate_to_device(region.addr(), 2048).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(dev.pages_in_use(), 1024, "grew chunk by chunk up to the capacity");
+        assert_eq!(dev.release().unwrap(), 1024);
+        assert_eq!(dev.pages_in_use(), 0);
+        assert!(space.snapshot(region.range()).unwrap().iter().all(|p| p.residency == uhmm::Residency::Ram));
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn sim_drop_evicts_to_ram() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        fill(&region, 0..NPAGES, |i| !i);
+        dev.migrate_to_device(region.addr(), NPAGES).unwrap();
+        drop(dev);
+        assert!(space.snapshot(region.range()).unwrap().iter().all(|p| p.residency == uhmm::Residency::Ram));
+        assert_words(&cpu_read(&region), |i| !i);
+    });
+}

@@ -226,7 +226,14 @@ impl Migration<Collected> {
     pub fn system_dst(&mut self, i: usize) -> Result<SystemPage> {
         self.inner.check_collected(i)?;
         if self.inner.pool.is_none() {
-            self.inner.pool = Some(self.inner.space.pool.alloc(self.inner.pages.len())?);
+            let pool = self.inner.space.pool.alloc(self.inner.pages.len())?;
+            // Pages coming back from a device will need RAM: allocate it in bulk.
+            let device: Vec<usize> =
+                (0..self.inner.pages.len()).filter(|&k| matches!(self.inner.pages[k].src, Src::Device(_))).collect();
+            for run in runs(&device) {
+                pool.populate(run);
+            }
+            self.inner.pool = Some(pool);
         }
         let pool = self.inner.pool.as_ref().expect("pool just allocated");
         Ok(SystemPage::new(pool.arena(), pool.offset(i)))

@@ -14,6 +14,7 @@
 //! page never leaks into the next migration and its memory returns to the
 //! system.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use crate::sys::PAGE_SIZE;
@@ -93,6 +94,22 @@ impl Slots {
     /// How many slots from `i` on are contiguous in memory (up to `max`).
     pub(crate) fn contiguous(&self, i: usize, max: usize) -> usize {
         (BATCH_PAGES - i % BATCH_PAGES).min(max)
+    }
+
+    /// Allocates the pages of slots `slots` now, in one call per contiguous
+    /// piece, rather than one kernel fault per page when a driver first
+    /// writes them. Only for the pool: populating the registered stage would
+    /// fault on uhmm's own userfaultfd.
+    pub(crate) fn populate(&self, slots: Range<usize>) {
+        let mut i = slots.start;
+        while i < slots.end {
+            let n = self.contiguous(i, slots.end - i);
+            if let Err(err) = self.arena.map.populate_write(self.offset(i), n * PAGE_SIZE) {
+                tracing::warn!(%err, "populating pool pages failed; they fault in on first write");
+                return;
+            }
+            i += n;
+        }
     }
 
     pub(crate) fn mapping(&self) -> &Mapping {

@@ -306,6 +306,17 @@ enum Page<'a> {
     Device(DevMem),
 }
 
+/// A chunk of device memory: host RAM, huge-page backed where the kernel
+/// allows, and populated at once, as device memory exists before it is used.
+fn new_chunk(bytes: usize) -> Option<Mapping> {
+    let chunk = Mapping::anonymous(bytes, Protection::ReadWrite, 2 << 20).ok()?;
+    let _ = chunk.advise_huge(0, bytes);
+    if let Err(err) = chunk.populate_write(0, bytes) {
+        tracing::warn!(%err, "sim device memory could not be populated up front");
+    }
+    Some(chunk)
+}
+
 fn check_range(addr: usize, npages: usize) -> Result<std::ops::Range<usize>> {
     if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(Error::invalid("address is not page-aligned"));
@@ -341,7 +352,7 @@ impl SimInner {
             if base + chunk_pages > self.config.capacity_bytes / PAGE_SIZE {
                 return None;
             }
-            let chunk = Mapping::anonymous(self.config.chunk_bytes, Protection::ReadWrite, PAGE_SIZE).ok()?;
+            let chunk = new_chunk(self.config.chunk_bytes)?;
             mem.chunks.push(Arc::new(chunk));
             mem.free.extend((base..base + chunk_pages).rev().map(|p| DevicePfn(p as u64)));
         }
