@@ -159,16 +159,9 @@ impl Migration<Collected> {
     pub fn setup(space: &AddressSpace, range: Range<usize>, select: Select, owner: Owner) -> Result<Self> {
         let start = range.start & !(PAGE_SIZE - 1);
         let end = range.end & !(PAGE_SIZE - 1);
-        if end <= start {
-            return Err(Error::invalid("empty range"));
-        }
         let space = &space.inner;
-        let region = space.region_at(start).ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
-        if end - region.start() > region.map.len() {
-            return Err(Error::invalid("range crosses the end of its region"));
-        }
-        let first = (start - region.start()) / PAGE_SIZE;
-        let n = (end - start) / PAGE_SIZE;
+        let (region, pages) = space.region_pages(start..end.max(start))?;
+        let (first, n) = (pages.start, pages.len());
         let mut m = Inner::new(space.clone(), vec![region.clone()], n);
         for (i, p) in m.pages.iter_mut().enumerate() {
             p.idx = first + i;
@@ -185,24 +178,18 @@ impl Migration<Collected> {
                     continue;
                 };
                 m.pages[i].prior = prior;
-                let keep = match prior {
+                m.pages[i].src = match prior {
+                    // RAM page or hole: decided once it is unmapped, below.
                     State::Cpu if prot != Prot::NONE => {
                         cpu.push(i);
-                        true
+                        Src::Hole
                     }
-                    State::Device(p) if select.contains(Select::DEVICE_PRIVATE) && owner_ok(&p) => {
-                        m.pages[i].src = Src::Device(p);
-                        true
+                    State::Device(p) if select.contains(Select::DEVICE_PRIVATE) && owner_ok(&p) => Src::Device(p),
+                    _ => {
+                        m.unlock_skip(i);
+                        Src::Skip
                     }
-                    _ => false,
                 };
-                if !keep {
-                    m.unlock_skip(i);
-                }
-                // A page in Src::Skip but locked is marked by `prior` until decided.
-                if keep && m.pages[i].src == Src::Skip {
-                    m.pages[i].src = Src::Hole; // provisional; decided below
-                }
             }
         }
         if region.is_dead() {
@@ -242,8 +229,11 @@ impl Migration<Collected> {
     /// Page `i` moves to device page `page`, which the driver has filled.
     pub fn set_dst_device(&mut self, i: usize, page: DevicePage) -> Result<()> {
         self.inner.check_collected(i)?;
-        if self.inner.space.pagemap(page.pagemap).is_none() {
-            return Err(Error::invalid("destination device page of an unknown pagemap"));
+        match self.inner.space.pagemap(page.pagemap) {
+            None => return Err(Error::invalid("destination device page of an unknown pagemap")),
+            Some(pm) if pm.page(page.pfn).is_none() => return Err(Error::invalid("device page out of its pagemap")),
+            Some(pm) if pm.is_mapped(page.pfn) => return Err(Error::invalid("device page already mapped elsewhere")),
+            Some(_) => {}
         }
         self.inner.pages[i].dst = MigrateDst::Device(page);
         Ok(())

@@ -53,15 +53,8 @@ pub struct RangeAccess {
 /// nothing is held and no page changed.
 pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner: Owner) -> Result<RangeAccess> {
     let space = &space.inner;
-    if !range.start.is_multiple_of(PAGE_SIZE) || !range.end.is_multiple_of(PAGE_SIZE) || range.is_empty() {
-        return Err(Error::invalid("range_fault needs a non-empty, page-aligned range"));
-    }
-    let region = space.region_at(range.start).ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
-    if range.end - region.start() > region.map.len() {
-        return Err(Error::invalid("range crosses the end of its region"));
-    }
-    let first = (range.start - region.start()) / PAGE_SIZE;
-    let n = range.len() / PAGE_SIZE;
+    let (region, pages) = space.region_pages(range)?;
+    let (first, n) = (pages.start, pages.len());
     for (_, prot) in region.prot_runs(first..first + n) {
         if !prot.contains(Prot::READ) {
             return Err(Error::new(ErrorKind::Fault, "no read access to the range"));
@@ -73,15 +66,25 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
     let foreign =
         |s: State| matches!(s, State::Device(p) if space.pagemap(p.pagemap).is_none_or(|pm| pm.owner() != owner));
     for _attempt in 0..100 {
-        // Bring other devices' pages back first, without holding locks.
+        // Bring other devices' pages back first, without holding locks: one
+        // migrate_to_ram per run of pages on the same device.
         let mut faulted = false;
-        for idx in first..first + n {
-            if let State::Device(page) = region.pt.load(idx).state()
-                && foreign(State::Device(page))
-            {
-                faulted = true;
-                migrate_foreign(space, &region, idx, page)?;
+        let mut idx = first;
+        while idx < first + n {
+            let state = region.pt.load(idx).state();
+            let State::Device(page) = state else {
+                idx += 1;
+                continue;
+            };
+            if !foreign(state) {
+                idx += 1;
+                continue;
             }
+            let same_device = |i| matches!(region.pt.load(i).state(), State::Device(p) if p.pagemap == page.pagemap);
+            let end = (idx + 1..first + n).find(|&i| !same_device(i)).unwrap_or(first + n);
+            faulted = true;
+            migrate_foreign(space, &region, idx..end, page)?;
+            idx = end;
         }
         // Lock in ascending order (waiting is fine: holders never wait for us).
         let mut pages = Vec::with_capacity(n);
@@ -143,13 +146,14 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
     Err(Error::new(ErrorKind::Busy, "the range kept moving; gave up after 100 attempts"))
 }
 
-/// Brings a page of another device back with its driver's `migrate_to_ram`.
-fn migrate_foreign(space: &Arc<SpaceInner>, region: &RegionInner, idx: usize, page: DevicePage) -> Result<()> {
+/// Brings pages `pages` of another device (the one holding `page`, the
+/// first) back with its driver's `migrate_to_ram`.
+fn migrate_foreign(space: &Arc<SpaceInner>, region: &RegionInner, pages: Range<usize>, page: DevicePage) -> Result<()> {
     let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else {
         return Err(Error::new(ErrorKind::Fault, "a page lives on a device that is gone"));
     };
-    let addr = region.addr_of(idx);
-    let fault = CpuFault::new(AddressSpace { inner: space.clone() }, addr, addr..addr + PAGE_SIZE, page);
+    let (start, end) = (region.addr_of(pages.start), region.addr_of(pages.end));
+    let fault = CpuFault::new(AddressSpace { inner: space.clone() }, start, start..end, page);
     ops.migrate_to_ram(&fault)
 }
 

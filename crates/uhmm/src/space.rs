@@ -232,6 +232,14 @@ impl AddressSpace {
         HandlerWatch(engine.as_ref().map(|e| e.alive.clone()).unwrap_or_default())
     }
 
+    /// The protection runs of `range` (page-aligned, inside one region), as
+    /// address ranges: what `/proc/self/maps` would say of it.
+    pub fn protection(&self, range: Range<usize>) -> Result<Vec<(Range<usize>, Prot)>> {
+        let (region, pages) = self.inner.region_pages(range)?;
+        let runs = region.prot_runs(pages);
+        Ok(runs.into_iter().map(|(r, p)| (region.addr_of(r.start)..region.addr_of(r.end), p)).collect())
+    }
+
     /// The state of each page of `range` (page-aligned), without faulting.
     pub fn snapshot(&self, range: Range<usize>) -> Result<Vec<PageSnapshot>> {
         self.inner.snapshot(range)
@@ -255,6 +263,23 @@ impl SpaceInner {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         let (_, r) = regions.range(..=addr).next_back()?;
         r.contains(addr).then(|| r.clone())
+    }
+
+    /// The region holding all of `range` (page-aligned, non-empty) and the
+    /// page indices `range` covers in it.
+    pub(crate) fn region_pages(&self, range: Range<usize>) -> Result<(Arc<RegionInner>, Range<usize>)> {
+        if !range.start.is_multiple_of(PAGE_SIZE) || !range.end.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::invalid("range is not page-aligned"));
+        }
+        if range.is_empty() {
+            return Err(Error::invalid("empty range"));
+        }
+        let region = self.region_at(range.start).ok_or_else(|| Error::invalid("address not managed by uhmm"))?;
+        if range.end - region.start() > region.map.len() {
+            return Err(Error::invalid("range crosses the end of its region"));
+        }
+        let first = (range.start - region.start()) / PAGE_SIZE;
+        Ok((region, first..first + range.len() / PAGE_SIZE))
     }
 
     /// The region with id `id`.

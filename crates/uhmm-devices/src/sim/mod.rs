@@ -61,8 +61,6 @@ bitflags::bitflags! {
         const ZERO = 0x10;
         /// Device-private memory of this device.
         const DEV_PRIVATE_LOCAL = 0x20;
-        /// Device-private memory of another device.
-        const DEV_PRIVATE_REMOTE = 0x30;
         /// No region, or no access.
         const ERROR = 0xFF;
     }
@@ -179,8 +177,12 @@ impl SimDevice {
     /// this device, then reads them back from the device page table: a page
     /// missing there is [`ErrorKind::NotFound`]. `cpages` = pages readable
     /// from the device.
+    /// A range without read access is an invalid argument, as in dmirror.
     pub fn migrate_to_device(&self, addr: usize, npages: usize) -> Result<Counters> {
         let range = check_range(addr, npages)?;
+        if self.inner.space.protection(range.clone())?.iter().any(|(_, p)| !p.contains(Prot::READ)) {
+            return Err(Error::invalid("no read access to part of the range"));
+        }
         let chunk = self.inner.config.migrate_chunk_pages;
         let mut driver = ToDevice { dev: &self.inner };
         migrate_chunked(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
@@ -274,7 +276,9 @@ impl SimDevice {
                     Residency::Zero => PageState::ZERO | PageState::READ,
                     Residency::Ram => rw,
                     Residency::Device(_, owner) if owner == self.inner.owner => PageState::DEV_PRIVATE_LOCAL | rw,
-                    Residency::Device(..) => PageState::DEV_PRIVATE_REMOTE | rw,
+                    // Another device's private memory is out of reach
+                    // without faulting: dmirror reports it as nothing.
+                    Residency::Device(..) => PageState::NONE,
                 }
             })
             .collect())

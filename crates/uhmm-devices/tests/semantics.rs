@@ -1,0 +1,139 @@
+//! The Semantics conformance scenarios (CONFORMANCE.md, S01–S22) that uhmm
+//! supports so far; the rest are listed in docs/conformance.md.
+
+mod common;
+
+use common::*;
+use uhmm::{ErrorKind, PAGE_SIZE, Prot};
+use uhmm_devices::sim::PageState;
+
+#[test]
+fn s01_anon_read_prot() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        fill(&region, 0..NPAGES, |i| i);
+        region.protect(0..region.len(), Prot::NONE).unwrap();
+        let mut buf = vec![0xA5u8; region.len()];
+        let e = dev.read(region.addr(), NPAGES, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Fault);
+        assert_eq!(e.errno(), 14);
+        assert!(buf.iter().all(|b| *b == 0xA5), "device buffer untouched");
+        region.protect(0..region.len(), Prot::READ).unwrap();
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn s02_anon_write_prot() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        region.protect(0..region.len(), Prot::READ).unwrap();
+        let mut one = vec![0u8; PAGE_SIZE];
+        let c = dev.read(region.addr(), 1, &mut one).unwrap();
+        assert_eq!((c.cpages, c.faults), (1, 1));
+        assert!(one.iter().all(|b| *b == 0));
+        let data = pattern(NPAGES, |i| i);
+        let e = dev.write(region.addr(), NPAGES, &data).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permission);
+        assert_eq!(e.errno(), 1);
+        assert!(cpu_read(&region).iter().all(|b| *b == 0), "nothing was written");
+        region.protect(0..region.len(), Prot::READ_WRITE).unwrap();
+        let c = dev.write(region.addr(), NPAGES, &data).unwrap();
+        assert_eq!(c.cpages, NPAGES);
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn s09_migrate_release() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, NPAGES);
+        fill(&region, 0..NPAGES, |i| i);
+        assert_eq!(dev.migrate_to_device(region.addr(), NPAGES).unwrap().cpages, NPAGES);
+        assert_eq!(dev.release().unwrap(), NPAGES);
+        assert_eq!(dev.pages_in_use(), 0);
+        let snap = dev.snapshot(region.addr(), NPAGES).unwrap();
+        assert!(snap.iter().all(|s| *s == PageState::WRITE), "every page back in RAM");
+        assert_words(&cpu_read(&region), |i| i);
+    });
+}
+
+#[test]
+fn s10_migrate_mixed() {
+    with_timeout(60, || {
+        let space = space();
+        let dev0 = device(&space);
+        let dev1 = device(&space);
+        // A region without read access: invalid argument.
+        let none = map(&space, 6);
+        none.protect(0..none.len(), Prot::NONE).unwrap();
+        assert_eq!(dev1.migrate_to_device(none.addr(), 6).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        // A range running into unmapped space: invalid argument.
+        let short = map(&space, 1);
+        assert_eq!(dev1.migrate_to_device(short.addr(), 3).unwrap_err().kind(), ErrorKind::InvalidArgument);
+        // Page 2 a read-only zero page, 3 read-only data, 4-5 read-write.
+        let r = map(&space, 6);
+        let p = |n: usize| n * PAGE_SIZE;
+        r.protect(p(2)..p(3), Prot::READ).unwrap();
+        let mut b = [0u8; 4];
+        r.read(p(2), &mut b).unwrap();
+        r.write(p(3), &pattern(1, |i| i + 3 * WORDS_PER_PAGE as u32)).unwrap();
+        r.protect(p(3)..p(4), Prot::READ).unwrap();
+        fill(&r, 4..6, |i| i);
+        let c = dev1.migrate_to_device(r.addr() + p(2), 4).unwrap();
+        assert_eq!(c.cpages, 4);
+        // Page 5 is on device 1: device 0 finds nothing to migrate.
+        assert_eq!(dev0.migrate_to_device(r.addr() + p(5), 1).unwrap_err().kind(), ErrorKind::NotFound);
+        let buf = cpu_read(&r);
+        assert!(buf[p(2)..p(3)].iter().all(|b| *b == 0));
+        assert_words(&buf[p(3)..], |i| i + 3 * WORDS_PER_PAGE as u32);
+    });
+}
+
+#[test]
+fn s11_snapshot_two_devices() {
+    with_timeout(60, || {
+        let space = space();
+        let dev0 = device(&space);
+        let dev1 = device(&space);
+        let r = map(&space, 2);
+        fill(&r, 0..2, |i| i);
+        dev0.migrate_to_device(r.addr(), 1).unwrap();
+        dev1.migrate_to_device(r.addr() + PAGE_SIZE, 1).unwrap();
+        let snap = dev0.snapshot(r.addr(), 2).unwrap();
+        assert_eq!(snap, vec![PageState::DEV_PRIVATE_LOCAL | PageState::WRITE, PageState::NONE]);
+        let snap = dev1.snapshot(r.addr(), 2).unwrap();
+        assert_eq!(snap, vec![PageState::NONE, PageState::DEV_PRIVATE_LOCAL | PageState::WRITE]);
+    });
+}
+
+#[test]
+fn s12_double_map() {
+    with_timeout(60, || {
+        let space = space();
+        let dev0 = device(&space);
+        let dev1 = device(&space);
+        let r = map(&space, NPAGES);
+        fill(&r, 0..NPAGES, |i| i);
+        r.protect(0..r.len(), Prot::READ).unwrap();
+        let mut buf = vec![0u8; r.len()];
+        for dev in [&dev0, &dev1] {
+            buf.fill(0);
+            assert_eq!(dev.read(r.addr(), NPAGES, &mut buf).unwrap().cpages, NPAGES);
+            assert_words(&buf, |i| i);
+        }
+        assert_eq!(dev1.migrate_to_device(r.addr(), NPAGES).unwrap().cpages, NPAGES);
+        buf.fill(0);
+        let c = dev0.read(r.addr(), NPAGES, &mut buf).unwrap();
+        assert_eq!(c.cpages, NPAGES);
+        assert_words(&buf, |i| i);
+        assert_eq!(dev1.pages_in_use(), 0, "device 0's read brought every page back through device 1");
+        assert!(dev0.snapshot(r.addr(), NPAGES).unwrap().iter().all(|s| *s == PageState::READ));
+    });
+}
