@@ -137,3 +137,45 @@ fn s12_double_map() {
         assert!(dev0.snapshot(r.addr(), NPAGES).unwrap().iter().all(|s| *s == PageState::READ));
     });
 }
+
+#[test]
+fn s16_pin_device_pages() {
+    use uhmm::PinKind;
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let r = map(&space, 4);
+        fill(&r, 0..4, |i| i);
+        assert_eq!(dev.migrate_to_device(r.addr(), 4).unwrap().cpages, 4);
+        let page = |n: usize| r.addr() + n * PAGE_SIZE..r.addr() + (n + 2) * PAGE_SIZE;
+        let long = space.pin(page(2), PinKind::LongTerm).unwrap();
+        let short = space.pin(page(0), PinKind::ShortTerm).unwrap();
+        // Private device pages come back for any pin.
+        assert!(dev.snapshot(r.addr(), 4).unwrap().iter().all(|s| *s == PageState::WRITE));
+        assert_eq!(dev.pages_in_use(), 0);
+        // Pinned pages are never migrated.
+        assert_eq!(dev.migrate_to_device(r.addr(), 4).unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(dev.pages_in_use(), 0);
+        assert_words(&cpu_read(&r), |i| i);
+        drop(short);
+        let e = dev.migrate_to_device(r.addr(), 4).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "pages 2-3 are still pinned");
+        assert_eq!(dev.pages_in_use(), 2, "pages 0-1 moved once unpinned");
+        drop(long);
+        assert_eq!(dev.migrate_to_device(r.addr(), 4).unwrap().cpages, 4);
+        assert_words(&cpu_read(&r), |i| i);
+    });
+}
+
+#[test]
+fn pins_need_writable_memory() {
+    with_timeout(60, || {
+        let space = space();
+        let r = map(&space, 4);
+        r.protect(0..r.len(), Prot::READ).unwrap();
+        let e = space.pin(r.range(), uhmm::PinKind::LongTerm).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Permission);
+        let e = space.pin(r.addr()..r.addr() + 5 * PAGE_SIZE, uhmm::PinKind::LongTerm).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    });
+}

@@ -33,6 +33,7 @@ mod fault;
 mod migrate;
 mod mirror;
 mod pagemap;
+mod pin;
 mod pte;
 mod region;
 mod space;
@@ -48,6 +49,7 @@ pub use migrate::{
 };
 pub use mirror::{AccessPage, RangeAccess, range_fault};
 pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner};
+pub use pin::{Pin, PinKind};
 pub use pte::State as PageState;
 pub use region::{Prot, Region};
 pub use space::{AddressSpace, Config, HandlerWatch, PageSnapshot, Residency};

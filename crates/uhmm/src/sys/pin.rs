@@ -19,7 +19,7 @@ use super::mman::Mapping;
 /// Pages of a [`Mapping`] pinned by the kernel until this value is dropped.
 #[derive(Debug)]
 pub struct IoPin {
-    _ring: OwnedFd,
+    ring: OwnedFd,
 }
 
 impl IoPin {
@@ -35,11 +35,25 @@ impl IoPin {
         // live for the call; the kernel pins the pages it names and never
         // writes them (no I/O is ever submitted to this ring).
         unsafe { io_uring_register(&ring, IoringRegisterOp::RegisterBuffers, (&raw const iov).cast(), 1) }?;
-        Ok(IoPin { _ring: ring })
+        Ok(IoPin { ring })
     }
 
     /// Pins a sub-range of `mapping`.
     pub fn of(mapping: &Mapping, off: usize, len: usize) -> io::Result<IoPin> {
         IoPin::new(mapping.page_range(off, len)?, len)
+    }
+}
+
+impl Drop for IoPin {
+    fn drop(&mut self) {
+        // Unregister explicitly: closing the ring alone unpins later, from a
+        // kernel worker, and a migration right after the drop would still
+        // find the pages pinned.
+        // SAFETY: IORING_UNREGISTER_BUFFERS takes no argument and only drops
+        // the ring's own references to the pages it pinned.
+        let r = unsafe { io_uring_register(&self.ring, IoringRegisterOp::UnregisterBuffers, std::ptr::null(), 0) };
+        if let Err(err) = r {
+            tracing::warn!(%err, "io_uring buffer unregistration failed; the pages unpin when the ring closes");
+        }
     }
 }
