@@ -6,7 +6,8 @@
 //! capacity). Copies run on a DMA engine thread with fences. A device page
 //! table maps the addresses whose pages live on this device. The test
 //! operations are dmirror's: `read`, `write`, `migrate_to_device`,
-//! `migrate_to_system`, `snapshot`, `release`, `fail_next_alloc`.
+//! `migrate_to_system`, `snapshot`, `release`, `fail_next_alloc`, plus one
+//! fault injection of uhmm's own, `poison_next_copy_back`.
 
 mod dma;
 
@@ -88,6 +89,7 @@ struct SimInner {
     /// The device page table, for pages on this device.
     table: Mutex<Table>,
     fail_next_alloc: AtomicBool,
+    poison_next_copy_back: AtomicBool,
 }
 
 /// The device page table: address ↔ device page.
@@ -144,6 +146,7 @@ impl SimDevice {
             dma: DmaEngine::start()?,
             table: Mutex::new(Table::default()),
             fail_next_alloc: AtomicBool::new(false),
+            poison_next_copy_back: AtomicBool::new(false),
             config,
         });
         let weak: Weak<dyn DevicePagemapOps> = Arc::downgrade(&inner) as Weak<SimInner>;
@@ -171,6 +174,14 @@ impl SimDevice {
     /// The next device or system page allocation in a migration fails, once.
     pub fn fail_next_alloc(&self) {
         self.inner.fail_next_alloc.store(true, Ordering::SeqCst);
+    }
+
+    /// The next page this device copies back to RAM is declared
+    /// unrecoverable, once: its data is lost and CPU accesses to it get
+    /// SIGBUS (the driver's choice the kernel allows when it cannot bring a
+    /// page back).
+    pub fn poison_next_copy_back(&self) {
+        self.inner.poison_next_copy_back.store(true, Ordering::SeqCst);
     }
 
     /// Migrates the system pages and holes of `npages` pages at `addr` to
@@ -376,7 +387,8 @@ impl SimInner {
     }
 
     /// Copies this device's pages among the sources of `m` to RAM. A page
-    /// that cannot get a RAM page is left where it is.
+    /// that cannot get a RAM page is left where it is; one declared lost by
+    /// `poison_next_copy_back` is not copied.
     fn copy_to_ram(&self, m: &mut Migration<Collected>) -> Result<()> {
         let mut ops = Vec::new();
         let mut dsts = Vec::new();
@@ -385,6 +397,10 @@ impl SimInner {
                 continue;
             };
             if p.pagemap != self.pagemap().id() || self.take_fail() {
+                continue;
+            }
+            if self.poison_next_copy_back.swap(false, Ordering::SeqCst) {
+                m.set_dst_error(i)?;
                 continue;
             }
             let sp = m.system_dst(i)?;
