@@ -179,3 +179,69 @@ fn pins_need_writable_memory() {
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     });
 }
+
+// ---- Mirrors: the device page table kept between accesses (issue 3, item 1) ----
+
+#[test]
+fn mirror_is_kept_and_invalidated() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let other = device(&space);
+        let r = map(&space, 64);
+        fill(&r, 0..64, |i| i);
+        let mut buf = vec![0u8; r.len()];
+        assert_eq!(dev.read(r.addr(), 64, &mut buf).unwrap().faults, 1);
+        assert_eq!(dev.read(r.addr(), 64, &mut buf).unwrap().faults, 0, "the mirror keeps RAM pages");
+        // Another device migrates half: the mirror is invalidated there.
+        other.migrate_to_device(r.addr(), 32).unwrap();
+        buf.fill(0);
+        assert_eq!(dev.read(r.addr(), 64, &mut buf).unwrap().faults, 1);
+        assert_words(&buf, |i| i);
+        assert_eq!(other.pages_in_use(), 0, "the read brought the other device's pages back");
+        // A protection change invalidates too; a write then needs write access.
+        r.protect(0..r.len(), Prot::READ).unwrap();
+        assert_eq!(dev.write(r.addr(), 1, &buf).unwrap_err().kind(), ErrorKind::Permission);
+        r.protect(0..r.len(), Prot::READ_WRITE).unwrap();
+        let c = dev.write(r.addr(), 64, &pattern(64, |i| i + 1)).unwrap();
+        assert_eq!(c.faults, 1);
+        assert_words(&cpu_read(&r), |i| i + 1);
+    });
+}
+
+#[test]
+fn mirror_stays_coherent_under_migrations() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    with_timeout(300, || {
+        const N: usize = 32;
+        let space = space();
+        let writer_dev = Arc::new(device(&space));
+        let mover = device(&space);
+        let r = Arc::new(map(&space, N));
+        fill(&r, 0..N, |_| 0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (dev, r, stop) = (writer_dev.clone(), r.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut round = 0u32;
+                while !stop.load(Ordering::SeqCst) {
+                    round += 1;
+                    dev.write(r.addr(), N, &pattern(N, |_| round)).unwrap();
+                }
+                round
+            })
+        };
+        for _ in 0..50 {
+            let _ = mover.migrate_to_device(r.addr(), N);
+            mover.migrate_to_system(r.addr(), N).unwrap();
+            let _ = mover.migrate_to_device(r.addr(), N);
+            let mut b = [0u8; 4];
+            r.read(0, &mut b).unwrap(); // and the CPU faults a page back
+        }
+        stop.store(true, Ordering::SeqCst);
+        let last = writer.join().unwrap();
+        assert!(last > 0);
+        assert_words(&cpu_read(&r), |_| last);
+    });
+}

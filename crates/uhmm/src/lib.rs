@@ -32,6 +32,7 @@ mod error;
 mod fault;
 mod migrate;
 mod mirror;
+mod notifier;
 mod pagemap;
 mod pin;
 mod pte;
@@ -48,6 +49,7 @@ pub use migrate::{
     migrate_device_range,
 };
 pub use mirror::{AccessPage, RangeAccess, range_fault};
+pub use notifier::{IntervalNotifier, IntervalNotifierOps, InvalidateEvent, NotifierHandle};
 pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner};
 pub use pin::{Pin, PinKind};
 pub use pte::State as PageState;

@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
+use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
 use crate::pte::State;
 use crate::region::{Prot, RegionInner};
@@ -195,6 +196,12 @@ impl Migration<Collected> {
         if region.is_dead() {
             return Err(Error::new(ErrorKind::NotFound, "the region is being unmapped"));
         }
+        // Mirrors drop their entries before any page changes.
+        let _inv = m
+            .pages
+            .iter()
+            .any(|p| p.src != Src::Skip)
+            .then(|| space.notifiers.invalidate(start..end, InvalidateEvent::Migrate { owner }));
         if !cpu.is_empty() {
             if select.contains(Select::SYSTEM) {
                 m.unmap_system(&region, first, &cpu)?;
@@ -720,6 +727,8 @@ pub fn migrate_device_range(
             }
             continue;
         }
+        let addr = r.addr_of(idx);
+        drop(space.notifiers.invalidate(addr..addr + PAGE_SIZE, InvalidateEvent::Migrate { owner: pagemap.owner() }));
         pages.push(Page {
             region: u32::try_from(region).expect("few regions"),
             idx,

@@ -9,9 +9,9 @@
 //! of the caller's own device are reported as such (the device reads its own
 //! memory), as the kernel does for `dev_private_owner`.
 //!
-//! Interval notifiers (`mmu_interval_notifier`) with sequence numbers, which
-//! let a device keep a mirror between accesses, come with the issue on
-//! mirrors; until then an access holds the pages for its duration.
+//! A device that keeps a mirror between accesses uses
+//! [`RangeAccess::release`] and an interval notifier (`notifier.rs`) instead
+//! of holding the pages.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -25,11 +25,14 @@ use crate::sys::PAGE_SIZE;
 use crate::sys::pagemap::{Query, category};
 use crate::{Error, ErrorKind, Result};
 
-/// One page of a [`RangeAccess`].
+/// One page of a [`RangeAccess`] (an `hmm_pfn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessPage {
     /// In RAM: read or write it with [`RangeAccess::read`] / [`RangeAccess::write`].
-    System,
+    System {
+        /// Whether the region lets the page be written (`HMM_PFN_WRITE`).
+        writable: bool,
+    },
     /// On the caller's own device: the device uses its own memory.
     Device(DevicePage),
 }
@@ -92,11 +95,11 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
         for idx in first..first + n {
             let s = region.pt.lock(idx, &space.waits);
             let page = match s {
-                State::Cpu => AccessPage::System,
+                State::Cpu => AccessPage::System { writable: region.prot_at(idx).contains(Prot::WRITE) },
                 State::Device(p) if !foreign(s) => AccessPage::Device(p),
                 State::Device(_) => {
                     retry = true;
-                    AccessPage::System
+                    AccessPage::System { writable: false }
                 }
                 State::Poisoned => {
                     unlock_all(space, &region, first, idx + 1, &pages, Some(s));
@@ -128,7 +131,7 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
         for h in &holes {
             for addr in (h.start..h.end).step_by(PAGE_SIZE) {
                 let i = (addr - a) / PAGE_SIZE;
-                if pages[i] == AccessPage::System {
+                if matches!(pages[i], AccessPage::System { .. }) {
                     faulted = true;
                     match space.uffd.zeropage(addr, PAGE_SIZE, true) {
                         Ok(_) => {}
@@ -168,7 +171,7 @@ fn unlock_all(
     for idx in first..end {
         let state = match pages.get(idx - first) {
             Some(AccessPage::Device(p)) => State::Device(*p),
-            Some(AccessPage::System) => region.pt.load(idx).state(),
+            Some(AccessPage::System { .. }) => region.pt.load(idx).state(),
             None => last.unwrap_or(State::Cpu),
         };
         if region.pt.unlock(idx, state, &space.waits) {
@@ -186,6 +189,14 @@ impl RangeAccess {
     /// Page `i`: in RAM, or on the caller's device.
     pub fn page(&self, i: usize) -> AccessPage {
         self.pages[i]
+    }
+
+    /// Ends the access and returns what each page was (`hmm_range_fault`'s
+    /// pfns). The pages are no longer held: a mirror must check its
+    /// notifier's [`read_retry`](crate::IntervalNotifier::read_retry) under
+    /// its own lock before trusting them.
+    pub fn release(self) -> Vec<AccessPage> {
+        self.pages.clone()
     }
 
     /// Whether anything had to be faulted in (a fault round in dmirror's terms).
@@ -209,7 +220,7 @@ impl RangeAccess {
     }
 
     fn offset(&self, i: usize, offset: usize, len: usize) -> Result<usize> {
-        if self.pages.get(i) != Some(&AccessPage::System) {
+        if !matches!(self.pages.get(i), Some(AccessPage::System { .. })) {
             return Err(Error::invalid("not a RAM page of this access"));
         }
         match offset.checked_add(len) {

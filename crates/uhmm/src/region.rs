@@ -112,6 +112,32 @@ impl RegionInner {
         map.range(..=idx).next_back().map_or(Prot::NONE, |(_, p)| *p)
     }
 
+    /// Checks an access of `len` bytes at `offset`: inside the region, with
+    /// `need` rights, no page poisoned.
+    pub(crate) fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<()> {
+        use crate::ErrorKind::{Fault, Permission};
+        let end = offset.checked_add(len).ok_or_else(|| Error::invalid("offset overflows"))?;
+        if end > self.map.len() {
+            return Err(Error::new(Fault, "access outside the region"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let pages = offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
+        for (_, prot) in self.prot_runs(pages.clone()) {
+            if !prot.contains(Prot::READ) {
+                return Err(Error::new(Fault, "no access to part of the range"));
+            }
+            if !prot.contains(need) {
+                return Err(Error::new(Permission, "write to a read-only part of the region"));
+            }
+        }
+        if pages.into_iter().any(|p| self.pt.load(p).state() == State::Poisoned) {
+            return Err(Error::new(Fault, "a page of the range is poisoned"));
+        }
+        Ok(())
+    }
+
     /// Changes the protection of pages `pages` (mprotect).
     pub(crate) fn set_prot(&self, pages: Range<usize>, prot: Prot) -> Result<()> {
         let protection = prot.protection()?;
@@ -186,7 +212,7 @@ impl Region {
     /// region, on pages without read access or on poisoned pages, instead of
     /// the signal a direct access would raise.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.check_access(offset, buf.len(), Prot::READ)?;
+        self.inner.check_access(offset, buf.len(), Prot::READ)?;
         self.inner.map.read(offset, buf).map_err(|e| Error::sys("read", e))
     }
 
@@ -194,32 +220,8 @@ impl Region {
     /// Fails with [`ErrorKind::Permission`](crate::ErrorKind::Permission) on
     /// read-only pages, otherwise as [`Region::read`].
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
-        self.check_access(offset, buf.len(), Prot::READ_WRITE)?;
+        self.inner.check_access(offset, buf.len(), Prot::READ_WRITE)?;
         self.inner.map.write(offset, buf).map_err(|e| Error::sys("write", e))
-    }
-
-    fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<()> {
-        use crate::ErrorKind::{Fault, Permission};
-        let end = offset.checked_add(len).ok_or_else(|| Error::invalid("offset overflows"))?;
-        if end > self.len() {
-            return Err(Error::new(Fault, "access outside the region"));
-        }
-        if len == 0 {
-            return Ok(());
-        }
-        let pages = offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
-        for (_, prot) in self.inner.prot_runs(pages.clone()) {
-            if !prot.contains(Prot::READ) {
-                return Err(Error::new(Fault, "no access to part of the range"));
-            }
-            if !prot.contains(need) {
-                return Err(Error::new(Permission, "write to a read-only part of the region"));
-            }
-        }
-        if pages.into_iter().any(|p| self.inner.pt.load(p).state() == State::Poisoned) {
-            return Err(Error::new(Fault, "a page of the range is poisoned"));
-        }
-        Ok(())
     }
 
     /// Changes the protection of `range` (byte offsets, page-aligned).
@@ -231,6 +233,8 @@ impl Region {
         {
             return Err(Error::invalid("protect needs a non-empty, page-aligned range inside the region"));
         }
+        let addrs = self.addr() + range.start..self.addr() + range.end;
+        let _inv = self.space.notifiers.invalidate(addrs, crate::InvalidateEvent::Protection);
         self.inner.set_prot(range.start / PAGE_SIZE..range.end / PAGE_SIZE, prot)
     }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::fault::Engine;
+use crate::notifier::{IntervalNotifierOps, InvalidateEvent, NotifierHandle, NotifierList};
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, Owner};
 use crate::pte::{State, WaitTable};
 use crate::region::{Prot, Region, RegionInner};
@@ -95,6 +96,7 @@ pub(crate) struct SpaceInner {
     pub(crate) stage: Arc<Arena>,
     pub(crate) pool: Arc<Arena>,
     pub(crate) waits: WaitTable,
+    pub(crate) notifiers: Arc<NotifierList>,
     pub(crate) stats: Stats,
     /// `zero_fill_pages` pages of zeros: the source of first-touch writes.
     pub(crate) zeros: Box<[u8]>,
@@ -141,6 +143,7 @@ impl AddressSpace {
             stage,
             pool,
             waits: WaitTable::new(),
+            notifiers: Arc::new(NotifierList::default()),
             stats: Stats::default(),
             zeros: vec![0; config.zero_fill_pages * PAGE_SIZE].into_boxed_slice(),
             engine: Mutex::new(None),
@@ -208,6 +211,36 @@ impl AddressSpace {
             *slot = None;
         }
         Ok(())
+    }
+
+    /// Registers an interval notifier over `interval` (`mmu_interval_notifier_insert`):
+    /// `ops` is told before pages of the interval move, go away or change
+    /// protection. Held weakly; unregistered when the handle drops.
+    pub fn insert_notifier(
+        &self,
+        interval: Range<usize>,
+        ops: std::sync::Weak<dyn IntervalNotifierOps>,
+    ) -> NotifierHandle {
+        self.inner.notifiers.insert(interval, ops)
+    }
+
+    /// Copies the bytes at `addr` (inside one region) into `buf`, as
+    /// [`Region::read`] does; for devices that reach RAM pages by address.
+    pub fn read_at(&self, addr: usize, buf: &mut [u8]) -> Result<()> {
+        let region =
+            self.inner.region_at(addr).ok_or_else(|| Error::new(ErrorKind::Fault, "address not managed by uhmm"))?;
+        let off = addr - region.start();
+        region.check_access(off, buf.len(), Prot::READ)?;
+        region.map.read(off, buf).map_err(|e| Error::sys("read", e))
+    }
+
+    /// Copies `buf` to `addr` (inside one region), as [`Region::write`] does.
+    pub fn write_at(&self, addr: usize, buf: &[u8]) -> Result<()> {
+        let region =
+            self.inner.region_at(addr).ok_or_else(|| Error::new(ErrorKind::Fault, "address not managed by uhmm"))?;
+        let off = addr - region.start();
+        region.check_access(off, buf.len(), Prot::READ_WRITE)?;
+        region.map.write(off, buf).map_err(|e| Error::sys("write", e))
     }
 
     /// The counters of this address space.
@@ -309,6 +342,7 @@ impl SpaceInner {
     pub(crate) fn unmap_region(&self, region: &Arc<RegionInner>) {
         region.dead.store(true, Ordering::SeqCst);
         self.regions.write().unwrap_or_else(|e| e.into_inner()).remove(&region.start());
+        let _inv = self.notifiers.invalidate(region.start()..region.start() + region.map.len(), InvalidateEvent::Unmap);
         // Lock every page that was ever touched, for good: this waits for
         // in-flight migrations, and nothing can lock them after.
         region.pt.for_each_allocated(|idx, _| {

@@ -4,22 +4,25 @@
 //! Device memory is host RAM the program cannot reach through its regions,
 //! allocated in chunks with a free list (growing chunk by chunk up to a
 //! capacity). Copies run on a DMA engine thread with fences. A device page
-//! table maps the addresses whose pages live on this device. The test
+//! table mirrors the CPU page table: it maps addresses to this device's pages
+//! and to RAM pages it faulted in, kept coherent by an interval notifier
+//! (dmirror's `mmu_interval_notifier` and its read_begin / read_retry loop). The test
 //! operations are dmirror's: `read`, `write`, `migrate_to_device`,
 //! `migrate_to_system`, `snapshot`, `release`, `fail_next_alloc`, plus one
 //! fault injection of uhmm's own, `poison_next_copy_back`.
 
 mod dma;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use uhmm::sys::mman::{Mapping, Protection};
 use uhmm::{
     AccessPage, AddressSpace, ChunkDriver, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn,
-    Error, ErrorKind, MigrateSrc, Migrated, Migration, Owner, PAGE_SIZE, Prot, Residency, Result, Select,
-    migrate_chunked, migrate_device_range, range_fault,
+    Error, ErrorKind, IntervalNotifierOps, InvalidateEvent, MigrateSrc, Migrated, Migration, NotifierHandle, Owner,
+    PAGE_SIZE, Prot, Residency, Result, Select, migrate_chunked, migrate_device_range, range_fault,
 };
 
 use dma::{CopyOp, DevMem, DmaEngine};
@@ -86,29 +89,41 @@ struct SimInner {
     pagemap: OnceLock<Arc<DevicePagemap>>,
     mem: Mutex<Memory>,
     dma: DmaEngine,
-    /// The device page table, for pages on this device.
+    /// The device page table (the mirror).
     table: Mutex<Table>,
+    /// Tells the mirror when CPU pages change.
+    notifier: OnceLock<NotifierHandle>,
     fail_next_alloc: AtomicBool,
     poison_next_copy_back: AtomicBool,
 }
 
-/// The device page table: address ↔ device page.
+/// A device page-table entry (dmirror's xarray entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pte {
+    /// A RAM page the device reaches through the address.
+    System { writable: bool },
+    /// One of this device's pages.
+    Device(DevicePfn),
+}
+
+/// The device page table: address → entry, and device page → address.
 #[derive(Debug, Default)]
 struct Table {
-    by_addr: HashMap<usize, DevicePfn>,
+    by_addr: BTreeMap<usize, Pte>,
     by_pfn: HashMap<DevicePfn, usize>,
 }
 
 impl Table {
-    fn insert(&mut self, addr: usize, pfn: DevicePfn) {
-        if let Some(old) = self.by_addr.insert(addr, pfn) {
-            self.by_pfn.remove(&old);
+    fn insert(&mut self, addr: usize, pte: Pte) {
+        self.remove_addr(addr);
+        if let Pte::Device(pfn) = pte {
+            self.by_pfn.insert(pfn, addr);
         }
-        self.by_pfn.insert(pfn, addr);
+        self.by_addr.insert(addr, pte);
     }
 
     fn remove_addr(&mut self, addr: usize) {
-        if let Some(pfn) = self.by_addr.remove(&addr) {
+        if let Some(Pte::Device(pfn)) = self.by_addr.remove(&addr) {
             self.by_pfn.remove(&pfn);
         }
     }
@@ -116,6 +131,19 @@ impl Table {
     fn remove_pfn(&mut self, pfn: DevicePfn) {
         if let Some(addr) = self.by_pfn.remove(&pfn) {
             self.by_addr.remove(&addr);
+        }
+    }
+
+    /// Drops the entries of `range` (keeping device pages when `keep_device`).
+    fn remove_range(&mut self, range: Range<usize>, keep_device: bool) {
+        let doomed: Vec<usize> = self
+            .by_addr
+            .range(range)
+            .filter(|(_, pte)| !(keep_device && matches!(pte, Pte::Device(_))))
+            .map(|(a, _)| *a)
+            .collect();
+        for a in doomed {
+            self.remove_addr(a);
         }
     }
 }
@@ -145,6 +173,7 @@ impl SimDevice {
             mem: Mutex::new(Memory::default()),
             dma: DmaEngine::start()?,
             table: Mutex::new(Table::default()),
+            notifier: OnceLock::new(),
             fail_next_alloc: AtomicBool::new(false),
             poison_next_copy_back: AtomicBool::new(false),
             config,
@@ -153,6 +182,10 @@ impl SimDevice {
         let npages = (inner.config.capacity_bytes / PAGE_SIZE) as u64;
         let pm = space.register_pagemap(weak, inner.owner, npages)?;
         inner.pagemap.set(pm).expect("pagemap set once");
+        // Like dmirror, one notifier over the whole address space.
+        let weak: Weak<dyn IntervalNotifierOps> = Arc::downgrade(&inner) as Weak<SimInner>;
+        let notifier = space.insert_notifier(0..usize::MAX & !(PAGE_SIZE - 1), weak);
+        inner.notifier.set(notifier).expect("notifier set once");
         Ok(SimDevice { inner })
     }
 
@@ -166,9 +199,10 @@ impl SimDevice {
         self.inner.pagemap()
     }
 
-    /// Device pages in use.
+    /// Device pages in use (allocated and not freed).
     pub fn pages_in_use(&self) -> usize {
-        self.inner.table.lock().unwrap_or_else(|e| e.into_inner()).by_addr.len()
+        let mem = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
+        mem.chunks.len() * (self.inner.config.chunk_bytes / PAGE_SIZE) - mem.free.len()
     }
 
     /// The next device or system page allocation in a migration fails, once.
@@ -198,7 +232,8 @@ impl SimDevice {
         let mut driver = ToDevice { dev: &self.inner };
         migrate_chunked(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
-        let cpages = range.step_by(PAGE_SIZE).filter(|a| table.by_addr.contains_key(a)).count();
+        let on_device = |a: &usize| matches!(table.by_addr.get(a), Some(Pte::Device(_)));
+        let cpages = range.step_by(PAGE_SIZE).filter(on_device).count();
         if cpages < npages {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -220,53 +255,75 @@ impl SimDevice {
     }
 
     /// The device reads `npages` pages at `addr` into `buf`, faulting them
-    /// in through the CPU page table.
+    /// in through the CPU page table where its mirror lacks them.
     pub fn read(&self, addr: usize, npages: usize, buf: &mut [u8]) -> Result<Counters> {
+        let space = &self.inner.space;
         self.access(addr, npages, buf.len(), false, |i, page| {
             let dst = &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             match page {
-                Page::System(access) => access.read(i, 0, dst),
+                Page::System(a) => space.read_at(a, dst),
                 Page::Device(m) => m.chunk.read(m.off, dst).map_err(|e| Error::sys("device read", e)),
             }
         })
     }
 
     /// The device writes `buf` to `npages` pages at `addr`, faulting them in
-    /// for writing.
+    /// for writing where its mirror lacks them.
     pub fn write(&self, addr: usize, npages: usize, buf: &[u8]) -> Result<Counters> {
+        let space = &self.inner.space;
         self.access(addr, npages, buf.len(), true, |i, page| {
             let src = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             match page {
-                Page::System(access) => access.write(i, 0, src),
+                Page::System(a) => space.write_at(a, src),
                 Page::Device(m) => m.chunk.write(m.off, src).map_err(|e| Error::sys("device write", e)),
             }
         })
     }
 
-    /// dmirror's fault loop: fault the range in, then copy page by page,
-    /// from RAM or from this device's own memory. `faults` is one round when
-    /// any page was not in the device's page table.
+    /// dmirror's access loop: copy page by page through the mirror, under
+    /// its lock; at the first page it lacks, fault the rest of the range in
+    /// (one fault round) and go on.
     fn access(
         &self,
         addr: usize,
         npages: usize,
         buf_len: usize,
         write: bool,
-        mut copy: impl FnMut(usize, Page<'_>) -> Result<()>,
+        mut copy: impl FnMut(usize, Page) -> Result<()>,
     ) -> Result<Counters> {
         let range = check_range(addr, npages)?;
         if buf_len < npages * PAGE_SIZE {
             return Err(Error::invalid("buffer shorter than the range"));
         }
-        let access = range_fault(&self.inner.space, range, write, self.inner.owner)?;
+        // Validate up front so that a bad range changes nothing.
+        let prot = self.inner.space.protection(range.clone())?;
+        if let Some((_, p)) = prot.iter().find(|(_, p)| !p.contains(Prot::READ) || (write && !p.contains(Prot::WRITE)))
+        {
+            let kind = if p.contains(Prot::READ) { ErrorKind::Permission } else { ErrorKind::Fault };
+            return Err(Error::new(kind, "the range does not allow this access"));
+        }
+        let mut done = 0;
         let mut faults = 0;
-        for i in 0..npages {
-            match access.page(i) {
-                AccessPage::System => {
-                    faults = 1;
-                    copy(i, Page::System(&access))?;
+        while done < npages {
+            {
+                let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+                while done < npages {
+                    let a = addr + done * PAGE_SIZE;
+                    let page = match table.by_addr.get(&a) {
+                        Some(Pte::System { writable }) if *writable || !write => Page::System(a),
+                        Some(Pte::Device(pfn)) => Page::Device(self.inner.dev_mem(*pfn)?),
+                        _ => break,
+                    };
+                    copy(done, page)?;
+                    done += 1;
                 }
-                AccessPage::Device(p) => copy(i, Page::Device(self.inner.dev_mem(p.pfn)?))?,
+            }
+            if done < npages {
+                if faults >= 100 {
+                    return Err(Error::new(ErrorKind::Busy, "the range kept changing under the device"));
+                }
+                faults += 1;
+                self.inner.fault(addr + done * PAGE_SIZE..range.end, write)?;
             }
         }
         Ok(Counters { cpages: npages, faults })
@@ -316,8 +373,10 @@ impl Drop for SimDevice {
 }
 
 /// Where one page of a device access is.
-enum Page<'a> {
-    System(&'a uhmm::RangeAccess),
+enum Page {
+    /// RAM, at this address.
+    System(usize),
+    /// This device's memory.
     Device(DevMem),
 }
 
@@ -414,6 +473,29 @@ impl SimInner {
         Ok(())
     }
 
+    /// dmirror_range_fault: fault `range` in and map it in the mirror,
+    /// unless an invalidation ran meanwhile (then fault again).
+    fn fault(&self, range: Range<usize>, write: bool) -> Result<()> {
+        let notifier = self.notifier.get().expect("notifier registered at creation");
+        for _attempt in 0..100 {
+            let seq = notifier.read_begin();
+            let pages = range_fault(&self.space, range.clone(), write, self.owner)?.release();
+            let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+            if notifier.read_retry(seq) {
+                continue;
+            }
+            for (i, p) in pages.into_iter().enumerate() {
+                let pte = match p {
+                    AccessPage::System { writable } => Pte::System { writable },
+                    AccessPage::Device(d) => Pte::Device(d.pfn),
+                };
+                table.insert(range.start + i * PAGE_SIZE, pte);
+            }
+            return Ok(());
+        }
+        Err(Error::new(ErrorKind::Busy, "invalidations kept racing the device's fault"))
+    }
+
     /// Drops the device page-table entries of pages that left the device.
     fn unmap_moved(&self, m: &Migration<Migrated>) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -442,6 +524,16 @@ impl SimInner {
             total += m.finalize().migrated;
         }
         Err(Error::new(ErrorKind::Busy, "device pages kept coming back during release"))
+    }
+}
+
+impl IntervalNotifierOps for SimInner {
+    fn invalidate(&self, range: Range<usize>, event: InvalidateEvent) {
+        // This device's own migrations update its device pages themselves
+        // (finalize_and_map); RAM entries go in every case, since the device
+        // reaches them by address.
+        let own = matches!(event, InvalidateEvent::Migrate { owner } if owner == self.owner);
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).remove_range(range, own);
     }
 }
 
@@ -507,7 +599,7 @@ impl ChunkDriver for ToDevice<'_> {
         let mut table = self.dev.table.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..m.npages() {
             if let (true, uhmm::MigrateDst::Device(p)) = (m.migrated(i), m.dst(i)) {
-                table.insert(m.addr(i), p.pfn);
+                table.insert(m.addr(i), Pte::Device(p.pfn));
             }
         }
     }
