@@ -53,7 +53,7 @@ pub use notifier::{IntervalNotifier, IntervalNotifierOps, InvalidateEvent, Notif
 pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner};
 pub use pin::{Pin, PinKind};
 pub use pte::State as PageState;
-pub use region::{Prot, Region};
+pub use region::{Backing, Prot, Region};
 pub use space::{AddressSpace, Config, HandlerWatch, PageSnapshot, Residency};
 pub use staging::{BATCH_PAGES, SystemPage};
 pub use stats::StatsSnapshot;

@@ -37,7 +37,7 @@ use rustix::io::Errno;
 use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
 use crate::pte::State;
-use crate::region::{Prot, RegionInner};
+use crate::region::{Backing, Prot, RegionInner};
 use crate::space::{AddressSpace, SpaceInner};
 use crate::staging::{Slots, SystemPage};
 use crate::stats::Stats;
@@ -166,6 +166,11 @@ impl Migration<Collected> {
         let mut m = Inner::new(space.clone(), vec![region.clone()], n);
         for (i, p) in m.pages.iter_mut().enumerate() {
             p.idx = first + i;
+        }
+        if region.backing != Backing::Anonymous {
+            // Only private anonymous memory migrates (migrate_vma_collect
+            // skips other mappings): nothing is collected.
+            return Ok(Migration { inner: m, _step: PhantomData });
         }
         let owner_ok = |p: &DevicePage| space.pagemap(p.pagemap).is_some_and(|pm| pm.owner() == owner);
 

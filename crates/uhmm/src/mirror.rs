@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::fault::CpuFault;
 use crate::pagemap::{DevicePage, Owner};
 use crate::pte::State;
-use crate::region::{Prot, RegionInner};
+use crate::region::{Backing, Prot, RegionInner};
 use crate::space::{AddressSpace, SpaceInner};
 use crate::sys::PAGE_SIZE;
 use crate::sys::pagemap::{Query, category};
@@ -119,34 +119,64 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
             }
             continue;
         }
-        // Fill holes of the RAM pages (zero page; a device write then takes
-        // the kernel's copy-on-write).
-        let mut holes = Vec::new();
-        let q = Query::none_of(category::PRESENT | category::SWAPPED);
-        let (a, b) = (region.addr_of(first), region.addr_of(first + n));
-        if let Err(e) = space.pagemap_file.scan(a, b, q, &mut holes) {
-            unlock_all(space, &region, first, first + n, &pages, None);
-            return Err(Error::sys("PAGEMAP_SCAN", e));
-        }
-        for h in &holes {
-            for addr in (h.start..h.end).step_by(PAGE_SIZE) {
-                let i = (addr - a) / PAGE_SIZE;
-                if matches!(pages[i], AccessPage::System { .. }) {
-                    faulted = true;
-                    match space.uffd.zeropage(addr, PAGE_SIZE, true) {
-                        Ok(_) => {}
-                        Err(p) if p.errno == rustix::io::Errno::EXIST => {}
-                        Err(p) => {
-                            unlock_all(space, &region, first, first + n, &pages, None);
-                            return Err(Error::sys("UFFDIO_ZEROPAGE", std::io::Error::from(p.errno)));
-                        }
-                    }
-                }
+        match fill_holes(space, &region, first, &pages, write) {
+            Ok(filled) => faulted |= filled,
+            Err(e) => {
+                unlock_all(space, &region, first, first + n, &pages, None);
+                return Err(e);
             }
         }
         return Ok(RangeAccess { space: space.clone(), region, first, pages, faulted });
     }
     Err(Error::new(ErrorKind::Busy, "the range kept moving; gave up after 100 attempts"))
+}
+
+/// Makes the RAM pages of a locked access present; returns whether any page
+/// had to be filled. Anonymous holes get the zero page (a device write then
+/// takes the kernel's copy-on-write); other mappings are populated by the
+/// kernel, which they do not involve uhmm's userfaultfd in.
+fn fill_holes(
+    space: &SpaceInner,
+    region: &RegionInner,
+    first: usize,
+    pages: &[AccessPage],
+    write: bool,
+) -> Result<bool> {
+    let (a, b) = (region.addr_of(first), region.addr_of(first + pages.len()));
+    if region.backing != Backing::Anonymous {
+        let (off, len) = (a - region.start(), b - a);
+        let r = if write { region.map.populate_write(off, len) } else { region.map.populate_read(off, len) };
+        r.map_err(|e| Error::sys("MADV_POPULATE", e))?;
+        return Ok(false);
+    }
+    let mut holes = Vec::new();
+    let q = Query::none_of(category::PRESENT | category::SWAPPED);
+    space.pagemap_file.scan(a, b, q, &mut holes).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+    let mut filled = false;
+    for h in &holes {
+        let hole = (h.start - a) / PAGE_SIZE..(h.end - a) / PAGE_SIZE;
+        // Device pages look like holes to the kernel; one VMA per ioctl.
+        for (run, _) in region.prot_runs(first + hole.start..first + hole.end) {
+            let mut i = run.start - first;
+            while i < run.end - first {
+                if !matches!(pages[i], AccessPage::System { .. }) {
+                    i += 1;
+                    continue;
+                }
+                let j = (i..run.end - first)
+                    .find(|&j| !matches!(pages[j], AccessPage::System { .. }))
+                    .unwrap_or(run.end - first);
+                filled = true;
+                match space.uffd.zeropage(region.addr_of(first + i), (j - i) * PAGE_SIZE, true) {
+                    Ok(_) => {}
+                    Err(p) if p.errno == rustix::io::Errno::EXIST => {}
+                    Err(p) => return Err(Error::sys("UFFDIO_ZEROPAGE", std::io::Error::from(p.errno))),
+                }
+                i = j;
+            }
+        }
+    }
+    Ok(filled)
 }
 
 /// Brings pages `pages` of another device (the one holding `page`, the

@@ -42,12 +42,29 @@ impl Prot {
     }
 }
 
+/// What a region maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory: the pages uhmm manages and migrates.
+    Anonymous,
+    /// Shared anonymous memory (shmem): devices can read and write it, but
+    /// migrations skip it, as the kernel's skip non-anonymous mappings.
+    SharedAnonymous,
+    /// A file, mapped shared or private: devices can read and write it;
+    /// migrations skip it.
+    File {
+        /// `MAP_SHARED` (writes reach the file) rather than `MAP_PRIVATE`.
+        shared: bool,
+    },
+}
+
 /// The shared state of a region; migrations and the fault engine hold it.
 #[derive(Debug)]
 pub(crate) struct RegionInner {
     pub(crate) id: u32,
     pub(crate) map: Mapping,
     pub(crate) pt: PageTable,
+    pub(crate) backing: Backing,
     /// Protection runs: start page → protection up to the next key.
     prot: RwLock<BTreeMap<usize, Prot>>,
     /// Set when the region is being unmapped; a migration that sees it after
@@ -56,12 +73,13 @@ pub(crate) struct RegionInner {
 }
 
 impl RegionInner {
-    pub(crate) fn new(id: u32, map: Mapping, prot: Prot) -> RegionInner {
+    pub(crate) fn new(id: u32, map: Mapping, prot: Prot, backing: Backing) -> RegionInner {
         let npages = map.len() / PAGE_SIZE;
         RegionInner {
             id,
             map,
             pt: PageTable::new(npages),
+            backing,
             prot: RwLock::new(BTreeMap::from([(0, prot)])),
             dead: AtomicBool::new(false),
         }
@@ -187,6 +205,11 @@ impl Region {
         false
     }
 
+    /// What the region maps.
+    pub fn backing(&self) -> Backing {
+        self.inner.backing
+    }
+
     /// Number of pages.
     pub fn npages(&self) -> usize {
         self.inner.npages()
@@ -263,7 +286,7 @@ mod tests {
     #[test]
     fn prot_runs_split_and_merge() {
         let map = Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
-        let r = RegionInner::new(1, map, Prot::READ_WRITE);
+        let r = RegionInner::new(1, map, Prot::READ_WRITE, Backing::Anonymous);
         assert_eq!(r.prot_runs(0..16), vec![(0..16, Prot::READ_WRITE)]);
         r.set_prot(4..8, Prot::READ).unwrap();
         assert_eq!(r.prot_runs(0..16), vec![(0..4, Prot::READ_WRITE), (4..8, Prot::READ), (8..16, Prot::READ_WRITE)]);

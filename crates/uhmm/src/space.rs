@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -10,7 +11,7 @@ use crate::fault::Engine;
 use crate::notifier::{IntervalNotifierOps, InvalidateEvent, NotifierHandle, NotifierList};
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, Owner};
 use crate::pte::{State, WaitTable};
-use crate::region::{Prot, Region, RegionInner};
+use crate::region::{Backing, Prot, Region, RegionInner};
 use crate::staging::Arena;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::sys::mman::Mapping;
@@ -158,18 +159,39 @@ impl AddressSpace {
     /// nothing is allocated until it is touched. Regions of 2 MiB or more are
     /// 2 MiB-aligned.
     pub fn map(&self, len: usize, prot: Prot) -> Result<Region> {
-        if len == 0 {
-            return Err(Error::invalid("cannot map an empty region"));
-        }
-        let len = len.checked_next_multiple_of(PAGE_SIZE).ok_or_else(|| Error::invalid("length overflows"))?;
+        let len = region_len(len)?;
         let align = if len >= 2 << 20 { 2 << 20 } else { PAGE_SIZE };
         let map = Mapping::anonymous(len, prot.protection()?, align).map_err(|e| Error::sys("mmap", e))?;
         self.inner.uffd.register(&map, 0, len, false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+        self.insert_region(map, prot, Backing::Anonymous)
+    }
+
+    /// Maps a region of shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`):
+    /// shared with children across `fork`; devices can read and write it,
+    /// migrations skip it.
+    pub fn map_shared(&self, len: usize, prot: Prot) -> Result<Region> {
+        let len = region_len(len)?;
+        let map = Mapping::shared_anonymous(len, prot.protection()?).map_err(|e| Error::sys("mmap", e))?;
+        self.insert_region(map, prot, Backing::SharedAnonymous)
+    }
+
+    /// Maps `len` bytes of `file` from `offset` (page-aligned), shared or
+    /// private: devices can read and write it, migrations skip it.
+    pub fn map_file(&self, file: &impl AsFd, offset: u64, len: usize, prot: Prot, shared: bool) -> Result<Region> {
+        let len = region_len(len)?;
+        let map = Mapping::file(file.as_fd(), offset, len, prot.protection()?, shared).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => Error::invalid("offset must be page-aligned"),
+            _ => Error::sys("mmap", e),
+        })?;
+        self.insert_region(map, prot, Backing::File { shared })
+    }
+
+    fn insert_region(&self, map: Mapping, prot: Prot, backing: Backing) -> Result<Region> {
         let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
         if id >= 1 << 24 {
             return Err(Error::new(ErrorKind::NoMemory, "too many regions"));
         }
-        let inner = Arc::new(RegionInner::new(id, map, prot));
+        let inner = Arc::new(RegionInner::new(id, map, prot, backing));
         self.inner.regions.write().unwrap_or_else(|e| e.into_inner()).insert(inner.start(), inner.clone());
         Ok(Region { inner, space: self.inner.clone() })
     }
@@ -277,6 +299,14 @@ impl AddressSpace {
     pub fn snapshot(&self, range: Range<usize>) -> Result<Vec<PageSnapshot>> {
         self.inner.snapshot(range)
     }
+}
+
+/// A region length rounded up to pages; empty is an error.
+fn region_len(len: usize) -> Result<usize> {
+    if len == 0 {
+        return Err(Error::invalid("cannot map an empty region"));
+    }
+    len.checked_next_multiple_of(PAGE_SIZE).ok_or_else(|| Error::invalid("length overflows"))
 }
 
 /// Counts running fault-handling threads; see [`AddressSpace::handler_watch`].

@@ -8,6 +8,7 @@
 
 use std::ffi::c_void;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
 
 use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
@@ -43,12 +44,14 @@ impl Protection {
     }
 }
 
-/// An owned private anonymous mapping, unmapped on drop.
+/// An owned mapping (private or shared anonymous memory, or a file), unmapped
+/// on drop.
 ///
 /// # Invariants
 ///
-/// `addr..addr + len` is a page-aligned mapping created by [`Mapping::anonymous`]
-/// and owned by this value; `len` is a non-zero multiple of [`PAGE_SIZE`].
+/// `addr..addr + len` is a page-aligned mapping created by one of the
+/// constructors and owned by this value; `len` is a non-zero multiple of
+/// [`PAGE_SIZE`].
 #[derive(Debug)]
 pub struct Mapping {
     addr: NonNull<u8>,
@@ -96,6 +99,42 @@ impl Mapping {
         let addr = NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         // INVARIANT: `start` is `align`-aligned and `len` bytes from it are mapped.
         Ok(Mapping { addr, len })
+    }
+
+    /// `mmap(NULL, len, prot, MAP_SHARED | MAP_ANONYMOUS)`: memory shared
+    /// with children across `fork` (shmem).
+    pub fn shared_anonymous(len: usize, prot: Protection) -> io::Result<Mapping> {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: a fresh mapping at an address the kernel chooses cannot
+        // overlap any memory Rust knows about.
+        let base = unsafe { mm::mmap_anonymous(std::ptr::null_mut(), len, prot.map_flags(), MapFlags::SHARED) }?;
+        let addr = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
+        Ok(Mapping { addr, len })
+    }
+
+    /// `mmap(NULL, len, prot, MAP_SHARED or MAP_PRIVATE, fd, offset)`: a
+    /// file's pages (`offset` page-aligned).
+    pub fn file(fd: BorrowedFd<'_>, offset: u64, len: usize, prot: Protection, shared: bool) -> io::Result<Mapping> {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !offset.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let flags = if shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
+        // SAFETY: a fresh mapping at an address the kernel chooses cannot
+        // overlap any memory Rust knows about; the file's contents may change
+        // underneath, which the type's access rules already allow for.
+        let base = unsafe { mm::mmap(std::ptr::null_mut(), len, prot.map_flags(), flags, fd, offset) }?;
+        let addr = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
+        Ok(Mapping { addr, len })
+    }
+
+    /// `madvise(MADV_POPULATE_READ)`: fault every page of a sub-range in for
+    /// reading now.
+    pub fn populate_read(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxPopulateRead)
     }
 
     /// The first address of the mapping.
