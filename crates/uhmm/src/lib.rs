@@ -30,6 +30,7 @@ compile_error!("uhmm supports 64-bit Linux only");
 
 mod error;
 mod fault;
+mod fork;
 mod migrate;
 mod mirror;
 mod notifier;

@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
+use crate::fork::InFlight;
 use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
 use crate::pte::State;
@@ -140,6 +141,8 @@ pub struct Migration<S = Collected> {
 
 #[derive(Debug)]
 struct Inner {
+    /// Keeps a fork waiting until this migration ends.
+    _in_flight: InFlight,
     space: Arc<SpaceInner>,
     regions: Vec<Arc<RegionInner>>,
     pages: Vec<Page>,
@@ -161,9 +164,10 @@ impl Migration<Collected> {
         let start = range.start & !(PAGE_SIZE - 1);
         let end = range.end & !(PAGE_SIZE - 1);
         let space = &space.inner;
+        space.check_usable()?;
         let (region, pages) = space.region_pages(start..end.max(start))?;
         let (first, n) = (pages.start, pages.len());
-        let mut m = Inner::new(space.clone(), vec![region.clone()], n);
+        let mut m = Inner::new(space.clone(), vec![region.clone()], n, InFlight::enter());
         for (i, p) in m.pages.iter_mut().enumerate() {
             p.idx = first + i;
         }
@@ -336,10 +340,19 @@ impl<S> Migration<S> {
 }
 
 impl Inner {
-    fn new(space: Arc<SpaceInner>, regions: Vec<Arc<RegionInner>>, n: usize) -> Inner {
+    fn new(space: Arc<SpaceInner>, regions: Vec<Arc<RegionInner>>, n: usize, in_flight: InFlight) -> Inner {
         let page =
             Page { region: 0, idx: 0, src: Src::Skip, prior: State::Cpu, dst: MigrateDst::None, migrated: false };
-        Inner { space, regions, pages: vec![page; n], stage: None, pool: None, cpages: 0, finished: false }
+        Inner {
+            _in_flight: in_flight,
+            space,
+            regions,
+            pages: vec![page; n],
+            stage: None,
+            pool: None,
+            cpages: 0,
+            finished: false,
+        }
     }
 
     fn check_collected(&self, i: usize) -> Result<()> {
@@ -706,6 +719,8 @@ pub fn migrate_device_range(
         return Err(Error::invalid("device page range outside the pagemap"));
     }
     let space = &space.inner;
+    space.check_usable()?;
+    let in_flight = InFlight::enter();
     let mut regions: Vec<Arc<RegionInner>> = Vec::new();
     let mut pages = Vec::new();
     for pfn in pfns {
@@ -743,7 +758,7 @@ pub fn migrate_device_range(
             migrated: false,
         });
     }
-    let mut inner = Inner::new(space.clone(), regions, 0);
+    let mut inner = Inner::new(space.clone(), regions, 0, in_flight);
     inner.cpages = pages.len();
     inner.pages = pages;
     Ok(Migration { inner, _step: PhantomData })

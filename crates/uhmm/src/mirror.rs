@@ -56,6 +56,7 @@ pub struct RangeAccess {
 /// nothing is held and no page changed.
 pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner: Owner) -> Result<RangeAccess> {
     let space = &space.inner;
+    space.check_usable()?;
     let (region, pages) = space.region_pages(range)?;
     let (first, n) = (pages.start, pages.len());
     for (_, prot) in region.prot_runs(first..first + n) {

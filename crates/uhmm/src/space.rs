@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::fault::Engine;
@@ -99,6 +99,8 @@ pub(crate) struct SpaceInner {
     pub(crate) waits: WaitTable,
     pub(crate) notifiers: Arc<NotifierList>,
     pub(crate) stats: Stats,
+    /// Inherited across `fork`: the threads and devices belong to the parent.
+    orphaned: AtomicBool,
     /// `zero_fill_pages` pages of zeros: the source of first-touch writes.
     pub(crate) zeros: Box<[u8]>,
     engine: Mutex<Option<Engine>>,
@@ -146,12 +148,14 @@ impl AddressSpace {
             waits: WaitTable::new(),
             notifiers: Arc::new(NotifierList::default()),
             stats: Stats::default(),
+            orphaned: AtomicBool::new(false),
             zeros: vec![0; config.zero_fill_pages * PAGE_SIZE].into_boxed_slice(),
             engine: Mutex::new(None),
             config,
         });
         let engine = Engine::start(&inner)?;
         *inner.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some(engine);
+        crate::fork::register(&inner);
         Ok(AddressSpace { inner })
     }
 
@@ -159,6 +163,7 @@ impl AddressSpace {
     /// nothing is allocated until it is touched. Regions of 2 MiB or more are
     /// 2 MiB-aligned.
     pub fn map(&self, len: usize, prot: Prot) -> Result<Region> {
+        self.inner.check_usable()?;
         let len = region_len(len)?;
         let align = if len >= 2 << 20 { 2 << 20 } else { PAGE_SIZE };
         let map = Mapping::anonymous(len, prot.protection()?, align).map_err(|e| Error::sys("mmap", e))?;
@@ -170,6 +175,7 @@ impl AddressSpace {
     /// shared with children across `fork`; devices can read and write it,
     /// migrations skip it.
     pub fn map_shared(&self, len: usize, prot: Prot) -> Result<Region> {
+        self.inner.check_usable()?;
         let len = region_len(len)?;
         let map = Mapping::shared_anonymous(len, prot.protection()?).map_err(|e| Error::sys("mmap", e))?;
         self.insert_region(map, prot, Backing::SharedAnonymous)
@@ -178,12 +184,41 @@ impl AddressSpace {
     /// Maps `len` bytes of `file` from `offset` (page-aligned), shared or
     /// private: devices can read and write it, migrations skip it.
     pub fn map_file(&self, file: &impl AsFd, offset: u64, len: usize, prot: Prot, shared: bool) -> Result<Region> {
+        self.inner.check_usable()?;
         let len = region_len(len)?;
         let map = Mapping::file(file.as_fd(), offset, len, prot.protection()?, shared).map_err(|e| match e.kind() {
             std::io::ErrorKind::InvalidInput => Error::invalid("offset must be page-aligned"),
             _ => Error::sys("mmap", e),
         })?;
         self.insert_region(map, prot, Backing::File { shared })
+    }
+
+    /// In a forked child: takes over `inherited`, a region of an address
+    /// space the child inherited (orphaned), as a region of this one. The
+    /// data is the child's copy of the parent's; `inherited` no longer owns
+    /// the mapping (dropping it unmaps nothing).
+    pub fn adopt(&self, inherited: &Region) -> Result<Region> {
+        self.inner.check_usable()?;
+        if !inherited.space.is_orphaned() {
+            return Err(Error::invalid("only regions inherited across fork can be adopted"));
+        }
+        let old = &inherited.inner;
+        let map = old.map.disown().ok_or_else(|| Error::invalid("the region was adopted already"))?;
+        if old.backing == Backing::Anonymous {
+            self.inner.uffd.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+        }
+        let region = self.insert_region(map, old.prot_at(0), old.backing)?;
+        for (pages, prot) in old.prot_runs(0..old.npages()) {
+            region.inner.set_prot(pages, prot)?;
+        }
+        Ok(region)
+    }
+
+    /// Whether this handle was inherited across `fork`: its threads,
+    /// userfaultfd and devices belong to the parent, and it refuses new
+    /// work. Drop it (or [`adopt`](AddressSpace::adopt) its regions).
+    pub fn is_orphaned(&self) -> bool {
+        self.inner.is_orphaned()
     }
 
     fn insert_region(&self, map: Mapping, prot: Prot, backing: Backing) -> Result<Region> {
@@ -321,6 +356,30 @@ impl HandlerWatch {
 }
 
 impl SpaceInner {
+    pub(crate) fn is_orphaned(&self) -> bool {
+        self.orphaned.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn orphan(&self) {
+        self.orphaned.store(true, Ordering::SeqCst);
+    }
+
+    /// Fails in a forked child, on a space inherited from the parent.
+    pub(crate) fn check_usable(&self) -> Result<()> {
+        if self.is_orphaned() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "this address space was inherited across fork; make a new one and adopt its regions",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every region, at this moment.
+    pub(crate) fn regions(&self) -> Vec<Arc<RegionInner>> {
+        self.regions.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
     /// The region containing `addr`.
     pub(crate) fn region_at(&self, addr: usize) -> Option<Arc<RegionInner>> {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
@@ -370,6 +429,11 @@ impl SpaceInner {
     /// Unmaps a region: no new migration finds it; in-flight ones finish;
     /// its device pages are freed.
     pub(crate) fn unmap_region(&self, region: &Arc<RegionInner>) {
+        if self.is_orphaned() {
+            // In a forked child: page locks may be held by parent threads
+            // that do not exist here; the mapping goes with the last handle.
+            return;
+        }
         region.dead.store(true, Ordering::SeqCst);
         self.regions.write().unwrap_or_else(|e| e.into_inner()).remove(&region.start());
         let _inv = self.notifiers.invalidate(region.start()..region.start() + region.map.len(), InvalidateEvent::Unmap);
@@ -441,7 +505,12 @@ fn next_run<'a>(runs: &'a [PageRun], cursor: &mut usize, addr: usize) -> Option<
 impl Drop for SpaceInner {
     fn drop(&mut self) {
         if let Some(engine) = self.engine.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            engine.stop();
+            if self.is_orphaned() {
+                // The threads live in the parent: neither signal nor join them.
+                std::mem::forget(engine);
+            } else {
+                engine.stop();
+            }
         }
     }
 }

@@ -81,3 +81,61 @@ pub fn assert_words(buf: &[u8], f: impl Fn(u32) -> u32) {
         assert_eq!(got, want, "word {i} (page {})", i / WORDS_PER_PAGE);
     }
 }
+
+/// Runs the calling test in a fresh process of its own (this test binary,
+/// `--exact name`), so that a test which forks does so from a process with
+/// no other test threads. Returns true inside that process (run the body),
+/// false in the launching one after checking the process succeeded.
+pub fn isolated(name: &str) -> bool {
+    const VAR: &str = "UHMM_ISOLATED_TEST";
+    if std::env::var(VAR).as_deref() == Ok(name) {
+        return true;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(VAR, name)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{name}: isolated run hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "{name} failed in its own process: {status}\n--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
+}
+
+/// Forks; the child runs `f` and exits with its code (101 if it panics);
+/// the parent gets the child's pid.
+pub fn spawn_child(f: impl FnOnce() -> i32) -> i32 {
+    use uhmm::sys::process::{Forked, exit_now, fork};
+    // SAFETY: called from a process made by `isolated`, whose other threads
+    // are uhmm's own (fault handlers, DMA engines), which hold no lock the
+    // child needs; the child leaves with `exit_now`, running no destructors.
+    match unsafe { fork() }.expect("fork") {
+        Forked::Child => {
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
+            exit_now(code)
+        }
+        Forked::Parent { child } => child,
+    }
+}
+
+/// [`spawn_child`], then waits for it: its exit code (128 + signal if killed).
+pub fn fork_child(f: impl FnOnce() -> i32) -> i32 {
+    uhmm::sys::process::wait_child(spawn_child(f)).expect("waitpid")
+}

@@ -10,6 +10,7 @@ use std::ffi::c_void;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
 
@@ -56,6 +57,8 @@ impl Protection {
 pub struct Mapping {
     addr: NonNull<u8>,
     len: usize,
+    /// Whether dropping this value unmaps the range (see [`Mapping::disown`]).
+    owned: AtomicBool,
 }
 
 // SAFETY: a `Mapping` is an address range; every access to its bytes goes
@@ -98,7 +101,7 @@ impl Mapping {
         }
         let addr = NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         // INVARIANT: `start` is `align`-aligned and `len` bytes from it are mapped.
-        Ok(Mapping { addr, len })
+        Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
     }
 
     /// `mmap(NULL, len, prot, MAP_SHARED | MAP_ANONYMOUS)`: memory shared
@@ -112,7 +115,7 @@ impl Mapping {
         let base = unsafe { mm::mmap_anonymous(std::ptr::null_mut(), len, prot.map_flags(), MapFlags::SHARED) }?;
         let addr = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
-        Ok(Mapping { addr, len })
+        Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
     }
 
     /// `mmap(NULL, len, prot, MAP_SHARED or MAP_PRIVATE, fd, offset)`: a
@@ -128,13 +131,23 @@ impl Mapping {
         let base = unsafe { mm::mmap(std::ptr::null_mut(), len, prot.map_flags(), flags, fd, offset) }?;
         let addr = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
         // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
-        Ok(Mapping { addr, len })
+        Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
     }
 
     /// `madvise(MADV_POPULATE_READ)`: fault every page of a sub-range in for
     /// reading now.
     pub fn populate_read(&self, off: usize, len: usize) -> io::Result<()> {
         self.advise(off, len, Advice::LinuxPopulateRead)
+    }
+
+    /// Hands the range over to a new owner, once: this value will no longer
+    /// unmap it. For a forked child adopting a mapping it inherited.
+    pub fn disown(&self) -> Option<Mapping> {
+        self.owned.swap(false, Ordering::SeqCst).then(|| Mapping {
+            addr: self.addr,
+            len: self.len,
+            owned: AtomicBool::new(true),
+        })
     }
 
     /// The first address of the mapping.
@@ -257,6 +270,9 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if !*self.owned.get_mut() {
+            return;
+        }
         // SAFETY: the range is the mapping this value owns (type invariant);
         // after drop nothing can name it.
         if let Err(err) = unsafe { mm::munmap(self.addr.as_ptr().cast(), self.len) } {

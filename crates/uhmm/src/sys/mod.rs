@@ -12,6 +12,7 @@
 pub mod mman;
 pub mod pagemap;
 pub mod pin;
+pub mod process;
 pub mod uffd;
 
 /// The base page size uhmm works in. [`check_page_size`] verifies that the

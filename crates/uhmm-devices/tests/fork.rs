@@ -1,0 +1,127 @@
+//! fork(2) with uhmm (issue 3, item 6): S03, S04, S17. Each test runs in a
+//! process of its own (`isolated`) and forks from there.
+
+mod common;
+
+use common::*;
+use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot};
+use uhmm_devices::sim::SimDevice;
+
+/// Child exit codes, one per check, so a failure says which.
+fn check(code: i32, ok: bool) -> Result<(), i32> {
+    if ok { Ok(()) } else { Err(code) }
+}
+
+fn words_are(buf: &[u8], f: impl Fn(u32) -> u32) -> bool {
+    (0..buf.len() / 4).all(|i| word(buf, i) == f(i as u32))
+}
+
+/// S03 for one (migrate, huge) variant.
+fn anon_write_child(migrate: bool, huge: bool) {
+    let space = space();
+    let dev = device(&space);
+    let npages = if huge { 1024 } else { NPAGES }; // 4 MiB: 2 MiB-aligned, two huge pages' worth
+    let region = map(&space, npages);
+    assert!(!huge || region.addr().is_multiple_of(2 << 20));
+    fill(&region, 0..npages, |i| i);
+    if migrate {
+        assert_eq!(dev.migrate_to_device(region.addr(), npages).unwrap().cpages, npages);
+    }
+    let code = fork_child(|| {
+        let run = || -> Result<(), i32> {
+            check(10, space.is_orphaned())?;
+            check(11, dev.migrate_to_device(region.addr(), 1).is_err())?; // the parent's device is not ours
+            let mine = AddressSpace::new(Config::default()).map_err(|_| 12)?;
+            let r = mine.adopt(&region).map_err(|_| 13)?;
+            check(14, r.addr() == region.addr())?;
+            let mut buf = vec![0u8; r.len()];
+            r.read(0, &mut buf).map_err(|_| 15)?;
+            check(16, words_are(&buf, |i| i))?; // the parent's data, device pages included
+            let d = SimDevice::new(&mine, uhmm_devices::sim::SimConfig::default()).map_err(|_| 17)?;
+            d.write(r.addr(), npages, &pattern(npages, |i| i.wrapping_neg())).map_err(|_| 18)?;
+            r.read(0, &mut buf).map_err(|_| 19)?;
+            check(20, words_are(&buf, |i| i.wrapping_neg()))?;
+            // and the child's own device can migrate its pages
+            d.migrate_to_device(r.addr(), npages).map_err(|_| 21)?;
+            r.read(0, &mut buf).map_err(|_| 22)?;
+            check(23, words_are(&buf, |i| i.wrapping_neg()))
+        };
+        run().err().unwrap_or(0)
+    });
+    assert_eq!(code, 0, "child failed (migrate {migrate}, huge {huge})");
+    // Copy-on-write: the parent still sees its data.
+    assert_words(&cpu_read(&region), |i| i);
+    // Pages shared with a child (even a dead one) are busy for migration
+    // until the parent writes them (the kernel refuses to move a page that
+    // is not exclusively ours); after a write the parent's device takes them.
+    assert_eq!(dev.migrate_to_device(region.addr(), npages).unwrap_err().kind(), uhmm::ErrorKind::NotFound);
+    fill(&region, 0..npages, |i| i);
+    assert_eq!(dev.migrate_to_device(region.addr(), npages).unwrap().cpages, npages);
+    assert_words(&cpu_read(&region), |i| i);
+}
+
+#[test]
+fn s03_anon_write_child() {
+    if !isolated("s03_anon_write_child") {
+        return;
+    }
+    for migrate in [false, true] {
+        for huge in [false, true] {
+            anon_write_child(migrate, huge);
+        }
+    }
+}
+
+#[test]
+fn s04_anon_write_child_shared() {
+    if !isolated("s04_anon_write_child_shared") {
+        return;
+    }
+    let space = space();
+    let r = space.map_shared(NPAGES * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..NPAGES, |i| i);
+    let code = fork_child(|| {
+        let run = || -> Result<(), i32> {
+            let mine = AddressSpace::new(Config::default()).map_err(|_| 10)?;
+            let r2 = mine.adopt(&r).map_err(|_| 11)?;
+            let d = SimDevice::new(&mine, uhmm_devices::sim::SimConfig::default()).map_err(|_| 12)?;
+            d.write(r2.addr(), NPAGES, &pattern(NPAGES, |i| i.wrapping_neg())).map_err(|_| 13)?;
+            Ok(())
+        };
+        run().err().unwrap_or(0)
+    });
+    assert_eq!(code, 0);
+    assert_words(&cpu_read(&r), |i| i.wrapping_neg());
+}
+
+#[test]
+fn s17_cow_in_device() {
+    use std::io::{Read, Write};
+    if !isolated("s17_cow_in_device") {
+        return;
+    }
+    let space = space();
+    let dev = device(&space);
+    let r = map(&space, 4);
+    fill(&r, 0..4, |i| i);
+    dev.migrate_to_device(r.addr(), 4).unwrap();
+    let (mut rx, mut tx) = std::io::pipe().unwrap();
+    let child = spawn_child(|| {
+        let mut go = [0u8; 1];
+        if rx.read_exact(&mut go).is_err() {
+            return 10;
+        }
+        // The parent has written every page by now: the child must not see it.
+        let mut buf = vec![0u8; r.len()];
+        if r.read(0, &mut buf).is_err() {
+            return 11;
+        }
+        if words_are(&buf, |i| i) { 0 } else { 12 }
+    });
+    fill(&r, 0..4, |i| i + 7);
+    tx.write_all(&[1]).unwrap();
+    assert_eq!(uhmm::sys::process::wait_child(child).unwrap(), 0, "the child saw the parent's writes");
+    let snap = dev.snapshot(r.addr(), 4).unwrap();
+    assert!(snap.iter().all(|s| *s == uhmm_devices::sim::PageState::WRITE), "plain RAM pages: {snap:?}");
+    assert_words(&cpu_read(&r), |i| i + 7);
+}

@@ -1,0 +1,180 @@
+//! uhmm across `fork(2)`.
+//!
+//! Pages on a device are holes in the kernel's page table, and a child does
+//! not inherit uhmm's userfaultfd registration (uhmm does not negotiate
+//! `UFFD_FEATURE_EVENT_FORK`), so a child would read zeros where the parent
+//! has data. uhmm therefore hooks `fork` (`pthread_atfork`):
+//!
+//! - **prepare** (in the forking thread, before the fork): close the gate to
+//!   new migrations, wait for those in flight, then bring every device page
+//!   of every address space back to RAM through its driver's
+//!   `migrate_to_ram`. At the fork every page is in RAM, so the child gets
+//!   the parent's data with the kernel's copy-on-write.
+//! - **parent**: open the gate again. The parent's pages stay in RAM (as if
+//!   the CPU had touched them); it migrates them again when it wants.
+//! - **child**: open the gate, and mark every inherited address space
+//!   *orphaned*: its threads, userfaultfd and devices belong to the parent.
+//!   An orphaned space refuses new work (`Unsupported`) and is only dropped;
+//!   the child makes its own [`AddressSpace`] and takes the inherited regions
+//!   over with [`AddressSpace::adopt`].
+//!
+//! The kernel instead keeps device-private pages on the device across fork,
+//! copy-on-write in both processes; uhmm trades that for a fork that cannot
+//! lose data. Poisoned pages stay poisoned in the child (the kernel copies
+//! the `UFFDIO_POISON` markers).
+
+use std::cell::{Cell, RefCell};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
+use std::time::{Duration, Instant};
+
+use crate::fault::CpuFault;
+use crate::pte::State;
+use crate::space::{AddressSpace, SpaceInner};
+use crate::sys;
+
+struct Gate {
+    forking: bool,
+    in_flight: usize,
+}
+
+static GATE: Mutex<Gate> = Mutex::new(Gate { forking: false, in_flight: 0 });
+static GATE_CV: Condvar = Condvar::new();
+static SPACES: Mutex<Vec<Weak<SpaceInner>>> = Mutex::new(Vec::new());
+static HOOKS: Once = Once::new();
+
+thread_local! {
+    /// Set in the forking thread between prepare and parent/child: its own
+    /// migrations pass the closed gate.
+    static FORKER: Cell<bool> = const { Cell::new(false) };
+    /// The gate, held by the forking thread across the fork.
+    static HELD: RefCell<Option<MutexGuard<'static, Gate>>> = const { RefCell::new(None) };
+}
+
+fn gate() -> MutexGuard<'static, Gate> {
+    GATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Records a new address space for the hooks (installing them once).
+pub(crate) fn register(space: &Arc<SpaceInner>) {
+    HOOKS.call_once(|| {
+        if let Err(err) = sys::process::atfork(prepare, parent, child) {
+            tracing::error!(%err, "pthread_atfork failed: a fork will not bring device pages back first");
+        }
+    });
+    let mut spaces = SPACES.lock().unwrap_or_else(|e| e.into_inner());
+    spaces.retain(|w| w.strong_count() > 0);
+    spaces.push(Arc::downgrade(space));
+}
+
+/// A migration in flight: a fork waits until it is finalized or dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    counted: bool,
+}
+
+impl InFlight {
+    /// Enters the gate, waiting while a fork is being prepared.
+    pub(crate) fn enter() -> InFlight {
+        if FORKER.get() {
+            return InFlight { counted: false };
+        }
+        let mut g = gate();
+        while g.forking {
+            g = GATE_CV.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.in_flight += 1;
+        InFlight { counted: true }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.counted {
+            let mut g = gate();
+            g.in_flight = g.in_flight.saturating_sub(1);
+            GATE_CV.notify_all();
+        }
+    }
+}
+
+extern "C" fn prepare() {
+    FORKER.set(true);
+    let mut g = gate();
+    g.forking = true;
+    // A migration the forking thread itself holds would never end: bound the wait.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while g.in_flight > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            tracing::error!(
+                in_flight = g.in_flight,
+                "fork: migrations still in flight; their pages may be holes in the child"
+            );
+            break;
+        }
+        g = GATE_CV.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+    }
+    let spaces: Vec<Arc<SpaceInner>> =
+        SPACES.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    for space in &spaces {
+        if !space.is_orphaned() {
+            evict(space);
+        }
+    }
+    drop(spaces);
+    HELD.with_borrow_mut(|h| *h = Some(g));
+}
+
+extern "C" fn parent() {
+    reopen(false);
+}
+
+extern "C" fn child() {
+    for space in SPACES.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade) {
+        space.orphan();
+    }
+    reopen(true);
+}
+
+fn reopen(in_child: bool) {
+    FORKER.set(false);
+    HELD.with_borrow_mut(|h| {
+        if let Some(mut g) = h.take() {
+            g.forking = false;
+            if in_child {
+                // The migrations in flight belonged to threads the child lacks.
+                g.in_flight = 0;
+            }
+        }
+    });
+    GATE_CV.notify_all();
+}
+
+/// Brings every device page of `space` back to RAM, one `migrate_to_ram`
+/// per run of pages on the same device.
+fn evict(space: &Arc<SpaceInner>) {
+    let handle = AddressSpace { inner: space.clone() };
+    for region in space.regions() {
+        let mut runs: Vec<(usize, usize, crate::DevicePage)> = Vec::new();
+        region.pt.for_each_allocated(|idx, e| {
+            if let State::Device(p) = e.state() {
+                match runs.last_mut() {
+                    Some((_, end, first)) if *end == idx && first.pagemap == p.pagemap => *end = idx + 1,
+                    _ => runs.push((idx, idx + 1, p)),
+                }
+            }
+        });
+        for (start, end, page) in runs {
+            let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else { continue };
+            let (a, b) = (region.addr_of(start), region.addr_of(end));
+            if let Err(err) = ops.migrate_to_ram(&CpuFault::new(handle.clone(), a, a..b, page)) {
+                tracing::error!(%err, "fork: a device could not bring its pages back");
+            }
+        }
+        let mut left = 0;
+        region.pt.for_each_allocated(|_, e| left += usize::from(matches!(e.state(), State::Device(_))));
+        if left > 0 {
+            tracing::error!(left, "fork: pages still on devices will read as zeros in the child");
+        }
+    }
+}
