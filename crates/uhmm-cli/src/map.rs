@@ -37,7 +37,7 @@ impl Layout {
 fn class(r: &Residency) -> u8 {
     match r {
         Residency::None => b'.',
-        Residency::Zero | Residency::Ram => b'R',
+        Residency::Zero | Residency::Ram | Residency::Exclusive => b'R',
         Residency::Device(..) => b'D',
         Residency::Poisoned => b'!',
         Residency::Unmapped => b' ',
@@ -69,7 +69,7 @@ impl Census {
             match p.residency {
                 Residency::None => c.hole += 1,
                 Residency::Zero => c.zero += 1,
-                Residency::Ram => c.ram += 1,
+                Residency::Ram | Residency::Exclusive => c.ram += 1,
                 Residency::Device(..) => c.device += 1,
                 Residency::Poisoned => c.poisoned += 1,
                 Residency::Unmapped => c.unmapped += 1,

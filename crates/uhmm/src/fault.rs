@@ -227,6 +227,10 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Resu
                 other => return other,
             },
             State::Poisoned => return poison_install(space, &region, idx),
+            State::Exclusive(slot) => match crate::exclusive::revoke(space, &region, idx, slot) {
+                Err(Errno::INPROGRESS) => continue,
+                other => return other,
+            },
             State::Device(page) => {
                 Stats::add(&space.stats.migrate_to_ram, 1);
                 let ops = space.pagemap(page.pagemap).and_then(|pm| pm.ops());

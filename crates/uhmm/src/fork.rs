@@ -156,7 +156,11 @@ fn evict(space: &Arc<SpaceInner>) {
     let handle = AddressSpace { inner: space.clone() };
     for region in space.regions() {
         let mut runs: Vec<(usize, usize, crate::DevicePage)> = Vec::new();
+        let mut exclusive = Vec::new();
         region.pt.for_each_allocated(|idx, e| {
+            if let State::Exclusive(slot) = e.state() {
+                exclusive.push((idx, slot));
+            }
             if let State::Device(p) = e.state() {
                 match runs.last_mut() {
                     Some((_, end, first)) if *end == idx && first.pagemap == p.pagemap => *end = idx + 1,
@@ -164,6 +168,11 @@ fn evict(space: &Arc<SpaceInner>) {
                 }
             }
         });
+        for (idx, slot) in exclusive {
+            if let Err(err) = crate::exclusive::revoke(space, &region, idx, slot) {
+                tracing::error!(%err, "fork: an exclusive page could not be taken back");
+            }
+        }
         for (start, end, page) in runs {
             let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else { continue };
             let (a, b) = (region.addr_of(start), region.addr_of(end));

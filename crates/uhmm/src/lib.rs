@@ -29,10 +29,12 @@
 compile_error!("uhmm supports 64-bit Linux only");
 
 mod error;
+mod exclusive;
 mod fault;
 mod fork;
 mod migrate;
 mod mirror;
+mod move_pages;
 mod notifier;
 mod pagemap;
 mod pin;
@@ -44,12 +46,14 @@ mod stats;
 pub mod sys;
 
 pub use error::{Error, ErrorKind, Result};
+pub use exclusive::ExclusiveGrant;
 pub use fault::CpuFault;
 pub use migrate::{
     ChunkDriver, Collected, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select, migrate_chunked,
     migrate_device_range,
 };
 pub use mirror::{AccessPage, RangeAccess, range_fault};
+pub use move_pages::{MoveStatus, MoveTarget, move_pages};
 pub use notifier::{IntervalNotifier, IntervalNotifierOps, InvalidateEvent, NotifierHandle};
 pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner};
 pub use pin::{Pin, PinKind};

@@ -76,6 +76,11 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
         let mut idx = first;
         while idx < first + n {
             let state = region.pt.load(idx).state();
+            if let State::Exclusive(slot) = state {
+                // A device's exclusive access ends when another one faults the page.
+                let _ = crate::exclusive::revoke(space, &region, idx, slot);
+                continue;
+            }
             let State::Device(page) = state else {
                 idx += 1;
                 continue;
@@ -98,7 +103,7 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
             let page = match s {
                 State::Cpu => AccessPage::System { writable: region.prot_at(idx).contains(Prot::WRITE) },
                 State::Device(p) if !foreign(s) => AccessPage::Device(p),
-                State::Device(_) => {
+                State::Device(_) | State::Exclusive(_) => {
                     retry = true;
                     AccessPage::System { writable: false }
                 }

@@ -40,6 +40,15 @@ pub enum InvalidateEvent {
         /// The migration's owner token.
         owner: Owner,
     },
+    /// `owner`'s device is being given exclusive access to the pages
+    /// (`MMU_NOTIFY_EXCLUSIVE`); other devices drop them.
+    Exclusive {
+        /// The device taking exclusive access.
+        owner: Owner,
+    },
+    /// The CPU takes pages back from a device's exclusive access
+    /// (`MMU_NOTIFY_CLEAR`): the device drops them.
+    Clear,
     /// The protection of the range changes (`MMU_NOTIFY_PROTECTION_VMA`).
     Protection,
     /// The range is being unmapped (`MMU_NOTIFY_UNMAP`).

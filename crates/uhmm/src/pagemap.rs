@@ -11,8 +11,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, Weak};
 
-use crate::Result;
 use crate::fault::CpuFault;
+use crate::migrate::{Collected, Migrated, Migration};
+use crate::{Error, ErrorKind, Result};
 
 /// A device page number, local to one [`DevicePagemap`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -62,6 +63,29 @@ pub trait DevicePagemapOps: Send + Sync {
     /// faulting page poisoned (SIGBUS), so return one only for unrecoverable
     /// device state.
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()>;
+
+    /// [`move_pages`](crate::move_pages) to this device: `m` was set up with
+    /// [`Select::SYSTEM`](crate::Select::SYSTEM) and this pagemap's owner.
+    /// Allocate device pages of this pagemap for its collected pages (RAM
+    /// pages; a hole gets a zero-filled page), copy (waiting for the copy's
+    /// fence) and set each destination with
+    /// [`Migration::set_dst_device`]. A page left without a destination
+    /// stays where it is and is reported as out of memory; an error of kind
+    /// `NoMemory` or `Busy` marks the whole batch so, any other error stops
+    /// `move_pages`. The default supports no moves to this device
+    /// ([`ErrorKind::Unsupported`]).
+    fn alloc_and_copy(&self, m: &mut Migration<Collected>) -> Result<()> {
+        let _ = m;
+        Err(Error::new(ErrorKind::Unsupported, "this device does not support move_pages to it"))
+    }
+
+    /// After [`alloc_and_copy`](DevicePagemapOps::alloc_and_copy) and
+    /// [`Migration::pages`], before `finalize`: update the device's page
+    /// table for the pages that moved, while they are still locked. The
+    /// default does nothing.
+    fn finalize_and_map(&self, m: &Migration<Migrated>) {
+        let _ = m;
+    }
 }
 
 /// An empty reverse-map word.

@@ -19,6 +19,7 @@ const KIND_MASK: u64 = 0b11;
 const KIND_CPU: u64 = 0;
 const KIND_DEVICE: u64 = 1;
 const KIND_POISONED: u64 = 2;
+const KIND_EXCLUSIVE: u64 = 3;
 /// The page is locked (a migration or a device access holds it).
 const LOCKED: u64 = 1 << 2;
 /// Threads wait on the condition variable for the lock to go.
@@ -40,6 +41,9 @@ pub enum State {
     Device(DevicePage),
     /// Lost: every access gets SIGBUS.
     Poisoned,
+    /// Held away from the CPU for a device's exclusive access, in this page
+    /// of the exclusive holding area; a CPU access takes it back.
+    Exclusive(u64),
 }
 
 impl State {
@@ -48,6 +52,7 @@ impl State {
         match self {
             State::Cpu => KIND_CPU,
             State::Poisoned => KIND_POISONED,
+            State::Exclusive(slot) => KIND_EXCLUSIVE | ((slot & ((1 << PFN_BITS) - 1)) << PFN_SHIFT),
             State::Device(p) => {
                 KIND_DEVICE | (u64::from(p.pagemap) << PAGEMAP_SHIFT) | ((p.pfn.0 & ((1 << PFN_BITS) - 1)) << PFN_SHIFT)
             }
@@ -61,6 +66,7 @@ impl State {
                 pfn: DevicePfn(word >> PFN_SHIFT),
             }),
             KIND_POISONED => State::Poisoned,
+            KIND_EXCLUSIVE => State::Exclusive(word >> PFN_SHIFT),
             _ => State::Cpu,
         }
     }
@@ -306,7 +312,9 @@ mod tests {
 
     #[test]
     fn encode_roundtrip() {
-        for s in [State::Cpu, State::Poisoned, dev(0, 0), dev(7, 12345), dev(u16::MAX, MAX_DEVICE_PFN)] {
+        for s in
+            [State::Cpu, State::Poisoned, State::Exclusive(77), dev(0, 0), dev(7, 12345), dev(u16::MAX, MAX_DEVICE_PFN)]
+        {
             assert_eq!(State::decode(s.encode()), s);
         }
     }

@@ -7,6 +7,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::exclusive::Holding;
 use crate::fault::Engine;
 use crate::notifier::{IntervalNotifierOps, InvalidateEvent, NotifierHandle, NotifierList};
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, Owner};
@@ -66,6 +67,9 @@ pub enum Residency {
     Device(DevicePage, Owner),
     /// Lost; accesses get SIGBUS.
     Poisoned,
+    /// In RAM but held for a device's exclusive access; a CPU access takes
+    /// it back.
+    Exclusive,
 }
 
 /// One page of a [`AddressSpace::snapshot`].
@@ -96,6 +100,8 @@ pub(crate) struct SpaceInner {
     pagemaps: RwLock<Vec<Option<Arc<DevicePagemap>>>>,
     pub(crate) stage: Arc<Arena>,
     pub(crate) pool: Arc<Arena>,
+    /// Pages held away for devices' exclusive access.
+    pub(crate) holding: Holding,
     pub(crate) waits: WaitTable,
     pub(crate) notifiers: Arc<NotifierList>,
     pub(crate) stats: Stats,
@@ -137,6 +143,7 @@ impl AddressSpace {
         }
         let stage = Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?);
         let pool = Arc::new(Arena::new(config.staging_bytes, None)?);
+        let holding = Holding::new(Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?));
         let inner = Arc::new(SpaceInner {
             pagemap_file: Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?,
             uffd,
@@ -145,6 +152,7 @@ impl AddressSpace {
             pagemaps: RwLock::new(Vec::new()),
             stage,
             pool,
+            holding,
             waits: WaitTable::new(),
             notifiers: Arc::new(NotifierList::default()),
             stats: Stats::default(),
@@ -439,12 +447,14 @@ impl SpaceInner {
         let _inv = self.notifiers.invalidate(region.start()..region.start() + region.map.len(), InvalidateEvent::Unmap);
         // Lock every page that was ever touched, for good: this waits for
         // in-flight migrations, and nothing can lock them after.
-        region.pt.for_each_allocated(|idx, _| {
-            if let State::Device(page) = region.pt.lock(idx, &self.waits)
-                && let Some(pm) = self.pagemap(page.pagemap)
-            {
-                pm.free_page(page.pfn);
+        region.pt.for_each_allocated(|idx, _| match region.pt.lock(idx, &self.waits) {
+            State::Device(page) => {
+                if let Some(pm) = self.pagemap(page.pagemap) {
+                    pm.free_page(page.pfn);
+                }
             }
+            State::Exclusive(slot) => self.holding.give_back(slot as usize * PAGE_SIZE),
+            _ => {}
         });
         // Threads still faulting on the dying region retry and find it gone.
         self.wake(region, 0..region.npages());
@@ -478,6 +488,7 @@ impl SpaceInner {
                             Residency::Device(page, owner)
                         }
                         State::Poisoned => Residency::Poisoned,
+                        State::Exclusive(_) => Residency::Exclusive,
                         State::Cpu => match next_run(&runs, &mut cursor, a) {
                             Some(r) if r.categories & category::PFNZERO != 0 => Residency::Zero,
                             Some(r) if r.categories & (category::PRESENT | category::SWAPPED) != 0 => Residency::Ram,

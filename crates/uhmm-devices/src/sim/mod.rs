@@ -9,7 +9,9 @@
 //! (dmirror's `mmu_interval_notifier` and its read_begin / read_retry loop). The test
 //! operations are dmirror's: `read`, `write`, `migrate_to_device`,
 //! `migrate_to_system`, `snapshot`, `release`, `fail_next_alloc`, plus one
-//! fault injection of uhmm's own, `poison_next_copy_back`.
+//! fault injection of uhmm's own, `poison_next_copy_back`. Its driver also
+//! takes pages moved to it with `uhmm::move_pages` (`alloc_and_copy` and
+//! `finalize_and_map`, shared with its own migrations to the device).
 
 mod dma;
 
@@ -342,7 +344,7 @@ impl SimDevice {
                     _ if p.prot == Prot::NONE => PageState::ERROR,
                     Residency::None => PageState::NONE,
                     Residency::Zero => PageState::ZERO | PageState::READ,
-                    Residency::Ram => rw,
+                    Residency::Ram | Residency::Exclusive => rw,
                     Residency::Device(_, owner) if owner == self.inner.owner => PageState::DEV_PRIVATE_LOCAL | rw,
                     // Another device's private memory is out of reach
                     // without faulting: dmirror reports it as nothing.
@@ -443,6 +445,49 @@ impl SimInner {
 
     fn page(&self, pfn: DevicePfn) -> DevicePage {
         self.pagemap().page(pfn).expect("pfn within capacity")
+    }
+
+    /// Allocates device pages for the RAM pages and holes among the sources
+    /// of `m`, copies them (zero-filling holes) and sets the destinations.
+    /// Pages past the first failed allocation keep no destination.
+    fn copy_to_device(&self, m: &mut Migration<Collected>) -> Result<()> {
+        let mut ops = Vec::new();
+        let mut dsts = Vec::new();
+        for i in 0..m.npages() {
+            let src = m.src(i);
+            if matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_)) {
+                continue;
+            }
+            let Some(pfn) = self.alloc_page() else {
+                break;
+            };
+            let mem = self.dev_mem(pfn)?;
+            ops.push(match src {
+                MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem),
+                _ => CopyOp::Zero(mem),
+            });
+            dsts.push((i, pfn));
+        }
+        if let Err(e) = self.dma.copy(ops) {
+            for (_, pfn) in dsts {
+                self.page_free(pfn);
+            }
+            return Err(e);
+        }
+        for (i, pfn) in dsts {
+            m.set_dst_device(i, self.page(pfn))?;
+        }
+        Ok(())
+    }
+
+    /// Maps the pages that moved to this device in the device page table.
+    fn map_moved_in(&self, m: &Migration<Migrated>) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..m.npages() {
+            if let (true, uhmm::MigrateDst::Device(p)) = (m.migrated(i), m.dst(i)) {
+                table.insert(m.addr(i), Pte::Device(p.pfn));
+            }
+        }
     }
 
     /// Copies this device's pages among the sources of `m` to RAM. A page
@@ -557,6 +602,14 @@ impl DevicePagemapOps for SimInner {
         m.finalize();
         Ok(())
     }
+
+    fn alloc_and_copy(&self, m: &mut Migration<Collected>) -> Result<()> {
+        self.copy_to_device(m)
+    }
+
+    fn finalize_and_map(&self, m: &Migration<Migrated>) {
+        self.map_moved_in(m);
+    }
 }
 
 /// `alloc_and_copy` / `finalize_and_map` towards the device.
@@ -566,42 +619,11 @@ struct ToDevice<'a> {
 
 impl ChunkDriver for ToDevice<'_> {
     fn alloc_and_copy(&mut self, m: &mut Migration<Collected>) -> Result<()> {
-        let mut ops = Vec::new();
-        let mut dsts = Vec::new();
-        for i in 0..m.npages() {
-            let src = m.src(i);
-            if matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_)) {
-                continue;
-            }
-            let Some(pfn) = self.dev.alloc_page() else {
-                break;
-            };
-            let mem = self.dev.dev_mem(pfn)?;
-            ops.push(match src {
-                MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem),
-                _ => CopyOp::Zero(mem),
-            });
-            dsts.push((i, pfn));
-        }
-        if let Err(e) = self.dev.dma.copy(ops) {
-            for (_, pfn) in dsts {
-                self.dev.page_free(pfn);
-            }
-            return Err(e);
-        }
-        for (i, pfn) in dsts {
-            m.set_dst_device(i, self.dev.page(pfn))?;
-        }
-        Ok(())
+        self.dev.copy_to_device(m)
     }
 
     fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
-        let mut table = self.dev.table.lock().unwrap_or_else(|e| e.into_inner());
-        for i in 0..m.npages() {
-            if let (true, uhmm::MigrateDst::Device(p)) = (m.migrated(i), m.dst(i)) {
-                table.insert(m.addr(i), Pte::Device(p.pfn));
-            }
-        }
+        self.dev.map_moved_in(m);
     }
 }
 

@@ -1,0 +1,209 @@
+//! Device-exclusive access (`make_device_exclusive`): a device gets a range
+//! to itself (for atomics); any CPU access takes it back.
+//!
+//! The kernel replaces each page-table entry with a device-exclusive entry
+//! pointing at the same page. uhmm moves the page (`UFFDIO_MOVE`, no copy)
+//! out of the region into a page of a holding area, where the device reaches
+//! it ([`SystemPage`]); the region's entry is empty, so a CPU read or write
+//! faults, and the fault engine moves the page back — after telling the
+//! device ([`InvalidateEvent::Clear`]) — before the access retries.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+use rustix::io::Errno;
+
+use crate::fork::InFlight;
+use crate::mirror::range_fault;
+use crate::notifier::InvalidateEvent;
+use crate::pagemap::Owner;
+use crate::pte::State;
+use crate::region::{Backing, Prot, RegionInner};
+use crate::space::{AddressSpace, SpaceInner};
+use crate::staging::{Arena, Slots, SystemPage};
+use crate::sys::PAGE_SIZE;
+use crate::{Error, ErrorKind, Result};
+
+/// The holding area: pages of a registered arena handed out one at a time.
+#[derive(Debug)]
+pub(crate) struct Holding {
+    arena: Arc<Arena>,
+    /// Batches taken from the arena, and the free page offsets in them.
+    slots: Mutex<(Vec<Slots>, Vec<usize>)>,
+}
+
+impl Holding {
+    pub(crate) fn new(arena: Arc<Arena>) -> Holding {
+        Holding { arena, slots: Mutex::new((Vec::new(), Vec::new())) }
+    }
+
+    fn take(&self) -> Result<usize> {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if s.1.is_empty() {
+            let batch = self.arena.alloc(crate::BATCH_PAGES)?;
+            s.1.extend((0..crate::BATCH_PAGES).rev().map(|i| batch.offset(i)));
+            s.0.push(batch);
+        }
+        Ok(s.1.pop().expect("just refilled"))
+    }
+
+    /// Gives page `off` back, emptied.
+    pub(crate) fn give_back(&self, off: usize) {
+        if let Err(err) = self.arena.map.discard(off, PAGE_SIZE) {
+            tracing::error!(%err, "discarding a holding page failed; leaking it");
+            return;
+        }
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).1.push(off);
+    }
+
+    fn map(&self) -> &crate::sys::mman::Mapping {
+        &self.arena.map
+    }
+
+    fn page(&self, off: usize) -> SystemPage {
+        SystemPage::new(&self.arena, off)
+    }
+
+    fn addr(&self, off: usize) -> usize {
+        self.arena.map.addr() + off
+    }
+}
+
+/// Pages made exclusive to a device, still locked: the device records them
+/// in its page table, then drops this (which unlocks them; a CPU access from
+/// then on takes them back).
+#[derive(Debug)]
+pub struct ExclusiveGrant {
+    space: Arc<SpaceInner>,
+    region: Arc<RegionInner>,
+    first: usize,
+    held: Vec<Held>,
+    _in_flight: InFlight,
+}
+
+/// One page of a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Not locked by the grant (someone else held it, or it was not in RAM).
+    Skipped,
+    /// Locked, but it could not be moved away (pinned, shared).
+    Stayed,
+    /// Moved to this page of the holding area.
+    At(usize),
+}
+
+impl ExclusiveGrant {
+    /// Pages in the range.
+    pub fn npages(&self) -> usize {
+        self.held.len()
+    }
+
+    /// How many pages the device got.
+    pub fn cpages(&self) -> usize {
+        self.held.iter().filter(|h| matches!(h, Held::At(_))).count()
+    }
+
+    /// The page the device uses for page `i`, unless it was skipped (busy,
+    /// or on a device).
+    pub fn page(&self, i: usize) -> Option<SystemPage> {
+        match self.held.get(i) {
+            Some(Held::At(off)) => Some(self.space.holding.page(*off)),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for ExclusiveGrant {
+    fn drop(&mut self) {
+        for (i, held) in self.held.iter().enumerate() {
+            let idx = self.first + i;
+            let state = match held {
+                Held::Skipped => continue,
+                Held::Stayed => State::Cpu,
+                Held::At(off) => State::Exclusive((off / PAGE_SIZE) as u64),
+            };
+            if self.region.pt.unlock(idx, state, &self.space.waits) {
+                self.space.wake(&self.region, idx..idx + 1);
+            }
+        }
+    }
+}
+
+impl AddressSpace {
+    /// `make_device_exclusive`: gives `owner`'s device exclusive access to
+    /// `range` (page-aligned, in one read-write anonymous region). Pages are
+    /// faulted in first (holes filled, other devices' pages brought back);
+    /// a page locked by someone else, or on `owner`'s own device, is skipped.
+    pub fn make_device_exclusive(&self, range: Range<usize>, owner: Owner) -> Result<ExclusiveGrant> {
+        let space = &self.inner;
+        space.check_usable()?;
+        let (region, pages) = space.region_pages(range.clone())?;
+        if region.backing != Backing::Anonymous {
+            return Err(Error::invalid("exclusive access needs private anonymous memory"));
+        }
+        if region.prot_runs(pages.clone()).iter().any(|(_, p)| *p != Prot::READ_WRITE) {
+            return Err(Error::new(ErrorKind::Permission, "exclusive access needs read-write memory"));
+        }
+        drop(range_fault(self, range.clone(), true, owner)?.release());
+        let in_flight = InFlight::enter();
+        let mut held = vec![Held::Skipped; pages.len()];
+        for idx in pages.clone() {
+            match region.pt.try_lock(idx) {
+                Some(State::Cpu) => held[idx - pages.start] = Held::Stayed,
+                Some(other) if region.pt.unlock(idx, other, &space.waits) => space.wake(&region, idx..idx + 1),
+                _ => {}
+            }
+        }
+        let _inv = space.notifiers.invalidate(range, InvalidateEvent::Exclusive { owner });
+        let mut grant = ExclusiveGrant {
+            space: space.clone(),
+            region: region.clone(),
+            first: pages.start,
+            held,
+            _in_flight: in_flight,
+        };
+        for i in 0..grant.held.len() {
+            if grant.held[i] != Held::Stayed {
+                continue;
+            }
+            // The grant unlocks what it holds even if this fails.
+            let off = space.holding.take()?;
+            let dst = space.holding.addr(off);
+            match space.uffd.move_pages(dst, &region.map, (pages.start + i) * PAGE_SIZE, PAGE_SIZE, false, true) {
+                Ok(_) => grant.held[i] = Held::At(off),
+                Err(e) => {
+                    // Pinned or shared (EBUSY): it stays with the CPU.
+                    tracing::debug!(errno = %e.errno, "page not made exclusive");
+                    space.holding.give_back(off);
+                }
+            }
+        }
+        Ok(grant)
+    }
+}
+
+/// The CPU takes page `idx` back from a device's exclusive access: tell the
+/// device, move the page home, wake the waiting threads. Returns
+/// `EINPROGRESS` if the page changed meanwhile (the caller looks again).
+pub(crate) fn revoke(space: &SpaceInner, region: &RegionInner, idx: usize, slot: u64) -> Result<(), Errno> {
+    if !region.pt.try_lock_if(idx, State::Exclusive(slot)) {
+        return Err(Errno::INPROGRESS);
+    }
+    let addr = region.addr_of(idx);
+    drop(space.notifiers.invalidate(addr..addr + PAGE_SIZE, InvalidateEvent::Clear));
+    let off = slot as usize * PAGE_SIZE;
+    let moved = space.uffd.move_pages(addr, space.holding.map(), off, PAGE_SIZE, false, true);
+    let state = match moved {
+        Ok(_) => {
+            space.holding.give_back(off);
+            State::Cpu
+        }
+        Err(e) => {
+            tracing::error!(errno = %e.errno, addr, "taking an exclusive page back failed");
+            State::Exclusive(slot)
+        }
+    };
+    let _ = region.pt.unlock(idx, state, &space.waits);
+    space.wake(region, idx..idx + 1);
+    moved.map(|_| ()).map_err(|e| e.errno)
+}
