@@ -192,7 +192,14 @@ pub(crate) fn revoke(space: &SpaceInner, region: &RegionInner, idx: usize, slot:
     let addr = region.addr_of(idx);
     drop(space.notifiers.invalidate(addr..addr + PAGE_SIZE, InvalidateEvent::Clear));
     let off = slot as usize * PAGE_SIZE;
-    let moved = space.uffd.move_pages(addr, space.holding.map(), off, PAGE_SIZE, false, true);
+    let moved = match space.uffd.move_pages(addr, space.holding.map(), off, PAGE_SIZE, false, true) {
+        // The region became read-only meanwhile: MOVE needs writable
+        // mappings, so copy the page home instead.
+        Err(e) if e.errno == Errno::INVAL => {
+            space.uffd.copy(addr, space.holding.addr(off) as *const u8, PAGE_SIZE, true)
+        }
+        other => other,
+    };
     let state = match moved {
         Ok(_) => {
             space.holding.give_back(off);

@@ -24,7 +24,7 @@ use uhmm::sys::mman::{Mapping, Protection};
 use uhmm::{
     AccessPage, AddressSpace, ChunkDriver, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn,
     Error, ErrorKind, IntervalNotifierOps, InvalidateEvent, MigrateSrc, Migrated, Migration, NotifierHandle, Owner,
-    PAGE_SIZE, Prot, Residency, Result, Select, migrate_chunked, migrate_device_range, range_fault,
+    PAGE_SIZE, Prot, Residency, Result, Select, SystemPage, migrate_chunked, migrate_device_range, range_fault,
 };
 
 use dma::{CopyOp, DevMem, DmaEngine};
@@ -100,12 +100,15 @@ struct SimInner {
 }
 
 /// A device page-table entry (dmirror's xarray entry).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Pte {
     /// A RAM page the device reaches through the address.
     System { writable: bool },
     /// One of this device's pages.
     Device(DevicePfn),
+    /// A RAM page held for this device's exclusive access (dmirror's
+    /// atomic tag), reached through the holding page.
+    Atomic(SystemPage),
 }
 
 /// The device page table: address → entry, and device page → address.
@@ -264,6 +267,7 @@ impl SimDevice {
             let dst = &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             match page {
                 Page::System(a) => space.read_at(a, dst),
+                Page::Held(p) => p.read(0, dst),
                 Page::Device(m) => m.chunk.read(m.off, dst).map_err(|e| Error::sys("device read", e)),
             }
         })
@@ -277,6 +281,7 @@ impl SimDevice {
             let src = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             match page {
                 Page::System(a) => space.write_at(a, src),
+                Page::Held(p) => p.write(0, src),
                 Page::Device(m) => m.chunk.write(m.off, src).map_err(|e| Error::sys("device write", e)),
             }
         })
@@ -314,6 +319,7 @@ impl SimDevice {
                     let page = match table.by_addr.get(&a) {
                         Some(Pte::System { writable }) if *writable || !write => Page::System(a),
                         Some(Pte::Device(pfn)) => Page::Device(self.inner.dev_mem(*pfn)?),
+                        Some(Pte::Atomic(held)) => Page::Held(held.clone()),
                         _ => break,
                     };
                     copy(done, page)?;
@@ -329,6 +335,33 @@ impl SimDevice {
             }
         }
         Ok(Counters { cpages: npages, faults })
+    }
+
+    /// Takes exclusive access to `npages` pages at `addr` (dmirror's
+    /// `exclusive`: `make_device_exclusive`, then the pages are mapped with
+    /// the atomic tag). `cpages` = pages made exclusive.
+    pub fn exclusive(&self, addr: usize, npages: usize) -> Result<Counters> {
+        let range = check_range(addr, npages)?;
+        let grant = self.inner.space.make_device_exclusive(range, self.inner.owner)?;
+        let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..npages {
+            if let Some(held) = grant.page(i) {
+                table.insert(addr + i * PAGE_SIZE, Pte::Atomic(held));
+            }
+        }
+        Ok(Counters { cpages: grant.cpages(), faults: 0 })
+    }
+
+    /// dmirror's `check_exclusive`: fails with
+    /// [`ErrorKind::Permission`] while any page of the range is still
+    /// exclusive to this device (a CPU access revokes it).
+    pub fn check_exclusive(&self, addr: usize, npages: usize) -> Result<()> {
+        let range = check_range(addr, npages)?;
+        let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
+        if table.by_addr.range(range).any(|(_, pte)| matches!(pte, Pte::Atomic(_))) {
+            return Err(Error::new(ErrorKind::Permission, "pages are still exclusive to the device"));
+        }
+        Ok(())
     }
 
     /// The state of each page, without faulting (dmirror's snapshot).
@@ -380,6 +413,8 @@ enum Page {
     System(usize),
     /// This device's memory.
     Device(DevMem),
+    /// RAM held for this device's exclusive access.
+    Held(SystemPage),
 }
 
 /// A chunk of device memory: host RAM, huge-page backed where the kernel
@@ -577,7 +612,7 @@ impl IntervalNotifierOps for SimInner {
         // This device's own migrations update its device pages themselves
         // (finalize_and_map); RAM entries go in every case, since the device
         // reaches them by address.
-        let own = matches!(event, InvalidateEvent::Migrate { owner } if owner == self.owner);
+        let own = matches!(event, InvalidateEvent::Migrate { owner } | InvalidateEvent::Exclusive { owner } if owner == self.owner);
         self.table.lock().unwrap_or_else(|e| e.into_inner()).remove_range(range, own);
     }
 }
