@@ -125,3 +125,40 @@ fn s17_cow_in_device() {
     assert!(snap.iter().all(|s| *s == uhmm_devices::sim::PageState::WRITE), "plain RAM pages: {snap:?}");
     assert_words(&cpu_read(&r), |i| i + 7);
 }
+
+#[test]
+fn child_drops_inherited_objects_cleanly() {
+    use std::sync::Mutex;
+    if !isolated("child_drops_inherited_objects_cleanly") {
+        return;
+    }
+    let space = space();
+    let held = Mutex::new(Some((device(&space), map(&space, 64))));
+    let (dev_addr, npages) = {
+        let g = held.lock().unwrap();
+        let (dev, r) = g.as_ref().unwrap();
+        fill(r, 0..64, |i| i);
+        dev.migrate_to_device(r.addr(), 64).unwrap();
+        (r.addr(), r.npages())
+    };
+    // The child drops what it inherited — region, device, space — as a
+    // child that goes on running would: no hang, nothing done to the parent.
+    let code = fork_child(|| {
+        let taken = held.lock().unwrap().take();
+        if space.map(PAGE_SIZE, Prot::READ_WRITE).is_ok() {
+            return 10; // an orphaned space refuses new work
+        }
+        drop(taken);
+        0
+    });
+    assert_eq!(code, 0);
+    assert_eq!(space.handler_watch().alive(), 1, "the parent's handler still runs");
+    let g = held.lock().unwrap();
+    let (dev, r) = g.as_ref().unwrap();
+    assert_eq!(r.addr(), dev_addr);
+    // Shared with the (dead) child until written; then the device takes them.
+    assert_eq!(dev.migrate_to_device(r.addr(), npages).unwrap_err().kind(), uhmm::ErrorKind::NotFound);
+    fill(r, 0..64, |i| i + 1);
+    assert_eq!(dev.migrate_to_device(r.addr(), npages).unwrap().cpages, npages);
+    assert_words(&cpu_read(r), |i| i + 1);
+}

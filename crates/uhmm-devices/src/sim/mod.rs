@@ -396,6 +396,12 @@ impl SimDevice {
 
 impl Drop for SimDevice {
     fn drop(&mut self) {
+        if self.inner.space.is_orphaned() {
+            // A forked child's copy: the DMA thread lives in the parent, so
+            // joining it would wait forever; its memory goes with the child.
+            std::mem::forget(self.inner.clone());
+            return;
+        }
         match self.inner.release() {
             Ok(_) => {
                 if let Err(err) = self.inner.space.unregister_pagemap(self.inner.pagemap()) {
