@@ -327,3 +327,78 @@ fn s08_migrate_file_private_is_skipped() {
         assert_words(&disk, |i| i); // private: the file is unchanged
     });
 }
+
+// ---- Program-side changes while pages are away (issue 3, item 9) ----
+
+#[test]
+fn s18_anon_teardown() {
+    use std::sync::Arc;
+    with_timeout(120, || {
+        let space = space();
+        let dev = Arc::new(device(&space));
+        for round in 0..10u32 {
+            let r = Arc::new(map(&space, NPAGES));
+            fill(&r, 0..NPAGES, |i| i ^ round);
+            if round % 2 == 1 {
+                dev.migrate_to_device(r.addr(), NPAGES).unwrap();
+            }
+            let reader = {
+                let (dev, r) = (dev.clone(), r.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; r.len()];
+                    match dev.read(r.addr(), NPAGES, &mut buf) {
+                        Ok(c) => {
+                            assert_eq!(c.cpages, NPAGES);
+                            assert_words(&buf, |i| i ^ round);
+                        }
+                        Err(e) => assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}"),
+                    }
+                })
+            };
+            r.unmap(r.len() / 2..r.len()).unwrap();
+            reader.join().unwrap();
+            // The kept half is intact; the unmapped half is gone for good.
+            let mut half = vec![0u8; r.len() / 2];
+            r.read(0, &mut half).unwrap();
+            assert_words(&half, |i| i ^ round);
+            assert_eq!(r.read(r.len() / 2, &mut [0u8; 4]).unwrap_err().kind(), ErrorKind::Fault);
+        }
+        assert_eq!(dev.pages_in_use(), 0, "unmapped device pages were freed");
+    });
+}
+
+#[test]
+fn s20_partial_unmap() {
+    with_timeout(120, || {
+        let space = space();
+        let dev = device(&space);
+        let n = NPAGES;
+        for (lo, hi) in [(0, n / 2), (n / 4, 3 * n / 4), (n / 2, n)] {
+            for migrate_before in [false, true] {
+                let r = map(&space, n);
+                fill(&r, 0..n, |i| i);
+                if migrate_before {
+                    dev.migrate_to_device(r.addr(), n).unwrap();
+                }
+                r.unmap(lo * PAGE_SIZE..hi * PAGE_SIZE).unwrap();
+                let kept: Vec<std::ops::Range<usize>> = [0..lo, hi..n].into_iter().filter(|k| !k.is_empty()).collect();
+                if !migrate_before {
+                    for k in &kept {
+                        dev.migrate_to_device(r.addr() + k.start * PAGE_SIZE, k.len()).unwrap();
+                    }
+                }
+                // A range with unmapped pages is an invalid argument.
+                assert_eq!(dev.migrate_to_device(r.addr(), n).unwrap_err().kind(), ErrorKind::InvalidArgument);
+                for k in &kept {
+                    let mut buf = vec![0u8; k.len() * PAGE_SIZE];
+                    r.read(k.start * PAGE_SIZE, &mut buf).unwrap();
+                    let base = (k.start * WORDS_PER_PAGE) as u32;
+                    assert_words(&buf, |i| i + base);
+                }
+                assert_eq!(dev.pages_in_use(), 0, "({lo}, {hi}, {migrate_before})");
+                let snap = space.snapshot(r.range()).unwrap();
+                assert!(snap[lo..hi].iter().all(|p| p.residency == uhmm::Residency::Unmapped));
+            }
+        }
+    });
+}

@@ -70,6 +70,8 @@ pub(crate) struct RegionInner {
     /// Set when the region is being unmapped; a migration that sees it after
     /// locking its pages gives up.
     pub(crate) dead: AtomicBool,
+    /// Page ranges unmapped with [`Region::unmap`] (reserved, inaccessible).
+    unmapped: RwLock<Vec<Range<usize>>>,
 }
 
 impl RegionInner {
@@ -82,7 +84,14 @@ impl RegionInner {
             backing,
             prot: RwLock::new(BTreeMap::from([(0, prot)])),
             dead: AtomicBool::new(false),
+            unmapped: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Whether any page of `pages` was unmapped.
+    pub(crate) fn has_unmapped(&self, pages: &Range<usize>) -> bool {
+        let unmapped = self.unmapped.read().unwrap_or_else(|e| e.into_inner());
+        unmapped.iter().any(|u| u.start < pages.end && pages.start < u.end)
     }
 
     pub(crate) fn start(&self) -> usize {
@@ -142,6 +151,9 @@ impl RegionInner {
             return Ok(());
         }
         let pages = offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
+        if self.has_unmapped(&pages) {
+            return Err(Error::new(Fault, "part of the range was unmapped"));
+        }
         for (_, prot) in self.prot_runs(pages.clone()) {
             if !prot.contains(Prot::READ) {
                 return Err(Error::new(Fault, "no access to part of the range"));
@@ -249,16 +261,68 @@ impl Region {
 
     /// Changes the protection of `range` (byte offsets, page-aligned).
     pub fn protect(&self, range: Range<usize>, prot: Prot) -> Result<()> {
+        let pages = self.page_range(&range)?;
+        if self.inner.has_unmapped(&pages) {
+            return Err(Error::invalid("part of the range was unmapped"));
+        }
+        let addrs = self.addr() + range.start..self.addr() + range.end;
+        let _inv = self.space.notifiers.invalidate(addrs, crate::InvalidateEvent::Protection);
+        self.inner.set_prot(pages, prot)
+    }
+
+    /// Unmaps part of the region (`munmap` of a sub-range): pages on
+    /// devices are freed, mirrors are told, in-flight work on the pages
+    /// ends first. The addresses stay reserved (inaccessible: an access is
+    /// SIGSEGV, uhmm calls fail) until the whole region is dropped.
+    pub fn unmap(&self, range: Range<usize>) -> Result<()> {
+        let pages = self.page_range(&range)?;
+        if self.inner.has_unmapped(&pages) {
+            return Err(Error::invalid("part of the range was unmapped already"));
+        }
+        let space = &self.space;
+        let addrs = self.addr() + range.start..self.addr() + range.end;
+        let _inv = space.notifiers.invalidate(addrs, crate::InvalidateEvent::Unmap);
+        let prior: Vec<State> = pages.clone().map(|idx| self.inner.pt.lock(idx, &space.waits)).collect();
+        let reserved = self.inner.map.reserve(range.start, range.len()).map_err(|e| Error::sys("mmap", e));
+        if reserved.is_ok() {
+            self.inner.unmapped.write().unwrap_or_else(|e| e.into_inner()).push(pages.clone());
+            let _ = self.inner.set_prot(pages.clone(), Prot::NONE);
+        }
+        let mut freed = Vec::new();
+        for (idx, state) in pages.clone().zip(prior) {
+            let after = match (reserved.is_ok(), state) {
+                (false, s) => s,
+                (true, State::Device(p)) => {
+                    freed.push(p);
+                    State::Cpu
+                }
+                (true, State::Exclusive(slot)) => {
+                    space.holding.give_back(slot as usize * PAGE_SIZE);
+                    State::Cpu
+                }
+                (true, _) => State::Cpu,
+            };
+            if self.inner.pt.unlock(idx, after, &space.waits) {
+                space.wake(&self.inner, idx..idx + 1);
+            }
+        }
+        for p in freed {
+            if let Some(pm) = space.pagemap(p.pagemap) {
+                pm.free_page(p.pfn);
+            }
+        }
+        reserved
+    }
+
+    fn page_range(&self, range: &Range<usize>) -> Result<Range<usize>> {
         if !range.start.is_multiple_of(PAGE_SIZE)
             || !range.end.is_multiple_of(PAGE_SIZE)
             || range.is_empty()
             || range.end > self.len()
         {
-            return Err(Error::invalid("protect needs a non-empty, page-aligned range inside the region"));
+            return Err(Error::invalid("the range must be non-empty, page-aligned and inside the region"));
         }
-        let addrs = self.addr() + range.start..self.addr() + range.end;
-        let _inv = self.space.notifiers.invalidate(addrs, crate::InvalidateEvent::Protection);
-        self.inner.set_prot(range.start / PAGE_SIZE..range.end / PAGE_SIZE, prot)
+        Ok(range.start / PAGE_SIZE..range.end / PAGE_SIZE)
     }
 
     /// Where each page of the region is, per uhmm's page table (`Cpu` for a

@@ -409,7 +409,11 @@ impl SpaceInner {
             return Err(Error::invalid("range crosses the end of its region"));
         }
         let first = (range.start - region.start()) / PAGE_SIZE;
-        Ok((region, first..first + range.len() / PAGE_SIZE))
+        let pages = first..first + range.len() / PAGE_SIZE;
+        if region.has_unmapped(&pages) {
+            return Err(Error::invalid("the range includes unmapped pages"));
+        }
+        Ok((region, pages))
     }
 
     /// The region with id `id`.
@@ -481,6 +485,10 @@ impl SpaceInner {
             let mut cursor = 0;
             for (prange, prot) in region.prot_runs(first..first + (end - addr) / PAGE_SIZE) {
                 for idx in prange {
+                    if region.has_unmapped(&(idx..idx + 1)) {
+                        out.push(PageSnapshot { residency: Residency::Unmapped, prot: Prot::NONE });
+                        continue;
+                    }
                     let a = region.addr_of(idx);
                     let residency = match region.pt.load(idx).state() {
                         State::Device(page) => {

@@ -192,6 +192,26 @@ impl Mapping {
         }
     }
 
+    /// Replaces a page-aligned sub-range with an inaccessible reservation
+    /// (`mmap(MAP_FIXED, PROT_NONE)`): its pages are freed, any access
+    /// faults with SIGSEGV, and the addresses stay reserved for this mapping,
+    /// so nothing else can be mapped there before the whole mapping goes.
+    pub fn reserve(&self, off: usize, len: usize) -> io::Result<()> {
+        let addr = self.page_range(off, len)?;
+        // SAFETY: MAP_FIXED over a range inside this mapping (checked), whose
+        // bytes no Rust reference points into (type invariant): replacing
+        // them invalidates nothing Rust relies on.
+        unsafe {
+            mm::mmap_anonymous(
+                addr as *mut c_void,
+                len,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE | MapFlags::FIXED,
+            )
+        }?;
+        Ok(())
+    }
+
     /// `mprotect` of a page-aligned sub-range.
     pub fn protect(&self, off: usize, len: usize, prot: Protection) -> io::Result<()> {
         let addr = self.page_range(off, len)?;
