@@ -125,7 +125,7 @@ mod tests {
     use uhmm::Prot;
 
     fn snap(r: Residency) -> PageSnapshot {
-        PageSnapshot { residency: r, prot: Prot::READ_WRITE }
+        PageSnapshot { residency: r, prot: Prot::READ_WRITE, huge: false }
     }
 
     #[test]

@@ -402,3 +402,57 @@ fn s20_partial_unmap() {
         }
     });
 }
+
+// ---- Huge pages (issue 3, item 11) ----
+
+#[test]
+fn s05_anon_write_huge() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let r = space.map_huge(4 << 20, Prot::READ_WRITE).unwrap();
+        assert!(r.addr().is_multiple_of(uhmm::HUGE_SIZE));
+        let n = r.npages();
+        let c = dev.write(r.addr(), n, &pattern(n, |i| i)).unwrap();
+        assert_eq!(c.cpages, n);
+        assert_words(&cpu_read(&r), |i| i);
+    });
+}
+
+#[test]
+fn s19_huge_migrations() {
+    with_timeout(120, || {
+        let space = space();
+        let dev = device(&space);
+        let n = 1024; // two 2 MiB blocks
+        let huge_ram = |r: &uhmm::Region| space.snapshot(r.range()).unwrap().iter().all(|p| p.huge);
+        // Empty: holes become zero-filled compound device pages.
+        let r = space.map_huge(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        assert_eq!(dev.migrate_to_device(r.addr(), n).unwrap().cpages, n);
+        assert_eq!(dev.huge_stats(), (2, 0));
+        assert!(cpu_read(&r).iter().all(|b| *b == 0));
+        // Written: first touch fills whole huge pages; they move as compound units.
+        let r = space.map_huge(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        fill(&r, 0..n, |i| i);
+        assert!(space.stats().huge_fills >= 2);
+        assert!(huge_ram(&r), "first touch of a huge region maps huge pages");
+        assert_eq!(dev.migrate_to_device(r.addr(), n).unwrap().cpages, n);
+        assert_eq!(dev.huge_stats(), (4, 0));
+        assert_eq!(dev.migrate_to_system(r.addr(), n).unwrap().cpages, n);
+        assert!(huge_ram(&r), "whole blocks come back as huge pages");
+        assert_words(&cpu_read(&r), |i| i);
+        // Back to the device, then the CPU faults a page: the fault-around window comes back.
+        dev.migrate_to_device(r.addr(), n).unwrap();
+        let mut b = [0u8; 4];
+        r.read(5 * PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(u32::from_ne_bytes(b), (5 * WORDS_PER_PAGE) as u32);
+        assert_words(&cpu_read(&r), |i| i);
+        // An allocation failure falls back to small pages, visibly.
+        let before = dev.huge_stats();
+        dev.fail_next_alloc();
+        assert_eq!(dev.migrate_to_device(r.addr(), n).unwrap().cpages, n);
+        let after = dev.huge_stats();
+        assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "one block compound, one small after the failure");
+        assert_words(&cpu_read(&r), |i| i);
+    });
+}

@@ -287,6 +287,9 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
     if !pt.try_lock_if(idx, State::Cpu) {
         return Err(Errno::INPROGRESS);
     }
+    if region.huge && huge_fill(space, region, idx) {
+        return Ok(());
+    }
     // The window may not cross a protection boundary (one VMA per ioctl).
     let w = space.config.zero_fill_pages;
     let first = idx - idx % w;
@@ -344,6 +347,63 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
     // thread waited on while we held it.
     space.wake(region, lo..wake_end);
     result
+}
+
+/// First touch in a huge region: fills the whole aligned 2 MiB block around
+/// page `idx` (locked by the caller) with one zeroed huge page, moved in from
+/// the huge pool (`UFFDIO_MOVE` of a PMD). Returns false — page `idx` still
+/// locked, nothing changed — when the block is not wholly empty and free, so
+/// the caller fills small pages instead.
+fn huge_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> bool {
+    const N: usize = crate::BATCH_PAGES;
+    let block = idx - idx % N;
+    if block + N > region.npages() || region.prot_runs(block..block + N).len() != 1 {
+        return false;
+    }
+    let pt = &region.pt;
+    let mut locked = Vec::with_capacity(N);
+    let all = (block..block + N).all(|i| {
+        let ok = i == idx || pt.try_lock_if(i, State::Cpu);
+        if ok && i != idx {
+            locked.push(i);
+        }
+        ok
+    });
+    let unlock = |pages: &[usize]| {
+        for &i in pages {
+            if pt.unlock(i, State::Cpu, &space.waits) {
+                space.wake(region, i..i + 1);
+            }
+        }
+    };
+    let (a, b) = (region.addr_of(block), region.addr_of(block + N));
+    let mut present = Vec::new();
+    let q = crate::sys::pagemap::Query::any_of(
+        crate::sys::pagemap::category::PRESENT | crate::sys::pagemap::category::SWAPPED,
+    );
+    let empty = all && space.pagemap_file.scan(a, b, q, &mut present).is_ok_and(|n| n == 0);
+    let slots = if empty { space.huge_pool.alloc(N).ok() } else { None };
+    let Some(slots) = slots else {
+        unlock(&locked);
+        return false;
+    };
+    slots.populate(0..N);
+    let moved = space.uffd.move_pages(a, slots.mapping(), slots.offset(0), N * PAGE_SIZE, false, true);
+    if let Err(e) = &moved {
+        // Part may have moved: the rest is filled with small pages below.
+        tracing::debug!(errno = %e.errno, "huge first touch fell back to small pages");
+    }
+    let done = moved.unwrap_or_else(|e| e.done) / PAGE_SIZE;
+    Stats::add(&space.stats.zero_filled_pages, done as u64);
+    if done < N {
+        unlock(&locked);
+        return false;
+    }
+    Stats::add(&space.stats.huge_fills, 1);
+    locked.push(idx);
+    unlock(&locked);
+    space.wake(region, block..block + N);
+    true
 }
 
 /// Installs the SIGBUS marker for a page already recorded as poisoned.

@@ -59,7 +59,7 @@ pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner}
 pub use pin::{Pin, PinKind};
 pub use pte::State as PageState;
 pub use region::{Backing, Prot, Region};
-pub use space::{AddressSpace, Config, HandlerWatch, PageSnapshot, Residency};
+pub use space::{AddressSpace, Config, HUGE_SIZE, HandlerWatch, PageSnapshot, Residency};
 pub use staging::{BATCH_PAGES, SystemPage};
 pub use stats::StatsSnapshot;
 pub use sys::PAGE_SIZE;

@@ -229,7 +229,19 @@ impl Migration<Collected> {
     pub fn system_dst(&mut self, i: usize) -> Result<SystemPage> {
         self.inner.check_collected(i)?;
         if self.inner.pool.is_none() {
-            let pool = self.inner.space.pool.alloc(self.inner.pages.len())?;
+            // A whole aligned 2 MiB block coming back gets a huge page.
+            let inner = &self.inner;
+            let whole_block = inner.pages.len() == crate::BATCH_PAGES
+                && inner.regions.len() == 1
+                && inner.regions[0].huge
+                && inner.pages[0].idx.is_multiple_of(crate::BATCH_PAGES)
+                && inner
+                    .pages
+                    .iter()
+                    .enumerate()
+                    .all(|(k, p)| p.idx == inner.pages[0].idx + k && matches!(p.src, Src::Device(_)));
+            let arena = if whole_block { &inner.space.huge_pool } else { &inner.space.pool };
+            let pool = arena.alloc(inner.pages.len())?;
             // Pages coming back from a device will need RAM: allocate it in bulk.
             let device: Vec<usize> =
                 (0..self.inner.pages.len()).filter(|&k| matches!(self.inner.pages[k].src, Src::Device(_))).collect();

@@ -65,6 +65,8 @@ pub(crate) struct RegionInner {
     pub(crate) map: Mapping,
     pub(crate) pt: PageTable,
     pub(crate) backing: Backing,
+    /// Backed by huge pages where uhmm can (2 MiB-aligned, 2 MiB multiple).
+    pub(crate) huge: bool,
     /// Protection runs: start page → protection up to the next key.
     prot: RwLock<BTreeMap<usize, Prot>>,
     /// Set when the region is being unmapped; a migration that sees it after
@@ -75,13 +77,14 @@ pub(crate) struct RegionInner {
 }
 
 impl RegionInner {
-    pub(crate) fn new(id: u32, map: Mapping, prot: Prot, backing: Backing) -> RegionInner {
+    pub(crate) fn new(id: u32, map: Mapping, prot: Prot, backing: Backing, huge: bool) -> RegionInner {
         let npages = map.len() / PAGE_SIZE;
         RegionInner {
             id,
             map,
             pt: PageTable::new(npages),
             backing,
+            huge,
             prot: RwLock::new(BTreeMap::from([(0, prot)])),
             dead: AtomicBool::new(false),
             unmapped: RwLock::new(Vec::new()),
@@ -217,6 +220,11 @@ impl Region {
         false
     }
 
+    /// Whether the region is backed by huge pages where uhmm can.
+    pub fn is_huge(&self) -> bool {
+        self.inner.huge
+    }
+
     /// What the region maps.
     pub fn backing(&self) -> Backing {
         self.inner.backing
@@ -350,7 +358,7 @@ mod tests {
     #[test]
     fn prot_runs_split_and_merge() {
         let map = Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
-        let r = RegionInner::new(1, map, Prot::READ_WRITE, Backing::Anonymous);
+        let r = RegionInner::new(1, map, Prot::READ_WRITE, Backing::Anonymous, false);
         assert_eq!(r.prot_runs(0..16), vec![(0..16, Prot::READ_WRITE)]);
         r.set_prot(4..8, Prot::READ).unwrap();
         assert_eq!(r.prot_runs(0..16), vec![(0..4, Prot::READ_WRITE), (4..8, Prot::READ), (8..16, Prot::READ_WRITE)]);

@@ -79,6 +79,8 @@ pub struct PageSnapshot {
     pub residency: Residency,
     /// The region's protection at the page (`NONE` when unmapped).
     pub prot: Prot,
+    /// Mapped by a huge page (RAM pages only).
+    pub huge: bool,
 }
 
 /// The managed part of a process's address space.
@@ -100,6 +102,8 @@ pub(crate) struct SpaceInner {
     pagemaps: RwLock<Vec<Option<Arc<DevicePagemap>>>>,
     pub(crate) stage: Arc<Arena>,
     pub(crate) pool: Arc<Arena>,
+    /// Like the pool, but huge-page backed: RAM for whole 2 MiB blocks.
+    pub(crate) huge_pool: Arc<Arena>,
     /// Pages held away for devices' exclusive access.
     pub(crate) holding: Holding,
     pub(crate) waits: WaitTable,
@@ -143,6 +147,8 @@ impl AddressSpace {
         }
         let stage = Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?);
         let pool = Arc::new(Arena::new(config.staging_bytes, None)?);
+        let huge_pool = Arc::new(Arena::new(config.staging_bytes, None)?);
+        huge_pool.map.advise_huge(0, huge_pool.map.len()).map_err(|e| Error::sys("MADV_HUGEPAGE", e))?;
         let holding = Holding::new(Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?));
         let inner = Arc::new(SpaceInner {
             pagemap_file: Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?,
@@ -152,6 +158,7 @@ impl AddressSpace {
             pagemaps: RwLock::new(Vec::new()),
             stage,
             pool,
+            huge_pool,
             holding,
             waits: WaitTable::new(),
             notifiers: Arc::new(NotifierList::default()),
@@ -171,12 +178,32 @@ impl AddressSpace {
     /// nothing is allocated until it is touched. Regions of 2 MiB or more are
     /// 2 MiB-aligned.
     pub fn map(&self, len: usize, prot: Prot) -> Result<Region> {
+        self.map_anonymous(len, prot, false)
+    }
+
+    /// Maps a region backed by transparent huge pages where uhmm can: its
+    /// length is rounded up to 2 MiB and it is 2 MiB-aligned; first touch
+    /// fills whole 2 MiB blocks with one huge page, and a block that moves
+    /// whole (to a device and back) moves as one compound unit. Where a huge
+    /// page cannot be had, small pages are used.
+    pub fn map_huge(&self, len: usize, prot: Prot) -> Result<Region> {
+        self.map_anonymous(
+            len.checked_next_multiple_of(HUGE_SIZE).ok_or_else(|| Error::invalid("length overflows"))?,
+            prot,
+            true,
+        )
+    }
+
+    fn map_anonymous(&self, len: usize, prot: Prot, huge: bool) -> Result<Region> {
         self.inner.check_usable()?;
         let len = region_len(len)?;
-        let align = if len >= 2 << 20 { 2 << 20 } else { PAGE_SIZE };
+        let align = if len >= HUGE_SIZE { HUGE_SIZE } else { PAGE_SIZE };
         let map = Mapping::anonymous(len, prot.protection()?, align).map_err(|e| Error::sys("mmap", e))?;
+        if huge {
+            map.advise_huge(0, len).map_err(|e| Error::sys("MADV_HUGEPAGE", e))?;
+        }
         self.inner.uffd.register(&map, 0, len, false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
-        self.insert_region(map, prot, Backing::Anonymous)
+        self.insert_region(map, prot, Backing::Anonymous, huge)
     }
 
     /// Maps a region of shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`):
@@ -186,7 +213,7 @@ impl AddressSpace {
         self.inner.check_usable()?;
         let len = region_len(len)?;
         let map = Mapping::shared_anonymous(len, prot.protection()?).map_err(|e| Error::sys("mmap", e))?;
-        self.insert_region(map, prot, Backing::SharedAnonymous)
+        self.insert_region(map, prot, Backing::SharedAnonymous, false)
     }
 
     /// Maps `len` bytes of `file` from `offset` (page-aligned), shared or
@@ -198,7 +225,7 @@ impl AddressSpace {
             std::io::ErrorKind::InvalidInput => Error::invalid("offset must be page-aligned"),
             _ => Error::sys("mmap", e),
         })?;
-        self.insert_region(map, prot, Backing::File { shared })
+        self.insert_region(map, prot, Backing::File { shared }, false)
     }
 
     /// In a forked child: takes over `inherited`, a region of an address
@@ -215,7 +242,7 @@ impl AddressSpace {
         if old.backing == Backing::Anonymous {
             self.inner.uffd.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
         }
-        let region = self.insert_region(map, old.prot_at(0), old.backing)?;
+        let region = self.insert_region(map, old.prot_at(0), old.backing, old.huge)?;
         for (pages, prot) in old.prot_runs(0..old.npages()) {
             region.inner.set_prot(pages, prot)?;
         }
@@ -229,12 +256,12 @@ impl AddressSpace {
         self.inner.is_orphaned()
     }
 
-    fn insert_region(&self, map: Mapping, prot: Prot, backing: Backing) -> Result<Region> {
+    fn insert_region(&self, map: Mapping, prot: Prot, backing: Backing, huge: bool) -> Result<Region> {
         let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
         if id >= 1 << 24 {
             return Err(Error::new(ErrorKind::NoMemory, "too many regions"));
         }
-        let inner = Arc::new(RegionInner::new(id, map, prot, backing));
+        let inner = Arc::new(RegionInner::new(id, map, prot, backing, huge));
         self.inner.regions.write().unwrap_or_else(|e| e.into_inner()).insert(inner.start(), inner.clone());
         Ok(Region { inner, space: self.inner.clone() })
     }
@@ -343,6 +370,9 @@ impl AddressSpace {
         self.inner.snapshot(range)
     }
 }
+
+/// The size of a huge page (a PMD) on x86-64 and arm64 with 4 KiB pages.
+pub const HUGE_SIZE: usize = 2 << 20;
 
 /// A region length rounded up to pages; empty is an error.
 fn region_len(len: usize) -> Result<usize> {
@@ -473,23 +503,24 @@ impl SpaceInner {
         let mut runs = Vec::new();
         while addr < range.end {
             let Some(region) = self.region_at(addr) else {
-                out.push(PageSnapshot { residency: Residency::Unmapped, prot: Prot::NONE });
+                out.push(PageSnapshot { residency: Residency::Unmapped, prot: Prot::NONE, huge: false });
                 addr += PAGE_SIZE;
                 continue;
             };
             let end = range.end.min(region.start() + region.map.len());
             runs.clear();
-            let q = Query::all(category::PRESENT | category::SWAPPED | category::PFNZERO);
+            let q = Query::all(category::PRESENT | category::SWAPPED | category::PFNZERO | category::HUGE);
             self.pagemap_file.scan(addr, end, q, &mut runs).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
             let first = (addr - region.start()) / PAGE_SIZE;
             let mut cursor = 0;
             for (prange, prot) in region.prot_runs(first..first + (end - addr) / PAGE_SIZE) {
                 for idx in prange {
                     if region.has_unmapped(&(idx..idx + 1)) {
-                        out.push(PageSnapshot { residency: Residency::Unmapped, prot: Prot::NONE });
+                        out.push(PageSnapshot { residency: Residency::Unmapped, prot: Prot::NONE, huge: false });
                         continue;
                     }
                     let a = region.addr_of(idx);
+                    let mut huge = false;
                     let residency = match region.pt.load(idx).state() {
                         State::Device(page) => {
                             let owner = self.pagemap(page.pagemap).map_or(Owner::new(), |p| p.owner());
@@ -499,11 +530,14 @@ impl SpaceInner {
                         State::Exclusive(_) => Residency::Exclusive,
                         State::Cpu => match next_run(&runs, &mut cursor, a) {
                             Some(r) if r.categories & category::PFNZERO != 0 => Residency::Zero,
-                            Some(r) if r.categories & (category::PRESENT | category::SWAPPED) != 0 => Residency::Ram,
+                            Some(r) if r.categories & (category::PRESENT | category::SWAPPED) != 0 => {
+                                huge = r.categories & category::HUGE != 0;
+                                Residency::Ram
+                            }
                             _ => Residency::None,
                         },
                     };
-                    out.push(PageSnapshot { residency, prot });
+                    out.push(PageSnapshot { residency, prot, huge });
                 }
             }
             addr = end;

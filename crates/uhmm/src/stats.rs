@@ -33,6 +33,8 @@ counters! {
     eexist,
     /// Pages zero-filled on first touch.
     zero_filled_pages,
+    /// First touches filled with one huge page (2 MiB).
+    huge_fills,
     /// Calls of a driver's `migrate_to_ram` from the fault path.
     migrate_to_ram,
     /// Migrations finalized (or dropped).

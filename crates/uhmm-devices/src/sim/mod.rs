@@ -17,7 +17,7 @@ mod dma;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use uhmm::sys::mman::{Mapping, Protection};
@@ -63,6 +63,8 @@ bitflags::bitflags! {
         const READ = 0x01;
         /// Writable.
         const WRITE = 0x02;
+        /// Mapped by a huge page (a PMD).
+        const PMD = 0x04;
         /// The shared zero page.
         const ZERO = 0x10;
         /// Device-private memory of this device.
@@ -97,6 +99,10 @@ struct SimInner {
     notifier: OnceLock<NotifierHandle>,
     fail_next_alloc: AtomicBool,
     poison_next_copy_back: AtomicBool,
+    /// Compound (2 MiB) device pages allocated.
+    huge_allocs: AtomicU64,
+    /// Whole 2 MiB blocks that fell back to small device pages.
+    huge_fallbacks: AtomicU64,
 }
 
 /// A device page-table entry (dmirror's xarray entry).
@@ -156,8 +162,14 @@ impl Table {
 #[derive(Debug, Default)]
 struct Memory {
     chunks: Vec<Arc<Mapping>>,
+    /// Free small pages.
     free: Vec<DevicePfn>,
+    /// Free compound blocks of `HUGE_PAGES` pages (their first page).
+    free_huge: Vec<u64>,
 }
+
+/// Pages in a compound device page (2 MiB).
+const HUGE_PAGES: usize = uhmm::HUGE_SIZE / PAGE_SIZE;
 
 impl SimDevice {
     /// Creates a device in `space`.
@@ -181,6 +193,8 @@ impl SimDevice {
             notifier: OnceLock::new(),
             fail_next_alloc: AtomicBool::new(false),
             poison_next_copy_back: AtomicBool::new(false),
+            huge_allocs: AtomicU64::new(0),
+            huge_fallbacks: AtomicU64::new(0),
             config,
         });
         let weak: Weak<dyn DevicePagemapOps> = Arc::downgrade(&inner) as Weak<SimInner>;
@@ -207,7 +221,15 @@ impl SimDevice {
     /// Device pages in use (allocated and not freed).
     pub fn pages_in_use(&self) -> usize {
         let mem = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
-        mem.chunks.len() * (self.inner.config.chunk_bytes / PAGE_SIZE) - mem.free.len()
+        mem.chunks.len() * (self.inner.config.chunk_bytes / PAGE_SIZE)
+            - mem.free.len()
+            - mem.free_huge.len() * HUGE_PAGES
+    }
+
+    /// Compound (2 MiB) device pages allocated, and whole 2 MiB blocks that
+    /// fell back to small pages.
+    pub fn huge_stats(&self) -> (u64, u64) {
+        (self.inner.huge_allocs.load(Ordering::Relaxed), self.inner.huge_fallbacks.load(Ordering::Relaxed))
     }
 
     /// The next device or system page allocation in a migration fails, once.
@@ -377,6 +399,7 @@ impl SimDevice {
                     _ if p.prot == Prot::NONE => PageState::ERROR,
                     Residency::None => PageState::NONE,
                     Residency::Zero => PageState::ZERO | PageState::READ,
+                    Residency::Ram if p.huge => rw | PageState::PMD,
                     Residency::Ram | Residency::Exclusive => rw,
                     Residency::Device(_, owner) if owner == self.inner.owner => PageState::DEV_PRIVATE_LOCAL | rw,
                     // Another device's private memory is out of reach
@@ -464,16 +487,44 @@ impl SimInner {
         }
         let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
         if mem.free.is_empty() {
-            let chunk_pages = self.config.chunk_bytes / PAGE_SIZE;
-            let base = mem.chunks.len() * chunk_pages;
-            if base + chunk_pages > self.config.capacity_bytes / PAGE_SIZE {
+            if mem.free_huge.is_empty() && !self.grow(&mut mem) {
                 return None;
             }
-            let chunk = new_chunk(self.config.chunk_bytes)?;
-            mem.chunks.push(Arc::new(chunk));
-            mem.free.extend((base..base + chunk_pages).rev().map(|p| DevicePfn(p as u64)));
+            // Split a compound block into small pages.
+            let base = mem.free_huge.pop()?;
+            mem.free.extend((base..base + HUGE_PAGES as u64).rev().map(DevicePfn));
         }
         mem.free.pop()
+    }
+
+    /// Allocates a compound block of `HUGE_PAGES` contiguous, aligned device
+    /// pages (a device THP); `None` when none can be had, and the caller
+    /// falls back to small pages.
+    fn alloc_huge(&self) -> Option<u64> {
+        if self.take_fail() {
+            return None;
+        }
+        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        if mem.free_huge.is_empty() && !self.grow(&mut mem) {
+            return None;
+        }
+        mem.free_huge.pop()
+    }
+
+    /// Adds a chunk of device memory, as compound blocks (and small pages
+    /// for a tail that is not a whole block). False at capacity.
+    fn grow(&self, mem: &mut Memory) -> bool {
+        let chunk_pages = self.config.chunk_bytes / PAGE_SIZE;
+        let base = mem.chunks.len() * chunk_pages;
+        if base + chunk_pages > self.config.capacity_bytes / PAGE_SIZE {
+            return false;
+        }
+        let Some(chunk) = new_chunk(self.config.chunk_bytes) else { return false };
+        mem.chunks.push(Arc::new(chunk));
+        let blocks = chunk_pages / HUGE_PAGES;
+        mem.free_huge.extend((0..blocks).rev().map(|b| (base + b * HUGE_PAGES) as u64));
+        mem.free.extend((base + blocks * HUGE_PAGES..base + chunk_pages).rev().map(|p| DevicePfn(p as u64)));
+        true
     }
 
     fn dev_mem(&self, pfn: DevicePfn) -> Result<DevMem> {
@@ -494,13 +545,30 @@ impl SimInner {
     fn copy_to_device(&self, m: &mut Migration<Collected>) -> Result<()> {
         let mut ops = Vec::new();
         let mut dsts = Vec::new();
+        let movable = |src: &MigrateSrc| !matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_));
+        // A whole, aligned 2 MiB block gets a compound device page.
+        let whole = m.npages() == HUGE_PAGES
+            && m.addr(0).is_multiple_of(uhmm::HUGE_SIZE)
+            && (0..m.npages()).all(|i| movable(&m.src(i)));
+        let compound = if whole {
+            let base = self.alloc_huge();
+            let counter = if base.is_some() { &self.huge_allocs } else { &self.huge_fallbacks };
+            counter.fetch_add(1, Ordering::Relaxed);
+            base
+        } else {
+            None
+        };
         for i in 0..m.npages() {
             let src = m.src(i);
-            if matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_)) {
+            if !movable(&src) {
                 continue;
             }
-            let Some(pfn) = self.alloc_page() else {
-                break;
+            let pfn = match compound {
+                Some(base) => DevicePfn(base + i as u64),
+                None => match self.alloc_page() {
+                    Some(pfn) => pfn,
+                    None => break,
+                },
             };
             let mem = self.dev_mem(pfn)?;
             ops.push(match src {
