@@ -456,3 +456,39 @@ fn s19_huge_migrations() {
         assert_words(&cpu_read(&r), |i| i);
     });
 }
+
+#[test]
+fn s20_remap() {
+    with_timeout(120, || {
+        let space = space();
+        let dev = device(&space);
+        for huge in [false, true] {
+            for migrate_before in [false, true] {
+                let n = NPAGES;
+                let r = if huge { space.map_huge(n * PAGE_SIZE, Prot::READ_WRITE).unwrap() } else { map(&space, n) };
+                fill(&r, 0..n, |i| i);
+                if migrate_before {
+                    // half on the device, half in RAM
+                    dev.migrate_to_device(r.addr(), n / 2).unwrap();
+                }
+                let old = r.addr();
+                let new = r.remap().unwrap();
+                assert_ne!(new, old);
+                assert_eq!(r.addr(), new);
+                assert_eq!(dev.read(old, 1, &mut [0u8; PAGE_SIZE]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+                if !migrate_before {
+                    dev.migrate_to_device(new, n).unwrap();
+                }
+                let mut buf = vec![0u8; r.len()];
+                let c = dev.read(new, n, &mut buf).unwrap();
+                assert_eq!(c.cpages, n);
+                assert_words(&buf, |i| i);
+                assert_words(&cpu_read(&r), |i| i);
+                assert_eq!(dev.pages_in_use(), 0, "every page came back at its new address");
+                // The moved region keeps working: migrate and fault again.
+                dev.migrate_to_device(new, n).unwrap();
+                assert_words(&cpu_read(&r), |i| i);
+            }
+        }
+    });
+}

@@ -322,6 +322,40 @@ impl Region {
         reserved
     }
 
+    /// Moves the region to a new address (`mremap` with `MREMAP_MAYMOVE`)
+    /// and returns it. Every page keeps its state — in RAM, on a device,
+    /// poisoned — at the same offset; mirrors are told the old range is gone.
+    /// Work in flight on the region ends first. The old addresses are
+    /// unmapped: a thread still using them gets SIGSEGV, as after `mremap`.
+    pub fn remap(&self) -> Result<usize> {
+        let space = &self.space;
+        space.check_usable()?;
+        let inner = &self.inner;
+        if inner.has_unmapped(&(0..inner.npages())) {
+            return Err(Error::invalid("a region with unmapped parts cannot move"));
+        }
+        let (old, len) = (self.addr(), self.len());
+        let _inv = space.notifiers.invalidate(old..old + len, crate::InvalidateEvent::Unmap);
+        // Hold every page: no migration, fill or device access runs meanwhile.
+        let prior: Vec<State> = (0..inner.npages()).map(|idx| inner.pt.lock(idx, &space.waits)).collect();
+        let align = if len >= crate::HUGE_SIZE { crate::HUGE_SIZE } else { PAGE_SIZE };
+        let moved = space.rekey_region(inner, || {
+            let new = inner.map.move_to_new_address(align).map_err(|e| Error::sys("mremap", e))?;
+            if inner.backing == Backing::Anonymous {
+                // The kernel dropped the registration with the move.
+                space.uffd.register(&inner.map, 0, len, false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+            }
+            Ok(new)
+        });
+        for (idx, state) in prior.into_iter().enumerate() {
+            let _ = inner.pt.unlock(idx, state, &space.waits);
+        }
+        // Threads that faulted at the old addresses retry there (and find
+        // nothing mapped: their race with the move).
+        let _ = space.uffd.wake(old, len);
+        moved
+    }
+
     fn page_range(&self, range: &Range<usize>) -> Result<Range<usize>> {
         if !range.start.is_multiple_of(PAGE_SIZE)
             || !range.end.is_multiple_of(PAGE_SIZE)

@@ -413,6 +413,16 @@ impl SpaceInner {
         Ok(())
     }
 
+    /// Runs `mv`, which moves `region` to a new address, with the region
+    /// index locked, and files the region under its new start.
+    pub(crate) fn rekey_region(&self, region: &Arc<RegionInner>, mv: impl FnOnce() -> Result<usize>) -> Result<usize> {
+        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        regions.remove(&region.start());
+        let r = mv();
+        regions.insert(region.start(), region.clone());
+        r
+    }
+
     /// Every region, at this moment.
     pub(crate) fn regions(&self) -> Vec<Arc<RegionInner>> {
         self.regions.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()

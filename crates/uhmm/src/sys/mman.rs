@@ -10,7 +10,7 @@ use std::ffi::c_void;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
 
@@ -55,7 +55,8 @@ impl Protection {
 /// [`PAGE_SIZE`].
 #[derive(Debug)]
 pub struct Mapping {
-    addr: NonNull<u8>,
+    /// The start (non-null, page-aligned); changes only in [`Mapping::move_to_new_address`].
+    addr: AtomicUsize,
     len: usize,
     /// Whether dropping this value unmaps the range (see [`Mapping::disown`]).
     owned: AtomicBool,
@@ -99,7 +100,9 @@ impl Mapping {
                 mm::munmap((start + len) as *mut c_void, tail)?;
             }
         }
-        let addr = NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        let addr = AtomicUsize::new(
+            NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?.as_ptr() as usize,
+        );
         // INVARIANT: `start` is `align`-aligned and `len` bytes from it are mapped.
         Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
     }
@@ -113,7 +116,9 @@ impl Mapping {
         // SAFETY: a fresh mapping at an address the kernel chooses cannot
         // overlap any memory Rust knows about.
         let base = unsafe { mm::mmap_anonymous(std::ptr::null_mut(), len, prot.map_flags(), MapFlags::SHARED) }?;
-        let addr = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        let addr = AtomicUsize::new(
+            NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?.as_ptr() as usize,
+        );
         // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
         Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
     }
@@ -129,7 +134,9 @@ impl Mapping {
         // overlap any memory Rust knows about; the file's contents may change
         // underneath, which the type's access rules already allow for.
         let base = unsafe { mm::mmap(std::ptr::null_mut(), len, prot.map_flags(), flags, fd, offset) }?;
-        let addr = NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        let addr = AtomicUsize::new(
+            NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?.as_ptr() as usize,
+        );
         // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
         Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
     }
@@ -144,7 +151,7 @@ impl Mapping {
     /// unmap it. For a forked child adopting a mapping it inherited.
     pub fn disown(&self) -> Option<Mapping> {
         self.owned.swap(false, Ordering::SeqCst).then(|| Mapping {
-            addr: self.addr,
+            addr: AtomicUsize::new(self.addr()),
             len: self.len,
             owned: AtomicBool::new(true),
         })
@@ -152,13 +159,13 @@ impl Mapping {
 
     /// The first address of the mapping.
     pub fn addr(&self) -> usize {
-        self.addr.as_ptr() as usize
+        self.addr.load(Ordering::Acquire)
     }
 
     /// The mapping's start as a raw pointer. Dereferencing it is the caller's
     /// business; the memory may change at any time (see the module docs).
     pub fn as_ptr(&self) -> *mut u8 {
-        self.addr.as_ptr()
+        self.addr() as *mut u8
     }
 
     /// Length in bytes.
@@ -187,7 +194,7 @@ impl Mapping {
 
     fn byte_range(&self, off: usize, len: usize) -> io::Result<*mut u8> {
         match off.checked_add(len) {
-            Some(end) if end <= self.len => Ok(self.addr.as_ptr().wrapping_add(off)),
+            Some(end) if end <= self.len => Ok(self.as_ptr().wrapping_add(off)),
             _ => Err(io::Error::from(io::ErrorKind::InvalidInput)),
         }
     }
@@ -210,6 +217,27 @@ impl Mapping {
             )
         }?;
         Ok(())
+    }
+
+    /// `mremap(MREMAP_MAYMOVE | MREMAP_FIXED)` of the whole mapping to a
+    /// fresh address (aligned to `align`), which is returned. Pages, holes
+    /// and markers move with it; a userfaultfd registration does not (the
+    /// kernel drops it without `UFFD_FEATURE_EVENT_REMAP`).
+    pub fn move_to_new_address(&self, align: usize) -> io::Result<usize> {
+        // Reserve the destination first, so that MREMAP_FIXED replaces only
+        // our own reservation.
+        let target = Mapping::anonymous(self.len, Protection::None, align)?;
+        let old = self.addr();
+        // SAFETY: `old..old + len` is this mapping (type invariant) and
+        // `target` is a reservation we own; MREMAP_FIXED moves the pages into
+        // it. No Rust reference points into either (type invariant).
+        let new = unsafe {
+            mm::mremap_fixed(old as *mut c_void, self.len, self.len, mm::MremapFlags::MAYMOVE, target.as_ptr().cast())
+        }?;
+        // The reservation now holds our pages: it must not unmap them.
+        target.owned.store(false, Ordering::SeqCst);
+        self.addr.store(new as usize, Ordering::Release);
+        Ok(new as usize)
     }
 
     /// `mprotect` of a page-aligned sub-range.
@@ -295,7 +323,7 @@ impl Drop for Mapping {
         }
         // SAFETY: the range is the mapping this value owns (type invariant);
         // after drop nothing can name it.
-        if let Err(err) = unsafe { mm::munmap(self.addr.as_ptr().cast(), self.len) } {
+        if let Err(err) = unsafe { mm::munmap(self.as_ptr().cast(), self.len) } {
             tracing::error!(%err, addr = self.addr(), len = self.len, "munmap failed");
         }
     }
