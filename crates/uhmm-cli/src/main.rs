@@ -3,6 +3,7 @@
 //! `uhmm demo` runs the main job on the embedded sim device: a region is
 //! filled, moved to the device, touched back by the CPU and verified, with a
 //! residency map, progress and counters.
+#![forbid(unsafe_code)]
 
 mod demo;
 mod map;

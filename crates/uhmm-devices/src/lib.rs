@@ -5,4 +5,6 @@
 //!   (`lib/test_hmm.c`, "dmirror"): device memory in host RAM, a DMA engine
 //!   thread, a device page table, and dmirror's test operations.
 
+#![forbid(unsafe_code)]
+
 pub mod sim;

@@ -492,3 +492,25 @@ fn s20_remap() {
         }
     });
 }
+
+#[test]
+fn fault_next_to_an_unmapped_page_brings_data_back() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let r = map(&space, 32);
+        fill(&r, 0..32, |i| i);
+        dev.migrate_to_device(r.addr(), 32).unwrap();
+        r.unmap(5 * PAGE_SIZE..6 * PAGE_SIZE).unwrap();
+        // Page 3's fault-around window holds the unmapped page 5: it must
+        // shrink, not fail (a failure would poison a good page).
+        let mut page = vec![0u8; PAGE_SIZE];
+        r.read(3 * PAGE_SIZE, &mut page).unwrap();
+        assert_words(&page, |i| i + 3 * WORDS_PER_PAGE as u32);
+        for p in (0..32).filter(|&p| p != 5) {
+            r.read(p * PAGE_SIZE, &mut page).unwrap();
+            assert_words(&page, |i| i + (p * WORDS_PER_PAGE) as u32);
+        }
+        assert_eq!(space.stats().poisoned_pages, 0);
+    });
+}

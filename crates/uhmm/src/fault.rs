@@ -12,10 +12,12 @@
 //! - `EEXIST` means someone installed the page already: success, just wake.
 //! - The same fault can be read twice (several threads, or a retry), and
 //!   faults arrive in any order; every step tolerates a page that changed.
-//! - Handler threads never wait for a page lock: only migrations and device
-//!   accesses hold page locks, they never wait for a handler thread, and
-//!   uhmm's own copies touch only staging memory or pages they hold present.
-//!   So a handler can never deadlock against the work it serves.
+//! - Handler threads never wait for a page lock (a fault on a locked page is
+//!   parked). They do wait for drivers (`migrate_to_ram`, its DMA fence),
+//!   for mirror locks in notifier callbacks, and for a fork being prepared;
+//!   none of those waits on a handler thread, because uhmm's own copies
+//!   touch only staging memory or pages they hold present. So a handler
+//!   cannot deadlock against the work it serves.
 
 use std::ops::Range;
 use std::os::fd::OwnedFd;
@@ -158,7 +160,22 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
                 other => tracing::warn!(?other, "unexpected userfaultfd event"),
             }
         }
-        queue.drain(|addr, write| resolve(&space, addr, write));
+        let wake = |addr| {
+            let _ = space.uffd.wake(addr, PAGE_SIZE);
+        };
+        queue.drain(
+            |addr, write| {
+                // A panic in driver code must not take the fault engine down:
+                // the migration's Drop has restored the pages; the thread retries.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve(&space, addr, write))).unwrap_or_else(
+                    |_| {
+                        tracing::error!(addr, "resolving a fault panicked (driver bug?)");
+                        Err(Errno::IO)
+                    },
+                )
+            },
+            wake,
+        );
     }
 }
 
@@ -187,12 +204,19 @@ impl FaultQueue {
 
     /// Resolves every queued fault with `resolve`; those answered with
     /// `EAGAIN` stay queued for the next round, the rest leave the queue.
-    pub(crate) fn drain(&mut self, mut resolve: impl FnMut(usize, bool) -> Result<(), Errno>) {
+    pub(crate) fn drain(
+        &mut self,
+        mut resolve: impl FnMut(usize, bool) -> Result<(), Errno>,
+        mut wake: impl FnMut(usize),
+    ) {
         self.pending.retain(|&(addr, write)| match resolve(addr, write) {
             Ok(()) => false,
             Err(Errno::AGAIN) => true,
             Err(err) => {
+                // Wake the thread anyway: it retries (and faults again)
+                // rather than waiting forever.
                 tracing::error!(%err, addr, "fault could not be resolved");
+                wake(addr);
                 false
             }
         });
@@ -211,7 +235,11 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Resu
             Err(p) => Err(p.errno),
         };
     };
-    let idx = (addr - region.start()) / PAGE_SIZE;
+    // The region may have moved (`Region::remap`) since it was looked up.
+    let Some(idx) = addr.checked_sub(region.start()).map(|o| o / PAGE_SIZE).filter(|&i| i < region.npages()) else {
+        return space.uffd.wake(addr, PAGE_SIZE);
+    };
+    let mut single = false;
     for attempt in 0..1000 {
         let entry = region.pt.load(idx);
         if entry.locked() {
@@ -239,7 +267,7 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Resu
                         let fault = CpuFault {
                             space: AddressSpace { inner: space.clone() },
                             addr,
-                            window: fault_window(space, &region, idx),
+                            window: if single { addr..addr + PAGE_SIZE } else { fault_window(space, &region, idx) },
                             page,
                         };
                         ops.migrate_to_ram(&fault)
@@ -252,6 +280,12 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Resu
                         // fence slow): retry rather than lose the page.
                         tracing::warn!(%err, addr, "migrate_to_ram failed transiently; retrying");
                         std::thread::sleep(std::time::Duration::from_micros(100));
+                        continue;
+                    }
+                    if err.kind() == ErrorKind::InvalidArgument && !single {
+                        // The driver refused the window: ask for the page alone.
+                        tracing::warn!(%err, addr, "migrate_to_ram refused the window; retrying one page");
+                        single = true;
                         continue;
                     }
                     tracing::error!(%err, addr, "migrate_to_ram failed: poisoning the page");
@@ -273,9 +307,18 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Resu
 /// The fault-around window for page `idx`: aligned, clipped to the region.
 fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<usize> {
     let w = space.config.fault_around_pages;
-    let first = idx - idx % w;
-    let last = (first + w).min(region.npages());
-    region.addr_of(first)..region.addr_of(last)
+    let aligned = idx - idx % w..(idx - idx % w + w).min(region.npages());
+    // Only pages a migration may take: one protection run, nothing unmapped.
+    let mut pages =
+        region.prot_runs(aligned).into_iter().find(|(r, _)| r.contains(&idx)).map_or(idx..idx + 1, |(r, _)| r);
+    while pages.len() > 1 && region.has_unmapped(&pages) {
+        pages = if region.has_unmapped(&(pages.start..idx)) {
+            pages.start + 1..pages.end
+        } else {
+            pages.start..pages.end - 1
+        };
+    }
+    region.addr_of(pages.start)..region.addr_of(pages.end)
 }
 
 /// Zero-fills the first-touch window around page `idx`: with the zero page
@@ -359,6 +402,14 @@ fn huge_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> bool {
     let block = idx - idx % N;
     if block + N > region.npages() || region.prot_runs(block..block + N).len() != 1 {
         return false;
+    }
+    let (a, b) = (region.addr_of(block), region.addr_of(block + N));
+    let q = crate::sys::pagemap::Query::any_of(
+        crate::sys::pagemap::category::PRESENT | crate::sys::pagemap::category::SWAPPED,
+    );
+    let mut present = Vec::new();
+    if space.pagemap_file.scan(a, b, q, &mut present).map_or(true, |n| n > 0) {
+        return false; // not wholly empty: small pages (checked before taking any lock)
     }
     let pt = &region.pt;
     let mut locked = Vec::with_capacity(N);
@@ -447,10 +498,13 @@ mod tests {
         assert!(!q.push(0x1000, true), "duplicate fault must be coalesced");
         assert!(q.push(0x2000, false));
         let mut seen = Vec::new();
-        q.drain(|a, w| {
-            seen.push((a, w));
-            Ok(())
-        });
+        q.drain(
+            |a, w| {
+                seen.push((a, w));
+                Ok(())
+            },
+            |_| {},
+        );
         assert_eq!(seen, vec![(0x1000, true), (0x3000, false), (0x2000, false)], "arrival order kept, write upgraded");
         assert!(q.is_empty());
     }
@@ -508,17 +562,25 @@ mod tests {
         q.push(0x1000, false);
         q.push(0x2000, false);
         q.push(0x3000, false);
-        q.drain(|a, _| match a {
-            0x1000 => Err(Errno::AGAIN),
-            0x2000 => Err(Errno::FAULT),
-            _ => Ok(()),
-        });
+        let mut woken = Vec::new();
+        q.drain(
+            |a, _| match a {
+                0x1000 => Err(Errno::AGAIN),
+                0x2000 => Err(Errno::FAULT),
+                _ => Ok(()),
+            },
+            |a| woken.push(a),
+        );
+        assert_eq!(woken, vec![0x2000], "a failed fault's thread is woken to retry");
         assert!(!q.is_empty());
         let mut seen = Vec::new();
-        q.drain(|a, _| {
-            seen.push(a);
-            Ok(())
-        });
+        q.drain(
+            |a, _| {
+                seen.push(a);
+                Ok(())
+            },
+            |_| {},
+        );
         assert_eq!(seen, vec![0x1000], "only the EAGAIN fault is retried");
     }
 }

@@ -257,12 +257,21 @@ impl Migration<Collected> {
     /// Page `i` moves to device page `page`, which the driver has filled.
     pub fn set_dst_device(&mut self, i: usize, page: DevicePage) -> Result<()> {
         self.inner.check_collected(i)?;
-        match self.inner.space.pagemap(page.pagemap) {
-            None => return Err(Error::invalid("destination device page of an unknown pagemap")),
-            Some(pm) if pm.page(page.pfn).is_none() => return Err(Error::invalid("device page out of its pagemap")),
-            Some(pm) if pm.is_mapped(page.pfn) => return Err(Error::invalid("device page already mapped elsewhere")),
-            Some(_) => {}
+        let pm = self
+            .inner
+            .space
+            .pagemap(page.pagemap)
+            .ok_or_else(|| Error::invalid("destination device page of an unknown pagemap"))?;
+        if pm.page(page.pfn).is_none() {
+            return Err(Error::invalid("device page out of its pagemap"));
         }
+        if self.inner.pages[i].dst == MigrateDst::Device(page) {
+            return Ok(());
+        }
+        if !pm.reserve(page.pfn) {
+            return Err(Error::invalid("device page already mapped or claimed elsewhere"));
+        }
+        self.inner.release_dst(i);
         self.inner.pages[i].dst = MigrateDst::Device(page);
         Ok(())
     }
@@ -274,6 +283,7 @@ impl Migration<Collected> {
         if self.inner.pool.is_none() {
             return Err(Error::invalid("set_dst_system before system_dst"));
         }
+        self.inner.release_dst(i);
         self.inner.pages[i].dst = MigrateDst::System;
         Ok(())
     }
@@ -282,6 +292,7 @@ impl Migration<Collected> {
     /// get SIGBUS. Only for unrecoverable device state.
     pub fn set_dst_error(&mut self, i: usize) -> Result<()> {
         self.inner.check_collected(i)?;
+        self.inner.release_dst(i);
         self.inner.pages[i].dst = MigrateDst::Error;
         Ok(())
     }
@@ -326,10 +337,10 @@ impl<S> Migration<S> {
         self.inner.cpages
     }
 
-    /// The address of page `i`.
-    pub fn addr(&self, i: usize) -> usize {
-        let p = &self.inner.pages[i];
-        self.inner.regions[p.region as usize].addr_of(p.idx)
+    /// The address of page `i` (`None` past the end).
+    pub fn addr(&self, i: usize) -> Option<usize> {
+        let p = self.inner.pages.get(i)?;
+        Some(self.inner.regions[p.region as usize].addr_of(p.idx))
     }
 
     /// The source of page `i`.
@@ -364,6 +375,16 @@ impl Inner {
             pool: None,
             cpages: 0,
             finished: false,
+        }
+    }
+
+    /// Drops the claim on page `i`'s device destination, if it has one.
+    fn release_dst(&mut self, i: usize) {
+        if let MigrateDst::Device(d) = self.pages[i].dst {
+            if let Some(pm) = self.space.pagemap(d.pagemap) {
+                pm.set_rmap(d.pfn, None);
+            }
+            self.pages[i].dst = MigrateDst::None;
         }
     }
 
@@ -453,8 +474,18 @@ impl Inner {
             } else {
                 // Read-only: MOVE needs writable mappings, so copy the present
                 // pages into staging and zap them. Nothing can write them
-                // meanwhile: the protection lock of `set_prot` is not held,
-                // but the pages are read-only and uhmm-managed.
+                // meanwhile: they are read-only, and the protections are held
+                // still until the zap. (A kernel pin on such a page is not
+                // seen on this path: copy and zap ignore it.)
+                let frozen = region.prot_frozen();
+                if frozen.prot_at(first + run.start).contains(Prot::WRITE) {
+                    // Made writable since the runs were read: skip, busy.
+                    drop(frozen);
+                    for i in run {
+                        self.unlock_skip(i);
+                    }
+                    continue;
+                }
                 let (a, b) = (region.addr_of(first + run.start), region.addr_of(first + run.end));
                 let mut present = Vec::new();
                 let q = Query::any_of(category::PRESENT | category::SWAPPED);
@@ -474,6 +505,7 @@ impl Inner {
                     .map
                     .discard((first + run.start) * PAGE_SIZE, run.len() * PAGE_SIZE)
                     .map_err(|e| Error::sys("MADV_DONTNEED", e))?;
+                drop(frozen);
             }
         }
         // Which staged slots hold data? Holes and the zero page are holes.
@@ -578,7 +610,14 @@ impl Inner {
                 }
             }
         }
-        self.install(&installs);
+        for i in self.install(&installs) {
+            new_state[i] = State::Poisoned;
+            Stats::add(&space.stats.poisoned_pages, 1);
+            let region = self.region_of(i);
+            if let Err(e) = space.uffd.poison(region.addr_of(self.pages[i].idx), PAGE_SIZE, true) {
+                tracing::error!(errno = %e.errno, "UFFDIO_POISON failed");
+            }
+        }
         // Unlock, then wake the threads that faulted meanwhile and those
         // waiting on installed pages (installs do not wake: a woken thread
         // must find its page unlocked).
@@ -626,13 +665,18 @@ impl Inner {
     /// Maps pages back into their regions: `(i, true)` from the pool (new
     /// data), `(i, false)` from staging (restore). Moves when it can, copies
     /// where the region is read-only.
-    fn install(&self, installs: &[(usize, bool)]) {
+    /// Returns the pages it could not map back (their data is in a slot
+    /// that is about to be emptied: the caller poisons them, so they read as
+    /// SIGBUS, never as silent zeros).
+    fn install(&self, installs: &[(usize, bool)]) -> Vec<usize> {
+        let mut failed = Vec::new();
         let mut k = 0;
         while k < installs.len() {
             let (i, from_pool) = installs[k];
             let slots = if from_pool { self.pool.as_ref() } else { self.stage.as_ref() };
             let Some(slots) = slots else {
                 tracing::error!("install without staging slots");
+                failed.push(i);
                 k += 1;
                 continue;
             };
@@ -656,17 +700,23 @@ impl Inner {
             let dst = region.addr_of(idx);
             let len = n * PAGE_SIZE;
             let mut done = 0;
-            for _attempt in 0..100 {
+            for attempt in 0..100u32 {
                 let (at, off, rest) = (dst + done, slots.offset(i) + done, len - done);
                 let e = match self.space.uffd.move_pages(at, slots.mapping(), off, rest, true, true) {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        done = len;
+                        break;
+                    }
                     Err(e) => e,
                 };
                 done += e.done;
                 if e.errno == Errno::INVAL || e.errno == Errno::BUSY {
                     // Read-only region (or an unmovable page): copy instead.
                     match self.copy_present(slots.addr(i) + done, dst + done, len - done) {
-                        Ok(()) => break,
+                        Ok(()) => {
+                            done = len;
+                            break;
+                        }
                         Err(err) => tracing::error!(%err, "copying pages back failed; retrying"),
                     }
                 } else if e.errno == Errno::EXIST {
@@ -676,13 +726,15 @@ impl Inner {
                 if done >= len {
                     break;
                 }
-                std::thread::yield_now();
+                std::thread::sleep(std::time::Duration::from_micros(10 << attempt.min(10)));
             }
             if done < len {
-                tracing::error!(addr = dst + done, "could not map pages back after 100 attempts");
+                tracing::error!(addr = dst + done, "could not map pages back; poisoning them");
+                failed.extend(i + done / PAGE_SIZE..i + n);
             }
             k += n;
         }
+        failed
     }
 }
 
@@ -732,6 +784,9 @@ pub fn migrate_device_range(
     }
     let space = &space.inner;
     space.check_usable()?;
+    if !space.pagemap(pagemap.id()).is_some_and(|p| std::ptr::eq(&*p, pagemap)) {
+        return Err(Error::invalid("the pagemap belongs to another address space"));
+    }
     let in_flight = InFlight::enter();
     let mut regions: Vec<Arc<RegionInner>> = Vec::new();
     let mut pages = Vec::new();
@@ -752,13 +807,13 @@ pub fn migrate_device_range(
         };
         let page = DevicePage { pagemap: pagemap.id(), pfn };
         let r = &regions[region];
-        let state = r.pt.lock(idx, &space.waits);
-        if state != State::Device(page) {
-            if r.pt.unlock(idx, state, &space.waits) {
-                space.wake(r, idx..idx + 1);
-            }
+        // Best effort, as the kernel's trylock_page: waiting here while
+        // holding other pages' locks could deadlock against an access that
+        // locks in address order. A skipped page is the caller's to retry.
+        if !r.pt.try_lock_if(idx, State::Device(page)) {
             continue;
         }
+        let state = State::Device(page);
         let addr = r.addr_of(idx);
         drop(space.notifiers.invalidate(addr..addr + PAGE_SIZE, InvalidateEvent::Migrate { owner: pagemap.owner() }));
         pages.push(Page {

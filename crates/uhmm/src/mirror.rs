@@ -77,8 +77,10 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
         while idx < first + n {
             let state = region.pt.load(idx).state();
             if let State::Exclusive(slot) = state {
-                // A device's exclusive access ends when another one faults the page.
+                // A device's exclusive access ends when another one faults the
+                // page (if the page is still held, the lock pass retries).
                 let _ = crate::exclusive::revoke(space, &region, idx, slot);
+                idx += 1;
                 continue;
             }
             let State::Device(page) = state else {
@@ -95,7 +97,9 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
             migrate_foreign(space, &region, idx..end, page)?;
             idx = end;
         }
-        // Lock in ascending order (waiting is fine: holders never wait for us).
+        // Lock in ascending order. Waiting is fine: every path that waits for
+        // page locks takes them in address order, and the best-effort paths
+        // (setup, migrate_device_range, fills) never wait while holding any.
         let mut pages = Vec::with_capacity(n);
         let mut retry = false;
         for idx in first..first + n {
@@ -222,9 +226,9 @@ impl RangeAccess {
         self.pages.len()
     }
 
-    /// Page `i`: in RAM, or on the caller's device.
-    pub fn page(&self, i: usize) -> AccessPage {
-        self.pages[i]
+    /// Page `i`: in RAM, or on the caller's device (`None` past the end).
+    pub fn page(&self, i: usize) -> Option<AccessPage> {
+        self.pages.get(i).copied()
     }
 
     /// Ends the access and returns what each page was (`hmm_range_fault`'s

@@ -90,6 +90,8 @@ pub trait DevicePagemapOps: Send + Sync {
 
 /// An empty reverse-map word.
 const RMAP_NONE: u64 = u64::MAX;
+/// Claimed as a migration's destination, not mapped yet.
+const RMAP_RESERVED: u64 = u64::MAX - 1;
 
 /// One device page frame (`struct page` of ZONE_DEVICE memory).
 #[derive(Debug)]
@@ -152,39 +154,68 @@ impl DevicePagemap {
         self.ops.upgrade()
     }
 
-    fn frame(&self, pfn: DevicePfn) -> &Frame {
-        let i = usize::try_from(pfn.0).expect("pfn fits usize");
+    /// The frame of `pfn`, allocating its chunk; `None` out of range.
+    fn frame(&self, pfn: DevicePfn) -> Option<&Frame> {
+        if pfn.0 >= self.npages {
+            return None;
+        }
+        let i = usize::try_from(pfn.0).ok()?;
         let chunk = self.frames[i / FRAME_CHUNK].get_or_init(|| {
             (0..FRAME_CHUNK).map(|_| Frame { rmap: AtomicU64::new(RMAP_NONE), data: AtomicU64::new(0) }).collect()
         });
-        &chunk[i % FRAME_CHUNK]
+        Some(&chunk[i % FRAME_CHUNK])
     }
 
-    /// Driver data of page `pfn`.
-    pub fn data(&self, pfn: DevicePfn) -> u64 {
-        self.frame(pfn).data.load(Ordering::Relaxed)
+    /// The frame of `pfn` if its chunk exists (never allocates).
+    fn peek_frame(&self, pfn: DevicePfn) -> Option<&Frame> {
+        let i = usize::try_from(pfn.0).ok().filter(|_| pfn.0 < self.npages)?;
+        self.frames[i / FRAME_CHUNK].get().map(|c| &c[i % FRAME_CHUNK])
     }
 
-    /// Sets the driver data of page `pfn`.
-    pub fn set_data(&self, pfn: DevicePfn, data: u64) {
-        self.frame(pfn).data.store(data, Ordering::Relaxed);
+    /// Driver data of page `pfn` (`None` out of range).
+    pub fn data(&self, pfn: DevicePfn) -> Option<u64> {
+        Some(self.peek_frame(pfn).map_or(0, |f| f.data.load(Ordering::Relaxed))).filter(|_| pfn.0 < self.npages)
     }
 
-    /// Whether page `pfn` is mapped at some address (its reference count is
-    /// one: uhmm does not share device pages between addresses).
+    /// Sets the driver data of page `pfn`; false out of range.
+    pub fn set_data(&self, pfn: DevicePfn, data: u64) -> bool {
+        self.frame(pfn).map(|f| f.data.store(data, Ordering::Relaxed)).is_some()
+    }
+
+    /// Whether page `pfn` is mapped at some address, or claimed as a
+    /// migration's destination (its reference count: uhmm does not share
+    /// device pages between addresses).
     pub fn is_mapped(&self, pfn: DevicePfn) -> bool {
-        self.rmap(pfn).is_some()
+        self.peek_frame(pfn).is_some_and(|f| f.rmap.load(Ordering::Acquire) != RMAP_NONE)
+    }
+
+    /// Whether any page is mapped or claimed (scans only frames that exist).
+    pub(crate) fn any_mapped(&self) -> bool {
+        self.frames
+            .iter()
+            .filter_map(|c| c.get())
+            .any(|c| c.iter().any(|f| f.rmap.load(Ordering::Acquire) != RMAP_NONE))
     }
 
     /// The (region id, page index) that maps `pfn`.
     pub(crate) fn rmap(&self, pfn: DevicePfn) -> Option<(u32, usize)> {
-        let w = self.frame(pfn).rmap.load(Ordering::Acquire);
-        (w != RMAP_NONE).then_some(((w >> 40) as u32, (w & ((1 << 40) - 1)) as usize))
+        let w = self.peek_frame(pfn)?.rmap.load(Ordering::Acquire);
+        (w != RMAP_NONE && w != RMAP_RESERVED).then_some(((w >> 40) as u32, (w & ((1 << 40) - 1)) as usize))
     }
 
     pub(crate) fn set_rmap(&self, pfn: DevicePfn, at: Option<(u32, usize)>) {
         let w = at.map_or(RMAP_NONE, |(region, idx)| (u64::from(region) << 40) | idx as u64);
-        self.frame(pfn).rmap.store(w, Ordering::Release);
+        if let Some(f) = self.frame(pfn) {
+            f.rmap.store(w, Ordering::Release);
+        }
+    }
+
+    /// Claims `pfn` as a migration's destination; false if it is mapped or
+    /// claimed already (one device page can back only one address).
+    pub(crate) fn reserve(&self, pfn: DevicePfn) -> bool {
+        self.frame(pfn).is_some_and(|f| {
+            f.rmap.compare_exchange(RMAP_NONE, RMAP_RESERVED, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        })
     }
 
     /// Unmaps `pfn` and hands it back to the driver (`page_free`).

@@ -142,6 +142,11 @@ impl RegionInner {
         map.range(..=idx).next_back().map_or(Prot::NONE, |(_, p)| *p)
     }
 
+    /// Holds the protections still (`protect` waits) until the guard drops.
+    pub(crate) fn prot_frozen(&self) -> ProtFrozen<'_> {
+        ProtFrozen(self.prot.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Checks an access of `len` bytes at `offset`: inside the region, with
     /// `need` rights, no page poisoned.
     pub(crate) fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<()> {
@@ -190,6 +195,16 @@ impl RegionInner {
             map.insert(pages.end, a);
         }
         Ok(())
+    }
+}
+
+/// Protections held still; see [`RegionInner::prot_frozen`].
+pub(crate) struct ProtFrozen<'a>(std::sync::RwLockReadGuard<'a, BTreeMap<usize, Prot>>);
+
+impl ProtFrozen<'_> {
+    /// The protection of page `idx`.
+    pub(crate) fn prot_at(&self, idx: usize) -> Prot {
+        self.0.range(..=idx).next_back().map_or(Prot::NONE, |(_, p)| *p)
     }
 }
 

@@ -148,7 +148,9 @@ impl AddressSpace {
         let stage = Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?);
         let pool = Arc::new(Arena::new(config.staging_bytes, None)?);
         let huge_pool = Arc::new(Arena::new(config.staging_bytes, None)?);
-        huge_pool.map.advise_huge(0, huge_pool.map.len()).map_err(|e| Error::sys("MADV_HUGEPAGE", e))?;
+        if let Err(err) = huge_pool.map.advise_huge(0, huge_pool.map.len()) {
+            tracing::warn!(%err, "no transparent huge pages: huge regions use small pages");
+        }
         let holding = Holding::new(Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?));
         let inner = Arc::new(SpaceInner {
             pagemap_file: Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?,
@@ -278,16 +280,10 @@ impl AddressSpace {
             return Err(Error::invalid("a pagemap needs 1 ..= 2^40 pages"));
         }
         let mut maps = self.inner.pagemaps.write().unwrap_or_else(|e| e.into_inner());
-        let id = match maps.iter().position(Option::is_none) {
-            Some(i) => i,
-            None => {
-                maps.push(None);
-                maps.len() - 1
-            }
-        };
-        let id16 = u16::try_from(id).map_err(|_| Error::new(ErrorKind::NoMemory, "too many pagemaps"))?;
+        // Ids are never reused: a stale entry can never reach another driver.
+        let id16 = u16::try_from(maps.len()).map_err(|_| Error::new(ErrorKind::NoMemory, "too many pagemaps"))?;
         let pm = Arc::new(DevicePagemap::new(id16, owner, npages, ops));
-        maps[id] = Some(pm.clone());
+        maps.push(Some(pm.clone()));
         Ok(pm)
     }
 
@@ -296,7 +292,7 @@ impl AddressSpace {
     /// mapped make this fail with [`ErrorKind::Busy`].
     pub fn unregister_pagemap(&self, pagemap: &DevicePagemap) -> Result<()> {
         let mut maps = self.inner.pagemaps.write().unwrap_or_else(|e| e.into_inner());
-        if (0..pagemap.npages()).any(|pfn| pagemap.is_mapped(crate::DevicePfn(pfn))) {
+        if pagemap.any_mapped() {
             return Err(Error::new(ErrorKind::Busy, "device pages are still mapped"));
         }
         if let Some(slot) = maps.get_mut(usize::from(pagemap.id())) {
@@ -491,15 +487,19 @@ impl SpaceInner {
         let _inv = self.notifiers.invalidate(region.start()..region.start() + region.map.len(), InvalidateEvent::Unmap);
         // Lock every page that was ever touched, for good: this waits for
         // in-flight migrations, and nothing can lock them after.
+        let mut freed = Vec::new();
         region.pt.for_each_allocated(|idx, _| match region.pt.lock(idx, &self.waits) {
-            State::Device(page) => {
-                if let Some(pm) = self.pagemap(page.pagemap) {
-                    pm.free_page(page.pfn);
-                }
-            }
+            State::Device(page) => freed.push(page),
             State::Exclusive(slot) => self.holding.give_back(slot as usize * PAGE_SIZE),
             _ => {}
         });
+        // Freed after the walk. The dead region's pages stay locked for good,
+        // but nothing waits on them any more.
+        for page in freed {
+            if let Some(pm) = self.pagemap(page.pagemap) {
+                pm.free_page(page.pfn);
+            }
+        }
         // Threads still faulting on the dying region retry and find it gone.
         self.wake(region, 0..region.npages());
     }

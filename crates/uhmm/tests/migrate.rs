@@ -20,6 +20,8 @@ struct TestDev {
     mem: Mutex<HashMap<u64, Vec<u8>>>,
     next: Mutex<u64>,
     freed: Mutex<Vec<u64>>,
+    /// The next migrate_to_ram panics (a driver bug), once.
+    panic_next: std::sync::atomic::AtomicBool,
 }
 
 impl TestDev {
@@ -30,6 +32,7 @@ impl TestDev {
             mem: Mutex::new(HashMap::new()),
             next: Mutex::new(0),
             freed: Mutex::new(Vec::new()),
+            panic_next: std::sync::atomic::AtomicBool::new(false),
         });
         let weak: Weak<dyn DevicePagemapOps> = Arc::downgrade(&dev) as Weak<TestDev>;
         dev.pagemap.set(space.register_pagemap(weak, dev.owner, 1 << 20).unwrap()).unwrap();
@@ -91,6 +94,9 @@ impl DevicePagemapOps for TestDev {
 
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
         let mut m = Migration::setup(fault.space(), fault.window(), Select::DEVICE_PRIVATE, self.owner)?;
+        if self.panic_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            panic!("driver bug in migrate_to_ram");
+        }
         self.copy_out(&mut m)?;
         m.pages().finalize();
         Ok(())
@@ -254,7 +260,7 @@ fn device_range_eviction_and_poison() {
     let mut m = migrate_device_range(&space, dev.pm(), 0..8).unwrap();
     assert_eq!(m.cpages(), 8);
     dev.copy_out(&mut m).unwrap();
-    let lost = (0..8).find(|&i| m.addr(i) == a.addr() + 2 * PAGE_SIZE).unwrap();
+    let lost = (0..8).find(|&i| m.addr(i) == Some(a.addr() + 2 * PAGE_SIZE)).unwrap();
     m.set_dst_error(lost).unwrap();
     assert_eq!(m.pages().finalize().migrated, 8);
     assert_eq!(dev.mem.lock().unwrap().len(), 0, "every device page was freed");
@@ -344,4 +350,41 @@ fn cpu_waits_for_a_migration_then_sees_the_data() {
         std::thread::sleep(Duration::from_millis(2));
     }
     reader.join().unwrap();
+}
+
+#[test]
+fn a_panicking_driver_does_not_stop_the_fault_engine() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = Arc::new(space.map(16 * PAGE_SIZE, Prot::READ_WRITE).unwrap());
+    fill(&r, 0..16);
+    dev.to_device(&space, r.range());
+    dev.panic_next.store(true, std::sync::atomic::Ordering::SeqCst);
+    let reader = {
+        let r = r.clone();
+        std::thread::spawn(move || check(&r, 0..16))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "the fault engine died with the driver's panic");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    reader.join().unwrap();
+    assert_eq!(space.handler_watch().alive(), 1);
+}
+
+#[test]
+fn a_device_page_backs_one_address_only() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..4);
+    let mut m = Migration::setup(&space, r.range(), Select::SYSTEM, dev.owner).unwrap();
+    let page = dev.alloc(vec![0; PAGE_SIZE]);
+    m.set_dst_device(0, page).unwrap();
+    assert_eq!(m.set_dst_device(1, page).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    m.set_dst_error(0).unwrap(); // releases the claim
+    m.set_dst_device(1, page).unwrap();
+    drop(m);
+    check(&r, 0..4);
 }

@@ -4,7 +4,6 @@
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use uhmm::sys::mman::Mapping;
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result, SystemPage};
@@ -32,26 +31,26 @@ pub(crate) enum CopyOp {
 pub(crate) struct Fence {
     done: Mutex<Option<Result<(), String>>>,
     cv: Condvar,
+    /// Set once the job's result was posted.
+    signalled: std::sync::atomic::AtomicBool,
 }
 
 impl Fence {
-    /// Waits for the job (bounded: a stuck engine is an error, not a hang).
+    /// Waits for the job. Unbounded on purpose: the engine only copies
+    /// between memories that never fault, so it always finishes, and giving
+    /// up early would let a late copy land in pages already reused.
     pub(crate) fn wait(&self) -> Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = done.take() {
                 return r.map_err(|msg| Error::new(ErrorKind::Fault, msg));
             }
-            let now = std::time::Instant::now();
-            if now >= deadline {
-                return Err(Error::new(ErrorKind::Busy, "DMA fence timed out"));
-            }
-            done = self.cv.wait_timeout(done, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
         }
     }
 
     fn signal(&self, r: Result<(), String>) {
+        self.signalled.store(true, std::sync::atomic::Ordering::SeqCst);
         *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         self.cv.notify_all();
     }
@@ -60,6 +59,17 @@ impl Fence {
 struct Job {
     ops: Vec<CopyOp>,
     fence: Arc<Fence>,
+}
+
+impl Drop for Job {
+    /// A job dropped unrun (the engine stopped) still releases its waiter.
+    fn drop(&mut self) {
+        let mut done = self.fence.done.lock().unwrap_or_else(|e| e.into_inner());
+        if done.is_none() && !self.fence.signalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            *done = Some(Err("DMA engine stopped".into()));
+            self.fence.cv.notify_all();
+        }
+    }
 }
 
 /// The engine: one thread, one queue.

@@ -548,7 +548,7 @@ impl SimInner {
         let movable = |src: &MigrateSrc| !matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_));
         // A whole, aligned 2 MiB block gets a compound device page.
         let whole = m.npages() == HUGE_PAGES
-            && m.addr(0).is_multiple_of(uhmm::HUGE_SIZE)
+            && m.addr(0).is_some_and(|a| a.is_multiple_of(uhmm::HUGE_SIZE))
             && (0..m.npages()).all(|i| movable(&m.src(i)));
         let compound = if whole {
             let base = self.alloc_huge();
@@ -558,43 +558,50 @@ impl SimInner {
         } else {
             None
         };
-        for i in 0..m.npages() {
-            let src = m.src(i);
-            if !movable(&src) {
-                continue;
+        // Pages not yet handed to the migration go back to the free list on
+        // any error (the migration returns those it holds through page_free).
+        let mut handed = 0;
+        let result = (|| -> Result<()> {
+            for i in 0..m.npages() {
+                let src = m.src(i);
+                if !movable(&src) {
+                    continue;
+                }
+                let pfn = match compound {
+                    Some(base) => DevicePfn(base + i as u64),
+                    None => match self.alloc_page() {
+                        Some(pfn) => pfn,
+                        None => break,
+                    },
+                };
+                dsts.push((i, pfn));
+                let mem = self.dev_mem(pfn)?;
+                ops.push(match src {
+                    MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem),
+                    _ => CopyOp::Zero(mem),
+                });
             }
-            let pfn = match compound {
-                Some(base) => DevicePfn(base + i as u64),
-                None => match self.alloc_page() {
-                    Some(pfn) => pfn,
-                    None => break,
-                },
-            };
-            let mem = self.dev_mem(pfn)?;
-            ops.push(match src {
-                MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem),
-                _ => CopyOp::Zero(mem),
-            });
-            dsts.push((i, pfn));
-        }
-        if let Err(e) = self.dma.copy(ops) {
-            for (_, pfn) in dsts {
+            self.dma.copy(std::mem::take(&mut ops))?;
+            for &(i, pfn) in &dsts {
+                m.set_dst_device(i, self.page(pfn))?;
+                handed += 1;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            for &(_, pfn) in &dsts[handed..] {
                 self.page_free(pfn);
             }
-            return Err(e);
         }
-        for (i, pfn) in dsts {
-            m.set_dst_device(i, self.page(pfn))?;
-        }
-        Ok(())
+        result
     }
 
     /// Maps the pages that moved to this device in the device page table.
     fn map_moved_in(&self, m: &Migration<Migrated>) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..m.npages() {
-            if let (true, uhmm::MigrateDst::Device(p)) = (m.migrated(i), m.dst(i)) {
-                table.insert(m.addr(i), Pte::Device(p.pfn));
+            if let (true, uhmm::MigrateDst::Device(p), Some(a)) = (m.migrated(i), m.dst(i), m.addr(i)) {
+                table.insert(a, Pte::Device(p.pfn));
             }
         }
     }
@@ -654,8 +661,8 @@ impl SimInner {
     fn unmap_moved(&self, m: &Migration<Migrated>) {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..m.npages() {
-            if m.migrated(i) {
-                table.remove_addr(m.addr(i));
+            if let (true, Some(a)) = (m.migrated(i), m.addr(i)) {
+                table.remove_addr(a);
             }
         }
     }
