@@ -122,9 +122,7 @@ impl Drop for ExclusiveGrant {
                 Held::Stayed => State::Cpu,
                 Held::At(off) => State::Exclusive((off / PAGE_SIZE) as u64),
             };
-            if self.region.pt.unlock(idx, state, &self.space.waits) {
-                self.space.wake(&self.region, idx..idx + 1);
-            }
+            self.space.unlock_wake(&self.region, idx, state);
         }
     }
 }
@@ -150,8 +148,8 @@ impl AddressSpace {
         for idx in pages.clone() {
             match region.pt.try_lock(idx) {
                 Some(State::Cpu) => held[idx - pages.start] = Held::Stayed,
-                Some(other) if region.pt.unlock(idx, other, &space.waits) => space.wake(&region, idx..idx + 1),
-                _ => {}
+                Some(other) => space.unlock_wake(&region, idx, other),
+                None => {}
             }
         }
         let _inv = space.notifiers.invalidate(range, InvalidateEvent::Exclusive { owner });

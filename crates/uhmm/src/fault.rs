@@ -422,9 +422,7 @@ fn huge_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> bool {
     });
     let unlock = |pages: &[usize]| {
         for &i in pages {
-            if pt.unlock(i, State::Cpu, &space.waits) {
-                space.wake(region, i..i + 1);
-            }
+            space.unlock_wake(region, i, State::Cpu);
         }
     };
     let (a, b) = (region.addr_of(block), region.addr_of(block + N));

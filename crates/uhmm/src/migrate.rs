@@ -404,9 +404,7 @@ impl Inner {
     fn unlock_skip(&mut self, i: usize) {
         let p = self.pages[i];
         let region = &self.regions[p.region as usize];
-        if region.pt.unlock(p.idx, p.prior, &self.space.waits) {
-            self.space.wake(region, p.idx..p.idx + 1);
-        }
+        self.space.unlock_wake(region, p.idx, p.prior);
         self.pages[i].src = Src::Skip;
     }
 
@@ -487,10 +485,7 @@ impl Inner {
                     continue;
                 }
                 let (a, b) = (region.addr_of(first + run.start), region.addr_of(first + run.end));
-                let mut present = Vec::new();
-                let q = Query::any_of(category::PRESENT | category::SWAPPED);
-                space.pagemap_file.scan(a, b, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
-                for r in present {
+                for r in space.scan(a, b, Query::any_of(category::PRESENT | category::SWAPPED))? {
                     let mut addr = r.start;
                     while addr < r.end {
                         let i = first_index(region, first, addr);
@@ -541,11 +536,8 @@ impl Inner {
         let (Some(&lo), Some(&hi)) = (cpu.first(), cpu.last()) else {
             return Ok(());
         };
-        let mut present = Vec::new();
-        let q = Query::any_of(category::PRESENT | category::SWAPPED);
         let (a, b) = (region.addr_of(first + lo), region.addr_of(first + hi + 1));
-        self.space.pagemap_file.scan(a, b, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
-        for r in present {
+        for r in self.space.scan(a, b, Query::any_of(category::PRESENT | category::SWAPPED))? {
             for addr in (r.start..r.end).step_by(PAGE_SIZE) {
                 let i = first_index(region, first, addr);
                 if self.pages[i].src != Src::Skip {
@@ -743,10 +735,7 @@ impl Inner {
     /// `dst`; staging holes are left as holes (copying from one would fault
     /// on uhmm's own userfaultfd).
     fn copy_present(&self, src: usize, dst: usize, len: usize) -> Result<()> {
-        let mut present = Vec::new();
-        let q = Query::any_of(category::PRESENT | category::SWAPPED);
-        self.space.pagemap_file.scan(src, src + len, q, &mut present).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
-        for r in present {
+        for r in self.space.scan(src, src + len, Query::any_of(category::PRESENT | category::SWAPPED))? {
             let to = dst + (r.start - src);
             match self.space.uffd.copy(to, r.start as *const u8, r.end - r.start, true) {
                 Ok(_) => {}

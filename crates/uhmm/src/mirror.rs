@@ -159,9 +159,7 @@ fn fill_holes(
         r.map_err(|e| Error::sys("MADV_POPULATE", e))?;
         return Ok(false);
     }
-    let mut holes = Vec::new();
-    let q = Query::none_of(category::PRESENT | category::SWAPPED);
-    space.pagemap_file.scan(a, b, q, &mut holes).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+    let holes = space.scan(a, b, Query::none_of(category::PRESENT | category::SWAPPED))?;
     let mut filled = false;
     for h in &holes {
         let hole = (h.start - a) / PAGE_SIZE..(h.end - a) / PAGE_SIZE;
@@ -214,9 +212,7 @@ fn unlock_all(
             Some(AccessPage::System { .. }) => region.pt.load(idx).state(),
             None => last.unwrap_or(State::Cpu),
         };
-        if region.pt.unlock(idx, state, &space.waits) {
-            space.wake(region, idx..idx + 1);
-        }
+        space.unlock_wake(region, idx, state);
     }
 }
 

@@ -325,9 +325,7 @@ impl Region {
                 }
                 (true, _) => State::Cpu,
             };
-            if self.inner.pt.unlock(idx, after, &space.waits) {
-                space.wake(&self.inner, idx..idx + 1);
-            }
+            space.unlock_wake(&self.inner, idx, after);
         }
         for p in freed {
             if let Some(pm) = space.pagemap(p.pagemap) {

@@ -464,6 +464,21 @@ impl SpaceInner {
         maps.get(usize::from(id)).and_then(Clone::clone)
     }
 
+    /// `PAGEMAP_SCAN` of `start..end`: the runs matching `q`.
+    pub(crate) fn scan(&self, start: usize, end: usize, q: Query) -> Result<Vec<PageRun>> {
+        let mut runs = Vec::new();
+        self.pagemap_file.scan(start, end, q, &mut runs).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+        Ok(runs)
+    }
+
+    /// Unlocks page `idx` of `region` into `state`, waking any thread that
+    /// faulted on it meanwhile.
+    pub(crate) fn unlock_wake(&self, region: &RegionInner, idx: usize, state: State) {
+        if region.pt.unlock(idx, state, &self.waits) {
+            self.wake(region, idx..idx + 1);
+        }
+    }
+
     /// Wakes program threads blocked on a userfault at pages `pages` of `region`.
     pub(crate) fn wake(&self, region: &RegionInner, pages: Range<usize>) {
         if pages.is_empty() {
@@ -510,7 +525,6 @@ impl SpaceInner {
         }
         let mut out = Vec::with_capacity(range.len() / PAGE_SIZE);
         let mut addr = range.start;
-        let mut runs = Vec::new();
         while addr < range.end {
             let Some(region) = self.region_at(addr) else {
                 out.push(PageSnapshot { residency: Residency::Unmapped, prot: Prot::NONE, huge: false });
@@ -518,9 +532,11 @@ impl SpaceInner {
                 continue;
             };
             let end = range.end.min(region.start() + region.map.len());
-            runs.clear();
-            let q = Query::all(category::PRESENT | category::SWAPPED | category::PFNZERO | category::HUGE);
-            self.pagemap_file.scan(addr, end, q, &mut runs).map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+            let runs = self.scan(
+                addr,
+                end,
+                Query::all(category::PRESENT | category::SWAPPED | category::PFNZERO | category::HUGE),
+            )?;
             let first = (addr - region.start()) / PAGE_SIZE;
             let mut cursor = 0;
             for (prange, prot) in region.prot_runs(first..first + (end - addr) / PAGE_SIZE) {

@@ -22,8 +22,8 @@ use linux_raw_sys::general as uapi;
 use rustix::io::Errno;
 use rustix::ioctl::{Opcode, opcode};
 
+use super::ioctl_update;
 use super::mman::Mapping;
-use super::{PAGE_SIZE, ioctl_update};
 
 const UFFDIO: u8 = 0xAA;
 const OP_API: Opcode = opcode::read_write::<uapi::uffdio_api>(UFFDIO, 0x3F);
@@ -404,14 +404,10 @@ fn outcome(r: rustix::io::Result<i32>, progress: i64, len: usize) -> Result<usiz
     }
 }
 
-/// Rounds an address down to its page.
-pub fn page_align_down(addr: usize) -> usize {
-    addr & !(PAGE_SIZE - 1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::PAGE_SIZE;
     use crate::sys::mman::Protection;
 
     #[test]
