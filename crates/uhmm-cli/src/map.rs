@@ -38,7 +38,7 @@ fn class(r: &Residency) -> u8 {
     match r {
         Residency::None => b'.',
         Residency::Zero | Residency::Ram | Residency::Exclusive => b'R',
-        Residency::Device(..) => b'D',
+        Residency::Device(..) | Residency::Coherent(..) => b'D',
         Residency::Poisoned => b'!',
         Residency::Unmapped => b' ',
     }
@@ -70,7 +70,7 @@ impl Census {
                 Residency::None => c.hole += 1,
                 Residency::Zero => c.zero += 1,
                 Residency::Ram | Residency::Exclusive => c.ram += 1,
-                Residency::Device(..) => c.device += 1,
+                Residency::Device(..) | Residency::Coherent(..) => c.device += 1,
                 Residency::Poisoned => c.poisoned += 1,
                 Residency::Unmapped => c.unmapped += 1,
             }

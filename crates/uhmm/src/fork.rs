@@ -161,7 +161,10 @@ fn evict(space: &Arc<SpaceInner>) {
             if let State::Exclusive(slot) = e.state() {
                 exclusive.push((idx, slot));
             }
-            if let State::Device(p) = e.state() {
+            // Coherent device pages are mapped: the child gets them as they are.
+            if let State::Device(p) = e.state()
+                && !space.is_coherent(&p)
+            {
                 match runs.last_mut() {
                     Some((_, end, first)) if *end == idx && first.pagemap == p.pagemap => *end = idx + 1,
                     _ => runs.push((idx, idx + 1, p)),

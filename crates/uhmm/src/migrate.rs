@@ -54,6 +54,9 @@ bitflags::bitflags! {
         const SYSTEM = 1;
         /// Device-private pages of the migration's owner.
         const DEVICE_PRIVATE = 2;
+        /// Device-coherent pages of the migration's owner (CPU-addressable
+        /// device memory, mapped in the region).
+        const DEVICE_COHERENT = 4;
     }
 }
 
@@ -177,9 +180,11 @@ impl Migration<Collected> {
             return Ok(Migration { inner: m, _step: PhantomData });
         }
         let owner_ok = |p: &DevicePage| space.pagemap(p.pagemap).is_some_and(|pm| pm.owner() == owner);
+        let coherent = |p: &DevicePage| space.is_coherent(p);
 
         // Collect and lock.
         let mut cpu = Vec::new();
+        let mut mapped_device = Vec::new();
         for (prange, prot) in region.prot_runs(first..first + n) {
             for idx in prange {
                 let i = idx - first;
@@ -194,7 +199,14 @@ impl Migration<Collected> {
                         cpu.push(i);
                         Src::Hole
                     }
-                    State::Device(p) if select.contains(Select::DEVICE_PRIVATE) && owner_ok(&p) => Src::Device(p),
+                    // Coherent device pages are mapped: they are unmapped below, like RAM.
+                    State::Device(p) if coherent(&p) && select.contains(Select::DEVICE_COHERENT) && owner_ok(&p) => {
+                        mapped_device.push(i);
+                        Src::Device(p)
+                    }
+                    State::Device(p) if !coherent(&p) && select.contains(Select::DEVICE_PRIVATE) && owner_ok(&p) => {
+                        Src::Device(p)
+                    }
                     _ => {
                         m.unlock_skip(i);
                         Src::Skip
@@ -211,12 +223,14 @@ impl Migration<Collected> {
             .iter()
             .any(|p| p.src != Src::Skip)
             .then(|| space.notifiers.invalidate(start..end, InvalidateEvent::Migrate { owner }));
+        if !select.contains(Select::SYSTEM) {
+            m.keep_holes_only(&region, first, &cpu)?;
+            cpu.clear();
+        }
+        cpu.extend(mapped_device);
+        cpu.sort_unstable();
         if !cpu.is_empty() {
-            if select.contains(Select::SYSTEM) {
-                m.unmap_system(&region, first, &cpu)?;
-            } else {
-                m.keep_holes_only(&region, first, &cpu)?;
-            }
+            m.unmap_system(&region, first, &cpu)?;
         }
         m.cpages = m.pages.iter().filter(|p| p.src != Src::Skip).count();
         Stats::add(&space.stats.collected_pages, m.cpages as u64);
@@ -264,6 +278,9 @@ impl Migration<Collected> {
             .ok_or_else(|| Error::invalid("destination device page of an unknown pagemap"))?;
         if pm.page(page.pfn).is_none() {
             return Err(Error::invalid("device page out of its pagemap"));
+        }
+        if pm.is_coherent() && self.inner.pool.is_none() {
+            return Err(Error::invalid("a device-coherent destination is the page from system_dst: fill it first"));
         }
         if self.inner.pages[i].dst == MigrateDst::Device(page) {
             return Ok(());
@@ -354,6 +371,20 @@ impl<S> Migration<S> {
                 MigrateSrc::System(SystemPage::new(stage.arena(), stage.offset(i)))
             }
         }
+    }
+
+    /// The staged copy of page `i`'s data, when setup moved it out of the
+    /// region: a RAM page, or a device-coherent page (whose data the driver
+    /// copies from here, since the CPU mapped it).
+    pub fn src_page(&self, i: usize) -> Option<SystemPage> {
+        let p = self.inner.pages.get(i)?;
+        let staged = match p.src {
+            Src::System => true,
+            Src::Device(d) => self.inner.space.is_coherent(&d),
+            _ => false,
+        };
+        let stage = self.inner.stage.as_ref().filter(|_| staged)?;
+        Some(SystemPage::new(stage.arena(), stage.offset(i)))
     }
 
     /// The destination of page `i`.
@@ -572,6 +603,10 @@ impl Inner {
                         new_state[i] = State::Device(d);
                         if let Some(pm) = space.pagemap(d.pagemap) {
                             pm.set_rmap(d.pfn, Some((region.id, p.idx)));
+                            if pm.is_coherent() {
+                                // CPU-addressable: the page is mapped in the region.
+                                installs.push((i, true));
+                            }
                         }
                         Stats::add(&space.stats.pages_to_device, 1);
                     }
@@ -593,7 +628,12 @@ impl Inner {
                 // Put back what setup moved to staging: RAM pages, and zero
                 // pages that were collected as holes (true holes are skipped
                 // by the move).
-                if matches!(p.src, Src::System | Src::Hole) && self.stage.is_some() {
+                let staged = match p.src {
+                    Src::System | Src::Hole => true,
+                    Src::Device(d) => space.is_coherent(&d),
+                    Src::Skip => false,
+                };
+                if staged && self.stage.is_some() {
                     installs.push((i, false));
                 }
                 if let MigrateDst::Device(d) = p.dst {
@@ -815,8 +855,24 @@ pub fn migrate_device_range(
         });
     }
     let mut inner = Inner::new(space.clone(), regions, 0, in_flight);
-    inner.cpages = pages.len();
     inner.pages = pages;
+    // Coherent device pages are mapped: move them to staging, where the
+    // driver reads them (`src_page`) and from where a restore puts them back.
+    let mapped: Vec<usize> = (0..inner.pages.len())
+        .filter(|&k| matches!(inner.pages[k].src, Src::Device(d) if space.is_coherent(&d)))
+        .collect();
+    if !mapped.is_empty() {
+        let stage = space.stage.alloc(inner.pages.len())?;
+        for k in mapped {
+            let p = inner.pages[k];
+            let from = &inner.regions[p.region as usize].map;
+            if space.uffd.move_pages(stage.addr(k), from, p.idx * PAGE_SIZE, PAGE_SIZE, false, true).is_err() {
+                inner.unlock_skip(k);
+            }
+        }
+        inner.stage = Some(stage);
+    }
+    inner.cpages = inner.pages.iter().filter(|p| p.src != Src::Skip).count();
     Ok(Migration { inner, _step: PhantomData })
 }
 

@@ -67,8 +67,9 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
             return Err(Error::new(ErrorKind::Permission, "write access to a read-only range"));
         }
     }
-    let foreign =
-        |s: State| matches!(s, State::Device(p) if space.pagemap(p.pagemap).is_none_or(|pm| pm.owner() != owner));
+    // Another owner's device-private page must come back first; coherent
+    // pages are mapped and CPU-addressable, so a device uses them in place.
+    let foreign = |s: State| matches!(s, State::Device(p) if space.pagemap(p.pagemap).is_none_or(|pm| !pm.is_coherent() && pm.owner() != owner));
     for _attempt in 0..100 {
         // Bring other devices' pages back first, without holding locks: one
         // migrate_to_ram per run of pages on the same device.
@@ -106,6 +107,9 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
             let s = region.pt.lock(idx, &space.waits);
             let page = match s {
                 State::Cpu => AccessPage::System { writable: region.prot_at(idx).contains(Prot::WRITE) },
+                State::Device(p) if space.is_coherent(&p) => {
+                    AccessPage::System { writable: region.prot_at(idx).contains(Prot::WRITE) }
+                }
                 State::Device(p) if !foreign(s) => AccessPage::Device(p),
                 State::Device(_) | State::Exclusive(_) => {
                     retry = true;
@@ -185,6 +189,28 @@ fn fill_holes(
         }
     }
     Ok(filled)
+}
+
+/// Brings the device-coherent pages of `range` back to RAM through their
+/// drivers' `migrate_to_ram` (a long-term pin's duty).
+pub(crate) fn evict_coherent(space: &Arc<SpaceInner>, range: Range<usize>) -> Result<()> {
+    let (region, pages) = space.region_pages(range)?;
+    let mut idx = pages.start;
+    while idx < pages.end {
+        let State::Device(page) = region.pt.load(idx).state() else {
+            idx += 1;
+            continue;
+        };
+        if !space.is_coherent(&page) {
+            idx += 1;
+            continue;
+        }
+        let same = |i| matches!(region.pt.load(i).state(), State::Device(p) if p.pagemap == page.pagemap);
+        let end = (idx + 1..pages.end).find(|&i| !same(i)).unwrap_or(pages.end);
+        migrate_foreign(space, &region, idx..end, page)?;
+        idx = end;
+    }
+    Ok(())
 }
 
 /// Brings pages `pages` of another device (the one holding `page`, the

@@ -308,7 +308,7 @@ fn status_of(s: Seen) -> MoveStatus {
         Residency::None | Residency::Zero if s.locked => MoveStatus::Busy,
         Residency::None | Residency::Zero => MoveStatus::NotPresent,
         Residency::Ram | Residency::Exclusive => MoveStatus::Ram,
-        Residency::Device(p, _) => MoveStatus::Device(p.pagemap),
+        Residency::Device(p, _) | Residency::Coherent(p, _) => MoveStatus::Device(p.pagemap),
         Residency::Poisoned => MoveStatus::Poisoned,
     }
 }

@@ -108,6 +108,9 @@ const FRAME_CHUNK: usize = 4096;
 pub struct DevicePagemap {
     id: u16,
     owner: Owner,
+    /// Device-coherent (CPU-addressable, mapped in regions) rather than
+    /// device-private memory.
+    coherent: bool,
     npages: u64,
     ops: Weak<dyn DevicePagemapOps>,
     frames: Box<[OnceLock<Box<[Frame]>>]>,
@@ -124,9 +127,23 @@ impl std::fmt::Debug for DevicePagemap {
 }
 
 impl DevicePagemap {
-    pub(crate) fn new(id: u16, owner: Owner, npages: u64, ops: Weak<dyn DevicePagemapOps>) -> DevicePagemap {
+    pub(crate) fn new(
+        id: u16,
+        owner: Owner,
+        coherent: bool,
+        npages: u64,
+        ops: Weak<dyn DevicePagemapOps>,
+    ) -> DevicePagemap {
         let chunks = usize::try_from(npages).unwrap_or(usize::MAX).div_ceil(FRAME_CHUNK);
-        DevicePagemap { id, owner, npages, ops, frames: (0..chunks).map(|_| OnceLock::new()).collect() }
+        DevicePagemap { id, owner, coherent, npages, ops, frames: (0..chunks).map(|_| OnceLock::new()).collect() }
+    }
+
+    /// Whether this is device-coherent memory (`MEMORY_DEVICE_COHERENT`):
+    /// its pages stay mapped in regions and the CPU uses them without
+    /// faulting; they come back to RAM only by explicit migration (or a
+    /// long-term pin).
+    pub fn is_coherent(&self) -> bool {
+        self.coherent
     }
 
     /// The id of this pagemap in its address space.

@@ -8,9 +8,9 @@
 //! finds the page unmovable (`UFFDIO_MOVE` answers `EBUSY`) and skips it as
 //! busy, exactly as the kernel skips pinned pages.
 //!
-//! Short-term and long-term pins differ only for device-coherent memory
-//! (which a long-term pin must bring back, `migrate_device_coherent_page`);
-//! uhmm has no coherent devices yet, so both behave as long-term pins.
+//! Short-term and long-term pins differ for device-coherent memory: a
+//! long-term pin brings it back to RAM (`migrate_device_coherent_page`), a
+//! short-term pin leaves it on the device (it is mapped and CPU-addressable).
 
 use std::ops::Range;
 
@@ -57,7 +57,12 @@ impl AddressSpace {
         if self.protection(range.clone())?.iter().any(|(_, p)| *p != Prot::READ_WRITE) {
             return Err(Error::new(ErrorKind::Permission, "pins need read-write memory (FOLL_WRITE)"));
         }
-        // An owner no device has: every device page of the range comes back.
+        // A long-term pin may not keep device memory: coherent pages come
+        // back too (`migrate_device_coherent_page`). Private ones always do.
+        if kind == PinKind::LongTerm {
+            crate::mirror::evict_coherent(&self.inner, range.clone())?;
+        }
+        // An owner no device has: every device-private page of the range comes back.
         let nobody = Owner::new();
         let mut last = None;
         for _attempt in 0..100 {

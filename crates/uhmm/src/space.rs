@@ -63,8 +63,11 @@ pub enum Residency {
     Zero,
     /// A RAM page.
     Ram,
-    /// On a device, whose pagemap has this owner.
+    /// On a device (device-private: not mapped), whose pagemap has this owner.
     Device(DevicePage, Owner),
+    /// On a device-coherent device (mapped, CPU-addressable), whose pagemap
+    /// has this owner.
+    Coherent(DevicePage, Owner),
     /// Lost; accesses get SIGBUS.
     Poisoned,
     /// In RAM but held for a device's exclusive access; a CPU access takes
@@ -268,13 +271,37 @@ impl AddressSpace {
         Ok(Region { inner, space: self.inner.clone() })
     }
 
-    /// Registers device memory of `npages` pages owned by `owner`, served by
-    /// `ops` (held weakly: the driver owns itself and its pagemap).
+    /// Registers device-private memory of `npages` pages owned by `owner`,
+    /// served by `ops` (held weakly: the driver owns itself and its pagemap).
     pub fn register_pagemap(
         &self,
         ops: std::sync::Weak<dyn DevicePagemapOps>,
         owner: Owner,
         npages: u64,
+    ) -> Result<Arc<DevicePagemap>> {
+        self.register(ops, owner, npages, false)
+    }
+
+    /// Registers device-coherent memory: CPU-addressable, so its pages stay
+    /// mapped in regions (a migration to it installs the page the driver
+    /// filled, from [`Migration::system_dst`](crate::Migration::system_dst));
+    /// the CPU never faults on them, and only an explicit migration (or a
+    /// long-term pin) brings them back to RAM.
+    pub fn register_coherent_pagemap(
+        &self,
+        ops: std::sync::Weak<dyn DevicePagemapOps>,
+        owner: Owner,
+        npages: u64,
+    ) -> Result<Arc<DevicePagemap>> {
+        self.register(ops, owner, npages, true)
+    }
+
+    fn register(
+        &self,
+        ops: std::sync::Weak<dyn DevicePagemapOps>,
+        owner: Owner,
+        npages: u64,
+        coherent: bool,
     ) -> Result<Arc<DevicePagemap>> {
         if npages == 0 || npages > crate::pte::MAX_DEVICE_PFN {
             return Err(Error::invalid("a pagemap needs 1 ..= 2^40 pages"));
@@ -282,7 +309,7 @@ impl AddressSpace {
         let mut maps = self.inner.pagemaps.write().unwrap_or_else(|e| e.into_inner());
         // Ids are never reused: a stale entry can never reach another driver.
         let id16 = u16::try_from(maps.len()).map_err(|_| Error::new(ErrorKind::NoMemory, "too many pagemaps"))?;
-        let pm = Arc::new(DevicePagemap::new(id16, owner, npages, ops));
+        let pm = Arc::new(DevicePagemap::new(id16, owner, coherent, npages, ops));
         maps.push(Some(pm.clone()));
         Ok(pm)
     }
@@ -458,6 +485,11 @@ impl SpaceInner {
         regions.values().find(|r| r.id == id).cloned()
     }
 
+    /// Whether `page` is device-coherent memory (mapped, CPU-addressable).
+    pub(crate) fn is_coherent(&self, page: &DevicePage) -> bool {
+        self.pagemap(page.pagemap).is_some_and(|pm| pm.is_coherent())
+    }
+
     /// The pagemap with id `id`.
     pub(crate) fn pagemap(&self, id: u16) -> Option<Arc<DevicePagemap>> {
         let maps = self.pagemaps.read().unwrap_or_else(|e| e.into_inner());
@@ -548,10 +580,10 @@ impl SpaceInner {
                     let a = region.addr_of(idx);
                     let mut huge = false;
                     let residency = match region.pt.load(idx).state() {
-                        State::Device(page) => {
-                            let owner = self.pagemap(page.pagemap).map_or(Owner::new(), |p| p.owner());
-                            Residency::Device(page, owner)
-                        }
+                        State::Device(page) => match self.pagemap(page.pagemap) {
+                            Some(pm) if pm.is_coherent() => Residency::Coherent(page, pm.owner()),
+                            pm => Residency::Device(page, pm.map_or(Owner::new(), |p| p.owner())),
+                        },
                         State::Poisoned => Residency::Poisoned,
                         State::Exclusive(_) => Residency::Exclusive,
                         State::Cpu => match next_run(&runs, &mut cursor, a) {

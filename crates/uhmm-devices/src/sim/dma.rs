@@ -24,6 +24,10 @@ pub(crate) enum CopyOp {
     Zero(DevMem),
     /// Device page → RAM page.
     ToSystem(DevMem, SystemPage),
+    /// RAM page → RAM page (device-coherent memory is CPU-addressable RAM).
+    Between(SystemPage, SystemPage),
+    /// Zero a RAM page.
+    ZeroSystem(SystemPage),
 }
 
 /// Signalled when a job's copies are done.
@@ -126,6 +130,11 @@ fn run(rx: &Receiver<Job>) {
                 CopyOp::ToDevice(src, dst) => src.copy_to(&dst.chunk, dst.off),
                 CopyOp::Zero(dst) => dst.chunk.write(dst.off, &zero).map_err(|e| Error::sys("zero", e)),
                 CopyOp::ToSystem(src, dst) => dst.copy_from(&src.chunk, src.off),
+                CopyOp::Between(src, dst) => {
+                    let mut page = vec![0u8; PAGE_SIZE];
+                    src.read(0, &mut page).and_then(|()| dst.write(0, &page))
+                }
+                CopyOp::ZeroSystem(dst) => dst.write(0, &zero),
             };
             if let Err(e) = r {
                 result = Err(e.to_string());

@@ -38,11 +38,14 @@ pub struct SimConfig {
     pub chunk_bytes: usize,
     /// Pages per migration chunk (the batch handed to the DMA engine).
     pub migrate_chunk_pages: usize,
+    /// Device-coherent memory (CPU-addressable, like the kernel's
+    /// `MEMORY_DEVICE_COHERENT` test devices) instead of device-private.
+    pub coherent: bool,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { capacity_bytes: 4 << 30, chunk_bytes: 64 << 20, migrate_chunk_pages: 512 }
+        SimConfig { capacity_bytes: 4 << 30, chunk_bytes: 64 << 20, migrate_chunk_pages: 512, coherent: false }
     }
 }
 
@@ -69,6 +72,10 @@ bitflags::bitflags! {
         const ZERO = 0x10;
         /// Device-private memory of this device.
         const DEV_PRIVATE_LOCAL = 0x20;
+        /// Device-coherent memory of this device.
+        const DEV_COHERENT_LOCAL = 0x40;
+        /// Device-coherent memory of another device.
+        const DEV_COHERENT_REMOTE = 0x50;
         /// No region, or no access.
         const ERROR = 0xFF;
     }
@@ -115,6 +122,9 @@ enum Pte {
     /// A RAM page held for this device's exclusive access (dmirror's
     /// atomic tag), reached through the holding page.
     Atomic(SystemPage),
+    /// One of this device's coherent pages: mapped in the region, reached
+    /// through its address.
+    Coherent(DevicePfn),
 }
 
 /// The device page table: address → entry, and device page → address.
@@ -127,14 +137,14 @@ struct Table {
 impl Table {
     fn insert(&mut self, addr: usize, pte: Pte) {
         self.remove_addr(addr);
-        if let Pte::Device(pfn) = pte {
+        if let Pte::Device(pfn) | Pte::Coherent(pfn) = pte {
             self.by_pfn.insert(pfn, addr);
         }
         self.by_addr.insert(addr, pte);
     }
 
     fn remove_addr(&mut self, addr: usize) {
-        if let Some(Pte::Device(pfn)) = self.by_addr.remove(&addr) {
+        if let Some(Pte::Device(pfn) | Pte::Coherent(pfn)) = self.by_addr.remove(&addr) {
             self.by_pfn.remove(&pfn);
         }
     }
@@ -150,7 +160,7 @@ impl Table {
         let doomed: Vec<usize> = self
             .by_addr
             .range(range)
-            .filter(|(_, pte)| !(keep_device && matches!(pte, Pte::Device(_))))
+            .filter(|(_, pte)| !(keep_device && matches!(pte, Pte::Device(_) | Pte::Coherent(_))))
             .map(|(a, _)| *a)
             .collect();
         for a in doomed {
@@ -199,7 +209,11 @@ impl SimDevice {
         });
         let weak: Weak<dyn DevicePagemapOps> = Arc::downgrade(&inner) as Weak<SimInner>;
         let npages = (inner.config.capacity_bytes / PAGE_SIZE) as u64;
-        let pm = space.register_pagemap(weak, inner.owner, npages)?;
+        let pm = if inner.config.coherent {
+            space.register_coherent_pagemap(weak, inner.owner, npages)?
+        } else {
+            space.register_pagemap(weak, inner.owner, npages)?
+        };
         inner.pagemap.set(pm).expect("pagemap set once");
         // Like dmirror, one notifier over the whole address space.
         let weak: Weak<dyn IntervalNotifierOps> = Arc::downgrade(&inner) as Weak<SimInner>;
@@ -259,7 +273,7 @@ impl SimDevice {
         let mut driver = ToDevice { dev: &self.inner };
         migrate_chunked(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
-        let on_device = |a: &usize| matches!(table.by_addr.get(a), Some(Pte::Device(_)));
+        let on_device = |a: &usize| matches!(table.by_addr.get(a), Some(Pte::Device(_) | Pte::Coherent(_)));
         let cpages = range.step_by(PAGE_SIZE).filter(on_device).count();
         if cpages < npages {
             return Err(Error::new(
@@ -276,8 +290,7 @@ impl SimDevice {
         let range = check_range(addr, npages)?;
         let chunk = self.inner.config.migrate_chunk_pages;
         let mut driver = ToSystem { dev: &self.inner };
-        let s =
-            migrate_chunked(&self.inner.space, range, chunk, Select::DEVICE_PRIVATE, self.inner.owner, &mut driver)?;
+        let s = migrate_chunked(&self.inner.space, range, chunk, self.inner.select(), self.inner.owner, &mut driver)?;
         Ok(Counters { cpages: s.migrated, faults: 0 })
     }
 
@@ -342,6 +355,7 @@ impl SimDevice {
                         Some(Pte::System { writable }) if *writable || !write => Page::System(a),
                         Some(Pte::Device(pfn)) => Page::Device(self.inner.dev_mem(*pfn)?),
                         Some(Pte::Atomic(held)) => Page::Held(held.clone()),
+                        Some(Pte::Coherent(_)) => Page::System(a),
                         _ => break,
                     };
                     copy(done, page)?;
@@ -405,6 +419,8 @@ impl SimDevice {
                     // Another device's private memory is out of reach
                     // without faulting: dmirror reports it as nothing.
                     Residency::Device(..) => PageState::NONE,
+                    Residency::Coherent(_, owner) if owner == self.inner.owner => PageState::DEV_COHERENT_LOCAL | rw,
+                    Residency::Coherent(..) => PageState::DEV_COHERENT_REMOTE | rw,
                 }
             })
             .collect())
@@ -474,6 +490,11 @@ fn check_range(addr: usize, npages: usize) -> Result<std::ops::Range<usize>> {
 impl SimInner {
     fn pagemap(&self) -> &Arc<DevicePagemap> {
         self.pagemap.get().expect("pagemap registered at creation")
+    }
+
+    /// The selection of this device's own pages.
+    fn select(&self) -> Select {
+        if self.config.coherent { Select::DEVICE_COHERENT } else { Select::DEVICE_PRIVATE }
     }
 
     fn take_fail(&self) -> bool {
@@ -575,6 +596,15 @@ impl SimInner {
                     },
                 };
                 dsts.push((i, pfn));
+                if self.config.coherent {
+                    // The device page the CPU will map: a RAM page it fills.
+                    let dst = m.system_dst(i)?;
+                    ops.push(match src {
+                        MigrateSrc::System(sp) => CopyOp::Between(sp, dst),
+                        _ => CopyOp::ZeroSystem(dst),
+                    });
+                    continue;
+                }
                 let mem = self.dev_mem(pfn)?;
                 ops.push(match src {
                     MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem),
@@ -601,7 +631,7 @@ impl SimInner {
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..m.npages() {
             if let (true, uhmm::MigrateDst::Device(p), Some(a)) = (m.migrated(i), m.dst(i), m.addr(i)) {
-                table.insert(a, Pte::Device(p.pfn));
+                table.insert(a, if self.config.coherent { Pte::Coherent(p.pfn) } else { Pte::Device(p.pfn) });
             }
         }
     }
@@ -624,7 +654,11 @@ impl SimInner {
                 continue;
             }
             let sp = m.system_dst(i)?;
-            ops.push(CopyOp::ToSystem(self.dev_mem(p.pfn)?, sp));
+            ops.push(match m.src_page(i) {
+                // Coherent: the page was mapped; setup staged its data.
+                Some(staged) => CopyOp::Between(staged, sp),
+                None => CopyOp::ToSystem(self.dev_mem(p.pfn)?, sp),
+            });
             dsts.push(i);
         }
         self.dma.copy(ops)?;
@@ -711,7 +745,7 @@ impl DevicePagemapOps for SimInner {
     }
 
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
-        let mut m = Migration::setup(fault.space(), fault.window(), Select::DEVICE_PRIVATE, self.owner)?;
+        let mut m = Migration::setup(fault.space(), fault.window(), self.select(), self.owner)?;
         self.copy_to_ram(&mut m)?;
         let m = m.pages();
         self.unmap_moved(&m);
