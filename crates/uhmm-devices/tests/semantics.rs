@@ -514,3 +514,29 @@ fn fault_next_to_an_unmapped_page_brings_data_back() {
         assert_eq!(space.stats().poisoned_pages, 0);
     });
 }
+
+#[test]
+fn discard_drops_pages_wherever_they_are() {
+    with_timeout(60, || {
+        let space = space();
+        let dev = device(&space);
+        let r = map(&space, 64);
+        fill(&r, 0..64, |i| i);
+        dev.migrate_to_device(r.addr(), 32).unwrap(); // pages 0..32 on the device
+        let mut buf = vec![0u8; r.len()];
+        dev.read(r.addr(), 64, &mut buf).unwrap(); // the mirror holds every page
+        r.discard(16 * PAGE_SIZE..48 * PAGE_SIZE).unwrap(); // half device, half RAM
+        assert_eq!(dev.pages_in_use(), 16, "discarded device pages are freed");
+        let got = cpu_read(&r);
+        assert_words(&got[..16 * PAGE_SIZE], |i| i);
+        assert!(got[16 * PAGE_SIZE..48 * PAGE_SIZE].iter().all(|b| *b == 0), "discarded pages read as zeros");
+        assert_words(&got[48 * PAGE_SIZE..], |i| i + (48 * WORDS_PER_PAGE) as u32);
+        // The device's mirror was invalidated: it sees the zeros too.
+        dev.read(r.addr(), 64, &mut buf).unwrap();
+        assert!(buf[16 * PAGE_SIZE..48 * PAGE_SIZE].iter().all(|b| *b == 0));
+        // And the range is usable as ever.
+        fill(&r, 16..48, |i| i);
+        assert_eq!(dev.migrate_to_device(r.addr(), 64).unwrap().cpages, 64);
+        assert_words(&cpu_read(&r), |i| i);
+    });
+}

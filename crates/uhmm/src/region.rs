@@ -298,6 +298,18 @@ impl Region {
     /// ends first. The addresses stay reserved (inaccessible: an access is
     /// SIGSEGV, uhmm calls fail) until the whole region is dropped.
     pub fn unmap(&self, range: Range<usize>) -> Result<()> {
+        self.drop_pages(range, true)
+    }
+
+    /// `madvise(MADV_DONTNEED)` of a range: its pages are dropped wherever
+    /// they are (RAM, a device, held exclusive, poisoned) and read as zeros
+    /// from then on; mirrors are told; in-flight work on the pages ends first.
+    pub fn discard(&self, range: Range<usize>) -> Result<()> {
+        self.drop_pages(range, false)
+    }
+
+    /// `unmap` (`reserve`: the range becomes inaccessible) or `discard`.
+    fn drop_pages(&self, range: Range<usize>, reserve: bool) -> Result<()> {
         let pages = self.page_range(&range)?;
         if self.inner.has_unmapped(&pages) {
             return Err(Error::invalid("part of the range was unmapped already"));
@@ -306,14 +318,19 @@ impl Region {
         let addrs = self.addr() + range.start..self.addr() + range.end;
         let _inv = space.notifiers.invalidate(addrs, crate::InvalidateEvent::Unmap);
         let prior: Vec<State> = pages.clone().map(|idx| self.inner.pt.lock(idx, &space.waits)).collect();
-        let reserved = self.inner.map.reserve(range.start, range.len()).map_err(|e| Error::sys("mmap", e));
-        if reserved.is_ok() {
+        let done = if reserve {
+            self.inner.map.reserve(range.start, range.len())
+        } else {
+            self.inner.map.discard(range.start, range.len())
+        }
+        .map_err(|e| Error::sys(if reserve { "mmap" } else { "MADV_DONTNEED" }, e));
+        if done.is_ok() && reserve {
             self.inner.unmapped.write().unwrap_or_else(|e| e.into_inner()).push(pages.clone());
             let _ = self.inner.set_prot(pages.clone(), Prot::NONE);
         }
         let mut freed = Vec::new();
         for (idx, state) in pages.clone().zip(prior) {
-            let after = match (reserved.is_ok(), state) {
+            let after = match (done.is_ok(), state) {
                 (false, s) => s,
                 (true, State::Device(p)) => {
                     freed.push(p);
@@ -332,7 +349,7 @@ impl Region {
                 pm.free_page(p.pfn);
             }
         }
-        reserved
+        done
     }
 
     /// Moves the region to a new address (`mremap` with `MREMAP_MAYMOVE`)
