@@ -257,8 +257,10 @@ fn c11_concurrent_access() {
         };
         let mut moved = 0;
         for _ in 0..100 {
-            if let Ok(c) = dev.migrate_to_device(region.addr(), N) {
-                moved += c.cpages;
+            match dev.migrate_to_device(region.addr(), N) {
+                Ok(c) => moved += c.cpages,
+                // The writer faulted some pages back (or held them) meanwhile.
+                Err(e) => assert_eq!(e.kind(), ErrorKind::NotFound, "{e}"),
             }
             dev.migrate_to_system(region.addr(), N).unwrap();
         }
@@ -270,7 +272,7 @@ fn c11_concurrent_access() {
             assert_eq!(word(&buf, p * WORDS_PER_PAGE), last, "page {p} first word");
             assert_eq!(word(&buf, p * WORDS_PER_PAGE + WORDS_PER_PAGE - 1), last, "page {p} last word");
         }
-        let _ = moved;
+        assert!(moved > 0 || space.stats().pages_to_device > 0, "no migration ever happened");
         assert!(space.stats().pages_to_device > 0, "some migrations must have happened");
     });
 }

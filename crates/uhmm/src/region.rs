@@ -212,7 +212,10 @@ impl ProtFrozen<'_> {
 ///
 /// The program uses the memory directly through [`Region::as_ptr`]; uhmm
 /// moves the pages behind it. Dropping the region unmaps it: pages on devices
-/// are freed, after in-flight migrations of its pages end.
+/// are freed, after in-flight migrations of its pages end — so a thread must
+/// not drop (or `unmap`, `discard`, `remap`) a region while it itself holds a
+/// `Migration`, `RangeAccess` or `ExclusiveGrant` on it: it would wait for
+/// itself.
 #[derive(Debug)]
 pub struct Region {
     pub(crate) inner: Arc<RegionInner>,
