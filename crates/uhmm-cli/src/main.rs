@@ -2,9 +2,11 @@
 //!
 //! `uhmm demo` runs the main job on the embedded sim device: a region is
 //! filled, moved to the device, touched back by the CPU and verified, with a
-//! residency map, progress and counters.
+//! residency map, progress and counters. `uhmm bench` measures uhmm against
+//! baselines taken in the same run and reports the targets as ratios.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod demo;
 mod map;
 mod units;
@@ -43,11 +45,36 @@ enum Command {
     /// Exit status: 0 when every byte read back is right, 1 when some are
     /// wrong, 2 on an error (for example no usable userfaultfd).
     Demo(demo::DemoArgs),
+
+    /// Measure uhmm against baselines taken in the same run, and report
+    /// each target as a ratio.
+    ///
+    /// Baselines: memcpy (1 and 2 threads) of the same bytes; a raw
+    /// userfaultfd round trip (a handler thread answering single-page
+    /// MISSING faults with UFFDIO_COPY, built from uhmm's sys layer only);
+    /// and, as root where a zram device can be created, the kernel's own
+    /// MADV_PAGEOUT to zram swap and fault back (the device is created and
+    /// removed by the bench; swap is never left on).
+    ///
+    /// Cases: bulk migration RAM -> sim device -> RAM at each size (small
+    /// and huge pages); single-page CPU fault latency on device pages (p50,
+    /// p99); sequential and random CPU scans of device-resident data with
+    /// fault-around 16 and 1; 2 threads faulting at once; metadata per
+    /// resident page and for an untouched 1 TiB region.
+    ///
+    /// Every case runs 1 untimed warm-up and --runs timed runs (median, min,
+    /// max). The report goes to stdout (progress to stderr); --json and
+    /// --plot write the numbers and an SVG of throughput against size.
+    ///
+    /// Exit status: 0 when everything was measured (whether or not targets
+    /// are met), 2 on an error.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     }
 }

@@ -255,6 +255,13 @@ impl Mapping {
         self.advise(off, len, Advice::LinuxDontNeed)
     }
 
+    /// `madvise(MADV_PAGEOUT)` of a page-aligned sub-range: ask the kernel
+    /// to reclaim its pages now (write them to swap); a later access faults
+    /// them back in. For measuring the kernel's own swap path.
+    pub fn pageout(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxPageOut)
+    }
+
     /// `madvise(MADV_POPULATE_WRITE)`: allocate (and zero) every page of a
     /// sub-range now. Must not be used on a range registered for MISSING
     /// faults, whose population is the fault handler's job.

@@ -1,0 +1,159 @@
+//! Baselines measured in the same process as the uhmm cases: memcpy (1 and 2
+//! threads) at every size, and a raw userfaultfd round trip built from
+//! uhmm's `sys` layer alone (no page table, no fault engine, no device).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use uhmm::PAGE_SIZE;
+use uhmm::sys::mman::{Mapping, Protection};
+use uhmm::sys::uffd::{Event, Uffd};
+
+use super::{Case, Plan, histogram, progress, repeat};
+use crate::units::human;
+
+/// memcpy of each size of the sweep, 1 thread and 2 threads (each copies
+/// half), between buffers that are fully faulted in beforehand.
+pub fn memcpy(plan: &Plan) -> Result<Vec<Case>, String> {
+    let mut out = Vec::new();
+    for &size in &plan.sizes {
+        progress(&format!("memcpy {}", human(size)));
+        let src = vec![0x5au8; size];
+        let mut dst = vec![0xa5u8; size];
+        let (w, runs) = repeat(plan.runs, |_| -> Result<Duration, String> {
+            let t = Instant::now();
+            dst.copy_from_slice(&src);
+            let d = t.elapsed();
+            std::hint::black_box(&dst);
+            Ok(d)
+        })?;
+        out.push(Case::throughput("memcpy_1t", "memcpy, 1 thread", "baseline", size, w, &runs));
+        let (w, runs) = memcpy_2t(&src, &mut dst, plan.runs);
+        out.push(Case::throughput("memcpy_2t", "memcpy, 2 threads", "baseline", size, w, &runs));
+    }
+    Ok(out)
+}
+
+/// 2-thread memcpy: a helper thread, started once, copies the upper half
+/// while this thread copies the lower. The two meet on spinning flags, not
+/// a sleeping barrier, so neither thread start-up nor a cross-CPU wake-up
+/// is timed (a wake-up costs tens of microseconds here, more than a small
+/// copy).
+fn memcpy_2t(src: &[u8], dst: &mut [u8], runs: usize) -> (Duration, Vec<Duration>) {
+    let half = src.len() / 2 / PAGE_SIZE * PAGE_SIZE;
+    let (src_lo, src_hi) = src.split_at(half);
+    let (dst_lo, dst_hi) = dst.split_at_mut(half);
+    // Run i starts when `go` reaches i + 1; the helper reports it done by
+    // setting `done` to i + 1.
+    let go = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let mut times = Vec::with_capacity(runs + 1);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 1..=runs + 1 {
+                while go.load(Ordering::Acquire) < i {
+                    std::hint::spin_loop();
+                }
+                dst_hi.copy_from_slice(src_hi);
+                std::hint::black_box(&dst_hi);
+                done.store(i, Ordering::Release);
+            }
+        });
+        for i in 1..=runs + 1 {
+            let t = Instant::now();
+            go.store(i, Ordering::Release);
+            dst_lo.copy_from_slice(src_lo);
+            std::hint::black_box(&dst_lo);
+            while done.load(Ordering::Acquire) < i {
+                std::hint::spin_loop();
+            }
+            times.push(t.elapsed());
+        }
+    });
+    let warm = times.remove(0);
+    (warm, times)
+}
+
+/// The raw userfaultfd round trip: a handler thread polls a userfaultfd and
+/// answers each single-page MISSING fault with `UFFDIO_COPY` of one page;
+/// the main thread reads one byte of each page of a registered mapping in
+/// turn and times each access. Between runs the pages are dropped with
+/// `MADV_DONTNEED`, so every access of every run faults.
+pub fn uffd_round_trip(plan: &Plan) -> Result<Case, String> {
+    progress(&format!("raw userfaultfd round trip, {} single-page faults a run", plan.latency_pages));
+    let uffd = Arc::new(Uffd::open(0, true).map_err(|e| format!("opening a userfaultfd: {e}"))?);
+    let len = plan.latency_pages * PAGE_SIZE;
+    let map = Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
+    uffd.register(&map, 0, len, false).map_err(|e| format!("UFFDIO_REGISTER (userfaultfd): {e}"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let (uffd, stop) = (Arc::clone(&uffd), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("raw-uffd".into())
+            .spawn(move || raw_handler(&uffd, &stop))
+            .map_err(|e| format!("spawning the handler: {e}"))?
+    };
+    let mut all = histogram();
+    let mut byte = [0u8; 1];
+    let result = repeat(plan.runs, |i| -> Result<f64, String> {
+        map.discard(0, len).map_err(|e| format!("MADV_DONTNEED: {e}"))?;
+        let mut run = histogram();
+        for p in 0..plan.latency_pages {
+            let t = Instant::now();
+            map.read(p * PAGE_SIZE, &mut byte).map_err(|e| format!("read: {e}"))?;
+            let ns = t.elapsed().as_nanos() as u64;
+            run.saturating_record(ns.max(1));
+            if i > 0 {
+                all.saturating_record(ns.max(1));
+            }
+        }
+        if byte[0] != 0x77 {
+            return Err("the raw handler's page did not arrive".into());
+        }
+        Ok(run.value_at_quantile(0.5) as f64 / 1e3)
+    });
+    stop.store(true, Ordering::SeqCst);
+    let joined = handler.join();
+    let (warm, runs) = result?;
+    let faults = joined.map_err(|_| "the raw handler panicked".to_string())?;
+    Ok(Case::latency(
+        "uffd_round_trip",
+        "raw userfaultfd round trip (1 page, UFFDIO_COPY)",
+        "baseline",
+        len,
+        warm,
+        &runs,
+        &all,
+    )
+    .with_note(format!("{faults} faults answered by one poll()ing handler thread")))
+}
+
+/// The raw handler: poll, read the fault messages, answer each with one
+/// page of `UFFDIO_COPY`. Returns the faults it answered.
+fn raw_handler(uffd: &Uffd, stop: &AtomicBool) -> u64 {
+    let src = vec![0x77u8; PAGE_SIZE];
+    let mut events = Vec::with_capacity(64);
+    let timeout = Timespec { tv_sec: 0, tv_nsec: 20_000_000 };
+    let mut answered = 0;
+    let fd = uffd.fd();
+    while !stop.load(Ordering::SeqCst) {
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
+            continue;
+        }
+        events.clear();
+        if uffd.read_events(&mut events, 64).is_err() {
+            continue;
+        }
+        for ev in &events {
+            if let Event::PageFault { addr, .. } = *ev {
+                // EEXIST (a duplicate fault on a page already answered) is fine.
+                let _ = uffd.copy(addr & !(PAGE_SIZE - 1), src.as_ptr(), PAGE_SIZE, false);
+                answered += 1;
+            }
+        }
+    }
+    answered
+}

@@ -1,0 +1,327 @@
+//! The uhmm cases: bulk migration to the sim device and back, single-page
+//! CPU fault latency, CPU scans of device-resident data, and metadata.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use uhmm::sys::uffd::Origin;
+use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot, Region};
+use uhmm_devices::sim::{SimConfig, SimDevice};
+
+use super::{Case, Plan, histogram, progress, repeat};
+use crate::units::human;
+
+/// Bytes a CPU read or fill call handles at once.
+const IO_CHUNK: usize = 4 << 20;
+/// 2 MiB: the huge-page size.
+const HUGE: usize = 2 << 20;
+
+fn err(what: &str) -> impl FnOnce(uhmm::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// How an address space with the default config opens its userfaultfd.
+pub fn uffd_origin() -> Result<String, String> {
+    let space = AddressSpace::new(Config::default()).map_err(err("opening an address space (userfaultfd)"))?;
+    Ok(match space.uffd_origin() {
+        Origin::DevNode => "/dev/userfaultfd".to_string(),
+        Origin::Syscall => "userfaultfd(2)".to_string(),
+        Origin::UserModeOnly => "userfaultfd(2), user-mode only".to_string(),
+    })
+}
+
+/// An address space, a sim device big enough for `len` bytes, and a region
+/// of `len` bytes filled with non-zero data (so every page is in RAM).
+struct Setup {
+    space: AddressSpace,
+    // Before `region`: the region is dropped first, freeing its device pages.
+    dev: SimDevice,
+    region: Region,
+}
+
+impl Setup {
+    fn new(config: Config, len: usize, huge: bool) -> Result<Setup, String> {
+        let space = AddressSpace::new(config).map_err(err("opening an address space (userfaultfd)"))?;
+        let defaults = SimConfig::default();
+        let capacity = len.next_multiple_of(defaults.chunk_bytes) + defaults.chunk_bytes;
+        let dev =
+            SimDevice::new(&space, SimConfig { capacity_bytes: capacity, ..defaults }).map_err(err("sim device"))?;
+        let region = if huge { space.map_huge(len, Prot::READ_WRITE) } else { space.map(len, Prot::READ_WRITE) }
+            .map_err(err("mapping a region"))?;
+        let mut buf = vec![0u8; IO_CHUNK.min(len)];
+        let mut off = 0;
+        while off < len {
+            let n = buf.len().min(len - off);
+            for (j, w) in buf[..n].chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&(((off / 8 + j) as u64) ^ 0x5eed_c0de).to_ne_bytes());
+            }
+            region.write(off, &buf[..n]).map_err(err("filling the region"))?;
+            off += n;
+        }
+        Ok(Setup { space, dev, region })
+    }
+
+    fn to_device(&self) -> Result<usize, String> {
+        Ok(self
+            .dev
+            .migrate_to_device(self.region.addr(), self.region.npages())
+            .map_err(err("migrate_to_device"))?
+            .cpages)
+    }
+
+    fn to_system(&self) -> Result<usize, String> {
+        Ok(self
+            .dev
+            .migrate_to_system(self.region.addr(), self.region.npages())
+            .map_err(err("migrate_to_system"))?
+            .cpages)
+    }
+
+    /// Checks the first word of the first and last page against the fill.
+    fn spot_check(&self) -> Result<(), String> {
+        let mut w = [0u8; 8];
+        for off in [0, self.region.len() - PAGE_SIZE] {
+            self.region.read(off, &mut w).map_err(err("reading back"))?;
+            if u64::from_ne_bytes(w) != ((off / 8) as u64 ^ 0x5eed_c0de) {
+                return Err(format!("wrong data read back at offset {off:#x}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bulk migration of each size of the sweep: RAM → sim device and back,
+/// one `migrate_to_device` / `migrate_to_system` call each, on small pages
+/// and (from 2 MiB) on a huge-page region.
+pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
+    let mut out = Vec::new();
+    for huge in [false, true] {
+        let (kind, tag) = if huge { ("huge pages", "huge") } else { ("small pages", "small") };
+        for &size in plan.sizes.iter().filter(|&&s| !huge || s >= HUGE) {
+            let size = if huge { size.next_multiple_of(HUGE) } else { size };
+            progress(&format!("bulk migration, {kind}, {}", human(size)));
+            let s = Setup::new(Config::default(), size, huge)?;
+            let npages = s.region.npages();
+            let mut short = 0;
+            let mut to_dev = Vec::new();
+            let mut to_ram = Vec::new();
+            repeat(plan.runs, |_| -> Result<(), String> {
+                let t = Instant::now();
+                let a = s.to_device()?;
+                to_dev.push(t.elapsed());
+                let t = Instant::now();
+                let b = s.to_system()?;
+                to_ram.push(t.elapsed());
+                short += (npages - a.min(npages)) + (npages - b.min(npages));
+                Ok(())
+            })?;
+            s.spot_check()?;
+            let (thp_in, thp_out) = s.dev.huge_stats();
+            let mut note = String::new();
+            if short > 0 {
+                note = format!("{short} page moves refused (busy) over all runs");
+            }
+            if huge {
+                let sep = if note.is_empty() { "" } else { "; " };
+                note = format!(
+                    "{note}{sep}all runs: {thp_in} compound 2 MiB device pages, {thp_out} 2 MiB blocks fell back to small pages"
+                );
+            }
+            let w = to_dev.remove(0);
+            out.push(
+                Case::throughput(format!("to_device_{tag}"), format!("RAM → sim, {kind}"), "uhmm", size, w, &to_dev)
+                    .with_note(note.clone()),
+            );
+            let w = to_ram.remove(0);
+            out.push(
+                Case::throughput(format!("to_ram_{tag}"), format!("sim → RAM, {kind}"), "uhmm", size, w, &to_ram)
+                    .with_note(note),
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Single-page CPU faults on device pages: fault-around 1, each page of a
+/// device-resident region read once (one byte), each access timed.
+pub fn fault_latency(plan: &Plan) -> Result<Case, String> {
+    progress(&format!("single-page CPU faults on device pages, {} a run", plan.latency_pages));
+    let len = plan.latency_pages * PAGE_SIZE;
+    let s = Setup::new(Config { fault_around_pages: 1, ..Config::default() }, len, false)?;
+    let mut all = histogram();
+    let mut byte = [0u8; 1];
+    let before = s.space.stats();
+    let (warm, runs) = repeat(plan.runs, |i| -> Result<f64, String> {
+        s.to_device()?;
+        let mut run = histogram();
+        for p in 0..plan.latency_pages {
+            let t = Instant::now();
+            s.region.read(p * PAGE_SIZE, &mut byte).map_err(err("CPU read"))?;
+            let ns = t.elapsed().as_nanos() as u64;
+            run.saturating_record(ns.max(1));
+            if i > 0 {
+                all.saturating_record(ns.max(1));
+            }
+        }
+        Ok(run.value_at_quantile(0.5) as f64 / 1e3)
+    })?;
+    s.spot_check()?;
+    let after = s.space.stats();
+    Ok(Case::latency("fault_latency", "CPU fault on a device page (fault-around 1)", "uhmm", len, warm, &runs, &all)
+        .with_note(format!(
+            "{} faults, {} migrate_to_ram calls, {} pages to RAM",
+            after.faults - before.faults,
+            after.migrate_to_ram - before.migrate_to_ram,
+            after.pages_to_ram - before.pages_to_ram
+        )))
+}
+
+/// How a scan walks the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Front to back, 4 MiB reads.
+    Sequential,
+    /// Every page once, one 4 KiB read each, in a random order.
+    Random,
+}
+
+/// CPU scans of device-resident data: each run migrates the region to the
+/// device (not timed), then reads every byte through the CPU (timed), so
+/// every page comes back by CPU faults.
+pub fn scans(plan: &Plan) -> Result<Vec<Case>, String> {
+    let big = plan.target_size;
+    let small = plan.slow_scan_size;
+    let specs: [(&str, &str, usize, Order, usize, usize, usize); 6] = [
+        ("scan_seq_fa16", "CPU scan, sequential, fault-around 16", big, Order::Sequential, 16, 1, 1),
+        ("scan_seq_fa1", "CPU scan, sequential, fault-around 1", small, Order::Sequential, 1, 1, 1),
+        ("scan_rand_fa16", "CPU scan, random pages, fault-around 16", small, Order::Random, 16, 1, 1),
+        ("scan_rand_fa1", "CPU scan, random pages, fault-around 1", small, Order::Random, 1, 1, 1),
+        ("scan_seq_2t", "CPU scan, sequential, 2 threads, fault-around 16", big, Order::Sequential, 16, 2, 1),
+        ("scan_seq_2t_2h", "CPU scan, sequential, 2 threads, 2 handler threads", big, Order::Sequential, 16, 2, 2),
+    ];
+    let mut out = Vec::new();
+    for (id, name, len, order, fa, threads, handlers) in specs {
+        progress(&format!("{name}, {}", human(len)));
+        let config = Config { fault_around_pages: fa, handler_threads: handlers, ..Config::default() };
+        let s = Setup::new(config, len, false)?;
+        let before = s.space.stats();
+        let (w, runs) = repeat(plan.runs, |i| -> Result<Duration, String> {
+            s.to_device()?;
+            let t = Instant::now();
+            scan(&s.region, order, threads, i as u64)?;
+            Ok(t.elapsed())
+        })?;
+        s.spot_check()?;
+        let after = s.space.stats();
+        let faults = (after.faults - before.faults) / (plan.runs as u64 + 1);
+        out.push(
+            Case::throughput(id, name, "uhmm", len, w, &runs)
+                .with_note(format!("{faults} CPU faults a run ({} pages)", len / PAGE_SIZE)),
+        );
+    }
+    Ok(out)
+}
+
+/// Reads the whole region through the CPU with `threads` threads, each its
+/// contiguous share.
+fn scan(region: &Region, order: Order, threads: usize, seed: u64) -> Result<(), String> {
+    let npages = region.npages();
+    let share = npages.div_ceil(threads);
+    std::thread::scope(|sc| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let first = (t * share).min(npages);
+                let end = ((t + 1) * share).min(npages);
+                sc.spawn(move || scan_pages(region, first, end, order, seed ^ t as u64))
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().map_err(|_| "a scan thread panicked".to_string())?)
+    })
+}
+
+fn scan_pages(region: &Region, first: usize, end: usize, order: Order, seed: u64) -> Result<(), String> {
+    match order {
+        Order::Sequential => {
+            let mut buf = vec![0u8; IO_CHUNK.min((end - first) * PAGE_SIZE).max(PAGE_SIZE)];
+            let (mut off, stop) = (first * PAGE_SIZE, end * PAGE_SIZE);
+            while off < stop {
+                let n = buf.len().min(stop - off);
+                region.read(off, &mut buf[..n]).map_err(err("CPU read"))?;
+                off += n;
+            }
+        }
+        Order::Random => {
+            let mut pages: Vec<usize> = (first..end).collect();
+            shuffle(&mut pages, seed);
+            let mut buf = vec![0u8; PAGE_SIZE];
+            for p in pages {
+                region.read(p * PAGE_SIZE, &mut buf).map_err(err("CPU read"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fisher–Yates with a xorshift generator (deterministic per seed).
+fn shuffle(v: &mut [usize], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+}
+
+/// uhmm's metadata (`Region::metadata_bytes`: its software page table).
+#[derive(Debug, Clone, Serialize)]
+pub struct Metadata {
+    /// Region size for the per-page figures.
+    pub region_bytes: usize,
+    /// Pages of that region.
+    pub pages: usize,
+    /// Bytes with every page resident in RAM (after the fill).
+    pub ram_resident_bytes: usize,
+    /// Bytes with every page on the sim device.
+    pub device_resident_bytes: usize,
+    /// The larger of the two, per page.
+    pub bytes_per_resident_page: f64,
+    /// A 1 TiB region never touched.
+    pub untouched_1tib_bytes: usize,
+}
+
+/// Measures the metadata of a region of the target size, filled and then
+/// on the device, and of an untouched 1 TiB region.
+pub fn metadata(plan: &Plan) -> Result<Metadata, String> {
+    progress("metadata");
+    let len = plan.target_size;
+    let s = Setup::new(Config::default(), len, false)?;
+    let ram = s.region.metadata_bytes();
+    s.to_device()?;
+    let dev = s.region.metadata_bytes();
+    let pages = s.region.npages();
+    let huge = s.space.map(1 << 40, Prot::READ_WRITE).map_err(err("mapping 1 TiB"))?;
+    let untouched = huge.metadata_bytes();
+    Ok(Metadata {
+        region_bytes: len,
+        pages,
+        ram_resident_bytes: ram,
+        device_resident_bytes: dev,
+        bytes_per_resident_page: ram.max(dev) as f64 / pages as f64,
+        untouched_1tib_bytes: untouched,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_is_a_permutation() {
+        let mut v: Vec<usize> = (0..1000).collect();
+        shuffle(&mut v, 7);
+        assert_ne!(v, (0..1000).collect::<Vec<_>>());
+        v.sort_unstable();
+        assert_eq!(v, (0..1000).collect::<Vec<_>>());
+    }
+}
