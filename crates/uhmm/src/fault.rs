@@ -304,10 +304,22 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Resu
     space.uffd.wake(addr, PAGE_SIZE)
 }
 
-/// The fault-around window for page `idx`: aligned, clipped to the region.
+/// The fault-around window for page `idx`, clipped to the region, to one
+/// protection run and to mapped pages. Adaptive: a fault where the previous
+/// window ended (a sequential scan) gets a window twice as large, forward
+/// from the fault, up to `fault_around_max_pages`; any other fault gets the
+/// aligned base window.
 fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<usize> {
-    let w = space.config.fault_around_pages;
-    let aligned = idx - idx % w..(idx - idx % w + w).min(region.npages());
+    use std::sync::atomic::Ordering::Relaxed;
+    let base = space.config.fault_around_pages;
+    let max = space.config.fault_around_max_pages.max(base);
+    let sequential = base > 1 && region.fault_next.load(Relaxed) == idx;
+    let (start, w) = if sequential {
+        (idx, (region.fault_window.load(Relaxed) * 2).clamp(base, max))
+    } else {
+        (idx - idx % base, base)
+    };
+    let aligned = start..(start + w).min(region.npages());
     // Only pages a migration may take: one protection run, nothing unmapped.
     let mut pages =
         region.prot_runs(aligned).into_iter().find(|(r, _)| r.contains(&idx)).map_or(idx..idx + 1, |(r, _)| r);
@@ -318,6 +330,8 @@ fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<u
             pages.start..pages.end - 1
         };
     }
+    region.fault_window.store(w, Relaxed);
+    region.fault_next.store(pages.end, Relaxed);
     region.addr_of(pages.start)..region.addr_of(pages.end)
 }
 

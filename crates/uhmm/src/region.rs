@@ -74,6 +74,10 @@ pub(crate) struct RegionInner {
     pub(crate) dead: AtomicBool,
     /// Page ranges unmapped with [`Region::unmap`] (reserved, inaccessible).
     unmapped: RwLock<Vec<Range<usize>>>,
+    /// Adaptive fault-around: where a sequential fault would come next, and
+    /// the window it would get.
+    pub(crate) fault_next: std::sync::atomic::AtomicUsize,
+    pub(crate) fault_window: std::sync::atomic::AtomicUsize,
 }
 
 impl RegionInner {
@@ -88,6 +92,8 @@ impl RegionInner {
             prot: RwLock::new(BTreeMap::from([(0, prot)])),
             dead: AtomicBool::new(false),
             unmapped: RwLock::new(Vec::new()),
+            fault_next: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            fault_window: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 

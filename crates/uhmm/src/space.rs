@@ -28,8 +28,12 @@ pub struct Config {
     pub handler_threads: usize,
     /// Pages a CPU fault on device memory may bring back at once (the
     /// fault-around window offered to `migrate_to_ram`); 1 is the kernel's
-    /// behaviour.
+    /// behaviour, and turns the adaptive growth below off.
     pub fault_around_pages: usize,
+    /// The largest fault-around window: while faults run sequentially
+    /// through a region, each window doubles up to this; a fault elsewhere
+    /// starts again from `fault_around_pages`.
+    pub fault_around_max_pages: usize,
     /// Pages a first-touch fault zero-fills at once (an aligned window).
     pub zero_fill_pages: usize,
     /// Bytes of address space for each staging arena; bounds the pages that
@@ -44,6 +48,7 @@ impl Default for Config {
         Config {
             handler_threads: 1,
             fault_around_pages: 16,
+            fault_around_max_pages: 512,
             zero_fill_pages: 16,
             staging_bytes: 1 << 30,
             allow_user_mode_only: true,

@@ -104,9 +104,16 @@ impl DmaEngine {
     }
 
     /// Copies `ops` and waits for them.
+    ///
+    /// A small job (a CPU fault's window) is copied on the calling thread,
+    /// as a driver would use the CPU for a small transfer: handing it to the
+    /// engine thread costs a cross-CPU wake-up, longer than the copy.
     pub(crate) fn copy(&self, ops: Vec<CopyOp>) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
+        }
+        if ops.len() <= INLINE_MAX_PAGES {
+            return run_ops(&ops).map_err(|msg| Error::new(ErrorKind::Fault, msg));
         }
         self.submit(ops)?.wait()
     }
@@ -121,26 +128,31 @@ impl Drop for DmaEngine {
     }
 }
 
+/// Jobs up to this many pages are copied on the caller's thread.
+const INLINE_MAX_PAGES: usize = 512;
+
 fn run(rx: &Receiver<Job>) {
-    let zero = vec![0u8; PAGE_SIZE];
     while let Ok(job) = rx.recv() {
-        let mut result = Ok(());
-        for op in &job.ops {
-            let r = match op {
-                CopyOp::ToDevice(src, dst) => src.copy_to(&dst.chunk, dst.off),
-                CopyOp::Zero(dst) => dst.chunk.write(dst.off, &zero).map_err(|e| Error::sys("zero", e)),
-                CopyOp::ToSystem(src, dst) => dst.copy_from(&src.chunk, src.off),
-                CopyOp::Between(src, dst) => {
-                    let mut page = vec![0u8; PAGE_SIZE];
-                    src.read(0, &mut page).and_then(|()| dst.write(0, &page))
-                }
-                CopyOp::ZeroSystem(dst) => dst.write(0, &zero),
-            };
-            if let Err(e) = r {
-                result = Err(e.to_string());
-                break;
-            }
-        }
+        let result = run_ops(&job.ops);
         job.fence.signal(result);
     }
+}
+
+/// Performs the copies of one job, stopping at the first error.
+fn run_ops(ops: &[CopyOp]) -> Result<(), String> {
+    static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+    for op in ops {
+        let r = match op {
+            CopyOp::ToDevice(src, dst) => src.copy_to(&dst.chunk, dst.off),
+            CopyOp::Zero(dst) => dst.chunk.write(dst.off, &ZERO).map_err(|e| Error::sys("zero", e)),
+            CopyOp::ToSystem(src, dst) => dst.copy_from(&src.chunk, src.off),
+            CopyOp::Between(src, dst) => {
+                let mut page = vec![0u8; PAGE_SIZE];
+                src.read(0, &mut page).and_then(|()| dst.write(0, &page))
+            }
+            CopyOp::ZeroSystem(dst) => dst.write(0, &ZERO),
+        };
+        r.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
