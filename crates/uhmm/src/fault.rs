@@ -347,9 +347,18 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
     if region.huge && huge_fill(space, region, idx) {
         return Ok(());
     }
+    // Adaptive like fault-around: a first touch where the last window ended
+    // (a sequential fill) doubles the window, forward from the fault.
+    use std::sync::atomic::Ordering::Relaxed;
+    let base = space.config.zero_fill_pages;
+    let sequential = base > 1 && region.zero_next.load(Relaxed) == idx;
+    let (first, w) = if sequential {
+        (idx, (region.zero_window.load(Relaxed) * 2).clamp(base, space.config.fault_around_max_pages.max(base)))
+    } else {
+        (idx - idx % base, base)
+    };
+    region.zero_window.store(w, Relaxed);
     // The window may not cross a protection boundary (one VMA per ioctl).
-    let w = space.config.zero_fill_pages;
-    let first = idx - idx % w;
     let run = region
         .prot_runs(first..(first + w).min(region.npages()))
         .into_iter()
@@ -363,13 +372,22 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
     while hi < run.end && pt.try_lock_if(hi, State::Cpu) {
         hi += 1;
     }
+    region.zero_next.store(hi, Relaxed);
     let fill = |first: usize, n: usize| {
         let (addr, len) = (region.addr_of(first), n * PAGE_SIZE);
-        if write {
-            space.uffd.copy(addr, space.zeros.as_ptr(), len, true)
-        } else {
-            space.uffd.zeropage(addr, len, true)
+        if !write {
+            return space.uffd.zeropage(addr, len, true);
         }
+        // Fresh zeroed pages, from the zero buffer a piece at a time.
+        let mut done = 0;
+        while done < len {
+            let piece = (len - done).min(space.zeros.len());
+            match space.uffd.copy(addr + done, space.zeros.as_ptr(), piece, true) {
+                Ok(n) => done += n,
+                Err(p) => return Err(crate::sys::uffd::Partial { done: done + p.done, errno: p.errno }),
+            }
+        }
+        Ok(len)
     };
     // DONTWAKE: the faulting thread must not run on before the window is
     // unlocked, or its next migration would find its own pages busy.

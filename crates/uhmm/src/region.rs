@@ -78,6 +78,9 @@ pub(crate) struct RegionInner {
     /// the window it would get.
     pub(crate) fault_next: std::sync::atomic::AtomicUsize,
     pub(crate) fault_window: std::sync::atomic::AtomicUsize,
+    /// The same for first-touch zero fills.
+    pub(crate) zero_next: std::sync::atomic::AtomicUsize,
+    pub(crate) zero_window: std::sync::atomic::AtomicUsize,
 }
 
 impl RegionInner {
@@ -94,6 +97,8 @@ impl RegionInner {
             unmapped: RwLock::new(Vec::new()),
             fault_next: std::sync::atomic::AtomicUsize::new(usize::MAX),
             fault_window: std::sync::atomic::AtomicUsize::new(0),
+            zero_next: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            zero_window: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 

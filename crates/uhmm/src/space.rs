@@ -34,7 +34,9 @@ pub struct Config {
     /// through a region, each window doubles up to this; a fault elsewhere
     /// starts again from `fault_around_pages`.
     pub fault_around_max_pages: usize,
-    /// Pages a first-touch fault zero-fills at once (an aligned window).
+    /// Pages a first-touch fault zero-fills at once (an aligned window);
+    /// while first touches run sequentially the window doubles up to
+    /// `fault_around_max_pages`. 1 turns both off.
     pub zero_fill_pages: usize,
     /// Bytes of address space for each staging arena; bounds the pages that
     /// can be in flight at once.
