@@ -188,7 +188,15 @@ impl Migration<Collected> {
         for (prange, prot) in region.prot_runs(first..first + n) {
             for idx in prange {
                 let i = idx - first;
-                let Some(prior) = region.pt.try_lock(idx) else {
+                // Best effort, but not at the first contention: the fault
+                // engine holds fill windows for a few microseconds (also for
+                // stale, duplicate faults), which should not make a page busy.
+                let Some(prior) = region.pt.try_lock(idx).or_else(|| {
+                    (0..3).find_map(|_| {
+                        std::thread::yield_now();
+                        region.pt.try_lock(idx)
+                    })
+                }) else {
                     Stats::add(&space.stats.busy_pages, 1);
                     continue;
                 };
@@ -477,6 +485,10 @@ impl Inner {
             let writable = prot.contains(Prot::WRITE);
             if writable {
                 let mut i = run.start;
+                // EBUSY can be transient (the kernel holds a reference for a
+                // moment: compaction, an LRU batch): try a page a few times
+                // before skipping it as busy, which is what a pin gets.
+                let mut busy_tries = 0;
                 while i < run.end {
                     let len = stage.contiguous(i, run.end - i);
                     let dst = stage.addr(i);
@@ -491,6 +503,13 @@ impl Inner {
                                 std::thread::yield_now();
                                 continue;
                             }
+                            if e.errno == Errno::BUSY && busy_tries < 3 {
+                                busy_tries += 1;
+                                i = k;
+                                std::thread::sleep(std::time::Duration::from_micros(20 << busy_tries));
+                                continue;
+                            }
+                            busy_tries = 0;
                             if e.errno != Errno::BUSY {
                                 tracing::warn!(errno = %e.errno, "UFFDIO_MOVE into staging failed; page skipped");
                             }
