@@ -4,11 +4,15 @@
 //! filled, moved to the device, touched back by the CPU and verified, with a
 //! residency map, progress and counters. `uhmm bench` measures uhmm against
 //! baselines taken in the same run and reports the targets as ratios.
+//! `uhmm stress` is the integrity soak: random reads, writes and migrations
+//! with every byte verified.
 #![forbid(unsafe_code)]
 
 mod bench;
 mod demo;
+mod device;
 mod map;
+mod stress;
 mod units;
 
 use std::process::ExitCode;
@@ -69,6 +73,23 @@ enum Command {
     /// Exit status: 0 when everything was measured (whether or not targets
     /// are met), 2 on an error.
     Bench(bench::BenchArgs),
+
+    /// The integrity soak: random reads and writes over several regions
+    /// while other threads migrate random ranges to and from sim devices
+    /// (with optional fault injection), evict them, and change protections.
+    ///
+    /// Writer thread t owns the pages p with p % threads == t of every
+    /// region and keeps a shadow of them, so every byte's expected value is
+    /// known; each of its reads (through the CPU or a device) is checked at
+    /// once. Every --checkpoint seconds all threads stop and every byte is
+    /// verified through the CPU and a device; at the end everything is moved
+    /// to a device, verified, evicted, and verified again.
+    ///
+    /// Exit status: 0 when no byte was lost or corrupted and no unexpected
+    /// error happened, 1 otherwise, 2 on a setup error, 3 when the watchdog
+    /// saw a thread make no progress for --watchdog seconds (a hang; the
+    /// threads' states are printed).
+    Stress(stress::StressArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,5 +97,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Stress(args) => stress::run(&args),
     }
 }

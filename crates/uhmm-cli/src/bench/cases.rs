@@ -62,9 +62,7 @@ impl Setup {
     }
 
     fn to_device(&self) -> Result<usize, String> {
-        Ok(self
-            .dev
-            .migrate_to_device(self.region.addr(), self.region.npages())
+        Ok(crate::device::migrate_to_device_all(&self.dev, self.region.addr(), self.region.npages())
             .map_err(err("migrate_to_device"))?
             .cpages)
     }

@@ -28,6 +28,8 @@ pub(crate) enum CopyOp {
     Between(SystemPage, SystemPage),
     /// Zero a RAM page.
     ZeroSystem(SystemPage),
+    /// An injected copy error: the job fails here.
+    Fail,
 }
 
 /// Signalled when a job's copies are done.
@@ -151,6 +153,7 @@ fn run_ops(ops: &[CopyOp]) -> Result<(), String> {
                 src.read(0, &mut page).and_then(|()| dst.write(0, &page))
             }
             CopyOp::ZeroSystem(dst) => dst.write(0, &ZERO),
+            CopyOp::Fail => Err(Error::new(ErrorKind::Fault, "injected copy error")),
         };
         r.map_err(|e| e.to_string())?;
     }

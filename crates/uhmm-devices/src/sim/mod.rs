@@ -41,11 +41,28 @@ pub struct SimConfig {
     /// Device-coherent memory (CPU-addressable, like the kernel's
     /// `MEMORY_DEVICE_COHERENT` test devices) instead of device-private.
     pub coherent: bool,
+    /// Fault injection: the chance (0.0 to 1.0) that a device page
+    /// allocation fails. The page gets no destination and stays where it was.
+    pub alloc_fail_rate: f64,
+    /// Fault injection: the chance, per page copied to the device, that the
+    /// copy job fails; the migration chunk is then dropped and its pages are
+    /// restored where they were. Copies back to RAM never fail this way.
+    pub copy_error_rate: f64,
+    /// Seed of the fault-injection generator (deterministic per seed).
+    pub fault_seed: u64,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { capacity_bytes: 4 << 30, chunk_bytes: 64 << 20, migrate_chunk_pages: 512, coherent: false }
+        SimConfig {
+            capacity_bytes: 4 << 30,
+            chunk_bytes: 64 << 20,
+            migrate_chunk_pages: 512,
+            coherent: false,
+            alloc_fail_rate: 0.0,
+            copy_error_rate: 0.0,
+            fault_seed: 0,
+        }
     }
 }
 
@@ -106,6 +123,11 @@ struct SimInner {
     notifier: OnceLock<NotifierHandle>,
     fail_next_alloc: AtomicBool,
     poison_next_copy_back: AtomicBool,
+    /// State of the fault-injection generator (splitmix64).
+    fault_rng: AtomicU64,
+    /// Allocations failed and copy jobs failed by injection.
+    injected_alloc_failures: AtomicU64,
+    injected_copy_errors: AtomicU64,
     /// Compound (2 MiB) device pages allocated.
     huge_allocs: AtomicU64,
     /// Whole 2 MiB blocks that fell back to small device pages.
@@ -160,7 +182,8 @@ impl Table {
         let doomed: Vec<usize> = self
             .by_addr
             .range(range)
-            .filter(|(_, pte)| !(keep_device && matches!(pte, Pte::Device(_) | Pte::Coherent(_))))
+            // Coherent pages are reached by address: they go like RAM pages.
+            .filter(|(_, pte)| !(keep_device && matches!(pte, Pte::Device(_))))
             .map(|(a, _)| *a)
             .collect();
         for a in doomed {
@@ -193,6 +216,10 @@ impl SimDevice {
         if config.migrate_chunk_pages == 0 {
             return Err(Error::invalid("migrate_chunk_pages must be > 0"));
         }
+        let rate_ok = |r: f64| (0.0..=1.0).contains(&r);
+        if !rate_ok(config.alloc_fail_rate) || !rate_ok(config.copy_error_rate) {
+            return Err(Error::invalid("fault-injection rates must be within 0.0..=1.0"));
+        }
         let inner = Arc::new(SimInner {
             space: space.clone(),
             owner: Owner::new(),
@@ -203,6 +230,9 @@ impl SimDevice {
             notifier: OnceLock::new(),
             fail_next_alloc: AtomicBool::new(false),
             poison_next_copy_back: AtomicBool::new(false),
+            fault_rng: AtomicU64::new(config.fault_seed),
+            injected_alloc_failures: AtomicU64::new(0),
+            injected_copy_errors: AtomicU64::new(0),
             huge_allocs: AtomicU64::new(0),
             huge_fallbacks: AtomicU64::new(0),
             config,
@@ -244,6 +274,15 @@ impl SimDevice {
     /// fell back to small pages.
     pub fn huge_stats(&self) -> (u64, u64) {
         (self.inner.huge_allocs.load(Ordering::Relaxed), self.inner.huge_fallbacks.load(Ordering::Relaxed))
+    }
+
+    /// Device page allocations and copy jobs failed by the configured
+    /// fault injection (`alloc_fail_rate`, `copy_error_rate`).
+    pub fn injected_faults(&self) -> (u64, u64) {
+        (
+            self.inner.injected_alloc_failures.load(Ordering::Relaxed),
+            self.inner.injected_copy_errors.load(Ordering::Relaxed),
+        )
     }
 
     /// The next device or system page allocation in a migration fails, once.
@@ -501,9 +540,37 @@ impl SimInner {
         self.fail_next_alloc.swap(false, Ordering::SeqCst)
     }
 
+    /// True with probability `rate` (the fault-injection generator).
+    fn chance(&self, rate: f64) -> bool {
+        if rate <= 0.0 {
+            return false;
+        }
+        // splitmix64 over an atomic counter: deterministic per seed for one
+        // thread, and safe (if interleaved) across threads.
+        let mut z =
+            self.fault_rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 11) as f64 / (1u64 << 53) as f64) < rate
+    }
+
+    /// A device allocation fails: once after `fail_next_alloc`, or by
+    /// injection.
+    fn alloc_fails(&self) -> bool {
+        if self.take_fail() {
+            return true;
+        }
+        let fail = self.chance(self.config.alloc_fail_rate);
+        if fail {
+            self.injected_alloc_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        fail
+    }
+
     /// Allocates a device page, growing by a chunk when the free list is empty.
     fn alloc_page(&self) -> Option<DevicePfn> {
-        if self.take_fail() {
+        if self.alloc_fails() {
             return None;
         }
         let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
@@ -522,7 +589,7 @@ impl SimInner {
     /// pages (a device THP); `None` when none can be had, and the caller
     /// falls back to small pages.
     fn alloc_huge(&self) -> Option<u64> {
-        if self.take_fail() {
+        if self.alloc_fails() {
             return None;
         }
         let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
@@ -611,7 +678,14 @@ impl SimInner {
                     _ => CopyOp::Zero(mem),
                 });
             }
-            self.dma.copy(std::mem::take(&mut ops))?;
+            let mut ops = std::mem::take(&mut ops);
+            if let Some(at) = (0..ops.len()).find(|_| self.chance(self.config.copy_error_rate)) {
+                // An injected copy error: the job fails after the copies
+                // before it (no destination is set; the pages are restored).
+                self.injected_copy_errors.fetch_add(1, Ordering::Relaxed);
+                ops.insert(at, CopyOp::Fail);
+            }
+            self.dma.copy(ops)?;
             for &(i, pfn) in &dsts {
                 m.set_dst_device(i, self.page(pfn))?;
                 handed += 1;
@@ -642,6 +716,10 @@ impl SimInner {
     fn copy_to_ram(&self, m: &mut Migration<Collected>) -> Result<()> {
         let mut ops = Vec::new();
         let mut dsts = Vec::new();
+        // The device's own pages leave its page table before the copy, under
+        // its lock: a device write either lands before the copy (and is
+        // copied) or finds no entry and faults (and waits for the page).
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..m.npages() {
             let MigrateSrc::Device(p) = m.src(i) else {
                 continue;
@@ -659,9 +737,13 @@ impl SimInner {
                 Some(staged) => CopyOp::Between(staged, sp),
                 None => CopyOp::ToSystem(self.dev_mem(p.pfn)?, sp),
             });
+            if let Some(a) = m.addr(i) {
+                table.remove_addr(a);
+            }
             dsts.push(i);
         }
         self.dma.copy(ops)?;
+        drop(table);
         for i in dsts {
             m.set_dst_system(i)?;
         }

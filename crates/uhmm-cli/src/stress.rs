@@ -1,0 +1,617 @@
+//! `uhmm stress`: the integrity soak. Writer threads read and write random
+//! bytes of several regions, each keeping a shadow of the pages it owns, while
+//! migrator threads move random ranges between RAM and one or two sim devices
+//! (with fault injection), evict devices, and the fault path brings pages
+//! back. Every byte is verified at checkpoints and at the end; a watchdog
+//! turns a hang into a report and exit status 3.
+//!
+//! The model: writer `t` of `W` owns the pages `p` with `p % W == t` of every
+//! region and is the only thread that writes them, so its shadow (a `Vec<u8>`
+//! per region, without locks) is always the expected content; migrations,
+//! evictions and faults must never change a byte. Writers also change the
+//! protection of their own pages (read-only for a moment, checking that a
+//! write is refused), so protection changes race migrations but never a
+//! write of the model.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region};
+use uhmm_devices::sim::{SimConfig, SimDevice};
+
+use crate::units::{human, parse_fraction, parse_size};
+
+/// Options of `uhmm stress`.
+#[derive(Debug, clap::Args)]
+pub struct StressArgs {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub seconds: u64,
+
+    /// Writer threads (two migrator threads run besides them).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub threads: u32,
+
+    /// Seed of every random choice (and of the devices' fault injection).
+    #[arg(long, default_value_t = 0x57e5_5eed)]
+    pub seed: u64,
+
+    /// Regions.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub regions: u32,
+
+    /// Size of each region (suffixes K, M, G); rounded up to whole pages.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    pub size: usize,
+
+    /// Sim devices (1 or 2).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub devices: u32,
+
+    /// Chance that a device page allocation fails (`SimConfig::alloc_fail_rate`).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub alloc_fail_rate: f64,
+
+    /// Chance per page that a copy job to a device fails (`SimConfig::copy_error_rate`).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub copy_error_rate: f64,
+
+    /// Seconds between checkpoints (all threads stop, every byte is verified).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint: u64,
+
+    /// A thread that makes no progress for this many seconds is a hang: the
+    /// run is reported and ends with exit status 3.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub watchdog: u64,
+}
+
+/// A small deterministic generator (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n > 0`).
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// What a worker is doing, for the watchdog's report.
+#[derive(Debug)]
+struct Slot {
+    name: String,
+    progress: AtomicU64,
+    active: AtomicBool,
+    state: Mutex<String>,
+}
+
+impl Slot {
+    fn new(name: String) -> Slot {
+        Slot { name, progress: AtomicU64::new(0), active: AtomicBool::new(false), state: Mutex::new("idle".into()) }
+    }
+
+    fn set(&self, state: String) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    fn tick(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counters of the run.
+#[derive(Debug, Default)]
+struct Totals {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    device_reads: AtomicU64,
+    protects: AtomicU64,
+    migrations: AtomicU64,
+    migration_errors_expected: AtomicU64,
+    releases: AtomicU64,
+    bytes_verified: AtomicU64,
+    /// Bytes found wrong or unreadable.
+    lost: AtomicU64,
+    /// Errors that should not happen (the first few are printed).
+    unexpected: AtomicU64,
+}
+
+impl Totals {
+    fn unexpected(&self, what: &str, err: &uhmm::Error) {
+        if self.unexpected.fetch_add(1, Ordering::Relaxed) < 10 {
+            eprintln!("uhmm stress: unexpected error in {what}: {err} ({:?})", err.kind());
+        }
+    }
+}
+
+/// Everything the threads share.
+struct World {
+    regions: Vec<Region>,
+    devices: Vec<SimDevice>,
+    writers: usize,
+    totals: Totals,
+}
+
+/// The shadows of writer `t`: per region, the bytes of the pages it owns
+/// (page `p` of the region is local page `p / writers`).
+type Shadow = Vec<Vec<u8>>;
+
+impl World {
+    fn npages(&self, r: usize) -> usize {
+        self.regions[r].npages()
+    }
+
+    /// The shadow bytes of page `p` of region `r`.
+    fn page<'a>(&self, shadows: &'a [Shadow], r: usize, p: usize) -> &'a [u8] {
+        let local = p / self.writers;
+        &shadows[p % self.writers][r][local * PAGE_SIZE..(local + 1) * PAGE_SIZE]
+    }
+
+    /// Compares `got` (pages `first..` of region `r`) with the shadows;
+    /// counts wrong bytes and reports the first.
+    fn compare(&self, shadows: &[Shadow], r: usize, first: usize, got: &[u8], how: &str) -> u64 {
+        let mut wrong = 0;
+        for (i, page) in got.chunks_exact(PAGE_SIZE).enumerate() {
+            let want = self.page(shadows, r, first + i);
+            if page != want {
+                let n = page.iter().zip(want).filter(|(a, b)| a != b).count() as u64;
+                if wrong == 0 {
+                    eprintln!("uhmm stress: {how}: region {r} page {} has {n} wrong byte(s)", first + i);
+                }
+                wrong += n;
+            }
+        }
+        self.totals.bytes_verified.fetch_add(got.len() as u64, Ordering::Relaxed);
+        wrong
+    }
+
+    /// Verifies every byte of every region, through the CPU or through
+    /// device `dev`'s reads. Returns the bytes wrong or unreadable.
+    fn verify_all(&self, shadows: &[Shadow], dev: Option<usize>, slot: &Slot) -> u64 {
+        const CHUNK: usize = 256;
+        let mut wrong = 0;
+        let mut buf = vec![0u8; CHUNK * PAGE_SIZE];
+        for r in 0..self.regions.len() {
+            let n = self.npages(r);
+            let mut p = 0;
+            while p < n {
+                let k = CHUNK.min(n - p);
+                let buf = &mut buf[..k * PAGE_SIZE];
+                slot.set(format!("verifying region {r} pages {p}..{} ({dev:?})", p + k));
+                let how = match dev {
+                    None => "CPU verify",
+                    Some(_) => "device verify",
+                };
+                let res = match dev {
+                    None => self.regions[r].read(p * PAGE_SIZE, buf),
+                    Some(d) => self.devices[d].read(self.regions[r].addr() + p * PAGE_SIZE, k, buf).map(|_| ()),
+                };
+                match res {
+                    Ok(()) => wrong += self.compare(shadows, r, p, buf, how),
+                    Err(e) => {
+                        self.totals.unexpected(how, &e);
+                        wrong += buf.len() as u64;
+                    }
+                }
+                slot.tick();
+                p += k;
+            }
+        }
+        wrong
+    }
+}
+
+/// One writer's loop for one phase.
+fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, stop: &AtomicBool) {
+    let owned = |r: usize| w.npages(r).saturating_sub(t).div_ceil(w.writers);
+    let mut buf = vec![0u8; PAGE_SIZE];
+    while !stop.load(Ordering::Relaxed) {
+        let r = rng.below(w.regions.len());
+        if owned(r) == 0 {
+            slot.tick();
+            continue;
+        }
+        let local = rng.below(owned(r));
+        let p = t + local * w.writers;
+        let region = &w.regions[r];
+        let page_off = p * PAGE_SIZE;
+        let shadow_page = &mut shadow[r][local * PAGE_SIZE..(local + 1) * PAGE_SIZE];
+        let op = rng.below(100);
+        if op < 45 {
+            // Write a random span of the page, and record it.
+            let off = rng.below(PAGE_SIZE);
+            let len = 1 + rng.below(PAGE_SIZE - off);
+            let byte = rng.next() as u8;
+            for (j, b) in buf[..len].iter_mut().enumerate() {
+                *b = byte.wrapping_add(j as u8);
+            }
+            slot.set(format!("writing region {r} page {p} +{off} len {len}"));
+            match region.write(page_off + off, &buf[..len]) {
+                Ok(()) => shadow_page[off..off + len].copy_from_slice(&buf[..len]),
+                Err(e) => {
+                    // The bytes may or may not have landed: re-read to
+                    // resynchronise the shadow; the write is a failure.
+                    w.totals.unexpected("write", &e);
+                    w.totals.lost.fetch_add(len as u64, Ordering::Relaxed);
+                    let _ = region.read(page_off, shadow_page);
+                }
+            }
+            w.totals.writes.fetch_add(1, Ordering::Relaxed);
+        } else if op < 85 {
+            // Read the whole page through the CPU and check it.
+            slot.set(format!("reading region {r} page {p}"));
+            match region.read(page_off, &mut buf) {
+                Ok(()) => {
+                    let bad = w.compare_one(shadow_page, &buf, r, p, "CPU read");
+                    w.totals.lost.fetch_add(bad, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    w.totals.unexpected("read", &e);
+                    w.totals.lost.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+                }
+            }
+            w.totals.reads.fetch_add(1, Ordering::Relaxed);
+        } else if op < 95 {
+            // Read the page through a device (its mirror, or its own memory).
+            let d = rng.below(w.devices.len());
+            slot.set(format!("device {d} reading region {r} page {p}"));
+            match w.devices[d].read(region.addr() + page_off, 1, &mut buf) {
+                Ok(_) => {
+                    let bad = w.compare_one(shadow_page, &buf, r, p, "device read");
+                    w.totals.lost.fetch_add(bad, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == ErrorKind::Busy => {}
+                Err(e) => {
+                    w.totals.unexpected("device read", &e);
+                    w.totals.lost.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+                }
+            }
+            w.totals.device_reads.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Make the page read-only for a moment: reads work, writes are
+            // refused, nothing changes; then make it writable again.
+            slot.set(format!("protecting region {r} page {p}"));
+            let range = page_off..page_off + PAGE_SIZE;
+            match region.protect(range.clone(), Prot::READ) {
+                Ok(()) => {
+                    match region.write(page_off, &buf[..1]) {
+                        Err(e) if e.kind() == ErrorKind::Permission => {}
+                        Err(e) => w.totals.unexpected("write to a read-only page", &e),
+                        Ok(()) => {
+                            eprintln!("uhmm stress: a write to read-only region {r} page {p} succeeded");
+                            w.totals.lost.fetch_add(1, Ordering::Relaxed);
+                            shadow_page[0] = buf[0];
+                        }
+                    }
+                    match region.read(page_off, &mut buf) {
+                        Ok(()) => {
+                            let bad = w.compare_one(shadow_page, &buf, r, p, "read-only read");
+                            w.totals.lost.fetch_add(bad, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            w.totals.unexpected("read of a read-only page", &e);
+                            w.totals.lost.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+                        }
+                    }
+                    if let Err(e) = region.protect(range, Prot::READ_WRITE) {
+                        w.totals.unexpected("protect READ_WRITE", &e);
+                    }
+                }
+                Err(e) => w.totals.unexpected("protect READ", &e),
+            }
+            w.totals.protects.fetch_add(1, Ordering::Relaxed);
+        }
+        slot.tick();
+    }
+}
+
+impl World {
+    /// Wrong bytes of one page read by its writer.
+    fn compare_one(&self, want: &[u8], got: &[u8], r: usize, p: usize, how: &str) -> u64 {
+        self.totals.bytes_verified.fetch_add(got.len() as u64, Ordering::Relaxed);
+        if want == got {
+            return 0;
+        }
+        let n = want.iter().zip(got).filter(|(a, b)| a != b).count() as u64;
+        eprintln!("uhmm stress: {how}: region {r} page {p} has {n} wrong byte(s)");
+        n
+    }
+}
+
+/// Whether a migration error is one the soak provokes on purpose: pages
+/// busy or left behind (`NotFound`, `Busy`, `NoMemory`), or an injected copy
+/// error.
+fn expected(err: &uhmm::Error) -> bool {
+    match err.kind() {
+        ErrorKind::NotFound | ErrorKind::Busy | ErrorKind::NoMemory => true,
+        ErrorKind::Fault => err.to_string().contains("injected copy error"),
+        _ => false,
+    }
+}
+
+/// One migrator's loop for one phase.
+fn migrator(w: &World, rng: &mut Rng, slot: &Slot, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let r = rng.below(w.regions.len());
+        let n = w.npages(r);
+        // Ranges from one page to a quarter of the region, skewed small.
+        let max = (n / 4).max(1);
+        let cap = if rng.below(4) == 0 { max } else { max.min(64) };
+        let len = 1 + rng.below(cap);
+        let first = rng.below(n - len.min(n) + 1);
+        let len = len.min(n - first);
+        let addr = w.regions[r].addr() + first * PAGE_SIZE;
+        let d = rng.below(w.devices.len());
+        let op = rng.below(100);
+        let (what, res) = if op < 50 {
+            slot.set(format!("migrate_to_device dev {d} region {r} pages {first}..{}", first + len));
+            ("migrate_to_device", w.devices[d].migrate_to_device(addr, len).map(|_| ()))
+        } else if op < 97 {
+            slot.set(format!("migrate_to_system dev {d} region {r} pages {first}..{}", first + len));
+            ("migrate_to_system", w.devices[d].migrate_to_system(addr, len).map(|_| ()))
+        } else {
+            slot.set(format!("release dev {d}"));
+            w.totals.releases.fetch_add(1, Ordering::Relaxed);
+            ("release", w.devices[d].release().map(|_| ()))
+        };
+        w.totals.migrations.fetch_add(1, Ordering::Relaxed);
+        match res {
+            Ok(()) => {}
+            Err(e) if expected(&e) => {
+                w.totals.migration_errors_expected.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => w.totals.unexpected(what, &e),
+        }
+        slot.tick();
+    }
+}
+
+/// Watches the slots; a thread active and without progress for `limit` is
+/// reported and the process exits with status 3.
+fn watchdog(slots: &[Arc<Slot>], limit: Duration, done: &AtomicBool) {
+    let mut last: Vec<(u64, Instant)> =
+        slots.iter().map(|s| (s.progress.load(Ordering::Relaxed), Instant::now())).collect();
+    while !done.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = Instant::now();
+        let mut stuck = Vec::new();
+        for (s, (seen, since)) in slots.iter().zip(last.iter_mut()) {
+            let p = s.progress.load(Ordering::Relaxed);
+            if p != *seen || !s.active.load(Ordering::Relaxed) {
+                *seen = p;
+                *since = now;
+            } else if now - *since > limit {
+                stuck.push(s);
+            }
+        }
+        if !stuck.is_empty() {
+            println!("HANG: {} thread(s) made no progress for {} s:", stuck.len(), limit.as_secs());
+            for s in slots {
+                let state = s.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mark = if stuck.iter().any(|x| Arc::ptr_eq(x, s)) { "STUCK" } else { "ok" };
+                println!("  {:<12} {mark:<5} progress {:>10}  {state}", s.name, s.progress.load(Ordering::Relaxed));
+            }
+            println!("uhmm stress: FAILED: hang detected");
+            std::process::exit(3);
+        }
+    }
+}
+
+/// Runs the soak; exit 0 only when no byte was lost and nothing hung.
+pub fn run(args: &StressArgs) -> ExitCode {
+    match soak(args) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(_) => {
+            println!("uhmm stress: FAILED: bytes were lost or corrupted, or errors happened");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("uhmm stress: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The soak; returns lost bytes plus unexpected errors.
+fn soak(args: &StressArgs) -> uhmm::Result<u64> {
+    let start = Instant::now();
+    let space = AddressSpace::new(Config::default())?;
+    let size = args.size.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+    let mut regions = Vec::new();
+    for _ in 0..args.regions {
+        regions.push(space.map(size, Prot::READ_WRITE)?);
+    }
+    let total = size * regions.len();
+    // Room for everything on each device, in small chunks.
+    let capacity = total.div_ceil(2 << 20).max(1) * (2 << 20);
+    let mut devices = Vec::new();
+    for d in 0..args.devices {
+        let config = SimConfig {
+            capacity_bytes: capacity,
+            chunk_bytes: 2 << 20,
+            migrate_chunk_pages: 64,
+            alloc_fail_rate: args.alloc_fail_rate,
+            copy_error_rate: args.copy_error_rate,
+            fault_seed: args.seed ^ (0xd0 + u64::from(d)),
+            ..SimConfig::default()
+        };
+        devices.push(SimDevice::new(&space, config)?);
+    }
+    let writers = args.threads as usize;
+    let w = World { regions, devices, writers, totals: Totals::default() };
+    // Every page starts as zeros (never touched), and so do the shadows.
+    let mut shadows: Vec<Shadow> = (0..writers)
+        .map(|t| {
+            (0..w.regions.len())
+                .map(|r| vec![0u8; w.npages(r).saturating_sub(t).div_ceil(writers) * PAGE_SIZE])
+                .collect()
+        })
+        .collect();
+    let migrators = 2;
+    let mut slots: Vec<Arc<Slot>> = (0..writers).map(|t| Arc::new(Slot::new(format!("writer-{t}")))).collect();
+    slots.extend((0..migrators).map(|m| Arc::new(Slot::new(format!("migrator-{m}")))));
+    let main_slot = Arc::new(Slot::new("verifier".into()));
+    slots.push(main_slot.clone());
+    let done = Arc::new(AtomicBool::new(false));
+    let wd = {
+        let slots = slots.clone();
+        let done = done.clone();
+        let limit = Duration::from_secs(args.watchdog);
+        std::thread::Builder::new()
+            .name("stress-watchdog".into())
+            .spawn(move || watchdog(&slots, limit, &done))
+            .map_err(|e| uhmm::Error::sys("spawn watchdog", e))?
+    };
+    let mut rngs: Vec<Rng> =
+        (0..writers + migrators).map(|i| Rng(args.seed ^ (i as u64).wrapping_mul(0x1234_5678_9abc_def1))).collect();
+    println!(
+        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {}, {} device(s), alloc-fail-rate {}, copy-error-rate {}, seed {:#x}",
+        args.seconds,
+        w.regions.len(),
+        human(size),
+        w.devices.len(),
+        args.alloc_fail_rate,
+        args.copy_error_rate,
+        args.seed
+    );
+    let deadline = start + Duration::from_secs(args.seconds);
+    let checkpoints = AtomicUsize::new(0);
+    let mut lost_at_checkpoints = 0;
+    main_slot.active.store(true, Ordering::Relaxed);
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let phase = Duration::from_secs(args.checkpoint).min(deadline - now);
+        let stop = AtomicBool::new(false);
+        main_slot.set(format!("running phase {}", checkpoints.load(Ordering::Relaxed)));
+        std::thread::scope(|s| {
+            let (wr, mr) = rngs.split_at_mut(writers);
+            for (t, (shadow, rng)) in shadows.iter_mut().zip(wr.iter_mut()).enumerate() {
+                let slot = slots[t].clone();
+                let (w, stop) = (&w, &stop);
+                s.spawn(move || {
+                    slot.active.store(true, Ordering::Relaxed);
+                    writer(w, t, shadow, rng, &slot, stop);
+                    slot.set("idle".into());
+                    slot.active.store(false, Ordering::Relaxed);
+                });
+            }
+            for (m, rng) in mr.iter_mut().enumerate() {
+                let slot = slots[writers + m].clone();
+                let (w, stop) = (&w, &stop);
+                s.spawn(move || {
+                    slot.active.store(true, Ordering::Relaxed);
+                    migrator(w, rng, &slot, stop);
+                    slot.set("idle".into());
+                    slot.active.store(false, Ordering::Relaxed);
+                });
+            }
+            let end = Instant::now() + phase;
+            while Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+                main_slot.tick();
+            }
+            stop.store(true, Ordering::Relaxed);
+            main_slot.set("waiting for the workers to stop".into());
+        });
+        // A checkpoint: everything stopped; verify every byte, through the
+        // CPU and through each device.
+        let n = checkpoints.fetch_add(1, Ordering::Relaxed);
+        let mut lost = w.verify_all(&shadows, None, &main_slot);
+        let d = n % w.devices.len();
+        lost += w.verify_all(&shadows, Some(d), &main_slot);
+        lost_at_checkpoints += lost;
+        let ops = w.totals.reads.load(Ordering::Relaxed) + w.totals.writes.load(Ordering::Relaxed);
+        println!(
+            "  checkpoint {n} at {:>5.1} s: {ops} reads+writes, {} migrations, verified (CPU, device {d}): {lost} byte(s) wrong",
+            start.elapsed().as_secs_f64(),
+            w.totals.migrations.load(Ordering::Relaxed),
+        );
+    }
+    // The end: move everything to device 0 (what can go), verify through
+    // device reads, evict every device, verify through the CPU.
+    main_slot.set("final migration to device 0".into());
+    for r in &w.regions {
+        if let Err(e) = w.devices[0].migrate_to_device(r.addr(), r.npages())
+            && !expected(&e)
+        {
+            w.totals.unexpected("final migrate_to_device", &e);
+        }
+    }
+    let mut lost_final = w.verify_all(&shadows, Some(0), &main_slot);
+    for (d, dev) in w.devices.iter().enumerate() {
+        main_slot.set(format!("final release of device {d}"));
+        match dev.release() {
+            Ok(_) => {}
+            Err(e) => w.totals.unexpected("final release", &e),
+        }
+        if dev.pages_in_use() != 0 {
+            eprintln!("uhmm stress: device {d} still holds {} page(s) after release", dev.pages_in_use());
+            w.totals.unexpected.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    lost_final += w.verify_all(&shadows, None, &main_slot);
+    main_slot.active.store(false, Ordering::Relaxed);
+    done.store(true, Ordering::Relaxed);
+    let _ = wd.join();
+
+    let t = &w.totals;
+    let stats = space.stats();
+    let lost = t.lost.load(Ordering::Relaxed) + lost_at_checkpoints + lost_final;
+    let unexpected = t.unexpected.load(Ordering::Relaxed);
+    let (mut inj_alloc, mut inj_copy) = (0, 0);
+    for dev in &w.devices {
+        let (a, c) = dev.injected_faults();
+        inj_alloc += a;
+        inj_copy += c;
+    }
+    let ops = t.reads.load(Ordering::Relaxed)
+        + t.writes.load(Ordering::Relaxed)
+        + t.device_reads.load(Ordering::Relaxed)
+        + t.protects.load(Ordering::Relaxed)
+        + t.migrations.load(Ordering::Relaxed);
+    println!("uhmm stress: done in {:.1} s", start.elapsed().as_secs_f64());
+    println!("  operations done:          {ops}");
+    println!("    CPU writes:             {}", t.writes.load(Ordering::Relaxed));
+    println!("    CPU reads:              {}", t.reads.load(Ordering::Relaxed));
+    println!("    device reads:           {}", t.device_reads.load(Ordering::Relaxed));
+    println!("    protection changes:     {}", t.protects.load(Ordering::Relaxed));
+    println!(
+        "    migrations:             {} ({} releases; {} ended with an expected error)",
+        t.migrations.load(Ordering::Relaxed),
+        t.releases.load(Ordering::Relaxed),
+        t.migration_errors_expected.load(Ordering::Relaxed)
+    );
+    println!("  checkpoints:              {}", checkpoints.load(Ordering::Relaxed));
+    println!(
+        "  bytes verified:           {} ({})",
+        t.bytes_verified.load(Ordering::Relaxed),
+        human(t.bytes_verified.load(Ordering::Relaxed) as usize)
+    );
+    println!("  pages migrated:           {} to devices, {} to RAM", stats.pages_to_device, stats.pages_to_ram);
+    println!(
+        "  faults:                   {} (migrate_to_ram {}, zero-filled pages {})",
+        stats.faults, stats.migrate_to_ram, stats.zero_filled_pages
+    );
+    println!("  busy pages skipped:       {}", stats.busy_pages);
+    println!("  poisoned pages:           {}", stats.poisoned_pages);
+    println!("  injected faults:          {inj_alloc} allocation failures, {inj_copy} copy errors");
+    println!("  unexpected errors:        {unexpected}");
+    println!("  lost or corrupted bytes: {lost}");
+    if stats.poisoned_pages != 0 {
+        return Ok(lost + unexpected + stats.poisoned_pages);
+    }
+    Ok(lost + unexpected)
+}
