@@ -1,51 +1,9 @@
 //! Runs the built `uhmm` binary: `uhmm demo --size 8M` must exit 0 and print
 //! the residency map and the counters; a hang fails the test.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::{Duration, Instant};
+mod common;
 
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Runs `uhmm` with `args`, killing it after [`TIMEOUT`]. Returns the exit
-/// code (`None` if killed by a signal), stdout and stderr.
-fn run_uhmm(args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_uhmm"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn uhmm");
-    let mut out = child.stdout.take().expect("stdout piped");
-    let mut err = child.stderr.take().expect("stderr piped");
-    let out_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for uhmm") {
-            break status;
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            let out = out_reader.join().unwrap_or_default();
-            let err = err_reader.join().unwrap_or_default();
-            panic!("uhmm {args:?} still running after {TIMEOUT:?}: killed\n--- stdout\n{out}\n--- stderr\n{err}");
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    (status.code(), out_reader.join().unwrap_or_default(), err_reader.join().unwrap_or_default())
-}
+use common::*;
 
 #[test]
 fn demo_8m_verifies_every_byte() {
