@@ -226,14 +226,24 @@ impl FaultQueue {
 /// Resolves a fault on the page at `addr` (a write access when `write`).
 pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Result<(), Errno> {
     let Some(region) = space.region_at(addr) else {
-        // Not a managed address (a region being unmapped, or stray staging
-        // access): make the access fail loudly instead of spinning.
-        tracing::warn!(addr, "fault outside any region: poisoning the page");
-        return match space.uffd.poison(addr, PAGE_SIZE, false) {
-            Ok(_) => Ok(()),
-            Err(p) if p.errno == Errno::EXIST => space.uffd.wake(addr, PAGE_SIZE),
-            Err(p) => Err(p.errno),
-        };
+        // Not in any region: a stale fault for a region that is being (or
+        // was) unmapped — whose addresses may already belong to a new
+        // region, even of another address space — or a stray access to a
+        // staging arena (a uhmm bug). Poisoning is only for the latter: an
+        // address that may be someone else's page now must never be
+        // poisoned. The thread retries; an unmapped address gets SIGSEGV.
+        let own_arena = [&space.stage.map, &space.pool.map, &space.huge_pool.map]
+            .iter()
+            .any(|m| addr >= m.addr() && addr - m.addr() < m.len());
+        if own_arena {
+            tracing::error!(addr, "fault on a staging arena: poisoning the page");
+            return match space.uffd.poison(addr, PAGE_SIZE, false) {
+                Ok(_) => Ok(()),
+                Err(p) if p.errno == Errno::EXIST => space.uffd.wake(addr, PAGE_SIZE),
+                Err(p) => Err(p.errno),
+            };
+        }
+        return space.uffd.wake(addr, PAGE_SIZE);
     };
     // The region may have moved (`Region::remap`) since it was looked up.
     let Some(idx) = addr.checked_sub(region.start()).map(|o| o / PAGE_SIZE).filter(|&i| i < region.npages()) else {
@@ -341,7 +351,7 @@ fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<u
 /// the page changed under us (the caller looks again).
 fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) -> Result<(), Errno> {
     let pt = &region.pt;
-    if !pt.try_lock_if(idx, State::Cpu) {
+    if !pt.try_lock_for_fill(idx) {
         return Err(Errno::INPROGRESS);
     }
     if region.huge && huge_fill(space, region, idx) {
@@ -365,11 +375,11 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
         .find(|(r, _)| r.contains(&idx))
         .map_or(idx..idx + 1, |(r, _)| r);
     let mut lo = idx;
-    while lo > run.start && pt.try_lock_if(lo - 1, State::Cpu) {
+    while lo > run.start && pt.try_lock_for_fill(lo - 1) {
         lo -= 1;
     }
     let mut hi = idx + 1;
-    while hi < run.end && pt.try_lock_if(hi, State::Cpu) {
+    while hi < run.end && pt.try_lock_for_fill(hi) {
         hi += 1;
     }
     region.zero_next.store(hi, Relaxed);
@@ -446,7 +456,7 @@ fn huge_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> bool {
     let pt = &region.pt;
     let mut locked = Vec::with_capacity(N);
     let all = (block..block + N).all(|i| {
-        let ok = i == idx || pt.try_lock_if(i, State::Cpu);
+        let ok = i == idx || pt.try_lock_for_fill(i);
         if ok && i != idx {
             locked.push(i);
         }

@@ -192,10 +192,25 @@ impl Migration<Collected> {
                 // engine holds fill windows for a few microseconds (also for
                 // stale, duplicate faults), which should not make a page busy.
                 let Some(prior) = region.pt.try_lock(idx).or_else(|| {
-                    (0..3).find_map(|_| {
-                        std::thread::yield_now();
-                        region.pt.try_lock(idx)
-                    })
+                    // A zero fill's lock goes within microseconds: wait it out
+                    // (bounded); any other holder makes the page busy.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
+                    (0..3)
+                        .find_map(|_| {
+                            std::thread::yield_now();
+                            region.pt.try_lock(idx)
+                        })
+                        .or_else(|| {
+                            loop {
+                                if !region.pt.filling(idx) || std::time::Instant::now() > deadline {
+                                    break region.pt.try_lock(idx);
+                                }
+                                std::thread::yield_now();
+                                if let Some(s) = region.pt.try_lock(idx) {
+                                    break Some(s);
+                                }
+                            }
+                        })
                 }) else {
                     Stats::add(&space.stats.busy_pages, 1);
                     continue;

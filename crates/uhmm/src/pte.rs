@@ -27,7 +27,10 @@ const WAITERS: u64 = 1 << 3;
 /// Program threads wait inside the kernel on a userfault for this page; the
 /// unlocker must `UFFDIO_WAKE` it.
 const FAULT_WAITERS: u64 = 1 << 4;
-const FLAGS: u64 = LOCKED | WAITERS | FAULT_WAITERS;
+/// Held by the fault engine's zero fill: a lock of microseconds, worth
+/// waiting for rather than counting the page busy.
+const FILLING: u64 = 1 << 5;
+const FLAGS: u64 = LOCKED | WAITERS | FAULT_WAITERS | FILLING;
 const PAGEMAP_SHIFT: u32 = 8;
 const PFN_SHIFT: u32 = 24;
 const PFN_BITS: u32 = 40;
@@ -173,6 +176,29 @@ impl PageTable {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// Like [`PageTable::try_lock_if`] `State::Cpu`, marking the lock as a
+    /// short zero fill (see [`PageTable::filling`]).
+    pub(crate) fn try_lock_for_fill(&self, idx: usize) -> bool {
+        let slot = self.slot(idx);
+        let want = State::Cpu.encode();
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            if cur & LOCKED != 0 || cur & !FLAGS != want {
+                return false;
+            }
+            match slot.compare_exchange_weak(cur, cur | LOCKED | FILLING, Ordering::Acquire, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Whether page `idx` is locked by a zero fill (released within
+    /// microseconds, unless its thread is preempted).
+    pub(crate) fn filling(&self, idx: usize) -> bool {
+        self.peek_slot(idx).is_some_and(|s| s.load(Ordering::Acquire) & FILLING != 0)
     }
 
     /// Locks page `idx`, waiting while someone else holds it; returns its state.
