@@ -810,11 +810,18 @@ impl Inner {
     /// on uhmm's own userfaultfd).
     fn copy_present(&self, src: usize, dst: usize, len: usize) -> Result<()> {
         for r in self.space.scan(src, src + len, Query::any_of(category::PRESENT | category::SWAPPED))? {
-            let to = dst + (r.start - src);
-            match self.space.uffd.copy(to, r.start as *const u8, r.end - r.start, true) {
-                Ok(_) => {}
-                Err(e) if e.errno == Errno::EXIST => {}
-                Err(e) => return Err(Error::sys("UFFDIO_COPY", std::io::Error::from(e.errno))),
+            // A page already there (EEXIST: copied by an earlier attempt)
+            // is skipped, and the copy goes on after it: stopping there
+            // would leave the rest of the run empty, and it would read as
+            // zeros.
+            let mut at = r.start;
+            while at < r.end {
+                let to = dst + (at - src);
+                match self.space.uffd.copy(to, at as *const u8, r.end - at, true) {
+                    Ok(_) => break,
+                    Err(e) if e.errno == Errno::EXIST => at += e.done + PAGE_SIZE,
+                    Err(e) => return Err(Error::sys("UFFDIO_COPY", std::io::Error::from(e.errno))),
+                }
             }
         }
         Ok(())
