@@ -414,12 +414,9 @@ impl<'a> Demo<'a> {
         while done < npages {
             let n = slice.min(npages - done);
             let addr = self.region.addr() + (first + done) * PAGE_SIZE;
-            let c = if to_device {
-                crate::device::migrate_to_device_all(&self.dev, addr, n)
-            } else {
-                self.dev.migrate_to_system(addr, n)
-            }
-            .map_err(at(step))?;
+            let c =
+                if to_device { self.dev.migrate_to_device_all(addr, n) } else { self.dev.migrate_to_system(addr, n) }
+                    .map_err(at(step))?;
             cpages += c.cpages;
             done += n;
             pb.set_position((done * PAGE_SIZE) as u64);

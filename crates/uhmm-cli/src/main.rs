@@ -10,7 +10,6 @@
 
 mod bench;
 mod demo;
-mod device;
 mod map;
 mod stress;
 mod units;

@@ -18,7 +18,7 @@ fn s22_coherent_device() {
         let dev = coherent_device(&space);
         let r = map(&space, NPAGES);
         fill(&r, 0..NPAGES, |i| i);
-        assert_eq!(migrate_all(&dev, r.addr(), NPAGES).unwrap().cpages, NPAGES);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), NPAGES).unwrap().cpages, NPAGES);
         assert_eq!(dev.pages_in_use(), NPAGES);
         let local = PageState::DEV_COHERENT_LOCAL | PageState::WRITE;
         assert!(dev.snapshot(r.addr(), NPAGES).unwrap().iter().all(|s| *s == local));
@@ -38,7 +38,7 @@ fn s22_coherent_device() {
         assert!(dev.snapshot(r.addr(), NPAGES).unwrap().iter().all(|s| *s == PageState::WRITE));
         assert_words(&cpu_read(&r), |i| i + 1);
         // And release evicts whatever is left, coherent pages included.
-        migrate_all(&dev, r.addr(), NPAGES).unwrap();
+        dev.migrate_to_device_all(r.addr(), NPAGES).unwrap();
         assert_eq!(dev.release().unwrap(), NPAGES);
         assert_words(&cpu_read(&r), |i| i + 1);
     });
@@ -52,8 +52,8 @@ fn s11_snapshot_two_coherent_devices() {
         let dev1 = coherent_device(&space);
         let r = map(&space, 2);
         fill(&r, 0..2, |i| i);
-        migrate_all(&dev0, r.addr(), 1).unwrap();
-        migrate_all(&dev1, r.addr() + PAGE_SIZE, 1).unwrap();
+        dev0.migrate_to_device_all(r.addr(), 1).unwrap();
+        dev1.migrate_to_device_all(r.addr() + PAGE_SIZE, 1).unwrap();
         let snap = dev0.snapshot(r.addr(), 2).unwrap();
         assert_eq!(
             snap,
@@ -69,7 +69,7 @@ fn s16_pin_coherent_pages() {
         let dev = coherent_device(&space);
         let r = map(&space, 4);
         fill(&r, 0..4, |i| i);
-        assert_eq!(migrate_all(&dev, r.addr(), 4).unwrap().cpages, 4);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), 4).unwrap().cpages, 4);
         let pages = |n: usize| r.addr() + n * PAGE_SIZE..r.addr() + (n + 2) * PAGE_SIZE;
         let long = space.pin(pages(2), PinKind::LongTerm).unwrap();
         let short = space.pin(pages(0), PinKind::ShortTerm).unwrap();

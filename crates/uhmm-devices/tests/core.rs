@@ -23,7 +23,7 @@ fn c01_open_close() {
         let dev = device(&space);
         let region = map(&space, NPAGES);
         fill(&region, 0..NPAGES, |i| i);
-        migrate_all(&dev, region.addr(), NPAGES).unwrap();
+        dev.migrate_to_device_all(region.addr(), NPAGES).unwrap();
         drop(region);
         assert_eq!(dev.pages_in_use(), 0, "unmapping the region frees its device pages");
         drop(dev);
@@ -71,7 +71,7 @@ fn c04_migrate() {
         let dev = device(&space);
         let region = map(&space, NPAGES);
         fill(&region, 0..NPAGES, |i| i);
-        let c = migrate_all(&dev, region.addr(), NPAGES).unwrap();
+        let c = dev.migrate_to_device_all(region.addr(), NPAGES).unwrap();
         assert_eq!(c.cpages, NPAGES);
         let snap = dev.snapshot(region.addr(), NPAGES).unwrap();
         assert!(snap.iter().all(|s| *s == PageState::DEV_PRIVATE_LOCAL | PageState::WRITE), "{:?}", &snap[..4]);
@@ -90,7 +90,7 @@ fn c05_migrate_fault() {
         let dev = device(&space);
         let region = map(&space, NPAGES);
         fill(&region, 0..NPAGES, |i| i);
-        assert_eq!(migrate_all(&dev, region.addr(), NPAGES).unwrap().cpages, NPAGES);
+        assert_eq!(dev.migrate_to_device_all(region.addr(), NPAGES).unwrap().cpages, NPAGES);
         let mut half = vec![0u8; region.len() / 2];
         region.read(0, &mut half).unwrap(); // CPU faults the first half back
         assert_words(&half, |i| i);
@@ -98,7 +98,7 @@ fn c05_migrate_fault() {
         let snap = dev.snapshot(region.addr(), NPAGES).unwrap();
         assert!(snap[..NPAGES / 2].iter().all(|s| *s == PageState::WRITE));
         assert!(snap[NPAGES / 2..].iter().all(|s| s.contains(PageState::DEV_PRIVATE_LOCAL)));
-        assert_eq!(migrate_all(&dev, region.addr(), NPAGES).unwrap().cpages, NPAGES);
+        assert_eq!(dev.migrate_to_device_all(region.addr(), NPAGES).unwrap().cpages, NPAGES);
         let mut buf = vec![0u8; region.len()];
         dev.read(region.addr(), NPAGES, &mut buf).unwrap();
         assert_words(&buf, |i| i);
@@ -114,7 +114,7 @@ fn c06_migrate_multiple() {
         for round in 0..10u32 {
             let region = map(&space, NPAGES);
             fill(&region, 0..NPAGES, |i| i ^ round);
-            let c = migrate_all(&dev, region.addr(), NPAGES).unwrap();
+            let c = dev.migrate_to_device_all(region.addr(), NPAGES).unwrap();
             assert_eq!(c.cpages, NPAGES, "round {round}");
             assert_words(&cpu_read(&region), |i| i ^ round);
         }
@@ -150,7 +150,7 @@ fn c08_migrate_holes() {
             assert_eq!(m.cpages(), NPAGES);
             assert!((0..NPAGES).all(|i| matches!(m.src(i), MigrateSrc::Hole)), "every page is a hole");
         }
-        let c = migrate_all(&dev, region.addr(), NPAGES).unwrap();
+        let c = dev.migrate_to_device_all(region.addr(), NPAGES).unwrap();
         assert_eq!(c.cpages, NPAGES);
         let mut buf = vec![0xFFu8; region.len()];
         dev.read(region.addr(), NPAGES, &mut buf).unwrap();
@@ -214,7 +214,7 @@ fn c10_snapshot_basic() {
         region.protect(2 * PAGE_SIZE..3 * PAGE_SIZE, Prot::READ).unwrap();
         region.write(3 * PAGE_SIZE, &[1]).unwrap(); // 3: writable data
         region.write(4 * PAGE_SIZE, &[1]).unwrap(); // 4: on the device
-        migrate_all(&dev, region.addr() + 4 * PAGE_SIZE, 1).unwrap();
+        dev.migrate_to_device_all(region.addr() + 4 * PAGE_SIZE, 1).unwrap();
         let snap = dev.snapshot(region.addr(), 5).unwrap();
         assert_eq!(
             snap,
@@ -257,7 +257,7 @@ fn c11_concurrent_access() {
         };
         let mut moved = 0;
         for _ in 0..100 {
-            match migrate_all(&dev, region.addr(), N) {
+            match dev.migrate_to_device_all(region.addr(), N) {
                 Ok(c) => moved += c.cpages,
                 // The writer faulted some pages back (or held them) meanwhile.
                 Err(e) => assert_eq!(e.kind(), ErrorKind::NotFound, "{e}"),
@@ -346,7 +346,7 @@ fn c13_dropped_migration() {
         assert!(r.is_err());
         assert_words(&cpu_read(&region), |i| i);
         // Device pages: a dropped migration back leaves them on the device.
-        migrate_all(&dev, region.addr(), NPAGES).unwrap();
+        dev.migrate_to_device_all(region.addr(), NPAGES).unwrap();
         let m = Migration::setup(&space, region.range(), Select::DEVICE_PRIVATE, owner).unwrap();
         assert_eq!(m.cpages(), NPAGES);
         drop(m);
@@ -373,7 +373,7 @@ fn sim_fail_next_alloc_fails_once() {
         let e = dev.migrate_to_device(region.addr(), 16).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound, "the failed allocation leaves pages behind");
         assert_words(&cpu_read(&region), |i| i);
-        assert_eq!(migrate_all(&dev, region.addr(), 16).unwrap().cpages, 16, "only once");
+        assert_eq!(dev.migrate_to_device_all(region.addr(), 16).unwrap().cpages, 16, "only once");
         // A failed system allocation leaves the page on the device.
         dev.fail_next_alloc();
         let c = dev.migrate_to_system(region.addr(), 16).unwrap();
@@ -390,11 +390,11 @@ fn sim_device_pages_never_leak_old_data() {
         let dev = device(&space);
         let secret = map(&space, 64);
         fill(&secret, 0..64, |_| 0x5EC2_E700);
-        migrate_all(&dev, secret.addr(), 64).unwrap();
+        dev.migrate_to_device_all(secret.addr(), 64).unwrap();
         drop(secret); // frees its device pages
         assert_eq!(dev.pages_in_use(), 0);
         let fresh = map(&space, 64);
-        migrate_all(&dev, fresh.addr(), 64).unwrap(); // holes: the freed pages are reused
+        dev.migrate_to_device_all(fresh.addr(), 64).unwrap(); // holes: the freed pages are reused
         let mut buf = vec![0xFFu8; 64 * PAGE_SIZE];
         dev.read(fresh.addr(), 64, &mut buf).unwrap();
         assert!(buf.iter().all(|b| *b == 0), "a reused device page must not show old data");
@@ -431,7 +431,7 @@ fn sim_drop_evicts_to_ram() {
         let dev = device(&space);
         let region = map(&space, NPAGES);
         fill(&region, 0..NPAGES, |i| !i);
-        migrate_all(&dev, region.addr(), NPAGES).unwrap();
+        dev.migrate_to_device_all(region.addr(), NPAGES).unwrap();
         drop(dev);
         assert!(space.snapshot(region.range()).unwrap().iter().all(|p| p.residency == uhmm::Residency::Ram));
         assert_words(&cpu_read(&region), |i| !i);

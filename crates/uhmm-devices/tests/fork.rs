@@ -25,7 +25,7 @@ fn anon_write_child(migrate: bool, huge: bool) {
     assert!(!huge || region.addr().is_multiple_of(2 << 20));
     fill(&region, 0..npages, |i| i);
     if migrate {
-        assert_eq!(migrate_all(&dev, region.addr(), npages).unwrap().cpages, npages);
+        assert_eq!(dev.migrate_to_device_all(region.addr(), npages).unwrap().cpages, npages);
     }
     let code = fork_child(|| {
         let run = || -> Result<(), i32> {
@@ -56,7 +56,7 @@ fn anon_write_child(migrate: bool, huge: bool) {
     // is not exclusively ours); after a write the parent's device takes them.
     assert_eq!(dev.migrate_to_device(region.addr(), npages).unwrap_err().kind(), uhmm::ErrorKind::NotFound);
     fill(&region, 0..npages, |i| i);
-    assert_eq!(migrate_all(&dev, region.addr(), npages).unwrap().cpages, npages);
+    assert_eq!(dev.migrate_to_device_all(region.addr(), npages).unwrap().cpages, npages);
     assert_words(&cpu_read(&region), |i| i);
 }
 
@@ -104,7 +104,7 @@ fn s17_cow_in_device() {
     let dev = device(&space);
     let r = map(&space, 4);
     fill(&r, 0..4, |i| i);
-    migrate_all(&dev, r.addr(), 4).unwrap();
+    dev.migrate_to_device_all(r.addr(), 4).unwrap();
     let (mut rx, mut tx) = std::io::pipe().unwrap();
     let child = spawn_child(|| {
         let mut go = [0u8; 1];
@@ -138,7 +138,7 @@ fn child_drops_inherited_objects_cleanly() {
         let g = held.lock().unwrap();
         let (dev, r) = g.as_ref().unwrap();
         fill(r, 0..64, |i| i);
-        migrate_all(dev, r.addr(), 64).unwrap();
+        dev.migrate_to_device_all(r.addr(), 64).unwrap();
         (r.addr(), r.npages())
     };
     // The child drops what it inherited — region, device, space — as a
@@ -159,6 +159,6 @@ fn child_drops_inherited_objects_cleanly() {
     // Shared with the (dead) child until written; then the device takes them.
     assert_eq!(dev.migrate_to_device(r.addr(), npages).unwrap_err().kind(), uhmm::ErrorKind::NotFound);
     fill(r, 0..64, |i| i + 1);
-    assert_eq!(migrate_all(dev, r.addr(), npages).unwrap().cpages, npages);
+    assert_eq!(dev.migrate_to_device_all(r.addr(), npages).unwrap().cpages, npages);
     assert_words(&cpu_read(r), |i| i + 1);
 }

@@ -55,7 +55,7 @@ fn s09_migrate_release() {
         let dev = device(&space);
         let region = map(&space, NPAGES);
         fill(&region, 0..NPAGES, |i| i);
-        assert_eq!(migrate_all(&dev, region.addr(), NPAGES).unwrap().cpages, NPAGES);
+        assert_eq!(dev.migrate_to_device_all(region.addr(), NPAGES).unwrap().cpages, NPAGES);
         assert_eq!(dev.release().unwrap(), NPAGES);
         assert_eq!(dev.pages_in_use(), 0);
         let snap = dev.snapshot(region.addr(), NPAGES).unwrap();
@@ -86,7 +86,7 @@ fn s10_migrate_mixed() {
         r.write(p(3), &pattern(1, |i| i + 3 * WORDS_PER_PAGE as u32)).unwrap();
         r.protect(p(3)..p(4), Prot::READ).unwrap();
         fill(&r, 4..6, |i| i);
-        let c = migrate_all(&dev1, r.addr() + p(2), 4).unwrap();
+        let c = dev1.migrate_to_device_all(r.addr() + p(2), 4).unwrap();
         assert_eq!(c.cpages, 4);
         // Page 5 is on device 1: device 0 finds nothing to migrate.
         assert_eq!(dev0.migrate_to_device(r.addr() + p(5), 1).unwrap_err().kind(), ErrorKind::NotFound);
@@ -104,8 +104,8 @@ fn s11_snapshot_two_devices() {
         let dev1 = device(&space);
         let r = map(&space, 2);
         fill(&r, 0..2, |i| i);
-        migrate_all(&dev0, r.addr(), 1).unwrap();
-        migrate_all(&dev1, r.addr() + PAGE_SIZE, 1).unwrap();
+        dev0.migrate_to_device_all(r.addr(), 1).unwrap();
+        dev1.migrate_to_device_all(r.addr() + PAGE_SIZE, 1).unwrap();
         let snap = dev0.snapshot(r.addr(), 2).unwrap();
         assert_eq!(snap, vec![PageState::DEV_PRIVATE_LOCAL | PageState::WRITE, PageState::NONE]);
         let snap = dev1.snapshot(r.addr(), 2).unwrap();
@@ -128,7 +128,7 @@ fn s12_double_map() {
             assert_eq!(dev.read(r.addr(), NPAGES, &mut buf).unwrap().cpages, NPAGES);
             assert_words(&buf, |i| i);
         }
-        assert_eq!(migrate_all(&dev1, r.addr(), NPAGES).unwrap().cpages, NPAGES);
+        assert_eq!(dev1.migrate_to_device_all(r.addr(), NPAGES).unwrap().cpages, NPAGES);
         buf.fill(0);
         let c = dev0.read(r.addr(), NPAGES, &mut buf).unwrap();
         assert_eq!(c.cpages, NPAGES);
@@ -146,7 +146,7 @@ fn s16_pin_device_pages() {
         let dev = device(&space);
         let r = map(&space, 4);
         fill(&r, 0..4, |i| i);
-        assert_eq!(migrate_all(&dev, r.addr(), 4).unwrap().cpages, 4);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), 4).unwrap().cpages, 4);
         let page = |n: usize| r.addr() + n * PAGE_SIZE..r.addr() + (n + 2) * PAGE_SIZE;
         let long = space.pin(page(2), PinKind::LongTerm).unwrap();
         let short = space.pin(page(0), PinKind::ShortTerm).unwrap();
@@ -162,7 +162,7 @@ fn s16_pin_device_pages() {
         assert_eq!(e.kind(), ErrorKind::NotFound, "pages 2-3 are still pinned");
         assert_eq!(dev.pages_in_use(), 2, "pages 0-1 moved once unpinned");
         drop(long);
-        assert_eq!(migrate_all(&dev, r.addr(), 4).unwrap().cpages, 4);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), 4).unwrap().cpages, 4);
         assert_words(&cpu_read(&r), |i| i);
     });
 }
@@ -194,7 +194,7 @@ fn mirror_is_kept_and_invalidated() {
         assert_eq!(dev.read(r.addr(), 64, &mut buf).unwrap().faults, 1);
         assert_eq!(dev.read(r.addr(), 64, &mut buf).unwrap().faults, 0, "the mirror keeps RAM pages");
         // Another device migrates half: the mirror is invalidated there.
-        migrate_all(&other, r.addr(), 32).unwrap();
+        other.migrate_to_device_all(r.addr(), 32).unwrap();
         buf.fill(0);
         assert_eq!(dev.read(r.addr(), 64, &mut buf).unwrap().faults, 1);
         assert_words(&buf, |i| i);
@@ -340,7 +340,7 @@ fn s18_anon_teardown() {
             let r = Arc::new(map(&space, NPAGES));
             fill(&r, 0..NPAGES, |i| i ^ round);
             if round % 2 == 1 {
-                migrate_all(&dev, r.addr(), NPAGES).unwrap();
+                dev.migrate_to_device_all(r.addr(), NPAGES).unwrap();
             }
             let reader = {
                 let (dev, r) = (dev.clone(), r.clone());
@@ -378,13 +378,13 @@ fn s20_partial_unmap() {
                 let r = map(&space, n);
                 fill(&r, 0..n, |i| i);
                 if migrate_before {
-                    migrate_all(&dev, r.addr(), n).unwrap();
+                    dev.migrate_to_device_all(r.addr(), n).unwrap();
                 }
                 r.unmap(lo * PAGE_SIZE..hi * PAGE_SIZE).unwrap();
                 let kept: Vec<std::ops::Range<usize>> = [0..lo, hi..n].into_iter().filter(|k| !k.is_empty()).collect();
                 if !migrate_before {
                     for k in &kept {
-                        migrate_all(&dev, r.addr() + k.start * PAGE_SIZE, k.len()).unwrap();
+                        dev.migrate_to_device_all(r.addr() + k.start * PAGE_SIZE, k.len()).unwrap();
                     }
                 }
                 // A range with unmapped pages is an invalid argument.
@@ -428,7 +428,7 @@ fn s19_huge_migrations() {
         let huge_ram = |r: &uhmm::Region| space.snapshot(r.range()).unwrap().iter().all(|p| p.huge);
         // Empty: holes become zero-filled compound device pages.
         let r = space.map_huge(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
-        assert_eq!(migrate_all(&dev, r.addr(), n).unwrap().cpages, n);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), n).unwrap().cpages, n);
         assert_eq!(dev.huge_stats(), (2, 0));
         assert!(cpu_read(&r).iter().all(|b| *b == 0));
         // Written: first touch fills whole huge pages; they move as compound units.
@@ -436,13 +436,13 @@ fn s19_huge_migrations() {
         fill(&r, 0..n, |i| i);
         assert!(space.stats().huge_fills >= 2);
         assert!(huge_ram(&r), "first touch of a huge region maps huge pages");
-        assert_eq!(migrate_all(&dev, r.addr(), n).unwrap().cpages, n);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), n).unwrap().cpages, n);
         assert_eq!(dev.huge_stats(), (4, 0));
         assert_eq!(dev.migrate_to_system(r.addr(), n).unwrap().cpages, n);
         assert!(huge_ram(&r), "whole blocks come back as huge pages");
         assert_words(&cpu_read(&r), |i| i);
         // Back to the device, then the CPU faults a page: the fault-around window comes back.
-        migrate_all(&dev, r.addr(), n).unwrap();
+        dev.migrate_to_device_all(r.addr(), n).unwrap();
         let mut b = [0u8; 4];
         r.read(5 * PAGE_SIZE, &mut b).unwrap();
         assert_eq!(u32::from_ne_bytes(b), (5 * WORDS_PER_PAGE) as u32);
@@ -450,7 +450,7 @@ fn s19_huge_migrations() {
         // An allocation failure falls back to small pages, visibly.
         let before = dev.huge_stats();
         dev.fail_next_alloc();
-        assert_eq!(migrate_all(&dev, r.addr(), n).unwrap().cpages, n);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), n).unwrap().cpages, n);
         let after = dev.huge_stats();
         assert_eq!((after.0 - before.0, after.1 - before.1), (1, 1), "one block compound, one small after the failure");
         assert_words(&cpu_read(&r), |i| i);
@@ -469,7 +469,7 @@ fn s20_remap() {
                 fill(&r, 0..n, |i| i);
                 if migrate_before {
                     // half on the device, half in RAM
-                    migrate_all(&dev, r.addr(), n / 2).unwrap();
+                    dev.migrate_to_device_all(r.addr(), n / 2).unwrap();
                 }
                 let old = r.addr();
                 let new = r.remap().unwrap();
@@ -477,7 +477,7 @@ fn s20_remap() {
                 assert_eq!(r.addr(), new);
                 assert_eq!(dev.read(old, 1, &mut [0u8; PAGE_SIZE]).unwrap_err().kind(), ErrorKind::InvalidArgument);
                 if !migrate_before {
-                    migrate_all(&dev, new, n).unwrap();
+                    dev.migrate_to_device_all(new, n).unwrap();
                 }
                 let mut buf = vec![0u8; r.len()];
                 let c = dev.read(new, n, &mut buf).unwrap();
@@ -486,7 +486,7 @@ fn s20_remap() {
                 assert_words(&cpu_read(&r), |i| i);
                 assert_eq!(dev.pages_in_use(), 0, "every page came back at its new address");
                 // The moved region keeps working: migrate and fault again.
-                migrate_all(&dev, new, n).unwrap();
+                dev.migrate_to_device_all(new, n).unwrap();
                 assert_words(&cpu_read(&r), |i| i);
             }
         }
@@ -500,7 +500,7 @@ fn fault_next_to_an_unmapped_page_brings_data_back() {
         let dev = device(&space);
         let r = map(&space, 32);
         fill(&r, 0..32, |i| i);
-        migrate_all(&dev, r.addr(), 32).unwrap();
+        dev.migrate_to_device_all(r.addr(), 32).unwrap();
         r.unmap(5 * PAGE_SIZE..6 * PAGE_SIZE).unwrap();
         // Page 3's fault-around window holds the unmapped page 5: it must
         // shrink, not fail (a failure would poison a good page).
@@ -522,7 +522,7 @@ fn discard_drops_pages_wherever_they_are() {
         let dev = device(&space);
         let r = map(&space, 64);
         fill(&r, 0..64, |i| i);
-        migrate_all(&dev, r.addr(), 32).unwrap(); // pages 0..32 on the device
+        dev.migrate_to_device_all(r.addr(), 32).unwrap(); // pages 0..32 on the device
         let mut buf = vec![0u8; r.len()];
         dev.read(r.addr(), 64, &mut buf).unwrap(); // the mirror holds every page
         r.discard(16 * PAGE_SIZE..48 * PAGE_SIZE).unwrap(); // half device, half RAM
@@ -536,7 +536,7 @@ fn discard_drops_pages_wherever_they_are() {
         assert!(buf[16 * PAGE_SIZE..48 * PAGE_SIZE].iter().all(|b| *b == 0));
         // And the range is usable as ever.
         fill(&r, 16..48, |i| i);
-        assert_eq!(migrate_all(&dev, r.addr(), 64).unwrap().cpages, 64);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), 64).unwrap().cpages, 64);
         assert_words(&cpu_read(&r), |i| i);
     });
 }

@@ -52,9 +52,7 @@ impl Setup {
         let mut off = 0;
         while off < len {
             let n = buf.len().min(len - off);
-            for (j, w) in buf[..n].chunks_exact_mut(8).enumerate() {
-                w.copy_from_slice(&(((off / 8 + j) as u64) ^ 0x5eed_c0de).to_ne_bytes());
-            }
+            super::fill_pattern(&mut buf[..n], off);
             region.write(off, &buf[..n]).map_err(err("filling the region"))?;
             off += n;
         }
@@ -62,7 +60,9 @@ impl Setup {
     }
 
     fn to_device(&self) -> Result<usize, String> {
-        Ok(crate::device::migrate_to_device_all(&self.dev, self.region.addr(), self.region.npages())
+        Ok(self
+            .dev
+            .migrate_to_device_all(self.region.addr(), self.region.npages())
             .map_err(err("migrate_to_device"))?
             .cpages)
     }

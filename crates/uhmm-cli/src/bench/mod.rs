@@ -368,6 +368,14 @@ fn run_plan(args: &BenchArgs, plan: Plan) -> Result<(), String> {
     Ok(())
 }
 
+/// Fills `buf` with the bench's data pattern for the bytes at `off`: each
+/// u64 word is its index XOR a seed (compressible some, like real data).
+pub fn fill_pattern(buf: &mut [u8], off: usize) {
+    for (j, w) in buf.chunks_exact_mut(8).enumerate() {
+        w.copy_from_slice(&(((off / 8 + j) as u64) ^ 0x5eed_c0de).to_ne_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

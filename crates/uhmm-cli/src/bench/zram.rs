@@ -163,9 +163,7 @@ fn measure_on(zram: &Zram, plan: &Plan) -> Result<(Vec<Case>, f64), String> {
         let mut off = 0;
         while off < len {
             let n = buf.len().min(len - off);
-            for (j, w) in buf[..n].chunks_exact_mut(8).enumerate() {
-                w.copy_from_slice(&(((off / 8 + j) as u64) ^ 0x5eed_c0de).to_ne_bytes());
-            }
+            super::fill_pattern(&mut buf[..n], off);
             map.write(off, &buf[..n]).map_err(|e| format!("fill: {e}"))?;
             off += n;
         }

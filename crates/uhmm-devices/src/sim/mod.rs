@@ -323,6 +323,25 @@ impl SimDevice {
         Ok(Counters { cpages, faults: 0 })
     }
 
+    /// [`SimDevice::migrate_to_device`], tried again (up to five times) while
+    /// pages were left behind. A page the kernel or uhmm holds for a moment
+    /// is skipped as busy — right after CPU reads, a late duplicate of one of
+    /// their faults may still bring a fault-around window back — which a
+    /// caller that wants everything on the device should ride out.
+    pub fn migrate_to_device_all(&self, addr: usize, npages: usize) -> Result<Counters> {
+        let mut last = self.migrate_to_device(addr, npages);
+        for _ in 0..5 {
+            match &last {
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    last = self.migrate_to_device(addr, npages);
+                }
+                _ => break,
+            }
+        }
+        last
+    }
+
     /// Migrates this device's pages among `npages` pages at `addr` back to
     /// system memory. `cpages` = pages migrated.
     pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<Counters> {

@@ -139,21 +139,3 @@ pub fn spawn_child(f: impl FnOnce() -> i32) -> i32 {
 pub fn fork_child(f: impl FnOnce() -> i32) -> i32 {
     uhmm::sys::process::wait_child(spawn_child(f)).expect("waitpid")
 }
-
-/// `migrate_to_device`, retried while pages stayed behind. Right after CPU
-/// reads, a late duplicate of one of their faults can still be in the fault
-/// engine's queue; serving it brings a fault-around window back to RAM (or
-/// holds it for a moment) while the next migration runs.
-pub fn migrate_all(dev: &SimDevice, addr: usize, npages: usize) -> uhmm::Result<uhmm_devices::sim::Counters> {
-    let mut last = dev.migrate_to_device(addr, npages);
-    for _ in 0..5 {
-        match &last {
-            Err(e) if e.kind() == uhmm::ErrorKind::NotFound => {
-                std::thread::sleep(Duration::from_millis(2));
-                last = dev.migrate_to_device(addr, npages);
-            }
-            _ => break,
-        }
-    }
-    last
-}
