@@ -278,18 +278,12 @@ fn config() -> ProptestConfig {
 proptest! {
     #![proptest_config(config())]
 
-    // Ignored in CI while it finds an open bug (docs/reliability.md): a page
-    // poisoned after migrations of read-only pages and release(), SIGBUS,
-    // and once a hang. Run it with `cargo test --release -p uhmm-devices
-    // --test model -- --ignored`.
     #[test]
-    #[ignore = "finds an open bug: see docs/reliability.md, Model-based test"]
     fn contents_match_model(ops in ops(), check_each in any::<bool>()) {
         with_timeout(120, move || run_case(ops, check_each));
     }
 
     #[test]
-    #[ignore = "finds an open bug: see docs/reliability.md, Model-based test"]
     fn pages_never_leak(ops in ops()) {
         with_timeout(120, move || run_leak_case(ops));
     }

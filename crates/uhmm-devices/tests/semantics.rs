@@ -540,3 +540,41 @@ fn discard_drops_pages_wherever_they_are() {
         assert_words(&cpu_read(&r), |i| i);
     });
 }
+
+/// Issue 3 item 9, found by the model test: protecting a page read-only and
+/// back, with pages touched on both sides meanwhile, leaves the region in
+/// two VMAs for good (their `anon_vma`s differ, so the kernel never merges
+/// them). Fault windows, migrations and restores that span the boundary must
+/// still move every page: before the fix, the kernel refused those ranges,
+/// restores poisoned pages and first-touch faults spun.
+#[test]
+fn protect_cycle_leaves_split_vmas() {
+    with_timeout(60, || {
+        const N: usize = 64;
+        let space = space();
+        let dev = device(&space);
+        let region = map(&space, N);
+        let p = |i: usize| i * PAGE_SIZE;
+        region.protect(p(20)..p(21), Prot::READ).unwrap();
+        region.write(p(0), &[1]).unwrap();
+        region.write(p(40), &[1]).unwrap();
+        region.protect(p(20)..p(21), Prot::READ_WRITE).unwrap();
+        // One protection over the whole region again, still two VMAs.
+        region.protect(0..region.len(), Prot::READ_WRITE).unwrap();
+        // First touches whose zero-fill windows span the boundary.
+        assert!(cpu_read(&region).iter().enumerate().all(|(i, b)| *b == u8::from(i == p(0) || i == p(40))));
+        fill(&region, 0..N, |i| i ^ 0x5A5A);
+        for round in 0..3 {
+            assert_eq!(dev.migrate_to_device_all(region.addr(), N).unwrap().cpages, N, "round {round}");
+            // CPU faults bring windows back across the boundary.
+            assert_words(&cpu_read(&region), |i| i ^ 0x5A5A);
+        }
+        // Restores into a read-only region that spans the boundary.
+        assert_eq!(dev.migrate_to_device_all(region.addr(), N).unwrap().cpages, N);
+        region.protect(0..region.len(), Prot::READ).unwrap();
+        assert_eq!(dev.release().unwrap(), N);
+        assert_eq!(dev.pages_in_use(), 0);
+        assert_words(&cpu_read(&region), |i| i ^ 0x5A5A);
+        assert_eq!(space.stats().poisoned_pages, 0);
+    });
+}

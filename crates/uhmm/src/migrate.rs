@@ -813,13 +813,16 @@ impl Inner {
             // A page already there (EEXIST: copied by an earlier attempt)
             // is skipped, and the copy goes on after it: stopping there
             // would leave the rest of the run empty, and it would read as
-            // zeros.
+            // zeros. A copy cut short (EAGAIN after some pages: the kernel
+            // reports an EEXIST after progress that way) goes on from where
+            // it stopped.
             let mut at = r.start;
             while at < r.end {
                 let to = dst + (at - src);
                 match self.space.uffd.copy(to, at as *const u8, r.end - at, true) {
                     Ok(_) => break,
                     Err(e) if e.errno == Errno::EXIST => at += e.done + PAGE_SIZE,
+                    Err(e) if e.errno == Errno::AGAIN && e.done > 0 => at += e.done,
                     Err(e) => return Err(Error::sys("UFFDIO_COPY", std::io::Error::from(e.errno))),
                 }
             }

@@ -264,11 +264,13 @@ impl Uffd {
     /// already present). Wakes threads faulting in the range unless `dontwake`.
     pub fn zeropage(&self, dst: usize, len: usize, dontwake: bool) -> Result<usize, Partial> {
         let mode = if dontwake { ZEROPAGE_MODE_DONTWAKE } else { 0 };
-        let mut arg = uapi::uffdio_zeropage { range: range(dst, len), mode, zeropage: 0 };
-        // SAFETY: UFFDIO_ZEROPAGE fills only empty entries of ranges registered
-        // with this descriptor (see the module docs).
-        let r = unsafe { ioctl_update(self.fd(), OP_ZEROPAGE, &mut arg) };
-        outcome(r, arg.zeropage, len)
+        within_vmas(len, Errno::NOENT, |off, len| {
+            let mut arg = uapi::uffdio_zeropage { range: range(dst + off, len), mode, zeropage: 0 };
+            // SAFETY: UFFDIO_ZEROPAGE fills only empty entries of ranges
+            // registered with this descriptor (see the module docs).
+            let r = unsafe { ioctl_update(self.fd(), OP_ZEROPAGE, &mut arg) };
+            outcome(r, arg.zeropage, len)
+        })
     }
 
     /// `UFFDIO_COPY`: allocate pages at the empty entries of `dst..dst + len`
@@ -276,11 +278,14 @@ impl Uffd {
     /// answers `EFAULT` if it cannot). Stops at the first error.
     pub fn copy(&self, dst: usize, src: *const u8, len: usize, dontwake: bool) -> Result<usize, Partial> {
         let mode = if dontwake { COPY_MODE_DONTWAKE } else { 0 };
-        let mut arg = uapi::uffdio_copy { dst: dst as u64, src: src as u64, len: len as u64, mode, copy: 0 };
-        // SAFETY: UFFDIO_COPY fills only empty entries of registered ranges and
-        // only reads `src` (see the module docs).
-        let r = unsafe { ioctl_update(self.fd(), OP_COPY, &mut arg) };
-        outcome(r, arg.copy, len)
+        within_vmas(len, Errno::NOENT, |off, len| {
+            let (dst, src) = (dst + off, src.wrapping_add(off));
+            let mut arg = uapi::uffdio_copy { dst: dst as u64, src: src as u64, len: len as u64, mode, copy: 0 };
+            // SAFETY: UFFDIO_COPY fills only empty entries of registered
+            // ranges and only reads `src` (see the module docs).
+            let r = unsafe { ioctl_update(self.fd(), OP_COPY, &mut arg) };
+            outcome(r, arg.copy, len)
+        })
     }
 
     /// `UFFDIO_MOVE`: move the pages of `src` (a sub-range of a [`Mapping`])
@@ -302,21 +307,26 @@ impl Uffd {
         if allow_src_holes {
             mode |= MOVE_MODE_ALLOW_SRC_HOLES;
         }
-        let mut arg = uapi::uffdio_move { dst: dst as u64, src: src_addr as u64, len: len as u64, mode, move_: 0 };
-        // SAFETY: the source is a Mapping, so no Rust reference sees its pages
-        // vanish; the destination only gets empty entries filled.
-        let r = unsafe { ioctl_update(self.fd(), OP_MOVE, &mut arg) };
-        outcome(r, arg.move_, len)
+        within_vmas(len, Errno::INVAL, |off, len| {
+            let (dst, src) = (dst + off, src_addr + off);
+            let mut arg = uapi::uffdio_move { dst: dst as u64, src: src as u64, len: len as u64, mode, move_: 0 };
+            // SAFETY: the source is a Mapping, so no Rust reference sees its
+            // pages vanish; the destination only gets empty entries filled.
+            let r = unsafe { ioctl_update(self.fd(), OP_MOVE, &mut arg) };
+            outcome(r, arg.move_, len)
+        })
     }
 
     /// `UFFDIO_POISON`: mark the empty entries of `dst..dst + len` so that any
     /// access raises SIGBUS.
     pub fn poison(&self, dst: usize, len: usize, dontwake: bool) -> Result<usize, Partial> {
         let mode = if dontwake { 1 } else { 0 };
-        let mut arg = uapi::uffdio_poison { range: range(dst, len), mode, updated: 0 };
-        // SAFETY: UFFDIO_POISON only marks empty entries of registered ranges.
-        let r = unsafe { ioctl_update(self.fd(), OP_POISON, &mut arg) };
-        outcome(r, arg.updated, len)
+        within_vmas(len, Errno::NOENT, |off, len| {
+            let mut arg = uapi::uffdio_poison { range: range(dst + off, len), mode, updated: 0 };
+            // SAFETY: UFFDIO_POISON only marks empty entries of registered ranges.
+            let r = unsafe { ioctl_update(self.fd(), OP_POISON, &mut arg) };
+            outcome(r, arg.updated, len)
+        })
     }
 
     /// `UFFDIO_WAKE`: wake threads waiting on faults in `start..start + len`
@@ -394,6 +404,44 @@ fn range(start: usize, len: usize) -> uapi::uffdio_range {
     uapi::uffdio_range { start: start as u64, len: len as u64 }
 }
 
+/// Runs a resolving ioctl `op(offset, len)` over `0..len`, split where the
+/// range crosses a VMA boundary.
+///
+/// The kernel refuses, before doing anything, a range that is not inside one
+/// VMA (`crossing`: `ENOENT` for COPY, ZEROPAGE and POISON, `EINVAL` for
+/// MOVE). One protection does not mean one VMA: two VMAs that got different
+/// `anon_vma`s while their protections differed never merge again. So a
+/// refused multi-page attempt is halved until a piece goes through, and the
+/// piece after it is tried up to the end of the refused attempt (a binary
+/// search for the boundary, a few ioctls per boundary). A single page that
+/// is refused is a real error.
+fn within_vmas(
+    len: usize,
+    crossing: Errno,
+    mut op: impl FnMut(usize, usize) -> Result<usize, Partial>,
+) -> Result<usize, Partial> {
+    use crate::sys::PAGE_SIZE;
+    let mut done = 0;
+    // The end of the last refused attempt: it crosses a boundary.
+    let mut refused_end = len;
+    while done < len {
+        let want = refused_end.min(len) - done;
+        match op(done, want) {
+            Ok(_) => {
+                done += want;
+                if done >= refused_end {
+                    refused_end = len;
+                }
+            }
+            Err(p) if p.errno == crossing && p.done == 0 && want > PAGE_SIZE => {
+                refused_end = done + (want / 2).next_multiple_of(PAGE_SIZE);
+            }
+            Err(p) => return Err(Partial { done: done + p.done, errno: p.errno }),
+        }
+    }
+    Ok(len)
+}
+
 /// Turns an ioctl result plus its progress field into bytes done or a
 /// [`Partial`] error. On error the kernel stores either the bytes done or a
 /// negative errno in the progress field.
@@ -439,5 +487,47 @@ mod tests {
         let hole = u.move_pages(stage.addr() + PAGE_SIZE, &region, 3 * PAGE_SIZE, PAGE_SIZE, false, true);
         assert_eq!(hole.unwrap_err().errno, Errno::NOENT);
         assert!(u.move_pages(stage.addr() + PAGE_SIZE, &region, 3 * PAGE_SIZE, PAGE_SIZE, true, true).is_ok());
+    }
+
+    /// Two VMAs with different `anon_vma`s never merge back, even once
+    /// their protections agree again: a range with one protection can still
+    /// span two VMAs. Each resolving ioctl must still fill all of it.
+    #[test]
+    fn ranges_across_unmerged_vmas() {
+        let u = Uffd::open(feature::MOVE | feature::POISON, true).unwrap();
+        let n = 8 * PAGE_SIZE;
+        let region = Mapping::anonymous(n, Protection::ReadWrite, PAGE_SIZE).unwrap();
+        let stage = Mapping::anonymous(n, Protection::ReadWrite, PAGE_SIZE).unwrap();
+        u.register(&region, 0, n, false).unwrap();
+        u.register(&stage, 0, n, false).unwrap();
+        // Split in three, give the outer two their own anon_vma, rejoin.
+        region.protect(3 * PAGE_SIZE, PAGE_SIZE, Protection::Read).unwrap();
+        let data = vec![1u8; PAGE_SIZE];
+        assert!(u.copy(region.addr(), data.as_ptr(), PAGE_SIZE, false).is_ok());
+        assert!(u.copy(region.addr() + 5 * PAGE_SIZE, data.as_ptr(), PAGE_SIZE, false).is_ok());
+        region.protect(3 * PAGE_SIZE, PAGE_SIZE, Protection::ReadWrite).unwrap();
+        let src: Vec<u8> = (0..n).map(|i| (i / PAGE_SIZE) as u8 + 1).collect();
+        let contents = |m: &Mapping| {
+            let mut b = vec![0u8; n];
+            m.read(0, &mut b).unwrap();
+            b
+        };
+        region.discard(0, n).unwrap();
+        assert_eq!(u.copy(region.addr(), src.as_ptr(), n, true), Ok(n), "COPY across VMAs");
+        assert_eq!(contents(&region), src);
+        assert_eq!(u.move_pages(stage.addr(), &region, 0, n, false, true), Ok(n), "MOVE from across VMAs");
+        assert_eq!(contents(&stage), src);
+        assert_eq!(u.move_pages(region.addr(), &stage, 0, n, false, true), Ok(n), "MOVE to across VMAs");
+        assert_eq!(contents(&region), src);
+        region.discard(0, n).unwrap();
+        assert_eq!(u.zeropage(region.addr(), n, true), Ok(n), "ZEROPAGE across VMAs");
+        // Progress is counted across pieces: a page present at 6 stops the
+        // copy there (EAGAIN, as the kernel reports a partial copy).
+        region.discard(0, n).unwrap();
+        assert!(u.copy(region.addr() + 6 * PAGE_SIZE, data.as_ptr(), PAGE_SIZE, true).is_ok());
+        let e = u.copy(region.addr(), src.as_ptr(), n, true).unwrap_err();
+        assert_eq!((e.errno, e.done), (Errno::AGAIN, 6 * PAGE_SIZE));
+        region.discard(0, n).unwrap();
+        assert_eq!(u.poison(region.addr(), n, true), Ok(n), "POISON across VMAs");
     }
 }
