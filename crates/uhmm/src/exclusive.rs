@@ -167,13 +167,16 @@ impl AddressSpace {
             // The grant unlocks what it holds even if this fails.
             let off = space.holding.take()?;
             let dst = space.holding.addr(off);
-            match space.uffd.move_pages(dst, &region.map, (pages.start + i) * PAGE_SIZE, PAGE_SIZE, false, true) {
-                Ok(_) => grant.held[i] = Held::At(off),
-                Err(e) => {
-                    // Pinned or shared (EBUSY): it stays with the CPU.
-                    tracing::debug!(errno = %e.errno, "page not made exclusive");
-                    space.holding.give_back(off);
-                }
+            let moved = space.uffd.move_pages(dst, &region.map, (pages.start + i) * PAGE_SIZE, PAGE_SIZE, false, true);
+            // The kernel can move a page and still answer an error (see
+            // migrate.rs): the page table says whether it moved.
+            let moved = moved.is_ok() || !space.is_present(region.addr_of(pages.start + i))?;
+            if moved {
+                grant.held[i] = Held::At(off);
+            } else {
+                // Pinned or shared (EBUSY): it stays with the CPU.
+                tracing::debug!("page not made exclusive");
+                space.holding.give_back(off);
             }
         }
         Ok(grant)
@@ -195,6 +198,15 @@ pub(crate) fn revoke(space: &SpaceInner, region: &RegionInner, idx: usize, slot:
         // mappings, so copy the page home instead.
         Err(e) if e.errno == Errno::INVAL => {
             space.uffd.copy(addr, space.holding.addr(off) as *const u8, PAGE_SIZE, true)
+        }
+        other => other,
+    };
+    // The kernel can move a page and still answer an error (see
+    // migrate.rs): a page now in place came home.
+    let moved = match moved {
+        Err(e) if space.is_present(addr).unwrap_or(false) => {
+            tracing::debug!(errno = %e.errno, "the page came home despite the error");
+            Ok(PAGE_SIZE)
         }
         other => other,
     };

@@ -525,6 +525,18 @@ impl Inner {
                                 continue;
                             }
                             busy_tries = 0;
+                            // Whatever the error said, the page table decides
+                            // whether page k moved: the kernel (6.18) has
+                            // been seen to answer EEXIST, nothing done, to a
+                            // one-page move whose page did move (the region's
+                            // entry empty, the slot full afterwards).
+                            // Skipping it would leave its data in a slot about
+                            // to be emptied: the soak's zeroed pages.
+                            if !space.is_present(region.addr_of(first + k))? {
+                                // Moved, or a hole: the scan below tells which.
+                                i = k + 1;
+                                continue;
+                            }
                             if e.errno != Errno::BUSY {
                                 tracing::warn!(errno = %e.errno, "UFFDIO_MOVE into staging failed; page skipped");
                             }
@@ -541,8 +553,10 @@ impl Inner {
                 // still until the zap. (A kernel pin on such a page is not
                 // seen on this path: copy and zap ignore it.)
                 let frozen = region.prot_frozen();
-                if frozen.prot_at(first + run.start).contains(Prot::WRITE) {
-                    // Made writable since the runs were read: skip, busy.
+                if run.clone().any(|i| frozen.prot_at(first + i).contains(Prot::WRITE)) {
+                    // Made writable since the runs were read (any page of
+                    // it: a write between the copy and the zap below would
+                    // be lost): skip, busy.
                     drop(frozen);
                     for i in run {
                         self.unlock_skip(i);
@@ -786,7 +800,10 @@ impl Inner {
                         Err(err) => tracing::error!(%err, "copying pages back failed; retrying"),
                     }
                 } else if e.errno == Errno::EXIST {
-                    tracing::error!(addr = dst + done, "a page appeared under a locked entry; keeping it");
+                    // The page is there: the kernel can move a page and
+                    // still answer EEXIST (see unmap_system_into); nothing
+                    // else fills a locked entry.
+                    tracing::debug!(addr = dst + done, "EEXIST mapping a page back; the page is in place");
                     done += PAGE_SIZE;
                 }
                 if done >= len {
@@ -910,7 +927,9 @@ pub fn migrate_device_range(
         for k in mapped {
             let p = inner.pages[k];
             let from = &inner.regions[p.region as usize].map;
-            if space.uffd.move_pages(stage.addr(k), from, p.idx * PAGE_SIZE, PAGE_SIZE, false, true).is_err() {
+            let moved = space.uffd.move_pages(stage.addr(k), from, p.idx * PAGE_SIZE, PAGE_SIZE, false, true);
+            // An error does not prove the page stayed (see unmap_system_into).
+            if moved.is_err() && space.is_present(inner.regions[p.region as usize].addr_of(p.idx))? {
                 inner.unlock_skip(k);
             }
         }

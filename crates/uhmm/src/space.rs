@@ -510,6 +510,12 @@ impl SpaceInner {
         Ok(runs)
     }
 
+    /// Whether the page at `addr` holds data in the kernel's page table
+    /// (present or swapped out).
+    pub(crate) fn is_present(&self, addr: usize) -> Result<bool> {
+        Ok(!self.scan(addr, addr + PAGE_SIZE, Query::any_of(category::PRESENT | category::SWAPPED))?.is_empty())
+    }
+
     /// Unlocks page `idx` of `region` into `state`, waking any thread that
     /// faulted on it meanwhile.
     pub(crate) fn unlock_wake(&self, region: &RegionInner, idx: usize, state: State) {
