@@ -49,8 +49,8 @@ pub use error::{Error, ErrorKind, Result};
 pub use exclusive::ExclusiveGrant;
 pub use fault::CpuFault;
 pub use migrate::{
-    ChunkDriver, Collected, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select, migrate_chunked,
-    migrate_device_range,
+    ChunkDriver, Collected, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, PipelinedDriver, Select,
+    migrate_chunked, migrate_device_range, migrate_pipelined,
 };
 pub use mirror::{AccessPage, RangeAccess, range_fault};
 pub use move_pages::{MoveStatus, MoveTarget, move_pages};

@@ -953,6 +953,32 @@ pub trait ChunkDriver {
     }
 }
 
+/// A driver whose copies run asynchronously (a DMA engine with fences), so
+/// that [`migrate_pipelined`] can overlap them with uhmm's own work: while
+/// the engine copies one chunk, uhmm sets up the next and finalizes the one
+/// before.
+pub trait PipelinedDriver {
+    /// A copy in flight: the driver's fence and what it needs to set the
+    /// destinations once the copy is done. Dropping it must wait for the
+    /// copy (the pages it reads and writes are about to be reused).
+    type Pending;
+
+    /// Allocate destinations for the collected pages of `m` and start
+    /// copying; do not set destinations yet. On error nothing may be left
+    /// copying.
+    fn alloc_and_submit(&mut self, m: &mut Migration<Collected>) -> Result<Self::Pending>;
+
+    /// Wait for `pending`'s copy and set the destinations of the pages it
+    /// copied (none if the copy failed: the pages stay where they were).
+    fn wait_and_set(&mut self, m: &mut Migration<Collected>, pending: Self::Pending) -> Result<()>;
+
+    /// After `pages`, before `finalize`: update the device's page table for
+    /// the pages that moved, while they are still locked.
+    fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
+        let _ = m;
+    }
+}
+
 /// Drives the three steps over `range` in chunks of `chunk_pages` pages
 /// (like nouveau's migration loop): for each chunk `setup`, the driver's
 /// `alloc_and_copy`, `pages`, the driver's `finalize_and_map`, `finalize`.
@@ -965,6 +991,37 @@ pub fn migrate_chunked(
     owner: Owner,
     driver: &mut impl ChunkDriver,
 ) -> Result<MigrateSummary> {
+    /// A synchronous driver is a pipelined one whose copies are done when
+    /// they are submitted.
+    struct Sync<'a, D>(&'a mut D);
+    impl<D: ChunkDriver> PipelinedDriver for Sync<'_, D> {
+        type Pending = ();
+        fn alloc_and_submit(&mut self, m: &mut Migration<Collected>) -> Result<()> {
+            self.0.alloc_and_copy(m)
+        }
+        fn wait_and_set(&mut self, _: &mut Migration<Collected>, (): ()) -> Result<()> {
+            Ok(())
+        }
+        fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
+            self.0.finalize_and_map(m);
+        }
+    }
+    migrate_pipelined(space, range, chunk_pages, select, owner, &mut Sync(driver))
+}
+
+/// [`migrate_chunked`] with the copies of one chunk overlapping the setup of
+/// the next and the finalize of the one before: two chunks are in flight at
+/// a time, each holding its own pages. Stops at the first error: chunks
+/// before it stay migrated, the chunk in flight beside it is restored once
+/// its copy has finished.
+pub fn migrate_pipelined<D: PipelinedDriver>(
+    space: &AddressSpace,
+    range: Range<usize>,
+    chunk_pages: usize,
+    select: Select,
+    owner: Owner,
+    driver: &mut D,
+) -> Result<MigrateSummary> {
     if chunk_pages == 0 {
         return Err(Error::invalid("chunk_pages must be > 0"));
     }
@@ -973,16 +1030,44 @@ pub fn migrate_chunked(
     if end <= start {
         return Err(Error::invalid("empty range"));
     }
+    fn complete<D: PipelinedDriver>(
+        driver: &mut D,
+        (mut m, pending): (Migration<Collected>, D::Pending),
+    ) -> Result<MigrateSummary> {
+        driver.wait_and_set(&mut m, pending)?;
+        let m = m.pages();
+        driver.finalize_and_map(&m);
+        Ok(m.finalize())
+    }
     let mut total = MigrateSummary::default();
+    let mut in_flight = None;
     let mut at = start;
     while at < end {
         let next = end.min(at.saturating_add(chunk_pages * PAGE_SIZE));
-        let mut m = Migration::setup(space, at..next, select, owner)?;
-        driver.alloc_and_copy(&mut m)?;
-        let m = m.pages();
-        driver.finalize_and_map(&m);
-        total += m.finalize();
+        let submitted = Migration::setup(space, at..next, select, owner).and_then(|mut m| {
+            let pending = driver.alloc_and_submit(&mut m)?;
+            Ok((m, pending))
+        });
+        // The chunk before finishes whatever happened to this one.
+        let previous = in_flight.take().map(|chunk| complete(driver, chunk));
+        match previous {
+            Some(Err(e)) => {
+                // Abandon this chunk: its copy finishes (dropping the pending
+                // copy waits for it), then its pages are restored.
+                if let Ok((m, pending)) = submitted {
+                    drop(pending);
+                    drop(m);
+                }
+                return Err(e);
+            }
+            Some(Ok(s)) => total += s,
+            None => {}
+        }
+        in_flight = Some(submitted?);
         at = next;
+    }
+    if let Some(chunk) = in_flight {
+        total += complete(driver, chunk)?;
     }
     Ok(total)
 }

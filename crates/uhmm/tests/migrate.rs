@@ -286,6 +286,63 @@ fn chunked_helper_covers_the_range() {
     check(&r, 0..100);
 }
 
+/// A pipelined driver whose copy of chunk `fail_at` fails: chunks before it
+/// stay migrated, it and the chunk in flight beside it are restored (that
+/// one's pending copy dropped, not waited through the driver), and no page
+/// stays locked.
+#[test]
+fn pipelined_helper_overlaps_chunks_and_stops_at_an_error() {
+    struct Piped<'a> {
+        dev: &'a TestDev,
+        submitted: usize,
+        fail_at: usize,
+        /// Most chunks submitted and not yet waited for at once.
+        max_in_flight: usize,
+        in_flight: usize,
+    }
+    impl uhmm::PipelinedDriver for Piped<'_> {
+        type Pending = usize;
+        fn alloc_and_submit(&mut self, _: &mut Migration<Collected>) -> Result<usize> {
+            self.submitted += 1;
+            self.in_flight += 1;
+            self.max_in_flight = self.max_in_flight.max(self.in_flight);
+            Ok(self.submitted - 1)
+        }
+        fn wait_and_set(&mut self, m: &mut Migration<Collected>, chunk: usize) -> Result<()> {
+            self.in_flight -= 1;
+            if chunk == self.fail_at {
+                return Err(uhmm::Error::new(ErrorKind::Fault, "copy failed"));
+            }
+            self.dev.copy_in(m);
+            Ok(())
+        }
+    }
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(100 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..100);
+    let mut all = Piped { dev: &dev, submitted: 0, fail_at: usize::MAX, max_in_flight: 0, in_flight: 0 };
+    let s = uhmm::migrate_pipelined(&space, r.range(), 16, Select::SYSTEM, dev.owner, &mut all).unwrap();
+    assert_eq!((s.npages, s.cpages, s.migrated), (100, 100, 100));
+    assert_eq!((all.submitted, all.max_in_flight, all.in_flight), (7, 2, 0), "two chunks overlap");
+    check(&r, 0..100);
+    // Back to RAM (the CPU faults them in), then fail at the third chunk.
+    let r2 = space.map(100 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r2, 0..100);
+    let mut failing = Piped { dev: &dev, submitted: 0, fail_at: 2, max_in_flight: 0, in_flight: 0 };
+    let e = uhmm::migrate_pipelined(&space, r2.range(), 16, Select::SYSTEM, dev.owner, &mut failing).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Fault);
+    assert_eq!((failing.submitted, failing.in_flight), (4, 1), "the chunk beside the failed one was dropped");
+    let snap = space.snapshot(r2.range()).unwrap();
+    let on_device = |p: &uhmm::PageSnapshot| matches!(p.residency, Residency::Device(..));
+    assert!(snap[..32].iter().all(on_device), "chunks before the error stay migrated");
+    assert!(!snap[32..].iter().any(on_device), "the rest stays in RAM");
+    check(&r2, 0..100);
+    // Nothing stays locked: the whole range migrates now.
+    let s = migrate_chunked(&space, r2.range(), 16, Select::SYSTEM, dev.owner, &mut &*dev).unwrap();
+    assert_eq!(s.cpages, 100);
+}
+
 #[test]
 fn read_only_pages_migrate_and_come_back() {
     let space = space();

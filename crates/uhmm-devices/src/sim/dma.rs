@@ -105,19 +105,18 @@ impl DmaEngine {
         Ok(fence)
     }
 
-    /// Copies `ops` and waits for them.
-    ///
-    /// A small job (a CPU fault's window) is copied on the calling thread,
-    /// as a driver would use the CPU for a small transfer: handing it to the
-    /// engine thread costs a cross-CPU wake-up, longer than the copy.
-    pub(crate) fn copy(&self, ops: Vec<CopyOp>) -> Result<()> {
+    /// Starts `ops`: returns the fence to wait on, or `None` when they are
+    /// already done — an empty job, or a small one copied on the calling
+    /// thread with [`Dispatch::InlineSmall`].
+    pub(crate) fn run(&self, ops: Vec<CopyOp>, how: Dispatch) -> Result<Option<Arc<Fence>>> {
         if ops.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        if ops.len() <= INLINE_MAX_PAGES {
-            return run_ops(&ops).map_err(|msg| Error::new(ErrorKind::Fault, msg));
+        if how == Dispatch::InlineSmall && ops.len() <= INLINE_MAX_PAGES {
+            run_ops(&ops).map_err(|msg| Error::new(ErrorKind::Fault, msg))?;
+            return Ok(None);
         }
-        self.submit(ops)?.wait()
+        self.submit(ops).map(Some)
     }
 }
 
@@ -128,6 +127,17 @@ impl Drop for DmaEngine {
             let _ = t.join();
         }
     }
+}
+
+/// Where a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dispatch {
+    /// A small job (a CPU fault's window) is copied on the calling thread,
+    /// as a driver would use the CPU for a small transfer: handing it to the
+    /// engine thread costs a cross-CPU wake-up, longer than the copy.
+    InlineSmall,
+    /// On the engine thread, while the caller goes on (pipelined chunks).
+    Engine,
 }
 
 /// Jobs up to this many pages are copied on the caller's thread.

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use uhmm::sys::mman::{Mapping, Protection};
 use uhmm::{
-    AccessPage, AddressSpace, ChunkDriver, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn,
-    Error, ErrorKind, IntervalNotifierOps, InvalidateEvent, MigrateSrc, Migrated, Migration, NotifierHandle, Owner,
-    PAGE_SIZE, Prot, Residency, Result, Select, SystemPage, migrate_chunked, migrate_device_range, range_fault,
+    AccessPage, AddressSpace, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Error,
+    ErrorKind, IntervalNotifierOps, InvalidateEvent, MigrateSrc, Migrated, Migration, NotifierHandle, Owner, PAGE_SIZE,
+    PipelinedDriver, Prot, Residency, Result, Select, SystemPage, migrate_device_range, migrate_pipelined, range_fault,
 };
 
-use dma::{CopyOp, DevMem, DmaEngine};
+use dma::{CopyOp, DevMem, Dispatch, DmaEngine};
 
 /// Settings of a sim device.
 #[derive(Debug, Clone)]
@@ -309,8 +309,8 @@ impl SimDevice {
             return Err(Error::invalid("no read access to part of the range"));
         }
         let chunk = self.inner.config.migrate_chunk_pages;
-        let mut driver = ToDevice { dev: &self.inner };
-        migrate_chunked(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
+        let mut driver = Chunks { dev: &self.inner, to_device: true };
+        migrate_pipelined(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         let on_device = |a: &usize| matches!(table.by_addr.get(a), Some(Pte::Device(_) | Pte::Coherent(_)));
         let cpages = range.step_by(PAGE_SIZE).filter(on_device).count();
@@ -347,8 +347,8 @@ impl SimDevice {
     pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<Counters> {
         let range = check_range(addr, npages)?;
         let chunk = self.inner.config.migrate_chunk_pages;
-        let mut driver = ToSystem { dev: &self.inner };
-        let s = migrate_chunked(&self.inner.space, range, chunk, self.inner.select(), self.inner.owner, &mut driver)?;
+        let mut driver = Chunks { dev: &self.inner, to_device: false };
+        let s = migrate_pipelined(&self.inner.space, range, chunk, self.inner.select(), self.inner.owner, &mut driver)?;
         Ok(Counters { cpages: s.migrated, faults: 0 })
     }
 
@@ -650,8 +650,15 @@ impl SimInner {
     /// of `m`, copies them (zero-filling holes) and sets the destinations.
     /// Pages past the first failed allocation keep no destination.
     fn copy_to_device(&self, m: &mut Migration<Collected>) -> Result<()> {
+        let copy = self.submit_to_device(m, Dispatch::InlineSmall)?;
+        self.wait_and_set(m, copy)
+    }
+
+    /// The first half of [`SimInner::copy_to_device`]: allocate and start
+    /// the copies; [`SimInner::wait_and_set`] is the second.
+    fn submit_to_device(&self, m: &mut Migration<Collected>, how: Dispatch) -> Result<InFlight<'_>> {
         let mut ops = Vec::new();
-        let mut dsts = Vec::new();
+        let mut copy = InFlight { dev: self, fence: None, dsts: Vec::new() };
         let movable = |src: &MigrateSrc| !matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_));
         // A whole, aligned 2 MiB block gets a compound device page.
         let whole = m.npages() == HUGE_PAGES
@@ -665,58 +672,63 @@ impl SimInner {
         } else {
             None
         };
-        // Pages not yet handed to the migration go back to the free list on
-        // any error (the migration returns those it holds through page_free).
-        let mut handed = 0;
-        let result = (|| -> Result<()> {
-            for i in 0..m.npages() {
-                let src = m.src(i);
-                if !movable(&src) {
-                    continue;
-                }
-                let pfn = match compound {
-                    Some(base) => DevicePfn(base + i as u64),
-                    None => match self.alloc_page() {
-                        Some(pfn) => pfn,
-                        None => break,
-                    },
-                };
-                dsts.push((i, pfn));
-                if self.config.coherent {
-                    // The device page the CPU will map: a RAM page it fills.
-                    let dst = m.system_dst(i)?;
-                    ops.push(match src {
-                        MigrateSrc::System(sp) => CopyOp::Between(sp, dst),
-                        _ => CopyOp::ZeroSystem(dst),
-                    });
-                    continue;
-                }
-                let mem = self.dev_mem(pfn)?;
+        // Pages allocated here go back to the free list if `copy` is dropped
+        // before they are handed to the migration.
+        for i in 0..m.npages() {
+            let src = m.src(i);
+            if !movable(&src) {
+                continue;
+            }
+            let pfn = match compound {
+                Some(base) => DevicePfn(base + i as u64),
+                None => match self.alloc_page() {
+                    Some(pfn) => pfn,
+                    None => break,
+                },
+            };
+            copy.dsts.push((i, Some(pfn)));
+            if self.config.coherent {
+                // The device page the CPU will map: a RAM page it fills.
+                let dst = m.system_dst(i)?;
                 ops.push(match src {
-                    MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem),
-                    _ => CopyOp::Zero(mem),
+                    MigrateSrc::System(sp) => CopyOp::Between(sp, dst),
+                    _ => CopyOp::ZeroSystem(dst),
                 });
+                continue;
             }
-            let mut ops = std::mem::take(&mut ops);
-            if let Some(at) = (0..ops.len()).find(|_| self.chance(self.config.copy_error_rate)) {
-                // An injected copy error: the job fails after the copies
-                // before it (no destination is set; the pages are restored).
-                self.injected_copy_errors.fetch_add(1, Ordering::Relaxed);
-                ops.insert(at, CopyOp::Fail);
-            }
-            self.dma.copy(ops)?;
-            for &(i, pfn) in &dsts {
-                m.set_dst_device(i, self.page(pfn))?;
-                handed += 1;
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            for &(_, pfn) in &dsts[handed..] {
-                self.page_free(pfn);
+            let mem = self.dev_mem(pfn)?;
+            ops.push(match src {
+                MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem),
+                _ => CopyOp::Zero(mem),
+            });
+        }
+        if let Some(at) = (0..ops.len()).find(|_| self.chance(self.config.copy_error_rate)) {
+            // An injected copy error: the job fails after the copies before
+            // it (no destination is set; the pages are restored).
+            self.injected_copy_errors.fetch_add(1, Ordering::Relaxed);
+            ops.insert(at, CopyOp::Fail);
+        }
+        copy.fence = self.dma.run(ops, how)?;
+        Ok(copy)
+    }
+
+    /// Waits for `copy` and sets the destinations of the pages it copied
+    /// (none if the copy failed: the pages stay where they were).
+    fn wait_and_set(&self, m: &mut Migration<Collected>, mut copy: InFlight<'_>) -> Result<()> {
+        copy.wait()?;
+        let dsts = std::mem::take(&mut copy.dsts);
+        for (k, &(i, pfn)) in dsts.iter().enumerate() {
+            let set = match pfn {
+                Some(pfn) => m.set_dst_device(i, self.page(pfn)),
+                None => m.set_dst_system(i),
+            };
+            if let Err(e) = set {
+                // The rest go back when `copy` drops.
+                copy.dsts = dsts[k..].to_vec();
+                return Err(e);
             }
         }
-        result
+        Ok(())
     }
 
     /// Maps the pages that moved to this device in the device page table.
@@ -733,11 +745,19 @@ impl SimInner {
     /// that cannot get a RAM page is left where it is; one declared lost by
     /// `poison_next_copy_back` is not copied.
     fn copy_to_ram(&self, m: &mut Migration<Collected>) -> Result<()> {
+        let copy = self.submit_to_ram(m, Dispatch::InlineSmall)?;
+        self.wait_and_set(m, copy)
+    }
+
+    /// The first half of [`SimInner::copy_to_ram`]: start the copies;
+    /// [`SimInner::wait_and_set`] is the second.
+    fn submit_to_ram(&self, m: &mut Migration<Collected>, how: Dispatch) -> Result<InFlight<'_>> {
         let mut ops = Vec::new();
-        let mut dsts = Vec::new();
+        let mut copy = InFlight { dev: self, fence: None, dsts: Vec::new() };
         // The device's own pages leave its page table before the copy, under
-        // its lock: a device write either lands before the copy (and is
-        // copied) or finds no entry and faults (and waits for the page).
+        // its lock (device accesses copy under it): a device write either
+        // landed before (and is copied) or finds no entry and faults (and
+        // waits for the page).
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..m.npages() {
             let MigrateSrc::Device(p) = m.src(i) else {
@@ -759,14 +779,11 @@ impl SimInner {
             if let Some(a) = m.addr(i) {
                 table.remove_addr(a);
             }
-            dsts.push(i);
+            copy.dsts.push((i, None));
         }
-        self.dma.copy(ops)?;
         drop(table);
-        for i in dsts {
-            m.set_dst_system(i)?;
-        }
-        Ok(())
+        copy.fence = self.dma.run(ops, how)?;
+        Ok(copy)
     }
 
     /// dmirror_range_fault: fault `range` in and map it in the mirror,
@@ -863,32 +880,60 @@ impl DevicePagemapOps for SimInner {
     }
 }
 
-/// `alloc_and_copy` / `finalize_and_map` towards the device.
-struct ToDevice<'a> {
+/// Copies of one migration chunk handed to the DMA engine, and the pages
+/// to set once they are done: an index of the migration and, towards the
+/// device, the device page. Dropping it waits for the copies and gives back
+/// the device pages not handed to the migration.
+struct InFlight<'a> {
     dev: &'a SimInner,
+    fence: Option<Arc<dma::Fence>>,
+    dsts: Vec<(usize, Option<DevicePfn>)>,
 }
 
-impl ChunkDriver for ToDevice<'_> {
-    fn alloc_and_copy(&mut self, m: &mut Migration<Collected>) -> Result<()> {
-        self.dev.copy_to_device(m)
+impl InFlight<'_> {
+    fn wait(&mut self) -> Result<()> {
+        self.fence.take().map_or(Ok(()), |f| f.wait())
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let _ = self.wait();
+        for (_, pfn) in self.dsts.drain(..) {
+            if let Some(pfn) = pfn {
+                self.dev.page_free(pfn);
+            }
+        }
+    }
+}
+
+/// The explicit migrations' driver: pipelined, so the DMA thread copies one
+/// chunk while the caller sets up the next and finalizes the one before.
+struct Chunks<'a> {
+    dev: &'a SimInner,
+    to_device: bool,
+}
+
+impl<'a> PipelinedDriver for Chunks<'a> {
+    type Pending = InFlight<'a>;
+
+    fn alloc_and_submit(&mut self, m: &mut Migration<Collected>) -> Result<InFlight<'a>> {
+        if self.to_device {
+            self.dev.submit_to_device(m, Dispatch::Engine)
+        } else {
+            self.dev.submit_to_ram(m, Dispatch::Engine)
+        }
+    }
+
+    fn wait_and_set(&mut self, m: &mut Migration<Collected>, copy: InFlight<'a>) -> Result<()> {
+        self.dev.wait_and_set(m, copy)
     }
 
     fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
-        self.dev.map_moved_in(m);
-    }
-}
-
-/// `alloc_and_copy` / `finalize_and_map` back to RAM.
-struct ToSystem<'a> {
-    dev: &'a SimInner,
-}
-
-impl ChunkDriver for ToSystem<'_> {
-    fn alloc_and_copy(&mut self, m: &mut Migration<Collected>) -> Result<()> {
-        self.dev.copy_to_ram(m)
-    }
-
-    fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
-        self.dev.unmap_moved(m);
+        if self.to_device {
+            self.dev.map_moved_in(m);
+        } else {
+            self.dev.unmap_moved(m);
+        }
     }
 }
