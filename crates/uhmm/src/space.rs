@@ -568,7 +568,11 @@ impl SpaceInner {
         if !range.start.is_multiple_of(PAGE_SIZE) || !range.end.is_multiple_of(PAGE_SIZE) || range.is_empty() {
             return Err(Error::invalid("snapshot needs a non-empty, page-aligned range"));
         }
-        let mut out = Vec::with_capacity(range.len() / PAGE_SIZE);
+        // The range may cover any addresses (those of no region read as
+        // unmapped): one that cannot be reported is refused, not an abort.
+        let mut out = Vec::new();
+        out.try_reserve_exact(range.len() / PAGE_SIZE)
+            .map_err(|_| Error::new(ErrorKind::NoMemory, "snapshot: the range is too large to report"))?;
         let mut addr = range.start;
         while addr < range.end {
             let Some(region) = self.region_at(addr) else {
