@@ -43,6 +43,7 @@ mod region;
 mod space;
 mod staging;
 mod stats;
+mod sync;
 pub mod sys;
 
 pub use error::{Error, ErrorKind, Result};

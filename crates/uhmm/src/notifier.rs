@@ -25,9 +25,9 @@
 //! those in `finalize_and_map`), as dmirror does.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
-use std::time::Duration;
+
+use crate::sync::{AtomicU32, AtomicU64, Ordering, backoff};
 
 use crate::pagemap::Owner;
 
@@ -98,11 +98,7 @@ impl IntervalNotifier {
                 return seq;
             }
             spins += 1;
-            if spins < 64 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(20));
-            }
+            backoff(spins);
         }
     }
 
@@ -195,10 +191,11 @@ impl Drop for Invalidation {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Mutex;
+    use std::time::Duration;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<(Range<usize>, InvalidateEvent)>>);
@@ -253,5 +250,59 @@ mod tests {
         }
         let seq = t.join().unwrap();
         assert!(!n.read_retry(seq));
+    }
+}
+
+/// A loom model of the sequence protocol as a mirror uses it (dmirror's
+/// `range_fault` against an invalidation): whatever the interleaving, the
+/// mirror never keeps an entry older than the page. Run with
+/// `RUSTFLAGS="--cfg loom" cargo test -p uhmm --lib --release loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Mutex;
+
+    /// The device: its mirror entry for the one page (the page's version).
+    struct Mirror(Mutex<Option<u64>>);
+
+    impl IntervalNotifierOps for Mirror {
+        fn invalidate(&self, _: Range<usize>, _: InvalidateEvent) {
+            *self.0.lock().unwrap() = None;
+        }
+    }
+
+    #[test]
+    fn loom_a_mirror_never_keeps_a_stale_entry() {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(3);
+        b.check(|| {
+            let page = Arc::new(AtomicU64::new(1));
+            let mirror = Arc::new(Mirror(Mutex::new(None)));
+            let list = Arc::new(NotifierList::default());
+            let ops: Arc<dyn IntervalNotifierOps> = mirror.clone();
+            let handle = list.insert(0..4096, Arc::downgrade(&ops));
+            let (l2, p2) = (list.clone(), page.clone());
+            // The CPU side: the page changes inside an invalidation.
+            let cpu = loom::thread::spawn(move || {
+                let inv = l2.invalidate(0..4096, InvalidateEvent::Clear);
+                p2.store(2, Ordering::SeqCst);
+                drop(inv);
+            });
+            // The device: read_begin, read the page, then install under the
+            // mirror lock unless read_retry says to fault again.
+            for _attempt in 0..2 {
+                let seq = handle.read_begin();
+                let v = page.load(Ordering::SeqCst);
+                let mut entry = mirror.0.lock().unwrap();
+                if !handle.read_retry(seq) {
+                    *entry = Some(v);
+                    break;
+                }
+            }
+            cpu.join().unwrap();
+            if let Some(v) = *mirror.0.lock().unwrap() {
+                assert_eq!(v, page.load(Ordering::SeqCst), "the mirror kept a stale entry");
+            }
+        });
     }
 }

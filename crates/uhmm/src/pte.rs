@@ -9,9 +9,10 @@
 //! holds it. The table is sparse (three levels, leaves allocated on first
 //! write), so a 1 TiB region that is never touched costs a few KiB.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+use crate::sync::{AtomicU64, Condvar, Mutex, Ordering};
 
 use crate::pagemap::{DevicePage, DevicePfn};
 
@@ -325,7 +326,7 @@ impl WaitTable {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
@@ -425,5 +426,104 @@ mod tests {
             t.join().unwrap();
         }
         assert!(!pt.load(1).locked());
+    }
+}
+
+/// Model checks of the page-lock protocol with loom: every interleaving of
+/// a few threads (and every weak-memory outcome loom models) is explored.
+/// A lost wake-up shows as a deadlock, since loom's timed waits never time
+/// out. Run with `RUSTFLAGS="--cfg loom" cargo test -p uhmm --lib --release loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicUsize;
+
+    /// Every interleaving with up to three preemptions (loom's bound: the
+    /// protocol's races need one or two; unbounded, the spinning CAS loops
+    /// make the search run for minutes).
+    fn model(f: impl Fn() + Sync + Send + 'static) {
+        let mut b = loom::model::Builder::new();
+        b.preemption_bound = Some(3);
+        b.check(f);
+    }
+
+    /// A table of one page whose leaf exists (std's `OnceLock` allocates
+    /// leaves; it is not what is being checked).
+    fn table() -> Arc<(PageTable, WaitTable)> {
+        let pt = PageTable::new(1);
+        assert!(pt.try_lock(0).is_some());
+        let _ = pt.unlock(0, State::Cpu, &WaitTable::new());
+        Arc::new((pt, WaitTable::new()))
+    }
+
+    #[test]
+    fn loom_lock_is_exclusive_and_no_wakeup_is_lost() {
+        model(|| {
+            let t = table();
+            let inside = Arc::new(AtomicUsize::new(0));
+            let threads: Vec<_> = (0..1)
+                .map(|k| {
+                    let (t, inside) = (t.clone(), inside.clone());
+                    loom::thread::spawn(move || {
+                        let (pt, waits) = &*t;
+                        let _ = pt.lock(0, waits);
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        let _ = pt.unlock(0, if k == 0 { State::Poisoned } else { State::Cpu }, waits);
+                    })
+                })
+                .collect();
+            let (pt, waits) = &*t;
+            let _ = pt.lock(0, waits);
+            let _ = pt.unlock(0, State::Cpu, waits);
+            for th in threads {
+                th.join().unwrap();
+            }
+            assert!(!pt.load(0).locked());
+        });
+    }
+
+    #[test]
+    fn loom_a_fault_waiter_is_never_forgotten() {
+        // The unlocker must learn of every thread that registered as waiting
+        // in the kernel while the page was locked, or that thread sleeps
+        // forever; a registration after the unlock must fail (the fault
+        // handler then resolves the fault itself).
+        model(|| {
+            let t = table();
+            let (pt, _) = &*t;
+            assert!(pt.try_lock(0).is_some());
+            let t2 = t.clone();
+            let fault = loom::thread::spawn(move || t2.0.add_fault_waiter(0));
+            let must_wake = pt.unlock(0, State::Cpu, &t.1);
+            let registered = fault.join().unwrap();
+            assert!(!registered || must_wake, "a registered fault waiter was not reported to the unlocker");
+        });
+    }
+
+    #[test]
+    fn loom_fill_and_migration_locks_exclude_each_other() {
+        model(|| {
+            let t = table();
+            let t2 = t.clone();
+            let fill = loom::thread::spawn(move || {
+                let ok = t2.0.try_lock_for_fill(0);
+                if ok {
+                    let _ = t2.0.unlock(0, State::Cpu, &t2.1);
+                }
+                ok
+            });
+            let (pt, waits) = &*t;
+            let migrated = pt.try_lock(0).is_some();
+            let filling_seen = pt.filling(0);
+            if migrated {
+                assert!(!filling_seen, "a fill lock seen while holding the page");
+                let _ = pt.unlock(0, State::Cpu, waits);
+            }
+            let filled = fill.join().unwrap();
+            assert!(filled || migrated, "both lockers failed with the page free at the end");
+            assert!(!pt.load(0).locked());
+        });
     }
 }
