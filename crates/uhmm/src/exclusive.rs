@@ -169,8 +169,10 @@ impl AddressSpace {
             let dst = space.holding.addr(off);
             let moved = space.uffd.move_pages(dst, &region.map, (pages.start + i) * PAGE_SIZE, PAGE_SIZE, false, true);
             // The kernel can move a page and still answer an error (see
-            // migrate.rs): the page table says whether it moved.
-            let moved = moved.is_ok() || !space.is_present(region.addr_of(pages.start + i))?;
+            // migrate.rs): the page table says whether it moved. If even
+            // that cannot be read, count it held: revoking finds it either
+            // way, while a page wrongly counted as staying would be lost.
+            let moved = moved.is_ok() || !matches!(space.is_present(region.addr_of(pages.start + i)), Ok(true));
             if moved {
                 grant.held[i] = Held::At(off);
             } else {
