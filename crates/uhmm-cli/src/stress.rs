@@ -58,6 +58,16 @@ pub struct StressArgs {
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     pub copy_error_rate: f64,
 
+    /// Chance per page coming back to RAM that the device gets no RAM page
+    /// for it and keeps it, to retry (`SimConfig::copy_back_fail_rate`).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub copy_back_fail_rate: f64,
+
+    /// Each DMA job waits a random 0 to this many microseconds: slow
+    /// completions (`SimConfig::dma_delay_us`).
+    #[arg(long, default_value_t = 0)]
+    pub dma_delay_us: u64,
+
     /// Seconds between checkpoints (all threads stop, every byte is verified).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint: u64,
@@ -442,6 +452,8 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
             migrate_chunk_pages: 64,
             alloc_fail_rate: args.alloc_fail_rate,
             copy_error_rate: args.copy_error_rate,
+            copy_back_fail_rate: args.copy_back_fail_rate,
+            dma_delay_us: args.dma_delay_us,
             fault_seed: args.seed ^ (0xd0 + u64::from(d)),
             ..SimConfig::default()
         };
@@ -475,13 +487,15 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let mut rngs: Vec<Rng> =
         (0..writers + migrators).map(|i| Rng(args.seed ^ (i as u64).wrapping_mul(0x1234_5678_9abc_def1))).collect();
     println!(
-        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {}, {} device(s), alloc-fail-rate {}, copy-error-rate {}, seed {:#x}",
+        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {}, {} device(s), alloc-fail-rate {}, copy-error-rate {}, copy-back-fail-rate {}, dma-delay-us {}, seed {:#x}",
         args.seconds,
         w.regions.len(),
         human(size),
         w.devices.len(),
         args.alloc_fail_rate,
         args.copy_error_rate,
+        args.copy_back_fail_rate,
+        args.dma_delay_us,
         args.seed
     );
     let deadline = start + Duration::from_secs(args.seconds);
@@ -571,11 +585,12 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let stats = space.stats();
     let lost = t.lost.load(Ordering::Relaxed) + lost_at_checkpoints + lost_final;
     let unexpected = t.unexpected.load(Ordering::Relaxed);
-    let (mut inj_alloc, mut inj_copy) = (0, 0);
+    let (mut inj_alloc, mut inj_copy, mut inj_back) = (0, 0, 0);
     for dev in &w.devices {
         let (a, c) = dev.injected_faults();
         inj_alloc += a;
         inj_copy += c;
+        inj_back += dev.injected_copy_back_failures();
     }
     let ops = t.reads.load(Ordering::Relaxed)
         + t.writes.load(Ordering::Relaxed)
@@ -607,7 +622,9 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     );
     println!("  busy pages skipped:       {}", stats.busy_pages);
     println!("  poisoned pages:           {}", stats.poisoned_pages);
-    println!("  injected faults:          {inj_alloc} allocation failures, {inj_copy} copy errors");
+    println!(
+        "  injected faults:          {inj_alloc} allocation failures, {inj_copy} copy errors, {inj_back} copy-back failures"
+    );
     println!("  unexpected errors:        {unexpected}");
     println!("  lost or corrupted bytes: {lost}");
     if stats.poisoned_pages != 0 {

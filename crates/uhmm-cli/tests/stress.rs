@@ -19,11 +19,27 @@ fn short_soak_with_fault_injection_loses_nothing() {
 
 #[test]
 fn two_devices_pass_and_three_are_refused() {
-    // Two devices, a short run: still clean.
-    let (code, out, err) =
-        run_uhmm(&["stress", "--seconds", "2", "--devices", "2", "--size", "2M", "--checkpoint", "1"]);
-    assert_eq!(code, Some(0), "--devices 2 failed\n--- stdout\n{out}\n--- stderr\n{err}");
+    // Two devices, a short run, with failures on the way back to RAM and
+    // slow DMA completions: still clean.
+    let args = [
+        "stress",
+        "--seconds",
+        "2",
+        "--devices",
+        "2",
+        "--size",
+        "2M",
+        "--checkpoint",
+        "1",
+        "--copy-back-fail-rate",
+        "0.05",
+        "--dma-delay-us",
+        "100",
+    ];
+    let (code, out, err) = run_uhmm(&args);
+    assert_eq!(code, Some(0), "uhmm {args:?} failed\n--- stdout\n{out}\n--- stderr\n{err}");
     assert!(out.contains("lost or corrupted bytes: 0"), "{out}");
+    assert!(!out.contains(", 0 copy-back failures"), "no copy-back failure was injected\n{out}");
     // Three devices are refused by the argument parser.
     let (code, _, _) = run_uhmm(&["stress", "--devices", "3"]);
     assert_eq!(code, Some(2));

@@ -83,16 +83,44 @@ impl Drop for Job {
 pub(crate) struct DmaEngine {
     queue: Mutex<Option<Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Injected delays: each job waits up to this long before it runs.
+    delay: Arc<Delay>,
+}
+
+/// Slow completions, injected: a random wait of 0 to `max_us` microseconds
+/// before each job (xorshift, seeded).
+#[derive(Debug)]
+struct Delay {
+    max_us: u64,
+    rng: std::sync::atomic::AtomicU64,
+}
+
+impl Delay {
+    fn wait(&self) {
+        if self.max_us == 0 {
+            return;
+        }
+        let mut x = self.rng.load(std::sync::atomic::Ordering::Relaxed) | 1;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, std::sync::atomic::Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_micros(x % (self.max_us + 1)));
+    }
 }
 
 impl DmaEngine {
-    pub(crate) fn start() -> Result<DmaEngine> {
+    /// Starts the engine thread; every job first waits a random 0 to
+    /// `delay_us` microseconds (0: none).
+    pub(crate) fn start(delay_us: u64, seed: u64) -> Result<DmaEngine> {
         let (tx, rx) = channel::<Job>();
+        let delay = Arc::new(Delay { max_us: delay_us, rng: std::sync::atomic::AtomicU64::new(seed) });
+        let engine_delay = delay.clone();
         let thread = std::thread::Builder::new()
             .name("uhmm-sim-dma".into())
-            .spawn(move || run(&rx))
+            .spawn(move || run(&rx, &engine_delay))
             .map_err(|e| Error::sys("spawn DMA thread", e))?;
-        Ok(DmaEngine { queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        Ok(DmaEngine { queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), delay })
     }
 
     /// Queues `ops`; the returned fence signals when all are done.
@@ -113,6 +141,7 @@ impl DmaEngine {
             return Ok(None);
         }
         if how == Dispatch::InlineSmall && ops.len() <= INLINE_MAX_PAGES {
+            self.delay.wait();
             run_ops(&ops).map_err(|msg| Error::new(ErrorKind::Fault, msg))?;
             return Ok(None);
         }
@@ -143,8 +172,9 @@ pub(crate) enum Dispatch {
 /// Jobs up to this many pages are copied on the caller's thread.
 const INLINE_MAX_PAGES: usize = 512;
 
-fn run(rx: &Receiver<Job>) {
+fn run(rx: &Receiver<Job>, delay: &Delay) {
     while let Ok(job) = rx.recv() {
+        delay.wait();
         let result = run_ops(&job.ops);
         job.fence.signal(result);
     }

@@ -48,6 +48,17 @@ pub struct SimConfig {
     /// copy job fails; the migration chunk is then dropped and its pages are
     /// restored where they were. Copies back to RAM never fail this way.
     pub copy_error_rate: f64,
+    /// Fault injection: the chance, per page coming back to RAM, that the
+    /// driver gets no RAM page for it (the kernel's failed allocation in
+    /// `migrate_to_ram` or eviction). The driver's choice, as the kernel
+    /// allows, is to retry rather than poison: the page stays on the device
+    /// (explicit migrations report it as not migrated, the CPU fault path
+    /// and `release()` try again).
+    pub copy_back_fail_rate: f64,
+    /// Fault injection: each copy job waits a random 0 to this many
+    /// microseconds before it runs (slow DMA completions; with pipelined
+    /// migrations, chunks complete late relative to the caller's work).
+    pub dma_delay_us: u64,
     /// Seed of the fault-injection generator (deterministic per seed).
     pub fault_seed: u64,
 }
@@ -61,6 +72,8 @@ impl Default for SimConfig {
             coherent: false,
             alloc_fail_rate: 0.0,
             copy_error_rate: 0.0,
+            copy_back_fail_rate: 0.0,
+            dma_delay_us: 0,
             fault_seed: 0,
         }
     }
@@ -128,6 +141,7 @@ struct SimInner {
     /// Allocations failed and copy jobs failed by injection.
     injected_alloc_failures: AtomicU64,
     injected_copy_errors: AtomicU64,
+    injected_copy_back_failures: AtomicU64,
     /// Compound (2 MiB) device pages allocated.
     huge_allocs: AtomicU64,
     /// Whole 2 MiB blocks that fell back to small device pages.
@@ -217,7 +231,8 @@ impl SimDevice {
             return Err(Error::invalid("migrate_chunk_pages must be > 0"));
         }
         let rate_ok = |r: f64| (0.0..=1.0).contains(&r);
-        if !rate_ok(config.alloc_fail_rate) || !rate_ok(config.copy_error_rate) {
+        if !rate_ok(config.alloc_fail_rate) || !rate_ok(config.copy_error_rate) || !rate_ok(config.copy_back_fail_rate)
+        {
             return Err(Error::invalid("fault-injection rates must be within 0.0..=1.0"));
         }
         let inner = Arc::new(SimInner {
@@ -225,7 +240,7 @@ impl SimDevice {
             owner: Owner::new(),
             pagemap: OnceLock::new(),
             mem: Mutex::new(Memory::default()),
-            dma: DmaEngine::start()?,
+            dma: DmaEngine::start(config.dma_delay_us, config.fault_seed)?,
             table: Mutex::new(Table::default()),
             notifier: OnceLock::new(),
             fail_next_alloc: AtomicBool::new(false),
@@ -233,6 +248,7 @@ impl SimDevice {
             fault_rng: AtomicU64::new(config.fault_seed),
             injected_alloc_failures: AtomicU64::new(0),
             injected_copy_errors: AtomicU64::new(0),
+            injected_copy_back_failures: AtomicU64::new(0),
             huge_allocs: AtomicU64::new(0),
             huge_fallbacks: AtomicU64::new(0),
             config,
@@ -283,6 +299,12 @@ impl SimDevice {
             self.inner.injected_alloc_failures.load(Ordering::Relaxed),
             self.inner.injected_copy_errors.load(Ordering::Relaxed),
         )
+    }
+
+    /// Pages left on the device by injected copy-back failures
+    /// (`copy_back_fail_rate`).
+    pub fn injected_copy_back_failures(&self) -> u64 {
+        self.inner.injected_copy_back_failures.load(Ordering::Relaxed)
     }
 
     /// The next device or system page allocation in a migration fails, once.
@@ -764,6 +786,11 @@ impl SimInner {
                 continue;
             };
             if p.pagemap != self.pagemap().id() || self.take_fail() {
+                continue;
+            }
+            if self.chance(self.config.copy_back_fail_rate) {
+                // No RAM page for it: it stays on the device, to be retried.
+                self.injected_copy_back_failures.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if self.poison_next_copy_back.swap(false, Ordering::SeqCst) {
