@@ -179,12 +179,17 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
     }
 }
 
-/// Faults waiting to be resolved (page address, write access), without
-/// duplicates, in arrival order.
+/// Faults waiting to be resolved (page address, write access, failed
+/// attempts), without duplicates, in arrival order.
 #[derive(Debug, Default)]
 pub(crate) struct FaultQueue {
-    pending: Vec<(usize, bool)>,
+    pending: Vec<(usize, bool, u8)>,
 }
+
+/// Failed resolutions of a fault, each a poll round (1 ms) apart, before its
+/// thread is woken to fault again: an error that persists is retried at a
+/// walking pace, not in a hot loop of wake, fault, fail.
+const FAULT_ATTEMPTS: u8 = 4;
 
 impl FaultQueue {
     /// Queues a fault on the page at `addr`; false if it is already queued
@@ -194,7 +199,7 @@ impl FaultQueue {
             f.1 |= write;
             return false;
         }
-        self.pending.push((addr, write));
+        self.pending.push((addr, write, 0));
         true
     }
 
@@ -202,21 +207,27 @@ impl FaultQueue {
         self.pending.is_empty()
     }
 
-    /// Resolves every queued fault with `resolve`; those answered with
-    /// `EAGAIN` stay queued for the next round, the rest leave the queue.
+    /// Resolves every queued fault with `resolve`. Those answered with
+    /// `EAGAIN` stay queued for the next round; a failed one stays queued
+    /// for up to [`FAULT_ATTEMPTS`] rounds, then its thread is woken; the
+    /// rest leave the queue.
     pub(crate) fn drain(
         &mut self,
         mut resolve: impl FnMut(usize, bool) -> Result<(), Errno>,
         mut wake: impl FnMut(usize),
     ) {
-        self.pending.retain(|&(addr, write)| match resolve(addr, write) {
+        self.pending.retain_mut(|(addr, write, failed)| match resolve(*addr, *write) {
             Ok(()) => false,
             Err(Errno::AGAIN) => true,
             Err(err) => {
+                *failed += 1;
+                if *failed < FAULT_ATTEMPTS {
+                    return true;
+                }
                 // Wake the thread anyway: it retries (and faults again)
                 // rather than waiting forever.
-                tracing::error!(%err, addr, "fault could not be resolved");
-                wake(addr);
+                tracing::error!(%err, addr = *addr, "fault could not be resolved");
+                wake(*addr);
                 false
             }
         });
@@ -597,7 +608,7 @@ mod tests {
     }
 
     #[test]
-    fn queue_retries_eagain_only() {
+    fn queue_retries_eagain_and_paces_failures() {
         let mut q = FaultQueue::default();
         q.push(0x1000, false);
         q.push(0x2000, false);
@@ -611,8 +622,11 @@ mod tests {
             },
             |a| woken.push(a),
         );
-        assert_eq!(woken, vec![0x2000], "a failed fault's thread is woken to retry");
-        assert!(!q.is_empty());
+        assert!(woken.is_empty(), "a failed fault is retried a few rounds before its thread is woken");
+        for _ in 1..FAULT_ATTEMPTS {
+            q.drain(|a, _| if a == 0x2000 { Err(Errno::FAULT) } else { Err(Errno::AGAIN) }, |a| woken.push(a));
+        }
+        assert_eq!(woken, vec![0x2000], "then its thread is woken to fault again");
         let mut seen = Vec::new();
         q.drain(
             |a, _| {
@@ -621,6 +635,6 @@ mod tests {
             },
             |_| {},
         );
-        assert_eq!(seen, vec![0x1000], "only the EAGAIN fault is retried");
+        assert_eq!(seen, vec![0x1000], "only the EAGAIN fault is left");
     }
 }
