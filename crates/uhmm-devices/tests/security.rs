@@ -8,12 +8,11 @@ use common::*;
 use uhmm::{ErrorKind, Migration, PAGE_SIZE, Prot, Select};
 use uhmm_devices::sim::{PageState, SimConfig, SimDevice};
 
-/// A device with room for exactly `pages` pages, so that freed pages are
-/// handed out again.
-fn small_device(space: &uhmm::AddressSpace, pages: usize) -> SimDevice {
+/// A device of one 2 MiB chunk: room for exactly 512 pages, so freed pages
+/// are the only ones it can hand out again.
+fn small_device(space: &uhmm::AddressSpace) -> SimDevice {
     let chunk = 2 << 20;
     let config = SimConfig { capacity_bytes: chunk, chunk_bytes: chunk, ..SimConfig::default() };
-    assert!(pages <= chunk / PAGE_SIZE);
     SimDevice::new(space, config).expect("sim device")
 }
 
@@ -42,9 +41,9 @@ fn migrations_never_take_another_owners_pages() {
 #[test]
 fn reused_device_pages_never_show_old_data() {
     with_timeout(60, || {
-        const N: usize = 512;
+        const N: usize = (2 << 20) / PAGE_SIZE;
         let space = space();
-        let dev = small_device(&space, N);
+        let dev = small_device(&space);
         // A secret goes to the device, and its region goes away: the device
         // pages are freed holding it.
         let secret = map(&space, N);

@@ -4,6 +4,7 @@
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use uhmm::sys::mman::Mapping;
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result, SystemPage};
@@ -63,6 +64,8 @@ impl Fence {
 }
 
 struct Job {
+    /// Injected slowness: the engine waits this long before the copies.
+    delay: Duration,
     ops: Vec<CopyOp>,
     fence: Arc<Fence>,
 }
@@ -83,69 +86,42 @@ impl Drop for Job {
 pub(crate) struct DmaEngine {
     queue: Mutex<Option<Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
-    /// Injected delays: each job waits up to this long before it runs.
-    delay: Arc<Delay>,
-}
-
-/// Slow completions, injected: a random wait of 0 to `max_us` microseconds
-/// before each job (xorshift, seeded).
-#[derive(Debug)]
-struct Delay {
-    max_us: u64,
-    rng: std::sync::atomic::AtomicU64,
-}
-
-impl Delay {
-    fn wait(&self) {
-        if self.max_us == 0 {
-            return;
-        }
-        let mut x = self.rng.load(std::sync::atomic::Ordering::Relaxed) | 1;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng.store(x, std::sync::atomic::Ordering::Relaxed);
-        std::thread::sleep(std::time::Duration::from_micros(x % (self.max_us + 1)));
-    }
 }
 
 impl DmaEngine {
-    /// Starts the engine thread; every job first waits a random 0 to
-    /// `delay_us` microseconds (0: none).
-    pub(crate) fn start(delay_us: u64, seed: u64) -> Result<DmaEngine> {
+    pub(crate) fn start() -> Result<DmaEngine> {
         let (tx, rx) = channel::<Job>();
-        let delay = Arc::new(Delay { max_us: delay_us, rng: std::sync::atomic::AtomicU64::new(seed) });
-        let engine_delay = delay.clone();
         let thread = std::thread::Builder::new()
             .name("uhmm-sim-dma".into())
-            .spawn(move || run(&rx, &engine_delay))
+            .spawn(move || run(&rx))
             .map_err(|e| Error::sys("spawn DMA thread", e))?;
-        Ok(DmaEngine { queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), delay })
+        Ok(DmaEngine { queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
     }
 
     /// Queues `ops`; the returned fence signals when all are done.
-    pub(crate) fn submit(&self, ops: Vec<CopyOp>) -> Result<Arc<Fence>> {
+    fn submit(&self, ops: Vec<CopyOp>, delay: Duration) -> Result<Arc<Fence>> {
         let fence = Arc::new(Fence::default());
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let tx = queue.as_ref().ok_or_else(|| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
-        tx.send(Job { ops, fence: fence.clone() })
+        tx.send(Job { delay, ops, fence: fence.clone() })
             .map_err(|_| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
         Ok(fence)
     }
 
     /// Starts `ops`: returns the fence to wait on, or `None` when they are
     /// already done — an empty job, or a small one copied on the calling
-    /// thread with [`Dispatch::InlineSmall`].
-    pub(crate) fn run(&self, ops: Vec<CopyOp>, how: Dispatch) -> Result<Option<Arc<Fence>>> {
+    /// thread with [`Dispatch::InlineSmall`]. Each job first waits `delay` (injected slow completions; zero in
+    /// normal use).
+    pub(crate) fn run(&self, ops: Vec<CopyOp>, how: Dispatch, delay: Duration) -> Result<Option<Arc<Fence>>> {
         if ops.is_empty() {
             return Ok(None);
         }
         if how == Dispatch::InlineSmall && ops.len() <= INLINE_MAX_PAGES {
-            self.delay.wait();
+            std::thread::sleep(delay);
             run_ops(&ops).map_err(|msg| Error::new(ErrorKind::Fault, msg))?;
             return Ok(None);
         }
-        self.submit(ops).map(Some)
+        self.submit(ops, delay).map(Some)
     }
 }
 
@@ -172,9 +148,9 @@ pub(crate) enum Dispatch {
 /// Jobs up to this many pages are copied on the caller's thread.
 const INLINE_MAX_PAGES: usize = 512;
 
-fn run(rx: &Receiver<Job>, delay: &Delay) {
+fn run(rx: &Receiver<Job>) {
     while let Ok(job) = rx.recv() {
-        delay.wait();
+        std::thread::sleep(job.delay);
         let result = run_ops(&job.ops);
         job.fence.signal(result);
     }

@@ -240,7 +240,7 @@ impl SimDevice {
             owner: Owner::new(),
             pagemap: OnceLock::new(),
             mem: Mutex::new(Memory::default()),
-            dma: DmaEngine::start(config.dma_delay_us, config.fault_seed)?,
+            dma: DmaEngine::start()?,
             table: Mutex::new(Table::default()),
             notifier: OnceLock::new(),
             fail_next_alloc: AtomicBool::new(false),
@@ -581,19 +581,26 @@ impl SimInner {
         self.fail_next_alloc.swap(false, Ordering::SeqCst)
     }
 
-    /// True with probability `rate` (the fault-injection generator).
-    fn chance(&self, rate: f64) -> bool {
-        if rate <= 0.0 {
-            return false;
-        }
-        // splitmix64 over an atomic counter: deterministic per seed for one
-        // thread, and safe (if interleaved) across threads.
+    /// The next number of the fault-injection generator: splitmix64 over an
+    /// atomic counter, deterministic per seed for one thread and safe (if
+    /// interleaved) across threads.
+    fn random(&self) -> u64 {
         let mut z =
             self.fault_rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed).wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((z >> 11) as f64 / (1u64 << 53) as f64) < rate
+        z ^ (z >> 31)
+    }
+
+    /// True with probability `rate`.
+    fn chance(&self, rate: f64) -> bool {
+        rate > 0.0 && ((self.random() >> 11) as f64 / (1u64 << 53) as f64) < rate
+    }
+
+    /// The injected wait before a copy job (`dma_delay_us`).
+    fn dma_delay(&self) -> std::time::Duration {
+        let max = self.config.dma_delay_us;
+        std::time::Duration::from_micros(if max == 0 { 0 } else { self.random() % (max + 1) })
     }
 
     /// A device allocation fails: once after `fail_next_alloc`, or by
@@ -730,7 +737,7 @@ impl SimInner {
             self.injected_copy_errors.fetch_add(1, Ordering::Relaxed);
             ops.insert(at, CopyOp::Fail);
         }
-        copy.fence = self.dma.run(ops, how)?;
+        copy.fence = self.dma.run(ops, how, self.dma_delay())?;
         Ok(copy)
     }
 
@@ -809,7 +816,7 @@ impl SimInner {
             copy.dsts.push((i, None));
         }
         drop(table);
-        copy.fence = self.dma.run(ops, how)?;
+        copy.fence = self.dma.run(ops, how, self.dma_delay())?;
         Ok(copy)
     }
 
