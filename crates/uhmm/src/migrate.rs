@@ -43,6 +43,7 @@ use crate::space::{AddressSpace, SpaceInner};
 use crate::staging::{Slots, SystemPage};
 use crate::stats::Stats;
 use crate::sys::PAGE_SIZE;
+use crate::sys::mman::Mapping;
 use crate::sys::pagemap::{Query, category};
 use crate::{Error, ErrorKind, Result};
 
@@ -130,6 +131,9 @@ struct Page {
     /// The state to restore.
     prior: State,
     dst: MigrateDst,
+    /// With `dst == System`: index into `Inner::copy_srcs` when the data
+    /// is copied in from the driver's memory at install (else the pool).
+    copy_from: Option<u32>,
     migrated: bool,
 }
 
@@ -151,6 +155,9 @@ struct Inner {
     pages: Vec<Page>,
     stage: Option<Slots>,
     pool: Option<Slots>,
+    /// Driver memory holding the data of pages set with
+    /// [`Migration::set_dst_system_from`]: (mapping, offset).
+    copy_srcs: Vec<(Arc<Mapping>, usize)>,
     cpages: usize,
     finished: bool,
 }
@@ -328,6 +335,41 @@ impl Migration<Collected> {
         Ok(())
     }
 
+    /// Page `i` moves to RAM with the data the CPU reads from `src` at
+    /// `offset` (one page): memory of a driver whose device memory the CPU
+    /// can read, or a buffer it filled. `finalize` copies it straight into a
+    /// fresh page of the region (`UFFDIO_COPY`: the kernel allocates the
+    /// page and copies in one step, with no zeroed pool page, no move and no
+    /// TLB flush). The page at `src` must hold the data, unchanged, until
+    /// `finalize` returns; the migration keeps `src` alive until then.
+    ///
+    /// If the copy cannot be made at `finalize` (the kernel out of memory,
+    /// `src` unreadable), the page stays where it was — on the device, its
+    /// source not freed — and `finalize` does not count it as migrated.
+    ///
+    /// For device-private pages and holes only. `offset` must be
+    /// page-aligned and the page inside `src`; otherwise
+    /// [`ErrorKind::InvalidArgument`] and nothing changes.
+    pub fn set_dst_system_from(&mut self, i: usize, src: &Arc<Mapping>, offset: usize) -> Result<()> {
+        self.inner.check_collected(i)?;
+        match self.inner.pages[i].src {
+            Src::Hole => {}
+            Src::Device(d) if !self.inner.space.is_coherent(&d) => {}
+            // Its data sits in staging (a RAM or coherent page): a failed
+            // copy could not leave it where it was.
+            _ => return Err(Error::invalid("copy-in is for device-private pages and holes")),
+        }
+        if !offset.is_multiple_of(PAGE_SIZE) || offset.checked_add(PAGE_SIZE).is_none_or(|end| end > src.len()) {
+            return Err(Error::invalid("copy source is not a whole page inside its mapping"));
+        }
+        self.inner.release_dst(i);
+        let at = u32::try_from(self.inner.copy_srcs.len()).map_err(|_| Error::invalid("too many copy sources"))?;
+        self.inner.copy_srcs.push((src.clone(), offset));
+        self.inner.pages[i].dst = MigrateDst::System;
+        self.inner.pages[i].copy_from = Some(at);
+        Ok(())
+    }
+
     /// Page `i` cannot be brought back: its data is lost and accesses will
     /// get SIGBUS. Only for unrecoverable device state.
     pub fn set_dst_error(&mut self, i: usize) -> Result<()> {
@@ -416,10 +458,28 @@ impl<S> Migration<S> {
     }
 }
 
+/// Where the data of a page that `finalize` maps back into its region is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum From {
+    /// A pool slot the driver filled: moved in.
+    Pool,
+    /// The staging slot setup moved it to: moved back (a restore).
+    Stage,
+    /// The driver's memory ([`Migration::set_dst_system_from`]): copied in.
+    Driver,
+}
+
 impl Inner {
     fn new(space: Arc<SpaceInner>, regions: Vec<Arc<RegionInner>>, n: usize, in_flight: InFlight) -> Inner {
-        let page =
-            Page { region: 0, idx: 0, src: Src::Skip, prior: State::Cpu, dst: MigrateDst::None, migrated: false };
+        let page = Page {
+            region: 0,
+            idx: 0,
+            src: Src::Skip,
+            prior: State::Cpu,
+            dst: MigrateDst::None,
+            copy_from: None,
+            migrated: false,
+        };
         Inner {
             _in_flight: in_flight,
             space,
@@ -427,13 +487,15 @@ impl Inner {
             pages: vec![page; n],
             stage: None,
             pool: None,
+            copy_srcs: Vec::new(),
             cpages: 0,
             finished: false,
         }
     }
 
-    /// Drops the claim on page `i`'s device destination, if it has one.
+    /// Drops page `i`'s destination (and the claim on a device page).
     fn release_dst(&mut self, i: usize) {
+        self.pages[i].copy_from = None;
         if let MigrateDst::Device(d) = self.pages[i].dst {
             if let Some(pm) = self.space.pagemap(d.pagemap) {
                 pm.set_rmap(d.pfn, None);
@@ -631,21 +693,15 @@ impl Inner {
     fn finish(&mut self) -> MigrateSummary {
         self.finished = true;
         let space = self.space.clone();
-        let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, migrated: 0 };
-        let mut to_free: Vec<DevicePage> = Vec::new();
         let mut new_state: Vec<State> = self.pages.iter().map(|p| p.prior).collect();
-        // Pages to map back into regions: (page index, from the pool?).
-        let mut installs: Vec<(usize, bool)> = Vec::new();
+        // Pages to map back into regions, and where their data is.
+        let mut installs: Vec<(usize, From)> = Vec::new();
         for (i, p) in self.pages.iter().enumerate() {
             if p.src == Src::Skip {
                 continue;
             }
             let region = &self.regions[p.region as usize];
             if p.migrated {
-                summary.migrated += 1;
-                if let Src::Device(old) = p.src {
-                    to_free.push(old);
-                }
                 match p.dst {
                     MigrateDst::Device(d) => {
                         new_state[i] = State::Device(d);
@@ -653,19 +709,16 @@ impl Inner {
                             pm.set_rmap(d.pfn, Some((region.id, p.idx)));
                             if pm.is_coherent() {
                                 // CPU-addressable: the page is mapped in the region.
-                                installs.push((i, true));
+                                installs.push((i, From::Pool));
                             }
                         }
-                        Stats::add(&space.stats.pages_to_device, 1);
                     }
                     MigrateDst::System => {
                         new_state[i] = State::Cpu;
-                        installs.push((i, true));
-                        Stats::add(&space.stats.pages_to_ram, 1);
+                        installs.push((i, if p.copy_from.is_some() { From::Driver } else { From::Pool }));
                     }
                     MigrateDst::Error => {
                         new_state[i] = State::Poisoned;
-                        Stats::add(&space.stats.poisoned_pages, 1);
                         if let Err(e) = space.uffd.poison(region.addr_of(p.idx), PAGE_SIZE, true) {
                             tracing::error!(errno = %e.errno, "UFFDIO_POISON failed");
                         }
@@ -682,21 +735,47 @@ impl Inner {
                     Src::Skip => false,
                 };
                 if staged && self.stage.is_some() {
-                    installs.push((i, false));
-                }
-                if let MigrateDst::Device(d) = p.dst {
-                    // An allocated destination that was not used goes back.
-                    to_free.push(d);
+                    installs.push((i, From::Stage));
                 }
             }
         }
         for i in self.install(&installs) {
+            let p = &mut self.pages[i];
+            if p.migrated && p.copy_from.is_some() {
+                // Its data is still in the driver's memory, and its source
+                // (a device page or a hole) was never unmapped: it stays.
+                p.migrated = false;
+                new_state[i] = p.prior;
+                continue;
+            }
             new_state[i] = State::Poisoned;
             Stats::add(&space.stats.poisoned_pages, 1);
             let region = self.region_of(i);
             if let Err(e) = space.uffd.poison(region.addr_of(self.pages[i].idx), PAGE_SIZE, true) {
                 tracing::error!(errno = %e.errno, "UFFDIO_POISON failed");
             }
+        }
+        // Count; device pages to free: the sources of pages that moved, and
+        // allocated destinations that went unused.
+        let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, migrated: 0 };
+        let mut to_free: Vec<DevicePage> = Vec::new();
+        for p in self.pages.iter().filter(|p| p.src != Src::Skip) {
+            if !p.migrated {
+                if let MigrateDst::Device(d) = p.dst {
+                    to_free.push(d);
+                }
+                continue;
+            }
+            summary.migrated += 1;
+            if let Src::Device(old) = p.src {
+                to_free.push(old);
+            }
+            let counter = match p.dst {
+                MigrateDst::Device(_) => &space.stats.pages_to_device,
+                MigrateDst::System => &space.stats.pages_to_ram,
+                MigrateDst::Error | MigrateDst::None => &space.stats.poisoned_pages,
+            };
+            Stats::add(counter, 1);
         }
         // Unlock, then wake the threads that faulted meanwhile and those
         // waiting on installed pages (installs do not wake: a woken thread
@@ -738,86 +817,164 @@ impl Inner {
         }
         self.stage = None;
         self.pool = None;
+        self.copy_srcs.clear();
         Stats::add(&space.stats.migrations, 1);
         summary
     }
 
-    /// Maps pages back into their regions: `(i, true)` from the pool (new
-    /// data), `(i, false)` from staging (restore). Moves when it can, copies
-    /// where the region is read-only.
-    /// Returns the pages it could not map back (their data is in a slot
-    /// that is about to be emptied: the caller poisons them, so they read as
-    /// SIGBUS, never as silent zeros).
-    fn install(&self, installs: &[(usize, bool)]) -> Vec<usize> {
+    /// Maps pages back into their regions, each from where its data is
+    /// (`installs`, in page order). Returns the pages it could not map back:
+    /// the caller keeps a page whose data is still in the driver's memory
+    /// where it was, and poisons the others (their data is in a slot about
+    /// to be emptied: they read as SIGBUS, never as silent zeros).
+    fn install(&self, installs: &[(usize, From)]) -> Vec<usize> {
         let mut failed = Vec::new();
         let mut k = 0;
         while k < installs.len() {
-            let (i, from_pool) = installs[k];
-            let slots = if from_pool { self.pool.as_ref() } else { self.stage.as_ref() };
-            let Some(slots) = slots else {
-                tracing::error!("install without staging slots");
-                failed.push(i);
-                k += 1;
-                continue;
+            let (i, from) = installs[k];
+            let n = self.install_run(&installs[k..]);
+            let done = match from {
+                From::Driver => self.install_copied(i, n),
+                From::Pool | From::Stage => self.install_moved(i, n, from),
             };
-            // Extend over consecutive pages of one region with contiguous slots.
-            let max = slots.contiguous(i, usize::MAX);
-            let mut n = 1;
-            while k + n < installs.len()
-                && n < max
-                && installs[k + n] == (i + n, from_pool)
-                && self.pages[i + n].region == self.pages[i].region
-                && self.pages[i + n].idx == self.pages[i].idx + n
-            {
-                n += 1;
-            }
-            let region = self.region_of(i);
-            // ... and inside one protection run (one VMA).
-            let idx = self.pages[i].idx;
-            if let Some((r, _)) = region.prot_runs(idx..idx + n).first() {
-                n = r.len();
-            }
-            let dst = region.addr_of(idx);
-            let len = n * PAGE_SIZE;
-            let mut done = 0;
-            for attempt in 0..100u32 {
-                let (at, off, rest) = (dst + done, slots.offset(i) + done, len - done);
-                let e = match self.space.uffd.move_pages(at, slots.mapping(), off, rest, true, true) {
-                    Ok(_) => {
-                        done = len;
-                        break;
-                    }
-                    Err(e) => e,
-                };
-                done += e.done;
-                if e.errno == Errno::INVAL || e.errno == Errno::BUSY {
-                    // Read-only region (or an unmovable page): copy instead.
-                    match self.copy_present(slots.addr(i) + done, dst + done, len - done) {
-                        Ok(()) => {
-                            done = len;
-                            break;
-                        }
-                        Err(err) => tracing::error!(%err, "copying pages back failed; retrying"),
-                    }
-                } else if e.errno == Errno::EXIST {
-                    // The page is there: the kernel can move a page and
-                    // still answer EEXIST (see unmap_system_into); nothing
-                    // else fills a locked entry.
-                    tracing::debug!(addr = dst + done, "EEXIST mapping a page back; the page is in place");
-                    done += PAGE_SIZE;
-                }
-                if done >= len {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_micros(10 << attempt.min(10)));
-            }
-            if done < len {
-                tracing::error!(addr = dst + done, "could not map pages back; poisoning them");
-                failed.extend(i + done / PAGE_SIZE..i + n);
+            if done < n {
+                let region = self.region_of(i);
+                tracing::error!(addr = region.addr_of(self.pages[i].idx + done), "could not map pages back");
+                failed.extend(i + done..i + n);
             }
             k += n;
         }
         failed
+    }
+
+    /// How many of `installs`, from the first, one ioctl can map: pages
+    /// consecutive in one region and one protection run (one VMA), whose
+    /// data is contiguous too.
+    fn install_run(&self, installs: &[(usize, From)]) -> usize {
+        let (i, from) = installs[0];
+        let slots = match from {
+            From::Pool => self.pool.as_ref(),
+            From::Stage => self.stage.as_ref(),
+            From::Driver => None,
+        };
+        let max = slots.map_or(usize::MAX, |s| s.contiguous(i, usize::MAX));
+        let follows = |a: usize, b: usize| match (self.pages[a].copy_from, self.pages[b].copy_from) {
+            (Some(x), Some(y)) => {
+                let ((ma, oa), (mb, ob)) = (&self.copy_srcs[x as usize], &self.copy_srcs[y as usize]);
+                Arc::ptr_eq(ma, mb) && *ob == oa + PAGE_SIZE
+            }
+            _ => false,
+        };
+        let mut n = 1;
+        while n < installs.len()
+            && n < max
+            && installs[n] == (i + n, from)
+            && self.pages[i + n].region == self.pages[i].region
+            && self.pages[i + n].idx == self.pages[i].idx + n
+            && (from != From::Driver || follows(i + n - 1, i + n))
+        {
+            n += 1;
+        }
+        let idx = self.pages[i].idx;
+        match self.region_of(i).prot_runs(idx..idx + n).first() {
+            Some((r, _)) => r.len(),
+            None => n,
+        }
+    }
+
+    /// Maps pages `i..i + n` from staging or the pool slots that hold them:
+    /// moves when it can, copies where the region is read-only. Returns how
+    /// many (from `i`) it mapped.
+    fn install_moved(&self, i: usize, n: usize, from: From) -> usize {
+        let Some(slots) = (if from == From::Pool { self.pool.as_ref() } else { self.stage.as_ref() }) else {
+            tracing::error!("install without staging slots");
+            return 0;
+        };
+        let dst = self.region_of(i).addr_of(self.pages[i].idx);
+        let len = n * PAGE_SIZE;
+        let mut done = 0;
+        for attempt in 0..100u32 {
+            let (at, off, rest) = (dst + done, slots.offset(i) + done, len - done);
+            let e = match self.space.uffd.move_pages(at, slots.mapping(), off, rest, true, true) {
+                Ok(_) => return n,
+                Err(e) => e,
+            };
+            done += e.done;
+            if e.errno == Errno::INVAL || e.errno == Errno::BUSY {
+                // Read-only region (or an unmovable page): copy instead.
+                match self.copy_present(slots.addr(i) + done, dst + done, len - done) {
+                    Ok(()) => return n,
+                    Err(err) => tracing::error!(%err, "copying pages back failed; retrying"),
+                }
+            } else if e.errno == Errno::EXIST {
+                // The page is there: the kernel can move a page and still
+                // answer EEXIST (see unmap_system_into); nothing else fills
+                // a locked entry.
+                tracing::debug!(addr = dst + done, "EEXIST mapping a page back; the page is in place");
+                done += PAGE_SIZE;
+            }
+            if done >= len {
+                return n;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(10 << attempt.min(10)));
+        }
+        done / PAGE_SIZE
+    }
+
+    /// Maps pages `i..i + n` with copies of their data from the driver's
+    /// memory (contiguous there): `UFFDIO_COPY`, or, for a whole aligned
+    /// block of a huge-page region, a huge pool page filled and moved in
+    /// whole. Returns how many (from `i`) it mapped.
+    fn install_copied(&self, i: usize, n: usize) -> usize {
+        let Some((src, off)) = self.pages[i].copy_from.map(|x| &self.copy_srcs[x as usize]) else {
+            return 0;
+        };
+        let region = self.region_of(i);
+        let idx = self.pages[i].idx;
+        let mut done = 0;
+        if n == crate::BATCH_PAGES && region.huge && idx.is_multiple_of(crate::BATCH_PAGES) {
+            done = self.install_huge_copied(src, *off, region.addr_of(idx)) * PAGE_SIZE;
+        }
+        let (dst, from, len) = (region.addr_of(idx), src.addr() + off, n * PAGE_SIZE);
+        for attempt in 0..8u32 {
+            if done >= len {
+                return n;
+            }
+            let e = match self.space.uffd.copy(dst + done, (from + done) as *const u8, len - done, true) {
+                Ok(_) => return n,
+                Err(e) => e,
+            };
+            done += e.done;
+            match e.errno {
+                // A page is there already: an earlier attempt's (nothing
+                // else fills a locked entry).
+                Errno::EXIST => done += PAGE_SIZE,
+                Errno::AGAIN if e.done > 0 => {}
+                errno => {
+                    tracing::warn!(%errno, addr = dst + done, "UFFDIO_COPY from driver memory failed; retrying");
+                    std::thread::sleep(std::time::Duration::from_micros(10 << attempt));
+                }
+            }
+        }
+        done.min(len) / PAGE_SIZE
+    }
+
+    /// Maps a whole huge page at `dst` (aligned) filled from `src` at `off`:
+    /// a huge pool page, moved in as one. Returns the pages mapped (all or,
+    /// when no huge pool page can be had, none: the caller copies them).
+    fn install_huge_copied(&self, src: &Mapping, off: usize, dst: usize) -> usize {
+        let Ok(slots) = self.space.huge_pool.alloc(crate::BATCH_PAGES) else {
+            return 0;
+        };
+        slots.populate(0..crate::BATCH_PAGES);
+        if let Err(err) = src.copy_to(off, slots.mapping(), slots.offset(0), crate::HUGE_SIZE) {
+            tracing::warn!(%err, "filling a huge pool page failed; copying small pages");
+            return 0;
+        }
+        match self.space.uffd.move_pages(dst, slots.mapping(), slots.offset(0), crate::HUGE_SIZE, false, true) {
+            Ok(_) => crate::BATCH_PAGES,
+            Err(e) => e.done / PAGE_SIZE,
+        }
     }
 }
 
@@ -912,6 +1069,7 @@ pub fn migrate_device_range(
             src: Src::Device(page),
             prior: state,
             dst: MigrateDst::None,
+            copy_from: None,
             migrated: false,
         });
     }

@@ -445,3 +445,70 @@ fn a_device_page_backs_one_address_only() {
     drop(m);
     check(&r, 0..4);
 }
+
+#[test]
+fn pages_copied_in_from_driver_memory() {
+    use uhmm::sys::mman::{Mapping, Protection};
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(8 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..8);
+    dev.to_device(&space, r.range());
+    // Device memory the CPU can read: pages 0..8 laid out in order (one
+    // copy for the run), except page 5, whose data sits elsewhere.
+    let mem = Arc::new(Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+    let slot = |p: usize| if p == 5 { 12 } else { p };
+    for p in 0..8 {
+        mem.write(slot(p) * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+    }
+    let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+    assert_eq!(m.cpages(), 8);
+    // Bad input is typed and changes nothing.
+    let invalid = |e: uhmm::Error| assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    invalid(m.set_dst_system_from(0, &mem, 1).unwrap_err());
+    invalid(m.set_dst_system_from(0, &mem, 16 * PAGE_SIZE).unwrap_err());
+    invalid(m.set_dst_system_from(0, &mem, usize::MAX & !(PAGE_SIZE - 1)).unwrap_err());
+    invalid(m.set_dst_system_from(8, &mem, 0).unwrap_err());
+    assert_eq!(m.dst(0), MigrateDst::None);
+    for i in 0..8 {
+        m.set_dst_system_from(i, &mem, slot(i) * PAGE_SIZE).unwrap();
+    }
+    let m = m.pages();
+    assert_eq!(m.migrated_count(), 8);
+    assert_eq!(m.finalize().migrated, 8);
+    // In RAM, with the data, and the device pages freed.
+    let snap = space.snapshot(r.range()).unwrap();
+    assert!(snap.iter().all(|p| p.residency == Residency::Ram), "{snap:?}");
+    assert_eq!(dev.freed.lock().unwrap().len(), 8);
+    check(&r, 0..8);
+    // RAM pages are refused: their data is in staging, not in the driver's memory.
+    let mut m = Migration::setup(&space, r.range(), Select::SYSTEM, dev.owner).unwrap();
+    invalid(m.set_dst_system_from(0, &mem, 0).unwrap_err());
+    drop(m);
+    check(&r, 0..8);
+}
+
+#[test]
+fn a_copy_in_that_fails_leaves_the_page_on_the_device() {
+    use uhmm::sys::mman::{Mapping, Protection};
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..4);
+    dev.to_device(&space, r.range());
+    // Memory the kernel cannot read: every copy from it fails (EFAULT).
+    let unreadable = Arc::new(Mapping::anonymous(4 * PAGE_SIZE, Protection::None, PAGE_SIZE).unwrap());
+    let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+    for i in 0..4 {
+        m.set_dst_system_from(i, &unreadable, i * PAGE_SIZE).unwrap();
+    }
+    let s = m.pages().finalize();
+    assert_eq!((s.cpages, s.migrated), (4, 0), "no page moved");
+    let snap = space.snapshot(r.range()).unwrap();
+    assert!(snap.iter().all(|p| matches!(p.residency, Residency::Device(_, o) if o == dev.owner)), "{snap:?}");
+    assert!(dev.freed.lock().unwrap().is_empty(), "no device page freed");
+    assert_eq!(space.stats().poisoned_pages, 0);
+    // Still readable and writable: the fault path brings the pages back.
+    check(&r, 0..4);
+    r.write(0, &[9]).unwrap();
+}

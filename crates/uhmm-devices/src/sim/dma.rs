@@ -23,8 +23,6 @@ pub(crate) enum CopyOp {
     ToDevice(SystemPage, DevMem),
     /// Zero a device page (a hole's destination).
     Zero(DevMem),
-    /// Device page → RAM page.
-    ToSystem(DevMem, SystemPage),
     /// RAM page → RAM page (device-coherent memory is CPU-addressable RAM).
     Between(SystemPage, SystemPage),
     /// Zero a RAM page.
@@ -163,7 +161,6 @@ fn run_ops(ops: &[CopyOp]) -> Result<(), String> {
         let r = match op {
             CopyOp::ToDevice(src, dst) => src.copy_to(&dst.chunk, dst.off),
             CopyOp::Zero(dst) => dst.chunk.write(dst.off, &ZERO).map_err(|e| Error::sys("zero", e)),
-            CopyOp::ToSystem(src, dst) => dst.copy_from(&src.chunk, src.off),
             CopyOp::Between(src, dst) => {
                 let mut page = vec![0u8; PAGE_SIZE];
                 src.read(0, &mut page).and_then(|()| dst.write(0, &page))

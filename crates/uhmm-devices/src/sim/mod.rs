@@ -804,16 +804,22 @@ impl SimInner {
                 m.set_dst_error(i)?;
                 continue;
             }
-            let sp = m.system_dst(i)?;
-            ops.push(match m.src_page(i) {
+            match m.src_page(i) {
                 // Coherent: the page was mapped; setup staged its data.
-                Some(staged) => CopyOp::Between(staged, sp),
-                None => CopyOp::ToSystem(self.dev_mem(p.pfn)?, sp),
-            });
+                Some(staged) => {
+                    ops.push(CopyOp::Between(staged, m.system_dst(i)?));
+                    copy.dsts.push((i, None));
+                }
+                // Private: the CPU can read device memory, so the page is
+                // copied straight into the region at finalize.
+                None => {
+                    let mem = self.dev_mem(p.pfn)?;
+                    m.set_dst_system_from(i, &mem.chunk, mem.off)?;
+                }
+            }
             if let Some(a) = m.addr(i) {
                 table.remove_addr(a);
             }
-            copy.dsts.push((i, None));
         }
         drop(table);
         copy.fence = self.dma.run(ops, how, self.dma_delay())?;
