@@ -1,11 +1,14 @@
 //! The sim device: a model of the kernel's HMM test driver (`lib/test_hmm.c`,
 //! "dmirror"), and uhmm's embedded default device.
 //!
-//! Device memory is host RAM the program cannot reach through its regions,
-//! allocated in chunks with a free list (growing chunk by chunk up to a
-//! capacity). Copies run on a DMA engine thread with fences. A device page
-//! table mirrors the CPU page table: it maps addresses to this device's pages
-//! and to RAM pages it faulted in, kept coherent by an interval notifier
+//! Device memory is host RAM the program cannot reach through its regions
+//! (`memory`: chunks up to a capacity, a next-fit page allocator). Copies to
+//! the device run on a DMA engine thread with fences (`dma`); pages coming
+//! back are copied by the CPU straight into the region at finalize
+//! (`Migration::set_dst_system_from`), since the CPU can read device memory.
+//! A device page table (`table`) mirrors the CPU page table: it maps
+//! addresses to this device's pages and to RAM pages it faulted in, kept
+//! coherent by an interval notifier
 //! (dmirror's `mmu_interval_notifier` and its read_begin / read_retry loop). The test
 //! operations are dmirror's: `read`, `write`, `migrate_to_device`,
 //! `migrate_to_system`, `snapshot`, `release`, `fail_next_alloc`, plus one
@@ -14,13 +17,13 @@
 //! `finalize_and_map`, shared with its own migrations to the device).
 
 mod dma;
+mod memory;
+mod table;
 
-use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use uhmm::sys::mman::{Mapping, Protection};
 use uhmm::{
     AccessPage, AddressSpace, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Error,
     ErrorKind, IntervalNotifierOps, InvalidateEvent, MigrateSrc, Migrated, Migration, NotifierHandle, Owner, PAGE_SIZE,
@@ -28,6 +31,8 @@ use uhmm::{
 };
 
 use dma::{CopyOp, DevMem, Dispatch, DmaEngine};
+use memory::{HUGE_PAGES, Memory};
+use table::{Pte, Table};
 
 /// Settings of a sim device.
 #[derive(Debug, Clone)]
@@ -148,76 +153,6 @@ struct SimInner {
     huge_fallbacks: AtomicU64,
 }
 
-/// A device page-table entry (dmirror's xarray entry).
-#[derive(Debug, Clone)]
-enum Pte {
-    /// A RAM page the device reaches through the address.
-    System { writable: bool },
-    /// One of this device's pages.
-    Device(DevicePfn),
-    /// A RAM page held for this device's exclusive access (dmirror's
-    /// atomic tag), reached through the holding page.
-    Atomic(SystemPage),
-    /// One of this device's coherent pages: mapped in the region, reached
-    /// through its address.
-    Coherent(DevicePfn),
-}
-
-/// The device page table: address → entry, and device page → address.
-#[derive(Debug, Default)]
-struct Table {
-    by_addr: BTreeMap<usize, Pte>,
-    by_pfn: HashMap<DevicePfn, usize>,
-}
-
-impl Table {
-    fn insert(&mut self, addr: usize, pte: Pte) {
-        self.remove_addr(addr);
-        if let Pte::Device(pfn) | Pte::Coherent(pfn) = pte {
-            self.by_pfn.insert(pfn, addr);
-        }
-        self.by_addr.insert(addr, pte);
-    }
-
-    fn remove_addr(&mut self, addr: usize) {
-        if let Some(Pte::Device(pfn) | Pte::Coherent(pfn)) = self.by_addr.remove(&addr) {
-            self.by_pfn.remove(&pfn);
-        }
-    }
-
-    fn remove_pfn(&mut self, pfn: DevicePfn) {
-        if let Some(addr) = self.by_pfn.remove(&pfn) {
-            self.by_addr.remove(&addr);
-        }
-    }
-
-    /// Drops the entries of `range` (keeping device pages when `keep_device`).
-    fn remove_range(&mut self, range: Range<usize>, keep_device: bool) {
-        let doomed: Vec<usize> = self
-            .by_addr
-            .range(range)
-            // Coherent pages are reached by address: they go like RAM pages.
-            .filter(|(_, pte)| !(keep_device && matches!(pte, Pte::Device(_))))
-            .map(|(a, _)| *a)
-            .collect();
-        for a in doomed {
-            self.remove_addr(a);
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Memory {
-    chunks: Vec<Arc<Mapping>>,
-    /// Free small pages.
-    free: Vec<DevicePfn>,
-    /// Free compound blocks of `HUGE_PAGES` pages (their first page).
-    free_huge: Vec<u64>,
-}
-
-/// Pages in a compound device page (2 MiB).
-const HUGE_PAGES: usize = uhmm::HUGE_SIZE / PAGE_SIZE;
-
 impl SimDevice {
     /// Creates a device in `space`.
     pub fn new(space: &AddressSpace, config: SimConfig) -> Result<SimDevice> {
@@ -239,7 +174,7 @@ impl SimDevice {
             space: space.clone(),
             owner: Owner::new(),
             pagemap: OnceLock::new(),
-            mem: Mutex::new(Memory::default()),
+            mem: Mutex::new(Memory::new(config.chunk_bytes, config.capacity_bytes)),
             dma: DmaEngine::start()?,
             table: Mutex::new(Table::default()),
             notifier: OnceLock::new(),
@@ -280,10 +215,7 @@ impl SimDevice {
 
     /// Device pages in use (allocated and not freed).
     pub fn pages_in_use(&self) -> usize {
-        let mem = self.inner.mem.lock().unwrap_or_else(|e| e.into_inner());
-        mem.chunks.len() * (self.inner.config.chunk_bytes / PAGE_SIZE)
-            - mem.free.len()
-            - mem.free_huge.len() * HUGE_PAGES
+        self.inner.mem.lock().unwrap_or_else(|e| e.into_inner()).in_use()
     }
 
     /// Compound (2 MiB) device pages allocated, and whole 2 MiB blocks that
@@ -334,7 +266,7 @@ impl SimDevice {
         let mut driver = Chunks { dev: &self.inner, to_device: true };
         migrate_pipelined(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
-        let on_device = |a: &usize| matches!(table.by_addr.get(a), Some(Pte::Device(_) | Pte::Coherent(_)));
+        let on_device = |a: &usize| matches!(table.get(*a), Some(Pte::Device(_) | Pte::Coherent(_)));
         let cpages = range.step_by(PAGE_SIZE).filter(on_device).count();
         if cpages < npages {
             return Err(Error::new(
@@ -431,7 +363,7 @@ impl SimDevice {
                 let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
                 while done < npages {
                     let a = addr + done * PAGE_SIZE;
-                    let page = match table.by_addr.get(&a) {
+                    let page = match table.get(a) {
                         Some(Pte::System { writable }) if *writable || !write => Page::System(a),
                         Some(Pte::Device(pfn)) => Page::Device(self.inner.dev_mem(*pfn)?),
                         Some(Pte::Atomic(held)) => Page::Held(held.clone()),
@@ -474,7 +406,7 @@ impl SimDevice {
     pub fn check_exclusive(&self, addr: usize, npages: usize) -> Result<()> {
         let range = check_range(addr, npages)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
-        if table.by_addr.range(range).any(|(_, pte)| matches!(pte, Pte::Atomic(_))) {
+        if table.range(range).any(|(_, pte)| matches!(pte, Pte::Atomic(_))) {
             return Err(Error::new(ErrorKind::Permission, "pages are still exclusive to the device"));
         }
         Ok(())
@@ -542,17 +474,6 @@ enum Page {
     Held(SystemPage),
 }
 
-/// A chunk of device memory: host RAM, huge-page backed where the kernel
-/// allows, and populated at once, as device memory exists before it is used.
-fn new_chunk(bytes: usize) -> Option<Mapping> {
-    let chunk = Mapping::anonymous(bytes, Protection::ReadWrite, 2 << 20).ok()?;
-    let _ = chunk.advise_huge(0, bytes);
-    if let Err(err) = chunk.populate_write(0, bytes) {
-        tracing::warn!(%err, "sim device memory could not be populated up front");
-    }
-    Some(chunk)
-}
-
 fn check_range(addr: usize, npages: usize) -> Result<std::ops::Range<usize>> {
     if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(Error::invalid("address is not page-aligned"));
@@ -616,21 +537,12 @@ impl SimInner {
         fail
     }
 
-    /// Allocates a device page, growing by a chunk when the free list is empty.
+    /// Allocates a device page (next to the one before when it can).
     fn alloc_page(&self) -> Option<DevicePfn> {
         if self.alloc_fails() {
             return None;
         }
-        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        if mem.free.is_empty() {
-            if mem.free_huge.is_empty() && !self.grow(&mut mem) {
-                return None;
-            }
-            // Split a compound block into small pages.
-            let base = mem.free_huge.pop()?;
-            mem.free.extend((base..base + HUGE_PAGES as u64).rev().map(DevicePfn));
-        }
-        mem.free.pop()
+        self.mem.lock().unwrap_or_else(|e| e.into_inner()).alloc_page()
     }
 
     /// Allocates a compound block of `HUGE_PAGES` contiguous, aligned device
@@ -640,35 +552,12 @@ impl SimInner {
         if self.alloc_fails() {
             return None;
         }
-        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        if mem.free_huge.is_empty() && !self.grow(&mut mem) {
-            return None;
-        }
-        mem.free_huge.pop()
-    }
-
-    /// Adds a chunk of device memory, as compound blocks (and small pages
-    /// for a tail that is not a whole block). False at capacity.
-    fn grow(&self, mem: &mut Memory) -> bool {
-        let chunk_pages = self.config.chunk_bytes / PAGE_SIZE;
-        let base = mem.chunks.len() * chunk_pages;
-        if base + chunk_pages > self.config.capacity_bytes / PAGE_SIZE {
-            return false;
-        }
-        let Some(chunk) = new_chunk(self.config.chunk_bytes) else { return false };
-        mem.chunks.push(Arc::new(chunk));
-        let blocks = chunk_pages / HUGE_PAGES;
-        mem.free_huge.extend((0..blocks).rev().map(|b| (base + b * HUGE_PAGES) as u64));
-        mem.free.extend((base + blocks * HUGE_PAGES..base + chunk_pages).rev().map(|p| DevicePfn(p as u64)));
-        true
+        self.mem.lock().unwrap_or_else(|e| e.into_inner()).alloc_huge()
     }
 
     fn dev_mem(&self, pfn: DevicePfn) -> Result<DevMem> {
-        let chunk_pages = self.config.chunk_bytes / PAGE_SIZE;
-        let i = usize::try_from(pfn.0).map_err(|_| Error::invalid("pfn"))?;
         let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        let chunk = mem.chunks.get(i / chunk_pages).ok_or_else(|| Error::invalid("device page not allocated"))?;
-        Ok(DevMem { chunk: chunk.clone(), off: (i % chunk_pages) * PAGE_SIZE })
+        mem.page(pfn).ok_or_else(|| Error::invalid("device page not allocated"))
     }
 
     fn page(&self, pfn: DevicePfn) -> DevicePage {
@@ -862,8 +751,7 @@ impl SimInner {
     fn release(&self) -> Result<usize> {
         let mut total = 0;
         for _round in 0..100 {
-            let used =
-                self.mem.lock().unwrap_or_else(|e| e.into_inner()).chunks.len() * (self.config.chunk_bytes / PAGE_SIZE);
+            let used = self.mem.lock().unwrap_or_else(|e| e.into_inner()).pages();
             if used == 0 {
                 return Ok(total);
             }
@@ -893,12 +781,8 @@ impl IntervalNotifierOps for SimInner {
 impl DevicePagemapOps for SimInner {
     fn page_free(&self, pfn: DevicePfn) {
         self.table.lock().unwrap_or_else(|e| e.into_inner()).remove_pfn(pfn);
-        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
-        let allocated = (mem.chunks.len() * (self.config.chunk_bytes / PAGE_SIZE)) as u64;
-        if pfn.0 < allocated {
-            mem.free.push(pfn);
-        } else {
-            tracing::error!(pfn = pfn.0, "page_free of a device page this device never allocated");
+        if !self.mem.lock().unwrap_or_else(|e| e.into_inner()).free(pfn) {
+            tracing::error!(pfn = pfn.0, "page_free of a device page this device does not have allocated");
         }
     }
 
