@@ -28,6 +28,7 @@
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!("uhmm supports 64-bit Linux only");
 
+mod copier;
 mod error;
 mod exclusive;
 mod fault;

@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
+use crate::copier::{CopyRun, SPLIT_MIN_PAGES, copy_in};
 use crate::fork::InFlight;
 use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
@@ -815,8 +816,9 @@ impl Inner {
             space.wake(self.region_of(i), idx..idx + n);
             i += n;
         }
-        self.stage = None;
-        self.pool = None;
+        for slots in [self.stage.take(), self.pool.take()].into_iter().flatten() {
+            space.copier.release(slots);
+        }
         self.copy_srcs.clear();
         Stats::add(&space.stats.migrations, 1);
         summary
@@ -829,22 +831,67 @@ impl Inner {
     /// to be emptied: they read as SIGBUS, never as silent zeros).
     fn install(&self, installs: &[(usize, From)]) -> Vec<usize> {
         let mut failed = Vec::new();
-        let mut k = 0;
-        while k < installs.len() {
-            let (i, from) = installs[k];
-            let n = self.install_run(&installs[k..]);
-            let done = match from {
-                From::Driver => self.install_copied(i, n),
-                From::Pool | From::Stage => self.install_moved(i, n, from),
-            };
+        let mut settle = |i: usize, n: usize, done: usize| {
             if done < n {
                 let region = self.region_of(i);
                 tracing::error!(addr = region.addr_of(self.pages[i].idx + done), "could not map pages back");
                 failed.extend(i + done..i + n);
             }
+        };
+        // Runs of copies from driver memory, (first page, pages), done last
+        // and, when there are many, half of them on the copy helper.
+        let mut copies: Vec<(usize, usize)> = Vec::new();
+        let mut k = 0;
+        while k < installs.len() {
+            let (i, from) = installs[k];
+            let n = self.install_run(&installs[k..]);
             k += n;
+            if from != From::Driver {
+                settle(i, n, self.install_moved(i, n, from));
+                continue;
+            }
+            let region = self.region_of(i);
+            if !region.huge {
+                copies.push((i, n));
+                continue;
+            }
+            // A whole aligned block of a huge-page region comes back as one huge page.
+            let mut at = i;
+            while at < i + n {
+                let idx = self.pages[at].idx;
+                let piece = (crate::BATCH_PAGES - idx % crate::BATCH_PAGES).min(i + n - at);
+                let done = if piece == crate::BATCH_PAGES { self.install_huge_copied(at) } else { 0 };
+                if done < piece {
+                    copies.push((at + done, piece - done));
+                }
+                at += piece;
+            }
+        }
+        let total: usize = copies.iter().map(|c| c.1).sum();
+        let theirs = if total >= SPLIT_MIN_PAGES { split_off_pages(&mut copies, total / 2) } else { Vec::new() };
+        let pending = (!theirs.is_empty())
+            .then(|| self.space.copier.start(theirs.iter().map(|&(i, n)| self.copy_run(i, n)).collect()))
+            .flatten();
+        if pending.is_none() {
+            copies.extend_from_slice(&theirs);
+        }
+        for &(i, n) in &copies {
+            settle(i, n, copy_in(&self.space.uffd, self.copy_run(i, n)) / PAGE_SIZE);
+        }
+        if let Some(pending) = pending {
+            for (&(i, n), done) in theirs.iter().zip(pending.wait()) {
+                Stats::add(&self.space.stats.helper_copied_pages, (done / PAGE_SIZE) as u64);
+                settle(i, n, done / PAGE_SIZE);
+            }
         }
         failed
+    }
+
+    /// The copy that maps pages `i..i + n` from driver memory (contiguous
+    /// there).
+    fn copy_run(&self, i: usize, n: usize) -> CopyRun {
+        let (src, off) = &self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
+        CopyRun { dst: self.region_of(i).addr_of(self.pages[i].idx), src: src.addr() + off, len: n * PAGE_SIZE }
     }
 
     /// How many of `installs`, from the first, one ioctl can map: pages
@@ -921,53 +968,18 @@ impl Inner {
         done / PAGE_SIZE
     }
 
-    /// Maps pages `i..i + n` with copies of their data from the driver's
-    /// memory (contiguous there): `UFFDIO_COPY`, or, for a whole aligned
-    /// block of a huge-page region, a huge pool page filled and moved in
-    /// whole. Returns how many (from `i`) it mapped.
-    fn install_copied(&self, i: usize, n: usize) -> usize {
-        let Some((src, off)) = self.pages[i].copy_from.map(|x| &self.copy_srcs[x as usize]) else {
-            return 0;
-        };
-        let region = self.region_of(i);
-        let idx = self.pages[i].idx;
-        let mut done = 0;
-        if n == crate::BATCH_PAGES && region.huge && idx.is_multiple_of(crate::BATCH_PAGES) {
-            done = self.install_huge_copied(src, *off, region.addr_of(idx)) * PAGE_SIZE;
-        }
-        let (dst, from, len) = (region.addr_of(idx), src.addr() + off, n * PAGE_SIZE);
-        for attempt in 0..8u32 {
-            if done >= len {
-                return n;
-            }
-            let e = match self.space.uffd.copy(dst + done, (from + done) as *const u8, len - done, true) {
-                Ok(_) => return n,
-                Err(e) => e,
-            };
-            done += e.done;
-            match e.errno {
-                // A page is there already: an earlier attempt's (nothing
-                // else fills a locked entry).
-                Errno::EXIST => done += PAGE_SIZE,
-                Errno::AGAIN if e.done > 0 => {}
-                errno => {
-                    tracing::warn!(%errno, addr = dst + done, "UFFDIO_COPY from driver memory failed; retrying");
-                    std::thread::sleep(std::time::Duration::from_micros(10 << attempt));
-                }
-            }
-        }
-        done.min(len) / PAGE_SIZE
-    }
-
-    /// Maps a whole huge page at `dst` (aligned) filled from `src` at `off`:
-    /// a huge pool page, moved in as one. Returns the pages mapped (all or,
-    /// when no huge pool page can be had, none: the caller copies them).
-    fn install_huge_copied(&self, src: &Mapping, off: usize, dst: usize) -> usize {
+    /// Maps the whole aligned block of a huge-page region starting at page
+    /// `i` from driver memory as one huge page: a huge pool page, filled and
+    /// moved in. Returns the pages mapped (all, or none when no huge pool
+    /// page can be had: the caller copies them).
+    fn install_huge_copied(&self, i: usize) -> usize {
         let Ok(slots) = self.space.huge_pool.alloc(crate::BATCH_PAGES) else {
             return 0;
         };
         slots.populate(0..crate::BATCH_PAGES);
-        if let Err(err) = src.copy_to(off, slots.mapping(), slots.offset(0), crate::HUGE_SIZE) {
+        let (mapping, off) = &self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
+        let dst = self.region_of(i).addr_of(self.pages[i].idx);
+        if let Err(err) = mapping.copy_to(*off, slots.mapping(), slots.offset(0), crate::HUGE_SIZE) {
             tracing::warn!(%err, "filling a huge pool page failed; copying small pages");
             return 0;
         }
@@ -976,6 +988,22 @@ impl Inner {
             Err(e) => e.done / PAGE_SIZE,
         }
     }
+}
+
+/// Splits `pages` pages off the end of `runs` (a run is cut where needed).
+fn split_off_pages(runs: &mut Vec<(usize, usize)>, mut pages: usize) -> Vec<(usize, usize)> {
+    let mut taken = Vec::new();
+    while pages > 0 {
+        let Some((i, n)) = runs.pop() else { break };
+        let k = n.min(pages);
+        if k < n {
+            runs.push((i, n - k));
+        }
+        taken.push((i + n - k, k));
+        pages -= k;
+    }
+    taken.reverse();
+    taken
 }
 
 impl Inner {

@@ -7,6 +7,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use crate::copier::Copier;
 use crate::exclusive::Holding;
 use crate::fault::Engine;
 use crate::notifier::{IntervalNotifierOps, InvalidateEvent, NotifierHandle, NotifierList};
@@ -104,7 +105,9 @@ pub struct AddressSpace {
 
 #[derive(Debug)]
 pub(crate) struct SpaceInner {
-    pub(crate) uffd: Uffd,
+    pub(crate) uffd: Arc<Uffd>,
+    /// A second CPU for big copies into regions (finalize).
+    pub(crate) copier: Copier,
     pub(crate) pagemap_file: Pagemap,
     pub(crate) config: Config,
     regions: RwLock<BTreeMap<usize, Arc<RegionInner>>>,
@@ -162,8 +165,10 @@ impl AddressSpace {
             tracing::warn!(%err, "no transparent huge pages: huge regions use small pages");
         }
         let holding = Holding::new(Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?));
+        let uffd = Arc::new(uffd);
         let inner = Arc::new(SpaceInner {
             pagemap_file: Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?,
+            copier: Copier::new(uffd.clone()),
             uffd,
             regions: RwLock::new(BTreeMap::new()),
             next_region: AtomicU32::new(1),

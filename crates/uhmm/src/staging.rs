@@ -15,7 +15,7 @@
 //! system.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::sys::PAGE_SIZE;
 use crate::sys::mman::{Mapping, Protection};
@@ -30,7 +30,16 @@ const BATCH_BYTES: usize = BATCH_PAGES * PAGE_SIZE;
 #[derive(Debug)]
 pub(crate) struct Arena {
     pub(crate) map: Mapping,
-    free: Mutex<Vec<u32>>,
+    free: Mutex<FreeBatches>,
+    /// Signalled when batches come back.
+    returned: Condvar,
+}
+
+#[derive(Debug)]
+struct FreeBatches {
+    batches: Vec<u32>,
+    /// Slot sets handed to another thread to be emptied, not back yet.
+    releasing: usize,
 }
 
 impl Arena {
@@ -41,34 +50,48 @@ impl Arena {
         if let Some(u) = uffd {
             u.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER staging", e))?;
         }
-        let free = (0..u32::try_from(nbatches).expect("staging batches fit u32")).rev().collect();
-        Ok(Arena { map, free: Mutex::new(free) })
+        let batches = (0..u32::try_from(nbatches).expect("staging batches fit u32")).rev().collect();
+        Ok(Arena { map, free: Mutex::new(FreeBatches { batches, releasing: 0 }), returned: Condvar::new() })
     }
 
-    /// Takes batches for `npages` slots; the slots are empty.
+    /// Takes batches for `npages` slots; the slots are empty. Waits for
+    /// slots being emptied elsewhere when they are needed.
     pub(crate) fn alloc(self: &Arc<Self>, npages: usize) -> Result<Slots> {
         let n = npages.div_ceil(BATCH_PAGES);
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < n {
+        while free.batches.len() < n && free.releasing > 0 {
+            free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        if free.batches.len() < n {
             return Err(Error::new(
                 ErrorKind::NoMemory,
                 format!("staging area exhausted ({npages} pages wanted); migrate in smaller chunks"),
             ));
         }
-        let at = free.len() - n;
-        let batches = free.split_off(at);
-        Ok(Slots { arena: self.clone(), batches, npages })
+        let at = free.batches.len() - n;
+        let batches = free.batches.split_off(at);
+        Ok(Slots { arena: self.clone(), batches, npages, deferred: false })
     }
 
-    fn release(&self, batches: &[u32], npages: usize) {
+    fn release(&self, batches: &[u32], npages: usize, deferred: bool) {
+        let mut emptied = true;
         for (i, b) in batches.iter().enumerate() {
             let used = (npages - i * BATCH_PAGES).min(BATCH_PAGES);
             if let Err(err) = self.map.discard(*b as usize * BATCH_BYTES, used * PAGE_SIZE) {
                 tracing::error!(%err, "discarding a staging batch failed; leaking it");
-                return;
+                emptied = false;
+                break;
             }
         }
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(batches);
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if emptied {
+            free.batches.extend_from_slice(batches);
+        }
+        if deferred {
+            free.releasing -= 1;
+        }
+        drop(free);
+        self.returned.notify_all();
     }
 }
 
@@ -78,6 +101,8 @@ pub(crate) struct Slots {
     arena: Arc<Arena>,
     batches: Vec<u32>,
     npages: usize,
+    /// Counted in the arena's `releasing` until dropped.
+    deferred: bool,
 }
 
 impl Slots {
@@ -112,6 +137,21 @@ impl Slots {
         }
     }
 
+    /// Slots held.
+    pub(crate) fn len(&self) -> usize {
+        self.npages
+    }
+
+    /// Marks the slots as being emptied by another thread: until they are
+    /// dropped there, an allocation that needs them waits for them.
+    pub(crate) fn defer(mut self) -> Slots {
+        if !self.deferred {
+            self.arena.free.lock().unwrap_or_else(|e| e.into_inner()).releasing += 1;
+            self.deferred = true;
+        }
+        self
+    }
+
     pub(crate) fn mapping(&self) -> &Mapping {
         &self.arena.map
     }
@@ -123,7 +163,7 @@ impl Slots {
 
 impl Drop for Slots {
     fn drop(&mut self) {
-        self.arena.release(&self.batches, self.npages);
+        self.arena.release(&self.batches, self.npages, self.deferred);
     }
 }
 

@@ -49,6 +49,8 @@ counters! {
     poisoned_pages,
     /// Pages skipped by `setup` because they were locked or pinned.
     busy_pages,
+    /// Pages copied into regions by the helper thread, beside finalize's own.
+    helper_copied_pages,
 }
 
 impl Stats {

@@ -512,3 +512,64 @@ fn a_copy_in_that_fails_leaves_the_page_on_the_device() {
     check(&r, 0..4);
     r.write(0, &[9]).unwrap();
 }
+
+#[test]
+fn a_big_copy_in_is_shared_with_the_helper_and_its_failures_stay_on_the_device() {
+    use uhmm::sys::mman::{Mapping, Protection};
+    let space = space();
+    let dev = TestDev::new(&space);
+    let n = 512;
+    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..n);
+    dev.to_device(&space, r.range());
+    // Pages 0..384 come from readable memory; 384..512 from memory the
+    // kernel cannot read. The second half of the copies (256..512) runs on
+    // the helper thread, so both its success and its failure are seen.
+    let good = Arc::new(Mapping::anonymous(384 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+    for p in 0..384 {
+        good.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+    }
+    let bad = Arc::new(Mapping::anonymous(128 * PAGE_SIZE, Protection::None, PAGE_SIZE).unwrap());
+    let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+    for i in 0..n {
+        let (src, off) = if i < 384 { (&good, i) } else { (&bad, i - 384) };
+        m.set_dst_system_from(i, src, off * PAGE_SIZE).unwrap();
+    }
+    let s = m.pages().finalize();
+    assert_eq!(s.migrated, 384);
+    assert_eq!(space.stats().helper_copied_pages, 128, "the helper copied pages 256..384, and failed the rest");
+    let snap = space.snapshot(r.range()).unwrap();
+    for (i, p) in snap.iter().enumerate() {
+        let on_dev = matches!(p.residency, Residency::Device(_, o) if o == dev.owner);
+        assert_eq!(on_dev, i >= 384, "page {i}: {p:?}");
+    }
+    assert_eq!(space.stats().poisoned_pages, 0);
+    check(&r, 0..n);
+}
+
+#[test]
+fn staging_emptied_off_the_callers_path_never_runs_dry() {
+    // Two staging batches, and migrations that need both, back to back:
+    // each must wait for the one before to be emptied (on the helper
+    // thread), never fail.
+    let space = AddressSpace::new(Config { staging_bytes: 4 << 20, ..Config::default() }).unwrap();
+    let dev = TestDev::new(&space);
+    let n = 1024;
+    let regions: Vec<_> = (0..2).map(|_| space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap()).collect();
+    for r in &regions {
+        fill(r, 0..n);
+    }
+    for round in 0..20 {
+        for r in &regions {
+            assert_eq!(dev.to_device(&space, r.range()).migrated, n, "round {round}");
+        }
+        for r in &regions {
+            let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+            dev.copy_out(&mut m).unwrap();
+            assert_eq!(m.pages().finalize().migrated, n, "round {round}");
+        }
+    }
+    for r in &regions {
+        check(r, 0..n);
+    }
+}

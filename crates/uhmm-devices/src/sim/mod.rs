@@ -73,7 +73,7 @@ impl Default for SimConfig {
         SimConfig {
             capacity_bytes: 4 << 30,
             chunk_bytes: 64 << 20,
-            migrate_chunk_pages: 512,
+            migrate_chunk_pages: 2048,
             coherent: false,
             alloc_fail_rate: 0.0,
             copy_error_rate: 0.0,
@@ -578,33 +578,38 @@ impl SimInner {
         let mut ops = Vec::new();
         let mut copy = InFlight { dev: self, fence: None, dsts: Vec::new() };
         let movable = |src: &MigrateSrc| !matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_));
-        // A whole, aligned 2 MiB block gets a compound device page.
-        let whole = m.npages() == HUGE_PAGES
-            && m.addr(0).is_some_and(|a| a.is_multiple_of(uhmm::HUGE_SIZE))
-            && (0..m.npages()).all(|i| movable(&m.src(i)));
-        let compound = if whole {
-            let base = self.alloc_huge();
-            let counter = if base.is_some() { &self.huge_allocs } else { &self.huge_fallbacks };
-            counter.fetch_add(1, Ordering::Relaxed);
-            base
-        } else {
-            None
+        let srcs: Vec<MigrateSrc> = (0..m.npages()).map(|i| m.src(i)).collect();
+        let addrs: Vec<Option<usize>> = (0..m.npages()).map(|i| m.addr(i)).collect();
+        // Each whole, aligned 2 MiB block gets a compound device page.
+        let whole_block = |i: usize| {
+            addrs[i].is_some_and(|a| {
+                a.is_multiple_of(uhmm::HUGE_SIZE)
+                    && i + HUGE_PAGES <= srcs.len()
+                    && (0..HUGE_PAGES).all(|k| movable(&srcs[i + k]) && addrs[i + k] == Some(a + k * PAGE_SIZE))
+            })
         };
+        let mut compound: Option<(usize, u64)> = None;
         // Pages allocated here go back to the free list if `copy` is dropped
         // before they are handed to the migration.
-        for i in 0..m.npages() {
-            let src = m.src(i);
-            if !movable(&src) {
+        for (i, src) in srcs.iter().enumerate() {
+            if !movable(src) {
                 continue;
             }
+            if whole_block(i) {
+                let base = self.alloc_huge();
+                let counter = if base.is_some() { &self.huge_allocs } else { &self.huge_fallbacks };
+                counter.fetch_add(1, Ordering::Relaxed);
+                compound = base.map(|b| (i, b));
+            }
             let pfn = match compound {
-                Some(base) => DevicePfn(base + i as u64),
-                None => match self.alloc_page() {
+                Some((first, base)) if i < first + HUGE_PAGES => DevicePfn(base + (i - first) as u64),
+                _ => match self.alloc_page() {
                     Some(pfn) => pfn,
                     None => break,
                 },
             };
             copy.dsts.push((i, Some(pfn)));
+            let src = src.clone();
             if self.config.coherent {
                 // The device page the CPU will map: a RAM page it fills.
                 let dst = m.system_dst(i)?;
