@@ -156,9 +156,14 @@ struct Inner {
     pages: Vec<Page>,
     stage: Option<Slots>,
     pool: Option<Slots>,
-    /// Driver memory holding the data of pages set with
-    /// [`Migration::set_dst_system_from`]: (mapping, offset).
-    copy_srcs: Vec<(Arc<Mapping>, usize)>,
+    /// Where the data of pages set with [`Migration::set_dst_system_from`]
+    /// is: (index into `copy_maps`, offset).
+    copy_srcs: Vec<(usize, usize)>,
+    /// The driver memories named, each once in a row.
+    copy_maps: Vec<Arc<Mapping>>,
+    /// The pagemap looked up last (a migration's device pages are usually
+    /// of one device): saves a lock and two atomics a page.
+    last_pagemap: Option<Arc<DevicePagemap>>,
     cpages: usize,
     finished: bool,
 }
@@ -304,7 +309,6 @@ impl Migration<Collected> {
         self.inner.check_collected(i)?;
         let pm = self
             .inner
-            .space
             .pagemap(page.pagemap)
             .ok_or_else(|| Error::invalid("destination device page of an unknown pagemap"))?;
         if pm.page(page.pfn).is_none() {
@@ -365,7 +369,11 @@ impl Migration<Collected> {
         }
         self.inner.release_dst(i);
         let at = u32::try_from(self.inner.copy_srcs.len()).map_err(|_| Error::invalid("too many copy sources"))?;
-        self.inner.copy_srcs.push((src.clone(), offset));
+        let inner = &mut self.inner;
+        if !inner.copy_maps.last().is_some_and(|m| Arc::ptr_eq(m, src)) {
+            inner.copy_maps.push(src.clone());
+        }
+        inner.copy_srcs.push((inner.copy_maps.len() - 1, offset));
         self.inner.pages[i].dst = MigrateDst::System;
         self.inner.pages[i].copy_from = Some(at);
         Ok(())
@@ -489,6 +497,8 @@ impl Inner {
             stage: None,
             pool: None,
             copy_srcs: Vec::new(),
+            copy_maps: Vec::new(),
+            last_pagemap: None,
             cpages: 0,
             finished: false,
         }
@@ -503,6 +513,15 @@ impl Inner {
             }
             self.pages[i].dst = MigrateDst::None;
         }
+    }
+
+    /// The pagemap with id `id`.
+    fn pagemap(&mut self, id: u16) -> Option<Arc<DevicePagemap>> {
+        if let Some(pm) = self.last_pagemap.as_ref().filter(|pm| pm.id() == id) {
+            return Some(pm.clone());
+        }
+        self.last_pagemap = self.space.pagemap(id);
+        self.last_pagemap.clone()
     }
 
     fn check_collected(&self, i: usize) -> Result<()> {
@@ -697,7 +716,8 @@ impl Inner {
         let mut new_state: Vec<State> = self.pages.iter().map(|p| p.prior).collect();
         // Pages to map back into regions, and where their data is.
         let mut installs: Vec<(usize, From)> = Vec::new();
-        for (i, p) in self.pages.iter().enumerate() {
+        for (i, state) in new_state.iter_mut().enumerate() {
+            let p = self.pages[i];
             if p.src == Src::Skip {
                 continue;
             }
@@ -705,9 +725,10 @@ impl Inner {
             if p.migrated {
                 match p.dst {
                     MigrateDst::Device(d) => {
-                        new_state[i] = State::Device(d);
-                        if let Some(pm) = space.pagemap(d.pagemap) {
-                            pm.set_rmap(d.pfn, Some((region.id, p.idx)));
+                        *state = State::Device(d);
+                        let region_id = region.id;
+                        if let Some(pm) = self.pagemap(d.pagemap) {
+                            pm.set_rmap(d.pfn, Some((region_id, p.idx)));
                             if pm.is_coherent() {
                                 // CPU-addressable: the page is mapped in the region.
                                 installs.push((i, From::Pool));
@@ -715,11 +736,11 @@ impl Inner {
                         }
                     }
                     MigrateDst::System => {
-                        new_state[i] = State::Cpu;
+                        *state = State::Cpu;
                         installs.push((i, if p.copy_from.is_some() { From::Driver } else { From::Pool }));
                     }
                     MigrateDst::Error => {
-                        new_state[i] = State::Poisoned;
+                        *state = State::Poisoned;
                         if let Err(e) = space.uffd.poison(region.addr_of(p.idx), PAGE_SIZE, true) {
                             tracing::error!(errno = %e.errno, "UFFDIO_POISON failed");
                         }
@@ -760,6 +781,8 @@ impl Inner {
         // allocated destinations that went unused.
         let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, migrated: 0 };
         let mut to_free: Vec<DevicePage> = Vec::new();
+        // Pages to a device, to RAM, poisoned.
+        let mut moved = [0u64; 3];
         for p in self.pages.iter().filter(|p| p.src != Src::Skip) {
             if !p.migrated {
                 if let MigrateDst::Device(d) = p.dst {
@@ -771,12 +794,17 @@ impl Inner {
             if let Src::Device(old) = p.src {
                 to_free.push(old);
             }
-            let counter = match p.dst {
-                MigrateDst::Device(_) => &space.stats.pages_to_device,
-                MigrateDst::System => &space.stats.pages_to_ram,
-                MigrateDst::Error | MigrateDst::None => &space.stats.poisoned_pages,
-            };
-            Stats::add(counter, 1);
+            moved[match p.dst {
+                MigrateDst::Device(_) => 0,
+                MigrateDst::System => 1,
+                MigrateDst::Error | MigrateDst::None => 2,
+            }] += 1;
+        }
+        let counters = [&space.stats.pages_to_device, &space.stats.pages_to_ram, &space.stats.poisoned_pages];
+        for (counter, n) in counters.into_iter().zip(moved) {
+            if n > 0 {
+                Stats::add(counter, n);
+            }
         }
         // Unlock, then wake the threads that faulted meanwhile and those
         // waiting on installed pages (installs do not wake: a woken thread
@@ -793,9 +821,11 @@ impl Inner {
         }
         // Sources go back to their drivers before the waiting threads run,
         // so a thread that saw its page come back sees the device page freed.
-        for d in to_free {
-            if let Some(pm) = space.pagemap(d.pagemap) {
-                pm.free_page(d.pfn);
+        // By pagemap, in one call each (usually one).
+        to_free.sort_unstable_by_key(|d| d.pagemap);
+        for group in to_free.chunk_by(|a, b| a.pagemap == b.pagemap) {
+            if let Some(pm) = self.pagemap(group[0].pagemap) {
+                pm.free_pages(&group.iter().map(|d| d.pfn).collect::<Vec<_>>());
             }
         }
         let mut i = 0;
@@ -820,6 +850,7 @@ impl Inner {
             space.copier.release(slots);
         }
         self.copy_srcs.clear();
+        self.copy_maps.clear();
         Stats::add(&space.stats.migrations, 1);
         summary
     }
@@ -868,7 +899,9 @@ impl Inner {
             }
         }
         let total: usize = copies.iter().map(|c| c.1).sum();
-        let theirs = if total >= SPLIT_MIN_PAGES { split_off_pages(&mut copies, total / 2) } else { Vec::new() };
+        // The helper takes the larger share: this thread also unlocks,
+        // frees and wakes.
+        let theirs = if total >= SPLIT_MIN_PAGES { split_off_pages(&mut copies, total * 9 / 16) } else { Vec::new() };
         let pending = (!theirs.is_empty())
             .then(|| self.space.copier.start(theirs.iter().map(|&(i, n)| self.copy_run(i, n)).collect()))
             .flatten();
@@ -887,10 +920,16 @@ impl Inner {
         failed
     }
 
+    /// The driver memory and offset holding page `i`'s data.
+    fn copy_src(&self, i: usize) -> (&Mapping, usize) {
+        let (map, off) = self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
+        (&self.copy_maps[map], off)
+    }
+
     /// The copy that maps pages `i..i + n` from driver memory (contiguous
     /// there).
     fn copy_run(&self, i: usize, n: usize) -> CopyRun {
-        let (src, off) = &self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
+        let (src, off) = self.copy_src(i);
         CopyRun { dst: self.region_of(i).addr_of(self.pages[i].idx), src: src.addr() + off, len: n * PAGE_SIZE }
     }
 
@@ -907,8 +946,8 @@ impl Inner {
         let max = slots.map_or(usize::MAX, |s| s.contiguous(i, usize::MAX));
         let follows = |a: usize, b: usize| match (self.pages[a].copy_from, self.pages[b].copy_from) {
             (Some(x), Some(y)) => {
-                let ((ma, oa), (mb, ob)) = (&self.copy_srcs[x as usize], &self.copy_srcs[y as usize]);
-                Arc::ptr_eq(ma, mb) && *ob == oa + PAGE_SIZE
+                let ((ma, oa), (mb, ob)) = (self.copy_srcs[x as usize], self.copy_srcs[y as usize]);
+                ma == mb && ob == oa + PAGE_SIZE
             }
             _ => false,
         };
@@ -977,9 +1016,9 @@ impl Inner {
             return 0;
         };
         slots.populate(0..crate::BATCH_PAGES);
-        let (mapping, off) = &self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
+        let (mapping, off) = self.copy_src(i);
         let dst = self.region_of(i).addr_of(self.pages[i].idx);
-        if let Err(err) = mapping.copy_to(*off, slots.mapping(), slots.offset(0), crate::HUGE_SIZE) {
+        if let Err(err) = mapping.copy_to(off, slots.mapping(), slots.offset(0), crate::HUGE_SIZE) {
             tracing::warn!(%err, "filling a huge pool page failed; copying small pages");
             return 0;
         }

@@ -54,6 +54,15 @@ pub trait DevicePagemapOps: Send + Sync {
     /// with a page lock held.
     fn page_free(&self, pfn: DevicePfn);
 
+    /// [`page_free`](Self::page_free) of several pages at once (a finished
+    /// migration's sources): a driver can take its locks once. The default
+    /// frees them one by one.
+    fn pages_free(&self, pfns: &[DevicePfn]) {
+        for &pfn in pfns {
+            self.page_free(pfn);
+        }
+    }
+
     /// A CPU thread faulted on `fault.addr()`, which lives on this device:
     /// migrate it (and any of `fault.window()` the driver chooses) back to
     /// RAM with a [`Migration`](crate::Migration) selecting
@@ -237,9 +246,16 @@ impl DevicePagemap {
 
     /// Unmaps `pfn` and hands it back to the driver (`page_free`).
     pub(crate) fn free_page(&self, pfn: DevicePfn) {
-        self.set_rmap(pfn, None);
+        self.free_pages(&[pfn]);
+    }
+
+    /// Unmaps `pfns` and hands them back to the driver (`pages_free`).
+    pub(crate) fn free_pages(&self, pfns: &[DevicePfn]) {
+        for &pfn in pfns {
+            self.set_rmap(pfn, None);
+        }
         if let Some(ops) = self.ops() {
-            ops.page_free(pfn);
+            ops.pages_free(pfns);
         }
     }
 }

@@ -499,7 +499,8 @@ impl SpaceInner {
 
     /// Whether `page` is device-coherent memory (mapped, CPU-addressable).
     pub(crate) fn is_coherent(&self, page: &DevicePage) -> bool {
-        self.pagemap(page.pagemap).is_some_and(|pm| pm.is_coherent())
+        let maps = self.pagemaps.read().unwrap_or_else(|e| e.into_inner());
+        maps.get(usize::from(page.pagemap)).and_then(Option::as_ref).is_some_and(|pm| pm.is_coherent())
     }
 
     /// The pagemap with id `id`.

@@ -523,8 +523,8 @@ fn a_big_copy_in_is_shared_with_the_helper_and_its_failures_stay_on_the_device()
     fill(&r, 0..n);
     dev.to_device(&space, r.range());
     // Pages 0..384 come from readable memory; 384..512 from memory the
-    // kernel cannot read. The second half of the copies (256..512) runs on
-    // the helper thread, so both its success and its failure are seen.
+    // kernel cannot read. The last 9/16 of the copies (224..512) run on the
+    // helper thread, so both its success and its failure are seen.
     let good = Arc::new(Mapping::anonymous(384 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
     for p in 0..384 {
         good.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
@@ -537,7 +537,7 @@ fn a_big_copy_in_is_shared_with_the_helper_and_its_failures_stay_on_the_device()
     }
     let s = m.pages().finalize();
     assert_eq!(s.migrated, 384);
-    assert_eq!(space.stats().helper_copied_pages, 128, "the helper copied pages 256..384, and failed the rest");
+    assert_eq!(space.stats().helper_copied_pages, 160, "the helper copied pages 224..384, and failed the rest");
     let snap = space.snapshot(r.range()).unwrap();
     for (i, p) in snap.iter().enumerate() {
         let on_dev = matches!(p.residency, Residency::Device(_, o) if o == dev.owner);

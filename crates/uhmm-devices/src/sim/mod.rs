@@ -785,9 +785,20 @@ impl IntervalNotifierOps for SimInner {
 
 impl DevicePagemapOps for SimInner {
     fn page_free(&self, pfn: DevicePfn) {
-        self.table.lock().unwrap_or_else(|e| e.into_inner()).remove_pfn(pfn);
-        if !self.mem.lock().unwrap_or_else(|e| e.into_inner()).free(pfn) {
-            tracing::error!(pfn = pfn.0, "page_free of a device page this device does not have allocated");
+        self.pages_free(&[pfn]);
+    }
+
+    fn pages_free(&self, pfns: &[DevicePfn]) {
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        for &pfn in pfns {
+            table.remove_pfn(pfn);
+        }
+        drop(table);
+        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
+        for &pfn in pfns {
+            if !mem.free(pfn) {
+                tracing::error!(pfn = pfn.0, "page_free of a device page this device does not have allocated");
+            }
         }
     }
 
