@@ -266,8 +266,7 @@ impl SimDevice {
         let mut driver = Chunks { dev: &self.inner, to_device: true };
         migrate_pipelined(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
-        let on_device = |a: &usize| matches!(table.get(*a), Some(Pte::Device(_) | Pte::Coherent(_)));
-        let cpages = range.step_by(PAGE_SIZE).filter(on_device).count();
+        let cpages = table.range(range).filter(|(_, pte)| matches!(pte, Pte::Device(_) | Pte::Coherent(_))).count();
         if cpages < npages {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -588,14 +587,15 @@ impl SimInner {
                     && (0..HUGE_PAGES).all(|k| movable(&srcs[i + k]) && addrs[i + k] == Some(a + k * PAGE_SIZE))
             })
         };
+        let whole: Vec<bool> = (0..srcs.len()).map(whole_block).collect();
         let mut compound: Option<(usize, u64)> = None;
         // Pages allocated here go back to the free list if `copy` is dropped
         // before they are handed to the migration.
-        for (i, src) in srcs.iter().enumerate() {
-            if !movable(src) {
+        for (i, src) in srcs.into_iter().enumerate() {
+            if !movable(&src) {
                 continue;
             }
-            if whole_block(i) {
+            if whole[i] {
                 let base = self.alloc_huge();
                 let counter = if base.is_some() { &self.huge_allocs } else { &self.huge_fallbacks };
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -609,7 +609,6 @@ impl SimInner {
                 },
             };
             copy.dsts.push((i, Some(pfn)));
-            let src = src.clone();
             if self.config.coherent {
                 // The device page the CPU will map: a RAM page it fills.
                 let dst = m.system_dst(i)?;
@@ -656,12 +655,13 @@ impl SimInner {
 
     /// Maps the pages that moved to this device in the device page table.
     fn map_moved_in(&self, m: &Migration<Migrated>) {
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        for i in 0..m.npages() {
-            if let (true, uhmm::MigrateDst::Device(p), Some(a)) = (m.migrated(i), m.dst(i), m.addr(i)) {
-                table.insert(a, if self.config.coherent { Pte::Coherent(p.pfn) } else { Pte::Device(p.pfn) });
+        let entries = (0..m.npages()).filter_map(|i| match (m.migrated(i), m.dst(i), m.addr(i)) {
+            (true, uhmm::MigrateDst::Device(p), Some(a)) => {
+                Some((a, if self.config.coherent { Pte::Coherent(p.pfn) } else { Pte::Device(p.pfn) }))
             }
-        }
+            _ => None,
+        });
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).insert_many(entries);
     }
 
     /// Copies this device's pages among the sources of `m` to RAM. A page
@@ -731,13 +731,13 @@ impl SimInner {
             if notifier.read_retry(seq) {
                 continue;
             }
-            for (i, p) in pages.into_iter().enumerate() {
+            table.insert_many(pages.into_iter().enumerate().map(|(i, p)| {
                 let pte = match p {
                     AccessPage::System { writable } => Pte::System { writable },
                     AccessPage::Device(d) => Pte::Device(d.pfn),
                 };
-                table.insert(range.start + i * PAGE_SIZE, pte);
-            }
+                (range.start + i * PAGE_SIZE, pte)
+            }));
             return Ok(());
         }
         Err(Error::new(ErrorKind::Busy, "invalidations kept racing the device's fault"))

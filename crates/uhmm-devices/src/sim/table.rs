@@ -61,18 +61,36 @@ impl Table {
     }
 
     pub(crate) fn insert(&mut self, addr: usize, pte: Pte) {
-        self.remove_addr(addr);
-        if let Some(pfn) = pte.pfn() {
-            let p = pfn.0 as usize;
-            if p >= self.by_pfn.len() {
-                self.by_pfn.resize((p + 1).next_power_of_two(), 0);
+        self.insert_many([(addr, pte)]);
+    }
+
+    /// Inserts entries (best in address order: one leaf lookup for each
+    /// run of entries in one leaf), replacing what was there.
+    pub(crate) fn insert_many(&mut self, entries: impl IntoIterator<Item = (usize, Pte)>) {
+        let mut entries = entries.into_iter().peekable();
+        while let Some(&(first, _)) = entries.peek() {
+            let key = split(first).0;
+            let leaf = self.leaves.entry(key).or_insert_with(|| Leaf { ptes: vec![None; LEAF].into(), used: 0 });
+            while let Some((addr, pte)) = entries.next_if(|(a, _)| split(*a).0 == key) {
+                let pfn = pte.pfn();
+                match leaf.ptes[split(addr).1].replace(pte) {
+                    None => leaf.used += 1,
+                    // Its device page no longer backs this address.
+                    Some(old) => {
+                        if let Some(slot) = old.pfn().and_then(|pfn| self.by_pfn.get_mut(pfn.0 as usize)) {
+                            *slot = 0;
+                        }
+                    }
+                }
+                if let Some(pfn) = pfn {
+                    let p = pfn.0 as usize;
+                    if p >= self.by_pfn.len() {
+                        self.by_pfn.resize((p + 1).next_power_of_two(), 0);
+                    }
+                    self.by_pfn[p] = addr;
+                }
             }
-            self.by_pfn[p] = addr;
         }
-        let (leaf, i) = split(addr);
-        let leaf = self.leaves.entry(leaf).or_insert_with(|| Leaf { ptes: vec![None; LEAF].into(), used: 0 });
-        leaf.ptes[i] = Some(pte);
-        leaf.used += 1;
     }
 
     pub(crate) fn remove_addr(&mut self, addr: usize) {
@@ -144,6 +162,10 @@ mod tests {
         assert!(matches!(t.get(at(511)), Some(Pte::System { writable: false })));
         t.remove_pfn(DevicePfn(3));
         assert!(t.get(at(2000)).is_none());
+        t.insert(at(5), Pte::Device(DevicePfn(1)));
+        t.insert(at(5), Pte::Device(DevicePfn(1)));
+        t.remove_pfn(DevicePfn(1));
+        assert!(t.get(at(5)).is_none(), "re-inserting a page keeps its reverse entry");
         t.insert(at(5), Pte::Device(DevicePfn(1)));
         t.remove_range(at(0)..at(600), true);
         assert!(t.get(at(5)).is_some(), "device pages kept");
