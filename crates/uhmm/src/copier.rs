@@ -2,16 +2,16 @@
 //! fills pages on the calling CPU, so a big migration back to RAM from
 //! driver memory hands part of its copies to a helper thread and does the
 //! rest itself, both at once; and emptying the staging slots of a big
-//! migration (freeing the pages that moved to a device) runs there too, off
-//! the caller's path.
+//! migration (freeing the pages that moved to a device) runs there too,
+//! while the migration goes on with its next chunks (a bulk migration waits
+//! for it before it returns).
 //!
 //! The helper owns nothing of the address space but the userfaultfd; it
 //! never waits on a page lock or a handler thread, so any thread — a fault
 //! handler included — may wait for it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use rustix::io::Errno;
@@ -51,7 +51,25 @@ const MAX_PENDING_RELEASES: usize = 4;
 pub(crate) struct Copier {
     uffd: Arc<Uffd>,
     helper: Mutex<Option<(Sender<Job>, JoinHandle<()>)>>,
-    pending_releases: Arc<AtomicUsize>,
+    releases: Arc<Releases>,
+}
+
+/// Slot sets handed over and not yet emptied.
+#[derive(Debug, Default)]
+struct Releases {
+    pending: Mutex<usize>,
+    done: Condvar,
+}
+
+impl Releases {
+    fn count(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn finished(&self) {
+        *self.count() -= 1;
+        self.done.notify_all();
+    }
 }
 
 /// Copies running on the helper.
@@ -71,7 +89,7 @@ impl Pending {
 
 impl Copier {
     pub(crate) fn new(uffd: Arc<Uffd>) -> Copier {
-        Copier { uffd, helper: Mutex::new(None), pending_releases: Arc::new(AtomicUsize::new(0)) }
+        Copier { uffd, helper: Mutex::new(None), releases: Arc::default() }
     }
 
     /// Starts `runs` on the helper; `None` when it cannot be had (the
@@ -86,13 +104,26 @@ impl Copier {
     /// Empties and gives back `slots` on the helper when it holds many
     /// pages; here otherwise.
     pub(crate) fn release(&self, slots: Slots) {
-        if slots.len() < SPLIT_MIN_PAGES || self.pending_releases.load(Ordering::Acquire) >= MAX_PENDING_RELEASES {
-            return drop(slots);
+        {
+            let mut pending = self.releases.count();
+            if slots.len() < SPLIT_MIN_PAGES || *pending >= MAX_PENDING_RELEASES {
+                drop(pending);
+                return drop(slots);
+            }
+            *pending += 1;
         }
-        self.pending_releases.fetch_add(1, Ordering::AcqRel);
         if self.send(Job::Release(slots.defer())).is_err() {
             // The job, and the slots in it, were dropped: emptied here.
-            self.pending_releases.fetch_sub(1, Ordering::AcqRel);
+            self.releases.finished();
+        }
+    }
+
+    /// Waits until the slots handed over so far are emptied: the end of a
+    /// bulk migration, which returns with the RAM it moved away freed.
+    pub(crate) fn wait_releases(&self) {
+        let mut pending = self.releases.count();
+        while *pending > 0 {
+            pending = self.releases.done.wait(pending).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -102,7 +133,7 @@ impl Copier {
         let mut helper = self.helper.lock().unwrap_or_else(|e| e.into_inner());
         if helper.is_none() {
             let (tx, rx) = channel::<Job>();
-            let (uffd, pending) = (self.uffd.clone(), self.pending_releases.clone());
+            let (uffd, releases) = (self.uffd.clone(), self.releases.clone());
             let thread = std::thread::Builder::new().name("uhmm-copier".into()).spawn(move || {
                 while let Ok(job) = rx.recv() {
                     match job {
@@ -111,7 +142,7 @@ impl Copier {
                         }
                         Job::Release(slots) => {
                             drop(slots);
-                            pending.fetch_sub(1, Ordering::AcqRel);
+                            releases.finished();
                         }
                     }
                 }

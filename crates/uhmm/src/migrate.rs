@@ -1294,6 +1294,8 @@ pub fn migrate_pipelined<D: PipelinedDriver>(
     if let Some(chunk) = in_flight {
         total += complete(driver, chunk)?;
     }
+    // Return with the RAM that moved away freed, not still being freed.
+    space.inner.copier.wait_releases();
     Ok(total)
 }
 
