@@ -68,6 +68,11 @@ pub struct StressArgs {
     #[arg(long, default_value_t = 0)]
     pub dma_delay_us: u64,
 
+    /// DMA channels per device (`SimConfig::dma_channels`): with more than
+    /// one, jobs (and parts of big jobs) complete out of order.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+    pub dma_channels: u64,
+
     /// Seconds between checkpoints (all threads stop, every byte is verified).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub checkpoint: u64,
@@ -454,6 +459,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
             copy_error_rate: args.copy_error_rate,
             copy_back_fail_rate: args.copy_back_fail_rate,
             dma_delay_us: args.dma_delay_us,
+            dma_channels: args.dma_channels as usize,
             fault_seed: args.seed ^ (0xd0 + u64::from(d)),
             ..SimConfig::default()
         };
@@ -487,7 +493,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let mut rngs: Vec<Rng> =
         (0..writers + migrators).map(|i| Rng(args.seed ^ (i as u64).wrapping_mul(0x1234_5678_9abc_def1))).collect();
     println!(
-        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {}, {} device(s), alloc-fail-rate {}, copy-error-rate {}, copy-back-fail-rate {}, dma-delay-us {}, seed {:#x}",
+        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {}, {} device(s), alloc-fail-rate {}, copy-error-rate {}, copy-back-fail-rate {}, dma-delay-us {}, dma-channels {}, seed {:#x}",
         args.seconds,
         w.regions.len(),
         human(size),
@@ -496,6 +502,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
         args.copy_error_rate,
         args.copy_back_fail_rate,
         args.dma_delay_us,
+        args.dma_channels,
         args.seed
     );
     let deadline = start + Duration::from_secs(args.seconds);

@@ -1,5 +1,7 @@
-//! The sim device's DMA engine: a thread that runs copy jobs from a queue
-//! and signals a fence for each job.
+//! The sim device's DMA engine: channels, each a thread that runs copy jobs
+//! from its queue. A big job is split across the channels; its fence
+//! signals when every part is done, and parts (and jobs) complete in any
+//! order.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
@@ -31,91 +33,150 @@ pub(crate) enum CopyOp {
     Fail,
 }
 
-/// Signalled when a job's copies are done.
-#[derive(Debug, Default)]
+/// Signalled when every part of a job is done.
+#[derive(Debug)]
 pub(crate) struct Fence {
-    done: Mutex<Option<Result<(), String>>>,
+    state: Mutex<FenceState>,
     cv: Condvar,
-    /// Set once the job's result was posted.
-    signalled: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug)]
+struct FenceState {
+    /// Parts not done yet.
+    remaining: usize,
+    /// The first part's error.
+    error: Option<String>,
 }
 
 impl Fence {
+    fn new(parts: usize) -> Fence {
+        Fence { state: Mutex::new(FenceState { remaining: parts, error: None }), cv: Condvar::new() }
+    }
+
     /// Waits for the job. Unbounded on purpose: the engine only copies
     /// between memories that never fault, so it always finishes, and giving
     /// up early would let a late copy land in pages already reused.
     pub(crate) fn wait(&self) -> Result<()> {
-        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(r) = done.take() {
-                return r.map_err(|msg| Error::new(ErrorKind::Fault, msg));
-            }
-            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while state.remaining > 0 {
+            state = self.cv.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+        state.error.take().map_or(Ok(()), |msg| Err(Error::new(ErrorKind::Fault, msg)))
     }
 
-    fn signal(&self, r: Result<(), String>) {
-        self.signalled.store(true, std::sync::atomic::Ordering::SeqCst);
-        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
-        self.cv.notify_all();
+    fn part_done(&self, r: Result<(), String>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(msg) = r {
+            state.error.get_or_insert(msg);
+        }
+        state.remaining -= 1;
+        if state.remaining == 0 {
+            self.cv.notify_all();
+        }
     }
 }
 
+/// One part of a job, for one channel.
 struct Job {
-    /// Injected slowness: the engine waits this long before the copies.
+    /// Injected slowness: the channel waits this long before the copies.
     delay: Duration,
     ops: Vec<CopyOp>,
     fence: Arc<Fence>,
+    /// Whether the fence was told.
+    reported: bool,
+}
+
+impl Job {
+    fn run(mut self) {
+        std::thread::sleep(self.delay);
+        let result = run_ops(&self.ops);
+        self.reported = true;
+        self.fence.part_done(result);
+    }
 }
 
 impl Drop for Job {
-    /// A job dropped unrun (the engine stopped) still releases its waiter.
+    /// A part dropped unrun (the engine stopped) still releases its waiter.
     fn drop(&mut self) {
-        let mut done = self.fence.done.lock().unwrap_or_else(|e| e.into_inner());
-        if done.is_none() && !self.fence.signalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            *done = Some(Err("DMA engine stopped".into()));
-            self.fence.cv.notify_all();
+        if !self.reported {
+            self.fence.part_done(Err("DMA engine stopped".into()));
         }
     }
 }
 
-/// The engine: one thread, one queue.
+/// The engine: one thread and one queue per channel.
 #[derive(Debug)]
 pub(crate) struct DmaEngine {
-    queue: Mutex<Option<Sender<Job>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    channels: Mutex<Vec<Sender<Job>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Round robin for jobs too small to split.
+    next: std::sync::atomic::AtomicUsize,
 }
 
+/// A job is split across the channels only when each part gets at least
+/// this many copies.
+const MIN_PART: usize = 64;
+
 impl DmaEngine {
-    pub(crate) fn start() -> Result<DmaEngine> {
-        let (tx, rx) = channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name("uhmm-sim-dma".into())
-            .spawn(move || run(&rx))
-            .map_err(|e| Error::sys("spawn DMA thread", e))?;
-        Ok(DmaEngine { queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+    /// An engine with `channels` (at least 1) copy channels.
+    pub(crate) fn start(channels: usize) -> Result<DmaEngine> {
+        let engine = DmaEngine {
+            channels: Mutex::new(Vec::new()),
+            threads: Mutex::new(Vec::new()),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        };
+        for c in 0..channels.max(1) {
+            let (tx, rx) = channel::<Job>();
+            let thread = std::thread::Builder::new()
+                .name(format!("uhmm-sim-dma{c}"))
+                .spawn(move || run(&rx))
+                .map_err(|e| Error::sys("spawn DMA thread", e))?;
+            engine.channels.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
+            engine.threads.lock().unwrap_or_else(|e| e.into_inner()).push(thread);
+        }
+        Ok(engine)
     }
 
-    /// Queues `ops`; the returned fence signals when all are done.
-    fn submit(&self, ops: Vec<CopyOp>, delay: Duration) -> Result<Arc<Fence>> {
-        let fence = Arc::new(Fence::default());
-        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let tx = queue.as_ref().ok_or_else(|| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
-        tx.send(Job { delay, ops, fence: fence.clone() })
-            .map_err(|_| Error::new(ErrorKind::NotFound, "DMA engine stopped"))?;
+    /// Queues `ops`, split in order across the channels when there are
+    /// enough; each part waits `delay()` first. The returned fence signals
+    /// when all parts are done; parts finish in any order.
+    fn submit(&self, mut ops: Vec<CopyOp>, delay: impl Fn() -> Duration) -> Result<Arc<Fence>> {
+        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let stopped = || Error::new(ErrorKind::NotFound, "DMA engine stopped");
+        if channels.is_empty() {
+            return Err(stopped());
+        }
+        let per_part = ops.len().div_ceil((ops.len() / MIN_PART).clamp(1, channels.len()));
+        let mut split = Vec::new();
+        while ops.len() > per_part {
+            split.push(ops.split_off(ops.len() - per_part));
+        }
+        split.push(ops);
+        let fence = Arc::new(Fence::new(split.len()));
+        let first = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for (k, part) in split.into_iter().rev().enumerate() {
+            let job = Job { delay: delay(), ops: part, fence: fence.clone(), reported: false };
+            // A send that fails drops the job, which reports the error.
+            let _ = channels[(first + k) % channels.len()].send(job);
+        }
         Ok(fence)
     }
 
     /// Starts `ops`: returns the fence to wait on, or `None` when they are
     /// already done — an empty job, or a small one copied on the calling
-    /// thread with [`Dispatch::InlineSmall`]. Each job first waits `delay` (injected slow completions; zero in
-    /// normal use).
-    pub(crate) fn run(&self, ops: Vec<CopyOp>, how: Dispatch, delay: Duration) -> Result<Option<Arc<Fence>>> {
+    /// thread with [`Dispatch::InlineSmall`]. Each part of a job first waits
+    /// `delay()` (injected slow completions; zero in normal use).
+    pub(crate) fn run(
+        &self,
+        ops: Vec<CopyOp>,
+        how: Dispatch,
+        delay: impl Fn() -> Duration,
+    ) -> Result<Option<Arc<Fence>>> {
         if ops.is_empty() {
             return Ok(None);
         }
         if how == Dispatch::InlineSmall && ops.len() <= INLINE_MAX_PAGES {
-            std::thread::sleep(delay);
+            std::thread::sleep(delay());
             run_ops(&ops).map_err(|msg| Error::new(ErrorKind::Fault, msg))?;
             return Ok(None);
         }
@@ -125,8 +186,8 @@ impl DmaEngine {
 
 impl Drop for DmaEngine {
     fn drop(&mut self) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             let _ = t.join();
         }
     }
@@ -139,7 +200,7 @@ pub(crate) enum Dispatch {
     /// as a driver would use the CPU for a small transfer: handing it to the
     /// engine thread costs a cross-CPU wake-up, longer than the copy.
     InlineSmall,
-    /// On the engine thread, while the caller goes on (pipelined chunks).
+    /// On the engine's channels, while the caller goes on (pipelined chunks).
     Engine,
 }
 
@@ -148,9 +209,7 @@ const INLINE_MAX_PAGES: usize = 512;
 
 fn run(rx: &Receiver<Job>) {
     while let Ok(job) = rx.recv() {
-        std::thread::sleep(job.delay);
-        let result = run_ops(&job.ops);
-        job.fence.signal(result);
+        job.run();
     }
 }
 
@@ -171,4 +230,49 @@ fn run_ops(ops: &[CopyOp]) -> Result<(), String> {
         r.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use uhmm::sys::mman::Protection;
+
+    use super::*;
+
+    #[test]
+    fn parts_complete_out_of_order_and_the_fence_waits_for_all() {
+        let engine = DmaEngine::start(3).unwrap();
+        let n = 3 * MIN_PART;
+        let mem = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+        for p in 0..n {
+            mem.write(p * PAGE_SIZE, &[0xff; PAGE_SIZE]).unwrap();
+        }
+        let mut ops: Vec<CopyOp> =
+            (0..n).map(|p| CopyOp::Zero(DevMem { chunk: mem.clone(), off: p * PAGE_SIZE })).collect();
+        // The first part fails halfway, and only after the others are done.
+        ops.insert(MIN_PART / 2, CopyOp::Fail);
+        let parts = AtomicUsize::new(0);
+        let delay = || {
+            let k = parts.fetch_add(1, Ordering::SeqCst);
+            Duration::from_millis(if k == 0 { 200 } else { 0 })
+        };
+        let fence = engine.run(ops, Dispatch::Engine, delay).unwrap().expect("queued");
+        assert_eq!(parts.load(Ordering::SeqCst), 3, "split across the three channels");
+        // The later parts finish while the first still waits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let zeroed = |p: usize| {
+            let mut b = [1u8; 8];
+            mem.read(p * PAGE_SIZE, &mut b).unwrap();
+            b == [0; 8]
+        };
+        while !zeroed(n - 1) {
+            assert!(std::time::Instant::now() < deadline, "the last part never ran");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!zeroed(0), "the first part is still waiting: completions are out of order");
+        assert!(fence.wait().is_err(), "one part's error fails the job");
+        assert!(zeroed(0) && !zeroed(MIN_PART / 2), "the failing part stopped at its error");
+        assert!((MIN_PART + 1..n).all(zeroed), "the other parts all ran");
+    }
 }

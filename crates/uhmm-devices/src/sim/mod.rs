@@ -60,9 +60,11 @@ pub struct SimConfig {
     /// (explicit migrations report it as not migrated, the CPU fault path
     /// and `release()` try again).
     pub copy_back_fail_rate: f64,
-    /// Fault injection: each copy job waits a random 0 to this many
-    /// microseconds before it runs (slow DMA completions; with pipelined
-    /// migrations, chunks complete late relative to the caller's work).
+    /// DMA channels: copy threads a big job is split across (at least 1).
+    pub dma_channels: usize,
+    /// Fault injection: each part of a copy job waits a random 0 to this
+    /// many microseconds before it runs (slow DMA completions; with several
+    /// channels, parts and jobs also complete out of order).
     pub dma_delay_us: u64,
     /// Seed of the fault-injection generator (deterministic per seed).
     pub fault_seed: u64,
@@ -78,6 +80,7 @@ impl Default for SimConfig {
             alloc_fail_rate: 0.0,
             copy_error_rate: 0.0,
             copy_back_fail_rate: 0.0,
+            dma_channels: 1,
             dma_delay_us: 0,
             fault_seed: 0,
         }
@@ -162,8 +165,8 @@ impl SimDevice {
         {
             return Err(Error::invalid("chunk_bytes must be page-aligned and at most capacity_bytes"));
         }
-        if config.migrate_chunk_pages == 0 {
-            return Err(Error::invalid("migrate_chunk_pages must be > 0"));
+        if config.migrate_chunk_pages == 0 || config.dma_channels == 0 {
+            return Err(Error::invalid("migrate_chunk_pages and dma_channels must be > 0"));
         }
         let rate_ok = |r: f64| (0.0..=1.0).contains(&r);
         if !rate_ok(config.alloc_fail_rate) || !rate_ok(config.copy_error_rate) || !rate_ok(config.copy_back_fail_rate)
@@ -175,7 +178,7 @@ impl SimDevice {
             owner: Owner::new(),
             pagemap: OnceLock::new(),
             mem: Mutex::new(Memory::new(config.chunk_bytes, config.capacity_bytes)),
-            dma: DmaEngine::start()?,
+            dma: DmaEngine::start(config.dma_channels)?,
             table: Mutex::new(Table::default()),
             notifier: OnceLock::new(),
             fail_next_alloc: AtomicBool::new(false),
@@ -630,7 +633,7 @@ impl SimInner {
             self.injected_copy_errors.fetch_add(1, Ordering::Relaxed);
             ops.insert(at, CopyOp::Fail);
         }
-        copy.fence = self.dma.run(ops, how, self.dma_delay())?;
+        copy.fence = self.dma.run(ops, how, || self.dma_delay())?;
         Ok(copy)
     }
 
@@ -716,7 +719,7 @@ impl SimInner {
             }
         }
         drop(table);
-        copy.fence = self.dma.run(ops, how, self.dma_delay())?;
+        copy.fence = self.dma.run(ops, how, || self.dma_delay())?;
         Ok(copy)
     }
 
