@@ -81,6 +81,12 @@ pub struct StressArgs {
     /// run is reported and ends with exit status 3.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     pub watchdog: u64,
+
+    /// Test of the watchdog: a second into the run, a migrator sets up a
+    /// migration of region 0 and never finishes it, so CPU accesses to those
+    /// pages wait forever. The run must end in a hang report.
+    #[arg(long, hide = true)]
+    pub inject_hang: bool,
 }
 
 /// A small deterministic generator (splitmix64).
@@ -151,10 +157,13 @@ impl Totals {
 
 /// Everything the threads share.
 struct World {
+    space: AddressSpace,
     regions: Vec<Region>,
     devices: Vec<SimDevice>,
     writers: usize,
     totals: Totals,
+    /// When `--inject-hang` holds a migration forever.
+    hang_at: Option<Instant>,
 }
 
 /// The shadows of writer `t`: per region, the bytes of the pages it owns
@@ -357,6 +366,9 @@ fn expected(err: &uhmm::Error) -> bool {
 /// One migrator's loop for one phase.
 fn migrator(w: &World, rng: &mut Rng, slot: &Slot, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
+        if w.hang_at.is_some_and(|at| Instant::now() >= at) && slot.name == "migrator-0" {
+            hold_forever(w, slot);
+        }
         let r = rng.below(w.regions.len());
         let n = w.npages(r);
         // Ranges from one page to a quarter of the region, skewed small.
@@ -388,6 +400,20 @@ fn migrator(w: &World, rng: &mut Rng, slot: &Slot, stop: &AtomicBool) {
             Err(e) => w.totals.unexpected(what, &e),
         }
         slot.tick();
+    }
+}
+
+/// `--inject-hang`: sets up a migration of region 0 and never finishes it.
+/// Its pages stay locked and unmapped, so every CPU access to them waits in
+/// a fault: a real hang, for the watchdog to report.
+fn hold_forever(w: &World, slot: &Slot) -> ! {
+    slot.set("holding a migration of region 0 forever (--inject-hang)".into());
+    let held = uhmm::Migration::setup(&w.space, w.regions[0].range(), uhmm::Select::SYSTEM, w.devices[0].owner());
+    if let Err(e) = &held {
+        eprintln!("uhmm stress: --inject-hang could not set up its migration: {e}");
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -466,7 +492,8 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
         devices.push(SimDevice::new(&space, config)?);
     }
     let writers = args.threads as usize;
-    let w = World { regions, devices, writers, totals: Totals::default() };
+    let hang_at = args.inject_hang.then(|| start + Duration::from_secs(1));
+    let w = World { space: space.clone(), regions, devices, writers, totals: Totals::default(), hang_at };
     // Every page starts as zeros (never touched), and so do the shadows.
     let mut shadows: Vec<Shadow> = (0..writers)
         .map(|t| {

@@ -46,3 +46,20 @@ fn two_devices_pass_and_three_are_refused() {
     let (code, _, _) = run_uhmm(&["stress", "--devices", "3"]);
     assert_eq!(code, Some(2));
 }
+
+#[test]
+fn a_hang_is_reported_with_the_stuck_threads() {
+    // A migration held forever (a hidden test switch): CPU accesses to its
+    // pages wait in faults. The watchdog must name the stuck threads and end
+    // the run with status 3, long before the test's two-minute kill.
+    let args = ["stress", "--seconds", "60", "--checkpoint", "60", "--watchdog", "2", "--inject-hang"];
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_uhmm(&args);
+    assert_eq!(code, Some(3), "uhmm {args:?}\n--- stdout\n{out}\n--- stderr\n{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "the hang took too long to report");
+    assert!(out.contains("HANG:"), "{out}");
+    assert!(out.contains("uhmm stress: FAILED: hang detected"), "{out}");
+    let stuck: Vec<&str> = out.lines().filter(|l| l.contains("STUCK")).collect();
+    assert!(stuck.iter().any(|l| l.contains("migrator-0") && l.contains("--inject-hang")), "{out}");
+    assert!(stuck.iter().any(|l| l.contains("writer-")), "a writer waits on the held pages\n{out}");
+}
