@@ -136,6 +136,10 @@ struct Totals {
     reads: AtomicU64,
     writes: AtomicU64,
     device_reads: AtomicU64,
+    device_writes: AtomicU64,
+    discards: AtomicU64,
+    page_moves: AtomicU64,
+    exclusives: AtomicU64,
     protects: AtomicU64,
     migrations: AtomicU64,
     migration_errors_expected: AtomicU64,
@@ -251,7 +255,7 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
         let page_off = p * PAGE_SIZE;
         let shadow_page = &mut shadow[r][local * PAGE_SIZE..(local + 1) * PAGE_SIZE];
         let op = rng.below(100);
-        if op < 45 {
+        if op < 40 {
             // Write a random span of the page, and record it.
             let off = rng.below(PAGE_SIZE);
             let len = 1 + rng.below(PAGE_SIZE - off);
@@ -271,7 +275,7 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
                 }
             }
             w.totals.writes.fetch_add(1, Ordering::Relaxed);
-        } else if op < 85 {
+        } else if op < 72 {
             // Read the whole page through the CPU and check it.
             slot.set(format!("reading region {r} page {p}"));
             match region.read(page_off, &mut buf) {
@@ -285,7 +289,7 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
                 }
             }
             w.totals.reads.fetch_add(1, Ordering::Relaxed);
-        } else if op < 95 {
+        } else if op < 80 {
             // Read the page through a device (its mirror, or its own memory).
             let d = rng.below(w.devices.len());
             slot.set(format!("device {d} reading region {r} page {p}"));
@@ -301,6 +305,62 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
                 }
             }
             w.totals.device_reads.fetch_add(1, Ordering::Relaxed);
+        } else if op < 86 {
+            // The device writes the whole page (faulting it in for writing
+            // where its mirror lacks it).
+            let d = rng.below(w.devices.len());
+            let byte = rng.next() as u8;
+            for (j, b) in buf.iter_mut().enumerate() {
+                *b = byte ^ (j as u8);
+            }
+            slot.set(format!("device {d} writing region {r} page {p}"));
+            match w.devices[d].write(region.addr() + page_off, 1, &buf) {
+                Ok(_) => shadow_page.copy_from_slice(&buf),
+                // Invalidations kept racing its fault: nothing was written.
+                Err(e) if e.kind() == ErrorKind::Busy => {}
+                Err(e) => {
+                    w.totals.unexpected("device write", &e);
+                    w.totals.lost.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+                    let _ = region.read(page_off, shadow_page);
+                }
+            }
+            w.totals.device_writes.fetch_add(1, Ordering::Relaxed);
+        } else if op < 89 {
+            // Drop the page wherever it is: it reads as zeros from now on.
+            slot.set(format!("discarding region {r} page {p}"));
+            match region.discard(page_off..page_off + PAGE_SIZE) {
+                Ok(()) => shadow_page.fill(0),
+                Err(e) => {
+                    w.totals.unexpected("discard", &e);
+                    let _ = region.read(page_off, shadow_page);
+                }
+            }
+            w.totals.discards.fetch_add(1, Ordering::Relaxed);
+        } else if op < 93 {
+            // move_pages of the page to a device or to RAM: data unchanged.
+            let target = match rng.below(w.devices.len() + 1) {
+                0 => uhmm::MoveTarget::Ram,
+                d => uhmm::MoveTarget::Device(w.devices[d - 1].pagemap().id()),
+            };
+            slot.set(format!("move_pages region {r} page {p} to {target:?}"));
+            match uhmm::move_pages(&w.space, &[region.addr() + page_off], Some(&[target])) {
+                // Per-page statuses (busy, no memory) are the kernel's; an
+                // injected copy error stops the call, leaving the page.
+                Ok(_) => {}
+                Err(e) if expected(&e) => {}
+                Err(e) => w.totals.unexpected("move_pages", &e),
+            }
+            w.totals.page_moves.fetch_add(1, Ordering::Relaxed);
+        } else if op < 95 {
+            // A device takes exclusive access; the next CPU access revokes it.
+            let d = rng.below(w.devices.len());
+            slot.set(format!("device {d} taking region {r} page {p} exclusive"));
+            match w.devices[d].exclusive(region.addr() + page_off, 1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::NotFound) => {}
+                Err(e) => w.totals.unexpected("exclusive", &e),
+            }
+            w.totals.exclusives.fetch_add(1, Ordering::Relaxed);
         } else {
             // Make the page read-only for a moment: reads work, writes are
             // refused, nothing changes; then make it writable again.
@@ -629,6 +689,10 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let ops = t.reads.load(Ordering::Relaxed)
         + t.writes.load(Ordering::Relaxed)
         + t.device_reads.load(Ordering::Relaxed)
+        + t.device_writes.load(Ordering::Relaxed)
+        + t.discards.load(Ordering::Relaxed)
+        + t.page_moves.load(Ordering::Relaxed)
+        + t.exclusives.load(Ordering::Relaxed)
         + t.protects.load(Ordering::Relaxed)
         + t.migrations.load(Ordering::Relaxed);
     println!("uhmm stress: done in {:.1} s", start.elapsed().as_secs_f64());
@@ -636,6 +700,10 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     println!("    CPU writes:             {}", t.writes.load(Ordering::Relaxed));
     println!("    CPU reads:              {}", t.reads.load(Ordering::Relaxed));
     println!("    device reads:           {}", t.device_reads.load(Ordering::Relaxed));
+    println!("    device writes:          {}", t.device_writes.load(Ordering::Relaxed));
+    println!("    discards:               {}", t.discards.load(Ordering::Relaxed));
+    println!("    move_pages:             {}", t.page_moves.load(Ordering::Relaxed));
+    println!("    exclusive grants:       {}", t.exclusives.load(Ordering::Relaxed));
     println!("    protection changes:     {}", t.protects.load(Ordering::Relaxed));
     println!(
         "    migrations:             {} ({} releases; {} ended with an expected error)",
