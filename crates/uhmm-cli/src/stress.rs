@@ -465,7 +465,9 @@ fn migrator(w: &World, rng: &mut Rng, slot: &Slot, stop: &AtomicBool) {
 
 /// `--inject-hang`: sets up a migration of region 0 and never finishes it.
 /// Its pages stay locked and unmapped, so every CPU access to them waits in
-/// a fault: a real hang, for the watchdog to report.
+/// a fault: a real hang, for the watchdog to report. The holder itself
+/// stays alive (it ticks), so the threads reported stuck are its victims,
+/// and the report shows what it holds.
 fn hold_forever(w: &World, slot: &Slot) -> ! {
     slot.set("holding a migration of region 0 forever (--inject-hang)".into());
     let held = uhmm::Migration::setup(&w.space, w.regions[0].range(), uhmm::Select::SYSTEM, w.devices[0].owner());
@@ -473,7 +475,8 @@ fn hold_forever(w: &World, slot: &Slot) -> ! {
         eprintln!("uhmm stress: --inject-hang could not set up its migration: {e}");
     }
     loop {
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(100));
+        slot.tick();
     }
 }
 
