@@ -11,7 +11,7 @@
 //! handler included — may wait for it.
 
 use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rustix::io::Errno;
@@ -42,34 +42,11 @@ enum Job {
     Release(Slots),
 }
 
-/// Slot sets handed over to be emptied and not yet emptied, at most: past
-/// this the caller empties its own (staging must not run dry).
-const MAX_PENDING_RELEASES: usize = 4;
-
 /// The helper thread, started at first use.
 #[derive(Debug)]
 pub(crate) struct Copier {
     uffd: Arc<Uffd>,
     helper: Mutex<Option<(Sender<Job>, JoinHandle<()>)>>,
-    releases: Arc<Releases>,
-}
-
-/// Slot sets handed over and not yet emptied.
-#[derive(Debug, Default)]
-struct Releases {
-    pending: Mutex<usize>,
-    done: Condvar,
-}
-
-impl Releases {
-    fn count(&self) -> std::sync::MutexGuard<'_, usize> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn finished(&self) {
-        *self.count() -= 1;
-        self.done.notify_all();
-    }
 }
 
 /// Copies running on the helper.
@@ -89,7 +66,7 @@ impl Pending {
 
 impl Copier {
     pub(crate) fn new(uffd: Arc<Uffd>) -> Copier {
-        Copier { uffd, helper: Mutex::new(None), releases: Arc::default() }
+        Copier { uffd, helper: Mutex::new(None) }
     }
 
     /// Starts `runs` on the helper; `None` when it cannot be had (the
@@ -102,28 +79,15 @@ impl Copier {
     }
 
     /// Empties and gives back `slots` on the helper when it holds many
-    /// pages; here otherwise.
+    /// pages and its arena has few sets being emptied already; here
+    /// otherwise.
     pub(crate) fn release(&self, slots: Slots) {
-        {
-            let mut pending = self.releases.count();
-            if slots.len() < SPLIT_MIN_PAGES || *pending >= MAX_PENDING_RELEASES {
-                drop(pending);
-                return drop(slots);
-            }
-            *pending += 1;
+        if slots.len() < SPLIT_MIN_PAGES {
+            return drop(slots);
         }
-        if self.send(Job::Release(slots.defer())).is_err() {
-            // The job, and the slots in it, were dropped: emptied here.
-            self.releases.finished();
-        }
-    }
-
-    /// Waits until the slots handed over so far are emptied: the end of a
-    /// bulk migration, which returns with the RAM it moved away freed.
-    pub(crate) fn wait_releases(&self) {
-        let mut pending = self.releases.count();
-        while *pending > 0 {
-            pending = self.releases.done.wait(pending).unwrap_or_else(|e| e.into_inner());
+        // A job that cannot be sent is dropped, and its slots with it.
+        if let Ok(deferred) = slots.defer() {
+            let _ = self.send(Job::Release(deferred));
         }
     }
 
@@ -133,17 +97,14 @@ impl Copier {
         let mut helper = self.helper.lock().unwrap_or_else(|e| e.into_inner());
         if helper.is_none() {
             let (tx, rx) = channel::<Job>();
-            let (uffd, releases) = (self.uffd.clone(), self.releases.clone());
+            let uffd = self.uffd.clone();
             let thread = std::thread::Builder::new().name("uhmm-copier".into()).spawn(move || {
                 while let Ok(job) = rx.recv() {
                     match job {
                         Job::Copy { runs, done } => {
                             let _ = done.send(runs.iter().map(|r| copy_in(&uffd, *r)).collect());
                         }
-                        Job::Release(slots) => {
-                            drop(slots);
-                            releases.finished();
-                        }
+                        Job::Release(slots) => drop(slots),
                     }
                 }
             });

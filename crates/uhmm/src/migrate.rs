@@ -367,8 +367,8 @@ impl Migration<Collected> {
         if !offset.is_multiple_of(PAGE_SIZE) || offset.checked_add(PAGE_SIZE).is_none_or(|end| end > src.len()) {
             return Err(Error::invalid("copy source is not a whole page inside its mapping"));
         }
-        self.inner.release_dst(i);
         let at = u32::try_from(self.inner.copy_srcs.len()).map_err(|_| Error::invalid("too many copy sources"))?;
+        self.inner.release_dst(i);
         let inner = &mut self.inner;
         if !inner.copy_maps.last().is_some_and(|m| Arc::ptr_eq(m, src)) {
             inner.copy_maps.push(src.clone());
@@ -469,7 +469,7 @@ impl<S> Migration<S> {
 
 /// Where the data of a page that `finalize` maps back into its region is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum From {
+enum InstallFrom {
     /// A pool slot the driver filled: moved in.
     Pool,
     /// The staging slot setup moved it to: moved back (a restore).
@@ -715,7 +715,7 @@ impl Inner {
         let space = self.space.clone();
         let mut new_state: Vec<State> = self.pages.iter().map(|p| p.prior).collect();
         // Pages to map back into regions, and where their data is.
-        let mut installs: Vec<(usize, From)> = Vec::new();
+        let mut installs: Vec<(usize, InstallFrom)> = Vec::new();
         for (i, state) in new_state.iter_mut().enumerate() {
             let p = self.pages[i];
             if p.src == Src::Skip {
@@ -731,13 +731,13 @@ impl Inner {
                             pm.set_rmap(d.pfn, Some((region_id, p.idx)));
                             if pm.is_coherent() {
                                 // CPU-addressable: the page is mapped in the region.
-                                installs.push((i, From::Pool));
+                                installs.push((i, InstallFrom::Pool));
                             }
                         }
                     }
                     MigrateDst::System => {
                         *state = State::Cpu;
-                        installs.push((i, if p.copy_from.is_some() { From::Driver } else { From::Pool }));
+                        installs.push((i, if p.copy_from.is_some() { InstallFrom::Driver } else { InstallFrom::Pool }));
                     }
                     MigrateDst::Error => {
                         *state = State::Poisoned;
@@ -757,7 +757,7 @@ impl Inner {
                     Src::Skip => false,
                 };
                 if staged && self.stage.is_some() {
-                    installs.push((i, From::Stage));
+                    installs.push((i, InstallFrom::Stage));
                 }
             }
         }
@@ -860,7 +860,7 @@ impl Inner {
     /// the caller keeps a page whose data is still in the driver's memory
     /// where it was, and poisons the others (their data is in a slot about
     /// to be emptied: they read as SIGBUS, never as silent zeros).
-    fn install(&self, installs: &[(usize, From)]) -> Vec<usize> {
+    fn install(&self, installs: &[(usize, InstallFrom)]) -> Vec<usize> {
         let mut failed = Vec::new();
         let mut settle = |i: usize, n: usize, done: usize| {
             if done < n {
@@ -870,14 +870,14 @@ impl Inner {
             }
         };
         // Runs of copies from driver memory, (first page, pages), done last
-        // and, when there are many, half of them on the copy helper.
+        // and, when there are many, partly on the copy helper.
         let mut copies: Vec<(usize, usize)> = Vec::new();
         let mut k = 0;
         while k < installs.len() {
             let (i, from) = installs[k];
             let n = self.install_run(&installs[k..]);
             k += n;
-            if from != From::Driver {
+            if from != InstallFrom::Driver {
                 settle(i, n, self.install_moved(i, n, from));
                 continue;
             }
@@ -936,12 +936,12 @@ impl Inner {
     /// How many of `installs`, from the first, one ioctl can map: pages
     /// consecutive in one region and one protection run (one VMA), whose
     /// data is contiguous too.
-    fn install_run(&self, installs: &[(usize, From)]) -> usize {
+    fn install_run(&self, installs: &[(usize, InstallFrom)]) -> usize {
         let (i, from) = installs[0];
         let slots = match from {
-            From::Pool => self.pool.as_ref(),
-            From::Stage => self.stage.as_ref(),
-            From::Driver => None,
+            InstallFrom::Pool => self.pool.as_ref(),
+            InstallFrom::Stage => self.stage.as_ref(),
+            InstallFrom::Driver => None,
         };
         let max = slots.map_or(usize::MAX, |s| s.contiguous(i, usize::MAX));
         let follows = |a: usize, b: usize| match (self.pages[a].copy_from, self.pages[b].copy_from) {
@@ -957,7 +957,7 @@ impl Inner {
             && installs[n] == (i + n, from)
             && self.pages[i + n].region == self.pages[i].region
             && self.pages[i + n].idx == self.pages[i].idx + n
-            && (from != From::Driver || follows(i + n - 1, i + n))
+            && (from != InstallFrom::Driver || follows(i + n - 1, i + n))
         {
             n += 1;
         }
@@ -971,8 +971,8 @@ impl Inner {
     /// Maps pages `i..i + n` from staging or the pool slots that hold them:
     /// moves when it can, copies where the region is read-only. Returns how
     /// many (from `i`) it mapped.
-    fn install_moved(&self, i: usize, n: usize, from: From) -> usize {
-        let Some(slots) = (if from == From::Pool { self.pool.as_ref() } else { self.stage.as_ref() }) else {
+    fn install_moved(&self, i: usize, n: usize, from: InstallFrom) -> usize {
+        let Some(slots) = (if from == InstallFrom::Pool { self.pool.as_ref() } else { self.stage.as_ref() }) else {
             tracing::error!("install without staging slots");
             return 0;
         };
@@ -1295,7 +1295,8 @@ pub fn migrate_pipelined<D: PipelinedDriver>(
         total += complete(driver, chunk)?;
     }
     // Return with the RAM that moved away freed, not still being freed.
-    space.inner.copier.wait_releases();
+    space.inner.stage.wait_released();
+    space.inner.pool.wait_released();
     Ok(total)
 }
 

@@ -24,6 +24,8 @@ use crate::{Error, ErrorKind, Result};
 
 /// Pages in one staging batch.
 pub const BATCH_PAGES: usize = 512;
+/// Slot sets of one arena being emptied by another thread, at most.
+const MAX_RELEASING: usize = 4;
 const BATCH_BYTES: usize = BATCH_PAGES * PAGE_SIZE;
 
 /// One staging arena.
@@ -71,6 +73,14 @@ impl Arena {
         let at = free.batches.len() - n;
         let batches = free.batches.split_off(at);
         Ok(Slots { arena: self.clone(), batches, npages, deferred: false })
+    }
+
+    /// Waits until no slot set of this arena is being emptied elsewhere.
+    pub(crate) fn wait_released(&self) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while free.releasing > 0 {
+            free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn release(&self, batches: &[u32], npages: usize, deferred: bool) {
@@ -143,13 +153,19 @@ impl Slots {
     }
 
     /// Marks the slots as being emptied by another thread: until they are
-    /// dropped there, an allocation that needs them waits for them.
-    pub(crate) fn defer(mut self) -> Slots {
-        if !self.deferred {
-            self.arena.free.lock().unwrap_or_else(|e| e.into_inner()).releasing += 1;
-            self.deferred = true;
+    /// dropped there, an allocation that needs them waits for them. Refused
+    /// (the slots come back) when the arena has [`MAX_RELEASING`] sets
+    /// being emptied already: the caller empties these itself.
+    pub(crate) fn defer(mut self) -> std::result::Result<Slots, Slots> {
+        let mut free = self.arena.free.lock().unwrap_or_else(|e| e.into_inner());
+        if self.deferred || free.releasing >= MAX_RELEASING {
+            drop(free);
+            return Err(self);
         }
-        self
+        free.releasing += 1;
+        drop(free);
+        self.deferred = true;
+        Ok(self)
     }
 
     pub(crate) fn mapping(&self) -> &Mapping {
