@@ -46,6 +46,13 @@ pub struct StressArgs {
     #[arg(long, default_value = "16M", value_parser = parse_size)]
     pub size: usize,
 
+    /// Every other region (the odd ones) is a huge-page region
+    /// (`map_huge`): first touches, migrations and device pages go in whole
+    /// 2 MiB blocks where they can, and split where an operation takes part
+    /// of one.
+    #[arg(long)]
+    pub huge: bool,
+
     /// Sim devices (1 or 2).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub devices: u32,
@@ -532,10 +539,11 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let space = AddressSpace::new(Config::default())?;
     let size = args.size.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
     let mut regions = Vec::new();
-    for _ in 0..args.regions {
-        regions.push(space.map(size, Prot::READ_WRITE)?);
+    for r in 0..args.regions {
+        let huge = args.huge && r % 2 == 1;
+        regions.push(if huge { space.map_huge(size, Prot::READ_WRITE)? } else { space.map(size, Prot::READ_WRITE)? });
     }
-    let total = size * regions.len();
+    let total: usize = regions.iter().map(Region::len).sum();
     // Room for everything on each device, in small chunks.
     let capacity = total.div_ceil(2 << 20).max(1) * (2 << 20);
     let mut devices = Vec::new();
@@ -543,7 +551,9 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
         let config = SimConfig {
             capacity_bytes: capacity,
             chunk_bytes: 2 << 20,
-            migrate_chunk_pages: 64,
+            // Small chunks interleave more; with huge regions, chunks big
+            // enough to hold whole 2 MiB blocks.
+            migrate_chunk_pages: if args.huge { 2048 } else { 64 },
             alloc_fail_rate: args.alloc_fail_rate,
             copy_error_rate: args.copy_error_rate,
             copy_back_fail_rate: args.copy_back_fail_rate,
@@ -583,10 +593,11 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let mut rngs: Vec<Rng> =
         (0..writers + migrators).map(|i| Rng(args.seed ^ (i as u64).wrapping_mul(0x1234_5678_9abc_def1))).collect();
     println!(
-        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {}, {} device(s), alloc-fail-rate {}, copy-error-rate {}, copy-back-fail-rate {}, dma-delay-us {}, dma-channels {}, seed {:#x}",
+        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {}{}, {} device(s), alloc-fail-rate {}, copy-error-rate {}, copy-back-fail-rate {}, dma-delay-us {}, dma-channels {}, seed {:#x}",
         args.seconds,
         w.regions.len(),
         human(size),
+        if args.huge { " (odd ones huge)" } else { "" },
         w.devices.len(),
         args.alloc_fail_rate,
         args.copy_error_rate,
@@ -726,6 +737,11 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
         stats.faults, stats.migrate_to_ram, stats.zero_filled_pages
     );
     println!("  busy pages skipped:       {}", stats.busy_pages);
+    let (compound, fallbacks) = w.devices.iter().map(SimDevice::huge_stats).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    println!(
+        "  huge pages:               {} first-touch fills, {compound} compound device pages, {fallbacks} blocks fell back",
+        stats.huge_fills
+    );
     println!("  poisoned pages:           {}", stats.poisoned_pages);
     println!(
         "  injected faults:          {inj_alloc} allocation failures, {inj_copy} copy errors, {inj_back} copy-back failures"
