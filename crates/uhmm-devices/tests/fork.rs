@@ -162,3 +162,48 @@ fn child_drops_inherited_objects_cleanly() {
     assert_eq!(dev.migrate_to_device_all(r.addr(), npages).unwrap().cpages, npages);
     assert_words(&cpu_read(r), |i| i + 1);
 }
+
+#[test]
+fn an_orphaned_space_is_dropped_without_its_parents_threads() {
+    if !isolated("an_orphaned_space_is_dropped_without_its_parents_threads") {
+        return;
+    }
+    // A migration big enough to hand its staging to the helper thread (here
+    // restored: no destinations), then fork: the child's copy of the space
+    // names threads that live in the parent only, so dropping it there must
+    // neither signal nor join them. No device, so nothing else keeps the
+    // child's copy alive.
+    let space = space();
+    let npages = 1024;
+    let region = map(&space, npages);
+    fill(&region, 0..npages, |i| i);
+    let m = uhmm::Migration::setup(&space, region.range(), uhmm::Select::SYSTEM, uhmm::Owner::new()).unwrap();
+    assert_eq!(m.cpages(), npages);
+    assert_eq!(m.pages().finalize().migrated, 0);
+    let threads = || -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .map(|name| name.trim().to_string())
+            .collect()
+    };
+    // (A new thread names itself once it runs: wait for it, bounded.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !threads().iter().any(|t| t == "uhmm-copier") {
+        assert!(std::time::Instant::now() < deadline, "the helper thread runs: {:?}", threads());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let code = fork_child(move || {
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(region);
+            drop(space);
+            let _ = done.send(());
+        });
+        match wait.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(()) => 0,
+            Err(_) => 30, // the drop hung
+        }
+    });
+    assert_eq!(code, 0, "dropping the orphaned space in the child failed");
+}

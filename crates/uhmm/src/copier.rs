@@ -123,6 +123,14 @@ impl Copier {
     }
 }
 
+impl Copier {
+    /// Forgets the helper without signalling or joining it: in a forked
+    /// child the thread lives in the parent only.
+    pub(crate) fn abandon(&self) {
+        std::mem::forget(self.helper.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
+
 impl Drop for Copier {
     fn drop(&mut self) {
         if let Some((queue, thread)) = self.helper.lock().unwrap_or_else(|e| e.into_inner()).take() {

@@ -638,9 +638,12 @@ fn next_run<'a>(runs: &'a [PageRun], cursor: &mut usize, addr: usize) -> Option<
 
 impl Drop for SpaceInner {
     fn drop(&mut self) {
+        if self.is_orphaned() {
+            // The threads live in the parent: neither signal nor join them.
+            self.copier.abandon();
+        }
         if let Some(engine) = self.engine.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
             if self.is_orphaned() {
-                // The threads live in the parent: neither signal nor join them.
                 std::mem::forget(engine);
             } else {
                 engine.stop();
