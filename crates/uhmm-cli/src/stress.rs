@@ -53,6 +53,12 @@ pub struct StressArgs {
     #[arg(long)]
     pub huge: bool,
 
+    /// The last region is shared anonymous memory (`map_shared`): it never
+    /// migrates (only private anonymous memory does), but devices read and
+    /// write it through their mirrors while everything else goes on.
+    #[arg(long)]
+    pub shared: bool,
+
     /// Sim devices (1 or 2).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub devices: u32,
@@ -336,6 +342,8 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
             // Drop the page wherever it is: it reads as zeros from now on.
             slot.set(format!("discarding region {r} page {p}"));
             match region.discard(page_off..page_off + PAGE_SIZE) {
+                // Shared memory keeps its contents (MADV_DONTNEED).
+                Ok(()) if region.backing() != uhmm::Backing::Anonymous => {}
                 Ok(()) => shadow_page.fill(0),
                 Err(e) => {
                     w.totals.unexpected("discard", &e);
@@ -365,6 +373,8 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
             match w.devices[d].exclusive(region.addr() + page_off, 1) {
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::NotFound) => {}
+                // Only private anonymous memory can be held exclusive.
+                Err(e) if e.kind() == ErrorKind::InvalidArgument && region.backing() != uhmm::Backing::Anonymous => {}
                 Err(e) => w.totals.unexpected("exclusive", &e),
             }
             w.totals.exclusives.fetch_add(1, Ordering::Relaxed);
@@ -540,8 +550,14 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let size = args.size.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
     let mut regions = Vec::new();
     for r in 0..args.regions {
-        let huge = args.huge && r % 2 == 1;
-        regions.push(if huge { space.map_huge(size, Prot::READ_WRITE)? } else { space.map(size, Prot::READ_WRITE)? });
+        let region = if args.shared && r + 1 == args.regions {
+            space.map_shared(size, Prot::READ_WRITE)?
+        } else if args.huge && r % 2 == 1 {
+            space.map_huge(size, Prot::READ_WRITE)?
+        } else {
+            space.map(size, Prot::READ_WRITE)?
+        };
+        regions.push(region);
     }
     let total: usize = regions.iter().map(Region::len).sum();
     // Room for everything on each device, in small chunks.
@@ -597,7 +613,12 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
         args.seconds,
         w.regions.len(),
         human(size),
-        if args.huge { " (odd ones huge)" } else { "" },
+        match (args.huge, args.shared) {
+            (true, true) => " (odd ones huge, the last shared)",
+            (true, false) => " (odd ones huge)",
+            (false, true) => " (the last shared)",
+            (false, false) => "",
+        },
         w.devices.len(),
         args.alloc_fail_rate,
         args.copy_error_rate,

@@ -316,8 +316,12 @@ impl Region {
     }
 
     /// `madvise(MADV_DONTNEED)` of a range: its pages are dropped wherever
-    /// they are (RAM, a device, held exclusive, poisoned) and read as zeros
-    /// from then on; mirrors are told; in-flight work on the pages ends first.
+    /// they are (RAM, a device, held exclusive, poisoned); mirrors are told;
+    /// in-flight work on the pages ends first. As with the kernel's
+    /// `MADV_DONTNEED`, private anonymous pages read as zeros from then on,
+    /// while a shared or file-backed region keeps its contents in the shared
+    /// memory or the file (only this mapping's view of the pages is dropped;
+    /// a private file mapping reads the file again).
     pub fn discard(&self, range: Range<usize>) -> Result<()> {
         self.drop_pages(range, false)
     }
