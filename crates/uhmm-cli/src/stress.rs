@@ -59,6 +59,12 @@ pub struct StressArgs {
     #[arg(long)]
     pub shared: bool,
 
+    /// The first region is a file mapped shared (a temporary file in the
+    /// system's temporary directory, removed at the end): it never migrates,
+    /// and devices and the CPU write through to the file.
+    #[arg(long)]
+    pub file: bool,
+
     /// Sim devices (1 or 2).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub devices: u32,
@@ -100,6 +106,32 @@ pub struct StressArgs {
     /// pages wait forever. The run must end in a hang report.
     #[arg(long, hide = true)]
     pub inject_hang: bool,
+}
+
+/// `--file`'s temporary file, removed when dropped.
+struct TempFile {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+}
+
+impl TempFile {
+    fn new(len: usize) -> uhmm::Result<TempFile> {
+        let path = std::env::temp_dir().join(format!("uhmm-stress-{}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|f| f.set_len(len as u64).map(|()| f))
+            .map_err(|e| uhmm::Error::sys("creating the --file temporary file", e))?;
+        Ok(TempFile { path, file })
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// A small deterministic generator (splitmix64).
@@ -549,8 +581,11 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let space = AddressSpace::new(Config::default())?;
     let size = args.size.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
     let mut regions = Vec::new();
+    let file = args.file.then(|| TempFile::new(size)).transpose()?;
     for r in 0..args.regions {
-        let region = if args.shared && r + 1 == args.regions {
+        let region = if let Some(f) = file.as_ref().filter(|_| r == 0) {
+            space.map_file(&f.file, 0, size, Prot::READ_WRITE, true)?
+        } else if args.shared && r + 1 == args.regions {
             space.map_shared(size, Prot::READ_WRITE)?
         } else if args.huge && r % 2 == 1 {
             space.map_huge(size, Prot::READ_WRITE)?
@@ -609,16 +644,15 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let mut rngs: Vec<Rng> =
         (0..writers + migrators).map(|i| Rng(args.seed ^ (i as u64).wrapping_mul(0x1234_5678_9abc_def1))).collect();
     println!(
-        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {}{}, {} device(s), alloc-fail-rate {}, copy-error-rate {}, copy-back-fail-rate {}, dma-delay-us {}, dma-channels {}, seed {:#x}",
+        "uhmm stress: {} s, {writers} writer(s), {migrators} migrator(s), {} region(s) of {};{} {} device(s), alloc-fail-rate {}, copy-error-rate {}, copy-back-fail-rate {}, dma-delay-us {}, dma-channels {}, seed {:#x}",
         args.seconds,
         w.regions.len(),
         human(size),
-        match (args.huge, args.shared) {
-            (true, true) => " (odd ones huge, the last shared)",
-            (true, false) => " (odd ones huge)",
-            (false, true) => " (the last shared)",
-            (false, false) => "",
-        },
+        [(args.file, " the first a shared file;"), (args.huge, " odd ones huge;"), (args.shared, " the last shared;")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, what)| *what)
+            .collect::<String>(),
         w.devices.len(),
         args.alloc_fail_rate,
         args.copy_error_rate,
