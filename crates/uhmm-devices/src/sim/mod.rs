@@ -701,7 +701,7 @@ impl SimInner {
                 m.set_dst_error(i)?;
                 continue;
             }
-            match m.src_page(i) {
+            match if self.config.coherent { m.src_page(i) } else { None } {
                 // Coherent: the page was mapped; setup staged its data.
                 Some(staged) => {
                     ops.push(CopyOp::Between(staged, m.system_dst(i)?));
