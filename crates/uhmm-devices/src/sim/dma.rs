@@ -107,8 +107,8 @@ impl Drop for Job {
 /// The engine: one thread and one queue per channel.
 #[derive(Debug)]
 pub(crate) struct DmaEngine {
-    channels: Mutex<Vec<Sender<Job>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    channels: Vec<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
     /// Round robin for jobs too small to split.
     next: std::sync::atomic::AtomicUsize,
 }
@@ -120,19 +120,17 @@ const MIN_PART: usize = 64;
 impl DmaEngine {
     /// An engine with `channels` (at least 1) copy channels.
     pub(crate) fn start(channels: usize) -> Result<DmaEngine> {
-        let engine = DmaEngine {
-            channels: Mutex::new(Vec::new()),
-            threads: Mutex::new(Vec::new()),
-            next: std::sync::atomic::AtomicUsize::new(0),
-        };
+        let mut engine =
+            DmaEngine { channels: Vec::new(), threads: Vec::new(), next: std::sync::atomic::AtomicUsize::new(0) };
         for c in 0..channels.max(1) {
             let (tx, rx) = channel::<Job>();
+            // On an error the engine drops, stopping the channels started.
             let thread = std::thread::Builder::new()
                 .name(format!("uhmm-sim-dma{c}"))
                 .spawn(move || run(&rx))
                 .map_err(|e| Error::sys("spawn DMA thread", e))?;
-            engine.channels.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
-            engine.threads.lock().unwrap_or_else(|e| e.into_inner()).push(thread);
+            engine.channels.push(tx);
+            engine.threads.push(thread);
         }
         Ok(engine)
     }
@@ -141,10 +139,9 @@ impl DmaEngine {
     /// enough; each part waits `delay()` first. The returned fence signals
     /// when all parts are done; parts finish in any order.
     fn submit(&self, mut ops: Vec<CopyOp>, delay: impl Fn() -> Duration) -> Result<Arc<Fence>> {
-        let channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        let stopped = || Error::new(ErrorKind::NotFound, "DMA engine stopped");
+        let channels = &self.channels;
         if channels.is_empty() {
-            return Err(stopped());
+            return Err(Error::new(ErrorKind::NotFound, "DMA engine stopped"));
         }
         let per_part = ops.len().div_ceil((ops.len() / MIN_PART).clamp(1, channels.len()));
         let mut split = Vec::new();
@@ -186,8 +183,8 @@ impl DmaEngine {
 
 impl Drop for DmaEngine {
     fn drop(&mut self) {
-        self.channels.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        for t in self.threads.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        self.channels.clear();
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
