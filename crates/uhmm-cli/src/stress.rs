@@ -371,7 +371,8 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
             }
             w.totals.device_writes.fetch_add(1, Ordering::Relaxed);
         } else if op < 89 {
-            // Drop the page wherever it is: it reads as zeros from now on.
+            // Drop the page wherever it is: private memory reads as zeros
+            // from now on.
             slot.set(format!("discarding region {r} page {p}"));
             match region.discard(page_off..page_off + PAGE_SIZE) {
                 // Shared memory keeps its contents (MADV_DONTNEED).
