@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use crate::copier::{CopyRun, SPLIT_MIN_PAGES, copy_in};
+use crate::copier::{CopyRun, Pending, SPLIT_MIN_PAGES, copy_in};
 use crate::fork::InFlight;
 use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
@@ -415,6 +415,38 @@ impl Migration<Migrated> {
     pub fn finalize(mut self) -> MigrateSummary {
         self.inner.finish()
     }
+
+    /// `finalize` in two halves, for the pipelined helper: this one starts
+    /// mapping pages back (the copy helper takes its share of the copies
+    /// in); [`Finalizing::end`] completes it.
+    fn finalize_begin(self) -> Finalizing {
+        let Migration { mut inner, .. } = self;
+        let started = inner.finish_begin();
+        Finalizing { inner, started: Some(started) }
+    }
+}
+
+/// A `finalize` under way ([`Migration::finalize_begin`]); dropping it
+/// completes it.
+#[derive(Debug)]
+struct Finalizing {
+    inner: Inner,
+    started: Option<Installing>,
+}
+
+impl Finalizing {
+    fn end(mut self) -> MigrateSummary {
+        let started = self.started.take().expect("a finalize under way");
+        self.inner.finish_end(started)
+    }
+}
+
+impl Drop for Finalizing {
+    fn drop(&mut self) {
+        if let Some(started) = self.started.take() {
+            self.inner.finish_end(started);
+        }
+    }
 }
 
 impl<S> Migration<S> {
@@ -465,6 +497,21 @@ impl<S> Migration<S> {
     pub fn dst(&self, i: usize) -> MigrateDst {
         self.inner.pages.get(i).map_or(MigrateDst::None, |p| p.dst)
     }
+}
+
+/// Runs of pages of a migration: (first page, pages).
+type Runs = Vec<(usize, usize)>;
+
+/// A finalize under way (`Inner::finish_begin`): the new states, what is
+/// being mapped back, and the copies in still to do or to wait for.
+#[derive(Debug)]
+struct Installing {
+    new_state: Vec<State>,
+    installs: Vec<(usize, InstallFrom)>,
+    failed: Vec<usize>,
+    mine: Runs,
+    theirs: Runs,
+    pending: Option<Pending>,
 }
 
 /// Where the data of a page that `finalize` maps back into its region is.
@@ -711,6 +758,14 @@ impl Inner {
 
     /// `finalize`, and the restore path of `Drop`.
     fn finish(&mut self) -> MigrateSummary {
+        let started = self.finish_begin();
+        self.finish_end(started)
+    }
+
+    /// The first half of `finish`: decides each page's new state and starts
+    /// mapping pages back (moves done, copies in started, the helper's share
+    /// running). [`Inner::finish_end`] completes it.
+    fn finish_begin(&mut self) -> Installing {
         self.finished = true;
         let space = self.space.clone();
         let mut new_state: Vec<State> = self.pages.iter().map(|p| p.prior).collect();
@@ -761,7 +816,25 @@ impl Inner {
                 }
             }
         }
-        for i in self.install(&installs) {
+        let (failed, mine, theirs, pending) = self.install_begin(&installs);
+        Installing { new_state, installs, failed, mine, theirs, pending }
+    }
+
+    /// The second half of `finish`: this thread's copies in, the helper's
+    /// awaited; failures settled; counts; unlock, free sources, wake.
+    fn finish_end(&mut self, started: Installing) -> MigrateSummary {
+        let Installing { mut new_state, installs, mut failed, mine, theirs, pending } = started;
+        let space = self.space.clone();
+        for &(i, n) in &mine {
+            self.settle(&mut failed, i, n, copy_in(&space.uffd, self.copy_run(i, n)) / PAGE_SIZE);
+        }
+        if let Some(pending) = pending {
+            for (&(i, n), done) in theirs.iter().zip(pending.wait()) {
+                Stats::add(&space.stats.helper_copied_pages, (done / PAGE_SIZE) as u64);
+                self.settle(&mut failed, i, n, done / PAGE_SIZE);
+            }
+        }
+        for i in failed {
             let p = &mut self.pages[i];
             if p.migrated && p.copy_from.is_some() {
                 // Its data is still in the driver's memory, and its source
@@ -855,30 +928,25 @@ impl Inner {
         summary
     }
 
-    /// Maps pages back into their regions, each from where its data is
-    /// (`installs`, in page order). Returns the pages it could not map back:
-    /// the caller keeps a page whose data is still in the driver's memory
-    /// where it was, and poisons the others (their data is in a slot about
-    /// to be emptied: they read as SIGBUS, never as silent zeros).
-    fn install(&self, installs: &[(usize, InstallFrom)]) -> Vec<usize> {
+    /// Starts mapping pages back into their regions, each from where its
+    /// data is (`installs`, in page order): moves and huge pages done here,
+    /// copies in from driver memory returned as runs, `(first page, pages)`
+    /// — this thread's, and the helper's with their pending result — for
+    /// `finish_end`. The pages it could not map back are collected in the
+    /// first part: the caller keeps a page whose data is still in the
+    /// driver's memory where it was, and poisons the others (their data is
+    /// in a slot about to be emptied: they read as SIGBUS, never as silent
+    /// zeros).
+    fn install_begin(&self, installs: &[(usize, InstallFrom)]) -> (Vec<usize>, Runs, Runs, Option<Pending>) {
         let mut failed = Vec::new();
-        let mut settle = |i: usize, n: usize, done: usize| {
-            if done < n {
-                let region = self.region_of(i);
-                tracing::error!(addr = region.addr_of(self.pages[i].idx + done), "could not map pages back");
-                failed.extend(i + done..i + n);
-            }
-        };
-        // Runs of copies from driver memory, (first page, pages), done last
-        // and, when there are many, partly on the copy helper.
-        let mut copies: Vec<(usize, usize)> = Vec::new();
+        let mut copies: Runs = Vec::new();
         let mut k = 0;
         while k < installs.len() {
             let (i, from) = installs[k];
             let n = self.install_run(&installs[k..]);
             k += n;
             if from != InstallFrom::Driver {
-                settle(i, n, self.install_moved(i, n, from));
+                self.settle(&mut failed, i, n, self.install_moved(i, n, from));
                 continue;
             }
             let region = self.region_of(i);
@@ -907,17 +975,18 @@ impl Inner {
             .flatten();
         if pending.is_none() {
             copies.extend_from_slice(&theirs);
+            return (failed, copies, Vec::new(), None);
         }
-        for &(i, n) in &copies {
-            settle(i, n, copy_in(&self.space.uffd, self.copy_run(i, n)) / PAGE_SIZE);
+        (failed, copies, theirs, pending)
+    }
+
+    /// Records pages `i + done..i + n` as not mapped back.
+    fn settle(&self, failed: &mut Vec<usize>, i: usize, n: usize, done: usize) {
+        if done < n {
+            let region = self.region_of(i);
+            tracing::error!(addr = region.addr_of(self.pages[i].idx + done), "could not map pages back");
+            failed.extend(i + done..i + n);
         }
-        if let Some(pending) = pending {
-            for (&(i, n), done) in theirs.iter().zip(pending.wait()) {
-                Stats::add(&self.space.stats.helper_copied_pages, (done / PAGE_SIZE) as u64);
-                settle(i, n, done / PAGE_SIZE);
-            }
-        }
-        failed
     }
 
     /// The driver memory and offset holding page `i`'s data.
@@ -1202,6 +1271,17 @@ pub trait PipelinedDriver {
     fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
         let _ = m;
     }
+
+    /// Whether `pending`'s copy is done already (nothing was queued, or the
+    /// fence has signalled). Then [`migrate_pipelined`] starts finalizing
+    /// that chunk before it sets up the next, so the chunk's copies into
+    /// RAM run on the copy helper beside the next chunk's setup. The
+    /// default, `false`, sets up and submits the next chunk first, so the
+    /// driver's engine always has a chunk queued.
+    fn ready(&self, pending: &Self::Pending) -> bool {
+        let _ = pending;
+        false
+    }
 }
 
 /// Drives the three steps over `range` in chunks of `chunk_pages` pages
@@ -1230,6 +1310,9 @@ pub fn migrate_chunked(
         fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
             self.0.finalize_and_map(m);
         }
+        fn ready(&self, (): &()) -> bool {
+            true
+        }
     }
     migrate_pipelined(space, range, chunk_pages, select, owner, &mut Sync(driver))
 }
@@ -1255,26 +1338,37 @@ pub fn migrate_pipelined<D: PipelinedDriver>(
     if end <= start {
         return Err(Error::invalid("empty range"));
     }
-    fn complete<D: PipelinedDriver>(
+    /// Commits a chunk whose copy was submitted and starts its finalize.
+    fn begin<D: PipelinedDriver>(
         driver: &mut D,
         (mut m, pending): (Migration<Collected>, D::Pending),
-    ) -> Result<MigrateSummary> {
+    ) -> Result<Finalizing> {
         driver.wait_and_set(&mut m, pending)?;
         let m = m.pages();
         driver.finalize_and_map(&m);
-        Ok(m.finalize())
+        Ok(m.finalize_begin())
     }
     let mut total = MigrateSummary::default();
-    let mut in_flight = None;
+    let mut in_flight: Option<(Migration<Collected>, D::Pending)> = None;
     let mut at = start;
     while at < end {
         let next = end.min(at.saturating_add(chunk_pages * PAGE_SIZE));
+        // The chunk before, when its copy is done, starts finalizing now, so
+        // its copies into RAM overlap this chunk's setup.
+        let early = match in_flight.take() {
+            Some(chunk) if driver.ready(&chunk.1) => Some(begin(driver, chunk)),
+            other => {
+                in_flight = other;
+                None
+            }
+        };
         let submitted = Migration::setup(space, at..next, select, owner).and_then(|mut m| {
             let pending = driver.alloc_and_submit(&mut m)?;
             Ok((m, pending))
         });
         // The chunk before finishes whatever happened to this one.
-        let previous = in_flight.take().map(|chunk| complete(driver, chunk));
+        let previous =
+            early.or_else(|| in_flight.take().map(|chunk| begin(driver, chunk))).map(|f| f.map(Finalizing::end));
         match previous {
             Some(Err(e)) => {
                 // Abandon this chunk: its copy finishes (dropping the pending
@@ -1292,7 +1386,7 @@ pub fn migrate_pipelined<D: PipelinedDriver>(
         at = next;
     }
     if let Some(chunk) = in_flight {
-        total += complete(driver, chunk)?;
+        total += begin(driver, chunk)?.end();
     }
     // Return with the RAM that moved away freed, not still being freed.
     space.inner.stage.wait_released();

@@ -64,6 +64,11 @@ impl Fence {
         state.error.take().map_or(Ok(()), |msg| Err(Error::new(ErrorKind::Fault, msg)))
     }
 
+    /// Whether every part is done (without waiting).
+    pub(crate) fn is_done(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).remaining == 0
+    }
+
     fn part_done(&self, r: Result<(), String>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(msg) = r {

@@ -879,4 +879,8 @@ impl<'a> PipelinedDriver for Chunks<'a> {
             self.dev.unmap_moved(m);
         }
     }
+
+    fn ready(&self, copy: &InFlight<'a>) -> bool {
+        copy.fence.as_ref().is_none_or(|f| f.is_done())
+    }
 }
