@@ -59,10 +59,13 @@ fn a_hang_is_reported_with_the_stuck_threads() {
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "the hang took too long to report");
     assert!(out.contains("HANG:"), "{out}");
     assert!(out.contains("uhmm stress: FAILED: hang detected"), "{out}");
-    // The holder is alive (the report shows what it holds); its victims,
-    // writers touching region 0, are the stuck threads.
+    // The holder is alive (the report shows what it holds); its victims are
+    // the stuck threads: writers, at least one on region 0. (Another can
+    // wait behind that one: a discard of a held page keeps its invalidation
+    // open, and the sim device's notifier covers the whole address space,
+    // as dmirror's does, so its faults on other regions wait too.)
     assert!(out.lines().any(|l| l.contains("migrator-0") && l.contains("--inject-hang")), "{out}");
     let stuck: Vec<&str> = out.lines().filter(|l| l.contains("STUCK")).collect();
     assert!(!stuck.is_empty() && stuck.iter().all(|l| l.contains("writer-")), "writers wait on the held pages\n{out}");
-    assert!(stuck.iter().all(|l| l.contains("region 0")), "stuck on region 0\n{out}");
+    assert!(stuck.iter().any(|l| l.contains("region 0")), "stuck on region 0\n{out}");
 }
