@@ -252,12 +252,13 @@ mod tests {
         }
         let mut ops: Vec<CopyOp> =
             (0..n).map(|p| CopyOp::Zero(DevMem { chunk: mem.clone(), off: p * PAGE_SIZE })).collect();
-        // The first part fails halfway, and only after the others are done.
+        // The first part fails halfway, and only after the others are done
+        // (it waits a second: time enough for them even on a loaded machine).
         ops.insert(MIN_PART / 2, CopyOp::Fail);
         let parts = AtomicUsize::new(0);
         let delay = || {
             let k = parts.fetch_add(1, Ordering::SeqCst);
-            Duration::from_millis(if k == 0 { 200 } else { 0 })
+            Duration::from_millis(if k == 0 { 1000 } else { 0 })
         };
         let fence = engine.run(ops, Dispatch::Engine, delay).unwrap().expect("queued");
         assert_eq!(parts.load(Ordering::SeqCst), 3, "split across the three channels");
