@@ -311,43 +311,22 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
             slot.set(format!("writing region {r} page {p} +{off} len {len}"));
             match region.write(page_off + off, &buf[..len]) {
                 Ok(()) => shadow_page[off..off + len].copy_from_slice(&buf[..len]),
-                Err(e) => {
-                    // The bytes may or may not have landed: re-read to
-                    // resynchronise the shadow; the write is a failure.
-                    w.totals.unexpected("write", &e);
-                    w.totals.lost.fetch_add(len as u64, Ordering::Relaxed);
-                    let _ = region.read(page_off, shadow_page);
-                }
+                Err(e) => w.write_failed("write", &e, len, region, page_off, shadow_page),
             }
             w.totals.writes.fetch_add(1, Ordering::Relaxed);
         } else if op < 72 {
             // Read the whole page through the CPU and check it.
             slot.set(format!("reading region {r} page {p}"));
-            match region.read(page_off, &mut buf) {
-                Ok(()) => {
-                    let bad = w.compare_one(shadow_page, &buf, r, p, "CPU read");
-                    w.totals.lost.fetch_add(bad, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    w.totals.unexpected("read", &e);
-                    w.totals.lost.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
-                }
-            }
+            let read = region.read(page_off, &mut buf);
+            w.check_read(read, shadow_page, &buf, r, p, "CPU read");
             w.totals.reads.fetch_add(1, Ordering::Relaxed);
         } else if op < 80 {
             // Read the page through a device (its mirror, or its own memory).
             let d = rng.below(w.devices.len());
             slot.set(format!("device {d} reading region {r} page {p}"));
             match w.devices[d].read(region.addr() + page_off, 1, &mut buf) {
-                Ok(_) => {
-                    let bad = w.compare_one(shadow_page, &buf, r, p, "device read");
-                    w.totals.lost.fetch_add(bad, Ordering::Relaxed);
-                }
                 Err(e) if e.kind() == ErrorKind::Busy => {}
-                Err(e) => {
-                    w.totals.unexpected("device read", &e);
-                    w.totals.lost.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
-                }
+                read => w.check_read(read.map(|_| ()), shadow_page, &buf, r, p, "device read"),
             }
             w.totals.device_reads.fetch_add(1, Ordering::Relaxed);
         } else if op < 86 {
@@ -363,11 +342,7 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
                 Ok(_) => shadow_page.copy_from_slice(&buf),
                 // Invalidations kept racing its fault: nothing was written.
                 Err(e) if e.kind() == ErrorKind::Busy => {}
-                Err(e) => {
-                    w.totals.unexpected("device write", &e);
-                    w.totals.lost.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
-                    let _ = region.read(page_off, shadow_page);
-                }
+                Err(e) => w.write_failed("device write", &e, PAGE_SIZE, region, page_off, shadow_page),
             }
             w.totals.device_writes.fetch_add(1, Ordering::Relaxed);
         } else if op < 89 {
@@ -427,16 +402,8 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
                             shadow_page[0] = buf[0];
                         }
                     }
-                    match region.read(page_off, &mut buf) {
-                        Ok(()) => {
-                            let bad = w.compare_one(shadow_page, &buf, r, p, "read-only read");
-                            w.totals.lost.fetch_add(bad, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            w.totals.unexpected("read of a read-only page", &e);
-                            w.totals.lost.fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
-                        }
-                    }
+                    let read = region.read(page_off, &mut buf);
+                    w.check_read(read, shadow_page, &buf, r, p, "read-only read");
                     if let Err(e) = region.protect(range, Prot::READ_WRITE) {
                         w.totals.unexpected("protect READ_WRITE", &e);
                     }
@@ -450,6 +417,27 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
 }
 
 impl World {
+    /// Checks a page a writer read (through the CPU or a device) against
+    /// its shadow; a failed read counts the whole page as lost.
+    fn check_read(&self, read: uhmm::Result<()>, shadow: &[u8], got: &[u8], r: usize, p: usize, how: &str) {
+        let bad = match read {
+            Ok(()) => self.compare_one(shadow, got, r, p, how),
+            Err(e) => {
+                self.totals.unexpected(how, &e);
+                PAGE_SIZE as u64
+            }
+        };
+        self.totals.lost.fetch_add(bad, Ordering::Relaxed);
+    }
+
+    /// A write of `len` bytes failed: a failure, and its bytes may or may
+    /// not have landed, so the shadow is re-read from the page.
+    fn write_failed(&self, what: &str, e: &uhmm::Error, len: usize, region: &Region, off: usize, shadow: &mut [u8]) {
+        self.totals.unexpected(what, e);
+        self.totals.lost.fetch_add(len as u64, Ordering::Relaxed);
+        let _ = region.read(off, shadow);
+    }
+
     /// Wrong bytes of one page read by its writer.
     fn compare_one(&self, want: &[u8], got: &[u8], r: usize, p: usize, how: &str) -> u64 {
         self.totals.bytes_verified.fetch_add(got.len() as u64, Ordering::Relaxed);

@@ -24,8 +24,8 @@ use crate::sys::uffd::Uffd;
 /// helper costs a cross-CPU wake-up each way (tens of microseconds in a VM).
 pub(crate) const SPLIT_MIN_PAGES: usize = 128;
 
-/// One contiguous copy: `len` bytes from `src` (driver memory) into the
-/// empty, locked pages at `dst` (a region).
+/// One contiguous copy: `len` bytes from `src` (driver memory, or staged
+/// pages being put back) into the empty, locked pages at `dst` (a region).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CopyRun {
     pub(crate) dst: usize,

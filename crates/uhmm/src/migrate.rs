@@ -1117,24 +1117,14 @@ fn split_off_pages(runs: &mut Vec<(usize, usize)>, mut pages: usize) -> Vec<(usi
 impl Inner {
     /// `UFFDIO_COPY` of the present pages of `src..src + len` (staging) to
     /// `dst`; staging holes are left as holes (copying from one would fault
-    /// on uhmm's own userfaultfd).
+    /// on uhmm's own userfaultfd). Each present run goes through
+    /// [`copy_in`], which keeps going past a page already there (`EEXIST`:
+    /// an earlier attempt's) and after a copy cut short.
     fn copy_present(&self, src: usize, dst: usize, len: usize) -> Result<()> {
         for r in self.space.scan(src, src + len, Query::any_of(category::PRESENT | category::SWAPPED))? {
-            // A page already there (EEXIST: copied by an earlier attempt)
-            // is skipped, and the copy goes on after it: stopping there
-            // would leave the rest of the run empty, and it would read as
-            // zeros. A copy cut short (EAGAIN after some pages: the kernel
-            // reports an EEXIST after progress that way) goes on from where
-            // it stopped.
-            let mut at = r.start;
-            while at < r.end {
-                let to = dst + (at - src);
-                match self.space.uffd.copy(to, at as *const u8, r.end - at, true) {
-                    Ok(_) => break,
-                    Err(e) if e.errno == Errno::EXIST => at += e.done + PAGE_SIZE,
-                    Err(e) if e.errno == Errno::AGAIN && e.done > 0 => at += e.done,
-                    Err(e) => return Err(Error::sys("UFFDIO_COPY", std::io::Error::from(e.errno))),
-                }
+            let run = CopyRun { dst: dst + (r.start - src), src: r.start, len: r.end - r.start };
+            if copy_in(&self.space.uffd, run) < run.len {
+                return Err(Error::new(ErrorKind::Busy, "UFFDIO_COPY of staged pages cut short"));
             }
         }
         Ok(())

@@ -124,6 +124,16 @@ fn fill(region: &uhmm::Region, pages: std::ops::Range<usize>) {
     }
 }
 
+/// A fresh space and device, and a region of `n` filled pages moved to it.
+fn filled_on_device(n: usize) -> (AddressSpace, Arc<TestDev>, uhmm::Region) {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..n);
+    dev.to_device(&space, r.range());
+    (space, dev, r)
+}
+
 fn check(region: &uhmm::Region, pages: std::ops::Range<usize>) {
     for p in pages {
         let mut b = vec![0; PAGE_SIZE];
@@ -449,11 +459,7 @@ fn a_device_page_backs_one_address_only() {
 #[test]
 fn pages_copied_in_from_driver_memory() {
     use uhmm::sys::mman::{Mapping, Protection};
-    let space = space();
-    let dev = TestDev::new(&space);
-    let r = space.map(8 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
-    fill(&r, 0..8);
-    dev.to_device(&space, r.range());
+    let (space, dev, r) = filled_on_device(8);
     // Device memory the CPU can read: pages 0..8 laid out in order (one
     // copy for the run), except page 5, whose data sits elsewhere.
     let mem = Arc::new(Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
@@ -491,11 +497,7 @@ fn pages_copied_in_from_driver_memory() {
 #[test]
 fn a_copy_in_that_fails_leaves_the_page_on_the_device() {
     use uhmm::sys::mman::{Mapping, Protection};
-    let space = space();
-    let dev = TestDev::new(&space);
-    let r = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
-    fill(&r, 0..4);
-    dev.to_device(&space, r.range());
+    let (space, dev, r) = filled_on_device(4);
     // Memory the kernel cannot read: every copy from it fails (EFAULT).
     let unreadable = Arc::new(Mapping::anonymous(4 * PAGE_SIZE, Protection::None, PAGE_SIZE).unwrap());
     let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
@@ -516,12 +518,8 @@ fn a_copy_in_that_fails_leaves_the_page_on_the_device() {
 #[test]
 fn a_big_copy_in_is_shared_with_the_helper_and_its_failures_stay_on_the_device() {
     use uhmm::sys::mman::{Mapping, Protection};
-    let space = space();
-    let dev = TestDev::new(&space);
     let n = 512;
-    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
-    fill(&r, 0..n);
-    dev.to_device(&space, r.range());
+    let (space, dev, r) = filled_on_device(n);
     // Pages 0..384 come from readable memory; 384..512 from memory the
     // kernel cannot read. The last 9/16 of the copies (224..512) run on the
     // helper thread, so both its success and its failure are seen.

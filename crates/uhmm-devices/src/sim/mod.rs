@@ -699,21 +699,22 @@ impl SimInner {
             }
             if self.poison_next_copy_back.swap(false, Ordering::SeqCst) {
                 m.set_dst_error(i)?;
-                continue;
-            }
-            match if self.config.coherent { m.src_page(i) } else { None } {
-                // Coherent: the page was mapped; setup staged its data.
-                Some(staged) => {
-                    ops.push(CopyOp::Between(staged, m.system_dst(i)?));
-                    copy.dsts.push((i, None));
+            } else {
+                match if self.config.coherent { m.src_page(i) } else { None } {
+                    // Coherent: the page was mapped; setup staged its data.
+                    Some(staged) => {
+                        ops.push(CopyOp::Between(staged, m.system_dst(i)?));
+                        copy.dsts.push((i, None));
+                    }
+                    // Private: the CPU can read device memory, so the page is
+                    // copied straight into the region at finalize.
+                    None => {
+                        let mem = self.dev_mem(p.pfn)?;
+                        m.set_dst_system_from(i, &mem.chunk, mem.off)?;
+                    }
                 }
-                // Private: the CPU can read device memory, so the page is
-                // copied straight into the region at finalize.
-                None => {
-                    let mem = self.dev_mem(p.pfn)?;
-                    m.set_dst_system_from(i, &mem.chunk, mem.off)?;
-                }
             }
+            // Leaving the device (or lost): no device access may reach it.
             if let Some(a) = m.addr(i) {
                 table.remove_addr(a);
             }
@@ -746,16 +747,6 @@ impl SimInner {
         Err(Error::new(ErrorKind::Busy, "invalidations kept racing the device's fault"))
     }
 
-    /// Drops the device page-table entries of pages that left the device.
-    fn unmap_moved(&self, m: &Migration<Migrated>) {
-        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        for i in 0..m.npages() {
-            if let (true, Some(a)) = (m.migrated(i), m.addr(i)) {
-                table.remove_addr(a);
-            }
-        }
-    }
-
     fn release(&self) -> Result<usize> {
         let mut total = 0;
         for _round in 0..100 {
@@ -768,9 +759,7 @@ impl SimInner {
                 return Ok(total);
             }
             self.copy_to_ram(&mut m)?;
-            let m = m.pages();
-            self.unmap_moved(&m);
-            total += m.finalize().migrated;
+            total += m.pages().finalize().migrated;
         }
         Err(Error::new(ErrorKind::Busy, "device pages kept coming back during release"))
     }
@@ -808,9 +797,7 @@ impl DevicePagemapOps for SimInner {
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
         let mut m = Migration::setup(fault.space(), fault.window(), self.select(), self.owner)?;
         self.copy_to_ram(&mut m)?;
-        let m = m.pages();
-        self.unmap_moved(&m);
-        m.finalize();
+        m.pages().finalize();
         Ok(())
     }
 
@@ -872,11 +859,10 @@ impl<'a> PipelinedDriver for Chunks<'a> {
         self.dev.wait_and_set(m, copy)
     }
 
+    /// Pages moving to RAM left the device page table in `submit_to_ram`.
     fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
         if self.to_device {
             self.dev.map_moved_in(m);
-        } else {
-            self.dev.unmap_moved(m);
         }
     }
 
