@@ -1,7 +1,7 @@
 //! A second CPU for finalize's work in bulk: `UFFDIO_COPY` allocates and
 //! fills pages on the calling CPU, so a big migration back to RAM from
-//! driver memory hands part of its copies to a helper thread and does the
-//! rest itself, both at once; and emptying the staging slots of a big
+//! driver memory shares its copies with a helper thread, each claiming the
+//! next piece as it goes; and emptying the staging slots of a big
 //! migration (freeing the pages that moved to a device) runs there too,
 //! while the migration goes on with its next chunks (a bulk migration waits
 //! for it before it returns).
@@ -10,8 +10,10 @@
 //! never waits on a page lock or a handler thread, so any thread — a fault
 //! handler included — may wait for it.
 
-use std::sync::mpsc::{Receiver, Sender, channel};
-use std::sync::{Arc, Mutex};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use rustix::io::Errno;
@@ -20,9 +22,14 @@ use crate::staging::Slots;
 use crate::sys::PAGE_SIZE;
 use crate::sys::uffd::Uffd;
 
-/// Copies smaller than this many pages are not split: handing work to the
+/// Copies smaller than this many pages are not shared: handing work to the
 /// helper costs a cross-CPU wake-up each way (tens of microseconds in a VM).
 pub(crate) const SPLIT_MIN_PAGES: usize = 128;
+
+/// Pages in one piece of a shared copy: small enough that the thread that
+/// finishes last finishes soon after the other, big enough that each
+/// `UFFDIO_COPY` call does much more than enter the kernel.
+pub(crate) const PIECE_PAGES: usize = 64;
 
 /// One contiguous copy: `len` bytes from `src` (driver memory, or staged
 /// pages being put back) into the empty, locked pages at `dst` (a region).
@@ -33,11 +40,91 @@ pub(crate) struct CopyRun {
     pub(crate) len: usize,
 }
 
+/// Copies in shared by the caller and the helper: each claims the next
+/// piece when it is free, so both finish at about the same time, whatever
+/// else each had to do first (a fixed split leaves one of them waiting).
+/// The caller claims from the front and the helper from the back, so the
+/// two fill different page tables and do not contend on their locks.
+#[derive(Debug)]
+pub(crate) struct CopyQueue {
+    pieces: Vec<CopyRun>,
+    unclaimed: Mutex<Range<usize>>,
+    /// Bytes copied of each piece, from its start.
+    copied: Vec<AtomicUsize>,
+    /// Bytes copied by the helper, all pieces together.
+    helper_bytes: AtomicUsize,
+    /// Pieces finished.
+    finished: Mutex<usize>,
+    all_finished: Condvar,
+}
+
+/// A piece being copied; dropping it records the piece finished (on an
+/// unwind too, so a waiter never waits for a piece nobody copies).
+struct Claim<'a> {
+    queue: &'a CopyQueue,
+    piece: usize,
+    bytes: usize,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let q = self.queue;
+        q.copied[self.piece].store(self.bytes, Ordering::Relaxed);
+        let mut finished = q.finished.lock().unwrap_or_else(|e| e.into_inner());
+        *finished += 1;
+        if *finished == q.pieces.len() {
+            q.all_finished.notify_all();
+        }
+    }
+}
+
+impl CopyQueue {
+    pub(crate) fn new(pieces: Vec<CopyRun>) -> CopyQueue {
+        CopyQueue {
+            copied: pieces.iter().map(|_| AtomicUsize::new(0)).collect(),
+            unclaimed: Mutex::new(0..pieces.len()),
+            pieces,
+            helper_bytes: AtomicUsize::new(0),
+            finished: Mutex::new(0),
+            all_finished: Condvar::new(),
+        }
+    }
+
+    /// Copies pieces until none is left to claim: the helper from the
+    /// back, the caller from the front.
+    fn work(&self, uffd: &Uffd, by_helper: bool) {
+        loop {
+            let claimed = {
+                let mut unclaimed = self.unclaimed.lock().unwrap_or_else(|e| e.into_inner());
+                if by_helper { unclaimed.next_back() } else { unclaimed.next() }
+            };
+            let Some(piece) = claimed else { return };
+            let run = self.pieces[piece];
+            let mut claim = Claim { queue: self, piece, bytes: 0 };
+            claim.bytes = copy_in(uffd, run);
+            if by_helper {
+                self.helper_bytes.fetch_add(claim.bytes, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The caller's share: copies pieces until none is left, waits for the
+    /// helper's, and returns the bytes copied of each piece and the bytes
+    /// the helper copied.
+    pub(crate) fn finish(&self, uffd: &Uffd) -> (Vec<usize>, usize) {
+        self.work(uffd, false);
+        let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        while *finished < self.pieces.len() {
+            finished = self.all_finished.wait(finished).unwrap_or_else(|e| e.into_inner());
+        }
+        let copied = self.copied.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        (copied, self.helper_bytes.load(Ordering::Relaxed))
+    }
+}
+
 enum Job {
-    Copy {
-        runs: Vec<CopyRun>,
-        done: Sender<Vec<usize>>,
-    },
+    /// Pieces of a copy in to help with.
+    Copy(Arc<CopyQueue>),
     /// Slots to empty and give back (dropping them does both).
     Release(Slots),
 }
@@ -49,33 +136,15 @@ pub(crate) struct Copier {
     helper: Mutex<Option<(Sender<Job>, JoinHandle<()>)>>,
 }
 
-/// Copies running on the helper.
-#[derive(Debug)]
-pub(crate) struct Pending {
-    done: Receiver<Vec<usize>>,
-    runs: usize,
-}
-
-impl Pending {
-    /// Waits for the helper; the bytes copied of each run. A helper that
-    /// died reports nothing copied.
-    pub(crate) fn wait(self) -> Vec<usize> {
-        self.done.recv().unwrap_or_else(|_| vec![0; self.runs])
-    }
-}
-
 impl Copier {
     pub(crate) fn new(uffd: Arc<Uffd>) -> Copier {
         Copier { uffd, helper: Mutex::new(None) }
     }
 
-    /// Starts `runs` on the helper; `None` when it cannot be had (the
-    /// caller copies them itself).
-    pub(crate) fn start(&self, runs: Vec<CopyRun>) -> Option<Pending> {
-        let (done, rx) = channel();
-        let n = runs.len();
-        self.send(Job::Copy { runs, done }).ok()?;
-        Some(Pending { done: rx, runs: n })
+    /// Has the helper work on `queue` beside the caller (who copies
+    /// everything itself when there is no helper).
+    pub(crate) fn share(&self, queue: &Arc<CopyQueue>) {
+        let _ = self.send(Job::Copy(queue.clone()));
     }
 
     /// Empties and gives back `slots` on the helper when it holds many
@@ -101,9 +170,7 @@ impl Copier {
             let thread = std::thread::Builder::new().name("uhmm-copier".into()).spawn(move || {
                 while let Ok(job) = rx.recv() {
                     match job {
-                        Job::Copy { runs, done } => {
-                            let _ = done.send(runs.iter().map(|r| copy_in(&uffd, *r)).collect());
-                        }
+                        Job::Copy(queue) => queue.work(&uffd, true),
                         Job::Release(slots) => drop(slots),
                     }
                 }

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use rustix::io::Errno;
 
-use crate::copier::{CopyRun, Pending, SPLIT_MIN_PAGES, copy_in};
+use crate::copier::{CopyQueue, CopyRun, PIECE_PAGES, SPLIT_MIN_PAGES, copy_in};
 use crate::fork::InFlight;
 use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
@@ -509,9 +509,10 @@ struct Installing {
     new_state: Vec<State>,
     installs: Vec<(usize, InstallFrom)>,
     failed: Vec<usize>,
-    mine: Runs,
-    theirs: Runs,
-    pending: Option<Pending>,
+    /// The copies in from driver memory, piece by piece, and the queue
+    /// the helper may be working on already.
+    pieces: Runs,
+    copies: Option<Arc<CopyQueue>>,
 }
 
 /// Where the data of a page that `finalize` maps back into its region is.
@@ -816,21 +817,19 @@ impl Inner {
                 }
             }
         }
-        let (failed, mine, theirs, pending) = self.install_begin(&installs);
-        Installing { new_state, installs, failed, mine, theirs, pending }
+        let (failed, pieces, copies) = self.install_begin(&installs);
+        Installing { new_state, installs, failed, pieces, copies }
     }
 
-    /// The second half of `finish`: this thread's copies in, the helper's
-    /// awaited; failures settled; counts; unlock, free sources, wake.
+    /// The second half of `finish`: the copies in (shared with the helper)
+    /// done; failures settled; counts; unlock, free sources, wake.
     fn finish_end(&mut self, started: Installing) -> MigrateSummary {
-        let Installing { mut new_state, installs, mut failed, mine, theirs, pending } = started;
+        let Installing { mut new_state, installs, mut failed, pieces, copies } = started;
         let space = self.space.clone();
-        for &(i, n) in &mine {
-            self.settle(&mut failed, i, n, copy_in(&space.uffd, self.copy_run(i, n)) / PAGE_SIZE);
-        }
-        if let Some(pending) = pending {
-            for (&(i, n), done) in theirs.iter().zip(pending.wait()) {
-                Stats::add(&space.stats.helper_copied_pages, (done / PAGE_SIZE) as u64);
+        if let Some(copies) = copies {
+            let (copied, by_helper) = copies.finish(&space.uffd);
+            Stats::add(&space.stats.helper_copied_pages, (by_helper / PAGE_SIZE) as u64);
+            for (&(i, n), done) in pieces.iter().zip(copied) {
                 self.settle(&mut failed, i, n, done / PAGE_SIZE);
             }
         }
@@ -930,14 +929,14 @@ impl Inner {
 
     /// Starts mapping pages back into their regions, each from where its
     /// data is (`installs`, in page order): moves and huge pages done here,
-    /// copies in from driver memory returned as runs, `(first page, pages)`
-    /// — this thread's, and the helper's with their pending result — for
+    /// copies in from driver memory returned as pieces, `(first page,
+    /// pages)`, with their queue (shared with the helper when big), for
     /// `finish_end`. The pages it could not map back are collected in the
     /// first part: the caller keeps a page whose data is still in the
     /// driver's memory where it was, and poisons the others (their data is
     /// in a slot about to be emptied: they read as SIGBUS, never as silent
     /// zeros).
-    fn install_begin(&self, installs: &[(usize, InstallFrom)]) -> (Vec<usize>, Runs, Runs, Option<Pending>) {
+    fn install_begin(&self, installs: &[(usize, InstallFrom)]) -> (Vec<usize>, Runs, Option<Arc<CopyQueue>>) {
         let mut failed = Vec::new();
         let mut copies: Runs = Vec::new();
         let mut k = 0;
@@ -966,18 +965,22 @@ impl Inner {
                 at += piece;
             }
         }
-        let total: usize = copies.iter().map(|c| c.1).sum();
-        // The helper takes the larger share: this thread also unlocks,
-        // frees and wakes.
-        let theirs = if total >= SPLIT_MIN_PAGES { split_off_pages(&mut copies, total * 9 / 16) } else { Vec::new() };
-        let pending = (!theirs.is_empty())
-            .then(|| self.space.copier.start(theirs.iter().map(|&(i, n)| self.copy_run(i, n)).collect()))
-            .flatten();
-        if pending.is_none() {
-            copies.extend_from_slice(&theirs);
-            return (failed, copies, Vec::new(), None);
+        if copies.is_empty() {
+            return (failed, copies, None);
         }
-        (failed, copies, theirs, pending)
+        let total: usize = copies.iter().map(|c| c.1).sum();
+        let shared = total >= SPLIT_MIN_PAGES;
+        if shared {
+            copies = copies
+                .into_iter()
+                .flat_map(|(i, n)| (0..n).step_by(PIECE_PAGES).map(move |k| (i + k, PIECE_PAGES.min(n - k))))
+                .collect();
+        }
+        let queue = Arc::new(CopyQueue::new(copies.iter().map(|&(i, n)| self.copy_run(i, n)).collect()));
+        if shared {
+            self.space.copier.share(&queue);
+        }
+        (failed, copies, Some(queue))
     }
 
     /// Records pages `i + done..i + n` as not mapped back.
@@ -1096,22 +1099,6 @@ impl Inner {
             Err(e) => e.done / PAGE_SIZE,
         }
     }
-}
-
-/// Splits `pages` pages off the end of `runs` (a run is cut where needed).
-fn split_off_pages(runs: &mut Vec<(usize, usize)>, mut pages: usize) -> Vec<(usize, usize)> {
-    let mut taken = Vec::new();
-    while pages > 0 {
-        let Some((i, n)) = runs.pop() else { break };
-        let k = n.min(pages);
-        if k < n {
-            runs.push((i, n - k));
-        }
-        taken.push((i + n - k, k));
-        pages -= k;
-    }
-    taken.reverse();
-    taken
 }
 
 impl Inner {

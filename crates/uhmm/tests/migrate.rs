@@ -518,31 +518,47 @@ fn a_copy_in_that_fails_leaves_the_page_on_the_device() {
 #[test]
 fn a_big_copy_in_is_shared_with_the_helper_and_its_failures_stay_on_the_device() {
     use uhmm::sys::mman::{Mapping, Protection};
-    let n = 512;
+    let n = 2048;
+    let good_pages = 1536;
     let (space, dev, r) = filled_on_device(n);
-    // Pages 0..384 come from readable memory; 384..512 from memory the
-    // kernel cannot read. The last 9/16 of the copies (224..512) run on the
-    // helper thread, so both its success and its failure are seen.
-    let good = Arc::new(Mapping::anonymous(384 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
-    for p in 0..384 {
+    // Pages 0..1536 come from readable memory; 1536..2048 from memory the
+    // kernel cannot read. The helper claims pieces from the back and the
+    // caller from the front, so the helper meets the failures first.
+    let good = Arc::new(Mapping::anonymous(good_pages * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+    for p in 0..good_pages {
         good.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
     }
-    let bad = Arc::new(Mapping::anonymous(128 * PAGE_SIZE, Protection::None, PAGE_SIZE).unwrap());
+    let bad = Arc::new(Mapping::anonymous((n - good_pages) * PAGE_SIZE, Protection::None, PAGE_SIZE).unwrap());
     let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
     for i in 0..n {
-        let (src, off) = if i < 384 { (&good, i) } else { (&bad, i - 384) };
+        let (src, off) = if i < good_pages { (&good, i) } else { (&bad, i - good_pages) };
         m.set_dst_system_from(i, src, off * PAGE_SIZE).unwrap();
     }
     let s = m.pages().finalize();
-    assert_eq!(s.migrated, 384);
-    assert_eq!(space.stats().helper_copied_pages, 160, "the helper copied pages 224..384, and failed the rest");
+    assert_eq!(s.migrated, good_pages);
     let snap = space.snapshot(r.range()).unwrap();
     for (i, p) in snap.iter().enumerate() {
         let on_dev = matches!(p.residency, Residency::Device(_, o) if o == dev.owner);
-        assert_eq!(on_dev, i >= 384, "page {i}: {p:?}");
+        assert_eq!(on_dev, i >= good_pages, "page {i}: {p:?}");
     }
     assert_eq!(space.stats().poisoned_pages, 0);
     check(&r, 0..n);
+    // Which thread copies what depends on when the helper wakes; over a
+    // few migrations of the good pages it takes part.
+    let good_range = r.addr()..r.addr() + good_pages * PAGE_SIZE;
+    for _ in 0..20 {
+        if space.stats().helper_copied_pages > 0 {
+            break;
+        }
+        dev.to_device(&space, good_range.clone());
+        let mut m = Migration::setup(&space, good_range.clone(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+        for i in 0..good_pages {
+            m.set_dst_system_from(i, &good, i * PAGE_SIZE).unwrap();
+        }
+        assert_eq!(m.pages().finalize().migrated, good_pages);
+        check(&r, 0..good_pages);
+    }
+    assert!(space.stats().helper_copied_pages > 0, "the helper never copied");
 }
 
 #[test]
