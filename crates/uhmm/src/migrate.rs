@@ -1251,8 +1251,8 @@ pub trait PipelinedDriver {
 
     /// Whether `pending`'s copy is done already (nothing was queued, or the
     /// fence has signalled). Then [`migrate_pipelined`] starts finalizing
-    /// that chunk before it sets up the next, so the chunk's copies into
-    /// RAM run on the copy helper beside the next chunk's setup. The
+    /// that chunk before it ends the chunk before and sets up the next, so
+    /// the copy helper works on the chunk's copies into RAM meanwhile. The
     /// default, `false`, sets up and submits the next chunk first, so the
     /// driver's engine always has a chunk queued.
     fn ready(&self, pending: &Self::Pending) -> bool {
@@ -1326,45 +1326,54 @@ pub fn migrate_pipelined<D: PipelinedDriver>(
         Ok(m.finalize_begin())
     }
     let mut total = MigrateSummary::default();
+    // A chunk submitted, and the chunk before it, finalizing.
     let mut in_flight: Option<(Migration<Collected>, D::Pending)> = None;
+    let mut finishing: Option<Finalizing> = None;
+    let end_of = |f: Option<Finalizing>| f.map_or_else(MigrateSummary::default, Finalizing::end);
     let mut at = start;
     while at < end {
         let next = end.min(at.saturating_add(chunk_pages * PAGE_SIZE));
-        // The chunk before, when its copy is done, starts finalizing now, so
-        // its copies into RAM overlap this chunk's setup.
-        let early = match in_flight.take() {
-            Some(chunk) if driver.ready(&chunk.1) => Some(begin(driver, chunk)),
+        // The chunk in flight, when its copy is done, starts finalizing
+        // before the one before it ends, so the copy helper always has
+        // copies into RAM to work on; they overlap this chunk's setup too.
+        match in_flight.take() {
+            Some(chunk) if driver.ready(&chunk.1) => {
+                let begun = begin(driver, chunk)?;
+                total += end_of(finishing.replace(begun));
+            }
             other => {
                 in_flight = other;
-                None
+                total += end_of(finishing.take());
             }
-        };
+        }
         let submitted = Migration::setup(space, at..next, select, owner).and_then(|mut m| {
             let pending = driver.alloc_and_submit(&mut m)?;
             Ok((m, pending))
         });
-        // The chunk before finishes whatever happened to this one.
-        let previous =
-            early.or_else(|| in_flight.take().map(|chunk| begin(driver, chunk))).map(|f| f.map(Finalizing::end));
-        match previous {
-            Some(Err(e)) => {
-                // Abandon this chunk: its copy finishes (dropping the pending
-                // copy waits for it), then its pages are restored.
-                if let Ok((m, pending)) = submitted {
-                    drop(pending);
-                    drop(m);
+        // A chunk whose copy was not done before finalizes now.
+        if let Some(chunk) = in_flight.take() {
+            match begin(driver, chunk) {
+                Ok(begun) => finishing = Some(begun),
+                Err(e) => {
+                    // Abandon this chunk: its copy finishes (dropping the
+                    // pending copy waits for it), then its pages are restored.
+                    if let Ok((m, pending)) = submitted {
+                        drop(pending);
+                        drop(m);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
-            Some(Ok(s)) => total += s,
-            None => {}
         }
         in_flight = Some(submitted?);
         at = next;
     }
     if let Some(chunk) = in_flight {
-        total += begin(driver, chunk)?.end();
+        let last = begin(driver, chunk)?;
+        total += end_of(finishing.take());
+        total += last.end();
     }
+    total += end_of(finishing.take());
     // Return with the RAM that moved away freed, not still being freed.
     space.inner.stage.wait_released();
     space.inner.pool.wait_released();

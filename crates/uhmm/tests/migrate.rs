@@ -309,6 +309,8 @@ fn pipelined_helper_overlaps_chunks_and_stops_at_an_error() {
         /// Most chunks submitted and not yet waited for at once.
         max_in_flight: usize,
         in_flight: usize,
+        /// Whether each copy is done as soon as it is submitted.
+        ready: bool,
     }
     impl uhmm::PipelinedDriver for Piped<'_> {
         type Pending = usize;
@@ -326,12 +328,15 @@ fn pipelined_helper_overlaps_chunks_and_stops_at_an_error() {
             self.dev.copy_in(m);
             Ok(())
         }
+        fn ready(&self, _: &usize) -> bool {
+            self.ready
+        }
     }
     let space = space();
     let dev = TestDev::new(&space);
     let r = space.map(100 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
     fill(&r, 0..100);
-    let mut all = Piped { dev: &dev, submitted: 0, fail_at: usize::MAX, max_in_flight: 0, in_flight: 0 };
+    let mut all = Piped { dev: &dev, submitted: 0, fail_at: usize::MAX, max_in_flight: 0, in_flight: 0, ready: false };
     let s = uhmm::migrate_pipelined(&space, r.range(), 16, Select::SYSTEM, dev.owner, &mut all).unwrap();
     assert_eq!((s.npages, s.cpages, s.migrated), (100, 100, 100));
     assert_eq!((all.submitted, all.max_in_flight, all.in_flight), (7, 2, 0), "two chunks overlap");
@@ -339,7 +344,7 @@ fn pipelined_helper_overlaps_chunks_and_stops_at_an_error() {
     // Back to RAM (the CPU faults them in), then fail at the third chunk.
     let r2 = space.map(100 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
     fill(&r2, 0..100);
-    let mut failing = Piped { dev: &dev, submitted: 0, fail_at: 2, max_in_flight: 0, in_flight: 0 };
+    let mut failing = Piped { dev: &dev, submitted: 0, fail_at: 2, max_in_flight: 0, in_flight: 0, ready: false };
     let e = uhmm::migrate_pipelined(&space, r2.range(), 16, Select::SYSTEM, dev.owner, &mut failing).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Fault);
     assert_eq!((failing.submitted, failing.in_flight), (4, 1), "the chunk beside the failed one was dropped");
@@ -350,6 +355,20 @@ fn pipelined_helper_overlaps_chunks_and_stops_at_an_error() {
     check(&r2, 0..100);
     // Nothing stays locked: the whole range migrates now.
     let s = migrate_chunked(&space, r2.range(), 16, Select::SYSTEM, dev.owner, &mut &*dev).unwrap();
+    assert_eq!(s.cpages, 100);
+    // A driver whose copies are done at once: a chunk begins finalizing
+    // before the next is set up, and the failed one is found then.
+    let r3 = space.map(100 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r3, 0..100);
+    let mut ready = Piped { dev: &dev, submitted: 0, fail_at: 2, max_in_flight: 0, in_flight: 0, ready: true };
+    let e = uhmm::migrate_pipelined(&space, r3.range(), 16, Select::SYSTEM, dev.owner, &mut ready).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Fault);
+    assert_eq!((ready.submitted, ready.max_in_flight, ready.in_flight), (3, 1, 0), "no chunk set up after the failure");
+    let snap = space.snapshot(r3.range()).unwrap();
+    assert!(snap[..32].iter().all(on_device), "chunks before the error stay migrated");
+    assert!(!snap[32..].iter().any(on_device), "the rest stays in RAM");
+    check(&r3, 0..100);
+    let s = migrate_chunked(&space, r3.range(), 16, Select::SYSTEM, dev.owner, &mut &*dev).unwrap();
     assert_eq!(s.cpages, 100);
 }
 
