@@ -53,8 +53,8 @@ pub(crate) struct CopyQueue {
     copied: Vec<AtomicUsize>,
     /// Bytes copied by the helper, all pieces together.
     helper_bytes: AtomicUsize,
-    /// Pieces finished.
-    finished: Mutex<usize>,
+    /// Pieces finished, and whether the caller waits for the rest.
+    finished: Mutex<(usize, bool)>,
     all_finished: Condvar,
 }
 
@@ -71,8 +71,8 @@ impl Drop for Claim<'_> {
         let q = self.queue;
         q.copied[self.piece].store(self.bytes, Ordering::Relaxed);
         let mut finished = q.finished.lock().unwrap_or_else(|e| e.into_inner());
-        *finished += 1;
-        if *finished == q.pieces.len() {
+        finished.0 += 1;
+        if finished.0 == q.pieces.len() && finished.1 {
             q.all_finished.notify_all();
         }
     }
@@ -85,7 +85,7 @@ impl CopyQueue {
             unclaimed: Mutex::new(0..pieces.len()),
             pieces,
             helper_bytes: AtomicUsize::new(0),
-            finished: Mutex::new(0),
+            finished: Mutex::new((0, false)),
             all_finished: Condvar::new(),
         }
     }
@@ -114,7 +114,8 @@ impl CopyQueue {
     pub(crate) fn finish(&self, uffd: &Uffd) -> (Vec<usize>, usize) {
         self.work(uffd, false);
         let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-        while *finished < self.pieces.len() {
+        while finished.0 < self.pieces.len() {
+            finished.1 = true;
             finished = self.all_finished.wait(finished).unwrap_or_else(|e| e.into_inner());
         }
         let copied = self.copied.iter().map(|c| c.load(Ordering::Relaxed)).collect();

@@ -92,7 +92,11 @@ impl Drop for InFlight {
         if self.counted {
             let mut g = gate();
             g.in_flight = g.in_flight.saturating_sub(1);
-            GATE_CV.notify_all();
+            // Only a fork being prepared waits for migrations to end (no
+            // futex call on every migration, a fault's included).
+            if g.forking {
+                GATE_CV.notify_all();
+            }
         }
     }
 }
