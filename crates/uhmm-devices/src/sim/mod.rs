@@ -41,7 +41,9 @@ pub struct SimConfig {
     pub capacity_bytes: usize,
     /// Device memory is added in chunks of this many bytes.
     pub chunk_bytes: usize,
-    /// Pages per migration chunk (the batch handed to the DMA engine).
+    /// Pages per migration chunk (the batch handed to the DMA engine); a
+    /// migration of fewer than four such chunks uses smaller ones (down to
+    /// 512 pages) so that its chunks still pipeline.
     pub migrate_chunk_pages: usize,
     /// Device-coherent memory (CPU-addressable, like the kernel's
     /// `MEMORY_DEVICE_COHERENT` test devices) instead of device-private.
@@ -265,7 +267,7 @@ impl SimDevice {
         if self.inner.space.protection(range.clone())?.iter().any(|(_, p)| !p.contains(Prot::READ)) {
             return Err(Error::invalid("no read access to part of the range"));
         }
-        let chunk = self.inner.config.migrate_chunk_pages;
+        let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
         let mut driver = Chunks { dev: &self.inner, to_device: true };
         migrate_pipelined(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -302,7 +304,7 @@ impl SimDevice {
     /// system memory. `cpages` = pages migrated.
     pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<Counters> {
         let range = check_range(addr, npages)?;
-        let chunk = self.inner.config.migrate_chunk_pages;
+        let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
         let mut driver = Chunks { dev: &self.inner, to_device: false };
         let s = migrate_pipelined(&self.inner.space, range, chunk, self.inner.select(), self.inner.owner, &mut driver)?;
         Ok(Counters { cpages: s.migrated, faults: 0 })
@@ -868,5 +870,28 @@ impl<'a> PipelinedDriver for Chunks<'a> {
 
     fn ready(&self, copy: &InFlight<'a>) -> bool {
         copy.fence.as_ref().is_none_or(|f| f.is_done())
+    }
+}
+
+/// Pages per migration chunk for a migration of `npages` pages: `max` (the
+/// configured size), or less for a migration of only a few chunks, so that
+/// it still has four chunks to pipeline, each at least a 2 MiB block (which
+/// then stays whole within its chunk).
+fn chunk_pages(max: usize, npages: usize) -> usize {
+    (npages / 4 / HUGE_PAGES * HUGE_PAGES).clamp(HUGE_PAGES.min(max), max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_migrations_get_smaller_chunks_of_whole_blocks() {
+        assert_eq!(chunk_pages(2048, 1 << 18), 2048, "a big migration: the configured size");
+        assert_eq!(chunk_pages(2048, 8192), 2048);
+        assert_eq!(chunk_pages(2048, 4096), 1024, "four chunks");
+        assert_eq!(chunk_pages(2048, 3000), 512, "rounded down to whole blocks");
+        assert_eq!(chunk_pages(2048, 100), 512, "never below a block");
+        assert_eq!(chunk_pages(16, 4096), 16, "a configured size below a block stays");
     }
 }
