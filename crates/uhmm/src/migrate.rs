@@ -166,6 +166,9 @@ struct Inner {
     last_pagemap: Option<Arc<DevicePagemap>>,
     cpages: usize,
     finished: bool,
+    /// Whether `finish` empties the staging slots on this thread (its
+    /// caller waits for them anyway) rather than on the copy helper.
+    release_here: bool,
 }
 
 impl Migration<Collected> {
@@ -439,6 +442,13 @@ impl Finalizing {
         let started = self.started.take().expect("a finalize under way");
         self.inner.finish_end(started)
     }
+
+    /// `end`, emptying the staging slots on this thread: for a caller
+    /// about to wait for them, which would only wait for a wake-up more.
+    fn end_releasing_here(mut self) -> MigrateSummary {
+        self.inner.release_here = true;
+        self.end()
+    }
 }
 
 impl Drop for Finalizing {
@@ -549,6 +559,7 @@ impl Inner {
             last_pagemap: None,
             cpages: 0,
             finished: false,
+            release_here: false,
         }
     }
 
@@ -919,7 +930,11 @@ impl Inner {
             i += n;
         }
         for slots in [self.stage.take(), self.pool.take()].into_iter().flatten() {
-            space.copier.release(slots);
+            if self.release_here {
+                drop(slots);
+            } else {
+                space.copier.release(slots);
+            }
         }
         self.copy_srcs.clear();
         self.copy_maps.clear();
@@ -1371,7 +1386,7 @@ pub fn migrate_pipelined<D: PipelinedDriver>(
     if let Some(chunk) = in_flight {
         let last = begin(driver, chunk)?;
         total += end_of(finishing.take());
-        total += last.end();
+        total += last.end_releasing_here();
     }
     total += end_of(finishing.take());
     // Return with the RAM that moved away freed, not still being freed.
