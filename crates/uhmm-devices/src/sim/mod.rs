@@ -268,7 +268,7 @@ impl SimDevice {
             return Err(Error::invalid("no read access to part of the range"));
         }
         let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
-        let mut driver = Chunks { dev: &self.inner, to_device: true };
+        let mut driver = Chunks { dev: &self.inner, to_device: true, how: dispatch(chunk, npages) };
         migrate_pipelined(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         let cpages = table.range(range).filter(|(_, pte)| matches!(pte, Pte::Device(_) | Pte::Coherent(_))).count();
@@ -305,7 +305,7 @@ impl SimDevice {
     pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<Counters> {
         let range = check_range(addr, npages)?;
         let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
-        let mut driver = Chunks { dev: &self.inner, to_device: false };
+        let mut driver = Chunks { dev: &self.inner, to_device: false, how: dispatch(chunk, npages) };
         let s = migrate_pipelined(&self.inner.space, range, chunk, self.inner.select(), self.inner.owner, &mut driver)?;
         Ok(Counters { cpages: s.migrated, faults: 0 })
     }
@@ -844,17 +844,14 @@ impl Drop for InFlight<'_> {
 struct Chunks<'a> {
     dev: &'a SimInner,
     to_device: bool,
+    how: Dispatch,
 }
 
 impl<'a> PipelinedDriver for Chunks<'a> {
     type Pending = InFlight<'a>;
 
     fn alloc_and_submit(&mut self, m: &mut Migration<Collected>) -> Result<InFlight<'a>> {
-        if self.to_device {
-            self.dev.submit_to_device(m, Dispatch::Engine)
-        } else {
-            self.dev.submit_to_ram(m, Dispatch::Engine)
-        }
+        if self.to_device { self.dev.submit_to_device(m, self.how) } else { self.dev.submit_to_ram(m, self.how) }
     }
 
     fn wait_and_set(&mut self, m: &mut Migration<Collected>, copy: InFlight<'a>) -> Result<()> {
@@ -879,6 +876,14 @@ impl<'a> PipelinedDriver for Chunks<'a> {
 /// then stays whole within its chunk).
 fn chunk_pages(max: usize, npages: usize) -> usize {
     (npages / 4 / HUGE_PAGES * HUGE_PAGES).clamp(HUGE_PAGES.min(max), max)
+}
+
+/// Where the copies of a migration of `npages` pages in chunks of `chunk`
+/// pages run: a migration of one chunk has nothing to overlap its copy
+/// with, so a small one is copied on the calling thread, sparing the
+/// engine's wake-up (as for a CPU fault's window).
+fn dispatch(chunk: usize, npages: usize) -> Dispatch {
+    if npages <= chunk { Dispatch::InlineSmall } else { Dispatch::Engine }
 }
 
 #[cfg(test)]
