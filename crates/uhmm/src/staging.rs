@@ -212,9 +212,11 @@ impl SystemPage {
         self.arena.map.write(self.off + offset, buf).map_err(|e| Error::sys("staging write", e))
     }
 
-    /// Copies the whole page into `dst` at `dst_off` (a device's memory).
+    /// Copies the whole page into `dst` at `dst_off` (a device's memory),
+    /// with non-temporal stores where the CPU has them
+    /// ([`Mapping::stream_to`]: past the caches, as a DMA engine writes).
     pub fn copy_to(&self, dst: &Mapping, dst_off: usize) -> Result<()> {
-        self.arena.map.copy_to(self.off, dst, dst_off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
+        self.arena.map.stream_to(self.off, dst, dst_off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
     }
 
     /// Fills the whole page from `src` at `src_off` (a device's memory).

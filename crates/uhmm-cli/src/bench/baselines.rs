@@ -1,5 +1,5 @@
 //! Baselines measured in the same process as the uhmm cases: memcpy (1 and 2
-//! threads) at every size, and a raw userfaultfd round trip built from
+//! threads) and page copies with non-temporal stores at every size, and a raw userfaultfd round trip built from
 //! uhmm's `sys` layer alone (no page table, no fault engine, no device).
 
 use std::sync::Arc;
@@ -32,8 +32,29 @@ pub fn memcpy(plan: &Plan) -> Result<Vec<Case>, String> {
         out.push(Case::throughput("memcpy_1t", "memcpy, 1 thread", "baseline", size, w, &runs));
         let (w, runs) = memcpy_2t(&src, &mut dst, plan.runs);
         out.push(Case::throughput("memcpy_2t", "memcpy, 2 threads", "baseline", size, w, &runs));
+        out.push(streamed_pages(size, plan.runs)?);
     }
     Ok(out)
+}
+
+/// Page-by-page copies with non-temporal stores (`Mapping::stream_to`),
+/// 1 thread: the copy the sim device's DMA engine does. Shown beside
+/// memcpy, which the targets use, so a reader sees what part of a ratio the
+/// copy routine is.
+fn streamed_pages(size: usize, runs: usize) -> Result<Case, String> {
+    let len = size.next_multiple_of(PAGE_SIZE);
+    let map = || Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mapping: {e}"));
+    let (src, dst) = (map()?, map()?);
+    src.write(0, &vec![0x5a; len]).map_err(|e| format!("filling: {e}"))?;
+    dst.write(0, &vec![0xa5; len]).map_err(|e| format!("filling: {e}"))?;
+    let (w, runs) = repeat(runs, |_| -> Result<Duration, String> {
+        let t = Instant::now();
+        for off in (0..len).step_by(PAGE_SIZE) {
+            src.stream_to(off, &dst, off, PAGE_SIZE).map_err(|e| format!("copying: {e}"))?;
+        }
+        Ok(t.elapsed())
+    })?;
+    Ok(Case::throughput("stream_pages_1t", "page copies, non-temporal stores, 1 thread", "baseline", len, w, &runs))
 }
 
 /// 2-thread memcpy: a helper thread, started once, copies the upper half

@@ -249,9 +249,10 @@ pub fn write_json(r: &Results, path: &Path) -> Result<(), String> {
 }
 
 /// The series of the plot: case id, legend, colour.
-const SERIES: [(&str, &str, RGBColor); 6] = [
+const SERIES: [(&str, &str, RGBColor); 7] = [
     ("memcpy_1t", "memcpy, 1 thread", RGBColor(0, 0, 0)),
     ("memcpy_2t", "memcpy, 2 threads", RGBColor(128, 128, 128)),
+    ("stream_pages_1t", "page copies, non-temporal, 1 thread", RGBColor(148, 103, 189)),
     ("to_device_small", "RAM → sim, small pages", RGBColor(31, 119, 180)),
     ("to_ram_small", "sim → RAM, small pages", RGBColor(214, 39, 40)),
     ("to_device_huge", "RAM → sim, huge pages", RGBColor(44, 160, 44)),
