@@ -11,7 +11,6 @@
 //! handler included — may wait for it.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -48,14 +47,20 @@ pub(crate) struct CopyRun {
 #[derive(Debug)]
 pub(crate) struct CopyQueue {
     pieces: Vec<CopyRun>,
-    unclaimed: Mutex<Range<usize>>,
-    /// Bytes copied of each piece, from its start.
-    copied: Vec<AtomicUsize>,
-    /// Bytes copied by the helper, all pieces together.
-    helper_bytes: AtomicUsize,
-    /// Pieces finished, and whether the caller waits for the rest.
-    finished: Mutex<(usize, bool)>,
+    state: Mutex<QueueState>,
     all_finished: Condvar,
+}
+
+#[derive(Debug)]
+struct QueueState {
+    unclaimed: Range<usize>,
+    /// Bytes copied of each piece, from its start.
+    copied: Vec<usize>,
+    finished: usize,
+    /// Bytes the helper copied, all pieces together.
+    helper_bytes: usize,
+    /// Whether the caller waits for the last pieces.
+    waiting: bool,
 }
 
 /// A piece being copied; dropping it records the piece finished (on an
@@ -63,16 +68,20 @@ pub(crate) struct CopyQueue {
 struct Claim<'a> {
     queue: &'a CopyQueue,
     piece: usize,
+    by_helper: bool,
     bytes: usize,
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         let q = self.queue;
-        q.copied[self.piece].store(self.bytes, Ordering::Relaxed);
-        let mut finished = q.finished.lock().unwrap_or_else(|e| e.into_inner());
-        finished.0 += 1;
-        if finished.0 == q.pieces.len() && finished.1 {
+        let mut state = q.lock();
+        state.copied[self.piece] = self.bytes;
+        state.finished += 1;
+        if self.by_helper {
+            state.helper_bytes += self.bytes;
+        }
+        if state.finished == q.pieces.len() && state.waiting {
             q.all_finished.notify_all();
         }
     }
@@ -80,14 +89,18 @@ impl Drop for Claim<'_> {
 
 impl CopyQueue {
     pub(crate) fn new(pieces: Vec<CopyRun>) -> CopyQueue {
-        CopyQueue {
-            copied: pieces.iter().map(|_| AtomicUsize::new(0)).collect(),
-            unclaimed: Mutex::new(0..pieces.len()),
-            pieces,
-            helper_bytes: AtomicUsize::new(0),
-            finished: Mutex::new((0, false)),
-            all_finished: Condvar::new(),
-        }
+        let state = QueueState {
+            unclaimed: 0..pieces.len(),
+            copied: vec![0; pieces.len()],
+            finished: 0,
+            helper_bytes: 0,
+            waiting: false,
+        };
+        CopyQueue { pieces, state: Mutex::new(state), all_finished: Condvar::new() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Copies pieces until none is left to claim: the helper from the
@@ -95,16 +108,12 @@ impl CopyQueue {
     fn work(&self, uffd: &Uffd, by_helper: bool) {
         loop {
             let claimed = {
-                let mut unclaimed = self.unclaimed.lock().unwrap_or_else(|e| e.into_inner());
-                if by_helper { unclaimed.next_back() } else { unclaimed.next() }
+                let mut state = self.lock();
+                if by_helper { state.unclaimed.next_back() } else { state.unclaimed.next() }
             };
             let Some(piece) = claimed else { return };
-            let run = self.pieces[piece];
-            let mut claim = Claim { queue: self, piece, bytes: 0 };
-            claim.bytes = copy_in(uffd, run);
-            if by_helper {
-                self.helper_bytes.fetch_add(claim.bytes, Ordering::Relaxed);
-            }
+            let mut claim = Claim { queue: self, piece, by_helper, bytes: 0 };
+            claim.bytes = copy_in(uffd, self.pieces[piece]);
         }
     }
 
@@ -113,13 +122,12 @@ impl CopyQueue {
     /// the helper copied.
     pub(crate) fn finish(&self, uffd: &Uffd) -> (Vec<usize>, usize) {
         self.work(uffd, false);
-        let mut finished = self.finished.lock().unwrap_or_else(|e| e.into_inner());
-        while finished.0 < self.pieces.len() {
-            finished.1 = true;
-            finished = self.all_finished.wait(finished).unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
+        while state.finished < self.pieces.len() {
+            state.waiting = true;
+            state = self.all_finished.wait(state).unwrap_or_else(|e| e.into_inner());
         }
-        let copied = self.copied.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-        (copied, self.helper_bytes.load(Ordering::Relaxed))
+        (std::mem::take(&mut state.copied), state.helper_bytes)
     }
 }
 

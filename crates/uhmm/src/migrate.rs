@@ -1383,12 +1383,11 @@ pub fn migrate_pipelined<D: PipelinedDriver>(
         in_flight = Some(submitted?);
         at = next;
     }
-    if let Some(chunk) = in_flight {
-        let last = begin(driver, chunk)?;
-        total += end_of(finishing.take());
-        total += last.end_releasing_here();
-    }
-    total += end_of(finishing.take());
+    // The last chunk begins before the one before it ends; the caller
+    // empties its staging itself, since it waits for that anyway.
+    let last = in_flight.map(|chunk| begin(driver, chunk)).transpose()?;
+    total += end_of(finishing);
+    total += last.map_or_else(MigrateSummary::default, Finalizing::end_releasing_here);
     // Return with the RAM that moved away freed, not still being freed.
     space.inner.stage.wait_released();
     space.inner.pool.wait_released();

@@ -1,6 +1,7 @@
 //! Baselines measured in the same process as the uhmm cases: memcpy (1 and 2
-//! threads) and page copies with non-temporal stores at every size, and a raw userfaultfd round trip built from
-//! uhmm's `sys` layer alone (no page table, no fault engine, no device).
+//! threads) and page copies with non-temporal stores at every size, and a
+//! raw userfaultfd round trip built from uhmm's `sys` layer alone (no page
+//! table, no fault engine, no device).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
