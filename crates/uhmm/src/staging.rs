@@ -212,10 +212,15 @@ impl SystemPage {
         self.arena.map.write(self.off + offset, buf).map_err(|e| Error::sys("staging write", e))
     }
 
-    /// Copies the whole page into `dst` at `dst_off` (a device's memory),
-    /// with non-temporal stores where the CPU has them
-    /// ([`Mapping::stream_to`]: past the caches, as a DMA engine writes).
+    /// Copies the whole page into `dst` at `dst_off` (a device's memory).
     pub fn copy_to(&self, dst: &Mapping, dst_off: usize) -> Result<()> {
+        self.arena.map.copy_to(self.off, dst, dst_off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
+    }
+
+    /// [`SystemPage::copy_to`] with non-temporal stores where the CPU has
+    /// them ([`Mapping::stream_to`]: past the caches, as a DMA engine
+    /// writes): faster when the destination is not in the caches anyway.
+    pub fn stream_to(&self, dst: &Mapping, dst_off: usize) -> Result<()> {
         self.arena.map.stream_to(self.off, dst, dst_off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
     }
 
