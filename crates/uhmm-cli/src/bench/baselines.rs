@@ -39,7 +39,8 @@ pub fn memcpy(plan: &Plan) -> Result<Vec<Case>, String> {
 }
 
 /// Page-by-page copies with non-temporal stores (`Mapping::stream_to`),
-/// 1 thread: the copy the sim device's DMA engine does. Shown beside
+/// 1 thread: the copy the sim device's DMA engine does for migrations
+/// bigger than the last-level cache. Shown beside
 /// memcpy, which the targets use, so a reader sees what part of a ratio the
 /// copy routine is.
 fn streamed_pages(size: usize, runs: usize) -> Result<Case, String> {
