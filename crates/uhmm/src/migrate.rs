@@ -519,8 +519,8 @@ struct Installing {
     new_state: Vec<State>,
     installs: Vec<(usize, InstallFrom)>,
     failed: Vec<usize>,
-    /// The copies in from driver memory, piece by piece, and the queue
-    /// the helper may be working on already.
+    /// The copies in from driver memory, and when they are big, their
+    /// queue, shared with the helper (then each is a piece).
     pieces: Runs,
     copies: Option<Arc<CopyQueue>>,
 }
@@ -837,12 +837,16 @@ impl Inner {
     fn finish_end(&mut self, started: Installing) -> MigrateSummary {
         let Installing { mut new_state, installs, mut failed, pieces, copies } = started;
         let space = self.space.clone();
-        if let Some(copies) = copies {
-            let (copied, by_helper) = copies.finish(&space.uffd);
-            Stats::add(&space.stats.helper_copied_pages, (by_helper / PAGE_SIZE) as u64);
-            for (&(i, n), done) in pieces.iter().zip(copied) {
-                self.settle(&mut failed, i, n, done / PAGE_SIZE);
+        let copied = match copies {
+            Some(queue) => {
+                let (copied, by_helper) = queue.finish(&space.uffd);
+                Stats::add(&space.stats.helper_copied_pages, (by_helper / PAGE_SIZE) as u64);
+                copied
             }
+            None => pieces.iter().map(|&(i, n)| copy_in(&space.uffd, self.copy_run(i, n))).collect(),
+        };
+        for (&(i, n), done) in pieces.iter().zip(copied) {
+            self.settle(&mut failed, i, n, done / PAGE_SIZE);
         }
         for i in failed {
             let p = &mut self.pages[i];
@@ -944,9 +948,9 @@ impl Inner {
 
     /// Starts mapping pages back into their regions, each from where its
     /// data is (`installs`, in page order): moves and huge pages done here,
-    /// copies in from driver memory returned as pieces, `(first page,
-    /// pages)`, with their queue (shared with the helper when big), for
-    /// `finish_end`. The pages it could not map back are collected in the
+    /// copies in from driver memory returned as runs, `(first page,
+    /// pages)` — pieces of a queue shared with the helper when they are
+    /// big — for `finish_end`. The pages it could not map back are collected in the
     /// first part: the caller keeps a page whose data is still in the
     /// driver's memory where it was, and poisons the others (their data is
     /// in a slot about to be emptied: they read as SIGBUS, never as silent
@@ -980,22 +984,18 @@ impl Inner {
                 at += piece;
             }
         }
-        if copies.is_empty() {
+        // A small copy (a fault's window) is not worth the helper's wake-up:
+        // this thread does it in `finish_end`.
+        if copies.iter().map(|c| c.1).sum::<usize>() < SPLIT_MIN_PAGES {
             return (failed, copies, None);
         }
-        let total: usize = copies.iter().map(|c| c.1).sum();
-        let shared = total >= SPLIT_MIN_PAGES;
-        if shared {
-            copies = copies
-                .into_iter()
-                .flat_map(|(i, n)| (0..n).step_by(PIECE_PAGES).map(move |k| (i + k, PIECE_PAGES.min(n - k))))
-                .collect();
-        }
-        let queue = Arc::new(CopyQueue::new(copies.iter().map(|&(i, n)| self.copy_run(i, n)).collect()));
-        if shared {
-            self.space.copier.share(&queue);
-        }
-        (failed, copies, Some(queue))
+        let pieces: Runs = copies
+            .into_iter()
+            .flat_map(|(i, n)| (0..n).step_by(PIECE_PAGES).map(move |k| (i + k, PIECE_PAGES.min(n - k))))
+            .collect();
+        let queue = Arc::new(CopyQueue::new(pieces.iter().map(|&(i, n)| self.copy_run(i, n)).collect()));
+        self.space.copier.share(&queue);
+        (failed, pieces, Some(queue))
     }
 
     /// Records pages `i + done..i + n` as not mapped back.
