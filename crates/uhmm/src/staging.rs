@@ -2,7 +2,9 @@
 //!
 //! Two arenas per address space, both private anonymous read-write memory
 //! handed out in batches of [`BATCH_PAGES`] pages (2 MiB, so a batch can hold
-//! a huge page):
+//! a huge page), adjacent batches where they are free, so that a migration's
+//! slots take one `UFFDIO_MOVE` and one discard (each a TLB flush of every
+//! CPU running the process: an IPI, a VM exit on a VM):
 //!
 //! - the **stage**, registered with the address space's userfaultfd, receives
 //!   pages moved out of a region by `UFFDIO_MOVE` (the kernel's migration
@@ -39,6 +41,7 @@ pub(crate) struct Arena {
 
 #[derive(Debug)]
 struct FreeBatches {
+    /// Free batch numbers, ascending.
     batches: Vec<u32>,
     /// Slot sets handed to another thread to be emptied, not back yet.
     releasing: usize,
@@ -52,7 +55,7 @@ impl Arena {
         if let Some(u) = uffd {
             u.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER staging", e))?;
         }
-        let batches = (0..u32::try_from(nbatches).expect("staging batches fit u32")).rev().collect();
+        let batches = (0..u32::try_from(nbatches).expect("staging batches fit u32")).collect();
         Ok(Arena { map, free: Mutex::new(FreeBatches { batches, releasing: 0 }), returned: Condvar::new() })
     }
 
@@ -70,8 +73,16 @@ impl Arena {
                 format!("staging area exhausted ({npages} pages wanted); migrate in smaller chunks"),
             ));
         }
-        let at = free.batches.len() - n;
-        let batches = free.batches.split_off(at);
+        // The lowest run of `n` adjacent batches, so that a migration's
+        // slots are one piece of memory: one move and one discard for all of
+        // them, each a single TLB flush of the other CPUs. Any `n` batches
+        // when there is no such run.
+        let at = free
+            .batches
+            .windows(n.max(1))
+            .position(|w| w[w.len() - 1] - w[0] == (w.len() - 1) as u32)
+            .unwrap_or(free.batches.len() - n);
+        let batches = free.batches.drain(at..at + n).collect();
         Ok(Slots { arena: self.clone(), batches, npages, deferred: false })
     }
 
@@ -85,17 +96,24 @@ impl Arena {
 
     fn release(&self, batches: &[u32], npages: usize, deferred: bool) {
         let mut emptied = true;
-        for (i, b) in batches.iter().enumerate() {
-            let used = (npages - i * BATCH_PAGES).min(BATCH_PAGES);
-            if let Err(err) = self.map.discard(*b as usize * BATCH_BYTES, used * PAGE_SIZE) {
-                tracing::error!(%err, "discarding a staging batch failed; leaking it");
+        let mut i = 0;
+        while i < batches.len() {
+            // One discard per run of adjacent batches.
+            let n = 1 + batches[i + 1..].iter().zip(&batches[i..]).take_while(|(b, a)| **b == **a + 1).count();
+            let used = (npages - i * BATCH_PAGES).min(n * BATCH_PAGES);
+            if let Err(err) = self.map.discard(batches[i] as usize * BATCH_BYTES, used * PAGE_SIZE) {
+                tracing::error!(%err, "discarding staging batches failed; leaking them");
                 emptied = false;
                 break;
             }
+            i += n;
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if emptied {
-            free.batches.extend_from_slice(batches);
+            for &b in batches {
+                let at = free.batches.partition_point(|&x| x < b);
+                free.batches.insert(at, b);
+            }
         }
         if deferred {
             free.releasing -= 1;
@@ -128,7 +146,9 @@ impl Slots {
 
     /// How many slots from `i` on are contiguous in memory (up to `max`).
     pub(crate) fn contiguous(&self, i: usize, max: usize) -> usize {
-        (BATCH_PAGES - i % BATCH_PAGES).min(max)
+        let b = i / BATCH_PAGES;
+        let adjacent = self.batches[b + 1..].iter().zip(&self.batches[b..]).take_while(|(n, p)| **n == **p + 1).count();
+        ((adjacent + 1) * BATCH_PAGES - i % BATCH_PAGES).min(max)
     }
 
     /// Allocates the pages of slots `slots` now, in one call per contiguous
@@ -234,5 +254,55 @@ fn check(offset: usize, len: usize) -> Result<()> {
     match offset.checked_add(len) {
         Some(end) if end <= PAGE_SIZE => Ok(()),
         _ => Err(Error::invalid("access beyond the page")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arena(nbatches: usize) -> Arc<Arena> {
+        Arc::new(Arena::new(nbatches * BATCH_BYTES, None).unwrap())
+    }
+
+    #[test]
+    fn slots_are_one_piece_of_memory_when_adjacent_batches_are_free() {
+        let a = arena(8);
+        let s1 = a.alloc(2 * BATCH_PAGES).unwrap();
+        assert_eq!(s1.contiguous(0, usize::MAX), 2 * BATCH_PAGES);
+        assert_eq!(s1.contiguous(100, usize::MAX), 2 * BATCH_PAGES - 100);
+        assert_eq!(s1.contiguous(600, 10), 10);
+        assert_eq!(s1.addr(BATCH_PAGES), s1.addr(0) + BATCH_BYTES);
+        let s2 = a.alloc(BATCH_PAGES).unwrap();
+        let _s3 = a.alloc(BATCH_PAGES).unwrap();
+        drop(s2);
+        // Free: the batch s2 held, and four adjacent ones after s3's.
+        let s4 = a.alloc(3 * BATCH_PAGES).unwrap();
+        assert_eq!(s4.contiguous(0, usize::MAX), 3 * BATCH_PAGES);
+        // Left: two batches that are not adjacent; a set still gets them.
+        let s5 = a.alloc(2 * BATCH_PAGES).unwrap();
+        assert_eq!(s5.contiguous(0, usize::MAX), BATCH_PAGES);
+        assert_eq!(s5.contiguous(BATCH_PAGES, usize::MAX), BATCH_PAGES);
+        assert!(a.alloc(1).is_err(), "all eight batches are held");
+    }
+
+    #[test]
+    fn released_slots_come_back_empty_and_in_order() {
+        let a = arena(4);
+        let s = a.alloc(3 * BATCH_PAGES).unwrap();
+        // A page in each of the first two batches, across their boundary.
+        for i in [BATCH_PAGES - 1, BATCH_PAGES] {
+            s.mapping().write(s.offset(i), &[7u8; 8]).unwrap();
+        }
+        let first = s.addr(0);
+        drop(s);
+        let again = a.alloc(4 * BATCH_PAGES).unwrap();
+        assert_eq!(again.addr(0), first, "the lowest run again");
+        assert_eq!(again.contiguous(0, usize::MAX), 4 * BATCH_PAGES);
+        for i in [BATCH_PAGES - 1, BATCH_PAGES] {
+            let mut buf = [1u8; 8];
+            again.mapping().read(again.offset(i), &mut buf).unwrap();
+            assert_eq!(buf, [0u8; 8], "slot {i} was emptied");
+        }
     }
 }
