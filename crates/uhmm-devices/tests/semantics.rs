@@ -603,6 +603,48 @@ fn protect_cycle_leaves_split_vmas() {
 /// and more than 32 MiB (copies streamed past the caches on the DMA engine)
 /// — keep every byte through the device and back.
 #[test]
+fn device_copies_merged_over_runs_stop_at_holes_and_keep_the_data() {
+    // Staged pages next to each other become one copy into the device (a
+    // scatter-gather run); holes, and pages already on the device, end a
+    // run. 9000 pages: more than 32 MiB, so the copies stream.
+    with_timeout(120, || {
+        let space = space();
+        let dev = device(&space);
+        let npages = 9000;
+        let region = map(&space, npages);
+        let f = |i: u32| i.wrapping_mul(2_654_435_761) | 1;
+        let hole = |p: usize| p % 701 == 3 || (1500..1530).contains(&p);
+        let mut p = 0;
+        while p < npages {
+            let end = (p..npages).find(|&q| hole(q)).unwrap_or(npages);
+            if end > p {
+                fill(&region, p..end, f);
+            }
+            p = end + 1;
+        }
+        // Some pages go first, alone.
+        for first in [40, 2100, 8999] {
+            assert_eq!(dev.migrate_to_device(region.addr() + first * PAGE_SIZE, 1).unwrap().cpages, 1);
+        }
+        assert_eq!(dev.migrate_to_device_all(region.addr(), npages).unwrap().cpages, npages);
+        let mut buf = vec![0u8; region.len()];
+        assert_eq!(dev.read(region.addr(), npages, &mut buf).unwrap().faults, 0, "all on the device");
+        let check = |buf: &[u8], what: &str| {
+            for (pg, page) in buf.chunks_exact(PAGE_SIZE).enumerate() {
+                for (k, w) in page.chunks_exact(4).enumerate() {
+                    let got = u32::from_ne_bytes(w.try_into().unwrap());
+                    let want = if hole(pg) { 0 } else { f((pg * PAGE_SIZE / 4 + k) as u32) };
+                    assert_eq!(got, want, "{what}: page {pg} word {k}");
+                }
+            }
+        };
+        check(&buf, "device read");
+        assert_eq!(dev.migrate_to_system(region.addr(), npages).unwrap().cpages, npages);
+        check(&cpu_read(&region), "back in RAM");
+    });
+}
+
+#[test]
 fn migrations_of_every_size_class_keep_the_data() {
     with_timeout(120, || {
         let space = space();

@@ -204,7 +204,10 @@ impl Drop for Slots {
 }
 
 /// A RAM page in a staging arena, lent to a driver during a migration: the
-/// source of a copy to the device, or the destination of a copy back.
+/// source of a copy to the device, or the destination of a copy back. A
+/// driver may grow a handle over the pages that follow it in memory
+/// ([`SystemPage::extend`]), as a DMA driver merges a scatter-gather list,
+/// and copy them all at once.
 ///
 /// It stays valid memory for as long as the handle lives (the arena outlives
 /// it); its contents belong to the migration that lent it, and a driver must
@@ -213,47 +216,65 @@ impl Drop for Slots {
 pub struct SystemPage {
     arena: Arc<Arena>,
     off: usize,
+    /// Bytes covered: one page, or a run after `extend`.
+    len: usize,
 }
 
 impl SystemPage {
     pub(crate) fn new(arena: &Arc<Arena>, off: usize) -> SystemPage {
-        SystemPage { arena: arena.clone(), off }
+        SystemPage { arena: arena.clone(), off, len: PAGE_SIZE }
     }
 
-    /// Copies from the page at `offset` into `buf`.
+    /// Pages this handle covers.
+    pub fn pages(&self) -> usize {
+        self.len / PAGE_SIZE
+    }
+
+    /// Grows this handle over `next` when `next` starts right where it
+    /// ends, in the same memory; returns whether it did (false: nothing
+    /// changes).
+    pub fn extend(&mut self, next: &SystemPage) -> bool {
+        let adjoins = Arc::ptr_eq(&self.arena, &next.arena) && next.off == self.off + self.len;
+        if adjoins {
+            self.len += next.len;
+        }
+        adjoins
+    }
+
+    /// Copies from the pages at `offset` into `buf`.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        check(offset, buf.len())?;
+        self.check(offset, buf.len())?;
         self.arena.map.read(self.off + offset, buf).map_err(|e| Error::sys("staging read", e))
     }
 
-    /// Copies `buf` into the page at `offset`.
+    /// Copies `buf` into the pages at `offset`.
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
-        check(offset, buf.len())?;
+        self.check(offset, buf.len())?;
         self.arena.map.write(self.off + offset, buf).map_err(|e| Error::sys("staging write", e))
     }
 
-    /// Copies the whole page into `dst` at `dst_off` (a device's memory).
+    /// Copies all the pages into `dst` at `dst_off` (a device's memory).
     pub fn copy_to(&self, dst: &Mapping, dst_off: usize) -> Result<()> {
-        self.arena.map.copy_to(self.off, dst, dst_off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
+        self.arena.map.copy_to(self.off, dst, dst_off, self.len).map_err(|e| Error::sys("staging copy", e))
     }
 
     /// [`SystemPage::copy_to`] with non-temporal stores where the CPU has
     /// them ([`Mapping::stream_to`]: past the caches, as a DMA engine
     /// writes): faster when the destination is not in the caches anyway.
     pub fn stream_to(&self, dst: &Mapping, dst_off: usize) -> Result<()> {
-        self.arena.map.stream_to(self.off, dst, dst_off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
+        self.arena.map.stream_to(self.off, dst, dst_off, self.len).map_err(|e| Error::sys("staging copy", e))
     }
 
-    /// Fills the whole page from `src` at `src_off` (a device's memory).
+    /// Fills all the pages from `src` at `src_off` (a device's memory).
     pub fn copy_from(&self, src: &Mapping, src_off: usize) -> Result<()> {
-        src.copy_to(src_off, &self.arena.map, self.off, PAGE_SIZE).map_err(|e| Error::sys("staging copy", e))
+        src.copy_to(src_off, &self.arena.map, self.off, self.len).map_err(|e| Error::sys("staging copy", e))
     }
-}
 
-fn check(offset: usize, len: usize) -> Result<()> {
-    match offset.checked_add(len) {
-        Some(end) if end <= PAGE_SIZE => Ok(()),
-        _ => Err(Error::invalid("access beyond the page")),
+    fn check(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::invalid("access beyond the page")),
+        }
     }
 }
 
@@ -304,5 +325,28 @@ mod tests {
             again.mapping().read(again.offset(i), &mut buf).unwrap();
             assert_eq!(buf, [0u8; 8], "slot {i} was emptied");
         }
+    }
+
+    #[test]
+    fn a_system_page_grows_over_the_pages_after_it_only() {
+        let a = arena(2);
+        let s = a.alloc(BATCH_PAGES).unwrap();
+        let page = |i: usize| SystemPage::new(s.arena(), s.offset(i));
+        let mut run = page(3);
+        assert!(!run.extend(&page(5)), "a gap");
+        assert!(!run.extend(&page(2)), "before it");
+        assert!(run.extend(&page(4)) && run.extend(&page(5)));
+        assert_eq!(run.pages(), 3);
+        let other = Arc::new(Arena::new(BATCH_BYTES, None).unwrap());
+        assert!(!run.extend(&SystemPage::new(&other, s.offset(6))), "another arena");
+        run.write(2 * PAGE_SIZE + 10, &[9u8; 4]).unwrap();
+        let mut buf = [0u8; 4];
+        page(5).read(10, &mut buf).unwrap();
+        assert_eq!(buf, [9u8; 4], "the run's third page is page 5");
+        assert!(run.write(3 * PAGE_SIZE - 2, &[1u8; 4]).is_err(), "past the run");
+        let dev = Mapping::anonymous(4 * PAGE_SIZE, crate::sys::mman::Protection::ReadWrite, PAGE_SIZE).unwrap();
+        run.stream_to(&dev, PAGE_SIZE).unwrap();
+        dev.read(3 * PAGE_SIZE + 10, &mut buf).unwrap();
+        assert_eq!(buf, [9u8; 4], "the whole run was copied");
     }
 }

@@ -109,9 +109,14 @@ impl Memory {
 
     /// Where page `pfn` is (`None` if no chunk holds it).
     pub(crate) fn page(&self, pfn: DevicePfn) -> Option<DevMem> {
+        self.locate(pfn).map(|(chunk, off)| DevMem { chunk: chunk.clone(), off })
+    }
+
+    /// Where page `pfn` is, borrowed: its chunk and its offset there.
+    pub(crate) fn locate(&self, pfn: DevicePfn) -> Option<(&Arc<Mapping>, usize)> {
         let p = usize::try_from(pfn.0).ok()?;
         let chunk = self.chunks.get(p / self.chunk_pages)?;
-        Some(DevMem { chunk: chunk.clone(), off: (p % self.chunk_pages) * PAGE_SIZE })
+        Some((chunk, (p % self.chunk_pages) * PAGE_SIZE))
     }
 
     /// Adds a chunk, all free. False at capacity or when the host has no

@@ -24,6 +24,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use uhmm::sys::mman::Mapping;
 use uhmm::{
     AccessPage, AddressSpace, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Error,
     ErrorKind, IntervalNotifierOps, InvalidateEvent, MigrateSrc, Migrated, Migration, NotifierHandle, Owner, PAGE_SIZE,
@@ -544,21 +545,21 @@ impl SimInner {
     }
 
     /// Allocates a device page (next to the one before when it can).
-    fn alloc_page(&self) -> Option<DevicePfn> {
+    fn alloc_page(&self, mem: &mut Memory) -> Option<DevicePfn> {
         if self.alloc_fails() {
             return None;
         }
-        self.mem.lock().unwrap_or_else(|e| e.into_inner()).alloc_page()
+        mem.alloc_page()
     }
 
     /// Allocates a compound block of `HUGE_PAGES` contiguous, aligned device
     /// pages (a device THP); `None` when none can be had, and the caller
     /// falls back to small pages.
-    fn alloc_huge(&self) -> Option<u64> {
+    fn alloc_huge(&self, mem: &mut Memory) -> Option<u64> {
         if self.alloc_fails() {
             return None;
         }
-        self.mem.lock().unwrap_or_else(|e| e.into_inner()).alloc_huge()
+        mem.alloc_huge()
     }
 
     fn dev_mem(&self, pfn: DevicePfn) -> Result<DevMem> {
@@ -597,20 +598,21 @@ impl SimInner {
         let whole: Vec<bool> = (0..srcs.len()).map(whole_block).collect();
         let mut compound: Option<(usize, u64)> = None;
         // Pages allocated here go back to the free list if `copy` is dropped
-        // before they are handed to the migration.
+        // before they are handed to the migration (after `mem` unlocks).
+        let mut mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
         for (i, src) in srcs.into_iter().enumerate() {
             if !movable(&src) {
                 continue;
             }
             if whole[i] {
-                let base = self.alloc_huge();
+                let base = self.alloc_huge(&mut mem);
                 let counter = if base.is_some() { &self.huge_allocs } else { &self.huge_fallbacks };
                 counter.fetch_add(1, Ordering::Relaxed);
                 compound = base.map(|b| (i, b));
             }
             let pfn = match compound {
                 Some((first, base)) if i < first + HUGE_PAGES => DevicePfn(base + (i - first) as u64),
-                _ => match self.alloc_page() {
+                _ => match self.alloc_page(&mut mem) {
                     Some(pfn) => pfn,
                     None => break,
                 },
@@ -625,12 +627,13 @@ impl SimInner {
                 });
                 continue;
             }
-            let mem = self.dev_mem(pfn)?;
-            ops.push(match src {
-                MigrateSrc::System(sp) => CopyOp::ToDevice(sp, mem, writes),
-                _ => CopyOp::Zero(mem),
-            });
+            let (chunk, off) = mem.locate(pfn).ok_or_else(|| Error::invalid("device page not allocated"))?;
+            match src {
+                MigrateSrc::System(sp) => push_to_device(&mut ops, sp, chunk, off, writes),
+                _ => ops.push(CopyOp::Zero(DevMem { chunk: chunk.clone(), off })),
+            }
         }
+        drop(mem);
         if let Some(at) = (0..ops.len()).find(|_| self.chance(self.config.copy_error_rate)) {
             // An injected copy error: the job fails after the copies before
             // it (no destination is set; the pages are restored).
@@ -689,6 +692,7 @@ impl SimInner {
         // landed before (and is copied) or finds no entry and faults (and
         // waits for the page).
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        let mem = self.mem.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..m.npages() {
             let MigrateSrc::Device(p) = m.src(i) else {
                 continue;
@@ -713,8 +717,9 @@ impl SimInner {
                     // Private: the CPU can read device memory, so the page is
                     // copied straight into the region at finalize.
                     None => {
-                        let mem = self.dev_mem(p.pfn)?;
-                        m.set_dst_system_from(i, &mem.chunk, mem.off)?;
+                        let (chunk, off) =
+                            mem.locate(p.pfn).ok_or_else(|| Error::invalid("device page not allocated"))?;
+                        m.set_dst_system_from(i, chunk, off)?;
                     }
                 }
             }
@@ -723,6 +728,7 @@ impl SimInner {
                 table.remove_addr(a);
             }
         }
+        drop(mem);
         drop(table);
         copy.fence = self.dma.run(ops, how, || self.dma_delay())?;
         Ok(copy)
@@ -875,6 +881,22 @@ impl<'a> PipelinedDriver for Chunks<'a> {
     fn ready(&self, copy: &InFlight<'a>) -> bool {
         copy.fence.as_ref().is_none_or(|f| f.is_done())
     }
+}
+
+/// Queues the copy of `sp` into device memory `chunk` at `off`, merged into
+/// the last copy where both sides continue it (one copy and one fence for
+/// the run, as a DMA driver merges a scatter-gather list), up to a 2 MiB
+/// block a copy.
+fn push_to_device(ops: &mut Vec<CopyOp>, sp: SystemPage, chunk: &Arc<Mapping>, off: usize, writes: Writes) {
+    if let Some(CopyOp::ToDevice(run, at, _)) = ops.last_mut()
+        && Arc::ptr_eq(&at.chunk, chunk)
+        && at.off + run.pages() * PAGE_SIZE == off
+        && run.pages() < HUGE_PAGES
+        && run.extend(&sp)
+    {
+        return;
+    }
+    ops.push(CopyOp::ToDevice(sp, DevMem { chunk: chunk.clone(), off }, writes));
 }
 
 /// Pages per migration chunk for a migration of `npages` pages: `max` (the
