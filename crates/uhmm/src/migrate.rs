@@ -166,8 +166,9 @@ struct Inner {
     last_pagemap: Option<Arc<DevicePagemap>>,
     cpages: usize,
     finished: bool,
-    /// Whether `finish` empties the staging slots on this thread (its
-    /// caller waits for them anyway) rather than on the copy helper.
+    /// Whether `finish` empties the staging slots on this thread, half of
+    /// them beside the copy helper (its caller waits for them anyway),
+    /// rather than all on the helper.
     release_here: bool,
 }
 
@@ -443,8 +444,8 @@ impl Finalizing {
         self.inner.finish_end(started)
     }
 
-    /// `end`, emptying the staging slots on this thread: for a caller
-    /// about to wait for them, which would only wait for a wake-up more.
+    /// `end`, emptying half the staging slots on this thread while the
+    /// helper empties the other half: for a caller about to wait for them.
     fn end_releasing_here(mut self) -> MigrateSummary {
         self.inner.release_here = true;
         self.end()
@@ -933,9 +934,13 @@ impl Inner {
             space.wake(self.region_of(i), idx..idx + n);
             i += n;
         }
-        for slots in [self.stage.take(), self.pool.take()].into_iter().flatten() {
+        for mut slots in [self.stage.take(), self.pool.take()].into_iter().flatten() {
             if self.release_here {
-                drop(slots);
+                // The caller waits for them: it empties one half while the
+                // helper empties the other.
+                if let Some(back) = slots.split_half() {
+                    space.copier.release(back);
+                }
             } else {
                 space.copier.release(slots);
             }
@@ -1384,7 +1389,7 @@ pub fn migrate_pipelined<D: PipelinedDriver>(
         at = next;
     }
     // The last chunk begins before the one before it ends; the caller
-    // empties its staging itself, since it waits for that anyway.
+    // empties half its staging itself, since it waits for that anyway.
     let last = in_flight.map(|chunk| begin(driver, chunk)).transpose()?;
     total += end_of(finishing);
     total += last.map_or_else(MigrateSummary::default, Finalizing::end_releasing_here);

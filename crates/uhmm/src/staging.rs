@@ -99,7 +99,7 @@ impl Arena {
         let mut i = 0;
         while i < batches.len() {
             // One discard per run of adjacent batches.
-            let n = 1 + batches[i + 1..].iter().zip(&batches[i..]).take_while(|(b, a)| **b == **a + 1).count();
+            let n = 1 + adjacent_after(batches, i);
             let used = (npages - i * BATCH_PAGES).min(n * BATCH_PAGES);
             if let Err(err) = self.map.discard(batches[i] as usize * BATCH_BYTES, used * PAGE_SIZE) {
                 tracing::error!(%err, "discarding staging batches failed; leaking them");
@@ -146,8 +146,7 @@ impl Slots {
 
     /// How many slots from `i` on are contiguous in memory (up to `max`).
     pub(crate) fn contiguous(&self, i: usize, max: usize) -> usize {
-        let b = i / BATCH_PAGES;
-        let adjacent = self.batches[b + 1..].iter().zip(&self.batches[b..]).take_while(|(n, p)| **n == **p + 1).count();
+        let adjacent = adjacent_after(&self.batches, i / BATCH_PAGES);
         ((adjacent + 1) * BATCH_PAGES - i % BATCH_PAGES).min(max)
     }
 
@@ -170,6 +169,20 @@ impl Slots {
     /// Slots held.
     pub(crate) fn len(&self) -> usize {
         self.npages
+    }
+
+    /// Splits off the back half of the slots (at a batch boundary) as a set
+    /// of their own, so that two threads can empty them; `None` for a set
+    /// of one batch, or one already handed to another thread.
+    pub(crate) fn split_half(&mut self) -> Option<Slots> {
+        if self.batches.len() < 2 || self.deferred {
+            return None;
+        }
+        let keep = self.batches.len() / 2;
+        let back = self.batches.split_off(keep);
+        let npages = self.npages - keep * BATCH_PAGES;
+        self.npages = keep * BATCH_PAGES;
+        Some(Slots { arena: self.arena.clone(), batches: back, npages, deferred: false })
     }
 
     /// Marks the slots as being emptied by another thread: until they are
@@ -195,6 +208,12 @@ impl Slots {
     pub(crate) fn arena(&self) -> &Arc<Arena> {
         &self.arena
     }
+}
+
+/// How many of the batches after `batches[b]` follow it in memory, each
+/// right after the one before.
+fn adjacent_after(batches: &[u32], b: usize) -> usize {
+    batches[b + 1..].iter().zip(&batches[b..]).take_while(|(next, prev)| **next == **prev + 1).count()
 }
 
 impl Drop for Slots {
@@ -230,9 +249,9 @@ impl SystemPage {
         self.len / PAGE_SIZE
     }
 
-    /// Grows this handle over `next` when `next` starts right where it
-    /// ends, in the same memory; returns whether it did (false: nothing
-    /// changes).
+    /// Grows this handle over `next` (a page of the same migration) when
+    /// `next` starts right where it ends, in the same memory; returns
+    /// whether it did (false: nothing changes).
     pub fn extend(&mut self, next: &SystemPage) -> bool {
         let adjoins = Arc::ptr_eq(&self.arena, &next.arena) && next.off == self.off + self.len;
         if adjoins {

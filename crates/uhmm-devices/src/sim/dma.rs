@@ -18,23 +18,13 @@ pub(crate) struct DevMem {
     pub(crate) off: usize,
 }
 
-/// How a copy writes device memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Writes {
-    /// Through the caches (`memcpy`): fastest while the destination fits
-    /// in them.
-    Cached,
-    /// Past the caches (non-temporal stores, as a DMA engine writes):
-    /// fastest when the destination does not fit anyway, since nothing is
-    /// read before it is written.
-    Streamed,
-}
-
 /// One page copy.
 #[derive(Debug)]
 pub(crate) enum CopyOp {
-    /// RAM page → device page.
-    ToDevice(SystemPage, DevMem, Writes),
+    /// RAM pages → device pages, written past the caches (non-temporal
+    /// stores, as a DMA engine writes: nothing is read before it is
+    /// written).
+    ToDevice(SystemPage, DevMem),
     /// Zero a device page (a hole's destination).
     Zero(DevMem),
     /// RAM page → RAM page (device-coherent memory is CPU-addressable RAM).
@@ -232,8 +222,7 @@ fn run_ops(ops: &[CopyOp]) -> Result<(), String> {
     static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
     for op in ops {
         let r = match op {
-            CopyOp::ToDevice(src, dst, Writes::Cached) => src.copy_to(&dst.chunk, dst.off),
-            CopyOp::ToDevice(src, dst, Writes::Streamed) => src.stream_to(&dst.chunk, dst.off),
+            CopyOp::ToDevice(src, dst) => src.stream_to(&dst.chunk, dst.off),
             CopyOp::Zero(dst) => dst.chunk.write(dst.off, &ZERO).map_err(|e| Error::sys("zero", e)),
             CopyOp::Between(src, dst) => {
                 let mut page = vec![0u8; PAGE_SIZE];
