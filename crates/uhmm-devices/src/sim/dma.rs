@@ -21,9 +21,10 @@ pub(crate) struct DevMem {
 /// One page copy.
 #[derive(Debug)]
 pub(crate) enum CopyOp {
-    /// RAM pages → device pages, written past the caches (non-temporal
-    /// stores, as a DMA engine writes: nothing is read before it is
-    /// written).
+    /// RAM pages → device pages. The engine's channels write them past
+    /// the caches (non-temporal stores, as a DMA engine writes: nothing is
+    /// read before it is written); a small job copied on the calling thread
+    /// goes through them, as a CPU copy does.
     ToDevice(SystemPage, DevMem),
     /// Zero a device page (a hole's destination).
     Zero(DevMem),
@@ -33,6 +34,16 @@ pub(crate) enum CopyOp {
     ZeroSystem(SystemPage),
     /// An injected copy error: the job fails here.
     Fail,
+}
+
+impl CopyOp {
+    /// Pages the copy writes.
+    fn pages(&self) -> usize {
+        match self {
+            CopyOp::ToDevice(src, _) => src.pages(),
+            _ => 1,
+        }
+    }
 }
 
 /// Signalled when every part of a job is done.
@@ -96,7 +107,7 @@ struct Job {
 impl Job {
     fn run(mut self) {
         std::thread::sleep(self.delay);
-        let result = run_ops(&self.ops);
+        let result = run_ops(&self.ops, Writes::Streamed);
         self.reported = true;
         self.fence.part_done(result);
     }
@@ -121,7 +132,7 @@ pub(crate) struct DmaEngine {
 }
 
 /// A job is split across the channels only when each part gets at least
-/// this many copies.
+/// this many pages (a merged copy is never split).
 const MIN_PART: usize = 64;
 
 impl DmaEngine {
@@ -150,7 +161,8 @@ impl DmaEngine {
         if channels.is_empty() {
             return Err(Error::new(ErrorKind::NotFound, "DMA engine stopped"));
         }
-        let per_part = ops.len().div_ceil((ops.len() / MIN_PART).clamp(1, channels.len()));
+        let pages: usize = ops.iter().map(CopyOp::pages).sum();
+        let per_part = ops.len().div_ceil((pages / MIN_PART).clamp(1, channels.len()).min(ops.len().max(1)));
         let mut split = Vec::new();
         while ops.len() > per_part {
             split.push(ops.split_off(ops.len() - per_part));
@@ -179,9 +191,9 @@ impl DmaEngine {
         if ops.is_empty() {
             return Ok(None);
         }
-        if how == Dispatch::InlineSmall && ops.len() <= INLINE_MAX_PAGES {
+        if how == Dispatch::InlineSmall && ops.iter().map(CopyOp::pages).sum::<usize>() <= INLINE_MAX_PAGES {
             std::thread::sleep(delay());
-            run_ops(&ops).map_err(|msg| Error::new(ErrorKind::Fault, msg))?;
+            run_ops(&ops, Writes::Cached).map_err(|msg| Error::new(ErrorKind::Fault, msg))?;
             return Ok(None);
         }
         self.submit(ops, delay).map(Some)
@@ -217,11 +229,23 @@ fn run(rx: &Receiver<Job>) {
     }
 }
 
+/// How device memory is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// Through the caches, on the calling thread: a small job's data was
+    /// usually just written and is still there (2 MiB migrations: 589–736
+    /// ns a page in full benchmark runs, 914–1092 streamed).
+    Cached,
+    /// Past the caches, on an engine channel.
+    Streamed,
+}
+
 /// Performs the copies of one job, stopping at the first error.
-fn run_ops(ops: &[CopyOp]) -> Result<(), String> {
+fn run_ops(ops: &[CopyOp], writes: Writes) -> Result<(), String> {
     static ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
     for op in ops {
         let r = match op {
+            CopyOp::ToDevice(src, dst) if writes == Writes::Cached => src.copy_to(&dst.chunk, dst.off),
             CopyOp::ToDevice(src, dst) => src.stream_to(&dst.chunk, dst.off),
             CopyOp::Zero(dst) => dst.chunk.write(dst.off, &ZERO).map_err(|e| Error::sys("zero", e)),
             CopyOp::Between(src, dst) => {
