@@ -602,7 +602,7 @@ fn protect_cycle_leaves_split_vmas() {
 fn device_copies_merged_over_runs_stop_at_holes_and_keep_the_data() {
     // Staged pages next to each other become one copy into the device (a
     // scatter-gather run, up to 2 MiB); holes, and pages already on the
-    // device, end a run. 9000 pages: more than 32 MiB, so the copies stream.
+    // device, end a run.
     with_timeout(120, || {
         let space = space();
         let dev = device(&space);
@@ -641,9 +641,9 @@ fn device_copies_merged_over_runs_stop_at_holes_and_keep_the_data() {
 }
 
 /// Migrations of each size the sim device treats differently — one chunk
-/// (copied on the calling thread), two smaller chunks, configured chunks,
-/// and more than 32 MiB (copies streamed past the caches on the DMA engine)
-/// — keep every byte through the device and back.
+/// (copied on the calling thread, through the caches), two smaller chunks
+/// and configured chunks (streamed past the caches on the DMA engine) —
+/// keep every byte through the device and back.
 #[test]
 fn migrations_of_every_size_class_keep_the_data() {
     with_timeout(120, || {

@@ -31,7 +31,7 @@ use uhmm::{
     PipelinedDriver, Prot, Residency, Result, Select, SystemPage, migrate_device_range, migrate_pipelined, range_fault,
 };
 
-use dma::{CopyOp, DevMem, Dispatch, DmaEngine, Writes};
+use dma::{CopyOp, DevMem, Dispatch, DmaEngine};
 use memory::{HUGE_PAGES, Memory};
 use table::{Pte, Table};
 
@@ -269,8 +269,7 @@ impl SimDevice {
             return Err(Error::invalid("no read access to part of the range"));
         }
         let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
-        let writes = if npages * PAGE_SIZE > STREAM_MIN_BYTES { Writes::Streamed } else { Writes::Cached };
-        let mut driver = Chunks { dev: &self.inner, to_device: true, how: dispatch(chunk, npages), writes };
+        let mut driver = Chunks { dev: &self.inner, to_device: true, how: dispatch(chunk, npages) };
         migrate_pipelined(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         let cpages = table.range(range).filter(|(_, pte)| matches!(pte, Pte::Device(_) | Pte::Coherent(_))).count();
@@ -307,8 +306,7 @@ impl SimDevice {
     pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<Counters> {
         let range = check_range(addr, npages)?;
         let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
-        let mut driver =
-            Chunks { dev: &self.inner, to_device: false, how: dispatch(chunk, npages), writes: Writes::Cached };
+        let mut driver = Chunks { dev: &self.inner, to_device: false, how: dispatch(chunk, npages) };
         let s = migrate_pipelined(&self.inner.space, range, chunk, self.inner.select(), self.inner.owner, &mut driver)?;
         Ok(Counters { cpages: s.migrated, faults: 0 })
     }
@@ -575,13 +573,13 @@ impl SimInner {
     /// of `m`, copies them (zero-filling holes) and sets the destinations.
     /// Pages past the first failed allocation keep no destination.
     fn copy_to_device(&self, m: &mut Migration<Collected>) -> Result<()> {
-        let copy = self.submit_to_device(m, Dispatch::InlineSmall, Writes::Cached)?;
+        let copy = self.submit_to_device(m, Dispatch::InlineSmall)?;
         self.wait_and_set(m, copy)
     }
 
     /// The first half of [`SimInner::copy_to_device`]: allocate and start
     /// the copies; [`SimInner::wait_and_set`] is the second.
-    fn submit_to_device(&self, m: &mut Migration<Collected>, how: Dispatch, writes: Writes) -> Result<InFlight<'_>> {
+    fn submit_to_device(&self, m: &mut Migration<Collected>, how: Dispatch) -> Result<InFlight<'_>> {
         let mut ops = Vec::new();
         let mut copy = InFlight { dev: self, fence: None, dsts: Vec::new() };
         let movable = |src: &MigrateSrc| !matches!(src, MigrateSrc::Skip | MigrateSrc::Device(_));
@@ -629,7 +627,7 @@ impl SimInner {
             }
             let (chunk, off) = mem.locate(pfn).ok_or_else(|| Error::invalid("device page not allocated"))?;
             match src {
-                MigrateSrc::System(sp) => push_to_device(&mut ops, sp, chunk, off, writes),
+                MigrateSrc::System(sp) => push_to_device(&mut ops, sp, chunk, off),
                 _ => ops.push(CopyOp::Zero(DevMem { chunk: chunk.clone(), off })),
             }
         }
@@ -853,18 +851,13 @@ struct Chunks<'a> {
     dev: &'a SimInner,
     to_device: bool,
     how: Dispatch,
-    writes: Writes,
 }
 
 impl<'a> PipelinedDriver for Chunks<'a> {
     type Pending = InFlight<'a>;
 
     fn alloc_and_submit(&mut self, m: &mut Migration<Collected>) -> Result<InFlight<'a>> {
-        if self.to_device {
-            self.dev.submit_to_device(m, self.how, self.writes)
-        } else {
-            self.dev.submit_to_ram(m, self.how)
-        }
+        if self.to_device { self.dev.submit_to_device(m, self.how) } else { self.dev.submit_to_ram(m, self.how) }
     }
 
     fn wait_and_set(&mut self, m: &mut Migration<Collected>, copy: InFlight<'a>) -> Result<()> {
@@ -887,8 +880,8 @@ impl<'a> PipelinedDriver for Chunks<'a> {
 /// the last copy where both sides continue it (one copy and one fence for
 /// the run, as a DMA driver merges a scatter-gather list), up to a 2 MiB
 /// block a copy.
-fn push_to_device(ops: &mut Vec<CopyOp>, sp: SystemPage, chunk: &Arc<Mapping>, off: usize, writes: Writes) {
-    if let Some(CopyOp::ToDevice(run, at, _)) = ops.last_mut()
+fn push_to_device(ops: &mut Vec<CopyOp>, sp: SystemPage, chunk: &Arc<Mapping>, off: usize) {
+    if let Some(CopyOp::ToDevice(run, at)) = ops.last_mut()
         && Arc::ptr_eq(&at.chunk, chunk)
         && at.off + run.pages() * PAGE_SIZE == off
         && run.pages() < HUGE_PAGES
@@ -896,7 +889,7 @@ fn push_to_device(ops: &mut Vec<CopyOp>, sp: SystemPage, chunk: &Arc<Mapping>, o
     {
         return;
     }
-    ops.push(CopyOp::ToDevice(sp, DevMem { chunk: chunk.clone(), off }, writes));
+    ops.push(CopyOp::ToDevice(sp, DevMem { chunk: chunk.clone(), off }));
 }
 
 /// Pages per migration chunk for a migration of `npages` pages: `max` (the
@@ -908,18 +901,6 @@ fn push_to_device(ops: &mut Vec<CopyOp>, sp: SystemPage, chunk: &Arc<Mapping>, o
 fn chunk_pages(max: usize, npages: usize) -> usize {
     (npages / 2 / HUGE_PAGES * HUGE_PAGES).clamp(HUGE_PAGES.min(max), max)
 }
-
-/// Migrations to the device bigger than this stream their copies past the
-/// caches ([`Writes::Streamed`]); smaller ones copy through them. The size
-/// of this project's machine's last-level cache: measured there (paired
-/// runs of per-page copies), streaming was slower at 2 and 8 MiB (709
-/// against 566, 560 against 500 ns a page), even at 32 MiB, and faster from
-/// 128 MiB (582 against 649, 613 against 676 at 512 MiB). With copies
-/// merged into runs, streaming every size was measured again: faster in a
-/// harness that migrates cold data, not in the bench, whose small
-/// migrations move data just written (8 MiB in paired quick runs: 651–1147
-/// against 518–1052 ns a page).
-const STREAM_MIN_BYTES: usize = 32 << 20;
 
 /// Where the copies of a migration of `npages` pages in chunks of `chunk`
 /// pages run: a migration of one chunk has nothing to overlap its copy
