@@ -347,6 +347,32 @@ mod tests {
     }
 
     #[test]
+    fn split_halves_are_emptied_and_given_back_each_on_its_own() {
+        let a = arena(4);
+        assert!(a.alloc(BATCH_PAGES).unwrap().split_half().is_none(), "one batch does not split");
+        let mut front = a.alloc(3 * BATCH_PAGES - 7).unwrap();
+        for i in [0, BATCH_PAGES, 2 * BATCH_PAGES] {
+            front.mapping().write(front.offset(i), &[5u8; 8]).unwrap();
+        }
+        let back = front.split_half().expect("three batches split");
+        assert_eq!((front.len(), back.len()), (BATCH_PAGES, 2 * BATCH_PAGES - 7));
+        assert_eq!(back.addr(0), front.addr(0) + BATCH_BYTES, "the back half starts where the front ends");
+        let (front_at, back_at) = (front.addr(0), back.addr(BATCH_PAGES));
+        drop(back);
+        // The back half's two batches, emptied, are free again; the front
+        // batch is still held.
+        let again = a.alloc(3 * BATCH_PAGES).unwrap();
+        assert_eq!(again.addr(0), front_at + BATCH_BYTES);
+        assert_eq!(again.addr(BATCH_PAGES), back_at);
+        let mut buf = [1u8; 8];
+        again.mapping().read(again.offset(BATCH_PAGES), &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 8], "emptied");
+        drop((front, again));
+        let mut deferred = a.alloc(2 * BATCH_PAGES).unwrap().defer().unwrap();
+        assert!(deferred.split_half().is_none(), "a set handed to another thread is not split");
+    }
+
+    #[test]
     fn a_system_page_grows_over_the_pages_after_it_only() {
         let a = arena(2);
         let s = a.alloc(BATCH_PAGES).unwrap();
