@@ -3,8 +3,9 @@
 //! Two arenas per address space, both private anonymous read-write memory
 //! handed out in batches of [`BATCH_PAGES`] pages (2 MiB, so a batch can hold
 //! a huge page), adjacent batches where they are free, so that a migration's
-//! slots take one `UFFDIO_MOVE` and one discard (each a TLB flush of every
-//! CPU running the process: an IPI, a VM exit on a VM):
+//! slots take one `UFFDIO_MOVE` and one discard, and as few TLB flushes of
+//! the other CPUs running the process as the kernel allows (IPIs, VM exits
+//! on a VM):
 //!
 //! - the **stage**, registered with the address space's userfaultfd, receives
 //!   pages moved out of a region by `UFFDIO_MOVE` (the kernel's migration
@@ -74,9 +75,9 @@ impl Arena {
             ));
         }
         // The lowest run of `n` adjacent batches, so that a migration's
-        // slots are one piece of memory: one move and one discard for all of
-        // them, each a single TLB flush of the other CPUs. Any `n` batches
-        // when there is no such run.
+        // slots are one piece of memory: one move (a TLB flush of the other
+        // CPUs per 2 MiB) and one discard (one flush) for all of them. Any
+        // `n` batches when there is no such run.
         let at = free
             .batches
             .windows(n.max(1))
