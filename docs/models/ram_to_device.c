@@ -65,18 +65,20 @@ static void stream(char *dst, const char *src, size_t len) {
   _mm_sfence();
 }
 
-static void empty(size_t c) { madvise(slot(c), chunk * PAGE, MADV_DONTNEED); }
+// Empties the next copied slot and hands it back to the mover.
+static void empty_next(size_t *emptied) {
+  sem_wait(&to_free);
+  madvise(slot(*emptied), chunk * PAGE, MADV_DONTNEED);
+  (*emptied)++;
+  sem_post(&free_slots);
+}
 
 static void *mover(void *arg) {
   double t = now(CLOCK_THREAD_CPUTIME_ID);
   size_t emptied = 0;
   for (size_t c = 0; c < nchunks; c++) {
-    if (threads == 2) // Empty what was copied; wait for a slot by emptying one.
-      while (sem_trywait(&free_slots) != 0) {
-        sem_wait(&to_free);
-        empty(emptied++);
-        sem_post(&free_slots);
-      }
+    if (threads == 2) // Wait for a slot by emptying copied ones.
+      while (sem_trywait(&free_slots) != 0) empty_next(&emptied);
     else
       sem_wait(&free_slots);
     char *src = region + c * chunk * PAGE;
@@ -93,11 +95,7 @@ static void *mover(void *arg) {
     sem_post(&to_copy);
   }
   if (threads == 2)
-    while (emptied < nchunks) {
-      sem_wait(&to_free);
-      empty(emptied++);
-      sem_post(&free_slots);
-    }
+    while (emptied < nchunks) empty_next(&emptied);
   cpu_mover = now(CLOCK_THREAD_CPUTIME_ID) - t;
   return arg;
 }
@@ -115,11 +113,8 @@ static void *copier(void *arg) {
 
 static void *freer(void *arg) {
   double t = now(CLOCK_THREAD_CPUTIME_ID);
-  for (size_t c = 0; c < nchunks; c++) {
-    sem_wait(&to_free);
-    empty(c);
-    sem_post(&free_slots);
-  }
+  size_t emptied = 0;
+  while (emptied < nchunks) empty_next(&emptied);
   cpu_freer = now(CLOCK_THREAD_CPUTIME_ID) - t;
   return arg;
 }
