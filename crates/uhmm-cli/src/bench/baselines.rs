@@ -39,10 +39,9 @@ pub fn memcpy(plan: &Plan) -> Result<Vec<Case>, String> {
 }
 
 /// Page-by-page copies with non-temporal stores (`Mapping::stream_to`),
-/// 1 thread: the copy the sim device's DMA engine does for migrations
-/// bigger than the last-level cache. Shown beside
-/// memcpy, which the targets use, so a reader sees what part of a ratio the
-/// copy routine is.
+/// 1 thread: the copy routine of the sim device's DMA engine (which streams
+/// runs of up to 2 MiB). Shown beside memcpy, which the targets use, so a
+/// reader sees what part of a ratio the copy routine is.
 fn streamed_pages(size: usize, runs: usize) -> Result<Case, String> {
     let len = size.next_multiple_of(PAGE_SIZE);
     let map = || Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mapping: {e}"));

@@ -162,7 +162,8 @@ impl DmaEngine {
             return Err(Error::new(ErrorKind::NotFound, "DMA engine stopped"));
         }
         let pages: usize = ops.iter().map(CopyOp::pages).sum();
-        let per_part = ops.len().div_ceil((pages / MIN_PART).clamp(1, channels.len()).min(ops.len().max(1)));
+        let parts = (pages / MIN_PART).clamp(1, channels.len()).min(ops.len().max(1));
+        let per_part = ops.len().div_ceil(parts);
         let mut split = Vec::new();
         while ops.len() > per_part {
             split.push(ops.split_off(ops.len() - per_part));
