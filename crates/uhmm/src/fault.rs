@@ -12,6 +12,11 @@
 //! - `EEXIST` means someone installed the page already: success, just wake.
 //! - The same fault can be read twice (several threads, or a retry), and
 //!   faults arrive in any order; every step tolerates a page that changed.
+//! - A fault read is stale once its thread was woken (the kernel drops the
+//!   faults it has not handed out yet). So a fault on a device page that was
+//!   read before the page moved to the device is only woken: if its thread
+//!   still waits, it faults again, and that fault is served. Otherwise a
+//!   late copy of an old fault would bring back pages no one touches.
 //! - Handler threads never wait for a page lock (a fault on a locked page is
 //!   parked). They do wait for drivers (`migrate_to_ram`, its DMA fence),
 //!   for mirror locks in notifier callbacks, and for a fork being prepared;
@@ -145,6 +150,7 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
         }
         let Some(space) = space.upgrade() else { return };
         events.clear();
+        let read_at = space.to_device_epoch.load(Ordering::SeqCst);
         match space.uffd.read_events(&mut events, 64) {
             Ok(_) => {}
             Err(err) => tracing::error!(%err, "reading userfaultfd failed"),
@@ -153,7 +159,7 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
             match *ev {
                 Event::PageFault { addr, write, .. } => {
                     Stats::add(&space.stats.faults, 1);
-                    if !queue.push(addr & !(PAGE_SIZE - 1), write) {
+                    if !queue.push(Fault { addr: addr & !(PAGE_SIZE - 1), write, read_at }) {
                         Stats::add(&space.stats.duplicate_faults, 1);
                     }
                 }
@@ -164,26 +170,35 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
             let _ = space.uffd.wake(addr, PAGE_SIZE);
         };
         queue.drain(
-            |addr, write| {
+            |fault| {
                 // A panic in driver code must not take the fault engine down:
                 // the migration's Drop has restored the pages; the thread retries.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve(&space, addr, write))).unwrap_or_else(
-                    |_| {
-                        tracing::error!(addr, "resolving a fault panicked (driver bug?)");
-                        Err(Errno::IO)
-                    },
-                )
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve(&space, fault))).unwrap_or_else(|_| {
+                    tracing::error!(addr = fault.addr, "resolving a fault panicked (driver bug?)");
+                    Err(Errno::IO)
+                })
             },
             wake,
         );
     }
 }
 
-/// Faults waiting to be resolved (page address, write access, failed
-/// attempts), without duplicates, in arrival order.
+/// A userfault to resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Fault {
+    /// The faulting page's address.
+    pub(crate) addr: usize,
+    /// A write access.
+    pub(crate) write: bool,
+    /// The space's `to_device_epoch` before the fault was read.
+    pub(crate) read_at: u64,
+}
+
+/// Faults waiting to be resolved, with their failed attempts, without
+/// duplicates, in arrival order.
 #[derive(Debug, Default)]
 pub(crate) struct FaultQueue {
-    pending: Vec<(usize, bool, u8)>,
+    pending: Vec<(Fault, u8)>,
 }
 
 /// Failed resolutions of a fault, each a poll round (1 ms) apart, before its
@@ -192,14 +207,15 @@ pub(crate) struct FaultQueue {
 const FAULT_ATTEMPTS: u8 = 4;
 
 impl FaultQueue {
-    /// Queues a fault on the page at `addr`; false if it is already queued
-    /// (a write access then upgrades the queued one).
-    pub(crate) fn push(&mut self, addr: usize, write: bool) -> bool {
-        if let Some(f) = self.pending.iter_mut().find(|f| f.0 == addr) {
-            f.1 |= write;
+    /// Queues `fault`; false if its page is already queued (the queued one
+    /// then takes a write access, and the later read: the thread waited then).
+    pub(crate) fn push(&mut self, fault: Fault) -> bool {
+        if let Some((f, _)) = self.pending.iter_mut().find(|(f, _)| f.addr == fault.addr) {
+            f.write |= fault.write;
+            f.read_at = f.read_at.max(fault.read_at);
             return false;
         }
-        self.pending.push((addr, write, 0));
+        self.pending.push((fault, 0));
         true
     }
 
@@ -211,12 +227,8 @@ impl FaultQueue {
     /// `EAGAIN` stay queued for the next round; a failed one stays queued
     /// for up to [`FAULT_ATTEMPTS`] rounds, then its thread is woken; the
     /// rest leave the queue.
-    pub(crate) fn drain(
-        &mut self,
-        mut resolve: impl FnMut(usize, bool) -> Result<(), Errno>,
-        mut wake: impl FnMut(usize),
-    ) {
-        self.pending.retain_mut(|(addr, write, failed)| match resolve(*addr, *write) {
+    pub(crate) fn drain(&mut self, mut resolve: impl FnMut(Fault) -> Result<(), Errno>, mut wake: impl FnMut(usize)) {
+        self.pending.retain_mut(|(fault, failed)| match resolve(*fault) {
             Ok(()) => false,
             Err(Errno::AGAIN) => true,
             Err(err) => {
@@ -226,16 +238,17 @@ impl FaultQueue {
                 }
                 // Wake the thread anyway: it retries (and faults again)
                 // rather than waiting forever.
-                tracing::error!(%err, addr = *addr, "fault could not be resolved");
-                wake(*addr);
+                tracing::error!(%err, addr = fault.addr, "fault could not be resolved");
+                wake(fault.addr);
                 false
             }
         });
     }
 }
 
-/// Resolves a fault on the page at `addr` (a write access when `write`).
-pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Result<(), Errno> {
+/// Resolves `fault`.
+pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno> {
+    let Fault { addr, write, read_at } = fault;
     let Some(region) = space.region_at(addr) else {
         // Not in any region: a stale fault for a region that is being (or
         // was) unmapped — whose addresses may already belong to a new
@@ -280,6 +293,11 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, addr: usize, write: bool) -> Resu
                 Err(Errno::INPROGRESS) => continue,
                 other => return other,
             },
+            State::Device(_) if region.to_device_at.load(Ordering::SeqCst) > read_at => {
+                // Maybe stale (see the module docs): a waiting thread faults again.
+                Stats::add(&space.stats.stale_faults, 1);
+                return space.uffd.wake(addr, PAGE_SIZE);
+            }
             State::Device(page) => {
                 Stats::add(&space.stats.migrate_to_ram, 1);
                 let ops = space.pagemap(page.pagemap).and_then(|pm| pm.ops());
@@ -541,22 +559,30 @@ fn poison_page(space: &SpaceInner, region: &RegionInner, idx: usize, page: Devic
 mod tests {
     use super::*;
 
+    fn fault(addr: usize, write: bool, read_at: u64) -> Fault {
+        Fault { addr, write, read_at }
+    }
+
     #[test]
     fn queue_drops_duplicates_and_keeps_order() {
         let mut q = FaultQueue::default();
-        assert!(q.push(0x1000, false));
-        assert!(q.push(0x3000, false));
-        assert!(!q.push(0x1000, true), "duplicate fault must be coalesced");
-        assert!(q.push(0x2000, false));
+        assert!(q.push(fault(0x1000, false, 1)));
+        assert!(q.push(fault(0x3000, false, 1)));
+        assert!(!q.push(fault(0x1000, true, 2)), "duplicate fault must be coalesced");
+        assert!(q.push(fault(0x2000, false, 2)));
         let mut seen = Vec::new();
         q.drain(
-            |a, w| {
-                seen.push((a, w));
+            |f| {
+                seen.push(f);
                 Ok(())
             },
             |_| {},
         );
-        assert_eq!(seen, vec![(0x1000, true), (0x3000, false), (0x2000, false)], "arrival order kept, write upgraded");
+        assert_eq!(
+            seen,
+            vec![fault(0x1000, true, 2), fault(0x3000, false, 1), fault(0x2000, false, 2)],
+            "arrival order kept; write and read time upgraded"
+        );
         assert!(q.is_empty());
     }
 
@@ -568,7 +594,7 @@ mod tests {
         let before = space.stats();
         assert!(before.zero_filled_pages >= 1);
         // A stale copy of that fault, read late or twice: must succeed and wake.
-        resolve(&space.inner, region.addr() + 5 * PAGE_SIZE, true).unwrap();
+        resolve(&space.inner, fault(region.addr() + 5 * PAGE_SIZE, true, 0)).unwrap();
         let after = space.stats();
         assert_eq!(after.eexist, before.eexist + 1, "the already-present page answers EEXIST");
         let mut b = [0u8; 1];
@@ -610,12 +636,12 @@ mod tests {
     #[test]
     fn queue_retries_eagain_and_paces_failures() {
         let mut q = FaultQueue::default();
-        q.push(0x1000, false);
-        q.push(0x2000, false);
-        q.push(0x3000, false);
+        for addr in [0x1000, 0x2000, 0x3000] {
+            q.push(fault(addr, false, 0));
+        }
         let mut woken = Vec::new();
         q.drain(
-            |a, _| match a {
+            |f| match f.addr {
                 0x1000 => Err(Errno::AGAIN),
                 0x2000 => Err(Errno::FAULT),
                 _ => Ok(()),
@@ -624,17 +650,69 @@ mod tests {
         );
         assert!(woken.is_empty(), "a failed fault is retried a few rounds before its thread is woken");
         for _ in 1..FAULT_ATTEMPTS {
-            q.drain(|a, _| if a == 0x2000 { Err(Errno::FAULT) } else { Err(Errno::AGAIN) }, |a| woken.push(a));
+            q.drain(|f| if f.addr == 0x2000 { Err(Errno::FAULT) } else { Err(Errno::AGAIN) }, |a| woken.push(a));
         }
         assert_eq!(woken, vec![0x2000], "then its thread is woken to fault again");
         let mut seen = Vec::new();
         q.drain(
-            |a, _| {
-                seen.push(a);
+            |f| {
+                seen.push(f.addr);
                 Ok(())
             },
             |_| {},
         );
         assert_eq!(seen, vec![0x1000], "only the EAGAIN fault is left");
+    }
+
+    /// A device that keeps no data: its pages come back as zeros.
+    struct Forgetful {
+        owner: crate::Owner,
+        migrate_to_ram_calls: AtomicUsize,
+    }
+
+    impl crate::DevicePagemapOps for Forgetful {
+        fn page_free(&self, _: crate::DevicePfn) {}
+
+        fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
+            self.migrate_to_ram_calls.fetch_add(1, Ordering::SeqCst);
+            let mut m =
+                crate::Migration::setup(fault.space(), fault.window(), crate::Select::DEVICE_PRIVATE, self.owner)?;
+            for i in 0..m.npages() {
+                if matches!(m.src(i), crate::MigrateSrc::Device(_)) {
+                    m.system_dst(i)?.write(0, &[0; PAGE_SIZE])?;
+                    m.set_dst_system(i)?;
+                }
+            }
+            m.pages().finalize();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_fault_read_before_its_page_moved_to_a_device_only_wakes() {
+        let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
+        let region = space.map(4 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
+        region.write(0, &[1]).unwrap();
+        let dev = Arc::new(Forgetful { owner: crate::Owner::new(), migrate_to_ram_calls: AtomicUsize::new(0) });
+        let ops: Weak<dyn crate::DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Forgetful>;
+        let pm = space.register_pagemap(ops, dev.owner, 16).unwrap();
+        // A fault read now, resolved only after the page moved to the device.
+        let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
+        let mut m = crate::Migration::setup(&space, region.range(), crate::Select::SYSTEM, dev.owner).unwrap();
+        for i in 0..m.npages() {
+            m.set_dst_device(i, pm.page(crate::DevicePfn(i as u64)).unwrap()).unwrap();
+        }
+        assert_eq!(m.pages().finalize().migrated, 4);
+        let on_device = || matches!(region.inner.pt.load(0).state(), State::Device(_));
+        resolve(&space.inner, fault(region.addr(), false, read_at)).unwrap();
+        assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 0, "the stale fault brought nothing back");
+        assert_eq!(space.stats().stale_faults, 1);
+        assert!(on_device());
+        // A fault read after the move is served.
+        let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
+        resolve(&space.inner, fault(region.addr(), false, read_at)).unwrap();
+        assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 1);
+        assert!(!on_device());
+        assert_eq!(space.stats().stale_faults, 1);
     }
 }

@@ -31,6 +31,7 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
 
 use rustix::io::Errno;
 
@@ -784,6 +785,7 @@ impl Inner {
         let mut new_state: Vec<State> = self.pages.iter().map(|p| p.prior).collect();
         // Pages to map back into regions, and where their data is.
         let mut installs: Vec<(usize, InstallFrom)> = Vec::new();
+        let mut to_device = vec![false; self.regions.len()];
         for (i, state) in new_state.iter_mut().enumerate() {
             let p = self.pages[i];
             if p.src == Src::Skip {
@@ -794,6 +796,7 @@ impl Inner {
                 match p.dst {
                     MigrateDst::Device(d) => {
                         *state = State::Device(d);
+                        to_device[p.region as usize] = true;
                         let region_id = region.id;
                         if let Some(pm) = self.pagemap(d.pagemap) {
                             pm.set_rmap(d.pfn, Some((region_id, p.idx)));
@@ -827,6 +830,13 @@ impl Inner {
                 if staged && self.stage.is_some() {
                     installs.push((i, InstallFrom::Stage));
                 }
+            }
+        }
+        // Before the pages unlock: a fault read earlier then looks stale.
+        if to_device.contains(&true) {
+            let epoch = space.to_device_epoch.fetch_add(1, SeqCst) + 1;
+            for (region, _) in self.regions.iter().zip(&to_device).filter(|(_, moved)| **moved) {
+                region.to_device_at.fetch_max(epoch, SeqCst);
             }
         }
         let (failed, pieces, copies) = self.install_begin(&installs);

@@ -125,11 +125,18 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
                 break;
             }
         }
-        if retry || region.is_dead() {
+        // An unmap that held some of the pages while we waited has made
+        // them inaccessible (the kernel refuses to fill them): as if it had
+        // come first.
+        let unmapped = region.has_unmapped(&(first..first + n));
+        if retry || unmapped || region.is_dead() {
             let done = first + pages.len();
             unlock_all(space, &region, first, done, &pages, None);
             if region.is_dead() {
                 return Err(Error::new(ErrorKind::Fault, "the region was unmapped"));
+            }
+            if unmapped {
+                return Err(Error::invalid("the range includes unmapped pages"));
             }
             continue;
         }

@@ -81,6 +81,9 @@ pub(crate) struct RegionInner {
     /// The same for first-touch zero fills.
     pub(crate) zero_next: std::sync::atomic::AtomicUsize,
     pub(crate) zero_window: std::sync::atomic::AtomicUsize,
+    /// The space's `to_device_epoch` when pages of the region last moved to
+    /// a device.
+    pub(crate) to_device_at: std::sync::atomic::AtomicU64,
 }
 
 impl RegionInner {
@@ -99,6 +102,7 @@ impl RegionInner {
             fault_window: std::sync::atomic::AtomicUsize::new(0),
             zero_next: std::sync::atomic::AtomicUsize::new(usize::MAX),
             zero_window: std::sync::atomic::AtomicUsize::new(0),
+            to_device_at: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::copier::Copier;
@@ -122,6 +122,10 @@ pub(crate) struct SpaceInner {
     pub(crate) waits: WaitTable,
     pub(crate) notifiers: Arc<NotifierList>,
     pub(crate) stats: Stats,
+    /// Counts finalizes that put pages on a device. A fault read before the
+    /// count moved past a region's [`RegionInner::to_device_at`] may predate
+    /// the page's move to the device: see `fault::resolve`.
+    pub(crate) to_device_epoch: AtomicU64,
     /// Inherited across `fork`: the threads and devices belong to the parent.
     orphaned: AtomicBool,
     /// `zero_fill_pages` pages of zeros: the source of first-touch writes.
@@ -180,6 +184,7 @@ impl AddressSpace {
             waits: WaitTable::new(),
             notifiers: Arc::new(NotifierList::default()),
             stats: Stats::default(),
+            to_device_epoch: AtomicU64::new(0),
             orphaned: AtomicBool::new(false),
             zeros: vec![0; config.zero_fill_pages * PAGE_SIZE].into_boxed_slice(),
             engine: Mutex::new(None),

@@ -25,6 +25,9 @@ counters! {
     faults,
     /// Faults that repeated one already queued (same page, same batch).
     duplicate_faults,
+    /// Faults on device pages read before the page moved there: only woken
+    /// (a thread that still waits faults again).
+    stale_faults,
     /// Faults on locked pages, parked until the unlock wakes them.
     deferred_faults,
     /// Resolving ioctls that returned `EAGAIN` (events pending) and were retried.

@@ -284,9 +284,9 @@ impl SimDevice {
 
     /// [`SimDevice::migrate_to_device`], tried again (up to five times) while
     /// pages were left behind. A page the kernel or uhmm holds for a moment
-    /// is skipped as busy — right after CPU reads, a late duplicate of one of
-    /// their faults may still bring a fault-around window back — which a
-    /// caller that wants everything on the device should ride out.
+    /// is skipped as busy (right after CPU accesses, a late copy of one of
+    /// their faults may still hold a page while it finds the page present),
+    /// which a caller that wants everything on the device should ride out.
     pub fn migrate_to_device_all(&self, addr: usize, npages: usize) -> Result<Counters> {
         let mut last = self.migrate_to_device(addr, npages);
         for _ in 0..5 {
