@@ -11,14 +11,15 @@
 //! handler included — may wait for it.
 
 use std::ops::Range;
-use std::sync::mpsc::{Sender, channel};
+use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use rustix::io::Errno;
 
-use crate::staging::Slots;
+use crate::staging::{Arena, KEEP_FOR, Slots};
 use crate::sys::PAGE_SIZE;
+use crate::sys::mman::Mapping;
 use crate::sys::uffd::Uffd;
 
 /// Copies smaller than this many pages are not shared: handing work to the
@@ -37,6 +38,25 @@ pub(crate) struct CopyRun {
     pub(crate) dst: usize,
     pub(crate) src: usize,
     pub(crate) len: usize,
+    /// Through kept staging pages instead of `UFFDIO_COPY`.
+    pub(crate) via: Option<Via>,
+}
+
+/// A copy through kept pages: the data goes from source mapping `src`
+/// (of the queue's `Kept`) at `src_off` into kept slot `slot`, whose pages
+/// then move into the region.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Via {
+    pub(crate) src: usize,
+    pub(crate) src_off: usize,
+    pub(crate) slot: usize,
+}
+
+/// Kept staging pages a queue copies through, and its source mappings.
+#[derive(Debug)]
+pub(crate) struct Kept {
+    pub(crate) slots: Slots,
+    pub(crate) srcs: Vec<Arc<Mapping>>,
 }
 
 /// Copies in shared by the caller and the helper: each claims the next
@@ -47,6 +67,7 @@ pub(crate) struct CopyRun {
 #[derive(Debug)]
 pub(crate) struct CopyQueue {
     pieces: Vec<CopyRun>,
+    kept: Option<Kept>,
     state: Mutex<QueueState>,
     all_finished: Condvar,
 }
@@ -88,7 +109,7 @@ impl Drop for Claim<'_> {
 }
 
 impl CopyQueue {
-    pub(crate) fn new(pieces: Vec<CopyRun>) -> CopyQueue {
+    pub(crate) fn new(pieces: Vec<CopyRun>, kept: Option<Kept>) -> CopyQueue {
         let state = QueueState {
             unclaimed: 0..pieces.len(),
             copied: vec![0; pieces.len()],
@@ -96,7 +117,7 @@ impl CopyQueue {
             helper_bytes: 0,
             waiting: false,
         };
-        CopyQueue { pieces, state: Mutex::new(state), all_finished: Condvar::new() }
+        CopyQueue { pieces, kept, state: Mutex::new(state), all_finished: Condvar::new() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -113,7 +134,11 @@ impl CopyQueue {
             };
             let Some(piece) = claimed else { return };
             let mut claim = Claim { queue: self, piece, by_helper, bytes: 0 };
-            claim.bytes = copy_in(uffd, self.pieces[piece]);
+            let run = self.pieces[piece];
+            claim.bytes = match (run.via, &self.kept) {
+                (Some(via), Some(kept)) => copy_via(uffd, run, via, kept),
+                _ => copy_in(uffd, run),
+            };
         }
     }
 
@@ -142,12 +167,14 @@ enum Job {
 #[derive(Debug)]
 pub(crate) struct Copier {
     uffd: Arc<Uffd>,
+    /// The stage, whose kept batches the helper empties once unused.
+    stage: Arc<Arena>,
     helper: Mutex<Option<(Sender<Job>, JoinHandle<()>)>>,
 }
 
 impl Copier {
-    pub(crate) fn new(uffd: Arc<Uffd>) -> Copier {
-        Copier { uffd, helper: Mutex::new(None) }
+    pub(crate) fn new(uffd: Arc<Uffd>, stage: Arc<Arena>) -> Copier {
+        Copier { uffd, stage, helper: Mutex::new(None) }
     }
 
     /// Has the helper work on `queue` beside the caller (who copies
@@ -175,13 +202,16 @@ impl Copier {
         let mut helper = self.helper.lock().unwrap_or_else(|e| e.into_inner());
         if helper.is_none() {
             let (tx, rx) = channel::<Job>();
-            let uffd = self.uffd.clone();
+            let (uffd, stage) = (self.uffd.clone(), self.stage.clone());
             let thread = std::thread::Builder::new().name("uhmm-copier".into()).spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    match job {
-                        Job::Copy(queue) => queue.work(&uffd, true),
-                        Job::Release(slots) => drop(slots),
+                loop {
+                    match rx.recv_timeout(KEEP_FOR) {
+                        Ok(Job::Copy(queue)) => queue.work(&uffd, true),
+                        Ok(Job::Release(slots)) => drop(slots),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
                     }
+                    stage.trim_kept();
                 }
             });
             match thread {
@@ -218,11 +248,30 @@ impl Drop for Copier {
     }
 }
 
+/// Copies `run` into kept slot pages (streaming stores) and moves them into
+/// the region, without waking; what that cannot map goes by [`copy_in`].
+/// Returns the bytes mapped from the start of the run.
+fn copy_via(uffd: &Uffd, run: CopyRun, via: Via, kept: &Kept) -> usize {
+    let stage = kept.slots.mapping();
+    let moved = match kept.srcs[via.src].stream_to(via.src_off, stage, via.slot, run.len) {
+        Ok(()) => match uffd.move_pages(run.dst, stage, via.slot, run.len, false, true) {
+            Ok(_) => return run.len,
+            Err(e) => e.done,
+        },
+        Err(err) => {
+            tracing::warn!(%err, "copying into kept pages failed");
+            0
+        }
+    };
+    let rest = CopyRun { dst: run.dst + moved, src: run.src + moved, len: run.len - moved, via: None };
+    moved + copy_in(uffd, rest)
+}
+
 /// Copies `run` with `UFFDIO_COPY`, without waking (the caller unlocks,
 /// then wakes), retrying a few times. Returns the bytes copied from the
 /// start of the run; the rest stays empty.
 pub(crate) fn copy_in(uffd: &Uffd, run: CopyRun) -> usize {
-    let CopyRun { dst, src, len } = run;
+    let CopyRun { dst, src, len, .. } = run;
     let mut done = 0;
     for attempt in 0..8u32 {
         if done >= len {

@@ -35,7 +35,7 @@ use std::sync::atomic::Ordering::SeqCst;
 
 use rustix::io::Errno;
 
-use crate::copier::{CopyQueue, CopyRun, PIECE_PAGES, SPLIT_MIN_PAGES, copy_in};
+use crate::copier::{CopyQueue, CopyRun, Kept, PIECE_PAGES, SPLIT_MIN_PAGES, Via, copy_in};
 use crate::fork::InFlight;
 use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
@@ -944,6 +944,9 @@ impl Inner {
             space.wake(self.region_of(i), idx..idx + n);
             i += n;
         }
+        if let Some(stage) = self.stage.as_mut() {
+            keep_moved_to_device(&space, &self.pages, stage);
+        }
         for mut slots in [self.stage.take(), self.pool.take()].into_iter().flatten() {
             if self.release_here {
                 // The caller waits for them: it empties one half while the
@@ -1004,11 +1007,34 @@ impl Inner {
         if copies.iter().map(|c| c.1).sum::<usize>() < SPLIT_MIN_PAGES {
             return (failed, copies, None);
         }
-        let pieces: Runs = copies
-            .into_iter()
-            .flat_map(|(i, n)| (0..n).step_by(PIECE_PAGES).map(move |k| (i + k, PIECE_PAGES.min(n - k))))
-            .collect();
-        let queue = Arc::new(CopyQueue::new(pieces.iter().map(|&(i, n)| self.copy_run(i, n)).collect()));
+        // Kept staging batches (see `staging`), one per piece of up to a
+        // batch while they last; then pieces for `UFFDIO_COPY`.
+        let batches = copies.iter().map(|c| c.1.div_ceil(crate::BATCH_PAGES)).sum();
+        let kept = self.space.stage.take_kept(batches);
+        let nkept = kept.as_ref().map_or(0, |s| s.len() / crate::BATCH_PAGES);
+        let (mut pieces, mut runs): (Runs, Vec<CopyRun>) = (Vec::new(), Vec::new());
+        let mut used = 0;
+        for (i, n) in copies {
+            let mut k = 0;
+            while k < n {
+                // Only a CPU copy that cannot fault may go through them.
+                let (src, src_off) = self.copy_srcs[self.pages[i + k].copy_from.expect("a copy source") as usize];
+                let slots = kept.as_ref().filter(|_| used < nkept && self.copy_maps[src].always_readable());
+                let len = if slots.is_some() { crate::BATCH_PAGES } else { PIECE_PAGES }.min(n - k);
+                let mut run = self.copy_run(i + k, len);
+                if let Some(slots) = slots {
+                    run.via = Some(Via { src, src_off, slot: slots.offset(used * crate::BATCH_PAGES) });
+                    used += 1;
+                }
+                pieces.push((i + k, len));
+                runs.push(run);
+                k += len;
+            }
+        }
+        let through_kept = runs.iter().filter(|r| r.via.is_some()).map(|r| r.len / PAGE_SIZE).sum::<usize>();
+        Stats::add(&self.space.stats.kept_copied_pages, through_kept as u64);
+        let kept = kept.map(|slots| Kept { slots, srcs: self.copy_maps.clone() });
+        let queue = Arc::new(CopyQueue::new(runs, kept));
         self.space.copier.share(&queue);
         (failed, pieces, Some(queue))
     }
@@ -1032,7 +1058,12 @@ impl Inner {
     /// there).
     fn copy_run(&self, i: usize, n: usize) -> CopyRun {
         let (src, off) = self.copy_src(i);
-        CopyRun { dst: self.region_of(i).addr_of(self.pages[i].idx), src: src.addr() + off, len: n * PAGE_SIZE }
+        CopyRun {
+            dst: self.region_of(i).addr_of(self.pages[i].idx),
+            src: src.addr() + off,
+            len: n * PAGE_SIZE,
+            via: None,
+        }
     }
 
     /// How many of `installs`, from the first, one ioctl can map: pages
@@ -1131,6 +1162,29 @@ impl Inner {
     }
 }
 
+/// Marks the batches of a big migration's staging whose every slot holds a
+/// page that moved to a device (and so is present and no longer needed) to
+/// be kept for copies back to RAM (see `staging`).
+fn keep_moved_to_device(space: &SpaceInner, pages: &[Page], stage: &mut Slots) {
+    if pages.len() < SPLIT_MIN_PAGES {
+        return;
+    }
+    let moved = |p: &Page| p.migrated && p.src == Src::System && matches!(p.dst, MigrateDst::Device(_));
+    for (b, batch) in pages.chunks_exact(crate::BATCH_PAGES).enumerate() {
+        let first = b * crate::BATCH_PAGES;
+        if !batch.iter().all(moved) {
+            continue;
+        }
+        // Make sure: a write to an empty stage slot would fault on uhmm's
+        // own userfaultfd.
+        let start = stage.addr(first);
+        let holes = space.scan(start, start + crate::HUGE_SIZE, Query::none_of(category::PRESENT | category::SWAPPED));
+        if holes.is_ok_and(|h| h.is_empty()) {
+            stage.keep_batch_of(first);
+        }
+    }
+}
+
 impl Inner {
     /// `UFFDIO_COPY` of the present pages of `src..src + len` (staging) to
     /// `dst`; staging holes are left as holes (copying from one would fault
@@ -1139,7 +1193,7 @@ impl Inner {
     /// an earlier attempt's) and after a copy cut short.
     fn copy_present(&self, src: usize, dst: usize, len: usize) -> Result<()> {
         for r in self.space.scan(src, src + len, Query::any_of(category::PRESENT | category::SWAPPED))? {
-            let run = CopyRun { dst: dst + (r.start - src), src: r.start, len: r.end - r.start };
+            let run = CopyRun { dst: dst + (r.start - src), src: r.start, len: r.end - r.start, via: None };
             if copy_in(&self.space.uffd, run) < run.len {
                 return Err(Error::new(ErrorKind::Busy, "UFFDIO_COPY of staged pages cut short"));
             }

@@ -44,6 +44,12 @@ pub struct Config {
     pub staging_bytes: usize,
     /// Fall back to `UFFD_USER_MODE_ONLY` when full userfaultfd is refused.
     pub allow_user_mode_only: bool,
+    /// Bytes of RAM pages that migrations to devices leave in staging that
+    /// may be kept, up to `staging_bytes`, for about a second: a migration
+    /// back to RAM from driver memory copies into them and moves them in,
+    /// rather than having the kernel allocate new pages. 0 frees them
+    /// at once.
+    pub keep_staging_bytes: usize,
 }
 
 impl Default for Config {
@@ -55,6 +61,7 @@ impl Default for Config {
             zero_fill_pages: 16,
             staging_bytes: 1 << 30,
             allow_user_mode_only: true,
+            keep_staging_bytes: 1 << 30,
         }
     }
 }
@@ -162,17 +169,17 @@ impl AddressSpace {
                 "userfaultfd is user-mode only: system calls that touch a page on a device fail with EFAULT"
             );
         }
-        let stage = Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?);
-        let pool = Arc::new(Arena::new(config.staging_bytes, None)?);
-        let huge_pool = Arc::new(Arena::new(config.staging_bytes, None)?);
+        let stage = Arc::new(Arena::new(config.staging_bytes, Some(&uffd), config.keep_staging_bytes)?);
+        let pool = Arc::new(Arena::new(config.staging_bytes, None, 0)?);
+        let huge_pool = Arc::new(Arena::new(config.staging_bytes, None, 0)?);
         if let Err(err) = huge_pool.map.advise_huge(0, huge_pool.map.len()) {
             tracing::warn!(%err, "no transparent huge pages: huge regions use small pages");
         }
-        let holding = Holding::new(Arc::new(Arena::new(config.staging_bytes, Some(&uffd))?));
+        let holding = Holding::new(Arc::new(Arena::new(config.staging_bytes, Some(&uffd), 0)?));
         let uffd = Arc::new(uffd);
         let inner = Arc::new(SpaceInner {
             pagemap_file: Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?,
-            copier: Copier::new(uffd.clone()),
+            copier: Copier::new(uffd.clone(), stage.clone()),
             uffd,
             regions: RwLock::new(BTreeMap::new()),
             next_region: AtomicU32::new(1),

@@ -15,10 +15,16 @@
 //!
 //! A batch is emptied (`MADV_DONTNEED`) when it is given back, so a stale
 //! page never leaks into the next migration and its memory returns to the
-//! system.
+//! system — except the stage's batches that a migration to a device left
+//! full of pages, up to the arena's `keep_max`: those are **kept** for a
+//! while, and a copy back to RAM fills them and moves them into the region
+//! instead of having the kernel allocate pages (on this project's VM a new
+//! page costs about three times its copy). The pages are the process's own;
+//! each is overwritten whole before it is mapped anywhere.
 
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::sys::PAGE_SIZE;
 use crate::sys::mman::{Mapping, Protection};
@@ -31,6 +37,10 @@ pub const BATCH_PAGES: usize = 512;
 const MAX_RELEASING: usize = 4;
 const BATCH_BYTES: usize = BATCH_PAGES * PAGE_SIZE;
 
+/// How long kept batches wait for a copy back to RAM before they are
+/// emptied (see [`Arena::trim_kept`]).
+pub(crate) const KEEP_FOR: Duration = Duration::from_secs(1);
+
 /// One staging arena.
 #[derive(Debug)]
 pub(crate) struct Arena {
@@ -38,18 +48,35 @@ pub(crate) struct Arena {
     free: Mutex<FreeBatches>,
     /// Signalled when batches come back.
     returned: Condvar,
+    /// Full batches kept at most (see the module docs).
+    keep_max: usize,
 }
 
 #[derive(Debug)]
 struct FreeBatches {
     /// Free batch numbers, ascending.
     batches: Vec<u32>,
+    /// Free batches full of pages, kept for copies back to RAM.
+    kept: Vec<u32>,
+    /// When a batch was last kept or taken.
+    kept_used: Instant,
     /// Slot sets handed to another thread to be emptied, not back yet.
     releasing: usize,
+    /// Those of them with batches to keep.
+    keeping: usize,
+}
+
+impl FreeBatches {
+    fn insert(&mut self, b: u32) {
+        let at = self.batches.partition_point(|&x| x < b);
+        self.batches.insert(at, b);
+    }
 }
 
 impl Arena {
-    pub(crate) fn new(bytes: usize, uffd: Option<&Uffd>) -> Result<Arena> {
+    /// An arena of `bytes` (whole batches), registered with `uffd` when
+    /// given, that keeps up to `keep_bytes` of full batches.
+    pub(crate) fn new(bytes: usize, uffd: Option<&Uffd>, keep_bytes: usize) -> Result<Arena> {
         let nbatches = bytes.div_ceil(BATCH_BYTES).max(1);
         let map = Mapping::anonymous(nbatches * BATCH_BYTES, Protection::ReadWrite, BATCH_BYTES)
             .map_err(|e| Error::sys("mmap staging", e))?;
@@ -57,16 +84,23 @@ impl Arena {
             u.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER staging", e))?;
         }
         let batches = (0..u32::try_from(nbatches).expect("staging batches fit u32")).collect();
-        Ok(Arena { map, free: Mutex::new(FreeBatches { batches, releasing: 0 }), returned: Condvar::new() })
+        let free = FreeBatches { batches, kept: Vec::new(), kept_used: Instant::now(), releasing: 0, keeping: 0 };
+        Ok(Arena { map, free: Mutex::new(free), returned: Condvar::new(), keep_max: keep_bytes / BATCH_BYTES })
     }
 
     /// Takes batches for `npages` slots; the slots are empty. Waits for
-    /// slots being emptied elsewhere when they are needed.
+    /// slots being emptied elsewhere when they are needed, and empties kept
+    /// batches when it must.
     pub(crate) fn alloc(self: &Arc<Self>, npages: usize) -> Result<Slots> {
         let n = npages.div_ceil(BATCH_PAGES);
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         while free.batches.len() < n && free.releasing > 0 {
             free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        while free.batches.len() < n
+            && let Some(b) = free.kept.pop()
+        {
+            self.empty_kept(&mut free, b);
         }
         if free.batches.len() < n {
             return Err(Error::new(
@@ -84,7 +118,48 @@ impl Arena {
             .position(|w| w[w.len() - 1] - w[0] == (w.len() - 1) as u32)
             .unwrap_or(free.batches.len() - n);
         let batches = free.batches.drain(at..at + n).collect();
-        Ok(Slots { arena: self.clone(), batches, npages, deferred: false })
+        Ok(Slots { arena: self.clone(), batches, npages, deferred: false, keep: Vec::new() })
+    }
+
+    /// Takes up to `max` kept batches, each full of pages (slot `k *
+    /// BATCH_PAGES` starts batch `k`); `None` when none is kept. Waits for
+    /// slot sets being given back elsewhere that may keep some.
+    pub(crate) fn take_kept(self: &Arc<Self>, max: usize) -> Option<Slots> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while free.kept.is_empty() && free.keeping > 0 {
+            free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        let n = max.min(free.kept.len());
+        if n == 0 {
+            return None;
+        }
+        free.kept_used = Instant::now();
+        let at = free.kept.len() - n;
+        let batches: Vec<u32> = free.kept.drain(at..).collect();
+        Some(Slots { arena: self.clone(), npages: n * BATCH_PAGES, batches, deferred: false, keep: Vec::new() })
+    }
+
+    /// Empties the kept batches when none was kept or taken for
+    /// [`KEEP_FOR`] (their memory returns to the system); returns how many.
+    pub(crate) fn trim_kept(&self) -> usize {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.kept_used.elapsed() < KEEP_FOR {
+            return 0;
+        }
+        let kept = std::mem::take(&mut free.kept);
+        for &b in &kept {
+            self.empty_kept(&mut free, b);
+        }
+        kept.len()
+    }
+
+    /// Empties kept batch `b` and makes it free (or leaks it, logged, when
+    /// the kernel refuses).
+    fn empty_kept(&self, free: &mut FreeBatches, b: u32) {
+        match self.map.discard(b as usize * BATCH_BYTES, BATCH_BYTES) {
+            Ok(()) => free.insert(b),
+            Err(err) => tracing::error!(%err, "discarding a kept staging batch failed; leaking it"),
+        }
     }
 
     /// Waits until no slot set of this arena is being emptied elsewhere.
@@ -95,14 +170,31 @@ impl Arena {
         }
     }
 
-    fn release(&self, batches: &[u32], npages: usize, deferred: bool) {
+    /// Gives `batches` back: those listed in `keep` are kept while there is
+    /// room, the others emptied.
+    fn release(&self, batches: &[u32], keep: &[u32], deferred: bool) {
+        let mut to_empty = batches.to_vec();
+        if !keep.is_empty() {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let room = self.keep_max.saturating_sub(free.kept.len());
+            let kept: Vec<u32> = keep.iter().copied().take(room).collect();
+            to_empty.retain(|b| !kept.contains(b));
+            if !kept.is_empty() {
+                free.kept.extend(kept);
+                free.kept_used = Instant::now();
+            }
+            if deferred {
+                free.keeping -= 1;
+            }
+            drop(free);
+            self.returned.notify_all();
+        }
         let mut emptied = true;
         let mut i = 0;
-        while i < batches.len() {
+        while i < to_empty.len() {
             // One discard per run of adjacent batches.
-            let n = 1 + adjacent_after(batches, i);
-            let used = (npages - i * BATCH_PAGES).min(n * BATCH_PAGES);
-            if let Err(err) = self.map.discard(batches[i] as usize * BATCH_BYTES, used * PAGE_SIZE) {
+            let n = 1 + adjacent_after(&to_empty, i);
+            if let Err(err) = self.map.discard(to_empty[i] as usize * BATCH_BYTES, n * BATCH_BYTES) {
                 tracing::error!(%err, "discarding staging batches failed; leaking them");
                 emptied = false;
                 break;
@@ -111,9 +203,8 @@ impl Arena {
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if emptied {
-            for &b in batches {
-                let at = free.batches.partition_point(|&x| x < b);
-                free.batches.insert(at, b);
+            for &b in &to_empty {
+                free.insert(b);
             }
         }
         if deferred {
@@ -132,6 +223,8 @@ pub(crate) struct Slots {
     npages: usize,
     /// Counted in the arena's `releasing` until dropped.
     deferred: bool,
+    /// Batches to keep when the slots are given back (see the module docs).
+    keep: Vec<u32>,
 }
 
 impl Slots {
@@ -183,7 +276,9 @@ impl Slots {
         let back = self.batches.split_off(keep);
         let npages = self.npages - keep * BATCH_PAGES;
         self.npages = keep * BATCH_PAGES;
-        Some(Slots { arena: self.arena.clone(), batches: back, npages, deferred: false })
+        let keep_back = self.keep.iter().copied().filter(|b| back.contains(b)).collect();
+        self.keep.retain(|b| !back.contains(b));
+        Some(Slots { arena: self.arena.clone(), batches: back, npages, deferred: false, keep: keep_back })
     }
 
     /// Marks the slots as being emptied by another thread: until they are
@@ -197,6 +292,9 @@ impl Slots {
             return Err(self);
         }
         free.releasing += 1;
+        if !self.keep.is_empty() {
+            free.keeping += 1;
+        }
         drop(free);
         self.deferred = true;
         Ok(self)
@@ -204,6 +302,16 @@ impl Slots {
 
     pub(crate) fn mapping(&self) -> &Mapping {
         &self.arena.map
+    }
+
+    /// Marks the whole batch holding slot `i` to be kept when the slots are
+    /// given back. The caller vouches that each of its pages is present,
+    /// and no longer needed.
+    pub(crate) fn keep_batch_of(&mut self, i: usize) {
+        let b = self.batches[i / BATCH_PAGES];
+        if !self.keep.contains(&b) {
+            self.keep.push(b);
+        }
     }
 
     pub(crate) fn arena(&self) -> &Arc<Arena> {
@@ -219,7 +327,7 @@ fn adjacent_after(batches: &[u32], b: usize) -> usize {
 
 impl Drop for Slots {
     fn drop(&mut self) {
-        self.arena.release(&self.batches, self.npages, self.deferred);
+        self.arena.release(&self.batches, &self.keep, self.deferred);
     }
 }
 
@@ -303,7 +411,7 @@ mod tests {
     use super::*;
 
     fn arena(nbatches: usize) -> Arc<Arena> {
-        Arc::new(Arena::new(nbatches * BATCH_BYTES, None).unwrap())
+        Arc::new(Arena::new(nbatches * BATCH_BYTES, None, 2 * BATCH_BYTES).unwrap())
     }
 
     #[test]
@@ -383,7 +491,7 @@ mod tests {
         assert!(!run.extend(&page(2)), "before it");
         assert!(run.extend(&page(4)) && run.extend(&page(5)));
         assert_eq!(run.pages(), 3);
-        let other = Arc::new(Arena::new(BATCH_BYTES, None).unwrap());
+        let other = Arc::new(Arena::new(BATCH_BYTES, None, 0).unwrap());
         assert!(!run.extend(&SystemPage::new(&other, s.offset(6))), "another arena");
         run.write(2 * PAGE_SIZE + 10, &[9u8; 4]).unwrap();
         let mut buf = [0u8; 4];
@@ -394,5 +502,57 @@ mod tests {
         run.stream_to(&dev, PAGE_SIZE).unwrap();
         dev.read(3 * PAGE_SIZE + 10, &mut buf).unwrap();
         assert_eq!(buf, [9u8; 4], "the whole run was copied");
+    }
+
+    #[test]
+    fn full_batches_are_kept_then_taken_or_emptied_when_needed() {
+        let a = arena(4); // keeps two batches at most
+        let mut s = a.alloc(3 * BATCH_PAGES).unwrap();
+        s.populate(0..3 * BATCH_PAGES);
+        for b in 0..3 {
+            a.map.write(s.offset(b * BATCH_PAGES), &[b as u8 + 1]).unwrap();
+            s.keep_batch_of(b * BATCH_PAGES);
+        }
+        drop(s); // two kept, the third emptied
+        let first = |s: &Slots, k: usize| {
+            let mut b = [0u8];
+            a.map.read(s.offset(k * BATCH_PAGES), &mut b).unwrap();
+            b[0]
+        };
+        let kept = a.take_kept(8).unwrap();
+        assert_eq!(kept.len(), 2 * BATCH_PAGES, "no more than keep_max");
+        let mut seen: Vec<u8> = (0..2).map(|k| first(&kept, k)).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, [1, 2], "kept batches keep their pages");
+        assert!(a.take_kept(8).is_none());
+        drop(kept); // given back unmarked: emptied
+        let all = a.alloc(4 * BATCH_PAGES).unwrap();
+        assert!((0..4).all(|k| first(&all, k) == 0), "every free batch is empty");
+        // Kept batches are emptied for an allocation that needs them.
+        let mut s = all;
+        s.populate(0..4 * BATCH_PAGES);
+        for b in 0..4 {
+            a.map.write(s.offset(b * BATCH_PAGES), &[9]).unwrap();
+            s.keep_batch_of(b * BATCH_PAGES);
+        }
+        drop(s);
+        assert_eq!(a.trim_kept(), 0, "kept for a while");
+        let all = a.alloc(4 * BATCH_PAGES).unwrap();
+        assert!((0..4).all(|k| first(&all, k) == 0), "the kept batches were emptied for it");
+        assert!(a.take_kept(8).is_none());
+        drop(all);
+    }
+
+    #[test]
+    fn kept_batches_are_emptied_once_unused() {
+        let a = arena(2);
+        let mut s = a.alloc(BATCH_PAGES).unwrap();
+        s.populate(0..BATCH_PAGES);
+        s.keep_batch_of(0);
+        drop(s);
+        assert_eq!(a.trim_kept(), 0);
+        std::thread::sleep(KEEP_FOR + Duration::from_millis(50));
+        assert_eq!(a.trim_kept(), 1);
+        assert!(a.take_kept(1).is_none());
     }
 }

@@ -54,6 +54,9 @@ counters! {
     busy_pages,
     /// Pages copied into regions by the helper thread, beside finalize's own.
     helper_copied_pages,
+    /// Pages copied back to RAM through kept staging pages (moved in rather
+    /// than allocated by the kernel).
+    kept_copied_pages,
 }
 
 impl Stats {

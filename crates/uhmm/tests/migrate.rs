@@ -606,3 +606,53 @@ fn staging_emptied_off_the_callers_path_never_runs_dry() {
         check(r, 0..n);
     }
 }
+
+/// Moves pages `0..n` of `r` (on `dev`) back to RAM from `src`, whose page
+/// `p` holds `p + 1` in every byte; returns the pages migrated.
+fn back_from(space: &AddressSpace, dev: &TestDev, r: &uhmm::Region, src: &Arc<uhmm::sys::mman::Mapping>) -> usize {
+    let mut m = Migration::setup(space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+    for i in 0..m.npages() {
+        m.set_dst_system_from(i, src, i * PAGE_SIZE).unwrap();
+    }
+    m.pages().finalize().migrated
+}
+
+#[test]
+fn copies_back_go_through_the_pages_a_migration_to_the_device_left() {
+    use uhmm::sys::mman::{Mapping, Protection};
+    let n = 2048;
+    let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+    for p in 0..n {
+        src.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+    }
+    let (space, dev, r) = filled_on_device(n);
+    for round in 0..3 {
+        let before = space.stats().kept_copied_pages;
+        assert_eq!(back_from(&space, &dev, &r, &src), n);
+        check(&r, 0..n);
+        assert_eq!(space.stats().kept_copied_pages - before, n as u64, "round {round}: all through kept pages");
+        assert_eq!(dev.to_device(&space, r.range()).migrated, n);
+    }
+    // Unused for a while, they are given back: copies allocate again.
+    std::thread::sleep(Duration::from_millis(3000));
+    let before = space.stats().kept_copied_pages;
+    assert_eq!(back_from(&space, &dev, &r, &src), n);
+    check(&r, 0..n);
+    assert_eq!(space.stats().kept_copied_pages, before, "the kept pages were freed");
+    // A source the CPU could fail to read is copied by the kernel.
+    assert_eq!(dev.to_device(&space, r.range()).migrated, n);
+    src.protect(0, PAGE_SIZE, Protection::None).unwrap();
+    src.protect(0, PAGE_SIZE, Protection::ReadWrite).unwrap();
+    assert_eq!(back_from(&space, &dev, &r, &src), n);
+    check(&r, 0..n);
+    assert_eq!(space.stats().kept_copied_pages, before, "no CPU copy from memory once protected");
+    // With nothing kept, the same round trips allocate every page.
+    let space = AddressSpace::new(Config { keep_staging_bytes: 0, ..Config::default() }).unwrap();
+    let dev = TestDev::new(&space);
+    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..n);
+    dev.to_device(&space, r.range());
+    assert_eq!(back_from(&space, &dev, &r, &src), n);
+    check(&r, 0..n);
+    assert_eq!(space.stats().kept_copied_pages, 0);
+}

@@ -60,6 +60,8 @@ pub struct Mapping {
     len: usize,
     /// Whether dropping this value unmaps the range (see [`Mapping::disown`]).
     owned: AtomicBool,
+    /// See [`Mapping::always_readable`].
+    readable: AtomicBool,
 }
 
 // SAFETY: a `Mapping` is an address range; every access to its bytes goes
@@ -104,7 +106,7 @@ impl Mapping {
             NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?.as_ptr() as usize,
         );
         // INVARIANT: `start` is `align`-aligned and `len` bytes from it are mapped.
-        Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
+        Ok(Mapping { addr, len, owned: AtomicBool::new(true), readable: AtomicBool::new(prot != Protection::None) })
     }
 
     /// `mmap(NULL, len, prot, MAP_SHARED | MAP_ANONYMOUS)`: memory shared
@@ -120,7 +122,7 @@ impl Mapping {
             NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?.as_ptr() as usize,
         );
         // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
-        Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
+        Ok(Mapping { addr, len, owned: AtomicBool::new(true), readable: AtomicBool::new(prot != Protection::None) })
     }
 
     /// `mmap(NULL, len, prot, MAP_SHARED or MAP_PRIVATE, fd, offset)`: a
@@ -138,7 +140,17 @@ impl Mapping {
             NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?.as_ptr() as usize,
         );
         // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
-        Ok(Mapping { addr, len, owned: AtomicBool::new(true) })
+        // A file's pages can fail to read (SIGBUS past its end or on an I/O
+        // error): never `always_readable`.
+        Ok(Mapping { addr, len, owned: AtomicBool::new(true), readable: AtomicBool::new(false) })
+    }
+
+    /// Whether reading any byte of the mapping always succeeds: anonymous
+    /// memory created readable, never since protected or reserved. A copy
+    /// from such memory cannot fault fatally, so it may be made by the CPU
+    /// rather than by the kernel (which reports what it cannot read).
+    pub fn always_readable(&self) -> bool {
+        self.readable.load(Ordering::Acquire)
     }
 
     /// `madvise(MADV_POPULATE_READ)`: fault every page of a sub-range in for
@@ -154,6 +166,7 @@ impl Mapping {
             addr: AtomicUsize::new(self.addr()),
             len: self.len,
             owned: AtomicBool::new(true),
+            readable: AtomicBool::new(self.always_readable()),
         })
     }
 
@@ -205,6 +218,7 @@ impl Mapping {
     /// so nothing else can be mapped there before the whole mapping goes.
     pub fn reserve(&self, off: usize, len: usize) -> io::Result<()> {
         let addr = self.page_range(off, len)?;
+        self.readable.store(false, Ordering::Release);
         // SAFETY: MAP_FIXED over a range inside this mapping (checked), whose
         // bytes no Rust reference points into (type invariant): replacing
         // them invalidates nothing Rust relies on.
@@ -243,6 +257,9 @@ impl Mapping {
     /// `mprotect` of a page-aligned sub-range.
     pub fn protect(&self, off: usize, len: usize, prot: Protection) -> io::Result<()> {
         let addr = self.page_range(off, len)?;
+        if prot == Protection::None {
+            self.readable.store(false, Ordering::Release);
+        }
         // SAFETY: the range lies inside this mapping (checked above), which
         // no Rust reference points into (type invariant).
         unsafe { mm::mprotect(addr as *mut c_void, len, prot.mprotect_flags()) }?;
