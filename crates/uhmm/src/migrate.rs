@@ -1141,15 +1141,30 @@ impl Inner {
     }
 
     /// Maps the whole aligned block of a huge-page region starting at page
-    /// `i` from driver memory as one huge page: a huge pool page, filled and
-    /// moved in. Returns the pages mapped (all, or none when no huge pool
-    /// page can be had: the caller copies them).
+    /// `i` from driver memory at once: a kept staging batch (a huge page
+    /// when a huge page was migrated out of it), or else a huge pool page,
+    /// filled and moved in. Returns the pages mapped (all, or none when the
+    /// driver memory could fault or no page can be had: the caller copies
+    /// them).
     fn install_huge_copied(&self, i: usize) -> usize {
-        let Ok(slots) = self.space.huge_pool.alloc(crate::BATCH_PAGES) else {
-            return 0;
-        };
-        slots.populate(0..crate::BATCH_PAGES);
         let (mapping, off) = self.copy_src(i);
+        if !mapping.always_readable() {
+            return 0;
+        }
+        let slots = match self.space.stage.take_kept(1) {
+            Some(kept) => {
+                Stats::add(&self.space.stats.kept_copied_pages, crate::BATCH_PAGES as u64);
+                kept
+            }
+            None => {
+                // A fresh huge page from the pool, when the kernel has one.
+                let Ok(slots) = self.space.huge_pool.alloc(crate::BATCH_PAGES) else {
+                    return 0;
+                };
+                slots.populate(0..crate::BATCH_PAGES);
+                slots
+            }
+        };
         let dst = self.region_of(i).addr_of(self.pages[i].idx);
         if let Err(err) = mapping.copy_to(off, slots.mapping(), slots.offset(0), crate::HUGE_SIZE) {
             tracing::warn!(%err, "filling a huge pool page failed; copying small pages");
