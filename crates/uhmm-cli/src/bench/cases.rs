@@ -90,15 +90,23 @@ impl Setup {
 
 /// Bulk migration of each size of the sweep: RAM → sim device and back,
 /// one `migrate_to_device` / `migrate_to_system` call each, on small pages
-/// and (from 2 MiB) on a huge-page region.
+/// and (from 2 MiB) on a huge-page region; and at the largest size, small
+/// pages with nothing kept in staging (`keep_staging_bytes: 0`): every
+/// page back to RAM a new one, as a migration back long after the one out.
 pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
     let mut out = Vec::new();
-    for huge in [false, true] {
-        let (kind, tag) = if huge { ("huge pages", "huge") } else { ("small pages", "small") };
-        for &size in plan.sizes.iter().filter(|&&s| !huge || s >= HUGE) {
+    let largest = plan.sizes.iter().copied().max().unwrap_or(0);
+    for (huge, keep) in [(false, true), (true, true), (false, false)] {
+        let (kind, tag) = match (huge, keep) {
+            (true, _) => ("huge pages", "huge"),
+            (false, true) => ("small pages", "small"),
+            (false, false) => ("small pages, nothing kept", "cold"),
+        };
+        for &size in plan.sizes.iter().filter(|&&s| (!huge || s >= HUGE) && (keep || s == largest)) {
             let size = if huge { size.next_multiple_of(HUGE) } else { size };
             progress(&format!("bulk migration, {kind}, {}", human(size)));
-            let s = Setup::new(Config::default(), size, huge)?;
+            let config = if keep { Config::default() } else { Config { keep_staging_bytes: 0, ..Config::default() } };
+            let s = Setup::new(config, size, huge)?;
             let npages = s.region.npages();
             let mut short = 0;
             let mut to_dev = Vec::new();
