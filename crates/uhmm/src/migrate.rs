@@ -1008,8 +1008,10 @@ impl Inner {
             return (failed, copies, None);
         }
         // Kept staging batches (see `staging`), one per piece of up to a
-        // batch while they last; then pieces for `UFFDIO_COPY`.
-        let batches = copies.iter().map(|c| c.1.div_ceil(crate::BATCH_PAGES)).sum();
+        // batch while they last, for runs whose source a CPU copy cannot
+        // fault on; then pieces for `UFFDIO_COPY`.
+        let readable = |i: usize| self.copy_src(i).0.always_readable();
+        let batches = copies.iter().filter(|c| readable(c.0)).map(|c| c.1.div_ceil(crate::BATCH_PAGES)).sum();
         let kept = self.space.stage.take_kept(batches);
         let nkept = kept.as_ref().map_or(0, |s| s.len() / crate::BATCH_PAGES);
         let (mut pieces, mut runs): (Runs, Vec<CopyRun>) = (Vec::new(), Vec::new());
@@ -1017,22 +1019,20 @@ impl Inner {
         for (i, n) in copies {
             let mut k = 0;
             while k < n {
-                // Only a CPU copy that cannot fault may go through them.
-                let (src, src_off) = self.copy_srcs[self.pages[i + k].copy_from.expect("a copy source") as usize];
-                let slots = kept.as_ref().filter(|_| used < nkept && self.copy_maps[src].always_readable());
+                let slots = kept.as_ref().filter(|_| used < nkept && readable(i));
                 let len = if slots.is_some() { crate::BATCH_PAGES } else { PIECE_PAGES }.min(n - k);
                 let mut run = self.copy_run(i + k, len);
                 if let Some(slots) = slots {
+                    let (src, src_off) = self.copy_srcs[self.pages[i + k].copy_from.expect("a copy source") as usize];
                     run.via = Some(Via { src, src_off, slot: slots.offset(used * crate::BATCH_PAGES) });
                     used += 1;
+                    Stats::add(&self.space.stats.kept_copied_pages, len as u64);
                 }
                 pieces.push((i + k, len));
                 runs.push(run);
                 k += len;
             }
         }
-        let through_kept = runs.iter().filter(|r| r.via.is_some()).map(|r| r.len / PAGE_SIZE).sum::<usize>();
-        Stats::add(&self.space.stats.kept_copied_pages, through_kept as u64);
         let kept = kept.map(|slots| Kept { slots, srcs: self.copy_maps.clone() });
         let queue = Arc::new(CopyQueue::new(runs, kept));
         self.space.copier.share(&queue);
