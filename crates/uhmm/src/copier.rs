@@ -67,7 +67,9 @@ pub(crate) struct Kept {
 #[derive(Debug)]
 pub(crate) struct CopyQueue {
     pieces: Vec<CopyRun>,
-    kept: Option<Kept>,
+    /// Taken (and the slots given back) by `finish`: the queue itself may
+    /// sit in the helper's channel for long after, behind other jobs.
+    kept: Mutex<Option<Arc<Kept>>>,
     state: Mutex<QueueState>,
     all_finished: Condvar,
 }
@@ -117,6 +119,7 @@ impl CopyQueue {
             helper_bytes: 0,
             waiting: false,
         };
+        let kept = Mutex::new(kept.map(Arc::new));
         CopyQueue { pieces, kept, state: Mutex::new(state), all_finished: Condvar::new() }
     }
 
@@ -135,8 +138,9 @@ impl CopyQueue {
             let Some(piece) = claimed else { return };
             let mut claim = Claim { queue: self, piece, by_helper, bytes: 0 };
             let run = self.pieces[piece];
-            claim.bytes = match (run.via, &self.kept) {
-                (Some(via), Some(kept)) => copy_via(uffd, run, via, kept),
+            let kept = run.via.and_then(|_| self.kept.lock().unwrap_or_else(|e| e.into_inner()).clone());
+            claim.bytes = match (run.via, kept) {
+                (Some(via), Some(kept)) => copy_via(uffd, run, via, &kept),
                 _ => copy_in(uffd, run),
             };
         }
@@ -152,6 +156,8 @@ impl CopyQueue {
             state.waiting = true;
             state = self.all_finished.wait(state).unwrap_or_else(|e| e.into_inner());
         }
+        // No piece is being copied: the kept slots go back now.
+        drop(self.kept.lock().unwrap_or_else(|e| e.into_inner()).take());
         (std::mem::take(&mut state.copied), state.helper_bytes)
     }
 }

@@ -656,3 +656,32 @@ fn copies_back_go_through_the_pages_a_migration_to_the_device_left() {
     check(&r, 0..n);
     assert_eq!(space.stats().kept_copied_pages, 0);
 }
+
+#[test]
+fn kept_pages_go_back_to_staging_when_the_copy_is_done() {
+    // Two staging batches, both kept after each migration to the device
+    // and taken by the copy back: the next migration needs them at once,
+    // whether or not the helper thread has looked at that copy yet.
+    use uhmm::sys::mman::{Mapping, Protection};
+    let space = AddressSpace::new(Config { staging_bytes: 4 << 20, ..Config::default() }).unwrap();
+    let dev = TestDev::new(&space);
+    let n = 1024;
+    let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+    for p in 0..n {
+        src.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+    }
+    let regions: Vec<_> = (0..2).map(|_| space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap()).collect();
+    for r in &regions {
+        fill(r, 0..n);
+    }
+    for round in 0..200 {
+        for r in &regions {
+            assert_eq!(dev.to_device(&space, r.range()).migrated, n, "round {round}");
+            assert_eq!(back_from(&space, &dev, r, &src), n, "round {round}");
+        }
+    }
+    for r in &regions {
+        check(r, 0..n);
+    }
+    assert!(space.stats().kept_copied_pages > 0);
+}
