@@ -585,13 +585,8 @@ fn staging_emptied_off_the_callers_path_never_runs_dry() {
     // Two staging batches, and migrations that need both, back to back:
     // each must wait for the one before to be emptied (on the helper
     // thread), never fail.
-    let space = AddressSpace::new(Config { staging_bytes: 4 << 20, ..Config::default() }).unwrap();
-    let dev = TestDev::new(&space);
     let n = 1024;
-    let regions: Vec<_> = (0..2).map(|_| space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap()).collect();
-    for r in &regions {
-        fill(r, 0..n);
-    }
+    let (space, dev, regions) = two_regions_two_batches(n);
     for round in 0..20 {
         for r in &regions {
             assert_eq!(dev.to_device(&space, r.range()).migrated, n, "round {round}");
@@ -607,6 +602,29 @@ fn staging_emptied_off_the_callers_path_never_runs_dry() {
     }
 }
 
+/// A space with two staging batches, a device, and two filled regions of
+/// `n` pages.
+fn two_regions_two_batches(n: usize) -> (AddressSpace, Arc<TestDev>, Vec<uhmm::Region>) {
+    let space = AddressSpace::new(Config { staging_bytes: 4 << 20, ..Config::default() }).unwrap();
+    let dev = TestDev::new(&space);
+    let regions: Vec<_> = (0..2).map(|_| space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap()).collect();
+    for r in &regions {
+        fill(r, 0..n);
+    }
+    (space, dev, regions)
+}
+
+/// Driver memory of `n` pages, page `p` holding `p + 1` in every byte (what
+/// [`fill`] writes), readable by the CPU.
+fn filled_source(n: usize) -> Arc<uhmm::sys::mman::Mapping> {
+    use uhmm::sys::mman::{Mapping, Protection};
+    let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+    for p in 0..n {
+        src.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+    }
+    src
+}
+
 /// Moves pages `0..n` of `r` (on `dev`) back to RAM from `src`, whose page
 /// `p` holds `p + 1` in every byte; returns the pages migrated.
 fn back_from(space: &AddressSpace, dev: &TestDev, r: &uhmm::Region, src: &Arc<uhmm::sys::mman::Mapping>) -> usize {
@@ -619,12 +637,9 @@ fn back_from(space: &AddressSpace, dev: &TestDev, r: &uhmm::Region, src: &Arc<uh
 
 #[test]
 fn copies_back_go_through_the_pages_a_migration_to_the_device_left() {
-    use uhmm::sys::mman::{Mapping, Protection};
+    use uhmm::sys::mman::Protection;
     let n = 2048;
-    let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
-    for p in 0..n {
-        src.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
-    }
+    let src = filled_source(n);
     let (space, dev, r) = filled_on_device(n);
     for round in 0..3 {
         let before = space.stats().kept_copied_pages;
@@ -662,18 +677,9 @@ fn kept_pages_go_back_to_staging_when_the_copy_is_done() {
     // Two staging batches, both kept after each migration to the device
     // and taken by the copy back: the next migration needs them at once,
     // whether or not the helper thread has looked at that copy yet.
-    use uhmm::sys::mman::{Mapping, Protection};
-    let space = AddressSpace::new(Config { staging_bytes: 4 << 20, ..Config::default() }).unwrap();
-    let dev = TestDev::new(&space);
     let n = 1024;
-    let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
-    for p in 0..n {
-        src.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
-    }
-    let regions: Vec<_> = (0..2).map(|_| space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap()).collect();
-    for r in &regions {
-        fill(r, 0..n);
-    }
+    let (space, dev, regions) = two_regions_two_batches(n);
+    let src = filled_source(n);
     for round in 0..200 {
         for r in &regions {
             assert_eq!(dev.to_device(&space, r.range()).migrated, n, "round {round}");
