@@ -146,9 +146,12 @@ impl Arena {
     pub(crate) fn trim_kept(&self) -> usize {
         let kept = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if free.kept_used.elapsed() < KEEP_FOR {
+            if free.kept.is_empty() || free.kept_used.elapsed() < KEEP_FOR {
                 return 0;
             }
+            // Being emptied elsewhere, as far as `alloc` is concerned: it
+            // waits for them rather than find the arena exhausted.
+            free.releasing += 1;
             std::mem::take(&mut free.kept)
         };
         // Emptied without the lock: a gigabyte takes tens of milliseconds.
@@ -157,6 +160,7 @@ impl Arena {
         for &b in &emptied {
             free.insert(b);
         }
+        free.releasing -= 1;
         drop(free);
         self.returned.notify_all();
         kept.len()
@@ -564,5 +568,29 @@ mod tests {
         std::thread::sleep(KEEP_FOR + Duration::from_millis(50));
         assert_eq!(a.trim_kept(), 1);
         assert!(a.take_kept(1).is_none());
+    }
+
+    #[test]
+    fn an_allocation_waits_for_kept_batches_being_emptied() {
+        // Found by the bench: kept batches being emptied by the helper were
+        // neither kept nor free, and an allocation found the arena exhausted.
+        let n = 64;
+        let a = Arc::new(Arena::new(n * BATCH_BYTES, None, n * BATCH_BYTES).unwrap());
+        let mut s = a.alloc(n * BATCH_PAGES).unwrap();
+        s.populate(0..n * BATCH_PAGES); // 128 MiB: emptying takes milliseconds
+        for b in 0..n {
+            s.keep_batch_of(b * BATCH_PAGES);
+        }
+        drop(s);
+        std::thread::sleep(KEEP_FOR + Duration::from_millis(50));
+        let trim = {
+            let a = a.clone();
+            std::thread::spawn(move || a.trim_kept())
+        };
+        std::thread::sleep(Duration::from_millis(1));
+        let all = a.alloc(n * BATCH_PAGES).expect("waits for the batches being emptied");
+        assert_eq!(all.len(), n * BATCH_PAGES);
+        drop(all);
+        assert!(trim.join().unwrap() <= n);
     }
 }
