@@ -54,8 +54,9 @@ counters! {
     busy_pages,
     /// Pages copied into regions by the helper thread, beside finalize's own.
     helper_copied_pages,
-    /// Pages copied back to RAM through kept staging pages (moved in rather
-    /// than allocated by the kernel).
+    /// Pages whose copy back to RAM was given kept staging pages (to be
+    /// moved in rather than allocated by the kernel; a failed move falls
+    /// back to `UFFDIO_COPY` and is still counted here).
     kept_copied_pages,
 }
 
