@@ -1191,18 +1191,27 @@ fn keep_moved_to_device(space: &SpaceInner, pages: &[Page], stage: &mut Slots) {
         return;
     }
     let moved = |p: &Page| p.migrated && p.src == Src::System && matches!(p.dst, MigrateDst::Device(_));
-    for (b, batch) in pages.chunks_exact(crate::BATCH_PAGES).enumerate() {
-        let first = b * crate::BATCH_PAGES;
-        if !batch.iter().all(moved) {
-            continue;
+    let full: Vec<usize> = (pages.chunks_exact(crate::BATCH_PAGES).enumerate())
+        .filter(|(_, batch)| batch.iter().all(moved))
+        .map(|(b, _)| b * crate::BATCH_PAGES)
+        .collect();
+    let (Some(&lo), Some(&hi)) = (full.first(), full.last()) else { return };
+    // Make sure, with one scan per contiguous piece of the staging: a write
+    // to an empty stage slot would fault on uhmm's own userfaultfd.
+    let end = hi + crate::BATCH_PAGES;
+    let mut i = lo;
+    while i < end {
+        let n = stage.contiguous(i, end - i);
+        let (start, stop) = (stage.addr(i), stage.addr(i) + n * PAGE_SIZE);
+        if let Ok(holes) = space.scan(start, stop, Query::none_of(category::PRESENT | category::SWAPPED)) {
+            for &first in full.iter().filter(|&&f| f >= i && f < i + n) {
+                let (a, b) = (stage.addr(first), stage.addr(first) + crate::HUGE_SIZE);
+                if !holes.iter().any(|h| h.start < b && a < h.end) {
+                    stage.keep_batch_of(first);
+                }
+            }
         }
-        // Make sure: a write to an empty stage slot would fault on uhmm's
-        // own userfaultfd.
-        let start = stage.addr(first);
-        let holes = space.scan(start, start + crate::HUGE_SIZE, Query::none_of(category::PRESENT | category::SWAPPED));
-        if holes.is_ok_and(|h| h.is_empty()) {
-            stage.keep_batch_of(first);
-        }
+        i += n;
     }
 }
 
