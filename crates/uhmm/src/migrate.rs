@@ -1038,7 +1038,7 @@ impl Inner {
         // more than its share is worth (2 MiB back to RAM: 410–510 → 350–385
         // ns a page).
         let shared = runs.len() > 1;
-        let queue = Arc::new(CopyQueue::new(runs, kept));
+        let queue = Arc::new(CopyQueue::new(runs, kept, shared));
         if shared {
             self.space.copier.share(&queue);
         }

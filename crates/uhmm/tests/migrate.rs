@@ -673,6 +673,38 @@ fn copies_back_go_through_the_pages_a_migration_to_the_device_left() {
 }
 
 #[test]
+fn a_copy_back_of_one_piece_goes_through_kept_pages_on_the_caller() {
+    // One staging batch: the copy back is one piece, which the caller
+    // copies alone (through the caches) into the pages the migration out
+    // left, still holding the region's old data; the region must then hold
+    // the driver's data, every round.
+    use uhmm::sys::mman::{Mapping, Protection};
+    let n = uhmm::BATCH_PAGES;
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+    let driver_byte = |round: u8, p: usize| 0x80 | (p as u8 ^ round);
+    let helper = space.stats().helper_copied_pages;
+    for round in 0..5u8 {
+        r.write(0, &vec![round; n * PAGE_SIZE]).unwrap();
+        assert_eq!(dev.to_device(&space, r.range()).migrated, n, "round {round}");
+        for p in 0..n {
+            src.write(p * PAGE_SIZE, &[driver_byte(round, p); PAGE_SIZE]).unwrap();
+        }
+        let before = space.stats().kept_copied_pages;
+        assert_eq!(back_from(&space, &dev, &r, &src), n, "round {round}");
+        assert_eq!(space.stats().kept_copied_pages - before, n as u64, "round {round}: through kept pages");
+        let mut b = vec![0; PAGE_SIZE];
+        for p in 0..n {
+            r.read(p * PAGE_SIZE, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == driver_byte(round, p)), "round {round}, page {p}");
+        }
+    }
+    assert_eq!(space.stats().helper_copied_pages, helper, "one piece stays on the caller");
+}
+
+#[test]
 fn kept_pages_go_back_to_staging_when_the_copy_is_done() {
     // Two staging batches, both kept after each migration to the device
     // and taken by the copy back: the next migration needs them at once,

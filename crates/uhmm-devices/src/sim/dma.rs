@@ -1,8 +1,9 @@
 //! The sim device's DMA engine: channels, each a thread that runs copy jobs
-//! from its queue. A big job is split across the channels; its fence
-//! signals when every part is done, and parts (and jobs) complete in any
-//! order.
+//! from its queue. A big job is split into parts, taken by the channels and
+//! by the thread waiting for it; its fence signals when every part is done,
+//! and parts (and jobs) complete in any order.
 
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -46,7 +47,12 @@ impl CopyOp {
     }
 }
 
-/// Signalled when every part of a job is done.
+/// A job on the engine: its parts not claimed yet, and a signal when every
+/// part is done. The channels claim parts from the front; a thread waiting
+/// for the job claims them from the back meanwhile: on this simulated
+/// device the engine's copies are CPU work too, and a CPU that would sit
+/// waiting finishes the job sooner by taking a share (a real engine copies
+/// beside the CPUs, and its driver would just wait).
 #[derive(Debug)]
 pub(crate) struct Fence {
     state: Mutex<FenceState>,
@@ -55,22 +61,64 @@ pub(crate) struct Fence {
 
 #[derive(Debug)]
 struct FenceState {
-    /// Parts not done yet.
+    unclaimed: VecDeque<Part>,
+    /// Parts not done yet (claimed or not).
     remaining: usize,
     /// The first part's error.
     error: Option<String>,
 }
 
+/// One part of a job: injected slowness first, then the copies.
+#[derive(Debug)]
+struct Part {
+    delay: Duration,
+    ops: Vec<CopyOp>,
+}
+
+/// A claimed part being run; dropping it reports the part done (on an
+/// unwind too, as an error, so a waiter never waits for a lost part).
+struct Running<'a> {
+    fence: &'a Fence,
+    result: Option<Result<(), String>>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.fence.part_done(self.result.take().unwrap_or_else(|| Err("a DMA copy panicked".into())));
+    }
+}
+
 impl Fence {
-    fn new(parts: usize) -> Fence {
-        Fence { state: Mutex::new(FenceState { remaining: parts, error: None }), cv: Condvar::new() }
+    fn new(parts: Vec<Part>) -> Fence {
+        let state = FenceState { remaining: parts.len(), unclaimed: parts.into(), error: None };
+        Fence { state: Mutex::new(state), cv: Condvar::new() }
     }
 
-    /// Waits for the job. Unbounded on purpose: the engine only copies
-    /// between memories that never fault, so it always finishes, and giving
-    /// up early would let a late copy land in pages already reused.
+    fn lock(&self) -> std::sync::MutexGuard<'_, FenceState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs unclaimed parts, from the front or the back, until none is left.
+    fn work(&self, front: bool) {
+        loop {
+            let part = {
+                let mut state = self.lock();
+                if front { state.unclaimed.pop_front() } else { state.unclaimed.pop_back() }
+            };
+            let Some(part) = part else { return };
+            let mut running = Running { fence: self, result: None };
+            std::thread::sleep(part.delay);
+            running.result = Some(run_ops(&part.ops, Writes::Streamed));
+        }
+    }
+
+    /// Waits for the job, running the parts no channel has claimed yet.
+    /// Unbounded on purpose: the engine only copies between memories that
+    /// never fault, so it always finishes, and giving up early would let a
+    /// late copy land in pages already reused.
     pub(crate) fn wait(&self) -> Result<()> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.work(false);
+        let mut state = self.lock();
         while state.remaining > 0 {
             state = self.cv.wait(state).unwrap_or_else(|e| e.into_inner());
         }
@@ -79,11 +127,11 @@ impl Fence {
 
     /// Whether every part is done (without waiting).
     pub(crate) fn is_done(&self) -> bool {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).remaining == 0
+        self.lock().remaining == 0
     }
 
     fn part_done(&self, r: Result<(), String>) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
         if let Err(msg) = r {
             state.error.get_or_insert(msg);
         }
@@ -94,46 +142,21 @@ impl Fence {
     }
 }
 
-/// One part of a job, for one channel.
-struct Job {
-    /// Injected slowness: the channel waits this long before the copies.
-    delay: Duration,
-    ops: Vec<CopyOp>,
-    fence: Arc<Fence>,
-    /// Whether the fence was told.
-    reported: bool,
-}
-
-impl Job {
-    fn run(mut self) {
-        std::thread::sleep(self.delay);
-        let result = run_ops(&self.ops, Writes::Streamed);
-        self.reported = true;
-        self.fence.part_done(result);
-    }
-}
-
-impl Drop for Job {
-    /// A part dropped unrun (the engine stopped) still releases its waiter.
-    fn drop(&mut self) {
-        if !self.reported {
-            self.fence.part_done(Err("DMA engine stopped".into()));
-        }
-    }
-}
-
-/// The engine: one thread and one queue per channel.
+/// The engine: one thread and one queue of jobs per channel.
 #[derive(Debug)]
 pub(crate) struct DmaEngine {
-    channels: Vec<Sender<Job>>,
+    channels: Vec<Sender<Arc<Fence>>>,
     threads: Vec<JoinHandle<()>>,
     /// Round robin for jobs too small to split.
     next: std::sync::atomic::AtomicUsize,
 }
 
-/// A job is split across the channels only when each part gets at least
-/// this many pages (a merged copy is never split).
+/// A job is split only into parts of at least this many pages (a merged
+/// copy is never split).
 const MIN_PART: usize = 64;
+/// A big job gets a part for each this many pages besides one a channel,
+/// so that a thread waiting for it has parts to take.
+const PART_PAGES: usize = 256;
 
 impl DmaEngine {
     /// An engine with `channels` (at least 1) copy channels.
@@ -141,7 +164,7 @@ impl DmaEngine {
         let mut engine =
             DmaEngine { channels: Vec::new(), threads: Vec::new(), next: std::sync::atomic::AtomicUsize::new(0) };
         for c in 0..channels.max(1) {
-            let (tx, rx) = channel::<Job>();
+            let (tx, rx) = channel::<Arc<Fence>>();
             // On an error the engine drops, stopping the channels started.
             let thread = std::thread::Builder::new()
                 .name(format!("uhmm-sim-dma{c}"))
@@ -153,28 +176,22 @@ impl DmaEngine {
         Ok(engine)
     }
 
-    /// Queues `ops`, split in order across the channels when there are
-    /// enough; each part waits `delay()` first. The returned fence signals
-    /// when all parts are done; parts finish in any order.
-    fn submit(&self, mut ops: Vec<CopyOp>, delay: impl Fn() -> Duration) -> Result<Arc<Fence>> {
+    /// Queues `ops` split in order into parts (see [`PART_PAGES`]), and
+    /// tells as many channels as there are parts; each part waits `delay()`
+    /// first. The returned fence signals when all parts are done; parts
+    /// finish in any order.
+    fn submit(&self, ops: Vec<CopyOp>, delay: impl Fn() -> Duration) -> Result<Arc<Fence>> {
         let channels = &self.channels;
         if channels.is_empty() {
             return Err(Error::new(ErrorKind::NotFound, "DMA engine stopped"));
         }
-        let pages: usize = ops.iter().map(CopyOp::pages).sum();
-        let parts = (pages / MIN_PART).clamp(1, channels.len()).min(ops.len().max(1));
-        let per_part = ops.len().div_ceil(parts);
-        let mut split = Vec::new();
-        while ops.len() > per_part {
-            split.push(ops.split_off(ops.len() - per_part));
-        }
-        split.push(ops);
-        let fence = Arc::new(Fence::new(split.len()));
+        let parts: Vec<Part> = split(ops, channels.len()).into_iter().map(|ops| Part { delay: delay(), ops }).collect();
+        let told = parts.len().min(channels.len());
+        let fence = Arc::new(Fence::new(parts));
         let first = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        for (k, part) in split.into_iter().rev().enumerate() {
-            let job = Job { delay: delay(), ops: part, fence: fence.clone(), reported: false };
-            // A send that fails drops the job, which reports the error.
-            let _ = channels[(first + k) % channels.len()].send(job);
+        for k in 0..told {
+            // A channel that stopped leaves its parts to the waiter.
+            let _ = channels[(first + k) % channels.len()].send(fence.clone());
         }
         Ok(fence)
     }
@@ -201,6 +218,29 @@ impl DmaEngine {
     }
 }
 
+/// Splits `ops` in order into parts of about equal pages: one a channel
+/// when each gets at least [`MIN_PART`] pages, and one more for each
+/// [`PART_PAGES`] pages.
+fn split(ops: Vec<CopyOp>, channels: usize) -> Vec<Vec<CopyOp>> {
+    let pages: usize = ops.iter().map(CopyOp::pages).sum();
+    let parts = (pages / MIN_PART).clamp(1, channels + pages / PART_PAGES);
+    let per_part = pages.div_ceil(parts);
+    let mut out = Vec::with_capacity(parts);
+    let (mut part, mut n) = (Vec::new(), 0);
+    for op in ops {
+        n += op.pages();
+        part.push(op);
+        if n >= per_part {
+            out.push(std::mem::take(&mut part));
+            n = 0;
+        }
+    }
+    if !part.is_empty() {
+        out.push(part);
+    }
+    out
+}
+
 impl Drop for DmaEngine {
     fn drop(&mut self) {
         self.channels.clear();
@@ -224,9 +264,9 @@ pub(crate) enum Dispatch {
 /// Jobs up to this many pages are copied on the caller's thread.
 const INLINE_MAX_PAGES: usize = 512;
 
-fn run(rx: &Receiver<Job>) {
-    while let Ok(job) = rx.recv() {
-        job.run();
+fn run(rx: &Receiver<Arc<Fence>>) {
+    while let Ok(fence) = rx.recv() {
+        fence.work(true);
     }
 }
 
@@ -306,5 +346,52 @@ mod tests {
         assert!(fence.wait().is_err(), "one part's error fails the job");
         assert!(zeroed(0) && !zeroed(MIN_PART / 2), "the failing part stopped at its error");
         assert!((MIN_PART + 1..n).all(zeroed), "the other parts all ran");
+    }
+
+    fn zero_ops(mem: &Arc<Mapping>, pages: std::ops::Range<usize>) -> Vec<CopyOp> {
+        pages.map(|p| CopyOp::Zero(DevMem { chunk: mem.clone(), off: p * PAGE_SIZE })).collect()
+    }
+
+    #[test]
+    fn big_jobs_split_in_order_into_parts_a_waiter_can_take() {
+        let mem = Arc::new(Mapping::anonymous(PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+        let sizes = |pages: usize, channels: usize| -> Vec<usize> {
+            split(zero_ops(&mem, 0..pages), channels).iter().map(Vec::len).collect()
+        };
+        assert_eq!(sizes(MIN_PART - 1, 4), [MIN_PART - 1], "too small to split");
+        assert_eq!(sizes(3 * MIN_PART, 3), [MIN_PART; 3], "one a channel");
+        assert_eq!(sizes(4 * PART_PAGES, 1), [205, 205, 205, 205, 204], "one a channel and one a PART_PAGES");
+        // In order: the parts put together are the job.
+        let ops = split(zero_ops(&mem, 0..1000), 2);
+        let offs: Vec<usize> = ops
+            .iter()
+            .flatten()
+            .map(|op| match op {
+                CopyOp::Zero(d) => d.off,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(offs, (0..1000).map(|p| p * PAGE_SIZE).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_waiter_runs_the_parts_no_channel_has_taken() {
+        // The only channel sleeps in a first job; a second job's waiter
+        // copies all of it meanwhile instead of waiting behind it.
+        let engine = DmaEngine::start(1).unwrap();
+        let n = 2 * PART_PAGES;
+        let mem = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
+        mem.write(0, &vec![0xff; n * PAGE_SIZE]).unwrap();
+        let slow = engine.run(vec![CopyOp::Fail], Dispatch::Engine, || Duration::from_secs(3)).unwrap().unwrap();
+        let fence = engine.run(zero_ops(&mem, 0..n), Dispatch::Engine, || Duration::ZERO).unwrap().unwrap();
+        fence.wait().unwrap();
+        // The channel runs its jobs in order: it is still in the first.
+        assert!(!slow.is_done(), "the second job waited for the busy channel");
+        let mut page = vec![1u8; PAGE_SIZE];
+        for p in 0..n {
+            mem.read(p * PAGE_SIZE, &mut page).unwrap();
+            assert!(page.iter().all(|&b| b == 0), "page {p} not copied");
+        }
+        assert!(slow.wait().is_err(), "the first job fails as injected");
     }
 }
