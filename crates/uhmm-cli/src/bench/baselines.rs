@@ -12,7 +12,7 @@ use uhmm::PAGE_SIZE;
 use uhmm::sys::mman::{Mapping, Protection};
 use uhmm::sys::uffd::{Event, Uffd};
 
-use super::{Case, Plan, histogram, progress, repeat};
+use super::{Case, Plan, histogram, progress, repeat, repeat_sweep};
 use crate::units::human;
 
 /// memcpy of each size of the sweep, 1 thread and 2 threads (each copies
@@ -23,14 +23,21 @@ pub fn memcpy(plan: &Plan) -> Result<Vec<Case>, String> {
         progress(&format!("memcpy {}", human(size)));
         let src = vec![0x5au8; size];
         let mut dst = vec![0xa5u8; size];
-        let (w, runs) = repeat(plan.runs, |_| -> Result<Duration, String> {
-            let t = Instant::now();
-            dst.copy_from_slice(&src);
-            let d = t.elapsed();
-            std::hint::black_box(&dst);
-            Ok(d)
-        })?;
-        out.push(Case::throughput("memcpy_1t", "memcpy, 1 thread", "baseline", size, w, &runs));
+        let (w, runs) = repeat_sweep(
+            plan,
+            |_| -> Result<Duration, String> {
+                let t = Instant::now();
+                dst.copy_from_slice(&src);
+                let d = t.elapsed();
+                std::hint::black_box(&dst);
+                Ok(d)
+            },
+            |&d| d,
+        )?;
+        out.push(
+            Case::throughput("memcpy_1t", "memcpy, 1 thread", "baseline", size, w, &runs)
+                .with_note(format!("{} timed runs", runs.len())),
+        );
         let (w, runs) = memcpy_2t(&src, &mut dst, plan.runs);
         out.push(Case::throughput("memcpy_2t", "memcpy, 2 threads", "baseline", size, w, &runs));
         out.push(streamed_pages(size, plan.runs)?);

@@ -8,7 +8,7 @@ use uhmm::sys::uffd::Origin;
 use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot, Region};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 
-use super::{Case, Plan, histogram, progress, repeat};
+use super::{Case, Plan, histogram, progress, repeat, repeat_sweep};
 use crate::units::human;
 
 /// Bytes a CPU read or fill call handles at once.
@@ -111,18 +111,20 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
             let s = Setup::new(config, size, huge)?;
             let npages = s.region.npages();
             let mut short = 0;
-            let mut to_dev = Vec::new();
-            let mut to_ram = Vec::new();
-            repeat(plan.runs, |_| -> Result<(), String> {
-                let t = Instant::now();
-                let a = s.to_device()?;
-                to_dev.push(t.elapsed());
-                let t = Instant::now();
-                let b = s.to_system()?;
-                to_ram.push(t.elapsed());
-                short += (npages - a.min(npages)) + (npages - b.min(npages));
-                Ok(())
-            })?;
+            let (warm, timed) = repeat_sweep(
+                plan,
+                |_| -> Result<(Duration, Duration), String> {
+                    let t = Instant::now();
+                    let a = s.to_device()?;
+                    let to_dev = t.elapsed();
+                    let t = Instant::now();
+                    let b = s.to_system()?;
+                    let to_ram = t.elapsed();
+                    short += (npages - a.min(npages)) + (npages - b.min(npages));
+                    Ok((to_dev, to_ram))
+                },
+                |&(a, b)| a + b,
+            )?;
             s.spot_check()?;
             let (thp_in, thp_out) = s.dev.huge_stats();
             let mut note = String::new();
@@ -135,14 +137,23 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
                     "{note}{sep}all runs: {thp_in} compound 2 MiB device pages, {thp_out} 2 MiB blocks fell back to small pages"
                 );
             }
-            let w = to_dev.remove(0);
+            let sep = if note.is_empty() { "" } else { "; " };
+            note = format!("{note}{sep}{} timed runs", timed.len());
+            let to_dev: Vec<Duration> = timed.iter().map(|t| t.0).collect();
+            let to_ram: Vec<Duration> = timed.iter().map(|t| t.1).collect();
             out.push(
-                Case::throughput(format!("to_device_{tag}"), format!("RAM → sim, {kind}"), "uhmm", size, w, &to_dev)
-                    .with_note(note.clone()),
+                Case::throughput(
+                    format!("to_device_{tag}"),
+                    format!("RAM → sim, {kind}"),
+                    "uhmm",
+                    size,
+                    warm.0,
+                    &to_dev,
+                )
+                .with_note(note.clone()),
             );
-            let w = to_ram.remove(0);
             out.push(
-                Case::throughput(format!("to_ram_{tag}"), format!("sim → RAM, {kind}"), "uhmm", size, w, &to_ram)
+                Case::throughput(format!("to_ram_{tag}"), format!("sim → RAM, {kind}"), "uhmm", size, warm.1, &to_ram)
                     .with_note(note),
             );
         }

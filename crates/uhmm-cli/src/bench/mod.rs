@@ -63,6 +63,11 @@ const SLOW_SCAN_MAX_QUICK: usize = 8 << 20;
 /// Pages timed one by one in each run of the latency cases.
 const LATENCY_PAGES: usize = 4096;
 const LATENCY_PAGES_QUICK: usize = 1024;
+/// Timed seconds a sweep case runs at least: full run / quick run.
+const SWEEP_MIN_SECONDS: f64 = 0.5;
+const SWEEP_MIN_SECONDS_QUICK: f64 = 0.05;
+/// Timed runs of a sweep case at most.
+pub const SWEEP_MAX_RUNS: usize = 1000;
 
 /// What one invocation measures.
 #[derive(Debug, Clone, Serialize)]
@@ -77,6 +82,12 @@ pub struct Plan {
     pub latency_pages: usize,
     /// Timed runs per case (after one warm-up).
     pub runs: usize,
+    /// Sweep cases (memcpy 1 thread, bulk migration) go on past `runs`
+    /// until their timed runs add up to this many seconds, up to
+    /// [`SWEEP_MAX_RUNS`]: a small size then has hundreds of runs, and a
+    /// noisy phase of a shared machine a few milliseconds long no longer
+    /// decides its median.
+    pub sweep_min_seconds: f64,
     /// Whether this is a --quick run.
     pub quick: bool,
 }
@@ -98,6 +109,7 @@ impl Plan {
             slow_scan_size: max.min(slow_cap),
             latency_pages: if args.quick { LATENCY_PAGES_QUICK } else { LATENCY_PAGES },
             runs: args.runs as usize,
+            sweep_min_seconds: if args.quick { SWEEP_MIN_SECONDS_QUICK } else { SWEEP_MIN_SECONDS },
             quick: args.quick,
             sizes,
         })
@@ -259,6 +271,26 @@ pub fn repeat<T, E>(runs: usize, mut f: impl FnMut(usize) -> Result<T, E>) -> Re
     Ok((warm, out))
 }
 
+/// Runs `f(i)` for `i` in `0..=n`, `f(0)` the untimed warm-up, where `n`
+/// is at least `plan.runs` and grows (up to [`SWEEP_MAX_RUNS`]) until the
+/// timed runs' durations add up to `plan.sweep_min_seconds`. Returns the
+/// warm-up's value and the timed ones.
+pub fn repeat_sweep<T, E>(
+    plan: &Plan,
+    mut f: impl FnMut(usize) -> Result<T, E>,
+    timed: impl Fn(&T) -> Duration,
+) -> Result<(T, Vec<T>), E> {
+    let warm = f(0)?;
+    let mut out = Vec::with_capacity(plan.runs);
+    let mut spent = Duration::ZERO;
+    while out.len() < plan.runs || (spent.as_secs_f64() < plan.sweep_min_seconds && out.len() < SWEEP_MAX_RUNS) {
+        let v = f(out.len() + 1)?;
+        spent += timed(&v);
+        out.push(v);
+    }
+    Ok((warm, out))
+}
+
 /// Everything one invocation measured.
 #[derive(Debug, Serialize)]
 pub struct Results {
@@ -318,10 +350,12 @@ fn run_plan(args: &BenchArgs, plan: Plan) -> Result<(), String> {
     println!("uhmm bench{}", if plan.quick { " (quick)" } else { "" });
     println!("  machine: {}", machine.describe());
     println!(
-        "  sizes: {}; targets at {}; {} timed runs after 1 warm-up per case",
+        "  sizes: {}; targets at {}; {} timed runs after 1 warm-up per case \
+         (memcpy 1 thread and bulk migration: more, up to {SWEEP_MAX_RUNS}, until {} s timed)",
         plan.sizes.iter().map(|&s| human(s)).collect::<Vec<_>>().join(", "),
         human(plan.target_size),
-        plan.runs
+        plan.runs,
+        plan.sweep_min_seconds
     );
 
     let mut all = Vec::new();
@@ -404,6 +438,20 @@ mod tests {
         assert_eq!(q.sizes, vec![512 << 10, 2 << 20, 4 << 20]);
         assert_eq!(q.slow_scan_size, 4 << 20);
         assert!(Plan::new(&args(true, Some(4096))).is_err());
+    }
+
+    #[test]
+    fn sweep_cases_run_until_their_time_is_spent() {
+        let args = BenchArgs { quick: false, json: None, plot: None, max_size: None, runs: 7, no_zram: true };
+        let plan = Plan { sweep_min_seconds: 1.0, ..Plan::new(&args).unwrap() };
+        let count = |each: Duration| {
+            let (_, runs) = repeat_sweep(&plan, |i| Ok::<_, ()>(i), |_| each).unwrap();
+            assert_eq!(runs, (1..=runs.len()).collect::<Vec<_>>(), "the warm-up is not among the timed runs");
+            runs.len()
+        };
+        assert_eq!(count(Duration::from_secs(1)), 7, "at least --runs");
+        assert_eq!(count(Duration::from_millis(100)), 10, "until a second is timed");
+        assert_eq!(count(Duration::from_micros(1)), SWEEP_MAX_RUNS, "at most SWEEP_MAX_RUNS");
     }
 
     #[test]
