@@ -445,7 +445,7 @@ mod tests {
         let args = BenchArgs { quick: false, json: None, plot: None, max_size: None, runs: 7, no_zram: true };
         let plan = Plan { sweep_min_seconds: 1.0, ..Plan::new(&args).unwrap() };
         let count = |each: Duration| {
-            let (_, runs) = repeat_sweep(&plan, |i| Ok::<_, ()>(i), |_| each).unwrap();
+            let (_, runs) = repeat_sweep(&plan, Ok::<_, ()>, |_| each).unwrap();
             assert_eq!(runs, (1..=runs.len()).collect::<Vec<_>>(), "the warm-up is not among the timed runs");
             runs.len()
         };
