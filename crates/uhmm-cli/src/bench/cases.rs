@@ -127,18 +127,17 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
             )?;
             s.spot_check()?;
             let (thp_in, thp_out) = s.dev.huge_stats();
-            let mut note = String::new();
+            let mut notes = Vec::new();
             if short > 0 {
-                note = format!("{short} page moves refused (busy) over all runs");
+                notes.push(format!("{short} page moves refused (busy) over all runs"));
             }
             if huge {
-                let sep = if note.is_empty() { "" } else { "; " };
-                note = format!(
-                    "{note}{sep}all runs: {thp_in} compound 2 MiB device pages, {thp_out} 2 MiB blocks fell back to small pages"
-                );
+                notes.push(format!(
+                    "all runs: {thp_in} compound 2 MiB device pages, {thp_out} 2 MiB blocks fell back to small pages"
+                ));
             }
-            let sep = if note.is_empty() { "" } else { "; " };
-            note = format!("{note}{sep}{} timed runs", timed.len());
+            notes.push(format!("{} timed runs", timed.len()));
+            let note = notes.join("; ");
             let to_dev: Vec<Duration> = timed.iter().map(|t| t.0).collect();
             let to_ram: Vec<Duration> = timed.iter().map(|t| t.1).collect();
             out.push(

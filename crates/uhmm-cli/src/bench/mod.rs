@@ -67,7 +67,7 @@ const LATENCY_PAGES_QUICK: usize = 1024;
 const SWEEP_MIN_SECONDS: f64 = 0.5;
 const SWEEP_MIN_SECONDS_QUICK: f64 = 0.05;
 /// Timed runs of a sweep case at most.
-pub const SWEEP_MAX_RUNS: usize = 1000;
+const SWEEP_MAX_RUNS: usize = 1000;
 
 /// What one invocation measures.
 #[derive(Debug, Clone, Serialize)]
