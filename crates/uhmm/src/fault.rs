@@ -24,6 +24,7 @@
 //!   touch only staging memory or pages they hold present. So a handler
 //!   cannot deadlock against the work it serves.
 
+use std::cell::Cell;
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -135,26 +136,36 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
     let mut queue = FaultQueue::default();
     let mut events = Vec::with_capacity(64);
     let retry = Timespec { tv_sec: 0, tv_nsec: 1_000_000 };
+    // Whether to read again before polling: the last read found faults and
+    // none waits for a retry. Once a fault is answered the next is often
+    // queued already (on one CPU, the woken program ran and faulted before
+    // this thread got the CPU back), and a read alone then finds it.
+    let mut read_first = false;
     loop {
-        let mut fds = [PollFd::new(uffd, PollFlags::IN), PollFd::new(stop, PollFlags::IN)];
-        let timeout = if queue.is_empty() { None } else { Some(&retry) };
-        match rustix::event::poll(&mut fds, timeout) {
-            Ok(_) | Err(Errno::INTR) => {}
-            Err(err) => {
-                tracing::error!(%err, "poll on userfaultfd failed; handler exits");
+        if !read_first {
+            let mut fds = [PollFd::new(uffd, PollFlags::IN), PollFd::new(stop, PollFlags::IN)];
+            let timeout = if queue.is_empty() { None } else { Some(&retry) };
+            match rustix::event::poll(&mut fds, timeout) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(err) => {
+                    tracing::error!(%err, "poll on userfaultfd failed; handler exits");
+                    return;
+                }
+            }
+            if !fds[1].revents().is_empty() {
                 return;
             }
-        }
-        if !fds[1].revents().is_empty() {
-            return;
         }
         let Some(space) = space.upgrade() else { return };
         events.clear();
         let read_at = space.to_device_epoch.load(Ordering::SeqCst);
-        match space.uffd.read_events(&mut events, 64) {
-            Ok(_) => {}
-            Err(err) => tracing::error!(%err, "reading userfaultfd failed"),
-        }
+        let read = match space.uffd.read_events(&mut events, 64) {
+            Ok(n) => n,
+            Err(err) => {
+                tracing::error!(%err, "reading userfaultfd failed");
+                0
+            }
+        };
         for ev in &events {
             match *ev {
                 Event::PageFault { addr, write, .. } => {
@@ -180,6 +191,7 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
             },
             wake,
         );
+        read_first = read > 0 && queue.is_empty();
     }
 }
 
@@ -246,6 +258,33 @@ impl FaultQueue {
     }
 }
 
+thread_local! {
+    /// The page whose device fault this thread is resolving, and whether a
+    /// wake by this thread has covered it since (see [`watch_wakes`]).
+    static WATCHED: Cell<(usize, bool)> = const { Cell::new((usize::MAX, false)) };
+}
+
+/// Runs `f` noting whether this thread wakes the threads faulting on the
+/// page at `addr` meanwhile (through [`noted_wake`]): a fault's
+/// `migrate_to_ram` normally ends with its migration waking the installed
+/// pages, and a second wake of the same page would be a wasted system call.
+fn watch_wakes<T>(addr: usize, f: impl FnOnce() -> T) -> (T, bool) {
+    WATCHED.with(|w| w.set((addr, false)));
+    let out = f();
+    let woken = WATCHED.with(|w| w.replace((usize::MAX, false)).1);
+    (out, woken)
+}
+
+/// Notes that this thread woke the threads faulting in `range` (for
+/// [`watch_wakes`]).
+pub(crate) fn noted_wake(range: Range<usize>) {
+    WATCHED.with(|w| {
+        if range.contains(&w.get().0) {
+            w.set((w.get().0, true));
+        }
+    });
+}
+
 /// Resolves `fault`.
 pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno> {
     let Fault { addr, write, read_at } = fault;
@@ -309,10 +348,11 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno
                             window: if single { addr..addr + PAGE_SIZE } else { fault_window(space, &region, idx) },
                             page,
                         };
-                        ops.migrate_to_ram(&fault)
+                        watch_wakes(addr, || ops.migrate_to_ram(&fault))
                     }
-                    None => Err(Error::new(ErrorKind::NotFound, "the device is gone")),
+                    None => (Err(Error::new(ErrorKind::NotFound, "the device is gone")), false),
                 };
+                let (result, woken) = result;
                 if let Err(err) = result {
                     if matches!(err.kind(), ErrorKind::NoMemory | ErrorKind::Busy) {
                         // Transient (staging or device memory short, a
@@ -330,8 +370,9 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno
                     tracing::error!(%err, addr, "migrate_to_ram failed: poisoning the page");
                     poison_page(space, &region, idx, page);
                 } else if region.pt.load(idx).is_cpu_unlocked() {
-                    // Installed (the install woke the thread) — make sure.
-                    return space.uffd.wake(addr, PAGE_SIZE);
+                    // Back in RAM. Its migration woke the thread, unless the
+                    // page came back some other way (say, discarded meanwhile).
+                    return if woken { Ok(()) } else { space.uffd.wake(addr, PAGE_SIZE) };
                 }
                 if attempt > 0 {
                     std::thread::yield_now();
@@ -561,6 +602,21 @@ mod tests {
 
     fn fault(addr: usize, write: bool, read_at: u64) -> Fault {
         Fault { addr, write, read_at }
+    }
+
+    #[test]
+    fn only_a_wake_covering_the_watched_page_counts() {
+        let p = 0x10_0000;
+        let ((), woken) = watch_wakes(p, || noted_wake(p + PAGE_SIZE..p + 4 * PAGE_SIZE));
+        assert!(!woken, "a wake of other pages does not wake the fault's thread");
+        let ((), woken) = watch_wakes(p, || {
+            noted_wake(p - PAGE_SIZE..p);
+            noted_wake(p - PAGE_SIZE..p + PAGE_SIZE);
+        });
+        assert!(woken, "a wake of a range holding the page does");
+        noted_wake(p..p + PAGE_SIZE);
+        let ((), woken) = watch_wakes(p, || ());
+        assert!(!woken, "wakes before or after the watch do not count");
     }
 
     #[test]

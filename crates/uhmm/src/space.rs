@@ -547,8 +547,10 @@ impl SpaceInner {
         if pages.is_empty() {
             return;
         }
-        if let Err(err) = self.uffd.wake(region.addr_of(pages.start), pages.len() * PAGE_SIZE) {
-            tracing::error!(%err, "UFFDIO_WAKE failed");
+        let (addr, len) = (region.addr_of(pages.start), pages.len() * PAGE_SIZE);
+        match self.uffd.wake(addr, len) {
+            Ok(()) => crate::fault::noted_wake(addr..addr + len),
+            Err(err) => tracing::error!(%err, "UFFDIO_WAKE failed"),
         }
     }
 
