@@ -101,7 +101,16 @@ impl Engine {
             let stop = engine.stop.try_clone().map_err(|e| Error::sys("dup", e))?;
             let alive = engine.alive.clone();
             alive.fetch_add(1, Ordering::SeqCst);
+            let cpus = &space.config.handler_cpus;
+            let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             let t = std::thread::Builder::new().name(format!("uhmm-fault-{i}")).spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(err) = crate::sys::process::set_thread_cpus(&[cpu])
+                {
+                    // Checked against the allowed CPUs at creation; a CPU
+                    // taken away since only costs the placement.
+                    tracing::warn!(%err, cpu, "cannot pin a fault handler");
+                }
                 handler_loop(&weak, &uffd, &stop);
                 alive.fetch_sub(1, Ordering::SeqCst);
             });

@@ -27,6 +27,11 @@ use crate::{Error, ErrorKind, Result};
 pub struct Config {
     /// Fault-handling threads (each polls the one userfaultfd).
     pub handler_threads: usize,
+    /// CPUs the fault-handling threads run on: thread `i` on
+    /// `handler_cpus[i % len]` alone. Empty (the default): wherever the
+    /// scheduler puts them. A runtime may keep them beside, or away from,
+    /// the threads that fault; each CPU must be one this process may use.
+    pub handler_cpus: Vec<usize>,
     /// Pages a CPU fault on device memory may bring back at once (the
     /// fault-around window offered to `migrate_to_ram`); 1 is the kernel's
     /// behaviour, and turns the adaptive growth below off.
@@ -56,6 +61,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             handler_threads: 1,
+            handler_cpus: Vec::new(),
             fault_around_pages: 16,
             fault_around_max_pages: 512,
             zero_fill_pages: 16,
@@ -151,6 +157,12 @@ impl AddressSpace {
         sys::check_page_size().map_err(|e| Error::new(ErrorKind::Unsupported, e.to_string()))?;
         if config.handler_threads == 0 || config.fault_around_pages == 0 || config.zero_fill_pages == 0 {
             return Err(Error::invalid("handler_threads, fault_around_pages and zero_fill_pages must be > 0"));
+        }
+        if !config.handler_cpus.is_empty() {
+            let allowed = sys::process::allowed_cpus().map_err(|e| Error::sys("sched_getaffinity", e))?;
+            if let Some(cpu) = config.handler_cpus.iter().find(|c| !allowed.contains(c)) {
+                return Err(Error::invalid(format!("handler_cpus: this process may not run on CPU {cpu}")));
+            }
         }
         let wanted = uffd::feature::MOVE | uffd::feature::POISON | uffd::feature::THREAD_ID;
         let uffd = Uffd::open(wanted, config.allow_user_mode_only).map_err(|e| match e.kind() {

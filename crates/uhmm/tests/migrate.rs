@@ -723,3 +723,46 @@ fn kept_pages_go_back_to_staging_when_the_copy_is_done() {
     }
     assert!(space.stats().kept_copied_pages > 0);
 }
+
+/// The CPU list (`Cpus_allowed_list` of /proc/self/task/TID/status) of each
+/// thread of this process named `name`.
+fn cpus_of_threads_named(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+            out.push(l.trim().to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn handler_threads_run_on_the_cpus_asked_for_and_serve_faults() {
+    let allowed = uhmm::sys::process::allowed_cpus().unwrap();
+    let cpu = *allowed.last().unwrap();
+    let config = Config { handler_threads: 2, handler_cpus: vec![cpu], ..Config::default() };
+    let space = AddressSpace::new(config).unwrap();
+    // Both handlers pinned (other tests' unpinned handlers may run beside).
+    let want = cpu.to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !["uhmm-fault-0", "uhmm-fault-1"].iter().all(|n| cpus_of_threads_named(n).contains(&want)) {
+        assert!(std::time::Instant::now() < deadline, "no handler thread pinned to CPU {cpu}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let dev = TestDev::new(&space);
+    let r = space.map(8 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..8);
+    dev.to_device(&space, r.range());
+    check(&r, 0..8); // every page back through the pinned handlers
+    assert!(space.stats().migrate_to_ram > 0, "the pages came back by faults");
+
+    // A CPU the process may not use is refused, and nothing is started.
+    let bad = (0..rustix::thread::CpuSet::MAX_CPU + 1).find(|c| !allowed.contains(c)).unwrap();
+    let e = AddressSpace::new(Config { handler_cpus: vec![cpu, bad], ..Config::default() }).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+}

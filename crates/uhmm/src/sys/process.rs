@@ -1,4 +1,5 @@
-//! `fork(2)`, its hooks (`pthread_atfork`), and waiting for a child.
+//! `fork(2)`, its hooks (`pthread_atfork`), waiting for a child, and
+//! which CPUs a thread may run on (`sched_setaffinity(2)`).
 //!
 //! uhmm must act around a fork: pages on devices are not in the kernel's
 //! page table, so a child would see holes where the parent sees data unless
@@ -6,9 +7,27 @@
 //!
 //! # References
 //!
-//! fork(2), pthread_atfork(3), waitpid(2).
+//! fork(2), pthread_atfork(3), waitpid(2), sched_setaffinity(2).
 
 use std::io;
+
+/// The CPUs the calling thread may run on, ascending.
+pub fn allowed_cpus() -> io::Result<Vec<usize>> {
+    let set = rustix::thread::sched_getaffinity(None)?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect())
+}
+
+/// Lets the calling thread run on the CPUs `cpus` only.
+pub fn set_thread_cpus(cpus: &[usize]) -> io::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    for &cpu in cpus {
+        if cpu >= rustix::thread::CpuSet::MAX_CPU {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        set.set(cpu);
+    }
+    Ok(rustix::thread::sched_setaffinity(None, &set)?)
+}
 
 /// Registers `prepare`, `parent` and `child` to run around every `fork` of
 /// the process (glibc's `fork` runs them; the raw system call does not).
