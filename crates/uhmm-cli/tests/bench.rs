@@ -42,7 +42,9 @@ fn quick_bench_writes_table_json_and_plot() {
     let v: serde_json::Value = serde_json::from_str(&text).expect("JSON parses");
     let cases = v["cases"].as_array().expect("cases array");
     assert!(cases.iter().any(|c| c["id"] == "memcpy_1t"), "no memcpy case in JSON");
-    assert!(cases.iter().any(|c| c["id"] == "uffd_round_trip"), "no raw userfaultfd case in JSON");
+    for id in ["uffd_round_trip_same_cpu", "fault_latency_same_cpu"] {
+        assert!(cases.iter().any(|c| c["id"] == id), "no {id} case in JSON");
+    }
     for c in cases {
         assert!(c["runs"].as_array().is_some_and(|r| r.len() >= 5), "fewer than 5 runs: {c}");
     }

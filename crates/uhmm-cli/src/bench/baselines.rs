@@ -10,35 +10,40 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use uhmm::PAGE_SIZE;
 use uhmm::sys::mman::{Mapping, Protection};
+use uhmm::sys::process::set_thread_cpus;
 use uhmm::sys::uffd::{Event, Uffd};
 
-use super::{Case, Plan, histogram, progress, repeat, repeat_sweep};
+use hdrhistogram::Histogram;
+
+use super::{Case, Latencies, Placement, Plan, progress, repeat, sweep};
 use crate::units::human;
 
 /// memcpy of each size of the sweep, 1 thread and 2 threads (each copies
-/// half), between buffers that are fully faulted in beforehand.
+/// half), between buffers that are fully faulted in beforehand. The 1-thread
+/// case is a sweep case: measured in rounds through the sizes.
 pub fn memcpy(plan: &Plan) -> Result<Vec<Case>, String> {
+    progress(&format!("memcpy, 1 thread, {}", plan.sizes.iter().map(|&s| human(s)).collect::<Vec<_>>().join(", ")));
+    let mut buffers: Vec<(Vec<u8>, Vec<u8>)> = plan.sizes.iter().map(|&s| (vec![0x5au8; s], vec![0xa5u8; s])).collect();
+    let one_thread = sweep(
+        plan,
+        &mut buffers,
+        |(src, dst)| -> Result<Duration, String> {
+            let t = Instant::now();
+            dst.copy_from_slice(src);
+            let d = t.elapsed();
+            std::hint::black_box(&dst);
+            Ok(d)
+        },
+        |&d| d,
+    )?;
     let mut out = Vec::new();
-    for &size in &plan.sizes {
-        progress(&format!("memcpy {}", human(size)));
-        let src = vec![0x5au8; size];
-        let mut dst = vec![0xa5u8; size];
-        let (w, runs) = repeat_sweep(
-            plan,
-            |_| -> Result<Duration, String> {
-                let t = Instant::now();
-                dst.copy_from_slice(&src);
-                let d = t.elapsed();
-                std::hint::black_box(&dst);
-                Ok(d)
-            },
-            |&d| d,
-        )?;
+    for ((&size, (src, dst)), (w, runs)) in plan.sizes.iter().zip(&mut buffers).zip(one_thread) {
+        progress(&format!("memcpy 2 threads, page copies, {}", human(size)));
         out.push(
             Case::throughput("memcpy_1t", "memcpy, 1 thread", "baseline", size, w, &runs)
                 .with_note(format!("{} timed runs", runs.len())),
         );
-        let (w, runs) = memcpy_2t(&src, &mut dst, plan.runs);
+        let (w, runs) = memcpy_2t(src, dst, plan.runs);
         out.push(Case::throughput("memcpy_2t", "memcpy, 2 threads", "baseline", size, w, &runs));
         out.push(streamed_pages(size, plan.runs)?);
     }
@@ -107,56 +112,83 @@ fn memcpy_2t(src: &[u8], dst: &mut [u8], runs: usize) -> (Duration, Vec<Duration
 
 /// The raw userfaultfd round trip: a handler thread polls a userfaultfd and
 /// answers each single-page MISSING fault with `UFFDIO_COPY` of one page;
-/// the main thread reads one byte of each page of a registered mapping in
-/// turn and times each access. Between runs the pages are dropped with
+/// each run reads one byte of each page of a registered mapping in turn and
+/// times each access. Before each run the pages are dropped with
 /// `MADV_DONTNEED`, so every access of every run faults.
-pub fn uffd_round_trip(plan: &Plan) -> Result<Case, String> {
-    progress(&format!("raw userfaultfd round trip, {} single-page faults a run", plan.latency_pages));
-    let uffd = Arc::new(Uffd::open(0, true).map_err(|e| format!("opening a userfaultfd: {e}"))?);
-    let len = plan.latency_pages * PAGE_SIZE;
-    let map = Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
-    uffd.register(&map, 0, len, false).map_err(|e| format!("UFFDIO_REGISTER (userfaultfd): {e}"))?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let handler = {
-        let (uffd, stop) = (Arc::clone(&uffd), Arc::clone(&stop));
-        std::thread::Builder::new()
-            .name("raw-uffd".into())
-            .spawn(move || raw_handler(&uffd, &stop))
-            .map_err(|e| format!("spawning the handler: {e}"))?
-    };
-    let mut all = histogram();
-    let mut byte = [0u8; 1];
-    let result = repeat(plan.runs, |i| -> Result<f64, String> {
-        map.discard(0, len).map_err(|e| format!("MADV_DONTNEED: {e}"))?;
-        let mut run = histogram();
-        for p in 0..plan.latency_pages {
+pub struct RawRoundTrip {
+    map: Mapping,
+    pages: usize,
+    stop: Arc<AtomicBool>,
+    handler: Option<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+impl RawRoundTrip {
+    /// Registers a mapping of `pages` pages and starts the handler thread,
+    /// which runs on CPU `cpu` alone.
+    pub fn new(pages: usize, cpu: usize) -> Result<RawRoundTrip, String> {
+        let uffd = Uffd::open(0, true).map_err(|e| format!("opening a userfaultfd: {e}"))?;
+        let len = pages * PAGE_SIZE;
+        let map = Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
+        uffd.register(&map, 0, len, false).map_err(|e| format!("UFFDIO_REGISTER (userfaultfd): {e}"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("raw-uffd".into())
+                .spawn(move || {
+                    set_thread_cpus(&[cpu]).map_err(|e| format!("pinning the raw handler to CPU {cpu}: {e}"))?;
+                    Ok(raw_handler(&uffd, &stop))
+                })
+                .map_err(|e| format!("spawning the handler: {e}"))?
+        };
+        Ok(RawRoundTrip { map, pages, stop, handler: Some(handler) })
+    }
+
+    /// One run: every page faulted once, each access's nanoseconds recorded
+    /// in `run`.
+    pub fn run(&self, run: &mut Histogram<u64>) -> Result<(), String> {
+        self.map.discard(0, self.pages * PAGE_SIZE).map_err(|e| format!("MADV_DONTNEED: {e}"))?;
+        let mut byte = [0u8; 1];
+        for p in 0..self.pages {
             let t = Instant::now();
-            map.read(p * PAGE_SIZE, &mut byte).map_err(|e| format!("read: {e}"))?;
-            let ns = t.elapsed().as_nanos() as u64;
-            run.saturating_record(ns.max(1));
-            if i > 0 {
-                all.saturating_record(ns.max(1));
-            }
+            self.map.read(p * PAGE_SIZE, &mut byte).map_err(|e| format!("read: {e}"))?;
+            run.saturating_record((t.elapsed().as_nanos() as u64).max(1));
         }
         if byte[0] != 0x77 {
             return Err("the raw handler's page did not arrive".into());
         }
-        Ok(run.value_at_quantile(0.5) as f64 / 1e3)
-    });
-    stop.store(true, Ordering::SeqCst);
-    let joined = handler.join();
-    let (warm, runs) = result?;
-    let faults = joined.map_err(|_| "the raw handler panicked".to_string())?;
-    Ok(Case::latency(
-        "uffd_round_trip",
-        "raw userfaultfd round trip (1 page, UFFDIO_COPY)",
-        "baseline",
-        len,
-        warm,
-        &runs,
-        &all,
-    )
-    .with_note(format!("{faults} faults answered by one poll()ing handler thread")))
+        Ok(())
+    }
+
+    /// Stops the handler and makes the case of `latencies`, measured with
+    /// the handler placed as `placement` says.
+    pub fn finish(mut self, latencies: &Latencies, placement: Placement) -> Result<Case, String> {
+        let faults = self.stop_handler()?;
+        Ok(Case::latency(
+            format!("uffd_round_trip_{}", placement.id()),
+            format!("raw userfaultfd round trip, {}", placement.name()),
+            "baseline",
+            self.pages * PAGE_SIZE,
+            latencies,
+        )
+        .with_note(format!("{faults} single-page faults answered with UFFDIO_COPY by one poll()ing handler thread")))
+    }
+
+    /// Stops and joins the handler thread; returns the faults it answered.
+    fn stop_handler(&mut self) -> Result<u64, String> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.handler.take() {
+            Some(h) => h.join().map_err(|_| "the raw handler panicked".to_string())?,
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for RawRoundTrip {
+    fn drop(&mut self) {
+        // An error path: the handler must not outlive the mapping's users.
+        let _ = self.stop_handler();
+    }
 }
 
 /// The raw handler: poll, read the fault messages, answer each with one

@@ -8,7 +8,9 @@ use uhmm::sys::uffd::Origin;
 use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot, Region};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 
-use super::{Case, Plan, histogram, progress, repeat, repeat_sweep};
+use hdrhistogram::Histogram;
+
+use super::{Case, Latencies, Placement, Plan, progress, repeat, sweep};
 use crate::units::human;
 
 /// Bytes a CPU read or fill call handles at once.
@@ -104,31 +106,44 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
             (false, true) => ("small pages", "small"),
             (false, false) => ("small pages, nothing kept", "cold"),
         };
-        for &size in plan.sizes.iter().filter(|&&s| (!huge || s >= HUGE) && (keep || s == largest)) {
-            let size = if huge { size.next_multiple_of(HUGE) } else { size };
-            progress(&format!("bulk migration, {kind}, {}", human(size)));
-            let config = if keep { Config::default() } else { Config { keep_staging_bytes: 0, ..Config::default() } };
-            let s = Setup::new(config, size, huge)?;
-            let npages = s.region.npages();
-            let mut short = 0;
-            let (warm, timed) = repeat_sweep(
-                plan,
-                |_| -> Result<(Duration, Duration), String> {
-                    let t = Instant::now();
-                    let a = s.to_device()?;
-                    let to_dev = t.elapsed();
-                    let t = Instant::now();
-                    let b = s.to_system()?;
-                    let to_ram = t.elapsed();
-                    short += (npages - a.min(npages)) + (npages - b.min(npages));
-                    Ok((to_dev, to_ram))
-                },
-                |&(a, b)| a + b,
-            )?;
+        let sizes: Vec<usize> = plan
+            .sizes
+            .iter()
+            .filter(|&&s| (!huge || s >= HUGE) && (keep || s == largest))
+            .map(|&s| if huge { s.next_multiple_of(HUGE) } else { s })
+            .collect();
+        progress(&format!(
+            "bulk migration, {kind}, {}",
+            sizes.iter().map(|&s| human(s)).collect::<Vec<_>>().join(", ")
+        ));
+        let config = if keep { Config::default() } else { Config { keep_staging_bytes: 0, ..Config::default() } };
+        // Each size: its setup and the pages its runs did not move.
+        let mut states = sizes
+            .iter()
+            .map(|&size| Ok((Setup::new(config.clone(), size, huge)?, 0usize)))
+            .collect::<Result<Vec<_>, String>>()?;
+        let sweeps = sweep(
+            plan,
+            &mut states,
+            |(s, short)| -> Result<(Duration, Duration), String> {
+                let npages = s.region.npages();
+                let t = Instant::now();
+                let a = s.to_device()?;
+                let to_dev = t.elapsed();
+                let t = Instant::now();
+                let b = s.to_system()?;
+                let to_ram = t.elapsed();
+                *short += (npages - a.min(npages)) + (npages - b.min(npages));
+                Ok((to_dev, to_ram))
+            },
+            |&(a, b)| a + b,
+        )?;
+        for ((s, short), (warm, timed)) in states.iter().zip(sweeps) {
+            let size = s.region.len();
             s.spot_check()?;
             let (thp_in, thp_out) = s.dev.huge_stats();
             let mut notes = Vec::new();
-            if short > 0 {
+            if *short > 0 {
                 notes.push(format!("{short} page moves refused (busy) over all runs"));
             }
             if huge {
@@ -160,38 +175,50 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
     Ok(out)
 }
 
-/// Single-page CPU faults on device pages: fault-around 1, each page of a
-/// device-resident region read once (one byte), each access timed.
-pub fn fault_latency(plan: &Plan) -> Result<Case, String> {
-    progress(&format!("single-page CPU faults on device pages, {} a run", plan.latency_pages));
-    let len = plan.latency_pages * PAGE_SIZE;
-    let s = Setup::new(Config { fault_around_pages: 1, ..Config::default() }, len, false)?;
-    let mut all = histogram();
-    let mut byte = [0u8; 1];
-    let before = s.space.stats();
-    let (warm, runs) = repeat(plan.runs, |i| -> Result<f64, String> {
-        s.to_device()?;
-        let mut run = histogram();
-        for p in 0..plan.latency_pages {
+/// Single-page CPU faults on device pages: fault-around 1; each run moves
+/// the region to the device (not timed) and reads one byte of each page
+/// once, each access timed.
+pub struct DeviceFaults {
+    s: Setup,
+    before: uhmm::StatsSnapshot,
+}
+
+impl DeviceFaults {
+    /// A region of `pages` pages in an address space with fault-around 1
+    /// whose fault handler runs on CPU `cpu` alone.
+    pub fn new(pages: usize, cpu: usize) -> Result<DeviceFaults, String> {
+        let config = Config { fault_around_pages: 1, handler_cpus: vec![cpu], ..Config::default() };
+        let s = Setup::new(config, pages * PAGE_SIZE, false)?;
+        let before = s.space.stats();
+        Ok(DeviceFaults { s, before })
+    }
+
+    /// One run, each access's nanoseconds recorded in `run`.
+    pub fn run(&self, run: &mut Histogram<u64>) -> Result<(), String> {
+        self.s.to_device()?;
+        let mut byte = [0u8; 1];
+        for p in 0..self.s.region.npages() {
             let t = Instant::now();
-            s.region.read(p * PAGE_SIZE, &mut byte).map_err(err("CPU read"))?;
-            let ns = t.elapsed().as_nanos() as u64;
-            run.saturating_record(ns.max(1));
-            if i > 0 {
-                all.saturating_record(ns.max(1));
-            }
+            self.s.region.read(p * PAGE_SIZE, &mut byte).map_err(err("CPU read"))?;
+            run.saturating_record((t.elapsed().as_nanos() as u64).max(1));
         }
-        Ok(run.value_at_quantile(0.5) as f64 / 1e3)
-    })?;
-    s.spot_check()?;
-    let after = s.space.stats();
-    Ok(Case::latency("fault_latency", "CPU fault on a device page (fault-around 1)", "uhmm", len, warm, &runs, &all)
-        .with_note(format!(
-            "{} faults, {} migrate_to_ram calls, {} pages to RAM",
-            after.faults - before.faults,
-            after.migrate_to_ram - before.migrate_to_ram,
-            after.pages_to_ram - before.pages_to_ram
+        Ok(())
+    }
+
+    /// Checks the data and makes the case of `latencies`, measured with
+    /// the handler placed as `placement` says.
+    pub fn finish(self, latencies: &Latencies, placement: Placement) -> Result<Case, String> {
+        self.s.spot_check()?;
+        let after = self.s.space.stats();
+        let len = self.s.region.len();
+        let name = format!("CPU fault on a device page, {}", placement.name());
+        Ok(Case::latency(format!("fault_latency_{}", placement.id()), name, "uhmm", len, latencies).with_note(format!(
+            "fault-around 1: {} faults, {} migrate_to_ram calls, {} pages to RAM",
+            after.faults - self.before.faults,
+            after.migrate_to_ram - self.before.migrate_to_ram,
+            after.pages_to_ram - self.before.pages_to_ram
         )))
+    }
 }
 
 /// How a scan walks the region.

@@ -68,6 +68,8 @@ const SWEEP_MIN_SECONDS: f64 = 0.5;
 const SWEEP_MIN_SECONDS_QUICK: f64 = 0.05;
 /// Timed runs of a sweep case at most.
 const SWEEP_MAX_RUNS: usize = 1000;
+/// Rounds a sweep goes through its sizes in (see [`sweep`]).
+const SWEEP_ROUNDS: usize = 5;
 
 /// What one invocation measures.
 #[derive(Debug, Clone, Serialize)]
@@ -84,9 +86,9 @@ pub struct Plan {
     pub runs: usize,
     /// Sweep cases (memcpy 1 thread, bulk migration) go on past `runs`
     /// until their timed runs add up to this many seconds, up to
-    /// [`SWEEP_MAX_RUNS`]: a small size then has hundreds of runs, and a
-    /// noisy phase of a shared machine a few milliseconds long no longer
-    /// decides its median.
+    /// [`SWEEP_MAX_RUNS`], spread over [`SWEEP_ROUNDS`] rounds through the
+    /// sizes ([`sweep`]): a small size then has hundreds of runs, and a
+    /// noisy phase of a shared machine no longer decides one size's median.
     pub sweep_min_seconds: f64,
     /// Whether this is a --quick run.
     pub quick: bool,
@@ -211,32 +213,30 @@ impl Case {
         }
     }
 
-    /// A latency case from the per-run p50s (µs) and the histogram of all
-    /// timed accesses (nanoseconds).
+    /// A latency case from its runs' latencies.
     pub fn latency(
         id: impl Into<String>,
         name: impl Into<String>,
         group: &'static str,
         bytes: usize,
-        warmup_p50: f64,
-        run_p50s: &[f64],
-        all: &hdrhistogram::Histogram<u64>,
+        l: &Latencies,
     ) -> Case {
+        let p50s = &l.run_p50s;
         Case {
             id: id.into(),
             name: name.into(),
             group,
             kind: Kind::Latency,
             bytes,
-            warmup: warmup_p50,
-            runs: run_p50s.to_vec(),
-            median: median(run_p50s),
-            min: run_p50s.iter().copied().fold(f64::INFINITY, f64::min),
-            max: run_p50s.iter().copied().fold(0.0, f64::max),
+            warmup: l.warmup_p50,
+            runs: p50s.clone(),
+            median: median(p50s),
+            min: p50s.iter().copied().fold(f64::INFINITY, f64::min),
+            max: p50s.iter().copied().fold(0.0, f64::max),
             ns_per_page: None,
-            p50_us: Some(all.value_at_quantile(0.5) as f64 / 1e3),
-            p99_us: Some(all.value_at_quantile(0.99) as f64 / 1e3),
-            samples: Some(all.len()),
+            p50_us: Some(l.all.value_at_quantile(0.5) as f64 / 1e3),
+            p99_us: Some(l.all.value_at_quantile(0.99) as f64 / 1e3),
+            samples: Some(l.all.len()),
             note: String::new(),
         }
     }
@@ -260,6 +260,46 @@ pub fn histogram() -> hdrhistogram::Histogram<u64> {
         .unwrap_or_else(|_| hdrhistogram::Histogram::new(3).unwrap_or_else(|_| unreachable!("3 digits are valid")))
 }
 
+/// Per-access latencies of a latency case: the warm-up run's p50 and each
+/// timed run's (µs), and a histogram of every timed access (ns).
+pub struct Latencies {
+    /// The warm-up run's p50, µs.
+    pub warmup_p50: f64,
+    /// Each timed run's p50, µs.
+    pub run_p50s: Vec<f64>,
+    /// Every timed access, ns.
+    pub all: hdrhistogram::Histogram<u64>,
+}
+
+/// A latency run: records each timed access's nanoseconds in the histogram.
+pub type LatencyRun<'a> = &'a mut dyn FnMut(&mut hdrhistogram::Histogram<u64>) -> Result<(), String>;
+
+/// Measures latency cases in alternating runs: a warm-up of each, then
+/// `runs` timed runs of each, every case once per round and the order
+/// turned round each round, so that a slow phase of the machine falls on
+/// all of them alike and none always follows the same other.
+pub fn alternate(runs: usize, cases: &mut [LatencyRun<'_>]) -> Result<Vec<Latencies>, String> {
+    let mut out: Vec<Latencies> =
+        cases.iter().map(|_| Latencies { warmup_p50: 0.0, run_p50s: Vec::new(), all: histogram() }).collect();
+    for round in 0..=runs {
+        let order: Vec<usize> =
+            if round % 2 == 0 { (0..cases.len()).collect() } else { (0..cases.len()).rev().collect() };
+        for k in order {
+            let mut run = histogram();
+            (cases[k])(&mut run)?;
+            let p50 = run.value_at_quantile(0.5) as f64 / 1e3;
+            let l = &mut out[k];
+            if round == 0 {
+                l.warmup_p50 = p50;
+            } else {
+                l.run_p50s.push(p50);
+                l.all.add(&run).map_err(|e| format!("merging histograms: {e}"))?;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Runs `f(i)` for `i` in `0..=runs`; `f(0)` is the warm-up. Returns the
 /// warm-up's value and the timed ones.
 pub fn repeat<T, E>(runs: usize, mut f: impl FnMut(usize) -> Result<T, E>) -> Result<(T, Vec<T>), E> {
@@ -271,24 +311,47 @@ pub fn repeat<T, E>(runs: usize, mut f: impl FnMut(usize) -> Result<T, E>) -> Re
     Ok((warm, out))
 }
 
-/// Runs `f(i)` for `i` in `0..=n`, `f(0)` the untimed warm-up, where `n`
-/// is at least `plan.runs` and grows (up to [`SWEEP_MAX_RUNS`]) until the
-/// timed runs' durations add up to `plan.sweep_min_seconds`. Returns the
-/// warm-up's value and the timed ones.
-pub fn repeat_sweep<T, E>(
+/// A sweep's measurements of one size: the first warm-up's value and the
+/// timed ones.
+pub type Sweep<T> = (T, Vec<T>);
+
+/// Measures a sweep case at every size in [`SWEEP_ROUNDS`] rounds: in each
+/// round every size (`states`, one per size) has an untimed warm-up run and
+/// then timed runs until its share of `plan.sweep_min_seconds` is timed
+/// (at least its share of `plan.runs`, at most its share of
+/// [`SWEEP_MAX_RUNS`]). A slow phase of a shared machine then falls on
+/// every size's runs, not on one size's, so it does not bend the
+/// per-page-cost curve; the warm-up of each round puts the size's data
+/// back in the caches, as runs back to back would. `timed` gives a value's
+/// duration. Returns, for each state in order, the first warm-up's value
+/// and the timed ones.
+pub fn sweep<S, T, E>(
     plan: &Plan,
-    mut f: impl FnMut(usize) -> Result<T, E>,
+    states: &mut [S],
+    mut f: impl FnMut(&mut S) -> Result<T, E>,
     timed: impl Fn(&T) -> Duration,
-) -> Result<(T, Vec<T>), E> {
-    let warm = f(0)?;
-    let mut out = Vec::with_capacity(plan.runs);
-    let mut spent = Duration::ZERO;
-    while out.len() < plan.runs || (spent.as_secs_f64() < plan.sweep_min_seconds && out.len() < SWEEP_MAX_RUNS) {
-        let v = f(out.len() + 1)?;
-        spent += timed(&v);
-        out.push(v);
+) -> Result<Vec<Sweep<T>>, E> {
+    let min_runs = plan.runs.div_ceil(SWEEP_ROUNDS);
+    let max_runs = SWEEP_MAX_RUNS / SWEEP_ROUNDS;
+    let budget = plan.sweep_min_seconds / SWEEP_ROUNDS as f64;
+    let mut out: Vec<Sweep<T>> = Vec::with_capacity(states.len());
+    for round in 0..SWEEP_ROUNDS {
+        for (i, state) in states.iter_mut().enumerate() {
+            let warm = f(state)?;
+            if round == 0 {
+                out.push((warm, Vec::new()));
+            }
+            let runs = &mut out[i].1;
+            let (mut n, mut spent) = (0, Duration::ZERO);
+            while n < min_runs || (spent.as_secs_f64() < budget && n < max_runs) {
+                let v = f(state)?;
+                spent += timed(&v);
+                runs.push(v);
+                n += 1;
+            }
+        }
     }
-    Ok((warm, out))
+    Ok(out)
 }
 
 /// Everything one invocation measured.
@@ -351,7 +414,8 @@ fn run_plan(args: &BenchArgs, plan: Plan) -> Result<(), String> {
     println!("  machine: {}", machine.describe());
     println!(
         "  sizes: {}; targets at {}; {} timed runs after 1 warm-up per case \
-         (memcpy 1 thread and bulk migration: more, up to {SWEEP_MAX_RUNS}, until {} s timed)",
+         (memcpy 1 thread and bulk migration: more, up to {SWEEP_MAX_RUNS}, until {} s timed, \
+         in {SWEEP_ROUNDS} rounds through the sizes)",
         plan.sizes.iter().map(|&s| human(s)).collect::<Vec<_>>().join(", "),
         human(plan.target_size),
         plan.runs,
@@ -361,7 +425,8 @@ fn run_plan(args: &BenchArgs, plan: Plan) -> Result<(), String> {
     let mut all = Vec::new();
     eprintln!("baselines");
     all.extend(baselines::memcpy(&plan)?);
-    all.push(baselines::uffd_round_trip(&plan)?);
+    let (raw_round_trips, device_faults) = fault_latencies(&plan)?;
+    all.extend(raw_round_trips);
     let (zram_status, zram_cases) = if args.no_zram {
         ("not measured: --no-zram; the scan target falls back to 0.4x memcpy".to_string(), Vec::new())
     } else {
@@ -374,7 +439,7 @@ fn run_plan(args: &BenchArgs, plan: Plan) -> Result<(), String> {
     let origin = cases::uffd_origin()?;
     println!("  uhmm's userfaultfd: {origin}");
     all.extend(cases::bulk(&plan)?);
-    all.push(cases::fault_latency(&plan)?);
+    all.extend(device_faults);
     all.extend(cases::scans(&plan)?);
     let metadata = cases::metadata(&plan)?;
 
@@ -400,6 +465,74 @@ fn run_plan(args: &BenchArgs, plan: Plan) -> Result<(), String> {
         println!("plot written to {}", path.display());
     }
     Ok(())
+}
+
+/// Where a fault handler runs relative to the thread that faults. On a
+/// virtual machine the two differ by several times: a wake-up of another
+/// CPU costs tens of microseconds there, one on the same CPU a switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The handler on a CPU of its own (the usual deployment).
+    OtherCpu,
+    /// The handler on the faulting thread's CPU: every fault is two
+    /// switches on one CPU, and the handler's own work counts in full.
+    SameCpu,
+}
+
+impl Placement {
+    /// For case ids.
+    pub fn id(self) -> &'static str {
+        match self {
+            Placement::OtherCpu => "other_cpu",
+            Placement::SameCpu => "same_cpu",
+        }
+    }
+
+    /// For people.
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::OtherCpu => "handler on another CPU",
+            Placement::SameCpu => "handler on the same CPU",
+        }
+    }
+}
+
+/// The raw userfaultfd round trip (a baseline) and uhmm's single-page CPU
+/// fault on a device page, in each [`Placement`] the machine allows (the
+/// faulting thread and the handlers pinned), each pair measured in
+/// alternating runs (see [`alternate`]). The fault target is their ratio,
+/// so both sides must run where the other ran: left to the scheduler, one
+/// would get a handler on the faulting CPU and the other not, now and then,
+/// and the ratio would say where threads ran, not what uhmm costs. Returns
+/// the baseline cases and the uhmm ones.
+fn fault_latencies(plan: &Plan) -> Result<(Vec<Case>, Vec<Case>), String> {
+    let allowed = uhmm::sys::process::allowed_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
+    let (&main_cpu, others) = allowed.split_first().ok_or("no CPU to run on")?;
+    // Each placement with the handlers' CPU.
+    let mut placements: Vec<(Placement, usize)> =
+        others.first().map(|&c| (Placement::OtherCpu, c)).into_iter().collect();
+    placements.push((Placement::SameCpu, main_cpu));
+    let (mut base, mut uhmm) = (Vec::new(), Vec::new());
+    for (placement, handler_cpu) in placements {
+        progress(&format!(
+            "raw userfaultfd round trip and CPU faults on device pages, alternating, {}, {} single-page faults a run",
+            placement.name(),
+            plan.latency_pages
+        ));
+        let raw = baselines::RawRoundTrip::new(plan.latency_pages, handler_cpu)?;
+        let dev = cases::DeviceFaults::new(plan.latency_pages, handler_cpu)?;
+        let set = |cpus: &[usize]| {
+            uhmm::sys::process::set_thread_cpus(cpus).map_err(|e| format!("sched_setaffinity {cpus:?}: {e}"))
+        };
+        set(&[main_cpu])?;
+        let l = alternate(plan.runs, &mut [&mut |h| raw.run(h), &mut |h| dev.run(h)]);
+        // Threads started later (the scans') inherit this thread's CPUs.
+        set(&allowed)?;
+        let l = l?;
+        base.push(raw.finish(&l[0], placement)?);
+        uhmm.push(dev.finish(&l[1], placement)?);
+    }
+    Ok((base, uhmm))
 }
 
 /// Fills `buf` with the bench's data pattern for the bytes at `off`: each
@@ -441,17 +574,39 @@ mod tests {
     }
 
     #[test]
-    fn sweep_cases_run_until_their_time_is_spent() {
+    fn sweep_cases_run_until_their_time_is_spent_in_rounds_through_the_sizes() {
         let args = BenchArgs { quick: false, json: None, plot: None, max_size: None, runs: 7, no_zram: true };
         let plan = Plan { sweep_min_seconds: 1.0, ..Plan::new(&args).unwrap() };
-        let count = |each: Duration| {
-            let (_, runs) = repeat_sweep(&plan, Ok::<_, ()>, |_| each).unwrap();
-            assert_eq!(runs, (1..=runs.len()).collect::<Vec<_>>(), "the warm-up is not among the timed runs");
-            runs.len()
-        };
-        assert_eq!(count(Duration::from_secs(1)), 7, "at least --runs");
-        assert_eq!(count(Duration::from_millis(100)), 10, "until a second is timed");
-        assert_eq!(count(Duration::from_micros(1)), SWEEP_MAX_RUNS, "at most SWEEP_MAX_RUNS");
+        // Each state is a size: (its index, its calls so far); each call
+        // returns (size, call number, duration) and logs the size.
+        let each = [Duration::from_secs(1), Duration::from_millis(100), Duration::from_micros(1)];
+        let mut states: Vec<(usize, usize)> = (0..each.len()).map(|i| (i, 0)).collect();
+        let mut log = Vec::new();
+        let out = sweep(
+            &plan,
+            &mut states,
+            |st| {
+                log.push(st.0);
+                st.1 += 1;
+                Ok::<_, ()>((st.0, st.1, each[st.0]))
+            },
+            |v| v.2,
+        )
+        .unwrap();
+        let per_round = |runs: usize| runs / SWEEP_ROUNDS + 1;
+        let counts: Vec<usize> = out.iter().map(|(_, runs)| runs.len()).collect();
+        assert_eq!(counts[0], SWEEP_ROUNDS * 7usize.div_ceil(SWEEP_ROUNDS), "at least --runs");
+        assert_eq!(counts[1], SWEEP_ROUNDS * 2, "until the round's share of a second is timed");
+        assert_eq!(counts[2], SWEEP_MAX_RUNS, "at most SWEEP_MAX_RUNS");
+        for (i, (warm, runs)) in out.iter().enumerate() {
+            assert_eq!(*warm, (i, 1, each[i]), "the first call is the warm-up");
+            assert!(runs.iter().all(|r| r.0 == i), "runs stay with their size");
+            assert!(runs.iter().all(|r| (r.1 - 1) % per_round(counts[i]) != 0), "no round's warm-up is timed");
+        }
+        // The log goes through the sizes SWEEP_ROUNDS times, in order.
+        let mut sizes_in_order = log.clone();
+        sizes_in_order.dedup();
+        assert_eq!(sizes_in_order, [0, 1, 2].repeat(SWEEP_ROUNDS));
     }
 
     #[test]

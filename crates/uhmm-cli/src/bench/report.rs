@@ -9,7 +9,7 @@ use serde::Serialize;
 use uhmm::PAGE_SIZE;
 
 use super::cases::Metadata;
-use super::{Case, Kind, Plan, Results};
+use super::{Case, Kind, Placement, Plan, Results};
 use crate::units::human;
 
 /// Where the run happened.
@@ -135,13 +135,15 @@ pub fn targets(plan: &Plan, cases: &[Case], meta: &Metadata) -> Vec<Target> {
     let (r, d) = ratio_of("to_ram_small", memcpy);
     out.push(Target::at_least(format!("sim → RAM bulk / memcpy 1 thread ({sz})"), r, 0.5, d));
 
-    let lat = cases.iter().find(|c| c.id == "fault_latency");
-    let raw = cases.iter().find(|c| c.id == "uffd_round_trip");
-    let (r, d) = match (lat.and_then(|c| c.p50_us), raw.and_then(|c| c.p50_us)) {
-        (Some(a), Some(b)) => (Some(a / b), format!("p50 {a:.1} µs vs raw userfaultfd round trip p50 {b:.1} µs")),
-        _ => (None, "not measured".into()),
-    };
-    out.push(Target::at_most("single-page CPU fault p50 / raw userfaultfd round trip p50", r, 1.2, d));
+    for placement in [Placement::OtherCpu, Placement::SameCpu] {
+        let p50 = |id: &str| cases.iter().find(|c| c.id == format!("{id}_{}", placement.id())).and_then(|c| c.p50_us);
+        let (r, d) = match (p50("fault_latency"), p50("uffd_round_trip")) {
+            (Some(a), Some(b)) => (Some(a / b), format!("p50 {a:.1} µs vs raw userfaultfd round trip p50 {b:.1} µs")),
+            _ => (None, "not measured (one CPU)".into()),
+        };
+        let name = format!("single-page CPU fault p50 / raw userfaultfd round trip p50, {}", placement.name());
+        out.push(Target::at_most(name, r, 1.2, d));
+    }
 
     let scan = cases.iter().find(|c| c.id == "scan_seq_fa16");
     let zram = cases.iter().find(|c| c.id == "zram_swapin");
