@@ -349,7 +349,7 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno
             State::Device(page) => {
                 Stats::add(&space.stats.migrate_to_ram, 1);
                 let ops = space.pagemap(page.pagemap).and_then(|pm| pm.ops());
-                let result = match ops {
+                let (result, woken) = match ops {
                     Some(ops) => {
                         let fault = CpuFault {
                             space: AddressSpace { inner: space.clone() },
@@ -361,7 +361,6 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno
                     }
                     None => (Err(Error::new(ErrorKind::NotFound, "the device is gone")), false),
                 };
-                let (result, woken) = result;
                 if let Err(err) = result {
                     if matches!(err.kind(), ErrorKind::NoMemory | ErrorKind::Busy) {
                         // Transient (staging or device memory short, a

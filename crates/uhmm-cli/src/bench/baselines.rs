@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use rustix::event::{PollFd, PollFlags, Timespec};
 use uhmm::PAGE_SIZE;
 use uhmm::sys::mman::{Mapping, Protection};
 use uhmm::sys::process::set_thread_cpus;
 use uhmm::sys::uffd::{Event, Uffd};
-
-use hdrhistogram::Histogram;
 
 use super::{Case, Latencies, Placement, Plan, progress, repeat, sweep};
 use crate::units::human;

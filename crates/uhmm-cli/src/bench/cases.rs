@@ -3,12 +3,11 @@
 
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use uhmm::sys::uffd::Origin;
 use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot, Region};
 use uhmm_devices::sim::{SimConfig, SimDevice};
-
-use hdrhistogram::Histogram;
 
 use super::{Case, Latencies, Placement, Plan, progress, repeat, sweep};
 use crate::units::human;

@@ -512,6 +512,9 @@ fn fault_latencies(plan: &Plan) -> Result<(Vec<Case>, Vec<Case>), String> {
     let mut placements: Vec<(Placement, usize)> =
         others.first().map(|&c| (Placement::OtherCpu, c)).into_iter().collect();
     placements.push((Placement::SameCpu, main_cpu));
+    let set = |cpus: &[usize]| {
+        uhmm::sys::process::set_thread_cpus(cpus).map_err(|e| format!("sched_setaffinity {cpus:?}: {e}"))
+    };
     let (mut base, mut uhmm) = (Vec::new(), Vec::new());
     for (placement, handler_cpu) in placements {
         progress(&format!(
@@ -521,9 +524,6 @@ fn fault_latencies(plan: &Plan) -> Result<(Vec<Case>, Vec<Case>), String> {
         ));
         let raw = baselines::RawRoundTrip::new(plan.latency_pages, handler_cpu)?;
         let dev = cases::DeviceFaults::new(plan.latency_pages, handler_cpu)?;
-        let set = |cpus: &[usize]| {
-            uhmm::sys::process::set_thread_cpus(cpus).map_err(|e| format!("sched_setaffinity {cpus:?}: {e}"))
-        };
         set(&[main_cpu])?;
         let l = alternate(plan.runs, &mut [&mut |h| raw.run(h), &mut |h| dev.run(h)]);
         // Threads started later (the scans') inherit this thread's CPUs.
