@@ -288,8 +288,9 @@ fn watch_wakes<T>(addr: usize, f: impl FnOnce() -> T) -> (T, bool) {
 /// [`watch_wakes`]).
 pub(crate) fn noted_wake(range: Range<usize>) {
     WATCHED.with(|w| {
-        if range.contains(&w.get().0) {
-            w.set((w.get().0, true));
+        let (watched, _) = w.get();
+        if range.contains(&watched) {
+            w.set((watched, true));
         }
     });
 }
