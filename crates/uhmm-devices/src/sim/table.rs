@@ -116,12 +116,15 @@ impl Table {
     pub(crate) fn range(&self, range: Range<usize>) -> impl Iterator<Item = (usize, &Pte)> {
         let (first, last) = (split(range.start).0, split(range.end.saturating_sub(1)).0);
         let keys = if range.is_empty() { first..first } else { first..last + 1 };
+        let (first_page, end_page) = (range.start.div_ceil(PAGE_SIZE), range.end.div_ceil(PAGE_SIZE));
         self.leaves.range(keys).flat_map(move |(key, leaf)| {
-            let range = range.clone();
-            leaf.ptes.iter().enumerate().filter_map(move |(i, pte)| {
-                let addr = (key * LEAF + i) * PAGE_SIZE;
-                pte.as_ref().filter(|_| range.contains(&addr)).map(|p| (addr, p))
-            })
+            // Only the slots of this leaf inside the range.
+            let base = key * LEAF;
+            let slots = first_page.saturating_sub(base).min(LEAF)..end_page.saturating_sub(base).min(LEAF);
+            leaf.ptes[slots.clone()]
+                .iter()
+                .zip(slots)
+                .filter_map(move |(pte, i)| pte.as_ref().map(|p| ((base + i) * PAGE_SIZE, p)))
         })
     }
 
@@ -156,6 +159,10 @@ mod tests {
         let all: Vec<usize> = t.range(at(0)..at(4096)).map(|(a, _)| a).collect();
         assert_eq!(all, [at(511), at(512), at(2000)]);
         assert_eq!(t.range(at(512)..at(2000)).count(), 1, "end excluded");
+        let one: Vec<usize> = t.range(at(511)..at(512)).map(|(a, _)| a).collect();
+        assert_eq!(one, [at(511)], "one page at the end of a leaf");
+        let mid: Vec<usize> = t.range(at(511) + 1..at(512) + 1).map(|(a, _)| a).collect();
+        assert_eq!(mid, [at(512)], "a page before the start is excluded, one containing the end included");
         // Remapping an address drops its old device page's reverse entry.
         t.insert(at(511), Pte::System { writable: false });
         t.remove_pfn(DevicePfn(7));
