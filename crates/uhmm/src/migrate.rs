@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 
 use rustix::io::Errno;
+use smallvec::{SmallVec, smallvec};
 
 use crate::copier::{CopyQueue, CopyRun, Kept, PIECE_PAGES, SPLIT_MIN_PAGES, Via, copy_in};
 use crate::fork::InFlight;
@@ -153,15 +154,15 @@ struct Inner {
     /// Keeps a fork waiting until this migration ends.
     _in_flight: InFlight,
     space: Arc<SpaceInner>,
-    regions: Vec<Arc<RegionInner>>,
-    pages: Vec<Page>,
+    regions: Few<Arc<RegionInner>>,
+    pages: Few<Page>,
     stage: Option<Slots>,
     pool: Option<Slots>,
     /// Where the data of pages set with [`Migration::set_dst_system_from`]
     /// is: (index into `copy_maps`, offset).
-    copy_srcs: Vec<(usize, usize)>,
+    copy_srcs: Few<(usize, usize)>,
     /// The driver memories named, each once in a row.
-    copy_maps: Vec<Arc<Mapping>>,
+    copy_maps: Few<Arc<Mapping>>,
     /// The pagemap looked up last (a migration's device pages are usually
     /// of one device): saves a lock and two atomics a page.
     last_pagemap: Option<Arc<DevicePagemap>>,
@@ -188,7 +189,7 @@ impl Migration<Collected> {
         space.check_usable()?;
         let (region, pages) = space.region_pages(start..end.max(start))?;
         let (first, n) = (pages.start, pages.len());
-        let mut m = Inner::new(space.clone(), vec![region.clone()], n, InFlight::enter());
+        let mut m = Inner::new(space.clone(), smallvec![region.clone()], n, InFlight::enter());
         for (i, p) in m.pages.iter_mut().enumerate() {
             p.idx = first + i;
         }
@@ -511,15 +512,19 @@ impl<S> Migration<S> {
     }
 }
 
+/// A migration's list by page (or by region, or by driver memory): a CPU
+/// fault's single-page migration keeps each inline, without allocating.
+type Few<T> = SmallVec<[T; 1]>;
+
 /// Runs of pages of a migration: (first page, pages).
-type Runs = Vec<(usize, usize)>;
+type Runs = Few<(usize, usize)>;
 
 /// A finalize under way (`Inner::finish_begin`): the new states, what is
 /// being mapped back, and the copies in still to do or to wait for.
 #[derive(Debug)]
 struct Installing {
-    new_state: Vec<State>,
-    installs: Vec<(usize, InstallFrom)>,
+    new_state: Few<State>,
+    installs: Few<(usize, InstallFrom)>,
     failed: Vec<usize>,
     /// The copies in from driver memory, and when they are big, their
     /// queue, shared with the helper (then each is a piece).
@@ -539,7 +544,7 @@ enum InstallFrom {
 }
 
 impl Inner {
-    fn new(space: Arc<SpaceInner>, regions: Vec<Arc<RegionInner>>, n: usize, in_flight: InFlight) -> Inner {
+    fn new(space: Arc<SpaceInner>, regions: Few<Arc<RegionInner>>, n: usize, in_flight: InFlight) -> Inner {
         let page = Page {
             region: 0,
             idx: 0,
@@ -553,11 +558,11 @@ impl Inner {
             _in_flight: in_flight,
             space,
             regions,
-            pages: vec![page; n],
+            pages: smallvec![page; n],
             stage: None,
             pool: None,
-            copy_srcs: Vec::new(),
-            copy_maps: Vec::new(),
+            copy_srcs: Few::new(),
+            copy_maps: Few::new(),
             last_pagemap: None,
             cpages: 0,
             finished: false,
@@ -782,10 +787,10 @@ impl Inner {
     fn finish_begin(&mut self) -> Installing {
         self.finished = true;
         let space = self.space.clone();
-        let mut new_state: Vec<State> = self.pages.iter().map(|p| p.prior).collect();
+        let mut new_state: Few<State> = self.pages.iter().map(|p| p.prior).collect();
         // Pages to map back into regions, and where their data is.
-        let mut installs: Vec<(usize, InstallFrom)> = Vec::new();
-        let mut to_device = vec![false; self.regions.len()];
+        let mut installs: Few<(usize, InstallFrom)> = Few::new();
+        let mut to_device: Few<bool> = smallvec![false; self.regions.len()];
         for (i, state) in new_state.iter_mut().enumerate() {
             let p = self.pages[i];
             if p.src == Src::Skip {
@@ -848,11 +853,11 @@ impl Inner {
     fn finish_end(&mut self, started: Installing) -> MigrateSummary {
         let Installing { mut new_state, installs, mut failed, pieces, copies } = started;
         let space = self.space.clone();
-        let copied = match copies {
+        let copied: Few<usize> = match copies {
             Some(queue) => {
                 let (copied, by_helper) = queue.finish(&space.uffd);
                 Stats::add(&space.stats.helper_copied_pages, (by_helper / PAGE_SIZE) as u64);
-                copied
+                SmallVec::from_vec(copied)
             }
             None => pieces.iter().map(|&(i, n)| copy_in(&space.uffd, self.copy_run(i, n))).collect(),
         };
@@ -878,7 +883,7 @@ impl Inner {
         // Count; device pages to free: the sources of pages that moved, and
         // allocated destinations that went unused.
         let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, migrated: 0 };
-        let mut to_free: Vec<DevicePage> = Vec::new();
+        let mut to_free: Few<DevicePage> = Few::new();
         // Pages to a device, to RAM, poisoned.
         let mut moved = [0u64; 3];
         for p in self.pages.iter().filter(|p| p.src != Src::Skip) {
@@ -907,7 +912,7 @@ impl Inner {
         // Unlock, then wake the threads that faulted meanwhile and those
         // waiting on installed pages (installs do not wake: a woken thread
         // must find its page unlocked).
-        let mut wake = vec![false; self.pages.len()];
+        let mut wake: Few<bool> = smallvec![false; self.pages.len()];
         for &(i, _) in &installs {
             wake[i] = true;
         }
@@ -923,7 +928,7 @@ impl Inner {
         to_free.sort_unstable_by_key(|d| d.pagemap);
         for group in to_free.chunk_by(|a, b| a.pagemap == b.pagemap) {
             if let Some(pm) = self.pagemap(group[0].pagemap) {
-                pm.free_pages(&group.iter().map(|d| d.pfn).collect::<Vec<_>>());
+                pm.free_pages(&group.iter().map(|d| d.pfn).collect::<Few<_>>());
             }
         }
         let mut i = 0;
@@ -975,7 +980,7 @@ impl Inner {
     /// zeros).
     fn install_begin(&self, installs: &[(usize, InstallFrom)]) -> (Vec<usize>, Runs, Option<Arc<CopyQueue>>) {
         let mut failed = Vec::new();
-        let mut copies: Runs = Vec::new();
+        let mut copies = Runs::new();
         let mut k = 0;
         while k < installs.len() {
             let (i, from) = installs[k];
@@ -1014,7 +1019,7 @@ impl Inner {
         let batches = copies.iter().filter(|c| readable(c.0)).map(|c| c.1.div_ceil(crate::BATCH_PAGES)).sum();
         let kept = self.space.stage.take_kept(batches);
         let nkept = kept.as_ref().map_or(0, |s| s.len() / crate::BATCH_PAGES);
-        let (mut pieces, mut runs): (Runs, Vec<CopyRun>) = (Vec::new(), Vec::new());
+        let (mut pieces, mut runs): (Runs, Vec<CopyRun>) = (Runs::new(), Vec::new());
         let mut used = 0;
         for (i, n) in copies {
             let mut k = 0;
@@ -1033,7 +1038,7 @@ impl Inner {
                 k += len;
             }
         }
-        let kept = kept.map(|slots| Kept { slots, srcs: self.copy_maps.clone() });
+        let kept = kept.map(|slots| Kept { slots, srcs: self.copy_maps.to_vec() });
         // One piece is the caller's: waking the helper for nothing costs
         // more than its share is worth (2 MiB back to RAM: 410–510 → 350–385
         // ns a page).
@@ -1262,8 +1267,8 @@ pub fn migrate_device_range(
         return Err(Error::invalid("the pagemap belongs to another address space"));
     }
     let in_flight = InFlight::enter();
-    let mut regions: Vec<Arc<RegionInner>> = Vec::new();
-    let mut pages = Vec::new();
+    let mut regions: Few<Arc<RegionInner>> = Few::new();
+    let mut pages = Few::new();
     for pfn in pfns {
         let pfn = DevicePfn(pfn);
         let Some((region_id, idx)) = pagemap.rmap(pfn) else {

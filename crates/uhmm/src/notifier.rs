@@ -27,6 +27,8 @@
 use std::ops::Range;
 use std::sync::{Arc, RwLock, Weak};
 
+use smallvec::SmallVec;
+
 use crate::sync::{AtomicU32, AtomicU64, Ordering, backoff};
 
 use crate::pagemap::Owner;
@@ -157,7 +159,7 @@ impl NotifierList {
     /// moves and its callback runs. The returned guard ends the
     /// invalidation when dropped, after the caller changed the pages.
     pub(crate) fn invalidate(&self, range: Range<usize>, event: InvalidateEvent) -> Invalidation {
-        let hit: Vec<Arc<IntervalNotifier>> = self
+        let hit: SmallVec<[Arc<IntervalNotifier>; 2]> = self
             .list
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -180,7 +182,8 @@ impl NotifierList {
 #[derive(Debug)]
 #[must_use = "the invalidation ends when this is dropped"]
 pub(crate) struct Invalidation {
-    hit: Vec<Arc<IntervalNotifier>>,
+    /// The notifiers told (usually a device or two: inline, no allocation).
+    hit: SmallVec<[Arc<IntervalNotifier>; 2]>,
 }
 
 impl Drop for Invalidation {

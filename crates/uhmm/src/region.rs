@@ -6,6 +6,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use smallvec::SmallVec;
+
 use crate::pte::{PageTable, State};
 use crate::space::SpaceInner;
 use crate::sys::PAGE_SIZE;
@@ -132,10 +134,11 @@ impl RegionInner {
         self.dead.load(Ordering::SeqCst)
     }
 
-    /// The protection runs covering pages `pages`, clipped to it.
-    pub(crate) fn prot_runs(&self, pages: Range<usize>) -> Vec<(Range<usize>, Prot)> {
+    /// The protection runs covering pages `pages`, clipped to it (inline,
+    /// without allocating, for up to two runs: a fault window is one).
+    pub(crate) fn prot_runs(&self, pages: Range<usize>) -> SmallVec<[(Range<usize>, Prot); 2]> {
         let map = self.prot.read().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::new();
+        let mut out = SmallVec::new();
         let first = map.range(..=pages.start).next_back().map(|(k, p)| (*k, *p));
         let iter = first.into_iter().chain(map.range(pages.start + 1..pages.end).map(|(k, p)| (*k, *p)));
         let mut prev: Option<(usize, Prot)> = None;
@@ -445,15 +448,18 @@ mod tests {
     fn prot_runs_split_and_merge() {
         let map = Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
         let r = RegionInner::new(1, map, Prot::READ_WRITE, Backing::Anonymous, false);
-        assert_eq!(r.prot_runs(0..16), vec![(0..16, Prot::READ_WRITE)]);
+        assert_eq!(r.prot_runs(0..16).as_slice(), [(0..16, Prot::READ_WRITE)]);
         r.set_prot(4..8, Prot::READ).unwrap();
-        assert_eq!(r.prot_runs(0..16), vec![(0..4, Prot::READ_WRITE), (4..8, Prot::READ), (8..16, Prot::READ_WRITE)]);
-        assert_eq!(r.prot_runs(5..6), vec![(5..6, Prot::READ)]);
+        assert_eq!(
+            r.prot_runs(0..16).as_slice(),
+            [(0..4, Prot::READ_WRITE), (4..8, Prot::READ), (8..16, Prot::READ_WRITE)]
+        );
+        assert_eq!(r.prot_runs(5..6).as_slice(), [(5..6, Prot::READ)]);
         assert_eq!(r.prot_at(7), Prot::READ);
         assert_eq!(r.prot_at(8), Prot::READ_WRITE);
         r.set_prot(0..16, Prot::NONE).unwrap();
-        assert_eq!(r.prot_runs(0..16), vec![(0..16, Prot::NONE)]);
+        assert_eq!(r.prot_runs(0..16).as_slice(), [(0..16, Prot::NONE)]);
         r.set_prot(12..16, Prot::READ).unwrap();
-        assert_eq!(r.prot_runs(10..16), vec![(10..12, Prot::NONE), (12..16, Prot::READ)]);
+        assert_eq!(r.prot_runs(10..16).as_slice(), [(10..12, Prot::NONE), (12..16, Prot::READ)]);
     }
 }
