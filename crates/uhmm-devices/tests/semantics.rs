@@ -516,6 +516,39 @@ fn fault_next_to_an_unmapped_page_brings_data_back() {
 }
 
 #[test]
+fn scans_up_or_down_a_region_fault_in_growing_windows() {
+    with_timeout(60, || {
+        const PAGES: usize = 1024;
+        // Default fault-around: 16 pages, growing to 512 along a scan.
+        let space = space();
+        let dev = device(&space);
+        let r = map(&space, PAGES);
+        fill(&r, 0..PAGES, |i| i);
+        let mut word = [0u8; 4];
+        // Reads one word of each page in `order`, all from the device; the faults it took.
+        let scan = |order: &mut dyn Iterator<Item = usize>, word: &mut [u8; 4]| {
+            assert_eq!(dev.migrate_to_device_all(r.addr(), PAGES).unwrap().cpages, PAGES);
+            let before = space.stats().faults;
+            for p in order {
+                r.read(p * PAGE_SIZE, word).unwrap();
+                assert_eq!(u32::from_ne_bytes(*word), (p * WORDS_PER_PAGE) as u32, "page {p}");
+            }
+            space.stats().faults - before
+        };
+        // 16 + 32 + ... + 512 pages: 7 faults; 64 at a fixed 16.
+        let up = scan(&mut (0..PAGES), &mut word);
+        assert!(up <= 8, "{up} faults scanning up");
+        // Down, as glibc's memcpy runs a large copy: also growing windows.
+        let down = scan(&mut (0..PAGES).rev(), &mut word);
+        assert!(down <= 8, "{down} faults scanning down");
+        // Scattered: the base window each time.
+        let scattered = scan(&mut (0..PAGES).map(|k| k * 37 % PAGES), &mut word);
+        assert!(scattered >= 48, "{scattered} faults for scattered reads");
+        assert_eq!(space.stats().poisoned_pages, 0);
+    });
+}
+
+#[test]
 fn discard_drops_pages_wherever_they_are() {
     with_timeout(60, || {
         let space = space();

@@ -393,25 +393,66 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno
     space.uffd.wake(addr, PAGE_SIZE)
 }
 
-/// The fault-around window for page `idx`, clipped to the region, to one
-/// protection run and to mapped pages. Adaptive: a fault where the previous
-/// window ended (a sequential scan) gets a window twice as large, forward
-/// from the fault, up to `fault_around_max_pages`; any other fault gets the
-/// aligned base window.
+/// The adaptive window of one kind of fault in one region (fault-around,
+/// first-touch fills). A fault on the page just past the last window (a
+/// scan up the region) or just before it (a scan down: glibc's memcpy runs
+/// large copies backwards) gets a window twice as large, reaching on in the
+/// scan's direction, up to a maximum; any other fault gets the aligned base
+/// window. Relaxed atomics: a lost update only costs a window's size.
+#[derive(Debug)]
+pub(crate) struct ScanWindow {
+    /// The last window's first page and end (`usize::MAX`: none yet).
+    start: AtomicUsize,
+    end: AtomicUsize,
+    /// Its size before clipping.
+    size: AtomicUsize,
+}
+
+impl Default for ScanWindow {
+    fn default() -> ScanWindow {
+        ScanWindow { start: AtomicUsize::new(usize::MAX), end: AtomicUsize::new(usize::MAX), size: AtomicUsize::new(0) }
+    }
+}
+
+impl ScanWindow {
+    /// The window for a fault on page `idx` of a region of `npages` pages,
+    /// with its size before clipping (for [`ScanWindow::record`]).
+    fn propose(&self, idx: usize, base: usize, max: usize, npages: usize) -> (Range<usize>, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if base > 1 {
+            let grown = (self.size.load(Relaxed) * 2).clamp(base, max.max(base));
+            if self.end.load(Relaxed) == idx {
+                return (idx..(idx + grown).min(npages), grown);
+            }
+            if self.start.load(Relaxed) == idx + 1 {
+                return ((idx + 1).saturating_sub(grown)..idx + 1, grown);
+            }
+        }
+        let start = idx - idx % base;
+        (start..(start + base).min(npages), base)
+    }
+
+    /// Notes the window taken, `pages` (clipped), proposed as `size` pages.
+    fn record(&self, pages: &Range<usize>, size: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.start.store(pages.start, Relaxed);
+        self.end.store(pages.end, Relaxed);
+        self.size.store(size, Relaxed);
+    }
+}
+
+/// The fault-around window for page `idx` ([`ScanWindow`]), clipped to the
+/// region, to one protection run and to mapped pages.
 fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<usize> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let base = space.config.fault_around_pages;
-    let max = space.config.fault_around_max_pages.max(base);
-    let sequential = base > 1 && region.fault_next.load(Relaxed) == idx;
-    let (start, w) = if sequential {
-        (idx, (region.fault_window.load(Relaxed) * 2).clamp(base, max))
-    } else {
-        (idx - idx % base, base)
-    };
-    let aligned = start..(start + w).min(region.npages());
+    let (window, size) = region.fault_around.propose(
+        idx,
+        space.config.fault_around_pages,
+        space.config.fault_around_max_pages,
+        region.npages(),
+    );
     // Only pages a migration may take: one protection run, nothing unmapped.
     let mut pages =
-        region.prot_runs(aligned).into_iter().find(|(r, _)| r.contains(&idx)).map_or(idx..idx + 1, |(r, _)| r);
+        region.prot_runs(window).into_iter().find(|(r, _)| r.contains(&idx)).map_or(idx..idx + 1, |(r, _)| r);
     while pages.len() > 1 && region.has_unmapped(&pages) {
         pages = if region.has_unmapped(&(pages.start..idx)) {
             pages.start + 1..pages.end
@@ -419,8 +460,7 @@ fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<u
             pages.start..pages.end - 1
         };
     }
-    region.fault_window.store(w, Relaxed);
-    region.fault_next.store(pages.end, Relaxed);
+    region.fault_around.record(&pages, size);
     region.addr_of(pages.start)..region.addr_of(pages.end)
 }
 
@@ -436,23 +476,15 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
     if region.huge && huge_fill(space, region, idx) {
         return Ok(());
     }
-    // Adaptive like fault-around: a first touch where the last window ended
-    // (a sequential fill) doubles the window, forward from the fault.
-    use std::sync::atomic::Ordering::Relaxed;
-    let base = space.config.zero_fill_pages;
-    let sequential = base > 1 && region.zero_next.load(Relaxed) == idx;
-    let (first, w) = if sequential {
-        (idx, (region.zero_window.load(Relaxed) * 2).clamp(base, space.config.fault_around_max_pages.max(base)))
-    } else {
-        (idx - idx % base, base)
-    };
-    region.zero_window.store(w, Relaxed);
+    // Adaptive like fault-around ([`ScanWindow`]).
+    let (window, size) = region.zero_around.propose(
+        idx,
+        space.config.zero_fill_pages,
+        space.config.fault_around_max_pages,
+        region.npages(),
+    );
     // The window may not cross a protection boundary (one VMA per ioctl).
-    let run = region
-        .prot_runs(first..(first + w).min(region.npages()))
-        .into_iter()
-        .find(|(r, _)| r.contains(&idx))
-        .map_or(idx..idx + 1, |(r, _)| r);
+    let run = region.prot_runs(window).into_iter().find(|(r, _)| r.contains(&idx)).map_or(idx..idx + 1, |(r, _)| r);
     let mut lo = idx;
     while lo > run.start && pt.try_lock_for_fill(lo - 1) {
         lo -= 1;
@@ -461,7 +493,7 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
     while hi < run.end && pt.try_lock_for_fill(hi) {
         hi += 1;
     }
-    region.zero_next.store(hi, Relaxed);
+    region.zero_around.record(&(lo..hi), size);
     let fill = |first: usize, n: usize| {
         let (addr, len) = (region.addr_of(first), n * PAGE_SIZE);
         if !write {
@@ -611,6 +643,33 @@ mod tests {
 
     fn fault(addr: usize, write: bool, read_at: u64) -> Fault {
         Fault { addr, write, read_at }
+    }
+
+    #[test]
+    fn scan_windows_grow_up_and_down_the_region_and_reset_elsewhere() {
+        let w = ScanWindow::default();
+        // Takes the proposed window for a fault on `idx` and returns it.
+        let take = |idx: usize| {
+            let (pages, size) = w.propose(idx, 16, 128, 1000);
+            w.record(&pages, size);
+            pages
+        };
+        assert_eq!(take(40), 32..48, "a first fault: the aligned base window");
+        assert_eq!(take(48), 48..80, "up: doubled, from the fault");
+        assert_eq!(take(80), 80..144);
+        assert_eq!(take(144), 144..272);
+        assert_eq!(take(272), 272..400, "no larger than the maximum");
+        assert_eq!(take(700), 688..704, "a fault elsewhere starts again");
+        assert_eq!(take(687), 656..688, "down: doubled, ending at the fault");
+        assert_eq!(take(655), 592..656);
+        assert_eq!(take(591), 464..592);
+        assert_eq!(take(995), 992..1000, "clipped to the region");
+        assert_eq!(take(991), 960..992);
+        w.record(&(0..40), 64);
+        assert_eq!(w.propose(39, 16, 128, 1000).0, 32..48, "a fault inside the last window resets");
+        w.record(&(20..40), 64);
+        assert_eq!(w.propose(19, 16, 128, 1000).0, 0..20, "clipped at the region's start");
+        assert_eq!(w.propose(19, 1, 128, 1000).0, 19..20, "a base of one page never grows");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use smallvec::SmallVec;
 
+use crate::fault::ScanWindow;
 use crate::pte::{PageTable, State};
 use crate::space::SpaceInner;
 use crate::sys::PAGE_SIZE;
@@ -76,13 +77,10 @@ pub(crate) struct RegionInner {
     pub(crate) dead: AtomicBool,
     /// Page ranges unmapped with [`Region::unmap`] (reserved, inaccessible).
     unmapped: RwLock<Vec<Range<usize>>>,
-    /// Adaptive fault-around: where a sequential fault would come next, and
-    /// the window it would get.
-    pub(crate) fault_next: std::sync::atomic::AtomicUsize,
-    pub(crate) fault_window: std::sync::atomic::AtomicUsize,
+    /// Adaptive fault-around: the last window of a fault on device pages.
+    pub(crate) fault_around: ScanWindow,
     /// The same for first-touch zero fills.
-    pub(crate) zero_next: std::sync::atomic::AtomicUsize,
-    pub(crate) zero_window: std::sync::atomic::AtomicUsize,
+    pub(crate) zero_around: ScanWindow,
     /// The space's `to_device_epoch` when pages of the region last moved to
     /// a device.
     pub(crate) to_device_at: std::sync::atomic::AtomicU64,
@@ -100,10 +98,8 @@ impl RegionInner {
             prot: RwLock::new(BTreeMap::from([(0, prot)])),
             dead: AtomicBool::new(false),
             unmapped: RwLock::new(Vec::new()),
-            fault_next: std::sync::atomic::AtomicUsize::new(usize::MAX),
-            fault_window: std::sync::atomic::AtomicUsize::new(0),
-            zero_next: std::sync::atomic::AtomicUsize::new(usize::MAX),
-            zero_window: std::sync::atomic::AtomicUsize::new(0),
+            fault_around: ScanWindow::default(),
+            zero_around: ScanWindow::default(),
             to_device_at: std::sync::atomic::AtomicU64::new(0),
         }
     }

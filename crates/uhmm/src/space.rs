@@ -37,8 +37,10 @@ pub struct Config {
     /// behaviour, and turns the adaptive growth below off.
     pub fault_around_pages: usize,
     /// The largest fault-around window: while faults run sequentially
-    /// through a region, each window doubles up to this; a fault elsewhere
-    /// starts again from `fault_around_pages`.
+    /// through a region, up or down (glibc's memcpy copies large buffers
+    /// backwards), each window doubles up to this, reaching on in the
+    /// scan's direction; a fault elsewhere starts again from
+    /// `fault_around_pages`.
     pub fault_around_max_pages: usize,
     /// Pages a first-touch fault zero-fills at once (an aligned window);
     /// while first touches run sequentially the window doubles up to
