@@ -143,7 +143,7 @@ fn check(buf: &[u8], off: usize, seed: u64, first_bad: &mut Option<usize>) -> us
 }
 
 /// The counters of [`StatsSnapshot`], by name.
-fn counters(s: &StatsSnapshot) -> [(&'static str, u64); 13] {
+fn counters(s: &StatsSnapshot) -> [(&'static str, u64); 14] {
     [
         ("faults", s.faults),
         ("duplicate_faults", s.duplicate_faults),
@@ -152,6 +152,7 @@ fn counters(s: &StatsSnapshot) -> [(&'static str, u64); 13] {
         ("eexist", s.eexist),
         ("zero_filled_pages", s.zero_filled_pages),
         ("migrate_to_ram", s.migrate_to_ram),
+        ("read_aheads", s.read_aheads),
         ("migrations", s.migrations),
         ("collected_pages", s.collected_pages),
         ("pages_to_device", s.pages_to_device),
@@ -181,6 +182,7 @@ fn delta(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
         (&mut d.eexist, b.eexist),
         (&mut d.zero_filled_pages, b.zero_filled_pages),
         (&mut d.migrate_to_ram, b.migrate_to_ram),
+        (&mut d.read_aheads, b.read_aheads),
         (&mut d.migrations, b.migrations),
         (&mut d.collected_pages, b.collected_pages),
         (&mut d.pages_to_device, b.pages_to_device),
@@ -329,7 +331,7 @@ impl<'a> Demo<'a> {
 
         // 3. The CPU reads the first part back: faults through the fault engine.
         let touch_bytes = touch_pages * PAGE_SIZE;
-        self.begin("CPU reads back the first part (faults migrate pages back to RAM)");
+        self.begin("CPU reads back the first part (faults migrate pages back to RAM, and read ahead)");
         let t = self.touch(touch_bytes)?;
         self.end(TOUCH, touch_bytes, t, "")?;
 
@@ -508,10 +510,11 @@ impl<'a> Demo<'a> {
         let st = self.space.stats();
         let by_fault: u64 = self.steps.iter().filter(|s| s.name == TOUCH).map(|s| s.delta.pages_to_ram).sum();
         println!(
-            "  pages migrated: to device {}, to RAM {} ({by_fault} by CPU faults through {} migrate_to_ram calls, {} by migrate_to_system)",
+            "  pages migrated: to device {}, to RAM {} ({by_fault} by CPU faults through {} migrate_to_ram calls, {} of them read-aheads; {} later, by migrate_to_system or a read-ahead finishing)",
             st.pages_to_device,
             st.pages_to_ram,
             st.migrate_to_ram,
+            st.read_aheads,
             st.pages_to_ram.saturating_sub(by_fault)
         );
         println!(

@@ -549,6 +549,58 @@ fn scans_up_or_down_a_region_fault_in_growing_windows() {
 }
 
 #[test]
+fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
+    with_timeout(60, || {
+        const PAGES: usize = 1024;
+        let space = space();
+        let dev = device(&space);
+        let r = map(&space, PAGES);
+        fill(&r, 0..PAGES, |i| i);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), PAGES).unwrap().cpages, PAGES);
+        let on_ram = |pages: std::ops::Range<usize>| {
+            let range = r.addr() + pages.start * PAGE_SIZE..r.addr() + pages.end * PAGE_SIZE;
+            space.snapshot(range).unwrap().iter().filter(|p| p.residency == uhmm::Residency::Ram).count()
+        };
+        let mut page = vec![0u8; PAGE_SIZE];
+        // A fault, then one where its window ended: a scan up the region,
+        // with windows of 16 then 32 pages (16..48).
+        r.read(0, &mut page).unwrap();
+        r.read(16 * PAGE_SIZE, &mut page).unwrap();
+        // The idle handler brings back the next two windows: 64, then 128 pages.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while on_ram(48..240) < 192 {
+            assert!(std::time::Instant::now() < deadline, "no read-ahead: {} of 192 pages back", on_ram(48..240));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(space.stats().read_aheads, 2);
+        assert_eq!(on_ram(240..PAGES), 0, "no further than two windows ahead");
+        // The scan reads them without faulting, and sees the right data.
+        let faults = space.stats().faults;
+        for p in 48..240 {
+            r.read(p * PAGE_SIZE, &mut page).unwrap();
+            assert_words(&page, |i| i + (p * WORDS_PER_PAGE) as u32);
+        }
+        assert_eq!(space.stats().faults, faults);
+        // Its next fault goes on where the read-ahead ended.
+        r.read(240 * PAGE_SIZE, &mut page).unwrap();
+        assert_words(&cpu_read(&r), |i| i);
+        assert_eq!(space.stats().poisoned_pages, 0);
+
+        // Turned off: the same scan reads nothing ahead.
+        let space = uhmm::AddressSpace::new(uhmm::Config { read_ahead_windows: 0, ..uhmm::Config::default() }).unwrap();
+        let dev = device(&space);
+        let r = map(&space, PAGES);
+        fill(&r, 0..PAGES, |i| i);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), PAGES).unwrap().cpages, PAGES);
+        for p in 0..PAGES {
+            r.read(p * PAGE_SIZE, &mut page).unwrap();
+        }
+        assert_eq!(space.stats().read_aheads, 0);
+        assert_words(&cpu_read(&r), |i| i);
+    });
+}
+
+#[test]
 fn discard_drops_pages_wherever_they_are() {
     with_timeout(60, || {
         let space = space();

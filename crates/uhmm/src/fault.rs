@@ -150,8 +150,17 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
     // queued already (on one CPU, the woken program ran and faulted before
     // this thread got the CPU back), and a read alone then finds it.
     let mut read_first = false;
+    // Where a sequential scan will fault next: brought back once idle.
+    let mut ahead: Option<ReadAhead> = None;
     loop {
         if !read_first {
+            if let Some(next) = ahead.take() {
+                let Some(space) = space.upgrade() else { return };
+                let _ = guarded(next.addr, || read_ahead(&space, next, &mut ahead));
+                // Faults may have come meanwhile: read before polling.
+                read_first = true;
+                continue;
+            }
             let mut fds = [PollFd::new(uffd, PollFlags::IN), PollFd::new(stop, PollFlags::IN)];
             let timeout = if queue.is_empty() { None } else { Some(&retry) };
             match rustix::event::poll(&mut fds, timeout) {
@@ -189,19 +198,19 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
         let wake = |addr| {
             let _ = space.uffd.wake(addr, PAGE_SIZE);
         };
-        queue.drain(
-            |fault| {
-                // A panic in driver code must not take the fault engine down:
-                // the migration's Drop has restored the pages; the thread retries.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| resolve(&space, fault))).unwrap_or_else(|_| {
-                    tracing::error!(addr = fault.addr, "resolving a fault panicked (driver bug?)");
-                    Err(Errno::IO)
-                })
-            },
-            wake,
-        );
+        queue.drain(|fault| guarded(fault.addr, || resolve(&space, fault, &mut ahead)), wake);
         read_first = read > 0 && queue.is_empty();
     }
+}
+
+/// Runs `f`, which calls driver code, for the page at `addr`: a panic in it
+/// must not take the fault engine down (the migration's Drop has restored
+/// the pages; a faulting thread retries).
+fn guarded(addr: usize, f: impl FnOnce() -> Result<(), Errno>) -> Result<(), Errno> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        tracing::error!(addr, "resolving a fault panicked (driver bug?)");
+        Err(Errno::IO)
+    })
 }
 
 /// A userfault to resolve.
@@ -295,8 +304,9 @@ pub(crate) fn noted_wake(range: Range<usize>) {
     });
 }
 
-/// Resolves `fault`.
-pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno> {
+/// Resolves `fault`. A fault on a device page in a sequential scan sets
+/// `ahead` to the address where the scan will fault next.
+pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<ReadAhead>) -> Result<(), Errno> {
     let Fault { addr, write, read_at } = fault;
     let Some(region) = space.region_at(addr) else {
         // Not in any region: a stale fault for a region that is being (or
@@ -319,7 +329,7 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno
         return space.uffd.wake(addr, PAGE_SIZE);
     };
     // The region may have moved (`Region::remap`) since it was looked up.
-    let Some(idx) = addr.checked_sub(region.start()).map(|o| o / PAGE_SIZE).filter(|&i| i < region.npages()) else {
+    let Some(idx) = region.index_of(addr) else {
         return space.uffd.wake(addr, PAGE_SIZE);
     };
     let mut single = false;
@@ -350,14 +360,11 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno
             State::Device(page) => {
                 Stats::add(&space.stats.migrate_to_ram, 1);
                 let ops = space.pagemap(page.pagemap).and_then(|pm| pm.ops());
+                let (window, next) =
+                    if single { (addr..addr + PAGE_SIZE, None) } else { fault_window(space, &region, idx) };
                 let (result, woken) = match ops {
                     Some(ops) => {
-                        let fault = CpuFault {
-                            space: AddressSpace { inner: space.clone() },
-                            addr,
-                            window: if single { addr..addr + PAGE_SIZE } else { fault_window(space, &region, idx) },
-                            page,
-                        };
+                        let fault = CpuFault { space: AddressSpace { inner: space.clone() }, addr, window, page };
                         watch_wakes(addr, || ops.migrate_to_ram(&fault))
                     }
                     None => (Err(Error::new(ErrorKind::NotFound, "the device is gone")), false),
@@ -379,6 +386,8 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault) -> Result<(), Errno
                     tracing::error!(%err, addr, "migrate_to_ram failed: poisoning the page");
                     poison_page(space, &region, idx, page);
                 } else if region.pt.load(idx).is_cpu_unlocked() {
+                    let windows = space.config.read_ahead_windows;
+                    *ahead = next.filter(|_| windows > 0).map(|i| ReadAhead { addr: region.addr_of(i), windows });
                     // Back in RAM. Its migration woke the thread, unless the
                     // page came back some other way (say, discarded meanwhile).
                     return if woken { Ok(()) } else { space.uffd.wake(addr, PAGE_SIZE) };
@@ -416,20 +425,21 @@ impl Default for ScanWindow {
 
 impl ScanWindow {
     /// The window for a fault on page `idx` of a region of `npages` pages,
-    /// with its size before clipping (for [`ScanWindow::record`]).
-    fn propose(&self, idx: usize, base: usize, max: usize, npages: usize) -> (Range<usize>, usize) {
+    /// with its size before clipping (for [`ScanWindow::record`]) and the
+    /// scan's direction, if the fault continues one.
+    fn propose(&self, idx: usize, base: usize, max: usize, npages: usize) -> (Range<usize>, usize, Option<Scan>) {
         use std::sync::atomic::Ordering::Relaxed;
         if base > 1 {
             let grown = (self.size.load(Relaxed) * 2).clamp(base, max.max(base));
             if self.end.load(Relaxed) == idx {
-                return (idx..(idx + grown).min(npages), grown);
+                return (idx..(idx + grown).min(npages), grown, Some(Scan::Up));
             }
             if self.start.load(Relaxed) == idx + 1 {
-                return ((idx + 1).saturating_sub(grown)..idx + 1, grown);
+                return ((idx + 1).saturating_sub(grown)..idx + 1, grown, Some(Scan::Down));
             }
         }
         let start = idx - idx % base;
-        (start..(start + base).min(npages), base)
+        (start..(start + base).min(npages), base, None)
     }
 
     /// Notes the window taken, `pages` (clipped), proposed as `size` pages.
@@ -441,10 +451,26 @@ impl ScanWindow {
     }
 }
 
+/// A read-ahead to do: the page where a sequential scan comes next, and
+/// how many windows may still be brought back before the scan faults again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadAhead {
+    addr: usize,
+    windows: usize,
+}
+
+/// The direction of a sequential scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    Up,
+    Down,
+}
+
 /// The fault-around window for page `idx` ([`ScanWindow`]), clipped to the
-/// region, to one protection run and to mapped pages.
-fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<usize> {
-    let (window, size) = region.fault_around.propose(
+/// region, to one protection run and to mapped pages; and, in a sequential
+/// scan, the page the scan reaches next (for a read-ahead).
+fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> (Range<usize>, Option<usize>) {
+    let (window, size, scan) = region.fault_around.propose(
         idx,
         space.config.fault_around_pages,
         space.config.fault_around_max_pages,
@@ -461,7 +487,43 @@ fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> Range<u
         };
     }
     region.fault_around.record(&pages, size);
-    region.addr_of(pages.start)..region.addr_of(pages.end)
+    let next = match scan {
+        Some(Scan::Up) => Some(pages.end).filter(|&i| i < region.npages()),
+        Some(Scan::Down) => pages.start.checked_sub(1),
+        None => None,
+    };
+    (region.addr_of(pages.start)..region.addr_of(pages.end), next)
+}
+
+/// Brings back the window a sequential scan reaches next, at `addr`, as the
+/// scan's fault there would, while the handler has nothing else to do: the
+/// scan then reads one window while the next comes back, and takes half
+/// the faults. Does nothing where the page is not on a device or is locked
+/// (a migration has it); a failure is left to the scan's own fault.
+fn read_ahead(space: &Arc<SpaceInner>, at: ReadAhead, ahead: &mut Option<ReadAhead>) -> Result<(), Errno> {
+    let addr = at.addr;
+    let Some((region, idx)) = space.region_at(addr).and_then(|r| r.index_of(addr).map(|i| (r, i))) else {
+        return Ok(());
+    };
+    let entry = region.pt.load(idx);
+    let (State::Device(page), false) = (entry.state(), entry.locked()) else {
+        return Ok(());
+    };
+    let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else {
+        return Ok(());
+    };
+    let (window, next) = fault_window(space, &region, idx);
+    Stats::add(&space.stats.migrate_to_ram, 1);
+    Stats::add(&space.stats.read_aheads, 1);
+    let fault = CpuFault { space: AddressSpace { inner: space.clone() }, addr, window, page };
+    match ops.migrate_to_ram(&fault) {
+        Ok(()) if at.windows > 1 => {
+            *ahead = next.map(|i| ReadAhead { addr: region.addr_of(i), windows: at.windows - 1 });
+        }
+        Ok(()) => {}
+        Err(err) => tracing::debug!(%err, addr, "read-ahead failed; the scan's own fault will retry"),
+    }
+    Ok(())
 }
 
 /// Zero-fills the first-touch window around page `idx`: with the zero page
@@ -477,7 +539,7 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
         return Ok(());
     }
     // Adaptive like fault-around ([`ScanWindow`]).
-    let (window, size) = region.zero_around.propose(
+    let (window, size, _) = region.zero_around.propose(
         idx,
         space.config.zero_fill_pages,
         space.config.fault_around_max_pages,
@@ -650,7 +712,7 @@ mod tests {
         let w = ScanWindow::default();
         // Takes the proposed window for a fault on `idx` and returns it.
         let take = |idx: usize| {
-            let (pages, size) = w.propose(idx, 16, 128, 1000);
+            let (pages, size, _) = w.propose(idx, 16, 128, 1000);
             w.record(&pages, size);
             pages
         };
@@ -718,7 +780,7 @@ mod tests {
         let before = space.stats();
         assert!(before.zero_filled_pages >= 1);
         // A stale copy of that fault, read late or twice: must succeed and wake.
-        resolve(&space.inner, fault(region.addr() + 5 * PAGE_SIZE, true, 0)).unwrap();
+        resolve(&space.inner, fault(region.addr() + 5 * PAGE_SIZE, true, 0), &mut None).unwrap();
         let after = space.stats();
         assert_eq!(after.eexist, before.eexist + 1, "the already-present page answers EEXIST");
         let mut b = [0u8; 1];
@@ -828,13 +890,13 @@ mod tests {
         }
         assert_eq!(m.pages().finalize().migrated, 4);
         let on_device = || matches!(region.inner.pt.load(0).state(), State::Device(_));
-        resolve(&space.inner, fault(region.addr(), false, read_at)).unwrap();
+        resolve(&space.inner, fault(region.addr(), false, read_at), &mut None).unwrap();
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 0, "the stale fault brought nothing back");
         assert_eq!(space.stats().stale_faults, 1);
         assert!(on_device());
         // A fault read after the move is served.
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
-        resolve(&space.inner, fault(region.addr(), false, read_at)).unwrap();
+        resolve(&space.inner, fault(region.addr(), false, read_at), &mut None).unwrap();
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 1);
         assert!(!on_device());
         assert_eq!(space.stats().stale_faults, 1);

@@ -122,6 +122,11 @@ impl RegionInner {
         self.start() + idx * PAGE_SIZE
     }
 
+    /// The index of the page at `addr`, if the region holds it.
+    pub(crate) fn index_of(&self, addr: usize) -> Option<usize> {
+        addr.checked_sub(self.start()).map(|o| o / PAGE_SIZE).filter(|&i| i < self.npages())
+    }
+
     pub(crate) fn contains(&self, addr: usize) -> bool {
         addr >= self.start() && addr - self.start() < self.map.len()
     }

@@ -42,6 +42,11 @@ pub struct Config {
     /// scan's direction; a fault elsewhere starts again from
     /// `fault_around_pages`.
     pub fault_around_max_pages: usize,
+    /// Windows an idle fault handler brings back ahead of a sequential scan
+    /// of device pages, in the scan's direction, before the scan faults on
+    /// them (the scan then reads one window while the next comes back). 0
+    /// turns read-ahead off; so does `fault_around_pages: 1`.
+    pub read_ahead_windows: usize,
     /// Pages a first-touch fault zero-fills at once (an aligned window);
     /// while first touches run sequentially the window doubles up to
     /// `fault_around_max_pages`. 1 turns both off.
@@ -66,6 +71,7 @@ impl Default for Config {
             handler_cpus: Vec::new(),
             fault_around_pages: 16,
             fault_around_max_pages: 512,
+            read_ahead_windows: 2,
             zero_fill_pages: 16,
             staging_bytes: 1 << 30,
             allow_user_mode_only: true,

@@ -40,6 +40,9 @@ counters! {
     huge_fills,
     /// Calls of a driver's `migrate_to_ram` from the fault path.
     migrate_to_ram,
+    /// Of those, read-aheads: the next window of a sequential scan, brought
+    /// back by an idle handler before the scan faults on it.
+    read_aheads,
     /// Migrations finalized (or dropped).
     migrations,
     /// Pages collected by migrations (`cpages`).
