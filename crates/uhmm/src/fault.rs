@@ -402,52 +402,86 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<
     space.uffd.wake(addr, PAGE_SIZE)
 }
 
-/// The adaptive window of one kind of fault in one region (fault-around,
-/// first-touch fills). A fault on the page just past the last window (a
-/// scan up the region) or just before it (a scan down: glibc's memcpy runs
-/// large copies backwards) gets a window twice as large, reaching on in the
-/// scan's direction, up to a maximum; any other fault gets the aligned base
-/// window. Relaxed atomics: a lost update only costs a window's size.
+/// The adaptive windows of one kind of fault in one region (fault-around,
+/// first-touch fills), for up to [`SCAN_STREAMS`] scans at once (threads
+/// each scanning their part). A fault on the page just past a scan's last
+/// window (a scan up the region) or just before it (a scan down: glibc's
+/// memcpy runs large copies backwards) gets a window twice as large,
+/// reaching on in the scan's direction, up to a maximum; any other fault
+/// gets the aligned base window and starts a scan in place of the oldest.
+/// Relaxed atomics: a lost update only costs a window's size.
 #[derive(Debug)]
 pub(crate) struct ScanWindow {
-    /// The last window's first page and end (`usize::MAX`: none yet).
+    streams: [Stream; SCAN_STREAMS],
+    /// Counts the scans started: the next replaces stream `started % SCAN_STREAMS`.
+    started: AtomicUsize,
+}
+
+/// Scans a region tracks at once.
+const SCAN_STREAMS: usize = 4;
+
+/// One scan's last window.
+#[derive(Debug)]
+struct Stream {
+    /// The window's first page and end (`usize::MAX`: none yet).
     start: AtomicUsize,
     end: AtomicUsize,
     /// Its size before clipping.
     size: AtomicUsize,
 }
 
+/// A window [`ScanWindow::propose`]d for a fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Proposal {
+    pages: Range<usize>,
+    /// Its size before clipping.
+    size: usize,
+    /// The scan it continues (its direction) or starts.
+    stream: usize,
+    scan: Option<Scan>,
+}
+
 impl Default for ScanWindow {
     fn default() -> ScanWindow {
-        ScanWindow { start: AtomicUsize::new(usize::MAX), end: AtomicUsize::new(usize::MAX), size: AtomicUsize::new(0) }
+        let stream = || Stream {
+            start: AtomicUsize::new(usize::MAX),
+            end: AtomicUsize::new(usize::MAX),
+            size: AtomicUsize::new(0),
+        };
+        ScanWindow { streams: std::array::from_fn(|_| stream()), started: AtomicUsize::new(0) }
     }
 }
 
 impl ScanWindow {
-    /// The window for a fault on page `idx` of a region of `npages` pages,
-    /// with its size before clipping (for [`ScanWindow::record`]) and the
-    /// scan's direction, if the fault continues one.
-    fn propose(&self, idx: usize, base: usize, max: usize, npages: usize) -> (Range<usize>, usize, Option<Scan>) {
+    /// The window for a fault on page `idx` of a region of `npages` pages.
+    fn propose(&self, idx: usize, base: usize, max: usize, npages: usize) -> Proposal {
         use std::sync::atomic::Ordering::Relaxed;
         if base > 1 {
-            let grown = (self.size.load(Relaxed) * 2).clamp(base, max.max(base));
-            if self.end.load(Relaxed) == idx {
-                return (idx..(idx + grown).min(npages), grown, Some(Scan::Up));
-            }
-            if self.start.load(Relaxed) == idx + 1 {
-                return ((idx + 1).saturating_sub(grown)..idx + 1, grown, Some(Scan::Down));
+            for (stream, s) in self.streams.iter().enumerate() {
+                let grown = || (s.size.load(Relaxed) * 2).clamp(base, max.max(base));
+                if s.end.load(Relaxed) == idx {
+                    let size = grown();
+                    return Proposal { pages: idx..(idx + size).min(npages), size, stream, scan: Some(Scan::Up) };
+                }
+                if s.start.load(Relaxed) == idx + 1 {
+                    let size = grown();
+                    let pages = (idx + 1).saturating_sub(size)..idx + 1;
+                    return Proposal { pages, size, stream, scan: Some(Scan::Down) };
+                }
             }
         }
         let start = idx - idx % base;
-        (start..(start + base).min(npages), base, None)
+        let stream = self.started.fetch_add(1, Relaxed) % SCAN_STREAMS;
+        Proposal { pages: start..(start + base).min(npages), size: base, stream, scan: None }
     }
 
-    /// Notes the window taken, `pages` (clipped), proposed as `size` pages.
-    fn record(&self, pages: &Range<usize>, size: usize) {
+    /// Notes the window taken for `proposal`: `pages` (clipped).
+    fn record(&self, proposal: &Proposal, pages: &Range<usize>) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.start.store(pages.start, Relaxed);
-        self.end.store(pages.end, Relaxed);
-        self.size.store(size, Relaxed);
+        let s = &self.streams[proposal.stream];
+        s.start.store(pages.start, Relaxed);
+        s.end.store(pages.end, Relaxed);
+        s.size.store(proposal.size, Relaxed);
     }
 }
 
@@ -470,15 +504,18 @@ enum Scan {
 /// region, to one protection run and to mapped pages; and, in a sequential
 /// scan, the page the scan reaches next (for a read-ahead).
 fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> (Range<usize>, Option<usize>) {
-    let (window, size, scan) = region.fault_around.propose(
+    let proposal = region.fault_around.propose(
         idx,
         space.config.fault_around_pages,
         space.config.fault_around_max_pages,
         region.npages(),
     );
     // Only pages a migration may take: one protection run, nothing unmapped.
-    let mut pages =
-        region.prot_runs(window).into_iter().find(|(r, _)| r.contains(&idx)).map_or(idx..idx + 1, |(r, _)| r);
+    let mut pages = region
+        .prot_runs(proposal.pages.clone())
+        .into_iter()
+        .find(|(r, _)| r.contains(&idx))
+        .map_or(idx..idx + 1, |(r, _)| r);
     while pages.len() > 1 && region.has_unmapped(&pages) {
         pages = if region.has_unmapped(&(pages.start..idx)) {
             pages.start + 1..pages.end
@@ -486,8 +523,8 @@ fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> (Range<
             pages.start..pages.end - 1
         };
     }
-    region.fault_around.record(&pages, size);
-    let next = match scan {
+    region.fault_around.record(&proposal, &pages);
+    let next = match proposal.scan {
         Some(Scan::Up) => Some(pages.end).filter(|&i| i < region.npages()),
         Some(Scan::Down) => pages.start.checked_sub(1),
         None => None,
@@ -539,14 +576,18 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
         return Ok(());
     }
     // Adaptive like fault-around ([`ScanWindow`]).
-    let (window, size, _) = region.zero_around.propose(
+    let proposal = region.zero_around.propose(
         idx,
         space.config.zero_fill_pages,
         space.config.fault_around_max_pages,
         region.npages(),
     );
     // The window may not cross a protection boundary (one VMA per ioctl).
-    let run = region.prot_runs(window).into_iter().find(|(r, _)| r.contains(&idx)).map_or(idx..idx + 1, |(r, _)| r);
+    let run = region
+        .prot_runs(proposal.pages.clone())
+        .into_iter()
+        .find(|(r, _)| r.contains(&idx))
+        .map_or(idx..idx + 1, |(r, _)| r);
     let mut lo = idx;
     while lo > run.start && pt.try_lock_for_fill(lo - 1) {
         lo -= 1;
@@ -555,7 +596,7 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
     while hi < run.end && pt.try_lock_for_fill(hi) {
         hi += 1;
     }
-    region.zero_around.record(&(lo..hi), size);
+    region.zero_around.record(&proposal, &(lo..hi));
     let fill = |first: usize, n: usize| {
         let (addr, len) = (region.addr_of(first), n * PAGE_SIZE);
         if !write {
@@ -712,26 +753,50 @@ mod tests {
         let w = ScanWindow::default();
         // Takes the proposed window for a fault on `idx` and returns it.
         let take = |idx: usize| {
-            let (pages, size, _) = w.propose(idx, 16, 128, 1000);
-            w.record(&pages, size);
-            pages
+            let p = w.propose(idx, 16, 128, 1000);
+            w.record(&p, &p.pages);
+            p.pages
         };
         assert_eq!(take(40), 32..48, "a first fault: the aligned base window");
         assert_eq!(take(48), 48..80, "up: doubled, from the fault");
         assert_eq!(take(80), 80..144);
         assert_eq!(take(144), 144..272);
         assert_eq!(take(272), 272..400, "no larger than the maximum");
-        assert_eq!(take(700), 688..704, "a fault elsewhere starts again");
+        assert_eq!(take(700), 688..704, "a fault elsewhere starts a scan");
         assert_eq!(take(687), 656..688, "down: doubled, ending at the fault");
         assert_eq!(take(655), 592..656);
+        assert_eq!(take(400), 400..528, "the first scan goes on beside the second");
         assert_eq!(take(591), 464..592);
         assert_eq!(take(995), 992..1000, "clipped to the region");
         assert_eq!(take(991), 960..992);
-        w.record(&(0..40), 64);
-        assert_eq!(w.propose(39, 16, 128, 1000).0, 32..48, "a fault inside the last window resets");
-        w.record(&(20..40), 64);
-        assert_eq!(w.propose(19, 16, 128, 1000).0, 0..20, "clipped at the region's start");
-        assert_eq!(w.propose(19, 1, 128, 1000).0, 19..20, "a base of one page never grows");
+        assert_eq!(take(39), 32..48, "a fault inside a window starts a scan");
+        assert_eq!(take(31), 0..32, "clipped at the region's start");
+        let p = w.propose(15, 1, 128, 1000);
+        assert_eq!((p.pages, p.scan), (15..16, None), "a base of one page never grows");
+    }
+
+    #[test]
+    fn scan_windows_follow_as_many_scans_as_they_have_streams() {
+        let w = ScanWindow::default();
+        let take = |idx: usize| {
+            let p = w.propose(idx, 16, 512, 1 << 20);
+            w.record(&p, &p.pages);
+            p
+        };
+        // SCAN_STREAMS threads, each scanning its own part up, in turn.
+        let mut next: Vec<usize> = (0..SCAN_STREAMS).map(|k| k << 16).collect();
+        for round in 0..6 {
+            for n in next.iter_mut() {
+                let p = take(*n);
+                assert_eq!(p.scan.is_some(), round > 0, "round {round} at {n}");
+                *n = p.pages.end;
+            }
+        }
+        assert_eq!(next[0], 16 + 32 + 64 + 128 + 256 + 512, "each scan's windows grew");
+        // One more scan starts in place of the one started first.
+        assert_eq!(take(9 << 16).scan, None);
+        assert_eq!(take(next[1]).scan, Some(Scan::Up), "the others go on");
+        assert_eq!(take(next[0]).scan, None, "the first scan was forgotten");
     }
 
     #[test]
