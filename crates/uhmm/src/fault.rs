@@ -156,7 +156,10 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
         if !read_first {
             if let Some(next) = ahead.take() {
                 let Some(space) = space.upgrade() else { return };
-                let _ = guarded(next.addr, || read_ahead(&space, next, &mut ahead));
+                let _ = guarded(next.addr, || {
+                    read_ahead(&space, next, &mut ahead);
+                    Ok(())
+                });
                 // Faults may have come meanwhile: read before polling.
                 read_first = true;
                 continue;
@@ -387,7 +390,8 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<
                     poison_page(space, &region, idx, page);
                 } else if region.pt.load(idx).is_cpu_unlocked() {
                     let windows = space.config.read_ahead_windows;
-                    *ahead = next.filter(|_| windows > 0).map(|i| ReadAhead { addr: region.addr_of(i), windows });
+                    *ahead =
+                        next.filter(|_| windows > 0).map(|i| ReadAhead { addr: region.addr_of(i), windows, read_at });
                     // Back in RAM. Its migration woke the thread, unless the
                     // page came back some other way (say, discarded meanwhile).
                     return if woken { Ok(()) } else { space.uffd.wake(addr, PAGE_SIZE) };
@@ -485,12 +489,14 @@ impl ScanWindow {
     }
 }
 
-/// A read-ahead to do: the page where a sequential scan comes next, and
-/// how many windows may still be brought back before the scan faults again.
+/// A read-ahead to do: the page where a sequential scan comes next, how
+/// many windows may still be brought back before the scan faults again,
+/// and the space's `to_device_epoch` when the scan's fault was read.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReadAhead {
     addr: usize,
     windows: usize,
+    read_at: u64,
 }
 
 /// The direction of a sequential scan.
@@ -534,20 +540,26 @@ fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> (Range<
 
 /// Brings back the window a sequential scan reaches next, at `addr`, as the
 /// scan's fault there would, while the handler has nothing else to do: the
-/// scan then reads one window while the next comes back, and takes half
-/// the faults. Does nothing where the page is not on a device or is locked
-/// (a migration has it); a failure is left to the scan's own fault.
-fn read_ahead(space: &Arc<SpaceInner>, at: ReadAhead, ahead: &mut Option<ReadAhead>) -> Result<(), Errno> {
+/// scan then reads one window while the next comes back, and takes fewer
+/// faults. Does nothing where the page is not on a device or is locked (a
+/// migration has it), nor once pages of the region moved to a device after
+/// the scan's fault (the program is moving them: a read-ahead would undo
+/// its migration); a failure is left to the scan's own fault. Sets `ahead`
+/// to the window after, while `at` allows more.
+fn read_ahead(space: &Arc<SpaceInner>, at: ReadAhead, ahead: &mut Option<ReadAhead>) {
     let addr = at.addr;
     let Some((region, idx)) = space.region_at(addr).and_then(|r| r.index_of(addr).map(|i| (r, i))) else {
-        return Ok(());
+        return;
     };
+    if region.to_device_at.load(Ordering::SeqCst) > at.read_at {
+        return;
+    }
     let entry = region.pt.load(idx);
     let (State::Device(page), false) = (entry.state(), entry.locked()) else {
-        return Ok(());
+        return;
     };
     let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else {
-        return Ok(());
+        return;
     };
     let (window, next) = fault_window(space, &region, idx);
     Stats::add(&space.stats.migrate_to_ram, 1);
@@ -555,12 +567,11 @@ fn read_ahead(space: &Arc<SpaceInner>, at: ReadAhead, ahead: &mut Option<ReadAhe
     let fault = CpuFault { space: AddressSpace { inner: space.clone() }, addr, window, page };
     match ops.migrate_to_ram(&fault) {
         Ok(()) if at.windows > 1 => {
-            *ahead = next.map(|i| ReadAhead { addr: region.addr_of(i), windows: at.windows - 1 });
+            *ahead = next.map(|i| ReadAhead { addr: region.addr_of(i), windows: at.windows - 1, read_at: at.read_at });
         }
         Ok(()) => {}
         Err(err) => tracing::debug!(%err, addr, "read-ahead failed; the scan's own fault will retry"),
     }
-    Ok(())
 }
 
 /// Zero-fills the first-touch window around page `idx`: with the zero page
@@ -965,5 +976,32 @@ mod tests {
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 1);
         assert!(!on_device());
         assert_eq!(space.stats().stale_faults, 1);
+    }
+
+    #[test]
+    fn a_read_ahead_never_undoes_a_later_migration_to_a_device() {
+        let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
+        let region = space.map(4 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
+        region.write(0, &[1; 4 * PAGE_SIZE]).unwrap();
+        let dev = Arc::new(Forgetful { owner: crate::Owner::new(), migrate_to_ram_calls: AtomicUsize::new(0) });
+        let ops: Weak<dyn crate::DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Forgetful>;
+        let pm = space.register_pagemap(ops, dev.owner, 16).unwrap();
+        // A scan's fault, read before the program moves the pages to the device.
+        let ahead = |read_at| ReadAhead { addr: region.addr() + 2 * PAGE_SIZE, windows: 2, read_at };
+        let before = ahead(space.inner.to_device_epoch.load(Ordering::SeqCst));
+        let mut m = crate::Migration::setup(&space, region.range(), crate::Select::SYSTEM, dev.owner).unwrap();
+        for i in 0..m.npages() {
+            m.set_dst_device(i, pm.page(crate::DevicePfn(i as u64)).unwrap()).unwrap();
+        }
+        assert_eq!(m.pages().finalize().migrated, 4);
+        let on_device = |i| matches!(region.inner.pt.load(i).state(), State::Device(_));
+        let mut next = None;
+        read_ahead(&space.inner, before, &mut next);
+        assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 0, "the migration is left alone");
+        assert!((0..4).all(on_device) && next.is_none());
+        // One from a fault read after the move brings its window back.
+        read_ahead(&space.inner, ahead(space.inner.to_device_epoch.load(Ordering::SeqCst)), &mut next);
+        assert_eq!((dev.migrate_to_ram_calls.load(Ordering::SeqCst), space.stats().read_aheads), (1, 1));
+        assert!(!on_device(2));
     }
 }

@@ -77,7 +77,7 @@ pub(crate) struct RegionInner {
     pub(crate) dead: AtomicBool,
     /// Page ranges unmapped with [`Region::unmap`] (reserved, inaccessible).
     unmapped: RwLock<Vec<Range<usize>>>,
-    /// Adaptive fault-around: the last window of a fault on device pages.
+    /// Adaptive fault-around: the windows of the scans faulting on device pages.
     pub(crate) fault_around: ScanWindow,
     /// The same for first-touch zero fills.
     pub(crate) zero_around: ScanWindow,
