@@ -19,9 +19,7 @@ fn single_page_faults_on_device_pages_do_not_allocate() {
         const WARM_UP: usize = 16;
         let space = AddressSpace::new(Config { fault_around_pages: 1, ..Config::default() }).unwrap();
         let dev = device(&space);
-        let r = map(&space, PAGES);
-        fill(&r, 0..PAGES, |i| i);
-        assert_eq!(dev.migrate_to_device_all(r.addr(), PAGES).unwrap().cpages, PAGES);
+        let r = on_device(&space, &dev, PAGES);
         let mut word = [0u8; 4];
         let read = |p: usize, word: &mut [u8; 4]| {
             r.read(p * PAGE_SIZE, word).unwrap();

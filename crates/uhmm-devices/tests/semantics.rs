@@ -522,8 +522,7 @@ fn scans_up_or_down_a_region_fault_in_growing_windows() {
         // Default fault-around: 16 pages, growing to 512 along a scan.
         let space = space();
         let dev = device(&space);
-        let r = map(&space, PAGES);
-        fill(&r, 0..PAGES, |i| i);
+        let r = on_device(&space, &dev, PAGES);
         let mut word = [0u8; 4];
         // Reads one word of each page in `order`, all from the device; the faults it took.
         let scan = |order: &mut dyn Iterator<Item = usize>, word: &mut [u8; 4]| {
@@ -554,9 +553,7 @@ fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
         const PAGES: usize = 1024;
         let space = space();
         let dev = device(&space);
-        let r = map(&space, PAGES);
-        fill(&r, 0..PAGES, |i| i);
-        assert_eq!(dev.migrate_to_device_all(r.addr(), PAGES).unwrap().cpages, PAGES);
+        let r = on_device(&space, &dev, PAGES);
         let on_ram = |pages: std::ops::Range<usize>| {
             let range = r.addr() + pages.start * PAGE_SIZE..r.addr() + pages.end * PAGE_SIZE;
             space.snapshot(range).unwrap().iter().filter(|p| p.residency == uhmm::Residency::Ram).count()
@@ -589,9 +586,7 @@ fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
         // Turned off: the same scan reads nothing ahead.
         let space = uhmm::AddressSpace::new(uhmm::Config { read_ahead_windows: 0, ..uhmm::Config::default() }).unwrap();
         let dev = device(&space);
-        let r = map(&space, PAGES);
-        fill(&r, 0..PAGES, |i| i);
-        assert_eq!(dev.migrate_to_device_all(r.addr(), PAGES).unwrap().cpages, PAGES);
+        let r = on_device(&space, &dev, PAGES);
         for p in 0..PAGES {
             r.read(p * PAGE_SIZE, &mut page).unwrap();
         }

@@ -45,6 +45,14 @@ pub fn map(space: &AddressSpace, npages: usize) -> Region {
     space.map(npages * PAGE_SIZE, Prot::READ_WRITE).expect("map")
 }
 
+/// A region of `npages` pages whose i-th u32 word is `i`, all moved to `dev`.
+pub fn on_device(space: &AddressSpace, dev: &SimDevice, npages: usize) -> Region {
+    let r = map(space, npages);
+    fill(&r, 0..npages, |i| i);
+    assert_eq!(dev.migrate_to_device_all(r.addr(), npages).expect("migrate_to_device").cpages, npages);
+    r
+}
+
 /// Buffer of `npages` pages whose i-th u32 word is `f(i)`.
 pub fn pattern(npages: usize, f: impl Fn(u32) -> u32) -> Vec<u8> {
     let mut buf = vec![0u8; npages * PAGE_SIZE];
