@@ -777,8 +777,8 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     );
     println!("  pages migrated:           {} to devices, {} to RAM", stats.pages_to_device, stats.pages_to_ram);
     println!(
-        "  faults:                   {} (migrate_to_ram {}, zero-filled pages {})",
-        stats.faults, stats.migrate_to_ram, stats.zero_filled_pages
+        "  faults:                   {} (migrate_to_ram {}, {} of them read-aheads; zero-filled pages {})",
+        stats.faults, stats.migrate_to_ram, stats.read_aheads, stats.zero_filled_pages
     );
     println!("  busy pages skipped:       {}", stats.busy_pages);
     println!("  stale faults only woken:  {}", stats.stale_faults);
