@@ -331,7 +331,7 @@ impl<'a> Demo<'a> {
 
         // 3. The CPU reads the first part back: faults through the fault engine.
         let touch_bytes = touch_pages * PAGE_SIZE;
-        self.begin("CPU reads back the first part (faults migrate pages back to RAM, and read ahead)");
+        self.begin("CPU reads back the first part (faults migrate pages back to RAM)");
         let t = self.touch(touch_bytes)?;
         self.end(TOUCH, touch_bytes, t, "")?;
 
@@ -510,7 +510,7 @@ impl<'a> Demo<'a> {
         let st = self.space.stats();
         let by_fault: u64 = self.steps.iter().filter(|s| s.name == TOUCH).map(|s| s.delta.pages_to_ram).sum();
         println!(
-            "  pages migrated: to device {}, to RAM {} ({by_fault} by CPU faults through {} migrate_to_ram calls, {} of them read-aheads; {} later, by migrate_to_system or a read-ahead finishing)",
+            "  pages migrated: to device {}, to RAM {} ({by_fault} by CPU faults through {} migrate_to_ram calls, {} of them read-aheads; {} by migrate_to_system)",
             st.pages_to_device,
             st.pages_to_ram,
             st.migrate_to_ram,

@@ -567,7 +567,8 @@ pub fn run(args: &StressArgs) -> ExitCode {
 /// The soak; returns lost bytes plus unexpected errors.
 fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let start = Instant::now();
-    let space = AddressSpace::new(Config::default())?;
+    // Read-ahead on, so its migrations race with everything else too.
+    let space = AddressSpace::new(Config { read_ahead_windows: 2, ..Config::default() })?;
     let size = args.size.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
     let mut regions = Vec::new();
     let file = args.file.then(|| TempFile::new(size)).transpose()?;

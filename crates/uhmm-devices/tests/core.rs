@@ -86,9 +86,7 @@ fn c04_migrate() {
 #[test]
 fn c05_migrate_fault() {
     with_timeout(60, || {
-        // The kernel's one-page faults (no fault-around, no read-ahead): the
-        // pages read come back, and only those.
-        let space = uhmm::AddressSpace::new(uhmm::Config { fault_around_pages: 1, ..uhmm::Config::default() }).unwrap();
+        let space = space();
         let dev = device(&space);
         let region = map(&space, NPAGES);
         fill(&region, 0..NPAGES, |i| i);

@@ -551,7 +551,7 @@ fn scans_up_or_down_a_region_fault_in_growing_windows() {
 fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
     with_timeout(60, || {
         const PAGES: usize = 1024;
-        let space = space();
+        let space = uhmm::AddressSpace::new(uhmm::Config { read_ahead_windows: 2, ..uhmm::Config::default() }).unwrap();
         let dev = device(&space);
         let r = on_device(&space, &dev, PAGES);
         let on_ram = |pages: std::ops::Range<usize>| {
@@ -583,8 +583,8 @@ fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
         assert_words(&cpu_read(&r), |i| i);
         assert_eq!(space.stats().poisoned_pages, 0);
 
-        // Turned off: the same scan reads nothing ahead.
-        let space = uhmm::AddressSpace::new(uhmm::Config { read_ahead_windows: 0, ..uhmm::Config::default() }).unwrap();
+        // Off, the default: the same scan reads nothing ahead.
+        let space = common::space();
         let dev = device(&space);
         let r = on_device(&space, &dev, PAGES);
         for p in 0..PAGES {

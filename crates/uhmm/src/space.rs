@@ -44,8 +44,11 @@ pub struct Config {
     pub fault_around_max_pages: usize,
     /// Windows an idle fault handler brings back ahead of a sequential scan
     /// of device pages, in the scan's direction, before the scan faults on
-    /// them (the scan then reads one window while the next comes back). 0
-    /// turns read-ahead off; so does `fault_around_pages: 1`.
+    /// them (the scan then reads one window while the next comes back; 2
+    /// made 1 GiB scans 1.6-2.3x faster here). Off (0) by default: pages
+    /// the program never touches come back, and a read-ahead's pages can
+    /// be read before its device pages are freed, as with a migration run
+    /// by another thread. `fault_around_pages: 1` turns it off too.
     pub read_ahead_windows: usize,
     /// Pages a first-touch fault zero-fills at once (an aligned window);
     /// while first touches run sequentially the window doubles up to
@@ -71,7 +74,7 @@ impl Default for Config {
             handler_cpus: Vec::new(),
             fault_around_pages: 16,
             fault_around_max_pages: 512,
-            read_ahead_windows: 2,
+            read_ahead_windows: 0,
             zero_fill_pages: 16,
             staging_bytes: 1 << 30,
             allow_user_mode_only: true,

@@ -246,7 +246,9 @@ pub fn scans(plan: &Plan) -> Result<Vec<Case>, String> {
     let mut out = Vec::new();
     for (id, name, len, order, fa, threads, handlers) in specs {
         progress(&format!("{name}, {}", human(len)));
-        let config = Config { fault_around_pages: fa, handler_threads: handlers, ..Config::default() };
+        // Scans read ahead two windows (off by default: decisions §19).
+        let config =
+            Config { fault_around_pages: fa, handler_threads: handlers, read_ahead_windows: 2, ..Config::default() };
         let s = Setup::new(config, len, false)?;
         let before = s.space.stats();
         let (w, runs) = repeat(plan.runs, |i| -> Result<Duration, String> {
