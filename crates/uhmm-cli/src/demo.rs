@@ -510,11 +510,10 @@ impl<'a> Demo<'a> {
         let st = self.space.stats();
         let by_fault: u64 = self.steps.iter().filter(|s| s.name == TOUCH).map(|s| s.delta.pages_to_ram).sum();
         println!(
-            "  pages migrated: to device {}, to RAM {} ({by_fault} by CPU faults through {} migrate_to_ram calls, {} of them read-aheads; {} by migrate_to_system)",
+            "  pages migrated: to device {}, to RAM {} ({by_fault} by CPU faults through {} migrate_to_ram calls, {} by migrate_to_system)",
             st.pages_to_device,
             st.pages_to_ram,
             st.migrate_to_ram,
-            st.read_aheads,
             st.pages_to_ram.saturating_sub(by_fault)
         );
         println!(
