@@ -435,7 +435,7 @@ struct Stream {
 }
 
 /// A window [`ScanWindow::propose`]d for a fault.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 struct Proposal {
     pages: Range<usize>,
     /// Its size before clipping.
