@@ -970,8 +970,9 @@ impl Inner {
     }
 
     /// Starts mapping pages back into their regions, each from where its
-    /// data is (`installs`, in page order): moves and huge pages done here,
-    /// copies in from driver memory returned as runs, `(first page,
+    /// data is (`installs`, in page order): moves, and huge pages with no
+    /// kept batch to come through, done here; copies in from driver memory
+    /// (whole huge blocks among them) returned as runs, `(first page,
     /// pages)` — pieces of a queue shared with the helper when they are
     /// big — for `finish_end`. The pages it could not map back are collected in the
     /// first part: the caller keeps a page whose data is still in the
@@ -981,6 +982,8 @@ impl Inner {
     fn install_begin(&self, installs: &[(usize, InstallFrom)]) -> (Vec<usize>, Runs, Option<Arc<CopyQueue>>) {
         let mut failed = Vec::new();
         let mut copies = Runs::new();
+        let mut blocks: Few<usize> = Few::new();
+        let readable = |i: usize| self.copy_src(i).0.always_readable();
         let mut k = 0;
         while k < installs.len() {
             let (i, from) = installs[k];
@@ -990,38 +993,49 @@ impl Inner {
                 self.settle(&mut failed, i, n, self.install_moved(i, n, from));
                 continue;
             }
-            let region = self.region_of(i);
-            if !region.huge {
+            if !self.region_of(i).huge {
                 copies.push((i, n));
                 continue;
             }
-            // A whole aligned block of a huge-page region comes back as one huge page.
+            // A whole aligned block of a huge-page region comes back as one
+            // huge page: see `blocks` below.
             let mut at = i;
             while at < i + n {
                 let idx = self.pages[at].idx;
                 let piece = (crate::BATCH_PAGES - idx % crate::BATCH_PAGES).min(i + n - at);
-                let done = if piece == crate::BATCH_PAGES { self.install_huge_copied(at) } else { 0 };
-                if done < piece {
-                    copies.push((at + done, piece - done));
+                if piece == crate::BATCH_PAGES && readable(at) {
+                    blocks.push(at);
+                } else {
+                    copies.push((at, piece));
                 }
                 at += piece;
             }
         }
         // A small copy (a fault's window) is not worth the helper's wake-up:
         // this thread does it in `finish_end`.
-        if copies.iter().map(|c| c.1).sum::<usize>() < SPLIT_MIN_PAGES {
+        if blocks.is_empty() && copies.iter().map(|c| c.1).sum::<usize>() < SPLIT_MIN_PAGES {
             return (failed, copies, None);
         }
         // Kept staging batches (see `staging`), one per piece of up to a
         // batch while they last, for runs whose source a CPU copy cannot
-        // fault on; then pieces for `UFFDIO_COPY`.
-        let readable = |i: usize| self.copy_src(i).0.always_readable();
-        let batches = copies.iter().filter(|c| readable(c.0)).map(|c| c.1.div_ceil(crate::BATCH_PAGES)).sum();
+        // fault on; then pieces for `UFFDIO_COPY`. Whole blocks of huge-page
+        // regions come first: a kept batch is a huge page when one moved
+        // out of such a block, and moves in whole. The blocks left over get
+        // a huge pool page each, filled and moved in here.
+        let batches = blocks.len()
+            + copies.iter().filter(|c| readable(c.0)).map(|c| c.1.div_ceil(crate::BATCH_PAGES)).sum::<usize>();
         let kept = self.space.stage.take_kept(batches);
         let nkept = kept.as_ref().map_or(0, |s| s.len() / crate::BATCH_PAGES);
+        for &at in blocks.iter().skip(nkept) {
+            let done = self.install_huge_copied(at);
+            if done < crate::BATCH_PAGES {
+                copies.push((at + done, crate::BATCH_PAGES - done));
+            }
+        }
+        blocks.truncate(nkept);
         let (mut pieces, mut runs): (Runs, Vec<CopyRun>) = (Runs::new(), Vec::new());
         let mut used = 0;
-        for (i, n) in copies {
+        for (i, n) in blocks.into_iter().map(|at| (at, crate::BATCH_PAGES)).chain(copies) {
             let mut k = 0;
             while k < n {
                 let slots = kept.as_ref().filter(|_| used < nkept && readable(i));

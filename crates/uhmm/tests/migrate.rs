@@ -705,6 +705,40 @@ fn a_copy_back_of_one_piece_goes_through_kept_pages_on_the_caller() {
 }
 
 #[test]
+fn whole_huge_blocks_come_back_as_huge_pages_shared_with_the_helper() {
+    // Four 2 MiB blocks of a huge-page region: each comes back through a
+    // kept batch (the huge page that moved out of it), as one piece of the
+    // copy the helper shares; with nothing kept, through huge pool pages.
+    let n = 4 * uhmm::BATCH_PAGES;
+    let src = filled_source(n);
+    let huge_ram = |space: &AddressSpace, r: &uhmm::Region| space.snapshot(r.range()).unwrap().iter().all(|p| p.huge);
+    for keep in [true, false] {
+        let keep_staging_bytes = if keep { Config::default().keep_staging_bytes } else { 0 };
+        let space = AddressSpace::new(Config { keep_staging_bytes, ..Config::default() }).unwrap();
+        let dev = TestDev::new(&space);
+        let r = space.map_huge(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        fill(&r, 0..n);
+        assert!(huge_ram(&space, &r), "first touch maps huge pages");
+        for round in 0..20 {
+            assert_eq!(dev.to_device(&space, r.range()).migrated, n, "keep {keep}, round {round}");
+            let kept = space.stats().kept_copied_pages;
+            assert_eq!(back_from(&space, &dev, &r, &src), n, "keep {keep}, round {round}");
+            check(&r, 0..n);
+            assert!(huge_ram(&space, &r), "keep {keep}, round {round}: whole blocks come back as huge pages");
+            let through_kept = space.stats().kept_copied_pages - kept;
+            assert_eq!(through_kept, if keep { n as u64 } else { 0 }, "keep {keep}, round {round}");
+            // Which thread copies a block depends on when the helper wakes.
+            if !keep || space.stats().helper_copied_pages > 0 {
+                break;
+            }
+        }
+        if keep {
+            assert!(space.stats().helper_copied_pages > 0, "the helper never copied a block");
+        }
+    }
+}
+
+#[test]
 fn kept_pages_go_back_to_staging_when_the_copy_is_done() {
     // Two staging batches, both kept after each migration to the device
     // and taken by the copy back: the next migration needs them at once,
