@@ -22,9 +22,13 @@ use crate::sys::PAGE_SIZE;
 use crate::sys::mman::Mapping;
 use crate::sys::uffd::Uffd;
 
-/// Copies smaller than this many pages are not shared: handing work to the
-/// helper costs a cross-CPU wake-up each way (tens of microseconds in a VM).
-pub(crate) const SPLIT_MIN_PAGES: usize = 128;
+/// Copies and slot sets smaller than this many pages (a staging batch)
+/// stay on the caller: handing work to the helper costs a cross-CPU
+/// wake-up each way (30–60 µs in this project's VM), about what the helper
+/// would save on them. At 128 pages, 512 KiB migrations cost 950–1,240 ns
+/// a page to the device and 1,410–1,700 back; at 512, 600–780 and
+/// 790–1,070 (bulk harness, three alternations).
+pub(crate) const SPLIT_MIN_PAGES: usize = 512;
 
 /// Pages in one piece of a shared copy: small enough that the thread that
 /// finishes last finishes soon after the other, big enough that each
