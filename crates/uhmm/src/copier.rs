@@ -203,6 +203,10 @@ impl Copier {
     /// otherwise.
     pub(crate) fn release(&self, slots: Slots) {
         if slots.len() < SPLIT_MIN_PAGES {
+            if slots.keeps() {
+                // The helper empties kept batches once unused.
+                drop(self.started());
+            }
             return drop(slots);
         }
         // A job that cannot be sent is dropped, and its slots with it.
@@ -214,6 +218,14 @@ impl Copier {
     /// Queues `job`, starting the helper at first use; gives the job back
     /// when there is no helper.
     fn send(&self, job: Job) -> Result<(), Job> {
+        match self.started().as_ref() {
+            Some((queue, _)) => queue.send(job).map_err(|e| e.0),
+            None => Err(job),
+        }
+    }
+
+    /// The helper, started at first use (`None` when it cannot be).
+    fn started(&self) -> std::sync::MutexGuard<'_, Option<(Sender<Job>, JoinHandle<()>)>> {
         let mut helper = self.helper.lock().unwrap_or_else(|e| e.into_inner());
         if helper.is_none() {
             let (tx, rx) = channel::<Job>();
@@ -231,16 +243,10 @@ impl Copier {
             });
             match thread {
                 Ok(t) => *helper = Some((tx, t)),
-                Err(err) => {
-                    tracing::warn!(%err, "no helper thread: finalize works on one CPU");
-                    return Err(job);
-                }
+                Err(err) => tracing::warn!(%err, "no helper thread: finalize works on one CPU"),
             }
         }
-        match helper.as_ref() {
-            Some((queue, _)) => queue.send(job).map_err(|e| e.0),
-            None => Err(job),
-        }
+        helper
     }
 }
 

@@ -1012,9 +1012,27 @@ impl Inner {
             }
         }
         // A small copy (a fault's window) is not worth the helper's wake-up:
-        // this thread does it in `finish_end`.
-        if blocks.is_empty() && copies.iter().map(|c| c.1).sum::<usize>() < SPLIT_MIN_PAGES {
-            return (failed, copies, None);
+        // this thread does it in `finish_end`, through a kept batch whose
+        // pages are enough (one a small migration to a device left), or
+        // else with `UFFDIO_COPY`.
+        let total = copies.iter().map(|c| c.1).sum::<usize>();
+        if blocks.is_empty() && total < SPLIT_MIN_PAGES {
+            let slots = (total >= PIECE_PAGES && copies.iter().all(|c| readable(c.0)))
+                .then(|| self.space.stage.take_filled(total))
+                .flatten();
+            let Some(slots) = slots else {
+                return (failed, copies, None);
+            };
+            let mut runs = Vec::with_capacity(copies.len());
+            let mut used = 0;
+            for &(i, n) in &copies {
+                let (src, src_off) = self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
+                runs.push(CopyRun { via: Some(Via { src, src_off, slot: slots.offset(used) }), ..self.copy_run(i, n) });
+                used += n;
+            }
+            Stats::add(&self.space.stats.kept_copied_pages, total as u64);
+            let kept = Kept { slots, srcs: self.copy_maps.to_vec() };
+            return (failed, copies, Some(Arc::new(CopyQueue::new(runs, Some(kept), false))));
         }
         // Kept staging batches (see `staging`), one per piece of up to a
         // batch while they last, for runs whose source a CPU copy cannot
@@ -1206,10 +1224,21 @@ impl Inner {
 /// page that moved to a device (and so is present and no longer needed) to
 /// be kept for copies back to RAM (see `staging`).
 fn keep_moved_to_device(space: &SpaceInner, pages: &[Page], stage: &mut Slots) {
-    if pages.len() < SPLIT_MIN_PAGES {
+    let moved = |p: &Page| p.migrated && p.src == Src::System && matches!(p.dst, MigrateDst::Device(_));
+    // Less than a batch, all of it moved: its pages fill the batch's first
+    // slots, kept for a small copy back.
+    if pages.len() < crate::BATCH_PAGES {
+        if pages.len() >= PIECE_PAGES && pages.iter().all(moved) {
+            let (start, stop) = (stage.addr(0), stage.addr(0) + pages.len() * PAGE_SIZE);
+            if space
+                .scan(start, stop, Query::none_of(category::PRESENT | category::SWAPPED))
+                .is_ok_and(|h| h.is_empty())
+            {
+                stage.keep_prefix(pages.len());
+            }
+        }
         return;
     }
-    let moved = |p: &Page| p.migrated && p.src == Src::System && matches!(p.dst, MigrateDst::Device(_));
     let full: Vec<usize> = (pages.chunks_exact(crate::BATCH_PAGES).enumerate())
         .filter(|(_, batch)| batch.iter().all(moved))
         .map(|(b, _)| b * crate::BATCH_PAGES)

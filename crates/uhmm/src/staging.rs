@@ -19,8 +19,10 @@
 //! full of pages, up to the arena's `keep_max`: those are **kept** for a
 //! while, and a copy back to RAM fills them and moves them into the region
 //! instead of having the kernel allocate pages (on this project's VM a new
-//! page costs about three times its copy). The pages are the process's own;
-//! each is overwritten whole before it is mapped anywhere.
+//! page costs about three times its copy). A migration of less than a
+//! batch keeps its one batch **partly filled**, for a copy back of as many
+//! pages or fewer. The pages are the process's own; each is overwritten
+//! whole before it is mapped anywhere.
 
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
@@ -58,6 +60,9 @@ struct FreeBatches {
     batches: Vec<u32>,
     /// Free batches full of pages, kept for copies back to RAM.
     kept: Vec<u32>,
+    /// Free batches whose first slots hold pages (batch, pages), kept
+    /// for small copies back to RAM.
+    partial: Vec<(u32, usize)>,
     /// When a batch was last kept or taken.
     kept_used: Instant,
     /// Slot sets handed to another thread to be emptied, not back yet.
@@ -84,7 +89,14 @@ impl Arena {
             u.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER staging", e))?;
         }
         let batches = (0..u32::try_from(nbatches).expect("staging batches fit u32")).collect();
-        let free = FreeBatches { batches, kept: Vec::new(), kept_used: Instant::now(), releasing: 0, keeping: 0 };
+        let free = FreeBatches {
+            batches,
+            kept: Vec::new(),
+            partial: Vec::new(),
+            kept_used: Instant::now(),
+            releasing: 0,
+            keeping: 0,
+        };
         Ok(Arena { map, free: Mutex::new(free), returned: Condvar::new(), keep_max: keep_bytes / BATCH_BYTES })
     }
 
@@ -98,7 +110,7 @@ impl Arena {
             free = self.returned.wait(free).unwrap_or_else(|e| e.into_inner());
         }
         while free.batches.len() < n
-            && let Some(b) = free.kept.pop()
+            && let Some(b) = free.kept.pop().or_else(|| free.partial.pop().map(|p| p.0))
         {
             if self.empty_kept(b) {
                 free.insert(b);
@@ -120,7 +132,7 @@ impl Arena {
             .position(|w| w[w.len() - 1] - w[0] == (w.len() - 1) as u32)
             .unwrap_or(free.batches.len() - n);
         let batches = free.batches.drain(at..at + n).collect();
-        Ok(Slots { arena: self.clone(), batches, npages, deferred: false, keep: Vec::new() })
+        Ok(Slots { arena: self.clone(), batches, npages, deferred: false, keep: Vec::new(), keep_partial: None })
     }
 
     /// Takes up to `max` kept batches, each full of pages (slot `k *
@@ -138,7 +150,18 @@ impl Arena {
         free.kept_used = Instant::now();
         let at = free.kept.len() - n;
         let batches: Vec<u32> = free.kept.drain(at..).collect();
-        Some(Slots { arena: self.clone(), npages: n * BATCH_PAGES, batches, deferred: false, keep: Vec::new() })
+        Some(Slots::taken(self, batches))
+    }
+
+    /// Takes a partly filled kept batch whose first `npages` slots (at
+    /// least) hold pages, without waiting; `None` when there is none. Full
+    /// batches are left for the big copies they save most on.
+    pub(crate) fn take_filled(self: &Arc<Self>, npages: usize) -> Option<Slots> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        let k = free.partial.iter().position(|&(_, n)| n >= npages)?;
+        let b = free.partial.swap_remove(k).0;
+        free.kept_used = Instant::now();
+        Some(Slots::taken(self, vec![b]))
     }
 
     /// Empties the kept batches when none was kept or taken for
@@ -146,13 +169,16 @@ impl Arena {
     pub(crate) fn trim_kept(&self) -> usize {
         let kept = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if free.kept.is_empty() || free.kept_used.elapsed() < KEEP_FOR {
+            if (free.kept.is_empty() && free.partial.is_empty()) || free.kept_used.elapsed() < KEEP_FOR {
                 return 0;
             }
             // Being emptied elsewhere, as far as `alloc` is concerned: it
             // waits for them rather than find the arena exhausted.
             free.releasing += 1;
-            std::mem::take(&mut free.kept)
+            let partial = std::mem::take(&mut free.partial).into_iter().map(|p| p.0);
+            let mut kept = std::mem::take(&mut free.kept);
+            kept.extend(partial);
+            kept
         };
         // Emptied without the lock: a gigabyte takes tens of milliseconds.
         let emptied: Vec<u32> = kept.iter().copied().filter(|&b| self.empty_kept(b)).collect();
@@ -185,12 +211,21 @@ impl Arena {
     }
 
     /// Gives back `batches`, whose first `npages` slots were used: those
-    /// listed in `keep` are kept while there is room, the others emptied.
-    fn release(&self, batches: &[u32], npages: usize, keep: &[u32], deferred: bool) {
+    /// listed in `keep` (and `partial`, with its filled slots) are kept
+    /// while there is room, the others emptied.
+    fn release(&self, batches: &[u32], npages: usize, keep: &[u32], partial: Option<(u32, usize)>, deferred: bool) {
         let mut to_empty = batches.to_vec();
+        if let Some((b, n)) = partial {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if free.kept.len() + free.partial.len() < self.keep_max {
+                free.partial.push((b, n));
+                free.kept_used = Instant::now();
+                to_empty.retain(|&x| x != b);
+            }
+        }
         if !keep.is_empty() {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let room = self.keep_max.saturating_sub(free.kept.len());
+            let room = self.keep_max.saturating_sub(free.kept.len() + free.partial.len());
             let kept: Vec<u32> = keep.iter().copied().take(room).collect();
             to_empty.retain(|b| !kept.contains(b));
             if !kept.is_empty() {
@@ -203,7 +238,8 @@ impl Arena {
             drop(free);
             self.returned.notify_all();
         }
-        // Only the last batch can be partly used (and it is never kept).
+        // Only the last batch can be partly used (and it is kept only as a
+        // set's one batch).
         let unused = batches.len() * BATCH_PAGES - npages;
         let mut emptied = true;
         let mut i = 0;
@@ -243,9 +279,17 @@ pub(crate) struct Slots {
     deferred: bool,
     /// Batches to keep when the slots are given back (see the module docs).
     keep: Vec<u32>,
+    /// A batch to keep with its first slots filled (batch, pages).
+    keep_partial: Option<(u32, usize)>,
 }
 
 impl Slots {
+    /// Kept `batches`, taken whole: given back, they are emptied.
+    fn taken(arena: &Arc<Arena>, batches: Vec<u32>) -> Slots {
+        let npages = batches.len() * BATCH_PAGES;
+        Slots { arena: arena.clone(), batches, npages, deferred: false, keep: Vec::new(), keep_partial: None }
+    }
+
     /// Offset of slot `i` in the arena's mapping.
     pub(crate) fn offset(&self, i: usize) -> usize {
         self.batches[i / BATCH_PAGES] as usize * BATCH_BYTES + (i % BATCH_PAGES) * PAGE_SIZE
@@ -296,7 +340,14 @@ impl Slots {
         self.npages = keep * BATCH_PAGES;
         let keep_back = self.keep.iter().copied().filter(|b| back.contains(b)).collect();
         self.keep.retain(|b| !back.contains(b));
-        Some(Slots { arena: self.arena.clone(), batches: back, npages, deferred: false, keep: keep_back })
+        Some(Slots {
+            arena: self.arena.clone(),
+            batches: back,
+            npages,
+            deferred: false,
+            keep: keep_back,
+            keep_partial: None,
+        })
     }
 
     /// Marks the slots as being emptied by another thread: until they are
@@ -332,6 +383,20 @@ impl Slots {
         }
     }
 
+    /// Whether giving the slots back keeps a batch.
+    pub(crate) fn keeps(&self) -> bool {
+        !self.keep.is_empty() || self.keep_partial.is_some()
+    }
+
+    /// Marks the one batch of a set of fewer slots than a batch to be kept
+    /// with its `npages` first slots, when the slots are given back. The
+    /// caller vouches that those pages are present, and no longer needed.
+    pub(crate) fn keep_prefix(&mut self, npages: usize) {
+        if let [b] = self.batches[..] {
+            self.keep_partial = Some((b, npages.min(self.npages)));
+        }
+    }
+
     pub(crate) fn arena(&self) -> &Arc<Arena> {
         &self.arena
     }
@@ -345,7 +410,7 @@ fn adjacent_after(batches: &[u32], b: usize) -> usize {
 
 impl Drop for Slots {
     fn drop(&mut self) {
-        self.arena.release(&self.batches, self.npages, &self.keep, self.deferred);
+        self.arena.release(&self.batches, self.npages, &self.keep, self.keep_partial, self.deferred);
     }
 }
 
@@ -471,6 +536,43 @@ mod tests {
             again.mapping().read(again.offset(i), &mut buf).unwrap();
             assert_eq!(buf, [0u8; 8], "slot {i} was emptied");
         }
+    }
+
+    #[test]
+    fn a_partly_filled_batch_is_kept_for_small_copies_only() {
+        let a = arena(4); // keeps two batches at most
+        let mut s = a.alloc(100).unwrap();
+        for i in 0..100 {
+            s.mapping().write(s.offset(i), &[i as u8 + 1; 8]).unwrap();
+        }
+        let at = s.addr(0);
+        s.keep_prefix(100);
+        assert!(s.keeps());
+        drop(s);
+        assert!(a.take_kept(1).is_none(), "not a full batch");
+        assert!(a.take_filled(101).is_none(), "too few pages");
+        let kept = a.take_filled(64).expect("kept, with its 100 pages");
+        assert_eq!(kept.addr(0), at);
+        let mut b = [0u8; 8];
+        kept.mapping().read(kept.offset(99), &mut b).unwrap();
+        assert_eq!(b, [100; 8], "the pages are still there");
+        assert!(a.take_filled(1).is_none(), "taken once");
+        drop(kept); // given back unmarked: emptied
+        let again = a.alloc(4 * BATCH_PAGES).unwrap();
+        again.mapping().read(again.offset(0), &mut b).unwrap();
+        assert_eq!(b, [0; 8]);
+        drop(again);
+        // Unused for a while, it is emptied.
+        let mut s = a.alloc(100).unwrap();
+        s.keep_prefix(100);
+        drop(s);
+        std::thread::sleep(KEEP_FOR + Duration::from_millis(50));
+        assert_eq!(a.trim_kept(), 1);
+        assert!(a.take_filled(1).is_none());
+        // A set of more than one batch keeps no prefix.
+        let mut s = a.alloc(BATCH_PAGES + 1).unwrap();
+        s.keep_prefix(BATCH_PAGES + 1);
+        assert!(!s.keeps());
     }
 
     #[test]
