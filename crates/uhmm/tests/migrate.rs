@@ -678,22 +678,30 @@ fn a_copy_back_of_one_piece_goes_through_kept_pages_on_the_caller() {
     // copies alone (through the caches) into the pages the migration out
     // left, still holding the region's old data; the region must then hold
     // the driver's data, every round.
-    use uhmm::sys::mman::{Mapping, Protection};
-    let n = uhmm::BATCH_PAGES;
     let space = space();
     let dev = TestDev::new(&space);
-    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    let r = space.map(uhmm::BATCH_PAGES * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    let helper = space.stats().helper_copied_pages;
+    round_trips_through_kept_pages(&space, &dev, &r);
+    assert_eq!(space.stats().helper_copied_pages, helper, "one piece stays on the caller");
+}
+
+/// Five rounds of: `r` written with the round's byte, moved to `dev`, then
+/// moved back from driver memory holding other bytes. Each copy back must
+/// go through kept pages, and leave the region with the driver's data.
+fn round_trips_through_kept_pages(space: &AddressSpace, dev: &TestDev, r: &uhmm::Region) {
+    use uhmm::sys::mman::{Mapping, Protection};
+    let n = r.npages();
     let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
     let driver_byte = |round: u8, p: usize| 0x80 | (p as u8 ^ round);
-    let helper = space.stats().helper_copied_pages;
     for round in 0..5u8 {
         r.write(0, &vec![round; n * PAGE_SIZE]).unwrap();
-        assert_eq!(dev.to_device(&space, r.range()).migrated, n, "round {round}");
+        assert_eq!(dev.to_device(space, r.range()).migrated, n, "round {round}");
         for p in 0..n {
             src.write(p * PAGE_SIZE, &[driver_byte(round, p); PAGE_SIZE]).unwrap();
         }
         let before = space.stats().kept_copied_pages;
-        assert_eq!(back_from(&space, &dev, &r, &src), n, "round {round}");
+        assert_eq!(back_from(space, dev, r, &src), n, "round {round}");
         assert_eq!(space.stats().kept_copied_pages - before, n as u64, "round {round}: through kept pages");
         let mut b = vec![0; PAGE_SIZE];
         for p in 0..n {
@@ -701,7 +709,6 @@ fn a_copy_back_of_one_piece_goes_through_kept_pages_on_the_caller() {
             assert!(b.iter().all(|&x| x == driver_byte(round, p)), "round {round}, page {p}");
         }
     }
-    assert_eq!(space.stats().helper_copied_pages, helper, "one piece stays on the caller");
 }
 
 #[test]
@@ -709,47 +716,31 @@ fn a_small_copy_back_goes_through_the_batch_a_small_migration_left() {
     // 200 pages: less than a staging batch. The migration to the device
     // keeps its batch partly filled; the copy back goes through it, every
     // round, with the driver's data, never the region's old data.
-    use uhmm::sys::mman::{Mapping, Protection};
     let n = 200;
     let space = space();
     let dev = TestDev::new(&space);
     let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
-    let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
-    let driver_byte = |round: u8, p: usize| 0x80 | (p as u8 ^ round);
-    for round in 0..5u8 {
-        r.write(0, &vec![round; n * PAGE_SIZE]).unwrap();
-        assert_eq!(dev.to_device(&space, r.range()).migrated, n, "round {round}");
-        for p in 0..n {
-            src.write(p * PAGE_SIZE, &[driver_byte(round, p); PAGE_SIZE]).unwrap();
-        }
-        let before = space.stats().kept_copied_pages;
-        assert_eq!(back_from(&space, &dev, &r, &src), n, "round {round}");
-        assert_eq!(space.stats().kept_copied_pages - before, n as u64, "round {round}: through the kept batch");
-        let mut b = vec![0; PAGE_SIZE];
-        for p in 0..n {
-            r.read(p * PAGE_SIZE, &mut b).unwrap();
-            assert!(b.iter().all(|&x| x == driver_byte(round, p)), "round {round}, page {p}");
-        }
-    }
+    round_trips_through_kept_pages(&space, &dev, &r);
     // Unused for a while, the kept batch is emptied (by the helper, which
     // a small migration starts for that): the copy back allocates.
     assert_eq!(dev.to_device(&space, r.range()).migrated, n);
     std::thread::sleep(Duration::from_millis(3000));
     let before = space.stats().kept_copied_pages;
+    let src = filled_source(2 * n);
     assert_eq!(back_from(&space, &dev, &r, &src), n);
+    check(&r, 0..n);
     assert_eq!(space.stats().kept_copied_pages, before, "the kept batch was emptied");
     // A copy back of more pages than the batch holds does not use it.
     let r2 = space.map(2 * n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
     fill(&r2, 0..2 * n);
     assert_eq!(dev.to_device(&space, r.range()).migrated, n);
     assert_eq!(dev.to_device(&space, r2.range()).migrated, 2 * n);
-    let src2 = filled_source(2 * n);
     let before = space.stats().kept_copied_pages;
-    assert_eq!(back_from(&space, &dev, &r2, &src2), 2 * n);
+    assert_eq!(back_from(&space, &dev, &r2, &src), 2 * n);
     check(&r2, 0..2 * n);
     assert_eq!(space.stats().kept_copied_pages - before, 2 * n as u64, "through the 400-page batch, not the 200");
     let before = space.stats().kept_copied_pages;
-    assert_eq!(back_from(&space, &dev, &r, &src2), n);
+    assert_eq!(back_from(&space, &dev, &r, &src), n);
     check(&r, 0..n);
     assert_eq!(space.stats().kept_copied_pages - before, n as u64);
 }
