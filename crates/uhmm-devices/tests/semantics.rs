@@ -548,6 +548,36 @@ fn scans_up_or_down_a_region_fault_in_growing_windows() {
 }
 
 #[test]
+fn a_fault_above_pages_back_in_ram_brings_back_as_large_a_window() {
+    // A scan that came from below without faulting there (the head of a
+    // large read, copied first by glibc's memcpy; the next chunk of a read
+    // after one copied backwards): its first fault above takes a window as
+    // large as the run of pages in RAM below it, up to the maximum.
+    with_timeout(60, || {
+        const PAGES: usize = 1024;
+        let space = space();
+        let dev = device(&space);
+        let r = on_device(&space, &dev, PAGES);
+        let on_ram = |pages: std::ops::Range<usize>| {
+            let range = r.addr() + pages.start * PAGE_SIZE..r.addr() + pages.end * PAGE_SIZE;
+            space.snapshot(range).unwrap().iter().filter(|p| p.residency == uhmm::Residency::Ram).count()
+        };
+        assert_eq!(dev.migrate_to_system(r.addr(), 300).unwrap().cpages, 300);
+        let mut word = [0u8; 4];
+        r.read(300 * PAGE_SIZE, &mut word).unwrap();
+        assert_eq!(u32::from_ne_bytes(word), (300 * WORDS_PER_PAGE) as u32);
+        assert_eq!(on_ram(300..600), 300, "one window of 300 pages");
+        assert_eq!(on_ram(600..PAGES), 0, "and no more");
+        // Above a short run (under two base windows), the base window.
+        dev.migrate_to_device_all(r.addr(), PAGES).unwrap();
+        assert_eq!(dev.migrate_to_system(r.addr() + 500 * PAGE_SIZE, 20).unwrap().cpages, 20);
+        r.read(520 * PAGE_SIZE, &mut word).unwrap();
+        assert_eq!(on_ram(520..PAGES), 16 - 520 % 16, "the aligned base window from the fault up");
+        assert_words(&cpu_read(&r), |i| i);
+    });
+}
+
+#[test]
 fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
     with_timeout(60, || {
         const PAGES: usize = 1024;

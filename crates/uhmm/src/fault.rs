@@ -411,8 +411,13 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<
 /// each scanning their part). A fault on the page just past a scan's last
 /// window (a scan up the region) or just before it (a scan down: glibc's
 /// memcpy runs large copies backwards) gets a window twice as large,
-/// reaching on in the scan's direction, up to a maximum; any other fault
-/// gets the aligned base window and starts a scan in place of the oldest.
+/// reaching on in the scan's direction, up to a maximum. Any other fault
+/// starts a scan in place of the oldest: one up the region, with a window
+/// as large as the run of pages in RAM just below it (up to the maximum),
+/// when that run is at least twice the base window (a scan that came from
+/// below without faulting there: glibc's memcpy copies a large buffer's
+/// head first and the rest from its end down, and the next chunk of a
+/// read starts above the one before); else the aligned base window.
 /// Relaxed atomics: a lost update only costs a window's size.
 #[derive(Debug)]
 pub(crate) struct ScanWindow {
@@ -457,8 +462,17 @@ impl Default for ScanWindow {
 }
 
 impl ScanWindow {
-    /// The window for a fault on page `idx` of a region of `npages` pages.
-    fn propose(&self, idx: usize, base: usize, max: usize, npages: usize) -> Proposal {
+    /// The window for a fault on page `idx` of a region of `npages` pages;
+    /// `in_ram_below` counts the pages in RAM just below it (up to `max`),
+    /// asked only of a fault that starts a scan.
+    fn propose(
+        &self,
+        idx: usize,
+        base: usize,
+        max: usize,
+        npages: usize,
+        in_ram_below: impl FnOnce() -> usize,
+    ) -> Proposal {
         use std::sync::atomic::Ordering::Relaxed;
         if base > 1 {
             for (stream, s) in self.streams.iter().enumerate() {
@@ -474,8 +488,13 @@ impl ScanWindow {
                 }
             }
         }
-        let start = idx - idx % base;
         let stream = self.started.fetch_add(1, Relaxed) % SCAN_STREAMS;
+        let below = if base > 1 { in_ram_below() } else { 0 };
+        if below >= 2 * base {
+            let size = below.min(max.max(base));
+            return Proposal { pages: idx..(idx + size).min(npages), size, stream, scan: Some(Scan::Up) };
+        }
+        let start = idx - idx % base;
         Proposal { pages: start..(start + base).min(npages), size: base, stream, scan: None }
     }
 
@@ -510,12 +529,9 @@ enum Scan {
 /// region, to one protection run and to mapped pages; and, in a sequential
 /// scan, the page the scan reaches next (for a read-ahead).
 fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> (Range<usize>, Option<usize>) {
-    let proposal = region.fault_around.propose(
-        idx,
-        space.config.fault_around_pages,
-        space.config.fault_around_max_pages,
-        region.npages(),
-    );
+    let (base, max) = (space.config.fault_around_pages, space.config.fault_around_max_pages);
+    let in_ram_below = || (1..=idx.min(max)).take_while(|&k| region.pt.load(idx - k).state() == State::Cpu).count();
+    let proposal = region.fault_around.propose(idx, base, max, region.npages(), in_ram_below);
     // Only pages a migration may take: one protection run, nothing unmapped.
     let mut pages = region
         .prot_runs(proposal.pages.clone())
@@ -592,6 +608,7 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
         space.config.zero_fill_pages,
         space.config.fault_around_max_pages,
         region.npages(),
+        || 0,
     );
     // The window may not cross a protection boundary (one VMA per ioctl).
     let run = region
@@ -764,7 +781,7 @@ mod tests {
         let w = ScanWindow::default();
         // Takes the proposed window for a fault on `idx` and returns it.
         let take = |idx: usize| {
-            let p = w.propose(idx, 16, 128, 1000);
+            let p = w.propose(idx, 16, 128, 1000, || 0);
             w.record(&p, &p.pages);
             p.pages
         };
@@ -782,15 +799,35 @@ mod tests {
         assert_eq!(take(991), 960..992);
         assert_eq!(take(39), 32..48, "a fault inside a window starts a scan");
         assert_eq!(take(31), 0..32, "clipped at the region's start");
-        let p = w.propose(15, 1, 128, 1000);
+        let p = w.propose(15, 1, 128, 1000, || 0);
         assert_eq!((p.pages, p.scan), (15..16, None), "a base of one page never grows");
+    }
+
+    #[test]
+    fn a_fault_above_pages_in_ram_starts_a_scan_up_as_large_as_their_run() {
+        let w = ScanWindow::default();
+        let p = w.propose(300, 16, 512, 1000, || 300);
+        assert_eq!((p.pages, p.scan), (300..600, Some(Scan::Up)), "as many pages as are in RAM below");
+        let p = w.propose(300, 16, 128, 1000, || 300);
+        assert_eq!(p.pages, 300..428, "no larger than the maximum");
+        let p = w.propose(990, 16, 512, 1000, || 600);
+        assert_eq!(p.pages, 990..1000, "clipped to the region");
+        let p = w.propose(300, 16, 512, 1000, || 31);
+        assert_eq!((p.pages, p.scan), (288..304, None), "fewer than two base windows: the base window");
+        let p = w.propose(300, 1, 512, 1000, || panic!("not asked when the base is one page"));
+        assert_eq!(p.pages, 300..301);
+        // A fault that continues a scan does not look below.
+        let p = w.propose(300, 16, 512, 1000, || 0);
+        w.record(&p, &p.pages);
+        let p = w.propose(304, 16, 512, 1000, || panic!("not asked for a scan's next window"));
+        assert_eq!(p.pages, 304..336);
     }
 
     #[test]
     fn scan_windows_follow_as_many_scans_as_they_have_streams() {
         let w = ScanWindow::default();
         let take = |idx: usize| {
-            let p = w.propose(idx, 16, 512, 1 << 20);
+            let p = w.propose(idx, 16, 512, 1 << 20, || 0);
             w.record(&p, &p.pages);
             p
         };
