@@ -558,10 +558,7 @@ fn a_fault_above_pages_back_in_ram_brings_back_as_large_a_window() {
         let space = space();
         let dev = device(&space);
         let r = on_device(&space, &dev, PAGES);
-        let on_ram = |pages: std::ops::Range<usize>| {
-            let range = r.addr() + pages.start * PAGE_SIZE..r.addr() + pages.end * PAGE_SIZE;
-            space.snapshot(range).unwrap().iter().filter(|p| p.residency == uhmm::Residency::Ram).count()
-        };
+        let on_ram = |pages: std::ops::Range<usize>| pages_in_ram(&space, &r, pages);
         assert_eq!(dev.migrate_to_system(r.addr(), 300).unwrap().cpages, 300);
         let mut word = [0u8; 4];
         r.read(300 * PAGE_SIZE, &mut word).unwrap();
@@ -584,10 +581,7 @@ fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
         let space = uhmm::AddressSpace::new(uhmm::Config { read_ahead_windows: 2, ..uhmm::Config::default() }).unwrap();
         let dev = device(&space);
         let r = on_device(&space, &dev, PAGES);
-        let on_ram = |pages: std::ops::Range<usize>| {
-            let range = r.addr() + pages.start * PAGE_SIZE..r.addr() + pages.end * PAGE_SIZE;
-            space.snapshot(range).unwrap().iter().filter(|p| p.residency == uhmm::Residency::Ram).count()
-        };
+        let on_ram = |pages: std::ops::Range<usize>| pages_in_ram(&space, &r, pages);
         let mut page = vec![0u8; PAGE_SIZE];
         // A fault, then one where its window ended: a scan up the region,
         // with windows of 16 then 32 pages (16..48).

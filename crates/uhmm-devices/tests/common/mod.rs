@@ -53,6 +53,12 @@ pub fn on_device(space: &AddressSpace, dev: &SimDevice, npages: usize) -> Region
     r
 }
 
+/// How many of pages `pages` of `r` are in RAM.
+pub fn pages_in_ram(space: &AddressSpace, r: &Region, pages: std::ops::Range<usize>) -> usize {
+    let range = r.addr() + pages.start * PAGE_SIZE..r.addr() + pages.end * PAGE_SIZE;
+    space.snapshot(range).unwrap().iter().filter(|p| p.residency == uhmm::Residency::Ram).count()
+}
+
 /// Buffer of `npages` pages whose i-th u32 word is `f(i)`.
 pub fn pattern(npages: usize, f: impl Fn(u32) -> u32) -> Vec<u8> {
     let mut buf = vec![0u8; npages * PAGE_SIZE];
