@@ -1026,8 +1026,7 @@ impl Inner {
             let mut runs = Vec::with_capacity(copies.len());
             let mut used = 0;
             for &(i, n) in &copies {
-                let (src, src_off) = self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
-                runs.push(CopyRun { via: Some(Via { src, src_off, slot: slots.offset(used) }), ..self.copy_run(i, n) });
+                runs.push(CopyRun { via: Some(self.via(i, slots.offset(used))), ..self.copy_run(i, n) });
                 used += n;
             }
             Stats::add(&self.space.stats.kept_copied_pages, total as u64);
@@ -1060,8 +1059,7 @@ impl Inner {
                 let len = if slots.is_some() { crate::BATCH_PAGES } else { PIECE_PAGES }.min(n - k);
                 let mut run = self.copy_run(i + k, len);
                 if let Some(slots) = slots {
-                    let (src, src_off) = self.copy_srcs[self.pages[i + k].copy_from.expect("a copy source") as usize];
-                    run.via = Some(Via { src, src_off, slot: slots.offset(used * crate::BATCH_PAGES) });
+                    run.via = Some(self.via(i + k, slots.offset(used * crate::BATCH_PAGES)));
                     used += 1;
                     Stats::add(&self.space.stats.kept_copied_pages, len as u64);
                 }
@@ -1095,6 +1093,12 @@ impl Inner {
     fn copy_src(&self, i: usize) -> (&Mapping, usize) {
         let (map, off) = self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
         (&self.copy_maps[map], off)
+    }
+
+    /// The copy of page `i` (and those after it) through kept slot `slot`.
+    fn via(&self, i: usize, slot: usize) -> Via {
+        let (src, src_off) = self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
+        Via { src, src_off, slot }
     }
 
     /// The copy that maps pages `i..i + n` from driver memory (contiguous
