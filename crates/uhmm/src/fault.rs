@@ -363,8 +363,12 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<
             State::Device(page) => {
                 Stats::add(&space.stats.migrate_to_ram, 1);
                 let ops = space.pagemap(page.pagemap).and_then(|pm| pm.ops());
-                let (window, next) =
-                    if single { (addr..addr + PAGE_SIZE, None) } else { fault_window(space, &region, idx) };
+                let (window, next) = if single {
+                    (addr..addr + PAGE_SIZE, None)
+                } else {
+                    let (window, next, _) = fault_window(space, &region, idx, None);
+                    (window, next)
+                };
                 let (result, woken) = match ops {
                     Some(ops) => {
                         let fault = CpuFault { space: AddressSpace { inner: space.clone() }, addr, window, page };
@@ -389,9 +393,13 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<
                     tracing::error!(%err, addr, "migrate_to_ram failed: poisoning the page");
                     poison_page(space, &region, idx, page);
                 } else if region.pt.load(idx).is_cpu_unlocked() {
+                    // A scan's fault replaces the read-ahead to do; any
+                    // other leaves it (glibc's memcpy touches a large
+                    // read's last bytes first: a fault beside the scan).
                     let windows = space.config.read_ahead_windows;
-                    *ahead =
-                        next.filter(|_| windows > 0).map(|i| ReadAhead { addr: region.addr_of(i), windows, read_at });
+                    if let Some(i) = next.filter(|_| windows > 0) {
+                        *ahead = Some(ReadAhead { addr: region.addr_of(i), windows, read_at });
+                    }
                     // Back in RAM. Its migration woke the thread, unless the
                     // page came back some other way (say, discarded meanwhile).
                     return if woken { Ok(()) } else { space.uffd.wake(addr, PAGE_SIZE) };
@@ -412,18 +420,26 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<
 /// window (a scan up the region) or just before it (a scan down: glibc's
 /// memcpy runs large copies backwards) gets a window twice as large,
 /// reaching on in the scan's direction, up to a maximum. Any other fault
-/// starts a scan in place of the oldest: one up the region, with a window
+/// starts a scan in place of the one used least recently: one up the region, with a window
 /// as large as the run of pages in RAM just below it (up to the maximum),
 /// when that run is at least twice the base window (a scan that came from
 /// below without faulting there: glibc's memcpy copies a large buffer's
 /// head first and the rest from its end down, and the next chunk of a
 /// read starts above the one before); else the aligned base window.
+/// A scan's last read-ahead window leaves its first page (in the scan's
+/// direction) on the device, a marker: the scan's fault there brings back
+/// that page alone, at once, and the read-ahead goes on from the far end
+/// of the scan's windows while the scan reads the rest (the kernel's
+/// asynchronous read-ahead, `PG_readahead`).
 /// Relaxed atomics: a lost update only costs a window's size.
 #[derive(Debug)]
 pub(crate) struct ScanWindow {
     streams: [Stream; SCAN_STREAMS],
-    /// Counts the scans started: the next replaces stream `started % SCAN_STREAMS`.
-    started: AtomicUsize,
+    /// Counts the windows recorded: a new scan replaces the stream used
+    /// least recently (not a scan going on beside faults that start none:
+    /// glibc's memcpy touches a large read's last bytes first, a fault
+    /// that starts a stream it never continues).
+    clock: AtomicUsize,
 }
 
 /// Scans a region tracks at once.
@@ -437,6 +453,12 @@ struct Stream {
     end: AtomicUsize,
     /// Its size before clipping.
     size: AtomicUsize,
+    /// The `clock` when it was last used.
+    used: AtomicUsize,
+    /// The page its last read-ahead left on the device (`usize::MAX`:
+    /// none), and whether the scan goes down.
+    marker: AtomicUsize,
+    down: std::sync::atomic::AtomicBool,
 }
 
 /// A window [`ScanWindow::propose`]d for a fault.
@@ -448,6 +470,10 @@ struct Proposal {
     /// The scan it continues (its direction) or starts.
     stream: usize,
     scan: Option<Scan>,
+    /// A fault on the scan's marker: its windows stay as they are, and
+    /// its read-ahead goes on from `resume` (their far end).
+    on_marker: bool,
+    resume: Option<usize>,
 }
 
 impl Default for ScanWindow {
@@ -456,8 +482,11 @@ impl Default for ScanWindow {
             start: AtomicUsize::new(usize::MAX),
             end: AtomicUsize::new(usize::MAX),
             size: AtomicUsize::new(0),
+            used: AtomicUsize::new(0),
+            marker: AtomicUsize::new(usize::MAX),
+            down: std::sync::atomic::AtomicBool::new(false),
         };
-        ScanWindow { streams: std::array::from_fn(|_| stream()), started: AtomicUsize::new(0) }
+        ScanWindow { streams: std::array::from_fn(|_| stream()), clock: AtomicUsize::new(0) }
     }
 }
 
@@ -477,34 +506,73 @@ impl ScanWindow {
         if base > 1 {
             for (stream, s) in self.streams.iter().enumerate() {
                 let grown = || (s.size.load(Relaxed) * 2).clamp(base, max.max(base));
+                if s.marker.load(Relaxed) == idx {
+                    let (scan, resume) = if s.down.load(Relaxed) {
+                        (Scan::Down, s.start.load(Relaxed).checked_sub(1))
+                    } else {
+                        (Scan::Up, Some(s.end.load(Relaxed)).filter(|&e| e < npages))
+                    };
+                    let size = s.size.load(Relaxed);
+                    return Proposal { pages: idx..idx + 1, size, stream, scan: Some(scan), on_marker: true, resume };
+                }
                 if s.end.load(Relaxed) == idx {
                     let size = grown();
-                    return Proposal { pages: idx..(idx + size).min(npages), size, stream, scan: Some(Scan::Up) };
+                    let pages = idx..(idx + size).min(npages);
+                    return Proposal { pages, size, stream, scan: Some(Scan::Up), on_marker: false, resume: None };
                 }
                 if s.start.load(Relaxed) == idx + 1 {
                     let size = grown();
                     let pages = (idx + 1).saturating_sub(size)..idx + 1;
-                    return Proposal { pages, size, stream, scan: Some(Scan::Down) };
+                    return Proposal { pages, size, stream, scan: Some(Scan::Down), on_marker: false, resume: None };
                 }
             }
         }
-        let stream = self.started.fetch_add(1, Relaxed) % SCAN_STREAMS;
+        let stream = (0..SCAN_STREAMS).min_by_key(|&k| self.streams[k].used.load(Relaxed)).unwrap_or(0);
         let below = if base > 1 { in_ram_below() } else { 0 };
         if below >= 2 * base {
             let size = below.min(max.max(base));
-            return Proposal { pages: idx..(idx + size).min(npages), size, stream, scan: Some(Scan::Up) };
+            return Proposal {
+                pages: idx..(idx + size).min(npages),
+                size,
+                stream,
+                scan: Some(Scan::Up),
+                on_marker: false,
+                resume: None,
+            };
         }
         let start = idx - idx % base;
-        Proposal { pages: start..(start + base).min(npages), size: base, stream, scan: None }
+        Proposal {
+            pages: start..(start + base).min(npages),
+            size: base,
+            stream,
+            scan: None,
+            on_marker: false,
+            resume: None,
+        }
     }
 
-    /// Notes the window taken for `proposal`: `pages` (clipped).
+    /// Notes the window taken for `proposal`: `pages` (clipped). A fault
+    /// on a marker leaves the scan's windows as they are.
     fn record(&self, proposal: &Proposal, pages: &Range<usize>) {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.streams[proposal.stream];
+        s.used.store(self.clock.fetch_add(1, Relaxed) + 1, Relaxed);
+        s.marker.store(usize::MAX, Relaxed);
+        if proposal.on_marker {
+            return;
+        }
         s.start.store(pages.start, Relaxed);
         s.end.store(pages.end, Relaxed);
         s.size.store(proposal.size, Relaxed);
+    }
+
+    /// Notes that the scan of `proposal` (just recorded) left page `idx`
+    /// on the device.
+    fn leave_marker(&self, proposal: &Proposal, idx: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.streams[proposal.stream];
+        s.down.store(proposal.scan == Some(Scan::Down), Relaxed);
+        s.marker.store(idx, Relaxed);
     }
 }
 
@@ -527,8 +595,18 @@ enum Scan {
 
 /// The fault-around window for page `idx` ([`ScanWindow`]), clipped to the
 /// region, to one protection run and to mapped pages; and, in a sequential
-/// scan, the page the scan reaches next (for a read-ahead).
-fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> (Range<usize>, Option<usize>) {
+/// scan, the page the scan reaches next (for a read-ahead). With
+/// `marker` (a scan's last read-ahead window, in a region of small pages:
+/// page `idx`'s device page), the window leaves page `idx` on the device
+/// as the scan's marker when the page after it in the scan's direction is
+/// on the same device: that page and its address are returned, for the
+/// migration to be asked for in place of `idx`'s.
+fn fault_window(
+    space: &SpaceInner,
+    region: &RegionInner,
+    idx: usize,
+    marker: Option<DevicePage>,
+) -> (Range<usize>, Option<usize>, Option<(usize, DevicePage)>) {
     let (base, max) = (space.config.fault_around_pages, space.config.fault_around_max_pages);
     let in_ram_below = || (1..=idx.min(max)).take_while(|&k| region.pt.load(idx - k).state() == State::Cpu).count();
     let proposal = region.fault_around.propose(idx, base, max, region.npages(), in_ram_below);
@@ -547,11 +625,30 @@ fn fault_window(space: &SpaceInner, region: &RegionInner, idx: usize) -> (Range<
     }
     region.fault_around.record(&proposal, &pages);
     let next = match proposal.scan {
+        _ if proposal.on_marker => proposal.resume,
         Some(Scan::Up) => Some(pages.end).filter(|&i| i < region.npages()),
         Some(Scan::Down) => pages.start.checked_sub(1),
         None => None,
     };
-    (region.addr_of(pages.start)..region.addr_of(pages.end), next)
+    let mut instead = None;
+    if let Some(marker) = marker.filter(|_| next.is_some() && !proposal.on_marker && !region.huge && pages.len() > 1) {
+        let after = match proposal.scan {
+            Some(Scan::Up) if pages.start == idx => Some(idx + 1),
+            Some(Scan::Down) if pages.end == idx + 1 => Some(idx - 1),
+            _ => None,
+        };
+        if let Some(after) = after {
+            let entry = region.pt.load(after);
+            if let (State::Device(page), false) = (entry.state(), entry.locked())
+                && page.pagemap == marker.pagemap
+            {
+                pages = if after > idx { after..pages.end } else { pages.start..idx };
+                region.fault_around.leave_marker(&proposal, idx);
+                instead = Some((region.addr_of(after), page));
+            }
+        }
+    }
+    (region.addr_of(pages.start)..region.addr_of(pages.end), next, instead)
 }
 
 /// Brings back the window a sequential scan reaches next, at `addr`, as the
@@ -577,7 +674,8 @@ fn read_ahead(space: &Arc<SpaceInner>, at: ReadAhead, ahead: &mut Option<ReadAhe
     let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else {
         return;
     };
-    let (window, next) = fault_window(space, &region, idx);
+    let (window, next, instead) = fault_window(space, &region, idx, (at.windows == 1).then_some(page));
+    let (addr, page) = instead.unwrap_or((addr, page));
     Stats::add(&space.stats.migrate_to_ram, 1);
     Stats::add(&space.stats.read_aheads, 1);
     let fault = CpuFault { space: AddressSpace { inner: space.clone() }, addr, window, page };
@@ -824,6 +922,55 @@ mod tests {
     }
 
     #[test]
+    fn a_marker_fault_takes_its_page_alone_and_resumes_where_the_scan_ends() {
+        let w = ScanWindow::default();
+        let take = |idx: usize| {
+            let p = w.propose(idx, 16, 512, 1000, || 0);
+            w.record(&p, &p.pages);
+            p
+        };
+        take(0);
+        let last = take(16); // a scan up: 16..48
+        w.leave_marker(&last, 16);
+        let p = take(16);
+        assert_eq!((p.pages, p.on_marker, p.resume, p.scan), (16..17, true, Some(48), Some(Scan::Up)));
+        assert_eq!(take(48).pages, 48..112, "the scan's windows stay as they were");
+        assert!(!take(16).on_marker, "a marker serves once");
+        // Down: the marker is the window's top page; the scan resumes below it.
+        take(703);
+        let last = take(687); // a scan down: 656..688
+        w.leave_marker(&last, 687);
+        let p = take(687);
+        assert_eq!((p.pages, p.resume, p.scan), (687..688, Some(655), Some(Scan::Down)));
+        assert_eq!(take(655).pages, 592..656);
+        // At the region's end there is nothing to resume.
+        take(960);
+        let last = take(976); // 976..1000, clipped
+        w.leave_marker(&last, 976);
+        assert_eq!(take(976).resume, None);
+    }
+
+    #[test]
+    fn a_scan_outlives_faults_beside_it_that_start_scans() {
+        let w = ScanWindow::default();
+        let take = |idx: usize| {
+            let p = w.propose(idx, 16, 512, 1 << 20, || 0);
+            w.record(&p, &p.pages);
+            p
+        };
+        take(0);
+        let mut next = take(16).pages.end;
+        // Each read's last page faults first (glibc's memcpy): more faults
+        // that start scans than there are streams, between the scan's own.
+        for k in 1..=2 * SCAN_STREAMS {
+            assert_eq!(take(k << 12).scan, None);
+            let p = take(next);
+            assert_eq!(p.scan, Some(Scan::Up), "the scan goes on after {k} faults beside it");
+            next = p.pages.end;
+        }
+    }
+
+    #[test]
     fn scan_windows_follow_as_many_scans_as_they_have_streams() {
         let w = ScanWindow::default();
         let take = |idx: usize| {
@@ -841,7 +988,7 @@ mod tests {
             }
         }
         assert_eq!(next[0], 16 + 32 + 64 + 128 + 256 + 512, "each scan's windows grew");
-        // One more scan starts in place of the one started first.
+        // One more scan starts in place of the one used least recently.
         assert_eq!(take(9 << 16).scan, None);
         assert_eq!(take(next[1]).scan, Some(Scan::Up), "the others go on");
         assert_eq!(take(next[0]).scan, None, "the first scan was forgotten");
@@ -1013,6 +1160,34 @@ mod tests {
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 1);
         assert!(!on_device());
         assert_eq!(space.stats().stale_faults, 1);
+    }
+
+    #[test]
+    fn a_fault_beside_a_scan_leaves_its_read_ahead_to_do() {
+        let config = crate::Config { read_ahead_windows: 2, ..crate::Config::default() };
+        let space = crate::AddressSpace::new(config).unwrap();
+        let region = space.map(256 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
+        region.write(0, &[1; 256 * PAGE_SIZE]).unwrap();
+        let dev = Arc::new(Forgetful { owner: crate::Owner::new(), migrate_to_ram_calls: AtomicUsize::new(0) });
+        let ops: Weak<dyn crate::DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Forgetful>;
+        let pm = space.register_pagemap(ops, dev.owner, 256).unwrap();
+        let mut m = crate::Migration::setup(&space, region.range(), crate::Select::SYSTEM, dev.owner).unwrap();
+        for i in 0..m.npages() {
+            m.set_dst_device(i, pm.page(crate::DevicePfn(i as u64)).unwrap()).unwrap();
+        }
+        assert_eq!(m.pages().finalize().migrated, 256);
+        let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
+        let at = |page: usize| fault(region.addr() + page * PAGE_SIZE, false, read_at);
+        let mut ahead = None;
+        // A scan up: its second fault leaves a read-ahead from page 48.
+        resolve(&space.inner, at(0), &mut ahead).unwrap();
+        resolve(&space.inner, at(16), &mut ahead).unwrap();
+        let scan_ahead = ahead.map(|a| a.addr);
+        assert_eq!(scan_ahead, Some(region.addr() + 48 * PAGE_SIZE));
+        // A fault that continues no scan leaves it to do.
+        resolve(&space.inner, at(255), &mut ahead).unwrap();
+        assert_eq!(ahead.map(|a| a.addr), scan_ahead);
+        assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 3);
     }
 
     #[test]

@@ -1014,13 +1014,16 @@ impl Inner {
         // A small copy (a fault's window) is not worth the helper's wake-up:
         // this thread does it in `finish_end`, through a kept batch whose
         // pages are enough (one a small migration to a device left), or
-        // else with `UFFDIO_COPY`.
+        // else, from half a batch (a scan's window that left its marker
+        // behind), through whole kept batches like a big copy, or else with
+        // `UFFDIO_COPY`.
         let total = copies.iter().map(|c| c.1).sum::<usize>();
-        if blocks.is_empty() && total < SPLIT_MIN_PAGES {
-            let slots = (total >= PIECE_PAGES && copies.iter().all(|c| readable(c.0)))
-                .then(|| self.space.stage.take_filled(total))
-                .flatten();
-            let Some(slots) = slots else {
+        let small = blocks.is_empty() && total < SPLIT_MIN_PAGES;
+        let filled = (small && total >= PIECE_PAGES && copies.iter().all(|c| readable(c.0)))
+            .then(|| self.space.stage.take_filled(total))
+            .flatten();
+        if small && (filled.is_some() || total < SPLIT_MIN_PAGES / 2) {
+            let Some(slots) = filled else {
                 return (failed, copies, None);
             };
             let mut runs = Vec::with_capacity(copies.len());
@@ -1033,14 +1036,15 @@ impl Inner {
             let kept = Kept { slots, srcs: self.copy_maps.to_vec() };
             return (failed, copies, Some(Arc::new(CopyQueue::new(runs, Some(kept), false))));
         }
-        // Kept staging batches (see `staging`), one per piece of up to a
-        // batch while they last, for runs whose source a CPU copy cannot
-        // fault on; then pieces for `UFFDIO_COPY`. Whole blocks of huge-page
-        // regions come first: a kept batch is a huge page when one moved
-        // out of such a block, and moves in whole. The blocks left over get
-        // a huge pool page each, filled and moved in here.
-        let batches = blocks.len()
-            + copies.iter().filter(|c| readable(c.0)).map(|c| c.1.div_ceil(crate::BATCH_PAGES)).sum::<usize>();
+        // Kept staging batches (see `staging`), filled in turn while they
+        // last by the runs whose source a CPU copy cannot fault on, a piece
+        // ending where a batch does (kept batches need not be adjacent);
+        // then pieces for `UFFDIO_COPY`. Whole blocks of huge-page regions
+        // come first, a batch each: a kept batch is a huge page when one
+        // moved out of such a block, and moves in whole. The blocks left
+        // over get a huge pool page each, filled and moved in here.
+        let readable_pages = copies.iter().filter(|c| readable(c.0)).map(|c| c.1).sum::<usize>();
+        let batches = blocks.len() + readable_pages.div_ceil(crate::BATCH_PAGES);
         let kept = self.space.stage.take_kept(batches);
         let nkept = kept.as_ref().map_or(0, |s| s.len() / crate::BATCH_PAGES);
         for &at in blocks.iter().skip(nkept) {
@@ -1051,16 +1055,21 @@ impl Inner {
         }
         blocks.truncate(nkept);
         let (mut pieces, mut runs): (Runs, Vec<CopyRun>) = (Runs::new(), Vec::new());
-        let mut used = 0;
+        // The next kept slot to fill.
+        let mut slot = 0;
         for (i, n) in blocks.into_iter().map(|at| (at, crate::BATCH_PAGES)).chain(copies) {
             let mut k = 0;
             while k < n {
-                let slots = kept.as_ref().filter(|_| used < nkept && readable(i));
-                let len = if slots.is_some() { crate::BATCH_PAGES } else { PIECE_PAGES }.min(n - k);
+                let slots = kept.as_ref().filter(|_| slot < nkept * crate::BATCH_PAGES && readable(i));
+                let len = match slots {
+                    Some(_) => crate::BATCH_PAGES - slot % crate::BATCH_PAGES,
+                    None => PIECE_PAGES,
+                }
+                .min(n - k);
                 let mut run = self.copy_run(i + k, len);
                 if let Some(slots) = slots {
-                    run.via = Some(self.via(i + k, slots.offset(used * crate::BATCH_PAGES)));
-                    used += 1;
+                    run.via = Some(self.via(i + k, slots.offset(slot)));
+                    slot += len;
                     Stats::add(&self.space.stats.kept_copied_pages, len as u64);
                 }
                 pieces.push((i + k, len));
@@ -1071,8 +1080,8 @@ impl Inner {
         let kept = kept.map(|slots| Kept { slots, srcs: self.copy_maps.to_vec() });
         // One piece is the caller's: waking the helper for nothing costs
         // more than its share is worth (2 MiB back to RAM: 410–510 → 350–385
-        // ns a page).
-        let shared = runs.len() > 1;
+        // ns a page); so is a small copy.
+        let shared = runs.len() > 1 && !small;
         let queue = Arc::new(CopyQueue::new(runs, kept, shared));
         if shared {
             self.space.copier.share(&queue);

@@ -746,6 +746,38 @@ fn a_small_copy_back_goes_through_the_batch_a_small_migration_left() {
 }
 
 #[test]
+fn runs_coming_back_fill_kept_batches_in_turn() {
+    // Two batches of pages on the device but for page 100, back in RAM:
+    // the copy back is two runs, 100 and 923 pages, and the two batches
+    // the migration to the device kept take both (a batch a run would
+    // take three).
+    let n = 2 * uhmm::BATCH_PAGES;
+    let space = space();
+    let dev = TestDev::new(&space);
+    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..n);
+    let src = filled_source(n);
+    assert_eq!(dev.to_device(&space, r.range()).migrated, n);
+    let mut m = Migration::setup(
+        &space,
+        r.addr() + 100 * PAGE_SIZE..r.addr() + 101 * PAGE_SIZE,
+        Select::DEVICE_PRIVATE,
+        dev.owner,
+    )
+    .unwrap();
+    m.set_dst_system_from(0, &src, 100 * PAGE_SIZE).unwrap();
+    assert_eq!(m.pages().finalize().migrated, 1);
+    let before = space.stats().kept_copied_pages;
+    let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+    for i in (0..n).filter(|&i| i != 100) {
+        m.set_dst_system_from(i, &src, i * PAGE_SIZE).unwrap();
+    }
+    assert_eq!(m.pages().finalize().migrated, n - 1);
+    check(&r, 0..n);
+    assert_eq!(space.stats().kept_copied_pages - before, n as u64 - 1, "both runs through the kept batches");
+}
+
+#[test]
 fn whole_huge_blocks_come_back_as_huge_pages_shared_with_the_helper() {
     // Four 2 MiB blocks of a huge-page region: each comes back through a
     // kept batch (the huge page that moved out of it), as one piece of the
