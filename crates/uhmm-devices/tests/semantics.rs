@@ -575,6 +575,36 @@ fn a_fault_above_pages_back_in_ram_brings_back_as_large_a_window() {
 }
 
 #[test]
+fn a_large_fault_window_is_shared_with_the_copy_helper() {
+    // A fault with a window of a whole batch (512 pages): its copy back,
+    // through the batches the migration to the device kept, goes in pieces
+    // the helper thread shares with the handler.
+    with_timeout(60, || {
+        const PAGES: usize = 1024;
+        let config = uhmm::Config { fault_around_pages: 512, ..uhmm::Config::default() };
+        let space = uhmm::AddressSpace::new(config).unwrap();
+        let dev = device(&space);
+        let r = on_device(&space, &dev, PAGES);
+        let mut word = [0u8; 4];
+        // Which thread copies a piece depends on when the helper wakes.
+        for round in 0..20 {
+            let kept = space.stats().kept_copied_pages;
+            r.read(0, &mut word).unwrap();
+            assert_eq!(pages_in_ram(&space, &r, 0..PAGES), 512, "round {round}: one window");
+            assert_eq!(space.stats().kept_copied_pages - kept, 512, "round {round}: through kept batches");
+            let mut window = vec![0u8; 512 * PAGE_SIZE];
+            r.read(0, &mut window).unwrap();
+            assert_words(&window, |i| i);
+            if space.stats().helper_copied_pages > 0 {
+                break;
+            }
+            dev.migrate_to_device_all(r.addr(), PAGES).unwrap();
+        }
+        assert!(space.stats().helper_copied_pages > 0, "the helper never copied a piece");
+    });
+}
+
+#[test]
 fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
     with_timeout(60, || {
         const PAGES: usize = 1024;

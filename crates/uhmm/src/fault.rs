@@ -111,6 +111,7 @@ impl Engine {
                     // taken away since only costs the placement.
                     tracing::warn!(%err, cpu, "cannot pin a fault handler");
                 }
+                ON_HANDLER.with(|h| h.set(true));
                 handler_loop(&weak, &uffd, &stop);
                 alive.fetch_sub(1, Ordering::SeqCst);
             });
@@ -283,6 +284,15 @@ thread_local! {
     /// The page whose device fault this thread is resolving, and whether a
     /// wake by this thread has covered it since (see [`watch_wakes`]).
     static WATCHED: Cell<(usize, bool)> = const { Cell::new((usize::MAX, false)) };
+    /// Whether this thread is a fault handler (see [`on_handler_thread`]).
+    static ON_HANDLER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the calling thread is one of the fault engine's handlers: a
+/// migration it makes is a fault's window or a scan's read-ahead, which a
+/// faulting thread waits for (or soon will).
+pub(crate) fn on_handler_thread() -> bool {
+    ON_HANDLER.with(Cell::get)
 }
 
 /// Runs `f` noting whether this thread wakes the threads faulting on the

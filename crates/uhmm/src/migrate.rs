@@ -36,7 +36,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use rustix::io::Errno;
 use smallvec::{SmallVec, smallvec};
 
-use crate::copier::{CopyQueue, CopyRun, Kept, PIECE_PAGES, SPLIT_MIN_PAGES, Via, copy_in};
+use crate::copier::{CopyQueue, CopyRun, FAULT_PIECE_PAGES, Kept, PIECE_PAGES, SPLIT_MIN_PAGES, Via, copy_in};
 use crate::fork::InFlight;
 use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
@@ -1055,14 +1055,21 @@ impl Inner {
         }
         blocks.truncate(nkept);
         let (mut pieces, mut runs): (Runs, Vec<CopyRun>) = (Runs::new(), Vec::new());
+        // A fault's window is shared with the helper in smaller pieces: the
+        // handler has no other CPU working for it (a bulk migration's
+        // chunks keep both busy), and the faulting thread waits.
+        let fault = crate::fault::on_handler_thread();
+        let kept_piece = if fault { FAULT_PIECE_PAGES } else { crate::BATCH_PAGES };
         // The next kept slot to fill.
         let mut slot = 0;
+        let block_slots = blocks.len() * crate::BATCH_PAGES;
         for (i, n) in blocks.into_iter().map(|at| (at, crate::BATCH_PAGES)).chain(copies) {
             let mut k = 0;
             while k < n {
                 let slots = kept.as_ref().filter(|_| slot < nkept * crate::BATCH_PAGES && readable(i));
                 let len = match slots {
-                    Some(_) => crate::BATCH_PAGES - slot % crate::BATCH_PAGES,
+                    Some(_) if slot < block_slots => crate::BATCH_PAGES,
+                    Some(_) => (crate::BATCH_PAGES - slot % crate::BATCH_PAGES).min(kept_piece),
                     None => PIECE_PAGES,
                 }
                 .min(n - k);
@@ -1080,8 +1087,8 @@ impl Inner {
         let kept = kept.map(|slots| Kept { slots, srcs: self.copy_maps.to_vec() });
         // One piece is the caller's: waking the helper for nothing costs
         // more than its share is worth (2 MiB back to RAM: 410–510 → 350–385
-        // ns a page); so is a small copy.
-        let shared = runs.len() > 1 && !small;
+        // ns a page); so is a small copy, but for a fault's.
+        let shared = runs.len() > 1 && (!small || fault);
         let queue = Arc::new(CopyQueue::new(runs, kept, shared));
         if shared {
             self.space.copier.share(&queue);
