@@ -27,7 +27,7 @@
 use std::cell::Cell;
 use std::ops::Range;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 
@@ -430,12 +430,13 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<
 /// window (a scan up the region) or just before it (a scan down: glibc's
 /// memcpy runs large copies backwards) gets a window twice as large,
 /// reaching on in the scan's direction, up to a maximum. Any other fault
-/// starts a scan in place of the one used least recently: one up the region, with a window
-/// as large as the run of pages in RAM just below it (up to the maximum),
-/// when that run is at least twice the base window (a scan that came from
-/// below without faulting there: glibc's memcpy copies a large buffer's
-/// head first and the rest from its end down, and the next chunk of a
-/// read starts above the one before); else the aligned base window.
+/// starts a scan in place of the one used least recently: one up the
+/// region, with a window as large as the run of pages in RAM just below it
+/// (up to the maximum), when that run is at least twice the base window (a
+/// scan that came from below without faulting there: glibc's memcpy copies
+/// a large buffer's head first and the rest from its end down, and the next
+/// chunk of a read starts above the one before); else the aligned base
+/// window.
 /// A scan's last read-ahead window leaves its first page (in the scan's
 /// direction) on the device, a marker: the scan's fault there brings back
 /// that page alone, at once, and the read-ahead goes on from the far end
@@ -468,7 +469,7 @@ struct Stream {
     /// The page its last read-ahead left on the device (`usize::MAX`:
     /// none), and whether the scan goes down.
     marker: AtomicUsize,
-    down: std::sync::atomic::AtomicBool,
+    down: AtomicBool,
 }
 
 /// A window [`ScanWindow::propose`]d for a fault.
@@ -486,6 +487,13 @@ struct Proposal {
     resume: Option<usize>,
 }
 
+impl Proposal {
+    /// A window for a fault that is not on a marker.
+    fn new(pages: Range<usize>, size: usize, stream: usize, scan: Option<Scan>) -> Proposal {
+        Proposal { pages, size, stream, scan, on_marker: false, resume: None }
+    }
+}
+
 impl Default for ScanWindow {
     fn default() -> ScanWindow {
         let stream = || Stream {
@@ -494,7 +502,7 @@ impl Default for ScanWindow {
             size: AtomicUsize::new(0),
             used: AtomicUsize::new(0),
             marker: AtomicUsize::new(usize::MAX),
-            down: std::sync::atomic::AtomicBool::new(false),
+            down: AtomicBool::new(false),
         };
         ScanWindow { streams: std::array::from_fn(|_| stream()), clock: AtomicUsize::new(0) }
     }
@@ -527,13 +535,12 @@ impl ScanWindow {
                 }
                 if s.end.load(Relaxed) == idx {
                     let size = grown();
-                    let pages = idx..(idx + size).min(npages);
-                    return Proposal { pages, size, stream, scan: Some(Scan::Up), on_marker: false, resume: None };
+                    return Proposal::new(idx..(idx + size).min(npages), size, stream, Some(Scan::Up));
                 }
                 if s.start.load(Relaxed) == idx + 1 {
                     let size = grown();
                     let pages = (idx + 1).saturating_sub(size)..idx + 1;
-                    return Proposal { pages, size, stream, scan: Some(Scan::Down), on_marker: false, resume: None };
+                    return Proposal::new(pages, size, stream, Some(Scan::Down));
                 }
             }
         }
@@ -541,24 +548,10 @@ impl ScanWindow {
         let below = if base > 1 { in_ram_below() } else { 0 };
         if below >= 2 * base {
             let size = below.min(max.max(base));
-            return Proposal {
-                pages: idx..(idx + size).min(npages),
-                size,
-                stream,
-                scan: Some(Scan::Up),
-                on_marker: false,
-                resume: None,
-            };
+            return Proposal::new(idx..(idx + size).min(npages), size, stream, Some(Scan::Up));
         }
         let start = idx - idx % base;
-        Proposal {
-            pages: start..(start + base).min(npages),
-            size: base,
-            stream,
-            scan: None,
-            on_marker: false,
-            resume: None,
-        }
+        Proposal::new(start..(start + base).min(npages), base, stream, None)
     }
 
     /// Notes the window taken for `proposal`: `pages` (clipped). A fault
@@ -1060,7 +1053,7 @@ mod tests {
 
     #[test]
     fn fault_on_locked_page_is_parked_then_woken() {
-        use std::sync::atomic::AtomicBool;
+        use AtomicBool;
         let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
         let region = Arc::new(space.map(16 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap());
         let owner = crate::Owner::new();
