@@ -20,6 +20,7 @@ use rustix::io::Errno;
 use crate::staging::{Arena, KEEP_FOR, Slots};
 use crate::sys::PAGE_SIZE;
 use crate::sys::mman::Mapping;
+use crate::sys::pagemap::{Pagemap, Query, category};
 use crate::sys::uffd::Uffd;
 
 /// Copies and slot sets smaller than this many pages (a staging batch)
@@ -69,6 +70,8 @@ pub(crate) struct Via {
 pub(crate) struct Kept {
     pub(crate) slots: Slots,
     pub(crate) srcs: Vec<Arc<Mapping>>,
+    /// To tell whether a move that failed moved pages anyway.
+    pub(crate) pagemap: Arc<Pagemap>,
 }
 
 /// Copies in shared by the caller and the helper: each claims the next
@@ -303,7 +306,10 @@ fn copy_via(uffd: &Uffd, run: CopyRun, via: Via, kept: &Kept, writes: Writes) ->
     let moved = match copied {
         Ok(()) => match uffd.move_pages(run.dst, stage, via.slot, run.len, false, true) {
             Ok(_) => return run.len,
-            Err(e) => e.done,
+            Err(e) => {
+                let slot = stage.addr() + via.slot + e.done;
+                e.done + moved_anyway(&kept.pagemap, slot, run.dst + e.done, run.len - e.done)
+            }
         },
         Err(err) => {
             tracing::warn!(%err, "copying into kept pages failed");
@@ -312,6 +318,38 @@ fn copy_via(uffd: &Uffd, run: CopyRun, via: Via, kept: &Kept, writes: Writes) ->
     };
     let rest = CopyRun { dst: run.dst + moved, src: run.src + moved, len: run.len - moved, via: None };
     moved + copy_in(uffd, rest)
+}
+
+/// Bytes of a failed move of `len` bytes from the slots at `slot` to `dst`
+/// (locked pages of a region) that moved anyway, from the start: the
+/// kernel (6.18) has answered `EEXIST`, nothing done, to a move of part of
+/// a kept huge page whose pages had all moved. The page tables decide: a
+/// page moved when its slot is empty and its destination present (nothing
+/// else fills a locked destination).
+pub(crate) fn moved_anyway(pagemap: &Pagemap, slot: usize, dst: usize, len: usize) -> usize {
+    let present = Query::any_of(category::PRESENT | category::SWAPPED);
+    let mut runs = Vec::new();
+    if pagemap.scan(slot, slot + len, present, &mut runs).is_err() {
+        return 0;
+    }
+    let slots_empty = runs.first().map_or(len, |r| r.start - slot);
+    runs.clear();
+    if pagemap.scan(dst, dst + slots_empty, present, &mut runs).is_err() {
+        return 0;
+    }
+    // The destination's leading present pages (a run may be reported in
+    // pieces).
+    let mut moved = 0;
+    for r in &runs {
+        if r.start != dst + moved {
+            break;
+        }
+        moved = r.end - dst;
+    }
+    if moved > 0 {
+        tracing::debug!(moved, "a failed move into a region moved pages anyway");
+    }
+    moved
 }
 
 /// Copies `run` with `UFFDIO_COPY`, without waking (the caller unlocks,

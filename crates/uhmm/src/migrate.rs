@@ -36,7 +36,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use rustix::io::Errno;
 use smallvec::{SmallVec, smallvec};
 
-use crate::copier::{CopyQueue, CopyRun, FAULT_PIECE_PAGES, Kept, PIECE_PAGES, SPLIT_MIN_PAGES, Via, copy_in};
+use crate::copier::{
+    CopyQueue, CopyRun, FAULT_PIECE_PAGES, Kept, PIECE_PAGES, SPLIT_MIN_PAGES, Via, copy_in, moved_anyway,
+};
 use crate::fork::InFlight;
 use crate::notifier::InvalidateEvent;
 use crate::pagemap::{DevicePage, DevicePagemap, DevicePfn, Owner};
@@ -1033,7 +1035,7 @@ impl Inner {
                 used += n;
             }
             Stats::add(&self.space.stats.kept_copied_pages, total as u64);
-            let kept = Kept { slots, srcs: self.copy_maps.to_vec() };
+            let kept = Kept { slots, srcs: self.copy_maps.to_vec(), pagemap: self.space.pagemap_file.clone() };
             return (failed, copies, Some(Arc::new(CopyQueue::new(runs, Some(kept), false))));
         }
         // Kept staging batches (see `staging`), filled in turn while they
@@ -1042,17 +1044,9 @@ impl Inner {
         // then pieces for `UFFDIO_COPY`. Whole blocks of huge-page regions
         // come first, a batch each: a kept batch is a huge page when one
         // moved out of such a block, and moves in whole. The blocks left
-        // over get a huge pool page each, filled and moved in here. In a
-        // huge-page region every run starts a batch of its own, in pieces
-        // of whole batches, so that no two threads move parts of one huge
-        // page at once: 6.18 then answered a move into empty pages with
-        // EEXIST, leaving them present but recorded as not moved (seen in
-        // s20_remap with pieces of a fault's window).
-        let huge = |i: usize| self.region_of(i).huge;
-        let kept_runs = || copies.iter().filter(|c| readable(c.0));
-        let batches = blocks.len()
-            + kept_runs().filter(|c| huge(c.0)).map(|c| c.1.div_ceil(crate::BATCH_PAGES)).sum::<usize>()
-            + kept_runs().filter(|c| !huge(c.0)).map(|c| c.1).sum::<usize>().div_ceil(crate::BATCH_PAGES);
+        // over get a huge pool page each, filled and moved in here.
+        let readable_pages = copies.iter().filter(|c| readable(c.0)).map(|c| c.1).sum::<usize>();
+        let batches = blocks.len() + readable_pages.div_ceil(crate::BATCH_PAGES);
         let kept = self.space.stage.take_kept(batches);
         let nkept = kept.as_ref().map_or(0, |s| s.len() / crate::BATCH_PAGES);
         for &at in blocks.iter().skip(nkept) {
@@ -1069,19 +1063,15 @@ impl Inner {
         let fault = crate::fault::on_handler_thread();
         let kept_piece = if fault { FAULT_PIECE_PAGES } else { crate::BATCH_PAGES };
         // The next kept slot to fill.
-        let mut slot = 0usize;
+        let mut slot = 0;
+        let block_slots = blocks.len() * crate::BATCH_PAGES;
         for (i, n) in blocks.into_iter().map(|at| (at, crate::BATCH_PAGES)).chain(copies) {
-            let whole = huge(i);
-            if whole {
-                slot = slot.next_multiple_of(crate::BATCH_PAGES);
-            }
             let mut k = 0;
             while k < n {
                 let slots = kept.as_ref().filter(|_| slot < nkept * crate::BATCH_PAGES && readable(i));
-                let to_batch_end = crate::BATCH_PAGES - slot % crate::BATCH_PAGES;
                 let len = match slots {
-                    Some(_) if whole => to_batch_end,
-                    Some(_) => to_batch_end.min(kept_piece),
+                    Some(_) if slot < block_slots => crate::BATCH_PAGES,
+                    Some(_) => (crate::BATCH_PAGES - slot % crate::BATCH_PAGES).min(kept_piece),
                     None => PIECE_PAGES,
                 }
                 .min(n - k);
@@ -1096,7 +1086,8 @@ impl Inner {
                 k += len;
             }
         }
-        let kept = kept.map(|slots| Kept { slots, srcs: self.copy_maps.to_vec() });
+        let kept =
+            kept.map(|slots| Kept { slots, srcs: self.copy_maps.to_vec(), pagemap: self.space.pagemap_file.clone() });
         // One piece is the caller's: waking the helper for nothing costs
         // more than its share is worth (2 MiB back to RAM: 410–510 → 350–385
         // ns a page); so is a small copy, but for a fault's.
@@ -1201,11 +1192,12 @@ impl Inner {
                     Err(err) => tracing::error!(%err, "copying pages back failed; retrying"),
                 }
             } else if e.errno == Errno::EXIST {
-                // The page is there: the kernel can move a page and still
+                // The page is there: the kernel can move pages and still
                 // answer EEXIST (see unmap_system_into); nothing else fills
-                // a locked entry.
+                // a locked entry. The page tables tell how many moved.
                 tracing::debug!(addr = dst + done, "EEXIST mapping a page back; the page is in place");
-                done += PAGE_SIZE;
+                let anyway = moved_anyway(&self.space.pagemap_file, slots.addr(i) + done, dst + done, len - done);
+                done += anyway.max(PAGE_SIZE);
             }
             if done >= len {
                 return n;
@@ -1247,7 +1239,11 @@ impl Inner {
         }
         match self.space.uffd.move_pages(dst, slots.mapping(), slots.offset(0), crate::HUGE_SIZE, false, true) {
             Ok(_) => crate::BATCH_PAGES,
-            Err(e) => e.done / PAGE_SIZE,
+            Err(e) => {
+                let slot = slots.addr(0) + e.done;
+                let anyway = moved_anyway(&self.space.pagemap_file, slot, dst + e.done, crate::HUGE_SIZE - e.done);
+                (e.done + anyway) / PAGE_SIZE
+            }
         }
     }
 }

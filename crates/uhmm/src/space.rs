@@ -135,7 +135,7 @@ pub(crate) struct SpaceInner {
     pub(crate) uffd: Arc<Uffd>,
     /// A second CPU for big copies into regions (finalize).
     pub(crate) copier: Copier,
-    pub(crate) pagemap_file: Pagemap,
+    pub(crate) pagemap_file: Arc<Pagemap>,
     pub(crate) config: Config,
     regions: RwLock<BTreeMap<usize, Arc<RegionInner>>>,
     next_region: AtomicU32,
@@ -204,7 +204,7 @@ impl AddressSpace {
         let holding = Holding::new(Arc::new(Arena::new(config.staging_bytes, Some(&uffd), 0)?));
         let uffd = Arc::new(uffd);
         let inner = Arc::new(SpaceInner {
-            pagemap_file: Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?,
+            pagemap_file: Arc::new(Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?),
             copier: Copier::new(uffd.clone(), stage.clone()),
             uffd,
             regions: RwLock::new(BTreeMap::new()),
