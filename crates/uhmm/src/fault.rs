@@ -877,6 +877,14 @@ mod tests {
         Fault { addr, write, read_at }
     }
 
+    /// Takes the window proposed for a fault on `idx` (base 16, at most
+    /// 512 pages, nothing in RAM below) in a region of `npages`.
+    fn take(w: &ScanWindow, idx: usize, npages: usize) -> Proposal {
+        let p = w.propose(idx, 16, 512, npages, || 0);
+        w.record(&p, &p.pages);
+        p
+    }
+
     #[test]
     fn scan_windows_grow_up_and_down_the_region_and_reset_elsewhere() {
         let w = ScanWindow::default();
@@ -927,11 +935,7 @@ mod tests {
     #[test]
     fn a_marker_fault_takes_its_page_alone_and_resumes_where_the_scan_ends() {
         let w = ScanWindow::default();
-        let take = |idx: usize| {
-            let p = w.propose(idx, 16, 512, 1000, || 0);
-            w.record(&p, &p.pages);
-            p
-        };
+        let take = |idx: usize| take(&w, idx, 1000);
         take(0);
         let last = take(16); // a scan up: 16..48
         w.leave_marker(&last, 16);
@@ -956,11 +960,7 @@ mod tests {
     #[test]
     fn a_scan_outlives_faults_beside_it_that_start_scans() {
         let w = ScanWindow::default();
-        let take = |idx: usize| {
-            let p = w.propose(idx, 16, 512, 1 << 20, || 0);
-            w.record(&p, &p.pages);
-            p
-        };
+        let take = |idx: usize| take(&w, idx, 1 << 20);
         take(0);
         let mut next = take(16).pages.end;
         // Each read's last page faults first (glibc's memcpy): more faults
@@ -976,11 +976,7 @@ mod tests {
     #[test]
     fn scan_windows_follow_as_many_scans_as_they_have_streams() {
         let w = ScanWindow::default();
-        let take = |idx: usize| {
-            let p = w.propose(idx, 16, 512, 1 << 20, || 0);
-            w.record(&p, &p.pages);
-            p
-        };
+        let take = |idx: usize| take(&w, idx, 1 << 20);
         // SCAN_STREAMS threads, each scanning its own part up, in turn.
         let mut next: Vec<usize> = (0..SCAN_STREAMS).map(|k| k << 16).collect();
         for round in 0..6 {
@@ -1119,6 +1115,32 @@ mod tests {
         migrate_to_ram_calls: AtomicUsize,
     }
 
+    impl Forgetful {
+        /// A region of `npages` pages filled with ones, and a forgetful
+        /// device registered for it.
+        fn attach(
+            space: &crate::AddressSpace,
+            npages: usize,
+        ) -> (crate::Region, Arc<Forgetful>, Arc<crate::DevicePagemap>) {
+            let region = space.map(npages * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
+            region.write(0, &vec![1; npages * PAGE_SIZE]).unwrap();
+            let dev = Arc::new(Forgetful { owner: crate::Owner::new(), migrate_to_ram_calls: AtomicUsize::new(0) });
+            let ops: Weak<dyn crate::DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Forgetful>;
+            let pm = space.register_pagemap(ops, dev.owner, npages as u64).unwrap();
+            (region, dev, pm)
+        }
+
+        /// Moves every page of `region` to the device (page `i` to pfn `i`);
+        /// returns the pages moved.
+        fn take_all(&self, space: &crate::AddressSpace, region: &crate::Region, pm: &crate::DevicePagemap) -> usize {
+            let mut m = crate::Migration::setup(space, region.range(), crate::Select::SYSTEM, self.owner).unwrap();
+            for i in 0..m.npages() {
+                m.set_dst_device(i, pm.page(crate::DevicePfn(i as u64)).unwrap()).unwrap();
+            }
+            m.pages().finalize().migrated
+        }
+    }
+
     impl crate::DevicePagemapOps for Forgetful {
         fn page_free(&self, _: crate::DevicePfn) {}
 
@@ -1140,18 +1162,10 @@ mod tests {
     #[test]
     fn a_fault_read_before_its_page_moved_to_a_device_only_wakes() {
         let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
-        let region = space.map(4 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
-        region.write(0, &[1]).unwrap();
-        let dev = Arc::new(Forgetful { owner: crate::Owner::new(), migrate_to_ram_calls: AtomicUsize::new(0) });
-        let ops: Weak<dyn crate::DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Forgetful>;
-        let pm = space.register_pagemap(ops, dev.owner, 16).unwrap();
+        let (region, dev, pm) = Forgetful::attach(&space, 4);
         // A fault read now, resolved only after the page moved to the device.
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
-        let mut m = crate::Migration::setup(&space, region.range(), crate::Select::SYSTEM, dev.owner).unwrap();
-        for i in 0..m.npages() {
-            m.set_dst_device(i, pm.page(crate::DevicePfn(i as u64)).unwrap()).unwrap();
-        }
-        assert_eq!(m.pages().finalize().migrated, 4);
+        assert_eq!(dev.take_all(&space, &region, &pm), 4);
         let on_device = || matches!(region.inner.pt.load(0).state(), State::Device(_));
         resolve(&space.inner, fault(region.addr(), false, read_at), &mut None).unwrap();
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 0, "the stale fault brought nothing back");
@@ -1169,16 +1183,8 @@ mod tests {
     fn a_fault_beside_a_scan_leaves_its_read_ahead_to_do() {
         let config = crate::Config { read_ahead_windows: 2, ..crate::Config::default() };
         let space = crate::AddressSpace::new(config).unwrap();
-        let region = space.map(256 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
-        region.write(0, &[1; 256 * PAGE_SIZE]).unwrap();
-        let dev = Arc::new(Forgetful { owner: crate::Owner::new(), migrate_to_ram_calls: AtomicUsize::new(0) });
-        let ops: Weak<dyn crate::DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Forgetful>;
-        let pm = space.register_pagemap(ops, dev.owner, 256).unwrap();
-        let mut m = crate::Migration::setup(&space, region.range(), crate::Select::SYSTEM, dev.owner).unwrap();
-        for i in 0..m.npages() {
-            m.set_dst_device(i, pm.page(crate::DevicePfn(i as u64)).unwrap()).unwrap();
-        }
-        assert_eq!(m.pages().finalize().migrated, 256);
+        let (region, dev, pm) = Forgetful::attach(&space, 256);
+        assert_eq!(dev.take_all(&space, &region, &pm), 256);
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
         let at = |page: usize| fault(region.addr() + page * PAGE_SIZE, false, read_at);
         let mut ahead = None;
@@ -1196,19 +1202,11 @@ mod tests {
     #[test]
     fn a_read_ahead_never_undoes_a_later_migration_to_a_device() {
         let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
-        let region = space.map(4 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
-        region.write(0, &[1; 4 * PAGE_SIZE]).unwrap();
-        let dev = Arc::new(Forgetful { owner: crate::Owner::new(), migrate_to_ram_calls: AtomicUsize::new(0) });
-        let ops: Weak<dyn crate::DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Forgetful>;
-        let pm = space.register_pagemap(ops, dev.owner, 16).unwrap();
+        let (region, dev, pm) = Forgetful::attach(&space, 4);
         // A scan's fault, read before the program moves the pages to the device.
         let ahead = |read_at| ReadAhead { addr: region.addr() + 2 * PAGE_SIZE, windows: 2, read_at };
         let before = ahead(space.inner.to_device_epoch.load(Ordering::SeqCst));
-        let mut m = crate::Migration::setup(&space, region.range(), crate::Select::SYSTEM, dev.owner).unwrap();
-        for i in 0..m.npages() {
-            m.set_dst_device(i, pm.page(crate::DevicePfn(i as u64)).unwrap()).unwrap();
-        }
-        assert_eq!(m.pages().finalize().migrated, 4);
+        assert_eq!(dev.take_all(&space, &region, &pm), 4);
         let on_device = |i| matches!(region.inner.pt.load(i).state(), State::Device(_));
         let mut next = None;
         read_ahead(&space.inner, before, &mut next);
