@@ -1014,11 +1014,11 @@ impl Inner {
             }
         }
         // A small copy (a fault's window) is not worth the helper's wake-up:
-        // this thread does it in `finish_end`, through a kept batch whose
-        // pages are enough (one a small migration to a device left), or
-        // else, from half a batch (a scan's window that left its marker
-        // behind), through whole kept batches like a big copy, or else with
-        // `UFFDIO_COPY`.
+        // this thread does it in `finish_end`, through a partly filled kept
+        // batch whose pages are enough (one a small migration to a device
+        // left), or else with `UFFDIO_COPY`; but from half a batch (a scan's
+        // window that left its marker behind) it goes through whole kept
+        // batches as a big copy does, below.
         let total = copies.iter().map(|c| c.1).sum::<usize>();
         let small = blocks.is_empty() && total < SPLIT_MIN_PAGES;
         let filled = (small && total >= PIECE_PAGES && copies.iter().all(|c| readable(c.0)))
@@ -1035,8 +1035,7 @@ impl Inner {
                 used += n;
             }
             Stats::add(&self.space.stats.kept_copied_pages, total as u64);
-            let kept = Kept { slots, srcs: self.copy_maps.to_vec(), pagemap: self.space.pagemap_file.clone() };
-            return (failed, copies, Some(Arc::new(CopyQueue::new(runs, Some(kept), false))));
+            return (failed, copies, Some(Arc::new(CopyQueue::new(runs, Some(self.kept(slots)), false))));
         }
         // Kept staging batches (see `staging`), filled in turn while they
         // last by the runs whose source a CPU copy cannot fault on, a piece
@@ -1086,8 +1085,7 @@ impl Inner {
                 k += len;
             }
         }
-        let kept =
-            kept.map(|slots| Kept { slots, srcs: self.copy_maps.to_vec(), pagemap: self.space.pagemap_file.clone() });
+        let kept = kept.map(|slots| self.kept(slots));
         // One piece is the caller's: waking the helper for nothing costs
         // more than its share is worth (2 MiB back to RAM: 410–510 → 350–385
         // ns a page); so is a small copy, but for a fault's.
@@ -1112,6 +1110,11 @@ impl Inner {
     fn copy_src(&self, i: usize) -> (&Mapping, usize) {
         let (map, off) = self.copy_srcs[self.pages[i].copy_from.expect("a copy source") as usize];
         (&self.copy_maps[map], off)
+    }
+
+    /// Kept `slots` for a copy queue of this migration's copies.
+    fn kept(&self, slots: Slots) -> Kept {
+        Kept { slots, srcs: self.copy_maps.to_vec(), pagemap: self.space.pagemap_file.clone() }
     }
 
     /// The copy of page `i` (and those after it) through kept slot `slot`.
