@@ -210,10 +210,13 @@ impl Copier {
     }
 
     /// Empties and gives back `slots` on the helper when it holds many
-    /// pages and its arena has few sets being emptied already; here
-    /// otherwise.
+    /// pages to empty and its arena has few sets being emptied already;
+    /// here otherwise. Slots all of whose batches are kept (a migration to
+    /// a device) have nothing to empty: handing them over would only cost
+    /// the wake-up the caller then waits for (8 MiB to the device, paired
+    /// runs: 6–7% less a page; 32–128 MiB 2–4%).
     pub(crate) fn release(&self, slots: Slots) {
-        if slots.len() < SPLIT_MIN_PAGES {
+        if slots.len() < SPLIT_MIN_PAGES || slots.keeps_all() {
             if slots.keeps() {
                 // The helper empties kept batches once unused.
                 drop(self.started());

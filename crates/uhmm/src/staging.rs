@@ -388,6 +388,12 @@ impl Slots {
         !self.keep.is_empty() || self.keep_partial.is_some()
     }
 
+    /// Whether every batch is marked to be kept: giving the slots back
+    /// then empties nothing while the arena has room for them.
+    pub(crate) fn keeps_all(&self) -> bool {
+        self.keep.len() == self.batches.len()
+    }
+
     /// Marks the one batch of a set of fewer slots than a batch to be kept
     /// with its `npages` first slots, when the slots are given back. The
     /// caller vouches that those pages are present, and no longer needed.
