@@ -45,6 +45,11 @@ fn quick_bench_writes_table_json_and_plot() {
     for id in ["uffd_round_trip_same_cpu", "fault_latency_same_cpu"] {
         assert!(cases.iter().any(|c| c["id"] == id), "no {id} case in JSON");
     }
+    // The bulk sweep's sizes share one region: every size is measured.
+    for id in ["to_device_small", "to_ram_small"] {
+        let sizes: Vec<u64> = cases.iter().filter(|c| c["id"] == id).filter_map(|c| c["bytes"].as_u64()).collect();
+        assert!(sizes.len() >= 2 && sizes.contains(&(4 << 20)), "{id} measured at {sizes:?}");
+    }
     for c in cases {
         assert!(c["runs"].as_array().is_some_and(|r| r.len() >= 5), "fewer than 5 runs: {c}");
     }

@@ -60,20 +60,14 @@ impl Setup {
         Ok(Setup { space, dev, region })
     }
 
-    fn to_device(&self) -> Result<usize, String> {
-        Ok(self
-            .dev
-            .migrate_to_device_all(self.region.addr(), self.region.npages())
-            .map_err(err("migrate_to_device"))?
-            .cpages)
+    /// Migrates the region's first `pages` pages to the device.
+    fn to_device(&self, pages: usize) -> Result<usize, String> {
+        Ok(self.dev.migrate_to_device_all(self.region.addr(), pages).map_err(err("migrate_to_device"))?.cpages)
     }
 
-    fn to_system(&self) -> Result<usize, String> {
-        Ok(self
-            .dev
-            .migrate_to_system(self.region.addr(), self.region.npages())
-            .map_err(err("migrate_to_system"))?
-            .cpages)
+    /// Migrates the region's first `pages` pages back to RAM.
+    fn to_system(&self, pages: usize) -> Result<usize, String> {
+        Ok(self.dev.migrate_to_system(self.region.addr(), pages).map_err(err("migrate_to_system"))?.cpages)
     }
 
     /// Checks the first word of the first and last page against the fill.
@@ -94,6 +88,13 @@ impl Setup {
 /// and (from 2 MiB) on a huge-page region; and at the largest size, small
 /// pages with nothing kept in staging (`keep_staging_bytes: 0`): every
 /// page back to RAM a new one, as a migration back long after the one out.
+///
+/// The sizes of a kind share one address space, device and region (of
+/// the largest size), each migrating the region's first pages: on this VM
+/// two setups of the same size, measured in turns in one process, differ
+/// by up to a third a page (where the host placed their memory), so
+/// setups of their own made the sizes' costs compare placements as much
+/// as sizes (decisions §22).
 pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
     let mut out = Vec::new();
     let largest = plan.sizes.iter().copied().max().unwrap_or(0);
@@ -111,43 +112,44 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
             .filter(|&&s| (!huge || s >= HUGE) && (keep || s == largest))
             .map(|&s| if huge { s.next_multiple_of(HUGE) } else { s })
             .collect();
+        let Some(&span) = sizes.iter().max() else { continue };
         progress(&format!(
             "bulk migration, {kind}, {}",
             sizes.iter().map(|&s| human(s)).collect::<Vec<_>>().join(", ")
         ));
         let config = if keep { Config::default() } else { Config { keep_staging_bytes: 0, ..Config::default() } };
-        // Each size: its setup and the pages its runs did not move.
-        let mut states = sizes
-            .iter()
-            .map(|&size| Ok((Setup::new(config.clone(), size, huge)?, 0usize)))
-            .collect::<Result<Vec<_>, String>>()?;
+        let setup = Setup::new(config, span, huge)?;
+        let mut states: Vec<SizeState> = sizes.iter().map(|&size| SizeState { size, ..SizeState::default() }).collect();
         let sweeps = sweep(
             plan,
             &mut states,
-            |(s, short)| -> Result<(Duration, Duration), String> {
-                let npages = s.region.npages();
+            |st| -> Result<(Duration, Duration), String> {
+                let npages = st.size / PAGE_SIZE;
+                let (thp_in, thp_out) = setup.dev.huge_stats();
                 let t = Instant::now();
-                let a = s.to_device()?;
+                let a = setup.to_device(npages)?;
                 let to_dev = t.elapsed();
                 let t = Instant::now();
-                let b = s.to_system()?;
+                let b = setup.to_system(npages)?;
                 let to_ram = t.elapsed();
-                *short += (npages - a.min(npages)) + (npages - b.min(npages));
+                let (thp_in2, thp_out2) = setup.dev.huge_stats();
+                st.short += (npages - a.min(npages)) + (npages - b.min(npages));
+                st.thp_in += thp_in2 - thp_in;
+                st.thp_out += thp_out2 - thp_out;
                 Ok((to_dev, to_ram))
             },
             |&(a, b)| a + b,
         )?;
-        for ((s, short), (warm, timed)) in states.iter().zip(sweeps) {
-            let size = s.region.len();
-            s.spot_check()?;
-            let (thp_in, thp_out) = s.dev.huge_stats();
+        setup.spot_check()?;
+        for (st, (warm, timed)) in states.iter().zip(sweeps) {
             let mut notes = Vec::new();
-            if *short > 0 {
-                notes.push(format!("{short} page moves refused (busy) over all runs"));
+            if st.short > 0 {
+                notes.push(format!("{} page moves refused (busy) over all runs", st.short));
             }
             if huge {
                 notes.push(format!(
-                    "all runs: {thp_in} compound 2 MiB device pages, {thp_out} 2 MiB blocks fell back to small pages"
+                    "all runs: {} compound 2 MiB device pages, {} 2 MiB blocks fell back to small pages",
+                    st.thp_in, st.thp_out
                 ));
             }
             notes.push(format!("{} timed runs", timed.len()));
@@ -159,19 +161,36 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
                     format!("to_device_{tag}"),
                     format!("RAM → sim, {kind}"),
                     "uhmm",
-                    size,
+                    st.size,
                     warm.0,
                     &to_dev,
                 )
                 .with_note(note.clone()),
             );
             out.push(
-                Case::throughput(format!("to_ram_{tag}"), format!("sim → RAM, {kind}"), "uhmm", size, warm.1, &to_ram)
-                    .with_note(note),
+                Case::throughput(
+                    format!("to_ram_{tag}"),
+                    format!("sim → RAM, {kind}"),
+                    "uhmm",
+                    st.size,
+                    warm.1,
+                    &to_ram,
+                )
+                .with_note(note),
             );
         }
     }
     Ok(out)
+}
+
+/// One size of a bulk sweep: its size, and over all its runs, the pages
+/// its migrations did not move and its compound device pages.
+#[derive(Debug, Default)]
+struct SizeState {
+    size: usize,
+    short: usize,
+    thp_in: u64,
+    thp_out: u64,
 }
 
 /// Single-page CPU faults on device pages: fault-around 1; each run moves
@@ -194,7 +213,7 @@ impl DeviceFaults {
 
     /// One run, each access's nanoseconds recorded in `run`.
     pub fn run(&self, run: &mut Histogram<u64>) -> Result<(), String> {
-        self.s.to_device()?;
+        self.s.to_device(self.s.region.npages())?;
         let mut byte = [0u8; 1];
         for p in 0..self.s.region.npages() {
             let t = Instant::now();
@@ -252,7 +271,7 @@ pub fn scans(plan: &Plan) -> Result<Vec<Case>, String> {
         let s = Setup::new(config, len, false)?;
         let before = s.space.stats();
         let (w, runs) = repeat(plan.runs, |i| -> Result<Duration, String> {
-            s.to_device()?;
+            s.to_device(s.region.npages())?;
             let t = Instant::now();
             scan(&s.region, order, threads, i as u64)?;
             Ok(t.elapsed())
@@ -343,7 +362,7 @@ pub fn metadata(plan: &Plan) -> Result<Metadata, String> {
     let len = plan.target_size;
     let s = Setup::new(Config::default(), len, false)?;
     let ram = s.region.metadata_bytes();
-    s.to_device()?;
+    s.to_device(s.region.npages())?;
     let dev = s.region.metadata_bytes();
     let pages = s.region.npages();
     let huge = s.space.map(1 << 40, Prot::READ_WRITE).map_err(err("mapping 1 TiB"))?;
