@@ -383,3 +383,37 @@ pub(crate) fn copy_in(uffd: &Uffd, run: CopyRun) -> usize {
     }
     done.min(len)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BATCH_PAGES;
+
+    #[test]
+    fn slot_sets_all_kept_are_given_back_on_the_caller() {
+        let uffd = Arc::new(Uffd::open(0, true).expect("userfaultfd (needed by uhmm; see README)"));
+        let bytes = 4 * BATCH_PAGES * PAGE_SIZE;
+        let stage = Arc::new(Arena::new(bytes, None, bytes).unwrap());
+        let copier = Copier::new(uffd, stage.clone());
+        let mut slots = stage.alloc(2 * BATCH_PAGES).unwrap();
+        slots.populate(0..2 * BATCH_PAGES);
+        slots.keep_batch_of(0);
+        slots.keep_batch_of(BATCH_PAGES);
+        copier.release(slots);
+        // Nothing to empty: given back by the time `release` returns, not
+        // handed to the helper.
+        assert_eq!(stage.releasing(), 0, "a kept set was handed to the helper");
+        let mut kept = stage.take_kept(8).expect("kept on the caller");
+        assert_eq!(kept.len(), 2 * BATCH_PAGES);
+        // One batch of two kept: the other must be emptied, on the helper.
+        kept.keep_batch_of(0);
+        copier.release(kept);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stage.releasing() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the helper never gave the set back");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let back = stage.take_kept(8).expect("the marked batch kept");
+        assert_eq!(back.len(), BATCH_PAGES, "the unmarked batch was emptied, not kept");
+    }
+}

@@ -202,6 +202,12 @@ impl Arena {
         emptied.is_ok()
     }
 
+    /// Slot sets of this arena being given back by another thread.
+    #[cfg(test)]
+    pub(crate) fn releasing(&self) -> usize {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).releasing
+    }
+
     /// Waits until no slot set of this arena is being emptied elsewhere.
     pub(crate) fn wait_released(&self) {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
