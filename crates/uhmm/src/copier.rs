@@ -389,11 +389,20 @@ mod tests {
     use super::*;
     use crate::BATCH_PAGES;
 
+    /// Waits (10 s at most) until the helper has given back every set.
+    fn settled(stage: &Arena) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stage.releasing() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the helper never gave the set back");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn slot_sets_all_kept_are_given_back_on_the_caller() {
         let uffd = Arc::new(Uffd::open(0, true).expect("userfaultfd (needed by uhmm; see README)"));
         let bytes = 4 * BATCH_PAGES * PAGE_SIZE;
-        let stage = Arc::new(Arena::new(bytes, None, bytes).unwrap());
+        let stage = Arc::new(Arena::new(bytes, None, bytes / 2).unwrap()); // keeps two batches
         let copier = Copier::new(uffd, stage.clone());
         let mut slots = stage.alloc(2 * BATCH_PAGES).unwrap();
         slots.populate(0..2 * BATCH_PAGES);
@@ -408,12 +417,18 @@ mod tests {
         // One batch of two kept: the other must be emptied, on the helper.
         kept.keep_batch_of(0);
         copier.release(kept);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while stage.releasing() > 0 {
-            assert!(std::time::Instant::now() < deadline, "the helper never gave the set back");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        settled(&stage);
         let back = stage.take_kept(8).expect("the marked batch kept");
         assert_eq!(back.len(), BATCH_PAGES, "the unmarked batch was emptied, not kept");
+        drop(back);
+        // All marked, but room to keep only two of three batches: one must
+        // be emptied, so the set goes to the helper.
+        let mut three = stage.alloc(3 * BATCH_PAGES).unwrap();
+        three.populate(0..3 * BATCH_PAGES);
+        (0..3).for_each(|b| three.keep_batch_of(b * BATCH_PAGES));
+        assert!(!three.keeps_all(), "no room for a third kept batch");
+        copier.release(three);
+        settled(&stage);
+        assert_eq!(stage.take_kept(8).map(|k| k.len()), Some(2 * BATCH_PAGES), "as many kept as there is room for");
     }
 }

@@ -394,10 +394,13 @@ impl Slots {
         !self.keep.is_empty() || self.keep_partial.is_some()
     }
 
-    /// Whether every batch is marked to be kept: giving the slots back
-    /// then empties nothing while the arena has room for them.
+    /// Whether giving the slots back would empty nothing: every batch is
+    /// marked to be kept, and the arena has room to keep them all.
     pub(crate) fn keeps_all(&self) -> bool {
-        self.keep.len() == self.batches.len()
+        self.keep.len() == self.batches.len() && {
+            let free = self.arena.free.lock().unwrap_or_else(|e| e.into_inner());
+            free.kept.len() + free.partial.len() + self.keep.len() <= self.arena.keep_max
+        }
     }
 
     /// Marks the one batch of a set of fewer slots than a batch to be kept
