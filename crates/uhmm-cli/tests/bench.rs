@@ -42,7 +42,7 @@ fn quick_bench_writes_table_json_and_plot() {
     let v: serde_json::Value = serde_json::from_str(&text).expect("JSON parses");
     let cases = v["cases"].as_array().expect("cases array");
     assert!(cases.iter().any(|c| c["id"] == "memcpy_1t"), "no memcpy case in JSON");
-    for id in ["uffd_round_trip_same_cpu", "fault_latency_same_cpu"] {
+    for id in ["uffd_round_trip_same_cpu", "fault_latency_same_cpu", "to_device_moving", "to_ram_moving"] {
         assert!(cases.iter().any(|c| c["id"] == id), "no {id} case in JSON");
     }
     // The bulk sweep's sizes share one region: every size is measured.

@@ -60,14 +60,16 @@ impl Setup {
         Ok(Setup { space, dev, region })
     }
 
-    /// Migrates the region's first `pages` pages to the device.
-    fn to_device(&self, pages: usize) -> Result<usize, String> {
-        Ok(self.dev.migrate_to_device_all(self.region.addr(), pages).map_err(err("migrate_to_device"))?.cpages)
+    /// Migrates `pages` pages of the region from page `first` to the device.
+    fn to_device(&self, first: usize, pages: usize) -> Result<usize, String> {
+        let addr = self.region.addr() + first * PAGE_SIZE;
+        Ok(self.dev.migrate_to_device_all(addr, pages).map_err(err("migrate_to_device"))?.cpages)
     }
 
-    /// Migrates the region's first `pages` pages back to RAM.
-    fn to_system(&self, pages: usize) -> Result<usize, String> {
-        Ok(self.dev.migrate_to_system(self.region.addr(), pages).map_err(err("migrate_to_system"))?.cpages)
+    /// Migrates `pages` pages of the region from page `first` back to RAM.
+    fn to_system(&self, first: usize, pages: usize) -> Result<usize, String> {
+        let addr = self.region.addr() + first * PAGE_SIZE;
+        Ok(self.dev.migrate_to_system(addr, pages).map_err(err("migrate_to_system"))?.cpages)
     }
 
     /// Checks the first word of the first and last page against the fill.
@@ -120,18 +122,25 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
         let config = if keep { Config::default() } else { Config { keep_staging_bytes: 0, ..Config::default() } };
         let setup = Setup::new(config, span, huge)?;
         let mut states: Vec<SizeState> = sizes.iter().map(|&size| SizeState { size, ..SizeState::default() }).collect();
+        if tag == "small" && span >= 2 * HUGE {
+            // 2 MiB of data out of the caches, as a tiering system moves it.
+            states.push(SizeState { size: HUGE, moving: true, ..SizeState::default() });
+        }
         let sweeps = sweep(
             plan,
             &mut states,
             |st| -> Result<(Duration, Duration), String> {
-                let npages = st.size / PAGE_SIZE;
+                let (first, npages) = (st.at / PAGE_SIZE, st.size / PAGE_SIZE);
                 let (thp_in, thp_out) = setup.dev.huge_stats();
                 let t = Instant::now();
-                let a = setup.to_device(npages)?;
+                let a = setup.to_device(first, npages)?;
                 let to_dev = t.elapsed();
                 let t = Instant::now();
-                let b = setup.to_system(npages)?;
+                let b = setup.to_system(first, npages)?;
                 let to_ram = t.elapsed();
+                if st.moving {
+                    st.at = if st.at + 2 * st.size <= span { st.at + st.size } else { 0 };
+                }
                 let (thp_in2, thp_out2) = setup.dev.huge_stats();
                 st.short += (npages - a.min(npages)) + (npages - b.min(npages));
                 st.thp_in += thp_in2 - thp_in;
@@ -156,6 +165,11 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
             let note = notes.join("; ");
             let to_dev: Vec<Duration> = timed.iter().map(|t| t.0).collect();
             let to_ram: Vec<Duration> = timed.iter().map(|t| t.1).collect();
+            let (tag, kind) = if st.moving {
+                ("moving", format!("{kind}, the next 2 MiB each run"))
+            } else {
+                (tag, kind.to_string())
+            };
             out.push(
                 Case::throughput(
                     format!("to_device_{tag}"),
@@ -183,11 +197,15 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
     Ok(out)
 }
 
-/// One size of a bulk sweep: its size, and over all its runs, the pages
-/// its migrations did not move and its compound device pages.
+/// One size of a bulk sweep: its size, where its next run starts in the
+/// region, and over all its runs, the pages its migrations did not move
+/// and its compound device pages. A `moving` size starts each run where
+/// the last one ended (wrapping), so its data is never in the caches.
 #[derive(Debug, Default)]
 struct SizeState {
     size: usize,
+    moving: bool,
+    at: usize,
     short: usize,
     thp_in: u64,
     thp_out: u64,
@@ -213,7 +231,7 @@ impl DeviceFaults {
 
     /// One run, each access's nanoseconds recorded in `run`.
     pub fn run(&self, run: &mut Histogram<u64>) -> Result<(), String> {
-        self.s.to_device(self.s.region.npages())?;
+        self.s.to_device(0, self.s.region.npages())?;
         let mut byte = [0u8; 1];
         for p in 0..self.s.region.npages() {
             let t = Instant::now();
@@ -271,7 +289,7 @@ pub fn scans(plan: &Plan) -> Result<Vec<Case>, String> {
         let s = Setup::new(config, len, false)?;
         let before = s.space.stats();
         let (w, runs) = repeat(plan.runs, |i| -> Result<Duration, String> {
-            s.to_device(s.region.npages())?;
+            s.to_device(0, s.region.npages())?;
             let t = Instant::now();
             scan(&s.region, order, threads, i as u64)?;
             Ok(t.elapsed())
@@ -362,7 +380,7 @@ pub fn metadata(plan: &Plan) -> Result<Metadata, String> {
     let len = plan.target_size;
     let s = Setup::new(Config::default(), len, false)?;
     let ram = s.region.metadata_bytes();
-    s.to_device(s.region.npages())?;
+    s.to_device(0, s.region.npages())?;
     let dev = s.region.metadata_bytes();
     let pages = s.region.npages();
     let huge = s.space.map(1 << 40, Prot::READ_WRITE).map_err(err("mapping 1 TiB"))?;
