@@ -202,6 +202,11 @@ impl Arena {
         emptied.is_ok()
     }
 
+    /// Batches that may still be kept, full or partly filled.
+    fn keep_room(&self, free: &FreeBatches) -> usize {
+        self.keep_max.saturating_sub(free.kept.len() + free.partial.len())
+    }
+
     /// Slot sets of this arena being given back by another thread.
     #[cfg(test)]
     pub(crate) fn releasing(&self) -> usize {
@@ -223,7 +228,7 @@ impl Arena {
         let mut to_empty = batches.to_vec();
         if let Some((b, n)) = partial {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if free.kept.len() + free.partial.len() < self.keep_max {
+            if self.keep_room(&free) > 0 {
                 free.partial.push((b, n));
                 free.kept_used = Instant::now();
                 to_empty.retain(|&x| x != b);
@@ -231,7 +236,7 @@ impl Arena {
         }
         if !keep.is_empty() {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let room = self.keep_max.saturating_sub(free.kept.len() + free.partial.len());
+            let room = self.keep_room(&free);
             let kept: Vec<u32> = keep.iter().copied().take(room).collect();
             to_empty.retain(|b| !kept.contains(b));
             if !kept.is_empty() {
@@ -399,7 +404,7 @@ impl Slots {
     pub(crate) fn keeps_all(&self) -> bool {
         self.keep.len() == self.batches.len() && {
             let free = self.arena.free.lock().unwrap_or_else(|e| e.into_inner());
-            free.kept.len() + free.partial.len() + self.keep.len() <= self.arena.keep_max
+            self.keep.len() <= self.arena.keep_room(&free)
         }
     }
 
