@@ -861,7 +861,16 @@ impl Inner {
                 Stats::add(&space.stats.helper_copied_pages, (by_helper / PAGE_SIZE) as u64);
                 SmallVec::from_vec(copied)
             }
-            None => pieces.iter().map(|&(i, n)| copy_in(&space.uffd, self.copy_run(i, n))).collect(),
+            None => {
+                // The kernel allocates these pages: as many kept ones go.
+                let allocated = pieces.iter().map(|p| p.1).sum();
+                if allocated > 0
+                    && let Some(shed) = space.stage.note_allocated(allocated)
+                {
+                    space.copier.release(shed);
+                }
+                pieces.iter().map(|&(i, n)| copy_in(&space.uffd, self.copy_run(i, n))).collect()
+            }
         };
         for (&(i, n), done) in pieces.iter().zip(copied) {
             self.settle(&mut failed, i, n, done / PAGE_SIZE);

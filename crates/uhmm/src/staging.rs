@@ -21,8 +21,11 @@
 //! instead of having the kernel allocate pages (on this project's VM a new
 //! page costs about three times its copy). A migration of less than a
 //! batch keeps its one batch **partly filled**, for a copy back of as many
-//! pages or fewer. The pages are the process's own; each is overwritten
-//! whole before it is mapped anywhere.
+//! pages or fewer. Copies back that allocate all the same (a fault's page)
+//! **shed** a kept batch for each batch's worth they allocate: the pages
+//! that came back replace the kept ones, which nothing takes. The pages are
+//! the process's own; each is overwritten whole before it is mapped
+//! anywhere.
 
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
@@ -65,6 +68,9 @@ struct FreeBatches {
     partial: Vec<(u32, usize)>,
     /// When a batch was last kept or taken.
     kept_used: Instant,
+    /// Pages allocated by copies back since a kept batch was last shed
+    /// (see [`Arena::note_allocated`]).
+    allocated: usize,
     /// Slot sets handed to another thread to be emptied, not back yet.
     releasing: usize,
     /// Those of them with batches to keep.
@@ -94,6 +100,7 @@ impl Arena {
             kept: Vec::new(),
             partial: Vec::new(),
             kept_used: Instant::now(),
+            allocated: 0,
             releasing: 0,
             keeping: 0,
         };
@@ -161,6 +168,33 @@ impl Arena {
         let k = free.partial.iter().position(|&(_, n)| n >= npages)?;
         let b = free.partial.swap_remove(k).0;
         free.kept_used = Instant::now();
+        Some(Slots::taken(self, vec![b]))
+    }
+
+    /// Notes that copies back to RAM had the kernel allocate `npages` pages
+    /// while batches were kept. For each batch's worth, returns a kept
+    /// batch to empty (partly filled ones first, then the one kept
+    /// longest): the pages that came back replace its pages, which no copy
+    /// took. Without this, a program that moves data to a device in bulk
+    /// and faults it back page by page would hold both copies, up to
+    /// `keep_max`, and every fault would take memory the process had not
+    /// touched for long (on this project's VM that can cost its page many
+    /// times its copy).
+    pub(crate) fn note_allocated(self: &Arc<Self>, npages: usize) -> Option<Slots> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.kept.is_empty() && free.partial.is_empty() {
+            free.allocated = 0;
+            return None;
+        }
+        free.allocated += npages;
+        if free.allocated < BATCH_PAGES {
+            return None;
+        }
+        free.allocated -= BATCH_PAGES;
+        let b = match free.partial.pop() {
+            Some((b, _)) => b,
+            None => free.kept.remove(0),
+        };
         Some(Slots::taken(self, vec![b]))
     }
 
@@ -681,6 +715,39 @@ mod tests {
         assert!((0..4).all(|k| first(&all, k) == 0), "the kept batches were emptied for it");
         assert!(a.take_kept(8).is_none());
         drop(all);
+    }
+
+    #[test]
+    fn copies_that_allocate_shed_kept_batches_partly_filled_first() {
+        let a = arena(4); // keeps two batches at most
+        assert!(a.note_allocated(2 * BATCH_PAGES).is_none(), "nothing kept");
+        // One full batch kept, then one partly filled.
+        let mut s = a.alloc(BATCH_PAGES).unwrap();
+        s.populate(0..BATCH_PAGES);
+        a.map.write(s.offset(0), &[1]).unwrap();
+        s.keep_batch_of(0);
+        drop(s);
+        let mut s = a.alloc(100).unwrap();
+        s.populate(0..100);
+        a.map.write(s.offset(0), &[2]).unwrap();
+        let partial = s.offset(0);
+        s.keep_prefix(100);
+        drop(s);
+        // Pages allocated before anything was kept do not count.
+        assert!(a.note_allocated(BATCH_PAGES - 1).is_none(), "less than a batch's worth");
+        let shed = a.note_allocated(1).expect("a batch's worth: one kept batch goes");
+        assert_eq!(shed.offset(0), partial, "the partly filled one first");
+        drop(shed); // given back unmarked: emptied
+        assert!(a.note_allocated(BATCH_PAGES - 1).is_none());
+        let shed = a.note_allocated(BATCH_PAGES).expect("then the full one");
+        drop(shed);
+        assert!(a.take_kept(8).is_none(), "none kept any more");
+        let all = a.alloc(4 * BATCH_PAGES).unwrap();
+        let mut b = [9u8];
+        for k in 0..4 {
+            a.map.read(all.offset(k * BATCH_PAGES), &mut b).unwrap();
+            assert_eq!(b, [0], "batch {k} was emptied");
+        }
     }
 
     #[test]

@@ -746,6 +746,40 @@ fn a_small_copy_back_goes_through_the_batch_a_small_migration_left() {
 }
 
 #[test]
+fn copies_back_that_allocate_shed_the_pages_kept_for_them() {
+    // Room to keep two batches: the first region's migration to the device
+    // fills it. The second region's migration finds no room. Brought back
+    // 16 pages at a time (as faults would be: copies too small to go
+    // through kept pages), the second region takes 1024 new pages from the
+    // kernel, so the two kept batches are shed: the first region's copy
+    // back then finds none to go through. Were they still kept, it would.
+    let n = 2 * uhmm::BATCH_PAGES;
+    let space = AddressSpace::new(Config { keep_staging_bytes: 4 << 20, ..Config::default() }).unwrap();
+    let dev = TestDev::new(&space);
+    let src = filled_source(n);
+    let (r1, r2) =
+        (space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap(), space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap());
+    fill(&r1, 0..n);
+    fill(&r2, 0..n);
+    assert_eq!(dev.to_device(&space, r1.range()).migrated, n);
+    assert_eq!(dev.to_device(&space, r2.range()).migrated, n);
+    let before = space.stats().kept_copied_pages;
+    for first in (0..n).step_by(16) {
+        let range = r2.addr() + first * PAGE_SIZE..r2.addr() + (first + 16) * PAGE_SIZE;
+        let mut m = Migration::setup(&space, range, Select::DEVICE_PRIVATE, dev.owner).unwrap();
+        for i in 0..m.npages() {
+            m.set_dst_system_from(i, &src, (first + i) * PAGE_SIZE).unwrap();
+        }
+        assert_eq!(m.pages().finalize().migrated, 16);
+    }
+    check(&r2, 0..n);
+    assert_eq!(space.stats().kept_copied_pages, before, "small copies allocate");
+    assert_eq!(back_from(&space, &dev, &r1, &src), n);
+    check(&r1, 0..n);
+    assert_eq!(space.stats().kept_copied_pages, before, "the kept batches were shed");
+}
+
+#[test]
 fn runs_coming_back_fill_kept_batches_in_turn() {
     // Two batches of pages on the device but for page 100, back in RAM:
     // the copy back is two runs, 100 and 923 pages, and the two batches
