@@ -21,8 +21,8 @@
 //! instead of having the kernel allocate pages (on this project's VM a new
 //! page costs about three times its copy). A migration of less than a
 //! batch keeps its one batch **partly filled**, for a copy back of as many
-//! pages or fewer. Copies back that allocate all the same (a fault's page)
-//! **shed** a kept batch for each batch's worth they allocate: the pages
+//! pages or fewer. Copies back that have the kernel allocate pages all the
+//! same (a fault's page) **shed** kept batches holding as many: the pages
 //! that came back replace the kept ones, which nothing takes. The pages are
 //! the process's own; each is overwritten whole before it is mapped
 //! anywhere.
@@ -172,30 +172,37 @@ impl Arena {
     }
 
     /// Notes that copies back to RAM had the kernel allocate `npages` pages
-    /// while batches were kept. For each batch's worth, returns a kept
-    /// batch to empty (partly filled ones first, then the one kept
-    /// longest): the pages that came back replace its pages, which no copy
+    /// while batches were kept, and returns kept batches holding as many
+    /// pages to empty (partly filled ones first, then full ones, each the
+    /// one kept longest), if that many have been allocated since the last
+    /// were shed: the pages that came back replace theirs, which no copy
     /// took. Without this, a program that moves data to a device in bulk
     /// and faults it back page by page would hold both copies, up to
-    /// `keep_max`, and every fault would take memory the process had not
-    /// touched for long (on this project's VM that can cost its page many
-    /// times its copy).
+    /// `keep_max` batches, and every fault would take memory the process
+    /// had not touched for long (on this project's VM that can cost its
+    /// page many times its copy).
     pub(crate) fn note_allocated(self: &Arc<Self>, npages: usize) -> Option<Slots> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.kept.is_empty() && free.partial.is_empty() {
-            free.allocated = 0;
-            return None;
-        }
         free.allocated += npages;
-        if free.allocated < BATCH_PAGES {
-            return None;
+        let mut shed = Vec::new();
+        loop {
+            let pages = match (free.partial.first(), free.kept.is_empty()) {
+                (Some(&(_, n)), _) => n,
+                (None, false) => BATCH_PAGES,
+                (None, true) => {
+                    // Nothing kept: pages allocated now replace nothing.
+                    free.allocated = 0;
+                    break;
+                }
+            };
+            if free.allocated < pages {
+                break;
+            }
+            free.allocated -= pages;
+            let b = if free.partial.is_empty() { free.kept.remove(0) } else { free.partial.remove(0).0 };
+            shed.push(b);
         }
-        free.allocated -= BATCH_PAGES;
-        let b = match free.partial.pop() {
-            Some((b, _)) => b,
-            None => free.kept.remove(0),
-        };
-        Some(Slots::taken(self, vec![b]))
+        (!shed.is_empty()).then(|| Slots::taken(self, shed))
     }
 
     /// Empties the kept batches when none was kept or taken for
@@ -718,30 +725,33 @@ mod tests {
     }
 
     #[test]
-    fn copies_that_allocate_shed_kept_batches_partly_filled_first() {
-        let a = arena(4); // keeps two batches at most
+    fn copies_that_allocate_shed_as_many_kept_pages_partly_filled_batches_first() {
+        let a = Arc::new(Arena::new(4 * BATCH_BYTES, None, 3 * BATCH_BYTES).unwrap());
         assert!(a.note_allocated(2 * BATCH_PAGES).is_none(), "nothing kept");
-        // One full batch kept, then one partly filled.
+        // A full batch kept, then two partly filled, of 100 and 50 pages.
         let mut s = a.alloc(BATCH_PAGES).unwrap();
         s.populate(0..BATCH_PAGES);
-        a.map.write(s.offset(0), &[1]).unwrap();
         s.keep_batch_of(0);
         drop(s);
-        let mut s = a.alloc(100).unwrap();
-        s.populate(0..100);
-        a.map.write(s.offset(0), &[2]).unwrap();
-        let partial = s.offset(0);
-        s.keep_prefix(100);
-        drop(s);
-        // Pages allocated before anything was kept do not count.
-        assert!(a.note_allocated(BATCH_PAGES - 1).is_none(), "less than a batch's worth");
-        let shed = a.note_allocated(1).expect("a batch's worth: one kept batch goes");
-        assert_eq!(shed.offset(0), partial, "the partly filled one first");
+        let mut partial = Vec::new();
+        for n in [100, 50] {
+            let mut s = a.alloc(n).unwrap();
+            s.populate(0..n);
+            a.map.write(s.offset(0), &[7]).unwrap();
+            partial.push(s.offset(0));
+            s.keep_prefix(n);
+            drop(s);
+        }
+        // Pages allocated while nothing was kept did not count.
+        assert!(a.note_allocated(99).is_none(), "fewer pages than the first batch holds");
+        let shed = a.note_allocated(1).expect("as many: the first partly filled batch goes");
+        assert_eq!((shed.len(), shed.offset(0)), (BATCH_PAGES, partial[0]));
         drop(shed); // given back unmarked: emptied
-        assert!(a.note_allocated(BATCH_PAGES - 1).is_none());
-        let shed = a.note_allocated(BATCH_PAGES).expect("then the full one");
+        let shed = a.note_allocated(50 + BATCH_PAGES + 7).expect("the other two");
+        assert_eq!((shed.len(), shed.offset(0)), (2 * BATCH_PAGES, partial[1]), "the other partly filled one first");
         drop(shed);
         assert!(a.take_kept(8).is_none(), "none kept any more");
+        assert!(a.note_allocated(BATCH_PAGES).is_none(), "nothing left to shed");
         let all = a.alloc(4 * BATCH_PAGES).unwrap();
         let mut b = [9u8];
         for k in 0..4 {
