@@ -865,8 +865,9 @@ impl Inner {
                 // The kernel allocates these pages: as many kept ones go.
                 let allocated = pieces.iter().map(|p| p.1).sum();
                 if allocated > 0
-                    && let Some(shed) = space.stage.note_allocated(allocated)
+                    && let Some((shed, pages)) = space.stage.note_allocated(allocated)
                 {
+                    Stats::add(&space.stats.kept_shed_pages, pages as u64);
                     space.copier.release(shed);
                 }
                 pieces.iter().map(|&(i, n)| copy_in(&space.uffd, self.copy_run(i, n))).collect()

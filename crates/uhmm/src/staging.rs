@@ -174,17 +174,17 @@ impl Arena {
     /// Notes that copies back to RAM had the kernel allocate `npages` pages
     /// while batches were kept, and returns kept batches holding as many
     /// pages to empty (partly filled ones first, then full ones, each the
-    /// one kept longest), if that many have been allocated since the last
-    /// were shed: the pages that came back replace theirs, which no copy
-    /// took. Without this, a program that moves data to a device in bulk
-    /// and faults it back page by page would hold both copies, up to
-    /// `keep_max` batches, and every fault would take memory the process
-    /// had not touched for long (on this project's VM that can cost its
-    /// page many times its copy).
-    pub(crate) fn note_allocated(self: &Arc<Self>, npages: usize) -> Option<Slots> {
+    /// one kept longest), with the pages they hold, if that many have been
+    /// allocated since the last were shed: the pages that came back
+    /// replace theirs, which no copy took. Without this, a program that
+    /// moves data to a device in bulk and faults it back page by page would
+    /// hold both copies, up to `keep_max` batches, and every fault would
+    /// take memory the process had not touched for long (on this project's
+    /// VM that can cost its page many times its copy).
+    pub(crate) fn note_allocated(self: &Arc<Self>, npages: usize) -> Option<(Slots, usize)> {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         free.allocated += npages;
-        let mut shed = Vec::new();
+        let (mut shed, mut shed_pages) = (Vec::new(), 0);
         loop {
             let pages = match (free.partial.first(), free.kept.is_empty()) {
                 (Some(&(_, n)), _) => n,
@@ -199,10 +199,11 @@ impl Arena {
                 break;
             }
             free.allocated -= pages;
+            shed_pages += pages;
             let b = if free.partial.is_empty() { free.kept.remove(0) } else { free.partial.remove(0).0 };
             shed.push(b);
         }
-        (!shed.is_empty()).then(|| Slots::taken(self, shed))
+        (!shed.is_empty()).then(|| (Slots::taken(self, shed), shed_pages))
     }
 
     /// Empties the kept batches when none was kept or taken for
@@ -744,11 +745,15 @@ mod tests {
         }
         // Pages allocated while nothing was kept did not count.
         assert!(a.note_allocated(99).is_none(), "fewer pages than the first batch holds");
-        let shed = a.note_allocated(1).expect("as many: the first partly filled batch goes");
-        assert_eq!((shed.len(), shed.offset(0)), (BATCH_PAGES, partial[0]));
+        let (shed, pages) = a.note_allocated(1).expect("as many: the first partly filled batch goes");
+        assert_eq!((shed.len(), shed.offset(0), pages), (BATCH_PAGES, partial[0], 100));
         drop(shed); // given back unmarked: emptied
-        let shed = a.note_allocated(50 + BATCH_PAGES + 7).expect("the other two");
-        assert_eq!((shed.len(), shed.offset(0)), (2 * BATCH_PAGES, partial[1]), "the other partly filled one first");
+        let (shed, pages) = a.note_allocated(50 + BATCH_PAGES + 7).expect("the other two");
+        assert_eq!(
+            (shed.len(), shed.offset(0), pages),
+            (2 * BATCH_PAGES, partial[1], 50 + BATCH_PAGES),
+            "the other partly filled one first"
+        );
         drop(shed);
         assert!(a.take_kept(8).is_none(), "none kept any more");
         assert!(a.note_allocated(BATCH_PAGES).is_none(), "nothing left to shed");

@@ -61,6 +61,10 @@ counters! {
     /// moved in rather than allocated by the kernel; a failed move falls
     /// back to `UFFDIO_COPY` and is still counted here).
     kept_copied_pages,
+    /// Kept staging pages emptied because copies back had the kernel
+    /// allocate as many pages instead (a fault's copy is too small for kept
+    /// pages): the pages that came back replace them.
+    kept_shed_pages,
 }
 
 impl Stats {

@@ -774,6 +774,7 @@ fn copies_back_that_allocate_shed_the_pages_kept_for_them() {
     }
     check(&r2, 0..n);
     assert_eq!(space.stats().kept_copied_pages, before, "small copies allocate");
+    assert_eq!(space.stats().kept_shed_pages, n as u64, "as many kept pages shed");
     assert_eq!(back_from(&space, &dev, &r1, &src), n);
     check(&r1, 0..n);
     assert_eq!(space.stats().kept_copied_pages, before, "the kept batches were shed");

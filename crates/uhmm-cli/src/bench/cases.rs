@@ -249,10 +249,11 @@ impl DeviceFaults {
         let len = self.s.region.len();
         let name = format!("CPU fault on a device page, {}", placement.name());
         Ok(Case::latency(format!("fault_latency_{}", placement.id()), name, "uhmm", len, latencies).with_note(format!(
-            "fault-around 1: {} faults, {} migrate_to_ram calls, {} pages to RAM",
+            "fault-around 1: {} faults, {} migrate_to_ram calls, {} pages to RAM, {} kept pages shed",
             after.faults - self.before.faults,
             after.migrate_to_ram - self.before.migrate_to_ram,
-            after.pages_to_ram - self.before.pages_to_ram
+            after.pages_to_ram - self.before.pages_to_ram,
+            after.kept_shed_pages - self.before.kept_shed_pages
         )))
     }
 }
