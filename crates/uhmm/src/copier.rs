@@ -195,12 +195,17 @@ pub(crate) struct Copier {
     uffd: Arc<Uffd>,
     /// The stage, whose kept batches the helper empties once unused.
     stage: Arc<Arena>,
+    /// The CPUs the helper runs on: those of the thread that made the
+    /// address space. The thread that starts the helper may be pinned
+    /// elsewhere (a fault handler on `Config::handler_cpus`), and a helper
+    /// that inherited its CPU would share that CPU instead of helping.
+    cpus: Vec<usize>,
     helper: Mutex<Option<(Sender<Job>, JoinHandle<()>)>>,
 }
 
 impl Copier {
-    pub(crate) fn new(uffd: Arc<Uffd>, stage: Arc<Arena>) -> Copier {
-        Copier { uffd, stage, helper: Mutex::new(None) }
+    pub(crate) fn new(uffd: Arc<Uffd>, stage: Arc<Arena>, cpus: Vec<usize>) -> Copier {
+        Copier { uffd, stage, cpus, helper: Mutex::new(None) }
     }
 
     /// Has the helper work on `queue` beside the caller (who copies
@@ -243,8 +248,11 @@ impl Copier {
         let mut helper = self.helper.lock().unwrap_or_else(|e| e.into_inner());
         if helper.is_none() {
             let (tx, rx) = channel::<Job>();
-            let (uffd, stage) = (self.uffd.clone(), self.stage.clone());
+            let (uffd, stage, cpus) = (self.uffd.clone(), self.stage.clone(), self.cpus.clone());
             let thread = std::thread::Builder::new().name("uhmm-copier".into()).spawn(move || {
+                if let Err(err) = crate::sys::process::set_thread_cpus(&cpus) {
+                    tracing::warn!(%err, ?cpus, "the copy helper keeps the CPUs of the thread that started it");
+                }
                 loop {
                     match rx.recv_timeout(KEEP_FOR) {
                         Ok(Job::Copy(queue)) => queue.work(&uffd, true),
@@ -403,7 +411,7 @@ mod tests {
         let uffd = Arc::new(Uffd::open(0, true).expect("userfaultfd (needed by uhmm; see README)"));
         let bytes = 4 * BATCH_PAGES * PAGE_SIZE;
         let stage = Arc::new(Arena::new(bytes, None, bytes / 2).unwrap()); // keeps two batches
-        let copier = Copier::new(uffd, stage.clone());
+        let copier = Copier::new(uffd, stage.clone(), crate::sys::process::allowed_cpus().unwrap());
         let mut slots = stage.alloc(2 * BATCH_PAGES).unwrap();
         slots.populate(0..2 * BATCH_PAGES);
         slots.keep_batch_of(0);

@@ -172,11 +172,11 @@ impl AddressSpace {
         if config.handler_threads == 0 || config.fault_around_pages == 0 || config.zero_fill_pages == 0 {
             return Err(Error::invalid("handler_threads, fault_around_pages and zero_fill_pages must be > 0"));
         }
-        if !config.handler_cpus.is_empty() {
-            let allowed = sys::process::allowed_cpus().map_err(|e| Error::sys("sched_getaffinity", e))?;
-            if let Some(cpu) = config.handler_cpus.iter().find(|c| !allowed.contains(c)) {
-                return Err(Error::invalid(format!("handler_cpus: this process may not run on CPU {cpu}")));
-            }
+        // Where this thread may run: the handlers' CPUs must be among
+        // them, and the copy helper runs on all of them.
+        let allowed = sys::process::allowed_cpus().map_err(|e| Error::sys("sched_getaffinity", e))?;
+        if let Some(cpu) = config.handler_cpus.iter().find(|c| !allowed.contains(c)) {
+            return Err(Error::invalid(format!("handler_cpus: this process may not run on CPU {cpu}")));
         }
         let wanted = uffd::feature::MOVE | uffd::feature::POISON | uffd::feature::THREAD_ID;
         let uffd = Uffd::open(wanted, config.allow_user_mode_only).map_err(|e| match e.kind() {
@@ -205,7 +205,7 @@ impl AddressSpace {
         let uffd = Arc::new(uffd);
         let inner = Arc::new(SpaceInner {
             pagemap_file: Arc::new(Pagemap::open().map_err(|e| Error::sys("open /proc/self/pagemap", e))?),
-            copier: Copier::new(uffd.clone(), stage.clone()),
+            copier: Copier::new(uffd.clone(), stage.clone(), allowed),
             uffd,
             regions: RwLock::new(BTreeMap::new()),
             next_region: AtomicU32::new(1),

@@ -908,3 +908,36 @@ fn handler_threads_run_on_the_cpus_asked_for_and_serve_faults() {
     let e = AddressSpace::new(Config { handler_cpus: vec![cpu, bad], ..Config::default() }).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
 }
+
+#[test]
+fn the_copy_helper_runs_where_the_space_was_made_not_where_it_was_started() {
+    // The helper starts when first needed, on whichever thread needs it:
+    // here this thread, pinned to one CPU after making the space (as a
+    // fault handler on `handler_cpus` may be). The helper must not keep
+    // that pin: it would share the CPU it is there to take work off. (On
+    // a machine of one CPU this cannot tell.)
+    let allowed = uhmm::sys::process::allowed_cpus().unwrap();
+    let own = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let want = own.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+    // Nothing kept: a migration's slots are emptied on the helper.
+    let space = AddressSpace::new(Config { keep_staging_bytes: 0, ..Config::default() }).unwrap();
+    let dev = TestDev::new(&space);
+    let n = uhmm::BATCH_PAGES;
+    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..n);
+    uhmm::sys::process::set_thread_cpus(&allowed[..1]).unwrap();
+    dev.to_device(&space, r.range());
+    uhmm::sys::process::set_thread_cpus(&allowed).unwrap();
+    // A helper sets its CPUs as it starts; other tests' helpers run
+    // beside, and none may stay pinned either.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let helpers = cpus_of_threads_named("uhmm-copier");
+        if !helpers.is_empty() && helpers.iter().all(|h| *h == want) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "copy helpers on {helpers:?}, not {want}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    check(&r, 0..n);
+}
