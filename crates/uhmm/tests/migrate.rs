@@ -876,11 +876,14 @@ fn cpus_of_threads_named(name: &str) -> Vec<String> {
             continue;
         }
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        if let Some(l) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
-            out.push(l.trim().to_string());
-        }
+        out.extend(cpu_list(&status));
     }
     out
+}
+
+/// The `Cpus_allowed_list` of a /proc status file.
+fn cpu_list(status: &str) -> Option<String> {
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(|l| l.trim().to_string())
 }
 
 #[test]
@@ -917,8 +920,7 @@ fn the_copy_helper_runs_where_the_space_was_made_not_where_it_was_started() {
     // that pin: it would share the CPU it is there to take work off. (On
     // a machine of one CPU this cannot tell.)
     let allowed = uhmm::sys::process::allowed_cpus().unwrap();
-    let own = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-    let want = own.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+    let want = cpu_list(&std::fs::read_to_string("/proc/thread-self/status").unwrap()).unwrap();
     // Nothing kept: a migration's slots are emptied on the helper.
     let space = AddressSpace::new(Config { keep_staging_bytes: 0, ..Config::default() }).unwrap();
     let dev = TestDev::new(&space);
