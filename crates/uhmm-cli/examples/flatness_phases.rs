@@ -37,14 +37,6 @@ const CACHED: usize = 2 << 20;
 /// Costs of a round trip in ns a page: to the device, back to RAM.
 type Costs = (f64, f64);
 
-/// One second's medians, in ns a page.
-struct Window {
-    big: Costs,
-    cached: Costs,
-    memcpy: f64,
-    steal_ticks: u64,
-}
-
 fn main() -> ExitCode {
     match run(&Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,34 +86,26 @@ fn run(args: &Args) -> Result<(), String> {
                 cached_runs.push(round_trip(CACHED)?);
             }
         }
-        let w = Window {
-            big: medians(&big_runs),
-            cached: medians(&cached_runs),
-            memcpy: median(memcpy_runs),
-            steal_ticks: steal_ticks()? - steal_before,
-        };
+        let (big_costs, cached_costs) = (medians(&big_runs), medians(&cached_runs));
         println!(
             "{:3.0}  {:6.0}  {:8.0} / {:4.0}  {:7.0} / {:4.0}  {:11.2} / {:4.2}  {:5}",
             start.elapsed().as_secs_f64(),
-            w.memcpy,
-            w.big.0,
-            w.big.1,
-            w.cached.0,
-            w.cached.1,
-            w.big.0 / w.cached.0,
-            w.big.1 / w.cached.1,
-            w.steal_ticks
+            median(memcpy_runs),
+            big_costs.0,
+            big_costs.1,
+            cached_costs.0,
+            cached_costs.1,
+            big_costs.0 / cached_costs.0,
+            big_costs.1 / cached_costs.1,
+            steal_ticks()?.saturating_sub(steal_before)
         );
-        windows.push(w);
+        windows.push((big_costs, cached_costs));
     }
-    summarize("1 s windows", &windows.iter().map(|w| (w.big, w.cached)).collect::<Vec<_>>());
+    summarize("1 s windows", &windows);
     let tens: Vec<_> = windows
         .chunks_exact(10)
         .map(|c| {
-            (
-                medians(&c.iter().map(|w| w.big).collect::<Vec<_>>()),
-                medians(&c.iter().map(|w| w.cached).collect::<Vec<_>>()),
-            )
+            (medians(&c.iter().map(|w| w.0).collect::<Vec<_>>()), medians(&c.iter().map(|w| w.1).collect::<Vec<_>>()))
         })
         .collect();
     summarize("10 s windows", &tens);

@@ -53,6 +53,21 @@ fn quick_bench_writes_table_json_and_plot() {
     for c in cases {
         assert!(c["runs"].as_array().is_some_and(|r| r.len() >= 5), "fewer than 5 runs: {c}");
     }
+    // Sweep cases carry the host's steal time during their sweep.
+    for id in ["memcpy_1t", "to_device_small", "to_ram_huge"] {
+        for c in cases.iter().filter(|c| c["id"] == id) {
+            assert!(c["steal"].as_f64().is_some_and(|s| s >= 0.0), "no steal reading: {c}");
+        }
+    }
+    let targets = v["targets"].as_array().expect("targets array");
+    assert!(
+        targets
+            .iter()
+            .filter(|t| t["detail"].as_str().is_some_and(|d| d.contains("host steal during the sweep")))
+            .count()
+            == 2,
+        "the flatness targets name the steal time of their sweep: {targets:?}"
+    );
     assert!(v["targets"].as_array().is_some_and(|t| !t.is_empty()), "no targets in JSON");
 
     let plot = std::fs::read_to_string(&svg).expect("SVG written");

@@ -14,6 +14,7 @@ use uhmm::sys::mman::{Mapping, Protection};
 use uhmm::sys::process::set_thread_cpus;
 use uhmm::sys::uffd::{Event, Uffd};
 
+use super::report::StealMeter;
 use super::{Case, Latencies, Placement, Plan, progress, repeat, sweep};
 use crate::units::human;
 
@@ -23,6 +24,7 @@ use crate::units::human;
 pub fn memcpy(plan: &Plan) -> Result<Vec<Case>, String> {
     progress(&format!("memcpy, 1 thread, {}", plan.sizes.iter().map(|&s| human(s)).collect::<Vec<_>>().join(", ")));
     let mut buffers: Vec<(Vec<u8>, Vec<u8>)> = plan.sizes.iter().map(|&s| (vec![0x5au8; s], vec![0xa5u8; s])).collect();
+    let steal = StealMeter::start();
     let one_thread = sweep(
         plan,
         &mut buffers,
@@ -35,12 +37,14 @@ pub fn memcpy(plan: &Plan) -> Result<Vec<Case>, String> {
         },
         |&d| d,
     )?;
+    let stolen = steal.share();
     let mut out = Vec::new();
     for ((&size, (src, dst)), (w, runs)) in plan.sizes.iter().zip(&mut buffers).zip(one_thread) {
         progress(&format!("memcpy 2 threads, page copies, {}", human(size)));
         out.push(
             Case::throughput("memcpy_1t", "memcpy, 1 thread", "baseline", size, w, &runs)
-                .with_note(format!("{} timed runs", runs.len())),
+                .with_note(format!("{} timed runs", runs.len()))
+                .with_steal(stolen),
         );
         let (w, runs) = memcpy_2t(src, dst, plan.runs);
         out.push(Case::throughput("memcpy_2t", "memcpy, 2 threads", "baseline", size, w, &runs));

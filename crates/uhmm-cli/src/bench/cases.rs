@@ -9,6 +9,7 @@ use uhmm::sys::uffd::Origin;
 use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot, Region};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 
+use super::report::StealMeter;
 use super::{Case, Latencies, Placement, Plan, progress, repeat, sweep};
 use crate::units::human;
 
@@ -126,6 +127,7 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
             // 2 MiB of data out of the caches, as a tiering system moves it.
             states.push(SizeState { size: HUGE, moving: true, ..SizeState::default() });
         }
+        let steal = StealMeter::start();
         let sweeps = sweep(
             plan,
             &mut states,
@@ -149,6 +151,7 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
             },
             |&(a, b)| a + b,
         )?;
+        let stolen = steal.share();
         setup.spot_check()?;
         for (st, (warm, timed)) in states.iter().zip(sweeps) {
             let mut notes = Vec::new();
@@ -179,7 +182,8 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
                     warm.0,
                     &to_dev,
                 )
-                .with_note(note.clone()),
+                .with_note(note.clone())
+                .with_steal(stolen),
             );
             out.push(
                 Case::throughput(
@@ -190,7 +194,8 @@ pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
                     warm.1,
                     &to_ram,
                 )
-                .with_note(note),
+                .with_note(note)
+                .with_steal(stolen),
             );
         }
     }

@@ -161,6 +161,9 @@ pub struct Case {
     pub samples: Option<u64>,
     /// Anything worth knowing (pages not moved, THP use, ...).
     pub note: String,
+    /// Sweep cases: the host's steal time during the whole sweep, as a
+    /// share of one CPU ([`report::StealMeter`]).
+    pub steal: Option<f64>,
 }
 
 /// The median of `v` (which must not be empty); the mean of the two middle
@@ -210,6 +213,7 @@ impl Case {
             p99_us: None,
             samples: None,
             note: String::new(),
+            steal: None,
         }
     }
 
@@ -238,6 +242,16 @@ impl Case {
             p99_us: Some(l.all.value_at_quantile(0.99) as f64 / 1e3),
             samples: Some(l.all.len()),
             note: String::new(),
+            steal: None,
+        }
+    }
+
+    /// Records the host's steal time during the case's sweep, and notes it.
+    pub fn with_steal(mut self, steal: Option<f64>) -> Case {
+        self.steal = steal;
+        match steal {
+            Some(s) => self.with_note(format!("host steal during the sweep {:.0}% of a CPU", s * 100.0)),
+            None => self,
         }
     }
 

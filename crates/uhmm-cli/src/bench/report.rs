@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::time::Instant;
 
 use plotters::prelude::*;
 use serde::Serialize;
@@ -64,6 +65,42 @@ impl Machine {
     }
 }
 
+/// Measures the host's steal time over an interval: time this VM's CPUs
+/// wanted to run while the hypervisor ran something else (`/proc/stat`).
+/// A bulk migration shares its work between threads on both CPUs, so a
+/// CPU the host takes away stalls the others (performance.md, session 15).
+#[derive(Debug, Clone, Copy)]
+pub struct StealMeter {
+    ticks: Option<u64>,
+    at: Instant,
+}
+
+/// Clock ticks a second in `/proc/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+impl StealMeter {
+    /// Starts measuring now.
+    pub fn start() -> StealMeter {
+        StealMeter { ticks: steal_ticks(&fs::read_to_string("/proc/stat").unwrap_or_default()), at: Instant::now() }
+    }
+
+    /// Time stolen since `start`, as a share of one CPU's time over the
+    /// interval (0.25: a quarter of a CPU); `None` where `/proc/stat` has
+    /// no steal column.
+    pub fn share(&self) -> Option<f64> {
+        let now = steal_ticks(&fs::read_to_string("/proc/stat").ok()?)?;
+        let secs = self.at.elapsed().as_secs_f64();
+        Some(now.saturating_sub(self.ticks?) as f64 / USER_HZ / secs.max(f64::MIN_POSITIVE))
+    }
+}
+
+/// The steal column of the `cpu` line (all CPUs) of `/proc/stat`.
+fn steal_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // cpu user nice system idle iowait irq softirq steal ...
+    line.split_whitespace().nth(8)?.parse().ok()
+}
+
 /// One of the issue's targets, evaluated on this run's numbers.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -107,10 +144,12 @@ fn flatness(cases: &[Case], id: &str, plan: &Plan) -> Option<(f64, String)> {
     }
     let lo = pts.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
     let hi = pts.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1))?;
-    Some((
-        hi.1 / lo.1,
-        format!("per page: best {:.0} ns at {}, worst {:.0} ns at {}", lo.1, human(lo.0), hi.1, human(hi.0)),
-    ))
+    let mut detail =
+        format!("per page: best {:.0} ns at {}, worst {:.0} ns at {}", lo.1, human(lo.0), hi.1, human(hi.0));
+    if let Some(steal) = cases.iter().find(|c| c.id == id).and_then(|c| c.steal) {
+        detail.push_str(&format!("; host steal during the sweep {:.0}% of a CPU", steal * 100.0));
+    }
+    Some((hi.1 / lo.1, detail))
 }
 
 /// The largest per-page cost over the smallest allowed for "flat".
@@ -314,4 +353,24 @@ pub fn plot(r: &Results, path: &Path) -> Result<(), String> {
         .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_the_eighth_value_of_the_all_cpus_line() {
+        let stat = "cpu  2100467 0 1631840 3218790 11557 0 2084 99664 0 0\n\
+                    cpu0 1019000 0 855049 1603397 2666 0 533 51222 0 0\n";
+        assert_eq!(steal_ticks(stat), Some(99664));
+        assert_eq!(steal_ticks("cpu0 1 2 3 4 5 6 7 8\n"), None, "only the line of all CPUs counts");
+        assert_eq!(steal_ticks("cpu  1 2 3 4 5 6 7\n"), None, "a kernel without the column");
+    }
+
+    #[test]
+    fn a_steal_share_is_measured_here() {
+        let share = StealMeter::start().share().expect("/proc/stat has a steal column");
+        assert!((0.0..=64.0).contains(&share), "{share}");
+    }
 }
