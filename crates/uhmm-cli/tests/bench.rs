@@ -53,8 +53,15 @@ fn quick_bench_writes_table_json_and_plot() {
     for c in cases {
         assert!(c["runs"].as_array().is_some_and(|r| r.len() >= 5), "fewer than 5 runs: {c}");
     }
-    // Sweep cases carry the host's steal time during their sweep.
-    for id in ["memcpy_1t", "to_device_small", "to_ram_huge"] {
+    // The cases carry the host's steal time while they were measured.
+    for id in [
+        "memcpy_1t",
+        "to_device_small",
+        "to_ram_huge",
+        "uffd_round_trip_same_cpu",
+        "fault_latency_same_cpu",
+        "scan_seq_fa16",
+    ] {
         for c in cases.iter().filter(|c| c["id"] == id) {
             assert!(c["steal"].as_f64().is_some_and(|s| s >= 0.0), "no steal reading: {c}");
         }

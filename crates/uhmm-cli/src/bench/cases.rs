@@ -294,18 +294,21 @@ pub fn scans(plan: &Plan) -> Result<Vec<Case>, String> {
             Config { fault_around_pages: fa, handler_threads: handlers, read_ahead_windows: 2, ..Config::default() };
         let s = Setup::new(config, len, false)?;
         let before = s.space.stats();
+        let steal = StealMeter::start();
         let (w, runs) = repeat(plan.runs, |i| -> Result<Duration, String> {
             s.to_device(0, s.region.npages())?;
             let t = Instant::now();
             scan(&s.region, order, threads, i as u64)?;
             Ok(t.elapsed())
         })?;
+        let stolen = steal.share();
         s.spot_check()?;
         let after = s.space.stats();
         let faults = (after.faults - before.faults) / (plan.runs as u64 + 1);
         out.push(
             Case::throughput(id, name, "uhmm", len, w, &runs)
-                .with_note(format!("{faults} CPU faults a run ({} pages)", len / PAGE_SIZE)),
+                .with_note(format!("{faults} CPU faults a run ({} pages)", len / PAGE_SIZE))
+                .with_steal(stolen),
         );
     }
     Ok(out)

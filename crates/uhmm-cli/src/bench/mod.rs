@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use report::StealMeter;
 use serde::Serialize;
 use uhmm::PAGE_SIZE;
 
@@ -161,8 +162,9 @@ pub struct Case {
     pub samples: Option<u64>,
     /// Anything worth knowing (pages not moved, THP use, ...).
     pub note: String,
-    /// Sweep cases: the host's steal time during the whole sweep, as a
-    /// share of one CPU ([`report::StealMeter`]).
+    /// The host's steal time while the case was measured, as a share of
+    /// one CPU ([`report::StealMeter`]): over the whole sweep for sweep
+    /// cases, over both cases of an alternation.
     pub steal: Option<f64>,
 }
 
@@ -246,11 +248,12 @@ impl Case {
         }
     }
 
-    /// Records the host's steal time during the case's sweep, and notes it.
+    /// Records the host's steal time while the case was measured, and
+    /// notes it.
     pub fn with_steal(mut self, steal: Option<f64>) -> Case {
         self.steal = steal;
         match steal {
-            Some(s) => self.with_note(format!("host steal during the sweep {:.0}% of a CPU", s * 100.0)),
+            Some(s) => self.with_note(format!("host steal {:.0}% of a CPU while measured", s * 100.0)),
             None => self,
         }
     }
@@ -444,7 +447,10 @@ fn run_plan(args: &BenchArgs, plan: Plan) -> Result<(), String> {
     let (zram_status, zram_cases) = if args.no_zram {
         ("not measured: --no-zram; the scan target falls back to 0.4x memcpy".to_string(), Vec::new())
     } else {
-        zram::measure(&plan)
+        let steal = StealMeter::start();
+        let (status, cases) = zram::measure(&plan);
+        let stolen = steal.share();
+        (status, cases.into_iter().map(|c| c.with_steal(stolen)).collect())
     };
     println!("  zram: {zram_status}");
     all.extend(zram_cases);
@@ -539,12 +545,14 @@ fn fault_latencies(plan: &Plan) -> Result<(Vec<Case>, Vec<Case>), String> {
         let raw = baselines::RawRoundTrip::new(plan.latency_pages, handler_cpu)?;
         let dev = cases::DeviceFaults::new(plan.latency_pages, handler_cpu)?;
         set(&[main_cpu])?;
+        let steal = StealMeter::start();
         let l = alternate(plan.runs, &mut [&mut |h| raw.run(h), &mut |h| dev.run(h)]);
+        let stolen = steal.share();
         // Threads started later (the scans') inherit this thread's CPUs.
         set(&allowed)?;
         let l = l?;
-        base.push(raw.finish(&l[0], placement)?);
-        uhmm.push(dev.finish(&l[1], placement)?);
+        base.push(raw.finish(&l[0], placement)?.with_steal(stolen));
+        uhmm.push(dev.finish(&l[1], placement)?.with_steal(stolen));
     }
     Ok((base, uhmm))
 }
