@@ -144,12 +144,27 @@ fn flatness(cases: &[Case], id: &str, plan: &Plan) -> Option<(f64, String)> {
     }
     let lo = pts.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
     let hi = pts.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1))?;
-    let mut detail =
-        format!("per page: best {:.0} ns at {}, worst {:.0} ns at {}", lo.1, human(lo.0), hi.1, human(hi.0));
-    if let Some(steal) = cases.iter().find(|c| c.id == id).and_then(|c| c.steal) {
-        detail.push_str(&format!("; host steal during the sweep {:.0}% of a CPU", steal * 100.0));
-    }
+    let sweep: Vec<&Case> = cases.iter().find(|c| c.id == id).into_iter().collect();
+    let detail = format!(
+        "per page: best {:.0} ns at {}, worst {:.0} ns at {}{}",
+        lo.1,
+        human(lo.0),
+        hi.1,
+        human(hi.0),
+        steal_of(&sweep)
+    );
     Some((hi.1 / lo.1, detail))
+}
+
+/// "; host steal a% / b% of a CPU while measured", for the cases a target
+/// compares that were measured with a [`StealMeter`]; empty for none.
+fn steal_of(cases: &[&Case]) -> String {
+    let shares: Vec<String> = cases.iter().filter_map(|c| c.steal).map(|s| format!("{:.0}%", s * 100.0)).collect();
+    if shares.is_empty() {
+        String::new()
+    } else {
+        format!("; host steal {} of a CPU while measured", shares.join(" / "))
+    }
 }
 
 /// The largest per-page cost over the smallest allowed for "flat".
@@ -162,9 +177,10 @@ pub fn targets(plan: &Plan, cases: &[Case], meta: &Metadata) -> Vec<Target> {
     let memcpy = find(cases, "memcpy_1t", at);
     let ratio_of = |id: &str, base: Option<&Case>| -> (Option<f64>, String) {
         match (find(cases, id, at), base) {
-            (Some(c), Some(b)) => {
-                (Some(c.median / b.median), format!("{:.2} GB/s vs {} {:.2} GB/s", c.median, b.name, b.median))
-            }
+            (Some(c), Some(b)) => (
+                Some(c.median / b.median),
+                format!("{:.2} GB/s vs {} {:.2} GB/s{}", c.median, b.name, b.median, steal_of(&[c, b])),
+            ),
             _ => (None, "not measured".into()),
         }
     };
@@ -175,9 +191,16 @@ pub fn targets(plan: &Plan, cases: &[Case], meta: &Metadata) -> Vec<Target> {
     out.push(Target::at_least(format!("sim → RAM bulk / memcpy 1 thread ({sz})"), r, 0.5, d));
 
     for placement in [Placement::OtherCpu, Placement::SameCpu] {
-        let p50 = |id: &str| cases.iter().find(|c| c.id == format!("{id}_{}", placement.id())).and_then(|c| c.p50_us);
-        let (r, d) = match (p50("fault_latency"), p50("uffd_round_trip")) {
-            (Some(a), Some(b)) => (Some(a / b), format!("p50 {a:.1} µs vs raw userfaultfd round trip p50 {b:.1} µs")),
+        let case = |id: &str| cases.iter().find(|c| c.id == format!("{id}_{}", placement.id()));
+        let (r, d) = match (case("fault_latency"), case("uffd_round_trip")) {
+            (Some(f), Some(raw)) => match (f.p50_us, raw.p50_us) {
+                (Some(a), Some(b)) => (
+                    Some(a / b),
+                    // Both were measured in one alternation: one steal reading.
+                    format!("p50 {a:.1} µs vs raw userfaultfd round trip p50 {b:.1} µs{}", steal_of(&[f])),
+                ),
+                _ => (None, "no p50".into()),
+            },
             _ => (None, "not measured (one CPU)".into()),
         };
         let name = format!("single-page CPU fault p50 / raw userfaultfd round trip p50, {}", placement.name());
@@ -191,7 +214,7 @@ pub fn targets(plan: &Plan, cases: &[Case], meta: &Metadata) -> Vec<Target> {
             format!("sequential CPU scan (fault-around 16) / zram swap-in ({})", human(s.bytes)),
             Some(s.median / z.median),
             2.0,
-            format!("{:.2} GB/s vs {:.2} GB/s", s.median, z.median),
+            format!("{:.2} GB/s vs {:.2} GB/s{}", s.median, z.median, steal_of(&[s, z])),
         ),
         (Some(s), None) => {
             let m = find(cases, "memcpy_1t", s.bytes);
@@ -201,7 +224,7 @@ pub fn targets(plan: &Plan, cases: &[Case], meta: &Metadata) -> Vec<Target> {
                 0.4,
                 m.map_or_else(
                     || "no memcpy at that size".into(),
-                    |m| format!("{:.2} GB/s vs {:.2} GB/s", s.median, m.median),
+                    |m| format!("{:.2} GB/s vs {:.2} GB/s{}", s.median, m.median, steal_of(&[s, m])),
                 ),
             )
         }
