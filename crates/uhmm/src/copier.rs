@@ -11,9 +11,11 @@
 //! handler included — may wait for it.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
@@ -74,6 +76,17 @@ pub(crate) struct Kept {
     pub(crate) pagemap: Arc<Pagemap>,
 }
 
+/// A caller that waited this long for the helper's last piece found the
+/// helper stopped mid-piece: a piece takes tens to hundreds of
+/// microseconds, but a vCPU the host takes away (steal time) stops the
+/// thread on it for milliseconds, and the guest cannot move it
+/// (decisions §24).
+const STALL_WAIT: Duration = Duration::from_millis(2);
+/// After such a wait, copies are not shared with the helper for this long:
+/// while the host keeps taking CPU time, a caller copying alone is faster
+/// than one that waits on a stopped helper again and again.
+const STALL_PAUSE: Duration = Duration::from_millis(100);
+
 /// Copies in shared by the caller and the helper: each claims the next
 /// piece when it is free, so both finish at about the same time, whatever
 /// else each had to do first (a fixed split leaves one of them waiting).
@@ -128,9 +141,10 @@ impl Drop for Claim<'_> {
 }
 
 impl CopyQueue {
-    /// A queue of `pieces`, to be `shared` with the helper or copied by
-    /// the caller alone.
-    pub(crate) fn new(pieces: Vec<CopyRun>, kept: Option<Kept>, shared: bool) -> CopyQueue {
+    /// A queue of `pieces`. A `big` copy (one worth sharing with the
+    /// helper, whether it is shared or not) writes kept pages past the
+    /// caches ([`Writes`]).
+    pub(crate) fn new(pieces: Vec<CopyRun>, kept: Option<Kept>, big: bool) -> CopyQueue {
         let state = QueueState {
             unclaimed: 0..pieces.len(),
             copied: vec![0; pieces.len()],
@@ -139,7 +153,7 @@ impl CopyQueue {
             waiting: false,
         };
         let kept = Mutex::new(kept.map(Arc::new));
-        let writes = if shared { Writes::Streamed } else { Writes::Cached };
+        let writes = if big { Writes::Streamed } else { Writes::Cached };
         CopyQueue { pieces, writes, kept, state: Mutex::new(state), all_finished: Condvar::new() }
     }
 
@@ -167,18 +181,23 @@ impl CopyQueue {
     }
 
     /// The caller's share: copies pieces until none is left, waits for the
-    /// helper's, and returns the bytes copied of each piece and the bytes
-    /// the helper copied.
-    pub(crate) fn finish(&self, uffd: &Uffd) -> (Vec<usize>, usize) {
+    /// helper's, and returns the bytes copied of each piece, the bytes the
+    /// helper copied and how long the caller waited for it.
+    pub(crate) fn finish(&self, uffd: &Uffd) -> (Vec<usize>, usize, Duration) {
         self.work(uffd, false);
         let mut state = self.lock();
-        while state.finished < self.pieces.len() {
-            state.waiting = true;
-            state = self.all_finished.wait(state).unwrap_or_else(|e| e.into_inner());
+        let mut waited = Duration::ZERO;
+        if state.finished < self.pieces.len() {
+            let since = Instant::now();
+            while state.finished < self.pieces.len() {
+                state.waiting = true;
+                state = self.all_finished.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            waited = since.elapsed();
         }
         // No piece is being copied: the kept slots go back now.
         drop(self.kept.lock().unwrap_or_else(|e| e.into_inner()).take());
-        (std::mem::take(&mut state.copied), state.helper_bytes)
+        (std::mem::take(&mut state.copied), state.helper_bytes, waited)
     }
 }
 
@@ -201,11 +220,44 @@ pub(crate) struct Copier {
     /// that inherited its CPU would share that CPU instead of helping.
     cpus: Vec<usize>,
     helper: Mutex<Option<(Sender<Job>, JoinHandle<()>)>>,
+    /// Copies are not shared until then, in nanoseconds since `epoch`; 0:
+    /// they are ([`STALL_PAUSE`]).
+    paused_until: AtomicU64,
+    epoch: Instant,
 }
 
 impl Copier {
     pub(crate) fn new(uffd: Arc<Uffd>, stage: Arc<Arena>, cpus: Vec<usize>) -> Copier {
-        Copier { uffd, stage, cpus, helper: Mutex::new(None) }
+        Copier { uffd, stage, cpus, helper: Mutex::new(None), paused_until: AtomicU64::new(0), epoch: Instant::now() }
+    }
+
+    /// Whether copies are worth sharing with the helper now: not for
+    /// [`STALL_PAUSE`] after a caller waited [`STALL_WAIT`] for it.
+    pub(crate) fn helpful(&self) -> bool {
+        let until = self.paused_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return true;
+        }
+        let over = self.since_epoch() >= until;
+        if over {
+            self.paused_until.store(0, Ordering::Relaxed);
+        }
+        over
+    }
+
+    /// Records that a caller waited `wait` for the helper's last piece;
+    /// true when that was a stall, and sharing pauses.
+    pub(crate) fn waited(&self, wait: Duration) -> bool {
+        let stalled = wait >= STALL_WAIT;
+        if stalled {
+            let until = self.since_epoch().saturating_add(STALL_PAUSE.as_nanos() as u64);
+            self.paused_until.store(until.max(1), Ordering::Relaxed);
+        }
+        stalled
+    }
+
+    fn since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Has the helper work on `queue` beside the caller (who copies
@@ -299,8 +351,8 @@ enum Writes {
     /// and which the program reads next. A 2 MiB round trip measured about
     /// 300 against 450 ns a page to the device, 280 against 350 back.
     Cached,
-    /// Past the caches (non-temporal stores): a shared copy is big, and
-    /// its destination is not in the caches anyway.
+    /// Past the caches (non-temporal stores): a copy big enough to share
+    /// has a destination not in the caches anyway.
     Streamed,
 }
 
@@ -404,6 +456,24 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the helper never gave the set back");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn a_long_wait_for_the_helper_pauses_sharing_for_a_while() {
+        let uffd = Arc::new(Uffd::open(0, true).expect("userfaultfd (needed by uhmm; see README)"));
+        let stage = Arc::new(Arena::new(BATCH_PAGES * PAGE_SIZE, None, 0).unwrap());
+        let copier = Copier::new(uffd, stage, crate::sys::process::allowed_cpus().unwrap());
+        assert!(copier.helpful());
+        assert!(!copier.waited(Duration::from_micros(300)), "a piece's usual wait is no stall");
+        assert!(copier.helpful());
+        assert!(copier.waited(STALL_WAIT), "a wait of STALL_WAIT is");
+        assert!(!copier.helpful(), "no sharing right after a stall");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !copier.helpful() {
+            assert!(Instant::now() < deadline, "sharing never resumed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(copier.epoch.elapsed() >= STALL_PAUSE, "sharing resumed before the pause was over");
     }
 
     #[test]

@@ -857,8 +857,11 @@ impl Inner {
         let space = self.space.clone();
         let copied: Few<usize> = match copies {
             Some(queue) => {
-                let (copied, by_helper) = queue.finish(&space.uffd);
+                let (copied, by_helper, waited) = queue.finish(&space.uffd);
                 Stats::add(&space.stats.helper_copied_pages, (by_helper / PAGE_SIZE) as u64);
+                if space.copier.waited(waited) {
+                    Stats::add(&space.stats.helper_stalls, 1);
+                }
                 SmallVec::from_vec(copied)
             }
             None => {
@@ -1098,10 +1101,12 @@ impl Inner {
         let kept = kept.map(|slots| self.kept(slots));
         // One piece is the caller's: waking the helper for nothing costs
         // more than its share is worth (2 MiB back to RAM: 410–510 → 350–385
-        // ns a page); so is a small copy, but for a fault's.
-        let shared = runs.len() > 1 && (!small || fault);
-        let queue = Arc::new(CopyQueue::new(runs, kept, shared));
-        if shared {
+        // ns a page); so is a small copy, but for a fault's. A copy big
+        // enough to share is still copied alone while sharing is paused
+        // after the helper stalled (decisions §24).
+        let big = runs.len() > 1 && (!small || fault);
+        let queue = Arc::new(CopyQueue::new(runs, kept, big));
+        if big && self.space.copier.helpful() {
             self.space.copier.share(&queue);
         }
         (failed, pieces, Some(queue))

@@ -65,6 +65,10 @@ counters! {
     /// allocate as many pages instead (a fault's copy is too small for kept
     /// pages): the pages that came back replace them.
     kept_shed_pages,
+    /// Copies whose caller waited a stall's length for the helper's last
+    /// piece (its CPU stopped by the host), after which copies are not
+    /// shared for a while (decisions §24).
+    helper_stalls,
 }
 
 impl Stats {
