@@ -144,14 +144,14 @@ fn flatness(cases: &[Case], id: &str, plan: &Plan) -> Option<(f64, String)> {
     }
     let lo = pts.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1))?;
     let hi = pts.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1))?;
-    let sweep: Vec<&Case> = cases.iter().find(|c| c.id == id).into_iter().collect();
+    let sweep = cases.iter().find(|c| c.id == id);
     let detail = format!(
         "per page: best {:.0} ns at {}, worst {:.0} ns at {}{}",
         lo.1,
         human(lo.0),
         hi.1,
         human(hi.0),
-        steal_of(&sweep)
+        steal_of(sweep.as_slice())
     );
     Some((hi.1 / lo.1, detail))
 }
