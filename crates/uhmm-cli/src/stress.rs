@@ -786,6 +786,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     println!("  copied back through kept: {} pages", stats.kept_copied_pages);
     println!("  kept pages shed:          {} pages", stats.kept_shed_pages);
     println!("  helper stalls:            {}", stats.helper_stalls);
+    println!("  handler stalls:           {}", stats.handler_stalls);
     let (compound, fallbacks) = w.devices.iter().map(SimDevice::huge_stats).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     println!(
         "  huge pages:               {} first-touch fills, {compound} compound device pages, {fallbacks} blocks fell back",

@@ -11,7 +11,6 @@
 //! handler included — may wait for it.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use crate::staging::{Arena, KEEP_FOR, Slots};
+use crate::stall::Pause;
 use crate::sys::PAGE_SIZE;
 use crate::sys::mman::Mapping;
 use crate::sys::pagemap::{Pagemap, Query, category};
@@ -75,17 +75,6 @@ pub(crate) struct Kept {
     /// To tell whether a move that failed moved pages anyway.
     pub(crate) pagemap: Arc<Pagemap>,
 }
-
-/// A caller that waited this long for the helper's last piece found the
-/// helper stopped mid-piece: a piece takes tens to hundreds of
-/// microseconds, but a vCPU the host takes away (steal time) stops the
-/// thread on it for milliseconds, and the guest cannot move it
-/// (decisions §24).
-const STALL_WAIT: Duration = Duration::from_millis(2);
-/// After such a wait, copies are not shared with the helper for this long:
-/// while the host keeps taking CPU time, a caller copying alone is faster
-/// than one that waits on a stopped helper again and again.
-const STALL_PAUSE: Duration = Duration::from_millis(100);
 
 /// Copies in shared by the caller and the helper: each claims the next
 /// piece when it is free, so both finish at about the same time, whatever
@@ -220,44 +209,28 @@ pub(crate) struct Copier {
     /// that inherited its CPU would share that CPU instead of helping.
     cpus: Vec<usize>,
     helper: Mutex<Option<(Sender<Job>, JoinHandle<()>)>>,
-    /// Copies are not shared until then, in nanoseconds since `epoch`; 0:
-    /// they are ([`STALL_PAUSE`]).
-    paused_until: AtomicU64,
-    epoch: Instant,
+    /// On after a caller waited a stall's length for the helper's last
+    /// piece: the helper's vCPU was taken away mid-piece (decisions §24).
+    /// A caller copying alone is then faster than one that waits on a
+    /// stopped helper again and again.
+    paused: Pause,
 }
 
 impl Copier {
     pub(crate) fn new(uffd: Arc<Uffd>, stage: Arc<Arena>, cpus: Vec<usize>) -> Copier {
-        Copier { uffd, stage, cpus, helper: Mutex::new(None), paused_until: AtomicU64::new(0), epoch: Instant::now() }
+        Copier { uffd, stage, cpus, helper: Mutex::new(None), paused: Pause::new() }
     }
 
-    /// Whether copies are worth sharing with the helper now: not for
-    /// [`STALL_PAUSE`] after a caller waited [`STALL_WAIT`] for it.
+    /// Whether copies are worth sharing with the helper now: not while
+    /// sharing is paused after a stall.
     pub(crate) fn helpful(&self) -> bool {
-        let until = self.paused_until.load(Ordering::Relaxed);
-        if until == 0 {
-            return true;
-        }
-        let over = self.since_epoch() >= until;
-        if over {
-            self.paused_until.store(0, Ordering::Relaxed);
-        }
-        over
+        !self.paused.on()
     }
 
     /// Records that a caller waited `wait` for the helper's last piece;
     /// true when that was a stall, and sharing pauses.
     pub(crate) fn waited(&self, wait: Duration) -> bool {
-        let stalled = wait >= STALL_WAIT;
-        if stalled {
-            let until = self.since_epoch().saturating_add(STALL_PAUSE.as_nanos() as u64);
-            self.paused_until.store(until.max(1), Ordering::Relaxed);
-        }
-        stalled
-    }
-
-    fn since_epoch(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.paused.waited(wait)
     }
 
     /// Has the helper work on `queue` beside the caller (who copies
@@ -456,24 +429,6 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the helper never gave the set back");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-    }
-
-    #[test]
-    fn a_long_wait_for_the_helper_pauses_sharing_for_a_while() {
-        let uffd = Arc::new(Uffd::open(0, true).expect("userfaultfd (needed by uhmm; see README)"));
-        let stage = Arc::new(Arena::new(BATCH_PAGES * PAGE_SIZE, None, 0).unwrap());
-        let copier = Copier::new(uffd, stage, crate::sys::process::allowed_cpus().unwrap());
-        assert!(copier.helpful());
-        assert!(!copier.waited(Duration::from_micros(300)), "a piece's usual wait is no stall");
-        assert!(copier.helpful());
-        assert!(copier.waited(STALL_WAIT), "a wait of STALL_WAIT is");
-        assert!(!copier.helpful(), "no sharing right after a stall");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !copier.helpful() {
-            assert!(Instant::now() < deadline, "sharing never resumed");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(copier.epoch.elapsed() >= STALL_PAUSE, "sharing resumed before the pause was over");
     }
 
     #[test]

@@ -30,6 +30,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
@@ -38,6 +39,7 @@ use crate::pagemap::DevicePage;
 use crate::pte::State;
 use crate::region::RegionInner;
 use crate::space::{AddressSpace, SpaceInner};
+use crate::stall::StepAside;
 use crate::stats::Stats;
 use crate::sys::PAGE_SIZE;
 use crate::sys::uffd::Event;
@@ -153,14 +155,21 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
     let mut read_first = false;
     // Where a sequential scan will fault next: brought back once idle.
     let mut ahead: Option<ReadAhead> = None;
+    // A scan waits for this thread: after a stall it keeps off the vCPU
+    // the host took (decisions §25).
+    let mut aside = StepAside::new();
     loop {
         if !read_first {
             if let Some(next) = ahead.take() {
                 let Some(space) = space.upgrade() else { return };
+                let started = Instant::now();
                 let _ = guarded(next.addr, || {
                     read_ahead(&space, next, &mut ahead);
                     Ok(())
                 });
+                if aside.after(started.elapsed()) {
+                    Stats::add(&space.stats.handler_stalls, 1);
+                }
                 // Faults may have come meanwhile: read before polling.
                 read_first = true;
                 continue;
@@ -202,7 +211,11 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
         let wake = |addr| {
             let _ = space.uffd.wake(addr, PAGE_SIZE);
         };
+        let started = Instant::now();
         queue.drain(|fault| guarded(fault.addr, || resolve(&space, fault, &mut ahead)), wake);
+        if aside.after(started.elapsed()) {
+            Stats::add(&space.stats.handler_stalls, 1);
+        }
         read_first = read > 0 && queue.is_empty();
     }
 }
@@ -1113,6 +1126,8 @@ mod tests {
     struct Forgetful {
         owner: crate::Owner,
         migrate_to_ram_calls: AtomicUsize,
+        /// Milliseconds each `migrate_to_ram` sleeps first.
+        sluggish_ms: AtomicUsize,
     }
 
     impl Forgetful {
@@ -1124,7 +1139,11 @@ mod tests {
         ) -> (crate::Region, Arc<Forgetful>, Arc<crate::DevicePagemap>) {
             let region = space.map(npages * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
             region.write(0, &vec![1; npages * PAGE_SIZE]).unwrap();
-            let dev = Arc::new(Forgetful { owner: crate::Owner::new(), migrate_to_ram_calls: AtomicUsize::new(0) });
+            let dev = Arc::new(Forgetful {
+                owner: crate::Owner::new(),
+                migrate_to_ram_calls: AtomicUsize::new(0),
+                sluggish_ms: AtomicUsize::new(0),
+            });
             let ops: Weak<dyn crate::DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Forgetful>;
             let pm = space.register_pagemap(ops, dev.owner, npages as u64).unwrap();
             (region, dev, pm)
@@ -1146,6 +1165,7 @@ mod tests {
 
         fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
             self.migrate_to_ram_calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(self.sluggish_ms.load(Ordering::SeqCst) as u64));
             let mut m =
                 crate::Migration::setup(fault.space(), fault.window(), crate::Select::DEVICE_PRIVATE, self.owner)?;
             for i in 0..m.npages() {
@@ -1157,6 +1177,38 @@ mod tests {
             m.pages().finalize();
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_handler_stalled_in_a_fault_steps_aside_and_the_fault_completes() {
+        let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
+        let cpus = crate::sys::process::allowed_cpus().unwrap();
+        assert!(cpus.len() >= 2, "this test needs two CPUs (the machines uhmm is built on have them)");
+        let (region, dev, pm) = Forgetful::attach(&space, 4);
+        assert_eq!(dev.take_all(&space, &region, &pm), 4);
+        let region = Arc::new(region);
+        // Each read faults on the handler (bounded: a lost wake fails it).
+        let read = |page: usize| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let r = region.clone();
+            std::thread::spawn(move || {
+                let mut b = [9u8; 1];
+                let _ = tx.send(r.read(page * PAGE_SIZE, &mut b).map(|()| b[0]));
+            });
+            rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the fault never completed").unwrap()
+        };
+        dev.sluggish_ms.store(crate::stall::STALL_WAIT.as_millis() as usize + 1, Ordering::SeqCst);
+        assert_eq!(read(0), 0, "the forgetful device gives zeros back");
+        // The handler counts the stall after it woke the reader.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while space.stats().handler_stalls == 0 {
+            assert!(std::time::Instant::now() < deadline, "the stall was not noticed");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        dev.sluggish_ms.store(0, Ordering::SeqCst);
+        assert_eq!(read(3), 0);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(space.stats().handler_stalls, 1, "a fault of usual length is no stall");
     }
 
     #[test]

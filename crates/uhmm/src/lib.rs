@@ -43,6 +43,7 @@ mod pte;
 mod region;
 mod space;
 mod staging;
+mod stall;
 mod stats;
 mod sync;
 pub mod sys;

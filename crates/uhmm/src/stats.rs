@@ -69,6 +69,9 @@ counters! {
     /// piece (its CPU stopped by the host), after which copies are not
     /// shared for a while (decisions §24).
     helper_stalls,
+    /// Stalls of a fault handler in the middle of a fault or a read-ahead,
+    /// after which it kept off its CPU for a while (decisions §25).
+    handler_stalls,
 }
 
 impl Stats {

@@ -1,5 +1,5 @@
 //! `fork(2)`, its hooks (`pthread_atfork`), waiting for a child, and
-//! which CPUs a thread may run on (`sched_setaffinity(2)`).
+//! which CPUs a thread may run on (`sched_setaffinity(2)`, `sched_getcpu(3)`).
 //!
 //! uhmm must act around a fork: pages on devices are not in the kernel's
 //! page table, so a child would see holes where the parent sees data unless
@@ -7,7 +7,7 @@
 //!
 //! # References
 //!
-//! fork(2), pthread_atfork(3), waitpid(2), sched_setaffinity(2).
+//! fork(2), pthread_atfork(3), waitpid(2), sched_setaffinity(2), sched_getcpu(3).
 
 use std::io;
 
@@ -15,6 +15,11 @@ use std::io;
 pub fn allowed_cpus() -> io::Result<Vec<usize>> {
     let set = rustix::thread::sched_getaffinity(None)?;
     Ok((0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect())
+}
+
+/// The CPU the calling thread runs on (it may be moved at any time after).
+pub fn current_cpu() -> usize {
+    rustix::thread::sched_getcpu()
 }
 
 /// Lets the calling thread run on the CPUs `cpus` only.
