@@ -517,6 +517,12 @@ impl Placement {
     }
 }
 
+/// The fault cases run this many times `--runs` timed runs. A run takes
+/// 40 ms (handler on the same CPU) to 250 ms (on another), and slow phases
+/// of the host, which slow either side for a run or a few, would otherwise
+/// set a median of five (decisions §25).
+const LATENCY_RUNS_FACTOR: usize = 3;
+
 /// The raw userfaultfd round trip (a baseline) and uhmm's single-page CPU
 /// fault on a device page, in each [`Placement`] the machine allows (the
 /// faulting thread and the handlers pinned), each pair measured in
@@ -526,6 +532,7 @@ impl Placement {
 /// and the ratio would say where threads ran, not what uhmm costs. Returns
 /// the baseline cases and the uhmm ones.
 fn fault_latencies(plan: &Plan) -> Result<(Vec<Case>, Vec<Case>), String> {
+    let runs = plan.runs * LATENCY_RUNS_FACTOR;
     let allowed = uhmm::sys::process::allowed_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
     let (&main_cpu, others) = allowed.split_first().ok_or("no CPU to run on")?;
     // Each placement with the handlers' CPU.
@@ -546,7 +553,7 @@ fn fault_latencies(plan: &Plan) -> Result<(Vec<Case>, Vec<Case>), String> {
         let dev = cases::DeviceFaults::new(plan.latency_pages, handler_cpu)?;
         set(&[main_cpu])?;
         let steal = StealMeter::start();
-        let l = alternate(plan.runs, &mut [&mut |h| raw.run(h), &mut |h| dev.run(h)]);
+        let l = alternate(runs, &mut [&mut |h| raw.run(h), &mut |h| dev.run(h)]);
         let stolen = steal.share();
         // Threads started later (the scans') inherit this thread's CPUs.
         set(&allowed)?;
