@@ -22,7 +22,8 @@
 //! software page table and page locks; `pagemap` device pages and the driver
 //! trait; `space` and `region` the mm and its vmas; `fault` the fault engine;
 //! `migrate` the three steps; `mirror` device access through the CPU page
-//! table; `staging` where pages sit in flight.
+//! table; `staging` where pages sit in flight; [`stall`] what a worker
+//! thread does after the host stopped it.
 #![deny(unsafe_code)]
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
@@ -43,7 +44,7 @@ mod pte;
 mod region;
 mod space;
 mod staging;
-mod stall;
+pub mod stall;
 mod stats;
 mod sync;
 pub mod sys;

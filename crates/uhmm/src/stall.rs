@@ -7,8 +7,10 @@
 //! gives the vCPU back. uhmm notices a stall by how long a piece of work
 //! that takes tens to hundreds of microseconds took ([`STALL_WAIT`]), and
 //! for [`STALL_PAUSE`] after one it stops depending on the stopped thread
-//! ([`Pause`]) or moves its own thread off the CPU it was stopped on
-//! ([`StepAside`]).
+//! (a pause: copies back are not shared with the copy helper) or moves its
+//! own thread off the CPU it was stopped on ([`StepAside`]: fault
+//! handlers). A driver whose copies run on threads of its own (the
+//! sim device's DMA channels) can use [`StepAside`] too.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,11 +18,11 @@ use std::time::{Duration, Instant};
 /// Work that took this long, or a wait for another thread's piece that
 /// lasted this long, was stopped: the pieces take tens to hundreds of
 /// microseconds, a stolen vCPU stops a thread for milliseconds.
-pub(crate) const STALL_WAIT: Duration = Duration::from_millis(2);
+pub const STALL_WAIT: Duration = Duration::from_millis(2);
 /// How long uhmm works around a stall: while the host keeps taking CPU
 /// time, a thread that waits on a stopped one again and again, or keeps
 /// returning to the CPU the host takes, loses far more than this costs.
-pub(crate) const STALL_PAUSE: Duration = Duration::from_millis(100);
+pub const STALL_PAUSE: Duration = Duration::from_millis(100);
 
 /// A pause shared by threads: started after a stall, over [`STALL_PAUSE`]
 /// later.
@@ -68,8 +70,20 @@ impl Pause {
 /// A worker thread's own stalls: after work that took [`STALL_WAIT`], the
 /// thread keeps off the CPU it ran on for [`STALL_PAUSE`], and then may use
 /// all its CPUs again. A thread pinned to one CPU stays there.
+///
+/// For threads whose pieces of work others wait for. Time only work that
+/// runs on the CPU: a piece that sleeps or waits for a device may take
+/// that long without a stall (and then only costs a move to another CPU
+/// at most once per [`STALL_PAUSE`]).
+///
+/// ```
+/// let mut aside = uhmm::stall::StepAside::new();
+/// let started = std::time::Instant::now();
+/// // ... a piece of work others wait for ...
+/// aside.after(started.elapsed());
+/// ```
 #[derive(Debug)]
-pub(crate) struct StepAside {
+pub struct StepAside {
     /// The CPUs the thread may use.
     cpus: Vec<usize>,
     /// When the thread may return to the CPU it left.
@@ -77,8 +91,9 @@ pub(crate) struct StepAside {
 }
 
 impl StepAside {
-    /// For the calling thread, with the CPUs it may use now.
-    pub(crate) fn new() -> StepAside {
+    /// For the calling thread, with the CPUs it may use now (the CPUs it
+    /// returns to after a stall).
+    pub fn new() -> StepAside {
         let cpus = crate::sys::process::allowed_cpus().unwrap_or_default();
         StepAside { cpus, back_at: None }
     }
@@ -86,7 +101,7 @@ impl StepAside {
     /// Notes that the calling thread's last piece of work took `took`:
     /// after a stall it keeps off its CPU. Returns whether it stepped aside
     /// now.
-    pub(crate) fn after(&mut self, took: Duration) -> bool {
+    pub fn after(&mut self, took: Duration) -> bool {
         if self.back_at.is_some_and(|at| Instant::now() >= at) {
             self.back_at = None;
             if let Err(err) = crate::sys::process::set_thread_cpus(&self.cpus) {
@@ -107,6 +122,12 @@ impl StepAside {
         }
         self.back_at = Some(Instant::now() + STALL_PAUSE);
         true
+    }
+}
+
+impl Default for StepAside {
+    fn default() -> StepAside {
+        StepAside::new()
     }
 }
 

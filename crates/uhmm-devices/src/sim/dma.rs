@@ -7,8 +7,9 @@ use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use uhmm::stall::StepAside;
 use uhmm::sys::mman::Mapping;
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result, SystemPage};
 
@@ -98,8 +99,9 @@ impl Fence {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs unclaimed parts, from the front or the back, until none is left.
-    fn work(&self, front: bool) {
+    /// Runs unclaimed parts, from the front or the back, until none is left;
+    /// a channel tells `aside` how long each part's copies took.
+    fn work(&self, front: bool, mut aside: Option<&mut StepAside>) {
         loop {
             let part = {
                 let mut state = self.lock();
@@ -108,7 +110,11 @@ impl Fence {
             let Some(part) = part else { return };
             let mut running = Running { fence: self, result: None };
             std::thread::sleep(part.delay);
+            let started = Instant::now();
             running.result = Some(run_ops(&part.ops, Writes::Streamed));
+            if let Some(aside) = aside.as_deref_mut() {
+                aside.after(started.elapsed());
+            }
         }
     }
 
@@ -117,7 +123,7 @@ impl Fence {
     /// never fault, so it always finishes, and giving up early would let a
     /// late copy land in pages already reused.
     pub(crate) fn wait(&self) -> Result<()> {
-        self.work(false);
+        self.work(false, None);
         let mut state = self.lock();
         while state.remaining > 0 {
             state = self.cv.wait(state).unwrap_or_else(|e| e.into_inner());
@@ -264,9 +270,13 @@ pub(crate) enum Dispatch {
 /// Jobs up to this many pages are copied on the caller's thread.
 const INLINE_MAX_PAGES: usize = 512;
 
+/// A channel: runs the parts of each job it is told of. A caller waits for
+/// the parts a channel took, so after a stall in one (its vCPU taken away
+/// by the host) the channel keeps off that CPU for a while (decisions §25).
 fn run(rx: &Receiver<Arc<Fence>>) {
+    let mut aside = StepAside::new();
     while let Ok(fence) = rx.recv() {
-        fence.work(true);
+        fence.work(true, Some(&mut aside));
     }
 }
 
