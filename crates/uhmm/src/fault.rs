@@ -155,21 +155,18 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
     let mut read_first = false;
     // Where a sequential scan will fault next: brought back once idle.
     let mut ahead: Option<ReadAhead> = None;
-    // A scan waits for this thread: after a stall it keeps off the vCPU
-    // the host took (decisions §25).
+    // A scan waits for this thread's work (see `timed`).
     let mut aside = StepAside::new();
     loop {
         if !read_first {
             if let Some(next) = ahead.take() {
                 let Some(space) = space.upgrade() else { return };
-                let started = Instant::now();
-                let _ = guarded(next.addr, || {
-                    read_ahead(&space, next, &mut ahead);
-                    Ok(())
+                let _ = timed(&mut aside, &space, || {
+                    guarded(next.addr, || {
+                        read_ahead(&space, next, &mut ahead);
+                        Ok(())
+                    })
                 });
-                if aside.after(started.elapsed()) {
-                    Stats::add(&space.stats.handler_stalls, 1);
-                }
                 // Faults may have come meanwhile: read before polling.
                 read_first = true;
                 continue;
@@ -211,13 +208,22 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
         let wake = |addr| {
             let _ = space.uffd.wake(addr, PAGE_SIZE);
         };
-        let started = Instant::now();
-        queue.drain(|fault| guarded(fault.addr, || resolve(&space, fault, &mut ahead)), wake);
-        if aside.after(started.elapsed()) {
-            Stats::add(&space.stats.handler_stalls, 1);
-        }
+        timed(&mut aside, &space, || {
+            queue.drain(|fault| guarded(fault.addr, || resolve(&space, fault, &mut ahead)), wake)
+        });
         read_first = read > 0 && queue.is_empty();
     }
+}
+
+/// Runs `f`, a piece of a handler's work; after a stall in it the handler
+/// keeps off its CPU for a while (decisions §25).
+fn timed<T>(aside: &mut StepAside, space: &SpaceInner, f: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = f();
+    if aside.after(started.elapsed()) {
+        Stats::add(&space.stats.handler_stalls, 1);
+    }
+    out
 }
 
 /// Runs `f`, which calls driver code, for the page at `addr`: a panic in it
