@@ -46,7 +46,8 @@ impl Pause {
         }
         let on = self.since_epoch() < until;
         if !on {
-            self.until.store(0, Ordering::Relaxed);
+            // Unless a new stall set a later end meanwhile.
+            let _ = self.until.compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
         }
         on
     }
