@@ -70,7 +70,8 @@ impl Pause {
 
 /// A worker thread's own stalls: after work that took [`STALL_WAIT`], the
 /// thread keeps off the CPU it ran on for [`STALL_PAUSE`], and then may use
-/// all its CPUs again. A thread pinned to one CPU stays there.
+/// all its CPUs again; a new stall meanwhile moves it off the CPU of that
+/// stall instead. A thread pinned to one CPU stays there.
 ///
 /// For threads whose pieces of work others wait for. Time only work that
 /// runs on the CPU: a piece that sleeps or waits for a device may take
@@ -109,9 +110,11 @@ impl StepAside {
                 tracing::warn!(%err, "a thread that stepped aside cannot return to its CPUs");
             }
         }
-        if took < STALL_WAIT || self.back_at.is_some() {
+        if took < STALL_WAIT {
             return false;
         }
+        // Off the CPU of the latest stall, even if the thread is aside
+        // already: the host may be taking the other one now.
         let here = crate::sys::process::current_cpu();
         let others: Vec<usize> = self.cpus.iter().copied().filter(|&c| c != here).collect();
         if others.is_empty() || others.len() == self.cpus.len() {
@@ -169,12 +172,17 @@ mod tests {
             assert!(!aside.after(Duration::from_micros(300)), "usual work is no stall");
             assert_eq!(allowed_cpus().unwrap(), &cpus[..2]);
             let here = current_cpu();
-            let stalled_at = Instant::now();
             assert!(aside.after(STALL_WAIT), "work of STALL_WAIT is a stall");
             let now = allowed_cpus().unwrap();
             assert!(!now.contains(&here) && now.len() == 1, "still allowed on CPU {here}: {now:?}");
-            assert_ne!(current_cpu(), here);
-            assert!(!aside.after(STALL_WAIT), "a thread aside steps aside once");
+            let there = current_cpu();
+            assert_ne!(there, here);
+            assert!(!aside.after(Duration::from_micros(300)), "usual work leaves it aside");
+            assert_eq!(allowed_cpus().unwrap(), now);
+            assert!(aside.after(STALL_WAIT), "a stall while aside moves it off the new CPU");
+            let then = allowed_cpus().unwrap();
+            assert!(!then.contains(&there) && then.len() == 1, "still allowed on CPU {there}: {then:?}");
+            let stalled_at = Instant::now();
             until("the thread never returned to its CPUs", || {
                 aside.after(Duration::ZERO);
                 allowed_cpus().unwrap() == cpus[..2]
