@@ -75,8 +75,8 @@ impl Pause {
 ///
 /// For threads whose pieces of work others wait for. Time only work that
 /// runs on the CPU: a piece that sleeps or waits for a device may take
-/// that long without a stall (and then only costs a move to another CPU
-/// at most once per [`STALL_PAUSE`]).
+/// that long without a stall (each such piece then costs a move to
+/// another CPU).
 ///
 /// ```
 /// let mut aside = uhmm::stall::StepAside::new();
