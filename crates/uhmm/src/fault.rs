@@ -455,7 +455,8 @@ pub(crate) fn resolve(space: &Arc<SpaceInner>, fault: Fault, ahead: &mut Option<
 /// scan that came from below without faulting there: glibc's memcpy copies
 /// a large buffer's head first and the rest from its end down, and the next
 /// chunk of a read starts above the one before); else the aligned base
-/// window.
+/// window. Every window is clipped to the faulting page's [`BLOCK_PAGES`]
+/// block.
 /// A scan's last read-ahead window leaves its first page (in the scan's
 /// direction) on the device, a marker: the scan's fault there brings back
 /// that page alone, at once, and the read-ahead goes on from the far end
@@ -474,6 +475,16 @@ pub(crate) struct ScanWindow {
 
 /// Scans a region tracks at once.
 const SCAN_STREAMS: usize = 4;
+
+/// Pages of a fault-around block: no window leaves the aligned 2 MiB block
+/// (counted from the region's start, 2 MiB-aligned for regions that large)
+/// of the page that faulted, as UVM keeps faults inside its 2 MiB VA
+/// blocks. A scan's doubling windows follow evidence of a sequential
+/// access, but unclipped they could run up to `fault_around_max_pages`
+/// past the last page read; clipped, what a fault brings back never leaves
+/// the block the program touched. A scan that crosses a block goes on with
+/// its size in the next one.
+const BLOCK_PAGES: usize = crate::space::HUGE_SIZE / PAGE_SIZE;
 
 /// One scan's last window.
 #[derive(Debug)]
@@ -528,10 +539,26 @@ impl Default for ScanWindow {
 }
 
 impl ScanWindow {
-    /// The window for a fault on page `idx` of a region of `npages` pages;
+    /// The window for a fault on page `idx` of a region of `npages` pages,
+    /// inside the fault-around block of `idx` ([`BLOCK_PAGES`]);
     /// `in_ram_below` counts the pages in RAM just below it (up to `max`),
     /// asked only of a fault that starts a scan.
     fn propose(
+        &self,
+        idx: usize,
+        base: usize,
+        max: usize,
+        npages: usize,
+        in_ram_below: impl FnOnce() -> usize,
+    ) -> Proposal {
+        let mut proposal = self.propose_unclipped(idx, base, max, npages, in_ram_below);
+        let block = idx - idx % BLOCK_PAGES;
+        proposal.pages = proposal.pages.start.max(block)..proposal.pages.end.min(block + BLOCK_PAGES);
+        proposal
+    }
+
+    /// [`ScanWindow::propose`] before the window is clipped to its block.
+    fn propose_unclipped(
         &self,
         idx: usize,
         base: usize,
@@ -921,8 +948,10 @@ mod tests {
         assert_eq!(take(700), 688..704, "a fault elsewhere starts a scan");
         assert_eq!(take(687), 656..688, "down: doubled, ending at the fault");
         assert_eq!(take(655), 592..656);
-        assert_eq!(take(400), 400..528, "the first scan goes on beside the second");
-        assert_eq!(take(591), 464..592);
+        assert_eq!(take(400), 400..512, "the first scan goes on beside the second, up to its block's end");
+        assert_eq!(take(512), 512..640, "and on in the next block, as large as before");
+        assert_eq!(take(591), 512..592, "down to its block's start");
+        assert_eq!(take(511), 384..512, "and on below it");
         assert_eq!(take(995), 992..1000, "clipped to the region");
         assert_eq!(take(991), 960..992);
         assert_eq!(take(39), 32..48, "a fault inside a window starts a scan");
@@ -934,10 +963,12 @@ mod tests {
     #[test]
     fn a_fault_above_pages_in_ram_starts_a_scan_up_as_large_as_their_run() {
         let w = ScanWindow::default();
+        let p = w.propose(600, 16, 512, 1000, || 300);
+        assert_eq!((p.pages, p.scan), (600..900, Some(Scan::Up)), "as many pages as are in RAM below");
+        let p = w.propose(600, 16, 128, 1000, || 300);
+        assert_eq!(p.pages, 600..728, "no larger than the maximum");
         let p = w.propose(300, 16, 512, 1000, || 300);
-        assert_eq!((p.pages, p.scan), (300..600, Some(Scan::Up)), "as many pages as are in RAM below");
-        let p = w.propose(300, 16, 128, 1000, || 300);
-        assert_eq!(p.pages, 300..428, "no larger than the maximum");
+        assert_eq!(p.pages, 300..512, "clipped to the block");
         let p = w.propose(990, 16, 512, 1000, || 600);
         assert_eq!(p.pages, 990..1000, "clipped to the region");
         let p = w.propose(300, 16, 512, 1000, || 31);
@@ -1005,7 +1036,7 @@ mod tests {
                 *n = p.pages.end;
             }
         }
-        assert_eq!(next[0], 16 + 32 + 64 + 128 + 256 + 512, "each scan's windows grew");
+        assert_eq!(next[0], 512, "each scan's windows grew, up to its block's end");
         // One more scan starts in place of the one used least recently.
         assert_eq!(take(9 << 16).scan, None);
         assert_eq!(take(next[1]).scan, Some(Scan::Up), "the others go on");
