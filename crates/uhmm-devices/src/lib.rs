@@ -3,7 +3,9 @@
 //!
 //! - [`sim`]: the embedded default, a model of the kernel's HMM test driver
 //!   (`lib/test_hmm.c`, "dmirror"): device memory in host RAM, a DMA engine
-//!   thread, a device page table, and dmirror's test operations.
+//!   thread, a device page table, and dmirror's test operations. A program
+//!   makes a [`sim::SimDevice`] in its address space and moves ranges with
+//!   it (its doc has an example).
 
 #![forbid(unsafe_code)]
 

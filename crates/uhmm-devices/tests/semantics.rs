@@ -559,12 +559,18 @@ fn a_fault_above_pages_back_in_ram_brings_back_as_large_a_window() {
         let dev = device(&space);
         let r = on_device(&space, &dev, PAGES);
         let on_ram = |pages: std::ops::Range<usize>| pages_in_ram(&space, &r, pages);
-        assert_eq!(dev.migrate_to_system(r.addr(), 300).unwrap().cpages, 300);
+        assert_eq!(dev.migrate_to_system(r.addr() + 512 * PAGE_SIZE, 200).unwrap().cpages, 200);
         let mut word = [0u8; 4];
+        r.read(712 * PAGE_SIZE, &mut word).unwrap();
+        assert_eq!(u32::from_ne_bytes(word), (712 * WORDS_PER_PAGE) as u32);
+        assert_eq!(on_ram(712..912), 200, "one window of 200 pages");
+        assert_eq!(on_ram(912..PAGES), 0, "and no more");
+        // A window never leaves the 2 MiB block of the fault.
+        dev.migrate_to_device_all(r.addr(), PAGES).unwrap();
+        assert_eq!(dev.migrate_to_system(r.addr(), 300).unwrap().cpages, 300);
         r.read(300 * PAGE_SIZE, &mut word).unwrap();
-        assert_eq!(u32::from_ne_bytes(word), (300 * WORDS_PER_PAGE) as u32);
-        assert_eq!(on_ram(300..600), 300, "one window of 300 pages");
-        assert_eq!(on_ram(600..PAGES), 0, "and no more");
+        assert_eq!(on_ram(300..512), 212, "a window up to the block's end");
+        assert_eq!(on_ram(512..PAGES), 0, "and none of the next block");
         // Above a short run (under two base windows), the base window.
         dev.migrate_to_device_all(r.addr(), PAGES).unwrap();
         assert_eq!(dev.migrate_to_system(r.addr() + 500 * PAGE_SIZE, 20).unwrap().cpages, 20);
@@ -634,21 +640,22 @@ fn a_sequential_scan_reads_ahead_while_the_handler_is_idle() {
         assert_eq!(on_ram(240..PAGES), 0, "no further than two windows ahead");
         // The scan reads them, faulting once, on the marker: that page comes
         // back alone, and the read-ahead goes on from where the scan's
-        // windows end (240), with windows of 256 and 512 pages (240..1008),
-        // the last leaving its first page (496) as the next marker.
+        // windows end (240), with windows of 256 and 512 pages, the last
+        // clipped to the 2 MiB block (496..512) and leaving its first page
+        // (496) as the next marker.
         let faults = space.stats().faults;
         for p in 48..240 {
             r.read(p * PAGE_SIZE, &mut page).unwrap();
             assert_words(&page, |i| i + (p * WORDS_PER_PAGE) as u32);
         }
         assert_eq!(space.stats().faults, faults + 1, "one fault, on the marker");
-        wait_for(240..1008, 767);
+        wait_for(240..512, 256 + 15);
         assert_eq!(space.stats().read_aheads, 4);
-        // Both came back through the staging batches the migration to the
-        // device kept, the window of 511 pages too (less than a batch).
-        assert!(space.stats().kept_copied_pages >= 256 + 511, "{:?}", space.stats());
+        // The window of 256 came back through the staging batches the
+        // migration to the device kept.
+        assert!(space.stats().kept_copied_pages >= 256, "{:?}", space.stats());
         assert_eq!(on_ram(496..497), 0, "the next marker");
-        assert_eq!(on_ram(1008..PAGES), 0);
+        assert_eq!(on_ram(512..PAGES), 0, "nothing past the block's end");
         // The scan reads on to the end and sees the right data.
         assert_words(&cpu_read(&r), |i| i);
         assert_eq!(space.stats().poisoned_pages, 0);

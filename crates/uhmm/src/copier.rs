@@ -210,7 +210,7 @@ pub(crate) struct Copier {
     cpus: Vec<usize>,
     helper: Mutex<Option<(Sender<Job>, JoinHandle<()>)>>,
     /// On after a caller waited a stall's length for the helper's last
-    /// piece: the helper's vCPU was taken away mid-piece (decisions §24).
+    /// piece: the host took the helper's vCPU away mid-piece (steal time).
     /// A caller copying alone is then faster than one that waits on a
     /// stopped helper again and again.
     paused: Pause,

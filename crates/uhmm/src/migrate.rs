@@ -145,6 +145,96 @@ struct Page {
 /// A migration in progress: `setup` → the driver copies → `pages` → `finalize`
 /// (the kernel's migrate_vma protocol; dropping it before `finalize` restores
 /// every page).
+///
+/// A device driver runs the steps: [`setup`](Migration::setup) collects and
+/// locks the pages; the driver allocates its pages, copies, and sets each
+/// destination ([`set_dst_device`](Migration::set_dst_device) towards the
+/// device; [`system_dst`](Migration::system_dst) and
+/// [`set_dst_system`](Migration::set_dst_system), or
+/// [`set_dst_system_from`](Migration::set_dst_system_from), towards RAM);
+/// [`pages`](Migration::pages) commits, the moment to update its device page
+/// table; [`finalize`](Migration::finalize) maps the pages at their new
+/// home. A program normally calls a driver's operations instead (the sim
+/// device's `migrate_to_device_all`, for one), which run these steps,
+/// usually in chunks through [`migrate_pipelined`] or [`migrate_chunked`];
+/// a driver's [`migrate_to_ram`](crate::DevicePagemapOps::migrate_to_ram)
+/// runs them for a CPU fault.
+///
+/// A whole driver, small enough to show: its memory is a map of page
+/// buffers, and it brings pages back when the CPU touches them.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::{Arc, Mutex, Weak};
+/// use uhmm::{
+///     AddressSpace, Config, CpuFault, DevicePagemapOps, DevicePfn, MigrateSrc, Migration, Owner, PAGE_SIZE,
+///     Prot, Residency, Select,
+/// };
+///
+/// struct Dev {
+///     owner: Owner,
+///     mem: Mutex<HashMap<u64, Vec<u8>>>,
+/// }
+///
+/// impl DevicePagemapOps for Dev {
+///     fn page_free(&self, pfn: DevicePfn) {
+///         self.mem.lock().unwrap().remove(&pfn.0);
+///     }
+///
+///     // The CPU touched a page of this device: the same steps, towards RAM.
+///     fn migrate_to_ram(&self, fault: &CpuFault) -> uhmm::Result<()> {
+///         let mut m = Migration::setup(fault.space(), fault.window(), Select::DEVICE_PRIVATE, self.owner)?;
+///         for i in 0..m.npages() {
+///             if let MigrateSrc::Device(page) = m.src(i) {
+///                 let data = self.mem.lock().unwrap()[&page.pfn.0].clone();
+///                 m.system_dst(i)?.write(0, &data)?;
+///                 m.set_dst_system(i)?;
+///             }
+///         }
+///         m.pages().finalize();
+///         Ok(())
+///     }
+/// }
+///
+/// # fn main() -> uhmm::Result<()> {
+/// let space = AddressSpace::new(Config::default())?;
+/// let dev = Arc::new(Dev { owner: Owner::new(), mem: Mutex::default() });
+/// let ops: Weak<dyn DevicePagemapOps> = Arc::downgrade(&dev) as Weak<Dev>;
+/// let pagemap = space.register_pagemap(ops, dev.owner, 1024)?;
+///
+/// let region = space.map(4 * PAGE_SIZE, Prot::READ_WRITE)?;
+/// region.write(0, b"hello")?;
+///
+/// // Step 1: collect, lock and unmap the RAM pages and holes of the range.
+/// let mut m = Migration::setup(&space, region.range(), Select::SYSTEM, dev.owner)?;
+/// // The driver: a device page for each candidate, filled, set as its destination.
+/// for i in 0..m.npages() {
+///     let mut data = vec![0; PAGE_SIZE]; // a hole becomes a zero-filled page
+///     match m.src(i) {
+///         MigrateSrc::System(page) => page.read(0, &mut data)?,
+///         MigrateSrc::Hole => {}
+///         _ => continue, // skipped (busy, or not selected): it stays
+///     }
+///     let pfn = DevicePfn(i as u64); // the device's allocator
+///     dev.mem.lock().unwrap().insert(pfn.0, data);
+///     m.set_dst_device(i, pagemap.page(pfn).unwrap())?;
+/// }
+/// // Step 2: commit. `migrated(i)` is final now, and the pages still locked:
+/// // a driver maps the moved pages in its own page table here.
+/// let m = m.pages();
+/// assert_eq!(m.migrated_count(), 4);
+/// // Step 3: map the pages at their new home, unlock, wake waiting threads.
+/// let summary = m.finalize();
+/// assert_eq!(summary.migrated, 4);
+/// let page0 = space.snapshot(region.addr()..region.addr() + PAGE_SIZE)?[0];
+/// assert!(matches!(page0.residency, Residency::Device(..)));
+///
+/// // A CPU access faults the data back through `migrate_to_ram`.
+/// let mut buf = [0; 5];
+/// region.read(0, &mut buf)?;
+/// assert_eq!(&buf, b"hello");
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Migration<S = Collected> {
     inner: Inner,
@@ -1103,7 +1193,7 @@ impl Inner {
         // more than its share is worth (2 MiB back to RAM: 410–510 → 350–385
         // ns a page); so is a small copy, but for a fault's. A copy big
         // enough to share is still copied alone while sharing is paused
-        // after the helper stalled (decisions §24).
+        // after the helper stalled (its CPU stopped by the host).
         let big = runs.len() > 1 && (!small || fault);
         let queue = Arc::new(CopyQueue::new(runs, kept, big));
         if big && self.space.copier.helpful() {

@@ -17,13 +17,13 @@
 //!    locked pages and unmanaged addresses are decided here.
 //! 2. Pages on a device that must leave it (to RAM, or to another device)
 //!    come back through that device's driver, as a CPU fault would bring
-//!    them: [`DevicePagemapOps::migrate_to_ram`](crate::DevicePagemapOps::migrate_to_ram)
+//!    them: [`DevicePagemapOps::migrate_to_ram`]
 //!    with a fault window covering a run of consecutive listed pages.
 //! 3. Pages in RAM bound for a device move in batches: consecutive listed
 //!    pages (contiguous addresses, one region, one target, at most
-//!    [`BATCH_PAGES`](crate::BATCH_PAGES)) share one [`Migration`] that the
+//!    [`BATCH_PAGES`]) share one [`Migration`] that the
 //!    target driver fills with
-//!    [`DevicePagemapOps::alloc_and_copy`](crate::DevicePagemapOps::alloc_and_copy).
+//!    [`DevicePagemapOps::alloc_and_copy`].
 //!
 //! A device → device move therefore goes through RAM, as the kernel's
 //! device-private memory does.

@@ -65,7 +65,7 @@ pub trait DevicePagemapOps: Send + Sync {
 
     /// A CPU thread faulted on `fault.addr()`, which lives on this device:
     /// migrate it (and any of `fault.window()` the driver chooses) back to
-    /// RAM with a [`Migration`](crate::Migration) selecting
+    /// RAM with a [`Migration`] selecting
     /// [`Select::DEVICE_PRIVATE`](crate::Select::DEVICE_PRIVATE) and this
     /// pagemap's owner. An error of kind `NoMemory` or `Busy` is taken as
     /// transient and the fault is retried; any other error makes the
@@ -73,7 +73,7 @@ pub trait DevicePagemapOps: Send + Sync {
     /// device state.
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()>;
 
-    /// [`move_pages`](crate::move_pages) to this device: `m` was set up with
+    /// [`move_pages`](crate::move_pages()) to this device: `m` was set up with
     /// [`Select::SYSTEM`](crate::Select::SYSTEM) and this pagemap's owner.
     /// Allocate device pages of this pagemap for its collected pages (RAM
     /// pages; a hole gets a zero-filled page), copy (waiting for the copy's

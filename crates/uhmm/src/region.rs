@@ -235,6 +235,38 @@ impl ProtFrozen<'_> {
 /// not drop (or `unmap`, `discard`, `remap`) a region while it itself holds a
 /// `Migration`, `RangeAccess` or `ExclusiveGrant` on it: it would wait for
 /// itself.
+///
+/// Made by [`AddressSpace::map`](crate::AddressSpace::map) (and `map_huge`,
+/// `map_shared`, `map_file`).
+///
+/// ```
+/// use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, PageState, Prot};
+///
+/// # fn main() -> uhmm::Result<()> {
+/// let space = AddressSpace::new(Config::default())?;
+/// let region = space.map(8 * PAGE_SIZE, Prot::READ_WRITE)?;
+/// assert_eq!((region.len(), region.npages()), (8 * PAGE_SIZE, 8));
+///
+/// // `read` and `write` copy, faulting pages in (or back from a device);
+/// // `as_ptr` gives the memory itself, for loads and stores.
+/// region.write(PAGE_SIZE, b"data")?;
+/// let mut buf = [0; 4];
+/// region.read(PAGE_SIZE, &mut buf)?;
+/// assert_eq!(&buf, b"data");
+/// assert_eq!(region.state(1), Some(PageState::Cpu)); // in RAM, not on a device
+///
+/// // `mprotect` of part of it: writes there now fail.
+/// region.protect(0..2 * PAGE_SIZE, Prot::READ)?;
+/// let err = region.write(PAGE_SIZE, b"more").unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::Permission);
+///
+/// // `MADV_DONTNEED`: the pages read as zeros again.
+/// region.protect(0..2 * PAGE_SIZE, Prot::READ_WRITE)?;
+/// region.discard(0..2 * PAGE_SIZE)?;
+/// region.read(PAGE_SIZE, &mut buf)?;
+/// assert_eq!(buf, [0; 4]);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Region {
     pub(crate) inner: Arc<RegionInner>,

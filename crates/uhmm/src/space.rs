@@ -23,24 +23,43 @@ use crate::sys::{self, PAGE_SIZE};
 use crate::{Error, ErrorKind, Result};
 
 /// Tunables of an address space.
+///
+/// Start from [`Config::default`] and change the fields that matter; each
+/// field's doc gives its default.
+///
+/// ```
+/// # fn main() -> uhmm::Result<()> {
+/// let config = uhmm::Config {
+///     handler_threads: 2,                    // two threads poll the userfaultfd
+///     staging_bytes: 256 << 20,              // at most 256 MiB in flight at once
+///     ..uhmm::Config::default()
+/// };
+/// let space = uhmm::AddressSpace::new(config)?;
+/// assert_eq!(space.config().handler_threads, 2);
+/// assert_eq!(space.config().fault_around_pages, 16);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Fault-handling threads (each polls the one userfaultfd).
+    /// Fault-handling threads (each polls the one userfaultfd); at least 1.
+    /// Default: 1.
     pub handler_threads: usize,
     /// CPUs the fault-handling threads run on: thread `i` on
-    /// `handler_cpus[i % len]` alone. Empty (the default): wherever the
-    /// scheduler puts them. A runtime may keep them beside, or away from,
-    /// the threads that fault; each CPU must be one this process may use.
+    /// `handler_cpus[i % len]` alone. Empty: wherever the scheduler puts
+    /// them. A runtime may keep them beside, or away from, the threads that
+    /// fault; each CPU must be one this process may use. Default: empty.
     pub handler_cpus: Vec<usize>,
     /// Pages a CPU fault on device memory may bring back at once (the
-    /// fault-around window offered to `migrate_to_ram`); 1 is the kernel's
-    /// behaviour, and turns the adaptive growth below off.
+    /// fault-around window offered to `migrate_to_ram`); at least 1. 1 is
+    /// the kernel's behaviour, and turns the adaptive growth
+    /// ([`fault_around_max_pages`](Config::fault_around_max_pages)) and
+    /// read-ahead off. Default: 16.
     pub fault_around_pages: usize,
     /// The largest fault-around window: while faults run sequentially
     /// through a region, up or down (glibc's memcpy copies large buffers
     /// backwards), each window doubles up to this, reaching on in the
     /// scan's direction; a fault elsewhere starts again from
-    /// `fault_around_pages`.
+    /// `fault_around_pages`. Default: 512 (2 MiB).
     pub fault_around_max_pages: usize,
     /// Windows an idle fault handler brings back ahead of a sequential scan
     /// of device pages, in the scan's direction, before the scan faults on
@@ -48,25 +67,30 @@ pub struct Config {
     /// made 1 GiB scans 1.6-2.3x faster here). The last leaves its first
     /// page on the device, a marker: the scan's fault there brings back
     /// that page alone, and as many windows again, while the scan reads
-    /// on (a further 1.4-1.6x here). Off (0) by default: pages
-    /// the program never touches come back, and a read-ahead's pages can
-    /// be read before its device pages are freed, as with a migration run
-    /// by another thread. `fault_around_pages: 1` turns it off too.
+    /// on (a further 1.4-1.6x here). Off by default because pages the
+    /// program never touches come back, and a read-ahead's pages can be
+    /// read before its device pages are freed, as with a migration run by
+    /// another thread. `fault_around_pages: 1` turns it off too.
+    /// Default: 0 (off).
     pub read_ahead_windows: usize,
     /// Pages a first-touch fault zero-fills at once (an aligned window);
     /// while first touches run sequentially the window doubles up to
-    /// `fault_around_max_pages`. 1 turns both off.
+    /// `fault_around_max_pages`. At least 1; 1 turns both off. Default: 16.
     pub zero_fill_pages: usize,
     /// Bytes of address space for each staging arena; bounds the pages that
-    /// can be in flight at once.
+    /// can be in flight at once. Reserved address space: RAM is used only by
+    /// the pages in it (in flight, or kept: `keep_staging_bytes`).
+    /// Default: 1 GiB (`1 << 30`).
     pub staging_bytes: usize,
-    /// Fall back to `UFFD_USER_MODE_ONLY` when full userfaultfd is refused.
+    /// Fall back to `UFFD_USER_MODE_ONLY` when full userfaultfd is refused
+    /// (then a system call that touches a page on a device fails with
+    /// `EFAULT` instead of waiting for it). Default: true.
     pub allow_user_mode_only: bool,
     /// Bytes of RAM pages that migrations to devices leave in staging that
     /// may be kept, up to `staging_bytes`, for about a second: a migration
     /// back to RAM from driver memory copies into them and moves them in,
     /// rather than having the kernel allocate new pages. 0 frees them
-    /// at once.
+    /// at once. Default: 1 GiB (`1 << 30`).
     pub keep_staging_bytes: usize,
 }
 
@@ -125,6 +149,32 @@ pub struct PageSnapshot {
 ///
 /// Cheap to clone (a shared handle). The fault-handling threads stop when
 /// the last handle, region and device referring to it are gone.
+///
+/// A program makes one, maps [`Region`]s in it and uses their memory; device
+/// drivers register their memory with it
+/// ([`register_pagemap`](AddressSpace::register_pagemap)) and move pages
+/// with a [`Migration`](crate::Migration).
+///
+/// ```
+/// use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot, Residency};
+///
+/// # fn main() -> uhmm::Result<()> {
+/// let space = AddressSpace::new(Config::default())?; // fails without userfaultfd
+/// let region = space.map(4 * PAGE_SIZE, Prot::READ_WRITE)?;
+/// region.write(0, b"hello")?; // first touch: the page is zero-filled, then written
+///
+/// // Where each page is, without faulting anything in.
+/// let pages = space.snapshot(region.range())?;
+/// assert_eq!(pages[0].residency, Residency::Ram);
+/// assert_eq!(pages.len(), 4);
+///
+/// // Devices reach RAM pages by address.
+/// let mut buf = [0; 5];
+/// space.read_at(region.addr(), &mut buf)?;
+/// assert_eq!(&buf, b"hello");
+/// assert!(space.stats().faults >= 1);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct AddressSpace {
     pub(crate) inner: Arc<SpaceInner>,

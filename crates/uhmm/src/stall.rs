@@ -1,6 +1,7 @@
 //! Stalls: a thread stopped for milliseconds in the middle of short work,
 //! as when the host takes away the vCPU it runs on (steal time), and what
-//! uhmm does for a while after one (decisions §24, §25).
+//! uhmm does for a while after one, so that a host that keeps stealing costs
+//! one stall a pause rather than one a piece of work.
 //!
 //! The guest still counts a thread on a stolen vCPU as running there, so it
 //! cannot move it, and whoever waits for that thread waits until the host

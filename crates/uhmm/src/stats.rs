@@ -67,10 +67,10 @@ counters! {
     kept_shed_pages,
     /// Copies whose caller waited a stall's length for the helper's last
     /// piece (its CPU stopped by the host), after which copies are not
-    /// shared for a while (decisions §24).
+    /// shared for a while: copying alone beats waiting on a stopped helper again.
     helper_stalls,
     /// Stalls of a fault handler in the middle of a fault or a read-ahead,
-    /// after which it kept off its CPU for a while (decisions §25).
+    /// after which it kept off its CPU for a while, since the host may stop that CPU again.
     handler_stalls,
 }
 

@@ -120,7 +120,7 @@ fn space() -> AddressSpace {
 
 fn fill(region: &uhmm::Region, pages: std::ops::Range<usize>) {
     for p in pages {
-        region.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+        region.write(p * PAGE_SIZE, &vec![(p as u8).wrapping_add(1); PAGE_SIZE]).unwrap();
     }
 }
 
@@ -138,7 +138,7 @@ fn check(region: &uhmm::Region, pages: std::ops::Range<usize>) {
     for p in pages {
         let mut b = vec![0; PAGE_SIZE];
         region.read(p * PAGE_SIZE, &mut b).unwrap();
-        assert!(b.iter().all(|x| *x == p as u8 + 1), "page {p}");
+        assert!(b.iter().all(|x| *x == (p as u8).wrapping_add(1)), "page {p}");
     }
 }
 
@@ -484,7 +484,7 @@ fn pages_copied_in_from_driver_memory() {
     let mem = Arc::new(Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
     let slot = |p: usize| if p == 5 { 12 } else { p };
     for p in 0..8 {
-        mem.write(slot(p) * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+        mem.write(slot(p) * PAGE_SIZE, &vec![(p as u8).wrapping_add(1); PAGE_SIZE]).unwrap();
     }
     let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
     assert_eq!(m.cpages(), 8);
@@ -545,7 +545,7 @@ fn a_big_copy_in_is_shared_with_the_helper_and_its_failures_stay_on_the_device()
     // caller from the front, so the helper meets the failures first.
     let good = Arc::new(Mapping::anonymous(good_pages * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
     for p in 0..good_pages {
-        good.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+        good.write(p * PAGE_SIZE, &vec![(p as u8).wrapping_add(1); PAGE_SIZE]).unwrap();
     }
     let bad = Arc::new(Mapping::anonymous((n - good_pages) * PAGE_SIZE, Protection::None, PAGE_SIZE).unwrap());
     let mut m = Migration::setup(&space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
@@ -620,7 +620,7 @@ fn filled_source(n: usize) -> Arc<uhmm::sys::mman::Mapping> {
     use uhmm::sys::mman::{Mapping, Protection};
     let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
     for p in 0..n {
-        src.write(p * PAGE_SIZE, &vec![p as u8 + 1; PAGE_SIZE]).unwrap();
+        src.write(p * PAGE_SIZE, &vec![(p as u8).wrapping_add(1); PAGE_SIZE]).unwrap();
     }
     src
 }

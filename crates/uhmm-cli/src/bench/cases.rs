@@ -97,7 +97,7 @@ impl Setup {
 /// two setups of the same size, measured in turns in one process, differ
 /// by up to a third a page (where the host placed their memory), so
 /// setups of their own made the sizes' costs compare placements as much
-/// as sizes (decisions §22).
+/// as sizes.
 pub fn bulk(plan: &Plan) -> Result<Vec<Case>, String> {
     let mut out = Vec::new();
     let largest = plan.sizes.iter().copied().max().unwrap_or(0);
@@ -289,7 +289,7 @@ pub fn scans(plan: &Plan) -> Result<Vec<Case>, String> {
     let mut out = Vec::new();
     for (id, name, len, order, fa, threads, handlers) in specs {
         progress(&format!("{name}, {}", human(len)));
-        // Scans read ahead two windows (off by default: decisions §19).
+        // Scans read ahead two windows (off by default: it brings back pages the program may never read).
         let config =
             Config { fault_around_pages: fa, handler_threads: handlers, read_ahead_windows: 2, ..Config::default() };
         let s = Setup::new(config, len, false)?;

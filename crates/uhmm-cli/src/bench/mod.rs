@@ -520,7 +520,7 @@ impl Placement {
 /// The fault cases run this many times `--runs` timed runs. A run takes
 /// 40 ms (handler on the same CPU) to 250 ms (on another), and slow phases
 /// of the host, which slow either side for a run or a few, would otherwise
-/// set a median of five (decisions §25).
+/// set a median of five.
 const LATENCY_RUNS_FACTOR: usize = 3;
 
 /// The raw userfaultfd round trip (a baseline) and uhmm's single-page CPU

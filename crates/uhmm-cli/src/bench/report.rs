@@ -68,7 +68,8 @@ impl Machine {
 /// Measures the host's steal time over an interval: time this VM's CPUs
 /// wanted to run while the hypervisor ran something else (`/proc/stat`).
 /// uhmm's migrations and scans share their work between threads on both
-/// CPUs, so a CPU the host takes away stalls the others (decisions §24).
+/// CPUs, so a CPU the host takes away stalls the others, and a reading taken
+/// then must say so.
 #[derive(Debug, Clone, Copy)]
 pub struct StealMeter {
     ticks: Option<u64>,

@@ -272,7 +272,7 @@ const INLINE_MAX_PAGES: usize = 512;
 
 /// A channel: runs the parts of each job it is told of. A caller waits for
 /// the parts a channel took, so after a stall in one (its vCPU taken away
-/// by the host) the channel keeps off that CPU for a while (decisions §25).
+/// by the host) the channel keeps off that CPU for a while: the host may stop it there again.
 fn run(rx: &Receiver<Arc<Fence>>) {
     let mut aside = StepAside::new();
     while let Ok(fence) = rx.recv() {

@@ -36,40 +36,53 @@ use memory::{HUGE_PAGES, Memory};
 use table::{Pte, Table};
 
 /// Settings of a sim device.
+///
+/// Start from [`SimConfig::default`] (a 4 GiB device-private memory, no
+/// fault injection) and change the fields that matter; each field's doc
+/// gives its default.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// Device memory capacity in bytes.
+    /// Device memory capacity in bytes, at least `chunk_bytes`; only whole
+    /// chunks are used. Default: 4 GiB (`4 << 30`).
     pub capacity_bytes: usize,
-    /// Device memory is added in chunks of this many bytes.
+    /// Device memory is added in chunks of this many bytes (page-aligned,
+    /// at most `capacity_bytes`), each taken from host RAM when it is first
+    /// needed. Default: 64 MiB (`64 << 20`).
     pub chunk_bytes: usize,
     /// Pages per migration chunk (the batch handed to the DMA engine); a
     /// migration of fewer than two such chunks uses smaller ones (down to
-    /// 512 pages) so that its chunks still pipeline.
+    /// 512 pages) so that its chunks still pipeline. At least 1.
+    /// Default: 2048 (8 MiB).
     pub migrate_chunk_pages: usize,
     /// Device-coherent memory (CPU-addressable, like the kernel's
     /// `MEMORY_DEVICE_COHERENT` test devices) instead of device-private.
+    /// Default: false.
     pub coherent: bool,
     /// Fault injection: the chance (0.0 to 1.0) that a device page
     /// allocation fails. The page gets no destination and stays where it was.
+    /// Default: 0.0.
     pub alloc_fail_rate: f64,
     /// Fault injection: the chance, per page copied to the device, that the
     /// copy job fails; the migration chunk is then dropped and its pages are
     /// restored where they were. Copies back to RAM never fail this way.
+    /// Default: 0.0.
     pub copy_error_rate: f64,
     /// Fault injection: the chance, per page coming back to RAM, that the
     /// driver gets no RAM page for it (the kernel's failed allocation in
     /// `migrate_to_ram` or eviction). The driver's choice, as the kernel
     /// allows, is to retry rather than poison: the page stays on the device
     /// (explicit migrations report it as not migrated, the CPU fault path
-    /// and `release()` try again).
+    /// and `release()` try again). Default: 0.0.
     pub copy_back_fail_rate: f64,
     /// DMA channels: copy threads a big job is split across (at least 1).
+    /// Default: 1.
     pub dma_channels: usize,
     /// Fault injection: each part of a copy job waits a random 0 to this
     /// many microseconds before it runs (slow DMA completions; with several
-    /// channels, parts and jobs also complete out of order).
+    /// channels, parts and jobs also complete out of order). Default: 0.
     pub dma_delay_us: u64,
     /// Seed of the fault-injection generator (deterministic per seed).
+    /// Default: 0.
     pub fault_seed: u64,
 }
 
@@ -128,6 +141,53 @@ impl PageState {
 }
 
 /// A simulated device attached to one address space.
+///
+/// Its operations are dmirror's: the program moves a range to the device
+/// and back, and the device reads and writes the range (reaching RAM pages
+/// by address, faulting in the ones its page table lacks). A CPU access to a
+/// page in its device-private memory brings the page back by itself.
+///
+/// To put a range on the device, a program calls
+/// [`migrate_to_device_all`](SimDevice::migrate_to_device_all): it rides out
+/// pages that are busy for a moment (right after the program's own writes,
+/// for one). [`migrate_to_device`](SimDevice::migrate_to_device) is
+/// dmirror's single pass, which reports such a page as an error at once: for
+/// a caller that handles the pages left behind itself, or tests of exact
+/// behaviour. To bring a range back, there is one call,
+/// [`migrate_to_system`](SimDevice::migrate_to_system). Dropping the device
+/// evicts every page it holds back to RAM.
+///
+/// ```
+/// use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot};
+/// use uhmm_devices::sim::{PageState, SimConfig, SimDevice};
+///
+/// # fn main() -> uhmm::Result<()> {
+/// let space = AddressSpace::new(Config::default())?;
+/// // 16 MiB of device memory (the default is 4 GiB).
+/// let config = SimConfig { capacity_bytes: 16 << 20, chunk_bytes: 4 << 20, ..SimConfig::default() };
+/// let dev = SimDevice::new(&space, config)?;
+///
+/// let region = space.map(8 * PAGE_SIZE, Prot::READ_WRITE)?;
+/// region.write(0, b"hello")?;
+/// let moved = dev.migrate_to_device_all(region.addr(), region.npages())?;
+/// assert_eq!(moved.cpages, 8);
+/// let states = dev.snapshot(region.addr(), 1)?;
+/// assert!(states[0].contains(PageState::DEV_PRIVATE_LOCAL));
+///
+/// // The device reads its own memory ...
+/// let mut page = vec![0; PAGE_SIZE];
+/// dev.read(region.addr(), 1, &mut page)?;
+/// assert_eq!(&page[..5], b"hello");
+/// // ... and a CPU access faults the page back to RAM.
+/// let mut buf = [0; 5];
+/// region.read(0, &mut buf)?;
+/// assert_eq!(&buf, b"hello");
+///
+/// // The rest comes back explicitly.
+/// dev.migrate_to_system(region.addr(), region.npages())?;
+/// assert_eq!(dev.pages_in_use(), 0);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct SimDevice {
     inner: Arc<SimInner>,
@@ -263,6 +323,15 @@ impl SimDevice {
     /// missing there is [`ErrorKind::NotFound`]. `cpages` = pages readable
     /// from the device.
     /// A range without read access is an invalid argument, as in dmirror.
+    ///
+    /// This is dmirror's operation, one pass: a page skipped as busy for a
+    /// moment (the kernel or uhmm holding it, as right after CPU accesses)
+    /// makes it fail with `NotFound`, though the pages that moved stay on
+    /// the device. A program normally calls
+    /// [`migrate_to_device_all`](SimDevice::migrate_to_device_all) instead;
+    /// call this one to see each pass's outcome (tests of exact behaviour,
+    /// or a caller that retries or gives up on the pages left behind its
+    /// own way).
     pub fn migrate_to_device(&self, addr: usize, npages: usize) -> Result<Counters> {
         let range = check_range(addr, npages)?;
         if self.inner.space.protection(range.clone())?.iter().any(|(_, p)| !p.contains(Prot::READ)) {
@@ -282,11 +351,17 @@ impl SimDevice {
         Ok(Counters { cpages, faults: 0 })
     }
 
-    /// [`SimDevice::migrate_to_device`], tried again (up to five times) while
-    /// pages were left behind. A page the kernel or uhmm holds for a moment
-    /// is skipped as busy (right after CPU accesses, a late copy of one of
-    /// their faults may still hold a page while it finds the page present),
-    /// which a caller that wants everything on the device should ride out.
+    /// [`SimDevice::migrate_to_device`], tried again (up to five times, 2 ms
+    /// apart) while pages were left behind. A page the kernel or uhmm holds
+    /// for a moment is skipped as busy (right after CPU accesses, a late
+    /// copy of one of their faults may still hold a page while it finds the
+    /// page present), which a caller that wants everything on the device
+    /// should ride out.
+    ///
+    /// The call a program normally makes to put a range on the device. It
+    /// still fails with [`ErrorKind::NotFound`] when pages stay behind after
+    /// the last try (device memory full, pages pinned), and at once on any
+    /// other error.
     pub fn migrate_to_device_all(&self, addr: usize, npages: usize) -> Result<Counters> {
         let mut last = self.migrate_to_device(addr, npages);
         for _ in 0..5 {
@@ -303,6 +378,11 @@ impl SimDevice {
 
     /// Migrates this device's pages among `npages` pages at `addr` back to
     /// system memory. `cpages` = pages migrated.
+    ///
+    /// The one call to bring a range back (there is no `_all` variant): a
+    /// page left on the device (busy for a moment) is not an error, only
+    /// not counted; it stays there until a later call (or, device-private,
+    /// a CPU access) brings it back.
     pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<Counters> {
         let range = check_range(addr, npages)?;
         let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
