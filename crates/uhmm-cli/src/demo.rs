@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use uhmm::sys::uffd::Origin;
+use uhmm::UffdOrigin as Origin;
 use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region, StatsSnapshot};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
-use crate::staging::{Arena, KEEP_FOR, Slots};
+use crate::staging::{Arena, Slots};
 use crate::stall::Pause;
 use crate::sys::PAGE_SIZE;
 use crate::sys::mman::Mapping;
@@ -279,7 +279,7 @@ impl Copier {
                     tracing::warn!(%err, ?cpus, "the copy helper keeps the CPUs of the thread that started it");
                 }
                 loop {
-                    match rx.recv_timeout(KEEP_FOR) {
+                    match rx.recv_timeout(stage.keep_for()) {
                         Ok(Job::Copy(queue)) => queue.work(&uffd, true),
                         Ok(Job::Release(slots)) => drop(slots),
                         Err(RecvTimeoutError::Timeout) => {}
@@ -433,7 +433,10 @@ mod tests {
 
     #[test]
     fn slot_sets_all_kept_are_given_back_on_the_caller() {
-        let uffd = Arc::new(Uffd::open(0, true).expect("userfaultfd (needed by uhmm; see README)"));
+        let uffd = Arc::new(
+            Uffd::open(0, crate::sys::uffd::Accept::FullOrUserModeOnly)
+                .expect("userfaultfd (needed by uhmm; see README)"),
+        );
         let bytes = 4 * BATCH_PAGES * PAGE_SIZE;
         let stage = Arc::new(Arena::new(bytes, None, bytes / 2).unwrap()); // keeps two batches
         let copier = Copier::new(uffd, stage.clone(), crate::sys::process::allowed_cpus().unwrap());

@@ -216,7 +216,8 @@ fn handler_loop(space: &Weak<SpaceInner>, uffd: &OwnedFd, stop: &OwnedFd) {
 }
 
 /// Runs `f`, a piece of a handler's work; after a stall in it the handler
-/// keeps off its CPU for a while (decisions §25).
+/// keeps off its CPU for a while: the host may stop that vCPU again, and
+/// the faulting threads wait for this one.
 fn timed<T>(aside: &mut StepAside, space: &SpaceInner, f: impl FnOnce() -> T) -> T {
     let started = Instant::now();
     let out = f();

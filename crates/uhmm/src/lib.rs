@@ -34,6 +34,7 @@ mod error;
 mod exclusive;
 mod fault;
 mod fork;
+mod io;
 mod migrate;
 mod mirror;
 mod move_pages;
@@ -67,3 +68,4 @@ pub use space::{AddressSpace, Config, HUGE_SIZE, HandlerWatch, PageSnapshot, Res
 pub use staging::{BATCH_PAGES, SystemPage};
 pub use stats::StatsSnapshot;
 pub use sys::PAGE_SIZE;
+pub use sys::uffd::Origin as UffdOrigin;

@@ -83,15 +83,24 @@ pub struct Config {
     /// Default: 1 GiB (`1 << 30`).
     pub staging_bytes: usize,
     /// Fall back to `UFFD_USER_MODE_ONLY` when full userfaultfd is refused
-    /// (then a system call that touches a page on a device fails with
-    /// `EFAULT` instead of waiting for it). Default: true.
+    /// (then a system call that touches a page not in RAM — on a device,
+    /// in flight, or never touched — fails with `EFAULT` instead of waiting
+    /// for it; see [`AddressSpace::user_mode_only`]). Default: true.
     pub allow_user_mode_only: bool,
+    /// Use a user-mode-only userfaultfd even where a full one could be had:
+    /// what a process without the privileges gets, for testing a program
+    /// (or uhmm) in that mode. Default: false.
+    pub force_user_mode_only: bool,
     /// Bytes of RAM pages that migrations to devices leave in staging that
-    /// may be kept, up to `staging_bytes`, for about a second: a migration
-    /// back to RAM from driver memory copies into them and moves them in,
-    /// rather than having the kernel allocate new pages. 0 frees them
-    /// at once. Default: 1 GiB (`1 << 30`).
+    /// may be kept, up to `staging_bytes`, for `keep_staging_for`: a
+    /// migration back to RAM from driver memory copies into them and moves
+    /// them in, rather than having the kernel allocate new pages. 0 frees
+    /// them at once. Default: 1 GiB (`1 << 30`).
     pub keep_staging_bytes: usize,
+    /// How long kept staging pages wait for a copy back to RAM before their
+    /// memory returns to the system (counted from the last time one was
+    /// kept or used). Default: 1 s.
+    pub keep_staging_for: std::time::Duration,
 }
 
 impl Default for Config {
@@ -105,7 +114,9 @@ impl Default for Config {
             zero_fill_pages: 16,
             staging_bytes: 1 << 30,
             allow_user_mode_only: true,
+            force_user_mode_only: false,
             keep_staging_bytes: 1 << 30,
+            keep_staging_for: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -229,7 +240,12 @@ impl AddressSpace {
             return Err(Error::invalid(format!("handler_cpus: this process may not run on CPU {cpu}")));
         }
         let wanted = uffd::feature::MOVE | uffd::feature::POISON | uffd::feature::THREAD_ID;
-        let uffd = Uffd::open(wanted, config.allow_user_mode_only).map_err(|e| match e.kind() {
+        let accept = match (config.force_user_mode_only, config.allow_user_mode_only) {
+            (true, _) => uffd::Accept::UserModeOnly,
+            (false, true) => uffd::Accept::FullOrUserModeOnly,
+            (false, false) => uffd::Accept::Full,
+        };
+        let uffd = Uffd::open(wanted, accept).map_err(|e| match e.kind() {
             std::io::ErrorKind::PermissionDenied => Error::new(ErrorKind::Unsupported, e.to_string()),
             _ => Error::sys("userfaultfd", e),
         })?;
@@ -242,10 +258,13 @@ impl AddressSpace {
         }
         if uffd.origin() == Origin::UserModeOnly {
             tracing::warn!(
-                "userfaultfd is user-mode only: system calls that touch a page on a device fail with EFAULT"
+                "userfaultfd is user-mode only: a system call on region memory not in RAM fails with EFAULT; \
+                 use Region::pread/pwrite, or AddressSpace::pin(range, PinKind::ShortTerm) around the call ({})",
+                uffd::PERMISSION_HINT
             );
         }
-        let stage = Arc::new(Arena::new(config.staging_bytes, Some(&uffd), config.keep_staging_bytes)?);
+        let stage = Arena::new(config.staging_bytes, Some(&uffd), config.keep_staging_bytes)?;
+        let stage = Arc::new(stage.keeping_for(config.keep_staging_for));
         let pool = Arc::new(Arena::new(config.staging_bytes, None, 0)?);
         let huge_pool = Arc::new(Arena::new(config.staging_bytes, None, 0)?);
         if let Err(err) = huge_pool.map.advise_huge(0, huge_pool.map.len()) {
@@ -471,6 +490,29 @@ impl AddressSpace {
     /// How the userfaultfd was obtained (full, or user-mode only).
     pub fn uffd_origin(&self) -> Origin {
         self.inner.uffd.origin()
+    }
+
+    /// Whether the userfaultfd catches only user-mode faults
+    /// (`UFFD_USER_MODE_ONLY`: no access to `/dev/userfaultfd`, no
+    /// `vm.unprivileged_userfaultfd`). Then loads and stores work as ever,
+    /// but a system call that touches region memory not in RAM (on a
+    /// device, in flight, never touched) fails with `EFAULT` instead of
+    /// waiting for it. Do file I/O on region memory with
+    /// [`Region::pread`](crate::Region::pread) and
+    /// [`Region::pwrite`](crate::Region::pwrite), and hand a buffer to any
+    /// other system call under a pin:
+    ///
+    /// ```no_run
+    /// # fn main() -> uhmm::Result<()> {
+    /// # let space = uhmm::AddressSpace::new(uhmm::Config::default())?;
+    /// # let region = space.map(1 << 20, uhmm::Prot::READ_WRITE)?;
+    /// let pin = space.pin(region.range(), uhmm::PinKind::ShortTerm)?; // every page in RAM, and kept there
+    /// // ... recv(2), sendmsg(2), io_uring, … on region.as_ptr() ...
+    /// drop(pin);
+    /// # Ok(()) }
+    /// ```
+    pub fn user_mode_only(&self) -> bool {
+        self.uffd_origin() == Origin::UserModeOnly
     }
 
     /// A watch on the fault-handling threads: how many are running. Stays

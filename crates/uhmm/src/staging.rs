@@ -43,7 +43,8 @@ const MAX_RELEASING: usize = 4;
 const BATCH_BYTES: usize = BATCH_PAGES * PAGE_SIZE;
 
 /// How long kept batches wait for a copy back to RAM before they are
-/// emptied (see [`Arena::trim_kept`]).
+/// emptied (see [`Arena::trim_kept`]), unless the arena is given another
+/// time ([`Arena::keeping_for`]).
 pub(crate) const KEEP_FOR: Duration = Duration::from_secs(1);
 
 /// One staging arena.
@@ -55,6 +56,8 @@ pub(crate) struct Arena {
     returned: Condvar,
     /// Full batches kept at most (see the module docs).
     keep_max: usize,
+    /// How long kept batches wait for a copy back.
+    keep_for: Duration,
 }
 
 #[derive(Debug)]
@@ -104,7 +107,18 @@ impl Arena {
             releasing: 0,
             keeping: 0,
         };
-        Ok(Arena { map, free: Mutex::new(free), returned: Condvar::new(), keep_max: keep_bytes / BATCH_BYTES })
+        let keep_max = keep_bytes / BATCH_BYTES;
+        Ok(Arena { map, free: Mutex::new(free), returned: Condvar::new(), keep_max, keep_for: KEEP_FOR })
+    }
+
+    /// This arena, its kept batches waiting `keep_for` for a copy back.
+    pub(crate) fn keeping_for(self, keep_for: Duration) -> Arena {
+        Arena { keep_for, ..self }
+    }
+
+    /// How long kept batches wait for a copy back to RAM.
+    pub(crate) fn keep_for(&self) -> Duration {
+        self.keep_for
     }
 
     /// Takes batches for `npages` slots; the slots are empty. Waits for
@@ -206,12 +220,13 @@ impl Arena {
         (!shed.is_empty()).then(|| (Slots::taken(self, shed), shed_pages))
     }
 
-    /// Empties the kept batches when none was kept or taken for
-    /// [`KEEP_FOR`] (their memory returns to the system); returns how many.
+    /// Empties the kept batches when none was kept or taken for the
+    /// arena's keep time (their memory returns to the system); returns how
+    /// many.
     pub(crate) fn trim_kept(&self) -> usize {
         let kept = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if (free.kept.is_empty() && free.partial.is_empty()) || free.kept_used.elapsed() < KEEP_FOR {
+            if (free.kept.is_empty() && free.partial.is_empty()) || free.kept_used.elapsed() < self.keep_for {
                 return 0;
             }
             // Being emptied elsewhere, as far as `alloc` is concerned: it

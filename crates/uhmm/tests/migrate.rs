@@ -114,9 +114,21 @@ impl ChunkDriver for &TestDev {
     }
 }
 
+/// A space whose kept staging pages wait for a copy back as long as a test
+/// needs, however slowly a busy machine runs it.
 fn space() -> AddressSpace {
-    AddressSpace::new(Config::default()).expect("userfaultfd must be available")
+    space_keeping_for(Duration::from_secs(600))
 }
+
+/// A space whose kept staging pages wait `keep` for a copy back.
+fn space_keeping_for(keep: Duration) -> AddressSpace {
+    AddressSpace::new(Config { keep_staging_for: keep, ..Config::default() }).expect("userfaultfd must be available")
+}
+
+/// Long enough for the copy helper to give back kept pages unused for
+/// [`SHORT_KEEP`], even on a busy machine.
+const TRIM_WAIT: Duration = Duration::from_secs(3);
+const SHORT_KEEP: Duration = Duration::from_millis(50);
 
 fn fill(region: &uhmm::Region, pages: std::ops::Range<usize>) {
     for p in pages {
@@ -648,19 +660,24 @@ fn copies_back_go_through_the_pages_a_migration_to_the_device_left() {
         assert_eq!(space.stats().kept_copied_pages - before, n as u64, "round {round}: all through kept pages");
         assert_eq!(dev.to_device(&space, r.range()).migrated, n);
     }
-    // Unused for a while, they are given back: copies allocate again.
-    std::thread::sleep(Duration::from_millis(3000));
-    let before = space.stats().kept_copied_pages;
-    assert_eq!(back_from(&space, &dev, &r, &src), n);
-    check(&r, 0..n);
-    assert_eq!(space.stats().kept_copied_pages, before, "the kept pages were freed");
     // A source the CPU could fail to read is copied by the kernel.
-    assert_eq!(dev.to_device(&space, r.range()).migrated, n);
+    let before = space.stats().kept_copied_pages;
     src.protect(0, PAGE_SIZE, Protection::None).unwrap();
     src.protect(0, PAGE_SIZE, Protection::ReadWrite).unwrap();
     assert_eq!(back_from(&space, &dev, &r, &src), n);
     check(&r, 0..n);
     assert_eq!(space.stats().kept_copied_pages, before, "no CPU copy from memory once protected");
+    // Unused for a while, they are given back: copies allocate again.
+    let space = space_keeping_for(SHORT_KEEP);
+    let dev = TestDev::new(&space);
+    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..n);
+    assert_eq!(dev.to_device(&space, r.range()).migrated, n);
+    std::thread::sleep(TRIM_WAIT);
+    let src = filled_source(n);
+    assert_eq!(back_from(&space, &dev, &r, &src), n);
+    check(&r, 0..n);
+    assert_eq!(space.stats().kept_copied_pages, 0, "the kept pages were freed");
     // With nothing kept, the same round trips allocate every page.
     let space = AddressSpace::new(Config { keep_staging_bytes: 0, ..Config::default() }).unwrap();
     let dev = TestDev::new(&space);
@@ -723,13 +740,19 @@ fn a_small_copy_back_goes_through_the_batch_a_small_migration_left() {
     round_trips_through_kept_pages(&space, &dev, &r);
     // Unused for a while, the kept batch is emptied (by the helper, which
     // a small migration starts for that): the copy back allocates.
-    assert_eq!(dev.to_device(&space, r.range()).migrated, n);
-    std::thread::sleep(Duration::from_millis(3000));
-    let before = space.stats().kept_copied_pages;
+    {
+        let space = space_keeping_for(SHORT_KEEP);
+        let dev = TestDev::new(&space);
+        let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        fill(&r, 0..n);
+        assert_eq!(dev.to_device(&space, r.range()).migrated, n);
+        std::thread::sleep(TRIM_WAIT);
+        let src = filled_source(n);
+        assert_eq!(back_from(&space, &dev, &r, &src), n);
+        check(&r, 0..n);
+        assert_eq!(space.stats().kept_copied_pages, 0, "the kept batch was emptied");
+    }
     let src = filled_source(2 * n);
-    assert_eq!(back_from(&space, &dev, &r, &src), n);
-    check(&r, 0..n);
-    assert_eq!(space.stats().kept_copied_pages, before, "the kept batch was emptied");
     // A copy back of more pages than the batch holds does not use it.
     let r2 = space.map(2 * n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
     fill(&r2, 0..2 * n);
@@ -748,13 +771,18 @@ fn a_small_copy_back_goes_through_the_batch_a_small_migration_left() {
 #[test]
 fn copies_back_that_allocate_shed_the_pages_kept_for_them() {
     // Room to keep two batches: the first region's migration to the device
-    // fills it. The second region's migration finds no room. Brought back
+    // fills it. The second region's migrations find no room. Brought back
     // 16 pages at a time (as faults would be: copies too small to go
     // through kept pages), the second region takes 1024 new pages from the
     // kernel, so the two kept batches are shed: the first region's copy
     // back then finds none to go through. Were they still kept, it would.
     let n = 2 * uhmm::BATCH_PAGES;
-    let space = AddressSpace::new(Config { keep_staging_bytes: 4 << 20, ..Config::default() }).unwrap();
+    let space = AddressSpace::new(Config {
+        keep_staging_bytes: 4 << 20,
+        keep_staging_for: Duration::from_secs(600),
+        ..Config::default()
+    })
+    .unwrap();
     let dev = TestDev::new(&space);
     let src = filled_source(n);
     let (r1, r2) =
@@ -762,7 +790,13 @@ fn copies_back_that_allocate_shed_the_pages_kept_for_them() {
     fill(&r1, 0..n);
     fill(&r2, 0..n);
     assert_eq!(dev.to_device(&space, r1.range()).migrated, n);
-    assert_eq!(dev.to_device(&space, r2.range()).migrated, n);
+    // In migrations of less than a batch: their slots are given back on
+    // this thread (a bigger one's would be emptied on the helper, and were
+    // that late, the batches shed below would make room to keep them).
+    for first in (0..n).step_by(256) {
+        let range = r2.addr() + first * PAGE_SIZE..r2.addr() + (first + 256) * PAGE_SIZE;
+        assert_eq!(dev.to_device(&space, range).migrated, 256);
+    }
     let before = space.stats().kept_copied_pages;
     for first in (0..n).step_by(16) {
         let range = r2.addr() + first * PAGE_SIZE..r2.addr() + (first + 16) * PAGE_SIZE;
@@ -822,7 +856,12 @@ fn whole_huge_blocks_come_back_as_huge_pages_shared_with_the_helper() {
     let huge_ram = |space: &AddressSpace, r: &uhmm::Region| space.snapshot(r.range()).unwrap().iter().all(|p| p.huge);
     for keep in [true, false] {
         let keep_staging_bytes = if keep { Config::default().keep_staging_bytes } else { 0 };
-        let space = AddressSpace::new(Config { keep_staging_bytes, ..Config::default() }).unwrap();
+        let space = AddressSpace::new(Config {
+            keep_staging_bytes,
+            keep_staging_for: Duration::from_secs(600),
+            ..Config::default()
+        })
+        .unwrap();
         let dev = TestDev::new(&space);
         let r = space.map_huge(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
         fill(&r, 0..n);

@@ -129,7 +129,8 @@ impl RawRoundTrip {
     /// Registers a mapping of `pages` pages and starts the handler thread,
     /// which runs on CPU `cpu` alone.
     pub fn new(pages: usize, cpu: usize) -> Result<RawRoundTrip, String> {
-        let uffd = Uffd::open(0, true).map_err(|e| format!("opening a userfaultfd: {e}"))?;
+        let uffd = Uffd::open(0, uhmm::sys::uffd::Accept::FullOrUserModeOnly)
+            .map_err(|e| format!("opening a userfaultfd: {e}"))?;
         let len = pages * PAGE_SIZE;
         let map = Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
         uffd.register(&map, 0, len, false).map_err(|e| format!("UFFDIO_REGISTER (userfaultfd): {e}"))?;

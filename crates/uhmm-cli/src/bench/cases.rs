@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use uhmm::sys::uffd::Origin;
+use uhmm::UffdOrigin as Origin;
 use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot, Region};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 

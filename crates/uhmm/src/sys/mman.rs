@@ -326,6 +326,29 @@ impl Mapping {
         Ok(())
     }
 
+    /// `pread(2)` from `fd` at `file_offset` into `len` bytes of the
+    /// mapping at `off`; the kernel writes them, not this process.
+    pub fn pread_from(&self, off: usize, len: usize, fd: BorrowedFd<'_>, file_offset: u64) -> io::Result<usize> {
+        let dst = self.byte_range(off, len)?;
+        // SAFETY: `dst..dst + len` is inside this live mapping (checked).
+        // The slice is handed to the kernel alone, which writes through it
+        // as through any user buffer (a fault there is its EFAULT, never
+        // undefined); no Rust reference to those bytes outlives the call.
+        // Concurrent accesses by other threads are the shared-memory model
+        // this type documents.
+        let buf = unsafe { std::slice::from_raw_parts_mut(dst.cast::<std::mem::MaybeUninit<u8>>(), len) };
+        Ok(rustix::io::pread(fd, buf, file_offset)?.0.len())
+    }
+
+    /// `pwrite(2)` of `len` bytes of the mapping at `off` to `fd` at
+    /// `file_offset`.
+    pub fn pwrite_to(&self, off: usize, len: usize, fd: BorrowedFd<'_>, file_offset: u64) -> io::Result<usize> {
+        let src = self.byte_range(off, len)?;
+        // SAFETY: as in `pread_from`; the kernel only reads the bytes.
+        let buf = unsafe { std::slice::from_raw_parts(src.cast_const(), len) };
+        Ok(rustix::io::pwrite(fd, buf, file_offset)?)
+    }
+
     /// Copies `len` bytes between two mappings.
     pub fn copy_to(&self, off: usize, dst: &Mapping, dst_off: usize, len: usize) -> io::Result<()> {
         let src = self.byte_range(off, len)?;

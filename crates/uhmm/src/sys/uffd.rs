@@ -76,6 +76,17 @@ pub enum Origin {
     UserModeOnly,
 }
 
+/// Which userfaultfds [`Uffd::open`] may return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// Only one that catches kernel-mode faults too.
+    Full,
+    /// A full one where the process may have it, else a user-mode-only one.
+    FullOrUserModeOnly,
+    /// A user-mode-only one, even where a full one could be had.
+    UserModeOnly,
+}
+
 /// A failed resolving ioctl that may have done part of its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{errno} after {done} bytes")]
@@ -141,11 +152,16 @@ pub struct Uffd {
     features: u64,
 }
 
-/// The error text naming what to change when no userfaultfd can be had.
-pub const PERMISSION_HINT: &str = "userfaultfd is not available: grant access to /dev/userfaultfd \
-     (e.g. `chmod 0666 /dev/userfaultfd` or add the user to its group), or set \
-     `sysctl vm.unprivileged_userfaultfd=1`, or run with CAP_SYS_PTRACE; \
-     a kernel >= 5.11 built with CONFIG_USERFAULTFD is required";
+/// What to change for full userfaultfd: in the error when none can be had,
+/// and in the warning when only a user-mode-only one can.
+pub const PERMISSION_HINT: &str = "for full userfaultfd, do one of: run as root; give this user read-write \
+     access to /dev/userfaultfd (`sudo setfacl -m u:$USER:rw /dev/userfaultfd`, or a udev rule for a group); \
+     `sudo sysctl vm.unprivileged_userfaultfd=1`. uhmm needs Linux >= 6.8 built with CONFIG_USERFAULTFD";
+
+/// The error when no userfaultfd can be had.
+fn unavailable() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, format!("userfaultfd is not available: {PERMISSION_HINT}"))
+}
 
 impl Uffd {
     /// Opens a userfaultfd and negotiates `wanted` features (only those the
@@ -155,24 +171,34 @@ impl Uffd {
     /// `allow_user_mode_only`, `userfaultfd(UFFD_USER_MODE_ONLY)`. Feature
     /// discovery is done on a throwaway descriptor, because `UFFDIO_API` can
     /// be called only once per descriptor.
-    pub fn open(wanted: u64, allow_user_mode_only: bool) -> io::Result<Uffd> {
-        let (probe, origin) = Self::create(allow_user_mode_only)?;
+    pub fn open(wanted: u64, accept: Accept) -> io::Result<Uffd> {
+        let (probe, origin) = Self::create(accept)?;
         let supported = api(probe.as_fd(), 0)?;
         drop(probe);
-        let (fd, origin2) = Self::create(allow_user_mode_only)?;
+        let (fd, origin2) = Self::create(accept)?;
         debug_assert_eq!(origin, origin2);
         let features = api(fd.as_fd(), wanted & supported)?;
         Ok(Uffd { fd, origin, features })
     }
 
     /// The features the kernel supports, discovered on a throwaway descriptor.
-    pub fn supported_features(allow_user_mode_only: bool) -> io::Result<u64> {
-        let (probe, _) = Self::create(allow_user_mode_only)?;
+    pub fn supported_features(accept: Accept) -> io::Result<u64> {
+        let (probe, _) = Self::create(accept)?;
         api(probe.as_fd(), 0)
     }
 
-    fn create(allow_user_mode_only: bool) -> io::Result<(OwnedFd, Origin)> {
+    fn create(accept: Accept) -> io::Result<(OwnedFd, Origin)> {
         let flags = (uapi::O_CLOEXEC | uapi::O_NONBLOCK) as usize;
+        let cloexec_nonblock = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
+        let user_mode = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
+        if accept == Accept::UserModeOnly {
+            // SAFETY: creating a userfaultfd affects nothing until ranges are
+            // registered with it, which only `register` (taking a Mapping) does.
+            return match unsafe { rustix::mm::userfaultfd(cloexec_nonblock | user_mode) } {
+                Ok(fd) => Ok((fd, Origin::UserModeOnly)),
+                Err(_) => Err(unavailable()),
+            };
+        }
         if let Ok(dev) = OpenOptions::new().read(true).write(true).open("/dev/userfaultfd") {
             struct DevNew(usize);
             // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value (the
@@ -196,22 +222,19 @@ impl Uffd {
                 return Ok((unsafe { OwnedFd::from_raw_fd(raw) }, Origin::DevNode));
             }
         }
-        let cloexec_nonblock = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
-        // SAFETY: creating a userfaultfd affects nothing until ranges are
-        // registered with it, which only `register` (taking a Mapping) does.
+        // SAFETY: as above.
         match unsafe { rustix::mm::userfaultfd(cloexec_nonblock) } {
             Ok(fd) => return Ok((fd, Origin::Syscall)),
-            Err(Errno::PERM | Errno::ACCESS) if allow_user_mode_only => {}
+            Err(Errno::PERM | Errno::ACCESS) if accept == Accept::FullOrUserModeOnly => {}
             Err(Errno::PERM | Errno::ACCESS | Errno::NOSYS) => {
-                return Err(io::Error::new(io::ErrorKind::PermissionDenied, PERMISSION_HINT));
+                return Err(unavailable());
             }
             Err(e) => return Err(e.into()),
         }
-        let user_mode = rustix::mm::UserfaultfdFlags::from_bits_retain(uapi::UFFD_USER_MODE_ONLY);
         // SAFETY: as above.
         match unsafe { rustix::mm::userfaultfd(cloexec_nonblock | user_mode) } {
             Ok(fd) => Ok((fd, Origin::UserModeOnly)),
-            Err(_) => Err(io::Error::new(io::ErrorKind::PermissionDenied, PERMISSION_HINT)),
+            Err(_) => Err(unavailable()),
         }
     }
 
@@ -460,14 +483,15 @@ mod tests {
 
     #[test]
     fn open_and_discover_features() {
-        let u = Uffd::open(feature::MOVE | feature::POISON | feature::THREAD_ID, true).expect("userfaultfd");
+        let u = Uffd::open(feature::MOVE | feature::POISON | feature::THREAD_ID, Accept::FullOrUserModeOnly)
+            .expect("userfaultfd");
         assert!(u.has(feature::MOVE), "this kernel must support UFFDIO_MOVE");
         assert!(u.has(feature::POISON));
     }
 
     #[test]
     fn zeropage_copy_move_and_eexist() {
-        let u = Uffd::open(feature::MOVE, true).unwrap();
+        let u = Uffd::open(feature::MOVE, Accept::FullOrUserModeOnly).unwrap();
         let region = Mapping::anonymous(4 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
         let stage = Mapping::anonymous(4 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
         u.register(&region, 0, region.len(), false).unwrap();
@@ -494,7 +518,7 @@ mod tests {
     /// span two VMAs. Each resolving ioctl must still fill all of it.
     #[test]
     fn ranges_across_unmerged_vmas() {
-        let u = Uffd::open(feature::MOVE | feature::POISON, true).unwrap();
+        let u = Uffd::open(feature::MOVE | feature::POISON, Accept::FullOrUserModeOnly).unwrap();
         let n = 8 * PAGE_SIZE;
         let region = Mapping::anonymous(n, Protection::ReadWrite, PAGE_SIZE).unwrap();
         let stage = Mapping::anonymous(n, Protection::ReadWrite, PAGE_SIZE).unwrap();
