@@ -6,7 +6,7 @@ fn readme_api_lines() -> uhmm::Result<()> {
     let region = space.map(64 << 20, uhmm::Prot::READ_WRITE)?;
     region.write(0, b"hello")?;
     let dev = uhmm_devices::sim::SimDevice::new(&space, uhmm_devices::sim::SimConfig::default())?;
-    dev.migrate_to_device(region.addr(), region.npages())?;
+    dev.migrate_to_device_all(region.addr(), region.npages())?;
     let mut buf = [0u8; 5];
     region.read(0, &mut buf)?;
     assert_eq!(&buf, b"hello");
