@@ -73,7 +73,8 @@ pub struct StressArgs {
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     pub alloc_fail_rate: f64,
 
-    /// Chance per page that a copy job to a device fails (`SimConfig::copy_error_rate`).
+    /// Chance per copy operation (a run of adjacent pages) that a copy job to a device fails
+    /// (`SimConfig::copy_error_rate`).
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     pub copy_error_rate: f64,
 

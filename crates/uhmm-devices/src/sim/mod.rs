@@ -62,9 +62,11 @@ pub struct SimConfig {
     /// allocation fails. The page gets no destination and stays where it was.
     /// Default: 0.0.
     pub alloc_fail_rate: f64,
-    /// Fault injection: the chance, per page copied to the device, that the
-    /// copy job fails; the migration chunk is then dropped and its pages are
-    /// restored where they were. Copies back to RAM never fail this way.
+    /// Fault injection: the chance, per copy operation of a job to the
+    /// device (a run of adjacent pages, merged as a DMA engine's
+    /// scatter-gather list would be), that the job fails there; the
+    /// migration chunk is then dropped and its pages are restored where
+    /// they were. Copies back to RAM never fail this way.
     /// Default: 0.0.
     pub copy_error_rate: f64,
     /// Fault injection: the chance, per page coming back to RAM, that the
