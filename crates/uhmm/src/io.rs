@@ -65,8 +65,7 @@ impl Region {
         let space = AddressSpace { inner: self.space.clone() };
         // An owner no device has: every device page of the range comes back.
         let nobody = Owner::new();
-        let mut done = 0;
-        let mut faulted = 0;
+        let (mut done, mut faulted) = (0, 0);
         while done < range.len() {
             let at = range.start + done;
             let pages = self.addr() + at / crate::PAGE_SIZE * crate::PAGE_SIZE
@@ -77,14 +76,14 @@ impl Region {
                 Ok(n) => done += n,
                 Err(e) if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) => {}
                 // A migration took a page away between the two steps.
-                Err(e) if e.raw_os_error() == Some(Errno::FAULT.raw_os_error()) && faulted < IO_ATTEMPTS => {
+                Err(e) if e.raw_os_error() == Some(Errno::FAULT.raw_os_error()) => {
                     faulted += 1;
+                    if faulted == IO_ATTEMPTS {
+                        return Err(Error::new(ErrorKind::Busy, "the range kept moving away from RAM"));
+                    }
                 }
                 Err(e) => return Err(Error::sys(if write { "pread" } else { "pwrite" }, e)),
             }
-        }
-        if faulted == IO_ATTEMPTS {
-            return Err(Error::new(ErrorKind::Busy, "the range kept moving away from RAM"));
         }
         Ok(done)
     }

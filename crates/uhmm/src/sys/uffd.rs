@@ -167,8 +167,9 @@ impl Uffd {
     /// Opens a userfaultfd and negotiates `wanted` features (only those the
     /// kernel supports are enabled; see [`Uffd::features`]).
     ///
-    /// Tries `/dev/userfaultfd`, then `userfaultfd(2)`, then, if
-    /// `allow_user_mode_only`, `userfaultfd(UFFD_USER_MODE_ONLY)`. Feature
+    /// Tries `/dev/userfaultfd`, then `userfaultfd(2)`, then, if `accept`
+    /// allows it, `userfaultfd(UFFD_USER_MODE_ONLY)` (only that one for
+    /// [`Accept::UserModeOnly`]). Feature
     /// discovery is done on a throwaway descriptor, because `UFFDIO_API` can
     /// be called only once per descriptor.
     pub fn open(wanted: u64, accept: Accept) -> io::Result<Uffd> {
