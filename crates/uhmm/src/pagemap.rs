@@ -50,8 +50,10 @@ impl Default for Owner {
 /// What a device driver must do for uhmm (`dev_pagemap_ops`).
 pub trait DevicePagemapOps: Send + Sync {
     /// The device page `pfn` is no longer used by any address: give it back
-    /// to the device's allocator. Called after the page is unmapped; never
-    /// with a page lock held.
+    /// to the device's allocator. Called after the page is unmapped. It may
+    /// be called while the core holds the lock of the page's old address (a
+    /// region being unmapped frees its device pages under their locks), so
+    /// it must not touch region memory or wait for a migration.
     fn page_free(&self, pfn: DevicePfn);
 
     /// [`page_free`](Self::page_free) of several pages at once (a finished
@@ -66,11 +68,17 @@ pub trait DevicePagemapOps: Send + Sync {
     /// A CPU thread faulted on `fault.addr()`, which lives on this device:
     /// migrate it (and any of `fault.window()` the driver chooses) back to
     /// RAM with a [`Migration`] selecting
-    /// [`Select::DEVICE_PRIVATE`](crate::Select::DEVICE_PRIVATE) and this
-    /// pagemap's owner. An error of kind `NoMemory` or `Busy` is taken as
-    /// transient and the fault is retried; any other error makes the
-    /// faulting page poisoned (SIGBUS), so return one only for unrecoverable
-    /// device state.
+    /// [`Select::DEVICE_PRIVATE`](crate::Select::DEVICE_PRIVATE) (for a
+    /// coherent pagemap, [`Select::DEVICE_COHERENT`](crate::Select::DEVICE_COHERENT):
+    /// a long-term pin brings its pages back through here) and this
+    /// pagemap's owner. On a CPU fault, an error of kind `NoMemory` or
+    /// `Busy` is taken as transient and the fault is retried;
+    /// `InvalidArgument` has the fault retried with a window of the one
+    /// page; any other error makes the faulting page poisoned (SIGBUS), so
+    /// return one only for unrecoverable device state. Other callers
+    /// (`range_fault` and pins, fork, read-ahead, `move_pages`) each handle
+    /// an error their own way (the repository's `docs/drivers.md` has the
+    /// table).
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()>;
 
     /// [`move_pages`](crate::move_pages()) to this device: `m` was set up with
