@@ -28,7 +28,14 @@ fn c01_open_close() {
         assert_eq!(dev.pages_in_use(), 0, "unmapping the region frees its device pages");
         drop(dev);
         drop(space);
-        assert_eq!(watch.alive(), 0, "handler threads must stop when the space is dropped");
+        // A handler busy with an event at that moment holds the space until
+        // it is done, then stops (seen under a CPU hog: one still alive
+        // right after the drop).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while watch.alive() > 0 {
+            assert!(std::time::Instant::now() < deadline, "handler threads must stop when the space is dropped");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     });
 }
 

@@ -516,7 +516,9 @@ impl AddressSpace {
     }
 
     /// A watch on the fault-handling threads: how many are running. Stays
-    /// valid after the address space is gone.
+    /// valid after the address space is gone. The threads stop when the
+    /// space's last handle is dropped; one busy with an event at that moment
+    /// finishes it first, so the count reaches 0 shortly after the drop.
     pub fn handler_watch(&self) -> HandlerWatch {
         let engine = self.inner.engine.lock().unwrap_or_else(|e| e.into_inner());
         HandlerWatch(engine.as_ref().map(|e| e.alive.clone()).unwrap_or_default())
