@@ -653,6 +653,22 @@ fn back_from(space: &AddressSpace, dev: &TestDev, r: &uhmm::Region, src: &Arc<uh
     m.pages().finalize().migrated
 }
 
+/// In a space that keeps staging pages for [`SHORT_KEEP`]: `n` pages moved
+/// to the device, then left for [`TRIM_WAIT`], come back without going
+/// through kept pages (the helper gave them back meanwhile).
+fn kept_pages_unused_for_a_while_are_freed(n: usize) {
+    let space = space_keeping_for(SHORT_KEEP);
+    let dev = TestDev::new(&space);
+    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&r, 0..n);
+    assert_eq!(dev.to_device(&space, r.range()).migrated, n);
+    std::thread::sleep(TRIM_WAIT);
+    let src = filled_source(n);
+    assert_eq!(back_from(&space, &dev, &r, &src), n);
+    check(&r, 0..n);
+    assert_eq!(space.stats().kept_copied_pages, 0, "the kept pages were freed");
+}
+
 #[test]
 fn copies_back_go_through_the_pages_a_migration_to_the_device_left() {
     use uhmm::sys::mman::Protection;
@@ -674,16 +690,7 @@ fn copies_back_go_through_the_pages_a_migration_to_the_device_left() {
     check(&r, 0..n);
     assert_eq!(space.stats().kept_copied_pages, before, "no CPU copy from memory once protected");
     // Unused for a while, they are given back: copies allocate again.
-    let space = space_keeping_for(SHORT_KEEP);
-    let dev = TestDev::new(&space);
-    let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
-    fill(&r, 0..n);
-    assert_eq!(dev.to_device(&space, r.range()).migrated, n);
-    std::thread::sleep(TRIM_WAIT);
-    let src = filled_source(n);
-    assert_eq!(back_from(&space, &dev, &r, &src), n);
-    check(&r, 0..n);
-    assert_eq!(space.stats().kept_copied_pages, 0, "the kept pages were freed");
+    kept_pages_unused_for_a_while_are_freed(n);
     // With nothing kept, the same round trips allocate every page.
     let space = AddressSpace::new(Config { keep_staging_bytes: 0, ..Config::default() }).unwrap();
     let dev = TestDev::new(&space);
@@ -746,18 +753,7 @@ fn a_small_copy_back_goes_through_the_batch_a_small_migration_left() {
     round_trips_through_kept_pages(&space, &dev, &r);
     // Unused for a while, the kept batch is emptied (by the helper, which
     // a small migration starts for that): the copy back allocates.
-    {
-        let space = space_keeping_for(SHORT_KEEP);
-        let dev = TestDev::new(&space);
-        let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
-        fill(&r, 0..n);
-        assert_eq!(dev.to_device(&space, r.range()).migrated, n);
-        std::thread::sleep(TRIM_WAIT);
-        let src = filled_source(n);
-        assert_eq!(back_from(&space, &dev, &r, &src), n);
-        check(&r, 0..n);
-        assert_eq!(space.stats().kept_copied_pages, 0, "the kept batch was emptied");
-    }
+    kept_pages_unused_for_a_while_are_freed(n);
     let src = filled_source(2 * n);
     // A copy back of more pages than the batch holds does not use it.
     let r2 = space.map(2 * n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
