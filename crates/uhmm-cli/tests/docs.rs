@@ -63,7 +63,9 @@ fn the_docs_point_at_nothing_outside_the_repository_and_tell_no_history() {
         let text = std::fs::read_to_string(&file).unwrap();
         for (n, line) in text.lines().enumerate() {
             let lower = line.to_lowercase();
-            for word in ["session", "design.md", "../shared", "conformance.md §", "decisions §"] {
+            // The first word is spelled in two pieces, so that this file
+            // does not hold it either.
+            for word in [concat!("sess", "ion"), "design.md", "../shared", "conformance.md §", "decisions §"] {
                 if lower.contains(word) {
                     found.push(format!("{}:{}: {word}: {line}", file.display(), n + 1));
                 }
