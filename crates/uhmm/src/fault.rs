@@ -552,22 +552,10 @@ impl ScanWindow {
         npages: usize,
         in_ram_below: impl FnOnce() -> usize,
     ) -> Proposal {
-        let mut proposal = self.propose_unclipped(idx, base, max, npages, in_ram_below);
-        let block = idx - idx % BLOCK_PAGES;
-        proposal.pages = proposal.pages.start.max(block)..proposal.pages.end.min(block + BLOCK_PAGES);
-        proposal
-    }
-
-    /// [`ScanWindow::propose`] before the window is clipped to its block.
-    fn propose_unclipped(
-        &self,
-        idx: usize,
-        base: usize,
-        max: usize,
-        npages: usize,
-        in_ram_below: impl FnOnce() -> usize,
-    ) -> Proposal {
         use std::sync::atomic::Ordering::Relaxed;
+        // The window's bounds: the block of `idx`, inside the region.
+        let lo = idx - idx % BLOCK_PAGES;
+        let hi = (lo + BLOCK_PAGES).min(npages);
         if base > 1 {
             for (stream, s) in self.streams.iter().enumerate() {
                 let grown = || (s.size.load(Relaxed) * 2).clamp(base, max.max(base));
@@ -582,11 +570,11 @@ impl ScanWindow {
                 }
                 if s.end.load(Relaxed) == idx {
                     let size = grown();
-                    return Proposal::new(idx..(idx + size).min(npages), size, stream, Some(Scan::Up));
+                    return Proposal::new(idx..(idx + size).min(hi), size, stream, Some(Scan::Up));
                 }
                 if s.start.load(Relaxed) == idx + 1 {
                     let size = grown();
-                    let pages = (idx + 1).saturating_sub(size)..idx + 1;
+                    let pages = (idx + 1).saturating_sub(size).max(lo)..idx + 1;
                     return Proposal::new(pages, size, stream, Some(Scan::Down));
                 }
             }
@@ -595,10 +583,10 @@ impl ScanWindow {
         let below = if base > 1 { in_ram_below() } else { 0 };
         if below >= 2 * base {
             let size = below.min(max.max(base));
-            return Proposal::new(idx..(idx + size).min(npages), size, stream, Some(Scan::Up));
+            return Proposal::new(idx..(idx + size).min(hi), size, stream, Some(Scan::Up));
         }
         let start = idx - idx % base;
-        Proposal::new(start..(start + base).min(npages), base, stream, None)
+        Proposal::new(start.max(lo)..(start + base).min(hi), base, stream, None)
     }
 
     /// Notes the window taken for `proposal`: `pages` (clipped). A fault
