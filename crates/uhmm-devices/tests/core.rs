@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use uhmm::sys::pin::IoPin;
+use uhmm_sys::pin::IoPin;
 use uhmm::{ErrorKind, MigrateSrc, Migration, Owner, PAGE_SIZE, PageState as Pte, Prot, Select};
 use uhmm_devices::sim::PageState;
 

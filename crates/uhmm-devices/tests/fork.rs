@@ -120,7 +120,7 @@ fn s17_cow_in_device() {
     });
     fill(&r, 0..4, |i| i + 7);
     tx.write_all(&[1]).unwrap();
-    assert_eq!(uhmm::sys::process::wait_child(child).unwrap(), 0, "the child saw the parent's writes");
+    assert_eq!(uhmm_sys::process::wait_child(child).unwrap(), 0, "the child saw the parent's writes");
     let snap = dev.snapshot(r.addr(), 4).unwrap();
     assert!(snap.iter().all(|s| *s == uhmm_devices::sim::PageState::WRITE), "plain RAM pages: {snap:?}");
     assert_words(&cpu_read(&r), |i| i + 7);

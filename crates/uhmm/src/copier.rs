@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use crate::staging::{Arena, Slots};
-use crate::stall::Pause;
-use crate::sys::PAGE_SIZE;
-use crate::sys::mman::Mapping;
-use crate::sys::pagemap::{Pagemap, Query, category};
-use crate::sys::uffd::Uffd;
+use uhmm_sys::stall::Pause;
+use uhmm_sys::PAGE_SIZE;
+use uhmm_sys::mman::Mapping;
+use uhmm_sys::pagemap::{Pagemap, Query, category};
+use uhmm_sys::uffd::Uffd;
 
 /// Copies and slot sets smaller than this many pages (a staging batch)
 /// stay on the caller: handing work to the helper costs a cross-CPU
@@ -275,7 +275,7 @@ impl Copier {
             let (tx, rx) = channel::<Job>();
             let (uffd, stage, cpus) = (self.uffd.clone(), self.stage.clone(), self.cpus.clone());
             let thread = std::thread::Builder::new().name("uhmm-copier".into()).spawn(move || {
-                if let Err(err) = crate::sys::process::set_thread_cpus(&cpus) {
+                if let Err(err) = uhmm_sys::process::set_thread_cpus(&cpus) {
                     tracing::warn!(%err, ?cpus, "the copy helper keeps the CPUs of the thread that started it");
                 }
                 loop {
@@ -434,12 +434,12 @@ mod tests {
     #[test]
     fn slot_sets_all_kept_are_given_back_on_the_caller() {
         let uffd = Arc::new(
-            Uffd::open(0, crate::sys::uffd::Accept::FullOrUserModeOnly)
+            Uffd::open(0, uhmm_sys::uffd::Accept::FullOrUserModeOnly)
                 .expect("userfaultfd (needed by uhmm; see README)"),
         );
         let bytes = 4 * BATCH_PAGES * PAGE_SIZE;
         let stage = Arc::new(Arena::new(bytes, None, bytes / 2).unwrap()); // keeps two batches
-        let copier = Copier::new(uffd, stage.clone(), crate::sys::process::allowed_cpus().unwrap());
+        let copier = Copier::new(uffd, stage.clone(), uhmm_sys::process::allowed_cpus().unwrap());
         let mut slots = stage.alloc(2 * BATCH_PAGES).unwrap();
         slots.populate(0..2 * BATCH_PAGES);
         slots.keep_batch_of(0);

@@ -21,7 +21,7 @@ use crate::pte::State;
 use crate::region::{Backing, Prot, RegionInner};
 use crate::space::{AddressSpace, SpaceInner};
 use crate::staging::{Arena, Slots, SystemPage};
-use crate::sys::PAGE_SIZE;
+use uhmm_sys::PAGE_SIZE;
 use crate::{Error, ErrorKind, Result};
 
 /// The holding area: pages of a registered arena handed out one at a time.
@@ -56,7 +56,7 @@ impl Holding {
         self.slots.lock().unwrap_or_else(|e| e.into_inner()).1.push(off);
     }
 
-    fn map(&self) -> &crate::sys::mman::Mapping {
+    fn map(&self) -> &uhmm_sys::mman::Mapping {
         &self.arena.map
     }
 

@@ -39,10 +39,10 @@ use crate::pagemap::DevicePage;
 use crate::pte::State;
 use crate::region::RegionInner;
 use crate::space::{AddressSpace, SpaceInner};
-use crate::stall::StepAside;
+use uhmm_sys::stall::StepAside;
 use crate::stats::Stats;
-use crate::sys::PAGE_SIZE;
-use crate::sys::uffd::Event;
+use uhmm_sys::PAGE_SIZE;
+use uhmm_sys::uffd::Event;
 use crate::{Error, ErrorKind, Result};
 
 /// A CPU fault on device memory, handed to
@@ -107,7 +107,7 @@ impl Engine {
             let cpu = (!cpus.is_empty()).then(|| cpus[i % cpus.len()]);
             let t = std::thread::Builder::new().name(format!("uhmm-fault-{i}")).spawn(move || {
                 if let Some(cpu) = cpu
-                    && let Err(err) = crate::sys::process::set_thread_cpus(&[cpu])
+                    && let Err(err) = uhmm_sys::process::set_thread_cpus(&[cpu])
                 {
                     // Checked against the allowed CPUs at creation; a CPU
                     // taken away since only costs the placement.
@@ -485,7 +485,7 @@ const SCAN_STREAMS: usize = 4;
 /// past the last page read; clipped, what a fault brings back never leaves
 /// the block the program touched. A scan that crosses a block goes on with
 /// its size in the next one.
-const BLOCK_PAGES: usize = crate::space::HUGE_SIZE / PAGE_SIZE;
+const BLOCK_PAGES: usize = crate::HUGE_SIZE / PAGE_SIZE;
 
 /// One scan's last window.
 #[derive(Debug)]
@@ -772,7 +772,7 @@ fn zero_fill(space: &SpaceInner, region: &RegionInner, idx: usize, write: bool) 
             let piece = (len - done).min(space.zeros.len());
             match space.uffd.copy(addr + done, space.zeros.as_ptr(), piece, true) {
                 Ok(n) => done += n,
-                Err(p) => return Err(crate::sys::uffd::Partial { done: done + p.done, errno: p.errno }),
+                Err(p) => return Err(uhmm_sys::uffd::Partial { done: done + p.done, errno: p.errno }),
             }
         }
         Ok(len)
@@ -824,8 +824,8 @@ fn huge_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> bool {
         return false;
     }
     let (a, b) = (region.addr_of(block), region.addr_of(block + N));
-    let q = crate::sys::pagemap::Query::any_of(
-        crate::sys::pagemap::category::PRESENT | crate::sys::pagemap::category::SWAPPED,
+    let q = uhmm_sys::pagemap::Query::any_of(
+        uhmm_sys::pagemap::category::PRESENT | uhmm_sys::pagemap::category::SWAPPED,
     );
     let mut present = Vec::new();
     if space.pagemap_file.scan(a, b, q, &mut present).map_or(true, |n| n > 0) {
@@ -847,8 +847,8 @@ fn huge_fill(space: &SpaceInner, region: &RegionInner, idx: usize) -> bool {
     };
     let (a, b) = (region.addr_of(block), region.addr_of(block + N));
     let mut present = Vec::new();
-    let q = crate::sys::pagemap::Query::any_of(
-        crate::sys::pagemap::category::PRESENT | crate::sys::pagemap::category::SWAPPED,
+    let q = uhmm_sys::pagemap::Query::any_of(
+        uhmm_sys::pagemap::category::PRESENT | uhmm_sys::pagemap::category::SWAPPED,
     );
     let empty = all && space.pagemap_file.scan(a, b, q, &mut present).is_ok_and(|n| n == 0);
     let slots = if empty { space.huge_pool.alloc(N).ok() } else { None };
@@ -1208,7 +1208,7 @@ mod tests {
     #[test]
     fn a_handler_stalled_in_a_fault_steps_aside_and_the_fault_completes() {
         let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
-        let cpus = crate::sys::process::allowed_cpus().unwrap();
+        let cpus = uhmm_sys::process::allowed_cpus().unwrap();
         assert!(cpus.len() >= 2, "this test needs two CPUs (the machines uhmm is built on have them)");
         let (region, dev, pm) = Forgetful::attach(&space, 4);
         assert_eq!(dev.take_all(&space, &region, &pm), 4);
@@ -1223,7 +1223,7 @@ mod tests {
             });
             rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the fault never completed").unwrap()
         };
-        dev.sluggish_ms.store(crate::stall::STALL_WAIT.as_millis() as usize + 1, Ordering::SeqCst);
+        dev.sluggish_ms.store(uhmm_sys::stall::STALL_WAIT.as_millis() as usize + 1, Ordering::SeqCst);
         assert_eq!(read(0), 0, "the forgetful device gives zeros back");
         // The handler counts the stall after it woke the reader.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

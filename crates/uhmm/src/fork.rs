@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::fault::CpuFault;
 use crate::pte::State;
 use crate::space::{AddressSpace, SpaceInner};
-use crate::sys;
+use uhmm_sys as sys;
 
 struct Gate {
     forking: bool,

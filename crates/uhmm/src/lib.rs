@@ -18,12 +18,12 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layout: [`sys`] is the system-call layer (the only `unsafe`); `pte` the
+//! Layout: the system calls are the `uhmm-sys` crate (the only `unsafe`); `pte` the
 //! software page table and page locks; `pagemap` device pages and the driver
 //! trait; `space` and `region` the mm and its vmas; `fault` the fault engine;
 //! `migrate` the three steps; `mirror` device access through the CPU page
-//! table; `staging` where pages sit in flight; [`stall`] what a worker
-//! thread does after the host stopped it.
+//! table; `staging` where pages sit in flight; and `copier` the
+//! copy helper.
 #![deny(unsafe_code)]
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
@@ -45,10 +45,8 @@ mod pte;
 mod region;
 mod space;
 mod staging;
-pub mod stall;
 mod stats;
 mod sync;
-pub mod sys;
 
 pub use error::{Error, ErrorKind, Result};
 pub use exclusive::ExclusiveGrant;
@@ -64,8 +62,10 @@ pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner}
 pub use pin::{Pin, PinKind};
 pub use pte::State as PageState;
 pub use region::{Backing, Prot, Region};
-pub use space::{AddressSpace, Config, HUGE_SIZE, HandlerWatch, PageSnapshot, Residency};
+pub use space::{AddressSpace, Config, HandlerWatch, PageSnapshot, Residency};
 pub use staging::{BATCH_PAGES, SystemPage};
 pub use stats::StatsSnapshot;
-pub use sys::PAGE_SIZE;
-pub use sys::uffd::Origin as UffdOrigin;
+pub use uhmm_sys::mman::{Mapping, Protection};
+pub use uhmm_sys::stall::StepAside;
+pub use uhmm_sys::uffd::Origin as UffdOrigin;
+pub use uhmm_sys::{HUGE_SIZE, PAGE_SIZE};

@@ -47,9 +47,9 @@ use crate::region::{Backing, Prot, RegionInner};
 use crate::space::{AddressSpace, SpaceInner};
 use crate::staging::{Slots, SystemPage};
 use crate::stats::Stats;
-use crate::sys::PAGE_SIZE;
-use crate::sys::mman::Mapping;
-use crate::sys::pagemap::{Query, category};
+use uhmm_sys::PAGE_SIZE;
+use uhmm_sys::mman::Mapping;
+use uhmm_sys::pagemap::{Query, category};
 use crate::{Error, ErrorKind, Result};
 
 bitflags::bitflags! {

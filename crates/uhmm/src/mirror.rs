@@ -21,8 +21,8 @@ use crate::pagemap::{DevicePage, Owner};
 use crate::pte::State;
 use crate::region::{Backing, Prot, RegionInner};
 use crate::space::{AddressSpace, SpaceInner};
-use crate::sys::PAGE_SIZE;
-use crate::sys::pagemap::{Query, category};
+use uhmm_sys::PAGE_SIZE;
+use uhmm_sys::pagemap::{Query, category};
 use crate::{Error, ErrorKind, Result};
 
 /// One page of a [`RangeAccess`] (an `hmm_pfn`).

@@ -38,7 +38,7 @@ use crate::pte::State;
 use crate::region::{Backing, Prot, RegionInner};
 use crate::space::{AddressSpace, Residency};
 use crate::staging::BATCH_PAGES;
-use crate::sys::PAGE_SIZE;
+use uhmm_sys::PAGE_SIZE;
 use crate::{Error, ErrorKind, Result};
 
 /// Where [`move_pages`] should put a page (the kernel's `nodes[i]`).

@@ -18,7 +18,7 @@ use crate::mirror::range_fault;
 use crate::pagemap::Owner;
 use crate::region::Prot;
 use crate::space::AddressSpace;
-use crate::sys::pin::IoPin;
+use uhmm_sys::pin::IoPin;
 use crate::{Error, ErrorKind, Result};
 
 /// How long a pin is meant to last (`FOLL_LONGTERM` or not).

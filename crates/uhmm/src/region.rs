@@ -11,8 +11,8 @@ use smallvec::SmallVec;
 use crate::fault::ScanWindow;
 use crate::pte::{PageTable, State};
 use crate::space::SpaceInner;
-use crate::sys::PAGE_SIZE;
-use crate::sys::mman::{Mapping, Protection};
+use uhmm_sys::PAGE_SIZE;
+use uhmm_sys::mman::{Mapping, Protection};
 use crate::{Error, Result};
 
 bitflags::bitflags! {

@@ -16,11 +16,11 @@ use crate::pte::{State, WaitTable};
 use crate::region::{Backing, Prot, Region, RegionInner};
 use crate::staging::Arena;
 use crate::stats::{Stats, StatsSnapshot};
-use crate::sys::mman::Mapping;
-use crate::sys::pagemap::{PageRun, Pagemap, Query, category};
-use crate::sys::uffd::{self, Origin, Uffd};
-use crate::sys::{self, PAGE_SIZE};
-use crate::{Error, ErrorKind, Result};
+use uhmm_sys::mman::Mapping;
+use uhmm_sys::pagemap::{PageRun, Pagemap, Query, category};
+use uhmm_sys::uffd::{self, Origin, Uffd};
+use uhmm_sys::{self as sys, PAGE_SIZE};
+use crate::{Error, ErrorKind, HUGE_SIZE, Result};
 
 /// Tunables of an address space.
 ///
@@ -537,9 +537,6 @@ impl AddressSpace {
         self.inner.snapshot(range)
     }
 }
-
-/// The size of a huge page (a PMD) on x86-64 and arm64 with 4 KiB pages.
-pub const HUGE_SIZE: usize = 2 << 20;
 
 /// A region length rounded up to pages; empty is an error.
 fn region_len(len: usize) -> Result<usize> {

@@ -31,9 +31,9 @@ use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::sys::PAGE_SIZE;
-use crate::sys::mman::{Mapping, Protection};
-use crate::sys::uffd::Uffd;
+use uhmm_sys::PAGE_SIZE;
+use uhmm_sys::mman::{Mapping, Protection};
+use uhmm_sys::uffd::Uffd;
 use crate::{Error, ErrorKind, Result};
 
 /// Pages in one staging batch.
@@ -695,7 +695,7 @@ mod tests {
         page(5).read(10, &mut buf).unwrap();
         assert_eq!(buf, [9u8; 4], "the run's third page is page 5");
         assert!(run.write(3 * PAGE_SIZE - 2, &[1u8; 4]).is_err(), "past the run");
-        let dev = Mapping::anonymous(4 * PAGE_SIZE, crate::sys::mman::Protection::ReadWrite, PAGE_SIZE).unwrap();
+        let dev = Mapping::anonymous(4 * PAGE_SIZE, uhmm_sys::mman::Protection::ReadWrite, PAGE_SIZE).unwrap();
         run.stream_to(&dev, PAGE_SIZE).unwrap();
         dev.read(3 * PAGE_SIZE + 10, &mut buf).unwrap();
         assert_eq!(buf, [9u8; 4], "the whole run was copied");

@@ -494,7 +494,7 @@ fn a_device_page_backs_one_address_only() {
 
 #[test]
 fn pages_copied_in_from_driver_memory() {
-    use uhmm::sys::mman::{Mapping, Protection};
+    use uhmm::{Mapping, Protection};
     let (space, dev, r) = filled_on_device(8);
     // Device memory the CPU can read: pages 0..8 laid out in order (one
     // copy for the run), except page 5, whose data sits elsewhere.
@@ -532,7 +532,7 @@ fn pages_copied_in_from_driver_memory() {
 
 #[test]
 fn a_copy_in_that_fails_leaves_the_page_on_the_device() {
-    use uhmm::sys::mman::{Mapping, Protection};
+    use uhmm::{Mapping, Protection};
     let (space, dev, r) = filled_on_device(4);
     // Memory the kernel cannot read: every copy from it fails (EFAULT).
     let unreadable = Arc::new(Mapping::anonymous(4 * PAGE_SIZE, Protection::None, PAGE_SIZE).unwrap());
@@ -553,7 +553,7 @@ fn a_copy_in_that_fails_leaves_the_page_on_the_device() {
 
 #[test]
 fn a_big_copy_in_is_shared_with_the_helper_and_its_failures_stay_on_the_device() {
-    use uhmm::sys::mman::{Mapping, Protection};
+    use uhmm::{Mapping, Protection};
     let n = 2048;
     let good_pages = 1536;
     let (space, dev, r) = filled_on_device(n);
@@ -634,8 +634,8 @@ fn two_regions_two_batches(n: usize) -> (AddressSpace, Arc<TestDev>, Vec<uhmm::R
 
 /// Driver memory of `n` pages, page `p` holding `p + 1` in every byte (what
 /// [`fill`] writes), readable by the CPU.
-fn filled_source(n: usize) -> Arc<uhmm::sys::mman::Mapping> {
-    use uhmm::sys::mman::{Mapping, Protection};
+fn filled_source(n: usize) -> Arc<uhmm::Mapping> {
+    use uhmm::{Mapping, Protection};
     let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
     for p in 0..n {
         src.write(p * PAGE_SIZE, &vec![(p as u8).wrapping_add(1); PAGE_SIZE]).unwrap();
@@ -645,7 +645,7 @@ fn filled_source(n: usize) -> Arc<uhmm::sys::mman::Mapping> {
 
 /// Moves pages `0..n` of `r` (on `dev`) back to RAM from `src`, whose page
 /// `p` holds `p + 1` in every byte; returns the pages migrated.
-fn back_from(space: &AddressSpace, dev: &TestDev, r: &uhmm::Region, src: &Arc<uhmm::sys::mman::Mapping>) -> usize {
+fn back_from(space: &AddressSpace, dev: &TestDev, r: &uhmm::Region, src: &Arc<uhmm::Mapping>) -> usize {
     let mut m = Migration::setup(space, r.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
     for i in 0..m.npages() {
         m.set_dst_system_from(i, src, i * PAGE_SIZE).unwrap();
@@ -671,7 +671,7 @@ fn kept_pages_unused_for_a_while_are_freed(n: usize) {
 
 #[test]
 fn copies_back_go_through_the_pages_a_migration_to_the_device_left() {
-    use uhmm::sys::mman::Protection;
+    use uhmm::Protection;
     let n = 2048;
     let src = filled_source(n);
     let (space, dev, r) = filled_on_device(n);
@@ -720,7 +720,7 @@ fn a_copy_back_of_one_piece_goes_through_kept_pages_on_the_caller() {
 /// moved back from driver memory holding other bytes. Each copy back must
 /// go through kept pages, and leave the region with the driver's data.
 fn round_trips_through_kept_pages(space: &AddressSpace, dev: &TestDev, r: &uhmm::Region) {
-    use uhmm::sys::mman::{Mapping, Protection};
+    use uhmm::{Mapping, Protection};
     let n = r.npages();
     let src = Arc::new(Mapping::anonymous(n * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap());
     let driver_byte = |round: u8, p: usize| 0x80 | (p as u8 ^ round);
@@ -930,7 +930,7 @@ fn cpu_list(status: &str) -> Option<String> {
 
 #[test]
 fn handler_threads_run_on_the_cpus_asked_for_and_serve_faults() {
-    let allowed = uhmm::sys::process::allowed_cpus().unwrap();
+    let allowed = uhmm_sys::process::allowed_cpus().unwrap();
     let cpu = *allowed.last().unwrap();
     let config = Config { handler_threads: 2, handler_cpus: vec![cpu], ..Config::default() };
     let space = AddressSpace::new(config).unwrap();
@@ -961,7 +961,7 @@ fn the_copy_helper_runs_where_the_space_was_made_not_where_it_was_started() {
     // fault handler on `handler_cpus` may be). The helper must not keep
     // that pin: it would share the CPU it is there to take work off. (On
     // a machine of one CPU this cannot tell.)
-    let allowed = uhmm::sys::process::allowed_cpus().unwrap();
+    let allowed = uhmm_sys::process::allowed_cpus().unwrap();
     let want = cpu_list(&std::fs::read_to_string("/proc/thread-self/status").unwrap()).unwrap();
     // Nothing kept: a migration's slots are emptied on the helper.
     let space = AddressSpace::new(Config { keep_staging_bytes: 0, ..Config::default() }).unwrap();
@@ -969,9 +969,9 @@ fn the_copy_helper_runs_where_the_space_was_made_not_where_it_was_started() {
     let n = uhmm::BATCH_PAGES;
     let r = space.map(n * PAGE_SIZE, Prot::READ_WRITE).unwrap();
     fill(&r, 0..n);
-    uhmm::sys::process::set_thread_cpus(&allowed[..1]).unwrap();
+    uhmm_sys::process::set_thread_cpus(&allowed[..1]).unwrap();
     dev.to_device(&space, r.range());
-    uhmm::sys::process::set_thread_cpus(&allowed).unwrap();
+    uhmm_sys::process::set_thread_cpus(&allowed).unwrap();
     // A helper sets its CPUs as it starts; other tests' helpers run
     // beside, and none may stay pinned either.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rustix::event::{PollFd, PollFlags, Timespec};
 use uhmm::PAGE_SIZE;
-use uhmm::sys::mman::{Mapping, Protection};
-use uhmm::sys::process::set_thread_cpus;
-use uhmm::sys::uffd::{Event, Uffd};
+use uhmm_sys::mman::{Mapping, Protection};
+use uhmm_sys::process::set_thread_cpus;
+use uhmm_sys::uffd::{Event, Uffd};
 
 use super::report::StealMeter;
 use super::{Case, Latencies, Placement, Plan, progress, repeat, sweep};
@@ -129,7 +129,7 @@ impl RawRoundTrip {
     /// Registers a mapping of `pages` pages and starts the handler thread,
     /// which runs on CPU `cpu` alone.
     pub fn new(pages: usize, cpu: usize) -> Result<RawRoundTrip, String> {
-        let uffd = Uffd::open(0, uhmm::sys::uffd::Accept::FullOrUserModeOnly)
+        let uffd = Uffd::open(0, uhmm_sys::uffd::Accept::FullOrUserModeOnly)
             .map_err(|e| format!("opening a userfaultfd: {e}"))?;
         let len = pages * PAGE_SIZE;
         let map = Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;

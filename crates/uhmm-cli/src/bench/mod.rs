@@ -533,14 +533,14 @@ const LATENCY_RUNS_FACTOR: usize = 3;
 /// the baseline cases and the uhmm ones.
 fn fault_latencies(plan: &Plan) -> Result<(Vec<Case>, Vec<Case>), String> {
     let runs = plan.runs * LATENCY_RUNS_FACTOR;
-    let allowed = uhmm::sys::process::allowed_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
+    let allowed = uhmm_sys::process::allowed_cpus().map_err(|e| format!("sched_getaffinity: {e}"))?;
     let (&main_cpu, others) = allowed.split_first().ok_or("no CPU to run on")?;
     // Each placement with the handlers' CPU.
     let mut placements: Vec<(Placement, usize)> =
         others.first().map(|&c| (Placement::OtherCpu, c)).into_iter().collect();
     placements.push((Placement::SameCpu, main_cpu));
     let set = |cpus: &[usize]| {
-        uhmm::sys::process::set_thread_cpus(cpus).map_err(|e| format!("sched_setaffinity {cpus:?}: {e}"))
+        uhmm_sys::process::set_thread_cpus(cpus).map_err(|e| format!("sched_setaffinity {cpus:?}: {e}"))
     };
     let (mut base, mut uhmm) = (Vec::new(), Vec::new());
     for (placement, handler_cpu) in placements {

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use uhmm::PAGE_SIZE;
-use uhmm::sys::mman::{Mapping, Protection};
+use uhmm_sys::mman::{Mapping, Protection};
 
 use super::{Case, Plan, progress, repeat};
 use crate::units::human;

@@ -9,8 +9,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use uhmm::stall::StepAside;
-use uhmm::sys::mman::Mapping;
+use uhmm::StepAside;
+use uhmm::Mapping;
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result, SystemPage};
 
 /// A page of device memory: a chunk and the offset in it.
@@ -317,7 +317,7 @@ fn run_ops(ops: &[CopyOp], writes: Writes) -> Result<(), String> {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use uhmm::sys::mman::Protection;
+    use uhmm::Protection;
 
     use super::*;
 

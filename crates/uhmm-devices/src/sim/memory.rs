@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use uhmm::sys::mman::{Mapping, Protection};
+use uhmm::{Mapping, Protection};
 use uhmm::{DevicePfn, PAGE_SIZE};
 
 use super::dma::DevMem;

@@ -136,7 +136,7 @@ pub fn isolated(name: &str) -> bool {
 /// Forks; the child runs `f` and exits with its code (101 if it panics);
 /// the parent gets the child's pid.
 pub fn spawn_child(f: impl FnOnce() -> i32) -> i32 {
-    use uhmm::sys::process::{Forked, exit_now, fork};
+    use uhmm_sys::process::{Forked, exit_now, fork};
     // SAFETY: called from a process made by `isolated`, whose other threads
     // are uhmm's own (fault handlers, DMA engines), which hold no lock the
     // child needs; the child leaves with `exit_now`, running no destructors.
@@ -151,5 +151,5 @@ pub fn spawn_child(f: impl FnOnce() -> i32) -> i32 {
 
 /// [`spawn_child`], then waits for it: its exit code (128 + signal if killed).
 pub fn fork_child(f: impl FnOnce() -> i32) -> i32 {
-    uhmm::sys::process::wait_child(spawn_child(f)).expect("waitpid")
+    uhmm_sys::process::wait_child(spawn_child(f)).expect("waitpid")
 }

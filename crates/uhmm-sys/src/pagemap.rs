@@ -137,8 +137,8 @@ impl Pagemap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::PAGE_SIZE;
-    use crate::sys::mman::{Mapping, Protection};
+    use crate::PAGE_SIZE;
+    use crate::mman::{Mapping, Protection};
 
     #[test]
     fn finds_present_and_zero_pages() {

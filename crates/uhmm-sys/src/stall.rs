@@ -28,19 +28,26 @@ pub const STALL_PAUSE: Duration = Duration::from_millis(100);
 /// A pause shared by threads: started after a stall, over [`STALL_PAUSE`]
 /// later.
 #[derive(Debug)]
-pub(crate) struct Pause {
+pub struct Pause {
     /// The end of the pause in nanoseconds since `epoch`; 0: none.
     until: AtomicU64,
     epoch: Instant,
 }
 
+impl Default for Pause {
+    fn default() -> Pause {
+        Pause::new()
+    }
+}
+
 impl Pause {
-    pub(crate) fn new() -> Pause {
+    /// No pause on.
+    pub fn new() -> Pause {
         Pause { until: AtomicU64::new(0), epoch: Instant::now() }
     }
 
     /// Whether a pause is on; a relaxed load while none is.
-    pub(crate) fn on(&self) -> bool {
+    pub fn on(&self) -> bool {
         let until = self.until.load(Ordering::Relaxed);
         if until == 0 {
             return false;
@@ -55,7 +62,7 @@ impl Pause {
 
     /// Notes a wait of `wait` for another thread: true when that was a
     /// stall, and a pause starts.
-    pub(crate) fn waited(&self, wait: Duration) -> bool {
+    pub fn waited(&self, wait: Duration) -> bool {
         let stalled = wait >= STALL_WAIT;
         if stalled {
             let until = self.since_epoch().saturating_add(STALL_PAUSE.as_nanos() as u64);
@@ -80,7 +87,7 @@ impl Pause {
 /// another CPU).
 ///
 /// ```
-/// let mut aside = uhmm::stall::StepAside::new();
+/// let mut aside = uhmm_sys::stall::StepAside::new();
 /// let started = std::time::Instant::now();
 /// // ... a piece of work others wait for ...
 /// aside.after(started.elapsed());
@@ -97,7 +104,7 @@ impl StepAside {
     /// For the calling thread, with the CPUs it may use now (the CPUs it
     /// returns to after a stall).
     pub fn new() -> StepAside {
-        let cpus = crate::sys::process::allowed_cpus().unwrap_or_default();
+        let cpus = crate::process::allowed_cpus().unwrap_or_default();
         StepAside { cpus, back_at: None }
     }
 
@@ -107,7 +114,7 @@ impl StepAside {
     pub fn after(&mut self, took: Duration) -> bool {
         if self.back_at.is_some_and(|at| Instant::now() >= at) {
             self.back_at = None;
-            if let Err(err) = crate::sys::process::set_thread_cpus(&self.cpus) {
+            if let Err(err) = crate::process::set_thread_cpus(&self.cpus) {
                 tracing::warn!(%err, "a thread that stepped aside cannot return to its CPUs");
             }
         }
@@ -116,12 +123,12 @@ impl StepAside {
         }
         // Off the CPU of the latest stall, even if the thread is aside
         // already: the host may be taking the other one now.
-        let here = crate::sys::process::current_cpu();
+        let here = crate::process::current_cpu();
         let others: Vec<usize> = self.cpus.iter().copied().filter(|&c| c != here).collect();
         if others.is_empty() || others.len() == self.cpus.len() {
             return false;
         }
-        if let Err(err) = crate::sys::process::set_thread_cpus(&others) {
+        if let Err(err) = crate::process::set_thread_cpus(&others) {
             tracing::warn!(%err, here, "a stalled thread cannot step aside");
             return false;
         }
@@ -139,7 +146,7 @@ impl Default for StepAside {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::process::{allowed_cpus, current_cpu, set_thread_cpus};
+    use crate::process::{allowed_cpus, current_cpu, set_thread_cpus};
 
     /// Waits (10 s at most) for `done`.
     fn until(what: &str, mut done: impl FnMut() -> bool) {

@@ -444,7 +444,7 @@ fn within_vmas(
     crossing: Errno,
     mut op: impl FnMut(usize, usize) -> Result<usize, Partial>,
 ) -> Result<usize, Partial> {
-    use crate::sys::PAGE_SIZE;
+    use crate::PAGE_SIZE;
     let mut done = 0;
     // The end of the last refused attempt: it crosses a boundary.
     let mut refused_end = len;
@@ -479,8 +479,8 @@ fn outcome(r: rustix::io::Result<i32>, progress: i64, len: usize) -> Result<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::PAGE_SIZE;
-    use crate::sys::mman::Protection;
+    use crate::PAGE_SIZE;
+    use crate::mman::Protection;
 
     #[test]
     fn open_and_discover_features() {

@@ -1,23 +1,30 @@
-//! The system-call layer: the only module of the core with `unsafe`.
+//! uhmm-sys: the system-call layer of uhmm, the only crate of uhmm's core
+//! with `unsafe`.
 //!
 //! Thin, audited wrappers over `rustix` and `linux-raw-sys` for what uhmm
-//! needs from the kernel: userfaultfd ([`uffd`]), anonymous mappings and
-//! `madvise` ([`mman`]), and the `PAGEMAP_SCAN` residency query
-//! ([`pagemap`]). Each wrapper opens with the call it is; each `unsafe` block
-//! argues why it is sound. Nothing here knows about regions, page tables or
-//! devices. The module is public so that benchmarks can measure a raw
-//! userfaultfd round trip with the same calls uhmm uses.
-#![allow(unsafe_code)]
+//! needs from the kernel: userfaultfd ([`uffd`]), mappings and `madvise`
+//! ([`mman`]), the `PAGEMAP_SCAN` residency query ([`pagemap`]), page pins
+//! ([`pin`]) and CPU placement, `fork` and `pthread_atfork` ([`process`]);
+//! and what a thread does after the host stopped its vCPU ([`stall`]). Each
+//! wrapper opens with the call it is; each `unsafe` block argues why it is
+//! sound. Nothing here knows about regions, page tables or devices. It is a
+//! crate of its own, as rustix is, so that drivers, benchmarks (a raw
+//! userfaultfd round trip with the same calls uhmm uses) and tests can use
+//! the calls without the core's public API carrying them.
 
 pub mod mman;
 pub mod pagemap;
 pub mod pin;
 pub mod process;
+pub mod stall;
 pub mod uffd;
 
 /// The base page size uhmm works in. [`check_page_size`] verifies that the
 /// running kernel agrees.
 pub const PAGE_SIZE: usize = 4096;
+
+/// The size of a huge page (a PMD) on x86-64 and arm64 with 4 KiB pages.
+pub const HUGE_SIZE: usize = 2 << 20;
 
 /// `log2(PAGE_SIZE)`.
 pub const PAGE_SHIFT: u32 = 12;
