@@ -4,9 +4,9 @@
 mod common;
 
 use common::*;
-use uhmm_sys::pin::IoPin;
 use uhmm::{ErrorKind, MigrateSrc, Migration, Owner, PAGE_SIZE, PageState as Pte, Prot, Select};
 use uhmm_devices::sim::PageState;
+use uhmm_sys::pin::IoPin;
 
 fn einval<T: std::fmt::Debug>(r: uhmm::Result<T>) {
     let e = r.expect_err("must fail");

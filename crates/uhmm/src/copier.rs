@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use crate::staging::{Arena, Slots};
-use uhmm_sys::stall::Pause;
 use uhmm_sys::PAGE_SIZE;
 use uhmm_sys::mman::Mapping;
 use uhmm_sys::pagemap::{Pagemap, Query, category};
+use uhmm_sys::stall::Pause;
 use uhmm_sys::uffd::Uffd;
 
 /// Copies and slot sets smaller than this many pages (a staging batch)

@@ -14,9 +14,10 @@ use std::os::fd::AsFd;
 use rustix::io::Errno;
 
 use crate::mirror::range_fault;
-use crate::pagemap::Owner;
-use crate::region::{Prot, Region};
-use crate::space::AddressSpace;
+use crate::mm::AddressSpace;
+use crate::page::Owner;
+use crate::region::Region;
+use crate::vma::Prot;
 use crate::{Error, ErrorKind, Result};
 
 /// Rounds of "bring home, then call" before a range that keeps moving away
@@ -62,7 +63,7 @@ impl Region {
         }
         self.inner.check_access(range.start, range.len(), need)?;
         let write = need.contains(Prot::WRITE);
-        let space = AddressSpace { inner: self.space.clone() };
+        let space = AddressSpace::from(self.space.clone());
         // An owner no device has: every device page of the range comes back.
         let nobody = Owner::new();
         let (mut done, mut faulted) = (0, 0);

@@ -29,16 +29,21 @@
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!("uhmm supports 64-bit Linux only");
 
+mod config;
 mod copier;
+mod driver;
 mod error;
 mod exclusive;
 mod fault;
 mod fork;
+mod holding;
 mod io;
 mod migrate;
 mod mirror;
+mod mm;
 mod move_pages;
 mod notifier;
+mod page;
 mod pagemap;
 mod pin;
 mod pte;
@@ -47,25 +52,30 @@ mod space;
 mod staging;
 mod stats;
 mod sync;
+#[cfg(test)]
+mod test_device;
+mod vma;
 
+pub use config::Config;
+pub use driver::DevicePagemapOps;
 pub use error::{Error, ErrorKind, Result};
 pub use exclusive::ExclusiveGrant;
-pub use fault::CpuFault;
-pub use migrate::{
-    ChunkDriver, Collected, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, PipelinedDriver, Select,
-    migrate_chunked, migrate_device_range, migrate_pipelined,
-};
+pub use migrate::chunked::{ChunkDriver, PipelinedDriver, migrate_chunked, migrate_pipelined};
+pub use migrate::device_range::migrate_device_range;
+pub use migrate::{Collected, CpuFault, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select};
 pub use mirror::{AccessPage, RangeAccess, range_fault};
+pub use mm::{AddressSpace, HandlerWatch, PageSnapshot, Residency};
 pub use move_pages::{MoveStatus, MoveTarget, move_pages};
 pub use notifier::{IntervalNotifier, IntervalNotifierOps, InvalidateEvent, NotifierHandle};
-pub use pagemap::{DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Owner};
+pub use page::{DevicePage, DevicePfn, Owner};
+pub use pagemap::DevicePagemap;
 pub use pin::{Pin, PinKind};
 pub use pte::State as PageState;
-pub use region::{Backing, Prot, Region};
-pub use space::{AddressSpace, Config, HandlerWatch, PageSnapshot, Residency};
+pub use region::Region;
 pub use staging::{BATCH_PAGES, SystemPage};
 pub use stats::StatsSnapshot;
 pub use uhmm_sys::mman::{Mapping, Protection};
 pub use uhmm_sys::stall::StepAside;
 pub use uhmm_sys::uffd::Origin as UffdOrigin;
 pub use uhmm_sys::{HUGE_SIZE, PAGE_SIZE};
+pub use vma::{Backing, Prot};

@@ -16,14 +16,14 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::fault::CpuFault;
-use crate::pagemap::{DevicePage, Owner};
+use crate::migrate::CpuFault;
+use crate::mm::{AddressSpace, Mm};
+use crate::page::{DevicePage, Owner};
 use crate::pte::State;
-use crate::region::{Backing, Prot, RegionInner};
-use crate::space::{AddressSpace, SpaceInner};
+use crate::vma::{Backing, Prot, Vma};
+use crate::{Error, ErrorKind, Result};
 use uhmm_sys::PAGE_SIZE;
 use uhmm_sys::pagemap::{Query, category};
-use crate::{Error, ErrorKind, Result};
 
 /// One page of a [`RangeAccess`] (an `hmm_pfn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +40,8 @@ pub enum AccessPage {
 /// Pages of one region held present for a device access. Unlocks on drop.
 #[derive(Debug)]
 pub struct RangeAccess {
-    space: Arc<SpaceInner>,
-    region: Arc<RegionInner>,
+    space: Arc<Mm>,
+    region: Arc<Vma>,
     first: usize,
     pages: Vec<AccessPage>,
     faulted: bool,
@@ -80,7 +80,7 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
             if let State::Exclusive(slot) = state {
                 // A device's exclusive access ends when another one faults the
                 // page (if the page is still held, the lock pass retries).
-                let _ = crate::exclusive::revoke(space, &region, idx, slot);
+                let _ = crate::exclusive::revoke::revoke(space, &region, idx, slot);
                 idx += 1;
                 continue;
             }
@@ -156,13 +156,7 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
 /// had to be filled. Anonymous holes get the zero page (a device write then
 /// takes the kernel's copy-on-write); other mappings are populated by the
 /// kernel, which they do not involve uhmm's userfaultfd in.
-fn fill_holes(
-    space: &SpaceInner,
-    region: &RegionInner,
-    first: usize,
-    pages: &[AccessPage],
-    write: bool,
-) -> Result<bool> {
+fn fill_holes(space: &Mm, region: &Vma, first: usize, pages: &[AccessPage], write: bool) -> Result<bool> {
     let (a, b) = (region.addr_of(first), region.addr_of(first + pages.len()));
     if region.backing != Backing::Anonymous {
         let (off, len) = (a - region.start(), b - a);
@@ -200,7 +194,7 @@ fn fill_holes(
 
 /// Brings the device-coherent pages of `range` back to RAM through their
 /// drivers' `migrate_to_ram` (a long-term pin's duty).
-pub(crate) fn evict_coherent(space: &Arc<SpaceInner>, range: Range<usize>) -> Result<()> {
+pub(crate) fn evict_coherent(space: &Arc<Mm>, range: Range<usize>) -> Result<()> {
     let (region, pages) = space.region_pages(range)?;
     let mut idx = pages.start;
     while idx < pages.end {
@@ -222,23 +216,16 @@ pub(crate) fn evict_coherent(space: &Arc<SpaceInner>, range: Range<usize>) -> Re
 
 /// Brings pages `pages` of another device (the one holding `page`, the
 /// first) back with its driver's `migrate_to_ram`.
-fn migrate_foreign(space: &Arc<SpaceInner>, region: &RegionInner, pages: Range<usize>, page: DevicePage) -> Result<()> {
-    let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else {
+fn migrate_foreign(space: &Arc<Mm>, region: &Vma, pages: Range<usize>, page: DevicePage) -> Result<()> {
+    let Some(ops) = space.driver(page.pagemap) else {
         return Err(Error::new(ErrorKind::Fault, "a page lives on a device that is gone"));
     };
     let (start, end) = (region.addr_of(pages.start), region.addr_of(pages.end));
-    let fault = CpuFault::new(AddressSpace { inner: space.clone() }, start, start..end, page);
+    let fault = CpuFault::new(AddressSpace::from(space.clone()), start, start..end, page);
     ops.migrate_to_ram(&fault)
 }
 
-fn unlock_all(
-    space: &SpaceInner,
-    region: &RegionInner,
-    first: usize,
-    end: usize,
-    pages: &[AccessPage],
-    last: Option<State>,
-) {
+fn unlock_all(space: &Mm, region: &Vma, first: usize, end: usize, pages: &[AccessPage], last: Option<State>) {
     for idx in first..end {
         let state = match pages.get(idx - first) {
             Some(AccessPage::Device(p)) => State::Device(*p),

@@ -31,15 +31,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::fault::CpuFault;
+use crate::driver::DevicePagemapOps;
+use crate::migrate::CpuFault;
 use crate::migrate::{MigrateDst, MigrateSrc, Migration, Select};
-use crate::pagemap::{DevicePagemap, DevicePagemapOps};
+use crate::mm::{AddressSpace, Residency};
+use crate::pagemap::DevicePagemap;
 use crate::pte::State;
-use crate::region::{Backing, Prot, RegionInner};
-use crate::space::{AddressSpace, Residency};
 use crate::staging::BATCH_PAGES;
-use uhmm_sys::PAGE_SIZE;
+use crate::vma::{Backing, Prot, Vma};
 use crate::{Error, ErrorKind, Result};
+use uhmm_sys::PAGE_SIZE;
 
 /// Where [`move_pages`] should put a page (the kernel's `nodes[i]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -168,7 +169,7 @@ pub fn move_pages(space: &AddressSpace, pages: &[usize], targets: Option<&[MoveT
             && !drivers.contains_key(&id)
         {
             let pm = space.inner.pagemap(id).ok_or_else(|| Error::invalid("move_pages: no device with that id"))?;
-            let ops = pm.ops().ok_or_else(|| Error::invalid("move_pages: the target device is gone"))?;
+            let ops = space.inner.driver(id).ok_or_else(|| Error::invalid("move_pages: the target device is gone"))?;
             drivers.insert(id, Driver { pagemap: pm, ops });
         }
     }
@@ -237,7 +238,7 @@ struct Entry {
     /// The page's address.
     addr: usize,
     /// Its region; `None` when unmanaged or without read access.
-    region: Option<Arc<RegionInner>>,
+    region: Option<Arc<Vma>>,
     /// The final status, once decided.
     status: Option<MoveStatus>,
 }
@@ -357,7 +358,7 @@ fn bring_back(space: &AddressSpace, entries: &mut [Entry], list: &[(usize, u16)]
     let groups: Vec<Vec<usize>> = runs(&idx, same_run, BATCH_PAGES).into_iter().map(<[usize]>::to_vec).collect();
     for run in groups {
         let from = list[run[0]].1;
-        let ops = space.inner.pagemap(from).and_then(|pm| pm.ops());
+        let ops = space.inner.driver(from);
         let end = entries[list[*run.last().expect("runs are not empty")].0].addr + PAGE_SIZE;
         for &k in &run {
             let i = list[k].0;
@@ -461,7 +462,7 @@ fn to_devices(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pagemap::{DevicePage, DevicePfn, Owner};
+    use crate::page::{DevicePage, DevicePfn, Owner};
 
     fn seen(residency: Residency, locked: bool) -> Seen {
         Seen { residency, locked }

@@ -31,7 +31,7 @@ use smallvec::SmallVec;
 
 use crate::sync::{AtomicU32, AtomicU64, Ordering, backoff};
 
-use crate::pagemap::Owner;
+use crate::page::Owner;
 
 /// Why a range is being invalidated (`enum mmu_notifier_event`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,6 @@
-//! Device memory as uhmm sees it: device page frames, owners, and the driver
-//! trait (`struct dev_pagemap` and `dev_pagemap_ops` in the kernel).
+//! Device memory as uhmm sees it: a pagemap's page frames (`struct
+//! dev_pagemap` and the `struct page`s of its ZONE_DEVICE memory). The
+//! driver behind a pagemap is the address space's to call (`mm.rs`).
 //!
 //! A driver creates a [`DevicePagemap`] for its memory with
 //! [`AddressSpace::register_pagemap`](crate::AddressSpace::register_pagemap).
@@ -8,102 +9,10 @@
 //! of a device page is the lock of the software page-table entry that points
 //! to it.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, Weak};
 
-use crate::fault::CpuFault;
-use crate::migrate::{Collected, Migrated, Migration};
-use crate::{Error, ErrorKind, Result};
-
-/// A device page number, local to one [`DevicePagemap`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DevicePfn(pub u64);
-
-/// A device page: which pagemap, which page in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DevicePage {
-    /// The pagemap's id in its address space.
-    pub pagemap: u16,
-    /// The page number in that pagemap.
-    pub pfn: DevicePfn,
-}
-
-/// The owner token of device memory (`pgmap_owner`): a migration selects only
-/// device pages whose pagemap has the migration's owner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Owner(u64);
-
-impl Owner {
-    /// A fresh owner, distinct from every other one in this process.
-    pub fn new() -> Owner {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        Owner(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
-}
-
-impl Default for Owner {
-    fn default() -> Self {
-        Owner::new()
-    }
-}
-
-/// What a device driver must do for uhmm (`dev_pagemap_ops`).
-pub trait DevicePagemapOps: Send + Sync {
-    /// The device page `pfn` is no longer used by any address: give it back
-    /// to the device's allocator. Called after the page is unmapped. It may
-    /// be called while the core holds the lock of the page's old address (a
-    /// region being unmapped frees its device pages under their locks), so
-    /// it must not touch region memory or wait for a migration.
-    fn page_free(&self, pfn: DevicePfn);
-
-    /// [`page_free`](Self::page_free) of several pages at once (a finished
-    /// migration's sources): a driver can take its locks once. The default
-    /// frees them one by one.
-    fn pages_free(&self, pfns: &[DevicePfn]) {
-        for &pfn in pfns {
-            self.page_free(pfn);
-        }
-    }
-
-    /// A CPU thread faulted on `fault.addr()`, which lives on this device:
-    /// migrate it (and any of `fault.window()` the driver chooses) back to
-    /// RAM with a [`Migration`] selecting
-    /// [`Select::DEVICE_PRIVATE`](crate::Select::DEVICE_PRIVATE) (for a
-    /// coherent pagemap, [`Select::DEVICE_COHERENT`](crate::Select::DEVICE_COHERENT):
-    /// a long-term pin brings its pages back through here) and this
-    /// pagemap's owner. On a CPU fault, an error of kind `NoMemory` or
-    /// `Busy` is taken as transient and the fault is retried;
-    /// `InvalidArgument` has the fault retried with a window of the one
-    /// page; any other error makes the faulting page poisoned (SIGBUS), so
-    /// return one only for unrecoverable device state. Other callers
-    /// (`range_fault` and pins, fork, read-ahead, `move_pages`) each handle
-    /// an error their own way (the repository's `docs/drivers.md` has the
-    /// table).
-    fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()>;
-
-    /// [`move_pages`](crate::move_pages()) to this device: `m` was set up with
-    /// [`Select::SYSTEM`](crate::Select::SYSTEM) and this pagemap's owner.
-    /// Allocate device pages of this pagemap for its collected pages (RAM
-    /// pages; a hole gets a zero-filled page), copy (waiting for the copy's
-    /// fence) and set each destination with
-    /// [`Migration::set_dst_device`]. A page left without a destination
-    /// stays where it is and is reported as out of memory; an error of kind
-    /// `NoMemory` or `Busy` marks the whole batch so, any other error stops
-    /// `move_pages`. The default supports no moves to this device
-    /// ([`ErrorKind::Unsupported`]).
-    fn alloc_and_copy(&self, m: &mut Migration<Collected>) -> Result<()> {
-        let _ = m;
-        Err(Error::new(ErrorKind::Unsupported, "this device does not support move_pages to it"))
-    }
-
-    /// After [`alloc_and_copy`](DevicePagemapOps::alloc_and_copy) and
-    /// [`Migration::pages`], before `finalize`: update the device's page
-    /// table for the pages that moved, while they are still locked. The
-    /// default does nothing.
-    fn finalize_and_map(&self, m: &Migration<Migrated>) {
-        let _ = m;
-    }
-}
+use crate::page::{DevicePage, DevicePfn, Owner};
 
 /// An empty reverse-map word.
 const RMAP_NONE: u64 = u64::MAX;
@@ -129,7 +38,6 @@ pub struct DevicePagemap {
     /// device-private memory.
     coherent: bool,
     npages: u64,
-    ops: Weak<dyn DevicePagemapOps>,
     frames: Box<[OnceLock<Box<[Frame]>>]>,
 }
 
@@ -144,15 +52,9 @@ impl std::fmt::Debug for DevicePagemap {
 }
 
 impl DevicePagemap {
-    pub(crate) fn new(
-        id: u16,
-        owner: Owner,
-        coherent: bool,
-        npages: u64,
-        ops: Weak<dyn DevicePagemapOps>,
-    ) -> DevicePagemap {
+    pub(crate) fn new(id: u16, owner: Owner, coherent: bool, npages: u64) -> DevicePagemap {
         let chunks = usize::try_from(npages).unwrap_or(usize::MAX).div_ceil(FRAME_CHUNK);
-        DevicePagemap { id, owner, coherent, npages, ops, frames: (0..chunks).map(|_| OnceLock::new()).collect() }
+        DevicePagemap { id, owner, coherent, npages, frames: (0..chunks).map(|_| OnceLock::new()).collect() }
     }
 
     /// Whether this is device-coherent memory (`MEMORY_DEVICE_COHERENT`):
@@ -181,11 +83,6 @@ impl DevicePagemap {
     /// The device page `pfn` of this pagemap, if `pfn` is in range.
     pub fn page(&self, pfn: DevicePfn) -> Option<DevicePage> {
         (pfn.0 < self.npages).then_some(DevicePage { pagemap: self.id, pfn })
-    }
-
-    /// The driver, unless it is gone.
-    pub(crate) fn ops(&self) -> Option<std::sync::Arc<dyn DevicePagemapOps>> {
-        self.ops.upgrade()
     }
 
     /// The frame of `pfn`, allocating its chunk; `None` out of range.
@@ -252,18 +149,11 @@ impl DevicePagemap {
         })
     }
 
-    /// Unmaps `pfn` and hands it back to the driver (`page_free`).
-    pub(crate) fn free_page(&self, pfn: DevicePfn) {
-        self.free_pages(&[pfn]);
-    }
-
-    /// Unmaps `pfns` and hands them back to the driver (`pages_free`).
-    pub(crate) fn free_pages(&self, pfns: &[DevicePfn]) {
+    /// Clears the reverse map of `pfns`: no address maps them any more
+    /// (the caller hands them back to the driver).
+    pub(crate) fn unmap(&self, pfns: &[DevicePfn]) {
         for &pfn in pfns {
             self.set_rmap(pfn, None);
-        }
-        if let Some(ops) = self.ops() {
-            ops.pages_free(pfns);
         }
     }
 }

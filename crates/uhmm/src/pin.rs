@@ -15,11 +15,11 @@
 use std::ops::Range;
 
 use crate::mirror::range_fault;
-use crate::pagemap::Owner;
-use crate::region::Prot;
-use crate::space::AddressSpace;
-use uhmm_sys::pin::IoPin;
+use crate::mm::AddressSpace;
+use crate::page::Owner;
+use crate::vma::Prot;
 use crate::{Error, ErrorKind, Result};
+use uhmm_sys::pin::IoPin;
 
 /// How long a pin is meant to last (`FOLL_LONGTERM` or not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::sync::{AtomicU64, Condvar, Mutex, Ordering};
 
-use crate::pagemap::{DevicePage, DevicePfn};
+use crate::page::{DevicePage, DevicePfn};
 
 const KIND_MASK: u64 = 0b11;
 const KIND_CPU: u64 = 0;

@@ -1,231 +1,21 @@
-//! `Region`: a managed mapping the program reads and writes directly (the
-//! kernel's `vm_area_struct`), with its software page table and protections.
+//! `Region`: the program's handle on a managed mapping, and the calls that
+//! make one (`AddressSpace::map` and its kin, `mmap`) or change one
+//! (`protect`, `unmap`, `discard`, `remap`: `mprotect`, `munmap`,
+//! `MADV_DONTNEED`, `mremap`). The mapping's state is its `Vma`
+//! (`vma.rs`), held by the address space.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::os::fd::AsFd;
+use std::sync::Arc;
 
-use smallvec::SmallVec;
+use uhmm_sys::mman::Mapping;
+use uhmm_sys::{HUGE_SIZE, PAGE_SIZE};
 
-use crate::fault::ScanWindow;
-use crate::pte::{PageTable, State};
-use crate::space::SpaceInner;
-use uhmm_sys::PAGE_SIZE;
-use uhmm_sys::mman::{Mapping, Protection};
+use crate::mm::{AddressSpace, Mm};
+use crate::notifier::InvalidateEvent;
+use crate::pte::State;
+use crate::vma::{Backing, Prot, Vma};
 use crate::{Error, Result};
-
-bitflags::bitflags! {
-    /// Access rights of (part of) a region.
-    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-    pub struct Prot: u8 {
-        /// Reads allowed.
-        const READ = 1;
-        /// Writes allowed (only together with `READ`).
-        const WRITE = 2;
-    }
-}
-
-impl Prot {
-    /// No access.
-    pub const NONE: Prot = Prot::empty();
-    /// Read and write.
-    pub const READ_WRITE: Prot = Prot::READ.union(Prot::WRITE);
-
-    pub(crate) fn protection(self) -> Result<Protection> {
-        if self == Prot::NONE {
-            Ok(Protection::None)
-        } else if self == Prot::READ {
-            Ok(Protection::Read)
-        } else if self == Prot::READ_WRITE {
-            Ok(Protection::ReadWrite)
-        } else {
-            Err(Error::invalid("write-only protection is not supported"))
-        }
-    }
-}
-
-/// What a region maps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backing {
-    /// Private anonymous memory: the pages uhmm manages and migrates.
-    Anonymous,
-    /// Shared anonymous memory (shmem): devices can read and write it, but
-    /// migrations skip it, as the kernel's skip non-anonymous mappings.
-    SharedAnonymous,
-    /// A file, mapped shared or private: devices can read and write it;
-    /// migrations skip it.
-    File {
-        /// `MAP_SHARED` (writes reach the file) rather than `MAP_PRIVATE`.
-        shared: bool,
-    },
-}
-
-/// The shared state of a region; migrations and the fault engine hold it.
-#[derive(Debug)]
-pub(crate) struct RegionInner {
-    pub(crate) id: u32,
-    pub(crate) map: Mapping,
-    pub(crate) pt: PageTable,
-    pub(crate) backing: Backing,
-    /// Backed by huge pages where uhmm can (2 MiB-aligned, 2 MiB multiple).
-    pub(crate) huge: bool,
-    /// Protection runs: start page → protection up to the next key.
-    prot: RwLock<BTreeMap<usize, Prot>>,
-    /// Set when the region is being unmapped; a migration that sees it after
-    /// locking its pages gives up.
-    pub(crate) dead: AtomicBool,
-    /// Page ranges unmapped with [`Region::unmap`] (reserved, inaccessible).
-    unmapped: RwLock<Vec<Range<usize>>>,
-    /// Adaptive fault-around: the windows of the scans faulting on device pages.
-    pub(crate) fault_around: ScanWindow,
-    /// The same for first-touch zero fills.
-    pub(crate) zero_around: ScanWindow,
-    /// The space's `to_device_epoch` when pages of the region last moved to
-    /// a device.
-    pub(crate) to_device_at: std::sync::atomic::AtomicU64,
-}
-
-impl RegionInner {
-    pub(crate) fn new(id: u32, map: Mapping, prot: Prot, backing: Backing, huge: bool) -> RegionInner {
-        let npages = map.len() / PAGE_SIZE;
-        RegionInner {
-            id,
-            map,
-            pt: PageTable::new(npages),
-            backing,
-            huge,
-            prot: RwLock::new(BTreeMap::from([(0, prot)])),
-            dead: AtomicBool::new(false),
-            unmapped: RwLock::new(Vec::new()),
-            fault_around: ScanWindow::default(),
-            zero_around: ScanWindow::default(),
-            to_device_at: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// Whether any page of `pages` was unmapped.
-    pub(crate) fn has_unmapped(&self, pages: &Range<usize>) -> bool {
-        let unmapped = self.unmapped.read().unwrap_or_else(|e| e.into_inner());
-        unmapped.iter().any(|u| u.start < pages.end && pages.start < u.end)
-    }
-
-    pub(crate) fn start(&self) -> usize {
-        self.map.addr()
-    }
-
-    pub(crate) fn npages(&self) -> usize {
-        self.map.len() / PAGE_SIZE
-    }
-
-    pub(crate) fn addr_of(&self, idx: usize) -> usize {
-        self.start() + idx * PAGE_SIZE
-    }
-
-    /// The index of the page at `addr`, if the region holds it.
-    pub(crate) fn index_of(&self, addr: usize) -> Option<usize> {
-        addr.checked_sub(self.start()).map(|o| o / PAGE_SIZE).filter(|&i| i < self.npages())
-    }
-
-    pub(crate) fn contains(&self, addr: usize) -> bool {
-        addr >= self.start() && addr - self.start() < self.map.len()
-    }
-
-    pub(crate) fn is_dead(&self) -> bool {
-        self.dead.load(Ordering::SeqCst)
-    }
-
-    /// The protection runs covering pages `pages`, clipped to it (inline,
-    /// without allocating, for up to two runs: a fault window is one).
-    pub(crate) fn prot_runs(&self, pages: Range<usize>) -> SmallVec<[(Range<usize>, Prot); 2]> {
-        let map = self.prot.read().unwrap_or_else(|e| e.into_inner());
-        let mut out = SmallVec::new();
-        let first = map.range(..=pages.start).next_back().map(|(k, p)| (*k, *p));
-        let iter = first.into_iter().chain(map.range(pages.start + 1..pages.end).map(|(k, p)| (*k, *p)));
-        let mut prev: Option<(usize, Prot)> = None;
-        for (k, p) in iter {
-            if let Some((s, pp)) = prev {
-                out.push((s.max(pages.start)..k, pp));
-            }
-            prev = Some((k, p));
-        }
-        if let Some((s, pp)) = prev {
-            out.push((s.max(pages.start)..pages.end, pp));
-        }
-        out
-    }
-
-    /// The protection of page `idx`.
-    pub(crate) fn prot_at(&self, idx: usize) -> Prot {
-        let map = self.prot.read().unwrap_or_else(|e| e.into_inner());
-        map.range(..=idx).next_back().map_or(Prot::NONE, |(_, p)| *p)
-    }
-
-    /// Holds the protections still (`protect` waits) until the guard drops.
-    pub(crate) fn prot_frozen(&self) -> ProtFrozen<'_> {
-        ProtFrozen(self.prot.read().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// Checks an access of `len` bytes at `offset`: inside the region, with
-    /// `need` rights, no page poisoned.
-    pub(crate) fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<()> {
-        use crate::ErrorKind::{Fault, Permission};
-        let end = offset.checked_add(len).ok_or_else(|| Error::invalid("offset overflows"))?;
-        if end > self.map.len() {
-            return Err(Error::new(Fault, "access outside the region"));
-        }
-        if len == 0 {
-            return Ok(());
-        }
-        let pages = offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
-        if self.has_unmapped(&pages) {
-            return Err(Error::new(Fault, "part of the range was unmapped"));
-        }
-        for (_, prot) in self.prot_runs(pages.clone()) {
-            if !prot.contains(Prot::READ) {
-                return Err(Error::new(Fault, "no access to part of the range"));
-            }
-            if !prot.contains(need) {
-                return Err(Error::new(Permission, "write to a read-only part of the region"));
-            }
-        }
-        if pages.into_iter().any(|p| self.pt.load(p).state() == State::Poisoned) {
-            return Err(Error::new(Fault, "a page of the range is poisoned"));
-        }
-        Ok(())
-    }
-
-    /// Changes the protection of pages `pages` (mprotect).
-    pub(crate) fn set_prot(&self, pages: Range<usize>, prot: Prot) -> Result<()> {
-        let protection = prot.protection()?;
-        let mut map = self.prot.write().unwrap_or_else(|e| e.into_inner());
-        self.map
-            .protect(pages.start * PAGE_SIZE, pages.len() * PAGE_SIZE, protection)
-            .map_err(|e| Error::sys("mprotect", e))?;
-        let after = map.range(..=pages.end).next_back().map(|(_, p)| *p);
-        let keys: Vec<usize> = map.range(pages.start..=pages.end).map(|(k, _)| *k).collect();
-        for k in keys {
-            map.remove(&k);
-        }
-        map.insert(pages.start, prot);
-        if pages.end < self.npages()
-            && let Some(a) = after
-        {
-            map.insert(pages.end, a);
-        }
-        Ok(())
-    }
-}
-
-/// Protections held still; see [`RegionInner::prot_frozen`].
-pub(crate) struct ProtFrozen<'a>(std::sync::RwLockReadGuard<'a, BTreeMap<usize, Prot>>);
-
-impl ProtFrozen<'_> {
-    /// The protection of page `idx`.
-    pub(crate) fn prot_at(&self, idx: usize) -> Prot {
-        self.0.range(..=idx).next_back().map_or(Prot::NONE, |(_, p)| *p)
-    }
-}
 
 /// A managed mapping in the program's address space.
 ///
@@ -269,8 +59,8 @@ impl ProtFrozen<'_> {
 /// ```
 #[derive(Debug)]
 pub struct Region {
-    pub(crate) inner: Arc<RegionInner>,
-    pub(crate) space: Arc<SpaceInner>,
+    pub(crate) inner: Arc<Vma>,
+    pub(crate) space: Arc<Mm>,
 }
 
 impl Region {
@@ -343,7 +133,7 @@ impl Region {
             return Err(Error::invalid("part of the range was unmapped"));
         }
         let addrs = self.addr() + range.start..self.addr() + range.end;
-        let _inv = self.space.notifiers.invalidate(addrs, crate::InvalidateEvent::Protection);
+        let _inv = self.space.notifiers.invalidate(addrs, InvalidateEvent::Protection);
         self.inner.set_prot(pages, prot)
     }
 
@@ -374,7 +164,7 @@ impl Region {
         }
         let space = &self.space;
         let addrs = self.addr() + range.start..self.addr() + range.end;
-        let _inv = space.notifiers.invalidate(addrs, crate::InvalidateEvent::Unmap);
+        let _inv = space.notifiers.invalidate(addrs, InvalidateEvent::Unmap);
         let prior: Vec<State> = pages.clone().map(|idx| self.inner.pt.lock(idx, &space.waits)).collect();
         let done = if reserve {
             self.inner.map.reserve(range.start, range.len())
@@ -383,7 +173,7 @@ impl Region {
         }
         .map_err(|e| Error::sys(if reserve { "mmap" } else { "MADV_DONTNEED" }, e));
         if done.is_ok() && reserve {
-            self.inner.unmapped.write().unwrap_or_else(|e| e.into_inner()).push(pages.clone());
+            self.inner.mark_unmapped(pages.clone());
             let _ = self.inner.set_prot(pages.clone(), Prot::NONE);
         }
         let mut freed = Vec::new();
@@ -403,9 +193,7 @@ impl Region {
             space.unlock_wake(&self.inner, idx, after);
         }
         for p in freed {
-            if let Some(pm) = space.pagemap(p.pagemap) {
-                pm.free_page(p.pfn);
-            }
+            space.free_device_page(p);
         }
         done
     }
@@ -423,10 +211,10 @@ impl Region {
             return Err(Error::invalid("a region with unmapped parts cannot move"));
         }
         let (old, len) = (self.addr(), self.len());
-        let _inv = space.notifiers.invalidate(old..old + len, crate::InvalidateEvent::Unmap);
+        let _inv = space.notifiers.invalidate(old..old + len, InvalidateEvent::Unmap);
         // Hold every page: no migration, fill or device access runs meanwhile.
         let prior: Vec<State> = (0..inner.npages()).map(|idx| inner.pt.lock(idx, &space.waits)).collect();
-        let align = if len >= crate::HUGE_SIZE { crate::HUGE_SIZE } else { PAGE_SIZE };
+        let align = if len >= HUGE_SIZE { HUGE_SIZE } else { PAGE_SIZE };
         let moved = space.rekey_region(inner, || {
             let new = inner.map.move_to_new_address(align).map_err(|e| Error::sys("mremap", e))?;
             if inner.backing == Backing::Anonymous {
@@ -473,26 +261,92 @@ impl Drop for Region {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prot_runs_split_and_merge() {
-        let map = Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
-        let r = RegionInner::new(1, map, Prot::READ_WRITE, Backing::Anonymous, false);
-        assert_eq!(r.prot_runs(0..16).as_slice(), [(0..16, Prot::READ_WRITE)]);
-        r.set_prot(4..8, Prot::READ).unwrap();
-        assert_eq!(
-            r.prot_runs(0..16).as_slice(),
-            [(0..4, Prot::READ_WRITE), (4..8, Prot::READ), (8..16, Prot::READ_WRITE)]
-        );
-        assert_eq!(r.prot_runs(5..6).as_slice(), [(5..6, Prot::READ)]);
-        assert_eq!(r.prot_at(7), Prot::READ);
-        assert_eq!(r.prot_at(8), Prot::READ_WRITE);
-        r.set_prot(0..16, Prot::NONE).unwrap();
-        assert_eq!(r.prot_runs(0..16).as_slice(), [(0..16, Prot::NONE)]);
-        r.set_prot(12..16, Prot::READ).unwrap();
-        assert_eq!(r.prot_runs(10..16).as_slice(), [(10..12, Prot::NONE), (12..16, Prot::READ)]);
+impl AddressSpace {
+    /// Maps a new region of `len` bytes (rounded up to pages), lazily backed:
+    /// nothing is allocated until it is touched. Regions of 2 MiB or more are
+    /// 2 MiB-aligned.
+    pub fn map(&self, len: usize, prot: Prot) -> Result<Region> {
+        self.map_anonymous(len, prot, false)
     }
+
+    /// Maps a region backed by transparent huge pages where uhmm can: its
+    /// length is rounded up to 2 MiB and it is 2 MiB-aligned; first touch
+    /// fills whole 2 MiB blocks with one huge page, and a block that moves
+    /// whole (to a device and back) moves as one compound unit. Where a huge
+    /// page cannot be had, small pages are used.
+    pub fn map_huge(&self, len: usize, prot: Prot) -> Result<Region> {
+        self.map_anonymous(
+            len.checked_next_multiple_of(HUGE_SIZE).ok_or_else(|| Error::invalid("length overflows"))?,
+            prot,
+            true,
+        )
+    }
+
+    fn map_anonymous(&self, len: usize, prot: Prot, huge: bool) -> Result<Region> {
+        self.inner.check_usable()?;
+        let len = region_len(len)?;
+        let align = if len >= HUGE_SIZE { HUGE_SIZE } else { PAGE_SIZE };
+        let map = Mapping::anonymous(len, prot.protection()?, align).map_err(|e| Error::sys("mmap", e))?;
+        if huge {
+            map.advise_huge(0, len).map_err(|e| Error::sys("MADV_HUGEPAGE", e))?;
+        }
+        self.inner.uffd.register(&map, 0, len, false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+        self.insert_region(map, prot, Backing::Anonymous, huge)
+    }
+
+    /// Maps a region of shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`):
+    /// shared with children across `fork`; devices can read and write it,
+    /// migrations skip it.
+    pub fn map_shared(&self, len: usize, prot: Prot) -> Result<Region> {
+        self.inner.check_usable()?;
+        let len = region_len(len)?;
+        let map = Mapping::shared_anonymous(len, prot.protection()?).map_err(|e| Error::sys("mmap", e))?;
+        self.insert_region(map, prot, Backing::SharedAnonymous, false)
+    }
+
+    /// Maps `len` bytes of `file` from `offset` (page-aligned), shared or
+    /// private: devices can read and write it, migrations skip it.
+    pub fn map_file(&self, file: &impl AsFd, offset: u64, len: usize, prot: Prot, shared: bool) -> Result<Region> {
+        self.inner.check_usable()?;
+        let len = region_len(len)?;
+        let map = Mapping::file(file.as_fd(), offset, len, prot.protection()?, shared).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => Error::invalid("offset must be page-aligned"),
+            _ => Error::sys("mmap", e),
+        })?;
+        self.insert_region(map, prot, Backing::File { shared }, false)
+    }
+
+    /// In a forked child: takes over `inherited`, a region of an address
+    /// space the child inherited (orphaned), as a region of this one. The
+    /// data is the child's copy of the parent's; `inherited` no longer owns
+    /// the mapping (dropping it unmaps nothing).
+    pub fn adopt(&self, inherited: &Region) -> Result<Region> {
+        self.inner.check_usable()?;
+        if !inherited.space.is_orphaned() {
+            return Err(Error::invalid("only regions inherited across fork can be adopted"));
+        }
+        let old = &inherited.inner;
+        let map = old.map.disown().ok_or_else(|| Error::invalid("the region was adopted already"))?;
+        if old.backing == Backing::Anonymous {
+            self.inner.uffd.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+        }
+        let region = self.insert_region(map, old.prot_at(0), old.backing, old.huge)?;
+        for (pages, prot) in old.prot_runs(0..old.npages()) {
+            region.inner.set_prot(pages, prot)?;
+        }
+        Ok(region)
+    }
+
+    fn insert_region(&self, map: Mapping, prot: Prot, backing: Backing, huge: bool) -> Result<Region> {
+        let inner = self.inner.insert_vma(map, prot, backing, huge)?;
+        Ok(Region { inner, space: self.inner.clone() })
+    }
+}
+
+/// A region length rounded up to pages; empty is an error.
+fn region_len(len: usize) -> Result<usize> {
+    if len == 0 {
+        return Err(Error::invalid("cannot map an empty region"));
+    }
+    len.checked_next_multiple_of(PAGE_SIZE).ok_or_else(|| Error::invalid("length overflows"))
 }

@@ -9,8 +9,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use uhmm::StepAside;
 use uhmm::Mapping;
+use uhmm::StepAside;
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result, SystemPage};
 
 /// A page of device memory: a chunk and the offset in it.

@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-use uhmm::{Mapping, Protection};
 use uhmm::{DevicePfn, PAGE_SIZE};
+use uhmm::{Mapping, Protection};
 
 use super::dma::DevMem;
 

@@ -9,73 +9,28 @@
 //! device ([`InvalidateEvent::Clear`]) — before the access retries.
 
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use rustix::io::Errno;
-
-use crate::fork::InFlight;
+use crate::fork::gate::InFlight;
 use crate::mirror::range_fault;
+use crate::mm::{AddressSpace, Mm};
 use crate::notifier::InvalidateEvent;
-use crate::pagemap::Owner;
+use crate::page::Owner;
 use crate::pte::State;
-use crate::region::{Backing, Prot, RegionInner};
-use crate::space::{AddressSpace, SpaceInner};
-use crate::staging::{Arena, Slots, SystemPage};
-use uhmm_sys::PAGE_SIZE;
+use crate::staging::SystemPage;
+use crate::vma::{Backing, Prot, Vma};
 use crate::{Error, ErrorKind, Result};
+use uhmm_sys::PAGE_SIZE;
 
-/// The holding area: pages of a registered arena handed out one at a time.
-#[derive(Debug)]
-pub(crate) struct Holding {
-    arena: Arc<Arena>,
-    /// Batches taken from the arena, and the free page offsets in them.
-    slots: Mutex<(Vec<Slots>, Vec<usize>)>,
-}
-
-impl Holding {
-    pub(crate) fn new(arena: Arc<Arena>) -> Holding {
-        Holding { arena, slots: Mutex::new((Vec::new(), Vec::new())) }
-    }
-
-    fn take(&self) -> Result<usize> {
-        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        if s.1.is_empty() {
-            let batch = self.arena.alloc(crate::BATCH_PAGES)?;
-            s.1.extend((0..crate::BATCH_PAGES).rev().map(|i| batch.offset(i)));
-            s.0.push(batch);
-        }
-        Ok(s.1.pop().expect("just refilled"))
-    }
-
-    /// Gives page `off` back, emptied.
-    pub(crate) fn give_back(&self, off: usize) {
-        if let Err(err) = self.arena.map.discard(off, PAGE_SIZE) {
-            tracing::error!(%err, "discarding a holding page failed; leaking it");
-            return;
-        }
-        self.slots.lock().unwrap_or_else(|e| e.into_inner()).1.push(off);
-    }
-
-    fn map(&self) -> &uhmm_sys::mman::Mapping {
-        &self.arena.map
-    }
-
-    fn page(&self, off: usize) -> SystemPage {
-        SystemPage::new(&self.arena, off)
-    }
-
-    fn addr(&self, off: usize) -> usize {
-        self.arena.map.addr() + off
-    }
-}
+pub(crate) mod revoke;
 
 /// Pages made exclusive to a device, still locked: the device records them
 /// in its page table, then drops this (which unlocks them; a CPU access from
 /// then on takes them back).
 #[derive(Debug)]
 pub struct ExclusiveGrant {
-    space: Arc<SpaceInner>,
-    region: Arc<RegionInner>,
+    space: Arc<Mm>,
+    region: Arc<Vma>,
     first: usize,
     held: Vec<Held>,
     _in_flight: InFlight,
@@ -183,46 +138,4 @@ impl AddressSpace {
         }
         Ok(grant)
     }
-}
-
-/// The CPU takes page `idx` back from a device's exclusive access: tell the
-/// device, move the page home, wake the waiting threads. Returns
-/// `EINPROGRESS` if the page changed meanwhile (the caller looks again).
-pub(crate) fn revoke(space: &SpaceInner, region: &RegionInner, idx: usize, slot: u64) -> Result<(), Errno> {
-    if !region.pt.try_lock_if(idx, State::Exclusive(slot)) {
-        return Err(Errno::INPROGRESS);
-    }
-    let addr = region.addr_of(idx);
-    drop(space.notifiers.invalidate(addr..addr + PAGE_SIZE, InvalidateEvent::Clear));
-    let off = slot as usize * PAGE_SIZE;
-    let moved = match space.uffd.move_pages(addr, space.holding.map(), off, PAGE_SIZE, false, true) {
-        // The region became read-only meanwhile: MOVE needs writable
-        // mappings, so copy the page home instead.
-        Err(e) if e.errno == Errno::INVAL => {
-            space.uffd.copy(addr, space.holding.addr(off) as *const u8, PAGE_SIZE, true)
-        }
-        other => other,
-    };
-    // The kernel can move a page and still answer an error (see
-    // migrate.rs): a page now in place came home.
-    let moved = match moved {
-        Err(e) if space.is_present(addr).unwrap_or(false) => {
-            tracing::debug!(errno = %e.errno, "the page came home despite the error");
-            Ok(PAGE_SIZE)
-        }
-        other => other,
-    };
-    let state = match moved {
-        Ok(_) => {
-            space.holding.give_back(off);
-            State::Cpu
-        }
-        Err(e) => {
-            tracing::error!(errno = %e.errno, addr, "taking an exclusive page back failed");
-            State::Exclusive(slot)
-        }
-    };
-    let _ = region.pt.unlock(idx, state, &space.waits);
-    space.wake(region, idx..idx + 1);
-    moved.map(|_| ()).map_err(|e| e.errno)
 }

@@ -23,39 +23,25 @@
 //! lose data. Poisoned pages stay poisoned in the child (the kernel copies
 //! the `UFFDIO_POISON` markers).
 
-use std::cell::{Cell, RefCell};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
+use std::sync::{Arc, Mutex, Once, Weak};
 use std::time::{Duration, Instant};
 
-use crate::fault::CpuFault;
-use crate::pte::State;
-use crate::space::{AddressSpace, SpaceInner};
 use uhmm_sys as sys;
 
-struct Gate {
-    forking: bool,
-    in_flight: usize,
-}
+use crate::exclusive::revoke::revoke;
+use crate::migrate::CpuFault;
+use crate::mm::{AddressSpace, Mm};
+use crate::pte::State;
 
-static GATE: Mutex<Gate> = Mutex::new(Gate { forking: false, in_flight: 0 });
-static GATE_CV: Condvar = Condvar::new();
-static SPACES: Mutex<Vec<Weak<SpaceInner>>> = Mutex::new(Vec::new());
+pub(crate) mod gate;
+use gate::{FORKER, GATE_CV, HELD, gate};
+
+/// The live address spaces, for the hooks.
+static SPACES: Mutex<Vec<Weak<Mm>>> = Mutex::new(Vec::new());
 static HOOKS: Once = Once::new();
 
-thread_local! {
-    /// Set in the forking thread between prepare and parent/child: its own
-    /// migrations pass the closed gate.
-    static FORKER: Cell<bool> = const { Cell::new(false) };
-    /// The gate, held by the forking thread across the fork.
-    static HELD: RefCell<Option<MutexGuard<'static, Gate>>> = const { RefCell::new(None) };
-}
-
-fn gate() -> MutexGuard<'static, Gate> {
-    GATE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Records a new address space for the hooks (installing them once).
-pub(crate) fn register(space: &Arc<SpaceInner>) {
+pub(crate) fn register(space: &Arc<Mm>) {
     HOOKS.call_once(|| {
         if let Err(err) = sys::process::atfork(prepare, parent, child) {
             tracing::error!(%err, "pthread_atfork failed: a fork will not bring device pages back first");
@@ -64,41 +50,6 @@ pub(crate) fn register(space: &Arc<SpaceInner>) {
     let mut spaces = SPACES.lock().unwrap_or_else(|e| e.into_inner());
     spaces.retain(|w| w.strong_count() > 0);
     spaces.push(Arc::downgrade(space));
-}
-
-/// A migration in flight: a fork waits until it is finalized or dropped.
-#[derive(Debug)]
-pub(crate) struct InFlight {
-    counted: bool,
-}
-
-impl InFlight {
-    /// Enters the gate, waiting while a fork is being prepared.
-    pub(crate) fn enter() -> InFlight {
-        if FORKER.get() {
-            return InFlight { counted: false };
-        }
-        let mut g = gate();
-        while g.forking {
-            g = GATE_CV.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
-        g.in_flight += 1;
-        InFlight { counted: true }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        if self.counted {
-            let mut g = gate();
-            g.in_flight = g.in_flight.saturating_sub(1);
-            // Only a fork being prepared waits for migrations to end (no
-            // futex call on every migration, a fault's included).
-            if g.forking {
-                GATE_CV.notify_all();
-            }
-        }
-    }
 }
 
 extern "C" fn prepare() {
@@ -118,7 +69,7 @@ extern "C" fn prepare() {
         }
         g = GATE_CV.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
     }
-    let spaces: Vec<Arc<SpaceInner>> =
+    let spaces: Vec<Arc<Mm>> =
         SPACES.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(Weak::upgrade).collect();
     for space in &spaces {
         if !space.is_orphaned() {
@@ -156,8 +107,8 @@ fn reopen(in_child: bool) {
 
 /// Brings every device page of `space` back to RAM, one `migrate_to_ram`
 /// per run of pages on the same device.
-fn evict(space: &Arc<SpaceInner>) {
-    let handle = AddressSpace { inner: space.clone() };
+fn evict(space: &Arc<Mm>) {
+    let handle = AddressSpace::from(space.clone());
     for region in space.regions() {
         let mut runs: Vec<(usize, usize, crate::DevicePage)> = Vec::new();
         let mut exclusive = Vec::new();
@@ -176,12 +127,12 @@ fn evict(space: &Arc<SpaceInner>) {
             }
         });
         for (idx, slot) in exclusive {
-            if let Err(err) = crate::exclusive::revoke(space, &region, idx, slot) {
+            if let Err(err) = revoke(space, &region, idx, slot) {
                 tracing::error!(%err, "fork: an exclusive page could not be taken back");
             }
         }
         for (start, end, page) in runs {
-            let Some(ops) = space.pagemap(page.pagemap).and_then(|pm| pm.ops()) else { continue };
+            let Some(ops) = space.driver(page.pagemap) else { continue };
             let (a, b) = (region.addr_of(start), region.addr_of(end));
             if let Err(err) = ops.migrate_to_ram(&CpuFault::new(handle.clone(), a, a..b, page)) {
                 tracing::error!(%err, "fork: a device could not bring its pages back");

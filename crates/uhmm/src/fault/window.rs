@@ -1,0 +1,312 @@
+//! Fault-around and first-touch windows: how many pages one fault brings
+//! back or fills, grown along sequential scans (up or down a region) and
+//! kept inside the faulting page's 2 MiB block; the kernel's
+//! `fault_around_bytes` made adaptive, with the marker of its asynchronous
+//! read-ahead (`PG_readahead`). Pure policy: it sees page indices only.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+use uhmm_sys::{HUGE_SIZE, PAGE_SIZE};
+
+/// The adaptive windows of one kind of fault in one region (fault-around,
+/// first-touch fills), for up to [`SCAN_STREAMS`] scans at once (threads
+/// each scanning their part). A fault on the page just past a scan's last
+/// window (a scan up the region) or just before it (a scan down: glibc's
+/// memcpy runs large copies backwards) gets a window twice as large,
+/// reaching on in the scan's direction, up to a maximum. Any other fault
+/// starts a scan in place of the one used least recently: one up the
+/// region, with a window as large as the run of pages in RAM just below it
+/// (up to the maximum), when that run is at least twice the base window (a
+/// scan that came from below without faulting there: glibc's memcpy copies
+/// a large buffer's head first and the rest from its end down, and the next
+/// chunk of a read starts above the one before); else the aligned base
+/// window. Every window is clipped to the faulting page's [`BLOCK_PAGES`]
+/// block.
+/// A scan's last read-ahead window leaves its first page (in the scan's
+/// direction) on the device, a marker: the scan's fault there brings back
+/// that page alone, at once, and the read-ahead goes on from the far end
+/// of the scan's windows while the scan reads the rest (the kernel's
+/// asynchronous read-ahead, `PG_readahead`).
+/// Relaxed atomics: a lost update only costs a window's size.
+#[derive(Debug)]
+pub(crate) struct ScanWindow {
+    streams: [Stream; SCAN_STREAMS],
+    /// Counts the windows recorded: a new scan replaces the stream used
+    /// least recently (not a scan going on beside faults that start none:
+    /// glibc's memcpy touches a large read's last bytes first, a fault
+    /// that starts a stream it never continues).
+    clock: AtomicUsize,
+}
+
+/// Scans a region tracks at once.
+const SCAN_STREAMS: usize = 4;
+
+/// Pages of a fault-around block: no window leaves the aligned 2 MiB block
+/// (counted from the region's start, 2 MiB-aligned for regions that large)
+/// of the page that faulted, as UVM keeps faults inside its 2 MiB VA
+/// blocks. A scan's doubling windows follow evidence of a sequential
+/// access, but unclipped they could run up to `fault_around_max_pages`
+/// past the last page read; clipped, what a fault brings back never leaves
+/// the block the program touched. A scan that crosses a block goes on with
+/// its size in the next one.
+const BLOCK_PAGES: usize = HUGE_SIZE / PAGE_SIZE;
+
+/// One scan's last window.
+#[derive(Debug)]
+struct Stream {
+    /// The window's first page and end (`usize::MAX`: none yet).
+    start: AtomicUsize,
+    end: AtomicUsize,
+    /// Its size before clipping.
+    size: AtomicUsize,
+    /// The `clock` when it was last used.
+    used: AtomicUsize,
+    /// The page its last read-ahead left on the device (`usize::MAX`:
+    /// none), and whether the scan goes down.
+    marker: AtomicUsize,
+    down: AtomicBool,
+}
+
+/// A window [`ScanWindow::propose`]d for a fault.
+#[derive(Debug)]
+pub(crate) struct Proposal {
+    pub(crate) pages: Range<usize>,
+    /// Its size before clipping.
+    pub(crate) size: usize,
+    /// The scan it continues (its direction) or starts.
+    pub(crate) stream: usize,
+    pub(crate) scan: Option<Scan>,
+    /// A fault on the scan's marker: its windows stay as they are, and
+    /// its read-ahead goes on from `resume` (their far end).
+    pub(crate) on_marker: bool,
+    pub(crate) resume: Option<usize>,
+}
+
+impl Proposal {
+    /// A window for a fault that is not on a marker.
+    fn new(pages: Range<usize>, size: usize, stream: usize, scan: Option<Scan>) -> Proposal {
+        Proposal { pages, size, stream, scan, on_marker: false, resume: None }
+    }
+}
+
+impl Default for ScanWindow {
+    fn default() -> ScanWindow {
+        let stream = || Stream {
+            start: AtomicUsize::new(usize::MAX),
+            end: AtomicUsize::new(usize::MAX),
+            size: AtomicUsize::new(0),
+            used: AtomicUsize::new(0),
+            marker: AtomicUsize::new(usize::MAX),
+            down: AtomicBool::new(false),
+        };
+        ScanWindow { streams: std::array::from_fn(|_| stream()), clock: AtomicUsize::new(0) }
+    }
+}
+
+impl ScanWindow {
+    /// The window for a fault on page `idx` of a region of `npages` pages,
+    /// inside the fault-around block of `idx` ([`BLOCK_PAGES`]);
+    /// `in_ram_below` counts the pages in RAM just below it (up to `max`),
+    /// asked only of a fault that starts a scan.
+    pub(crate) fn propose(
+        &self,
+        idx: usize,
+        base: usize,
+        max: usize,
+        npages: usize,
+        in_ram_below: impl FnOnce() -> usize,
+    ) -> Proposal {
+        use std::sync::atomic::Ordering::Relaxed;
+        // The window's bounds: the block of `idx`, inside the region.
+        let lo = idx - idx % BLOCK_PAGES;
+        let hi = (lo + BLOCK_PAGES).min(npages);
+        if base > 1 {
+            for (stream, s) in self.streams.iter().enumerate() {
+                let grown = || (s.size.load(Relaxed) * 2).clamp(base, max.max(base));
+                if s.marker.load(Relaxed) == idx {
+                    let (scan, resume) = if s.down.load(Relaxed) {
+                        (Scan::Down, s.start.load(Relaxed).checked_sub(1))
+                    } else {
+                        (Scan::Up, Some(s.end.load(Relaxed)).filter(|&e| e < npages))
+                    };
+                    let size = s.size.load(Relaxed);
+                    return Proposal { pages: idx..idx + 1, size, stream, scan: Some(scan), on_marker: true, resume };
+                }
+                if s.end.load(Relaxed) == idx {
+                    let size = grown();
+                    return Proposal::new(idx..(idx + size).min(hi), size, stream, Some(Scan::Up));
+                }
+                if s.start.load(Relaxed) == idx + 1 {
+                    let size = grown();
+                    let pages = (idx + 1).saturating_sub(size).max(lo)..idx + 1;
+                    return Proposal::new(pages, size, stream, Some(Scan::Down));
+                }
+            }
+        }
+        let stream = (0..SCAN_STREAMS).min_by_key(|&k| self.streams[k].used.load(Relaxed)).unwrap_or(0);
+        let below = if base > 1 { in_ram_below() } else { 0 };
+        if below >= 2 * base {
+            let size = below.min(max.max(base));
+            return Proposal::new(idx..(idx + size).min(hi), size, stream, Some(Scan::Up));
+        }
+        let start = idx - idx % base;
+        Proposal::new(start.max(lo)..(start + base).min(hi), base, stream, None)
+    }
+
+    /// Notes the window taken for `proposal`: `pages` (clipped). A fault
+    /// on a marker leaves the scan's windows as they are.
+    pub(crate) fn record(&self, proposal: &Proposal, pages: &Range<usize>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.streams[proposal.stream];
+        s.used.store(self.clock.fetch_add(1, Relaxed) + 1, Relaxed);
+        s.marker.store(usize::MAX, Relaxed);
+        if proposal.on_marker {
+            return;
+        }
+        s.start.store(pages.start, Relaxed);
+        s.end.store(pages.end, Relaxed);
+        s.size.store(proposal.size, Relaxed);
+    }
+
+    /// Notes that the scan of `proposal` (just recorded) left page `idx`
+    /// on the device.
+    pub(crate) fn leave_marker(&self, proposal: &Proposal, idx: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.streams[proposal.stream];
+        s.down.store(proposal.scan == Some(Scan::Down), Relaxed);
+        s.marker.store(idx, Relaxed);
+    }
+}
+
+/// The direction of a sequential scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scan {
+    Up,
+    Down,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes the window proposed for a fault on `idx` (base 16, at most
+    /// 512 pages, nothing in RAM below) in a region of `npages`.
+    fn take(w: &ScanWindow, idx: usize, npages: usize) -> Proposal {
+        let p = w.propose(idx, 16, 512, npages, || 0);
+        w.record(&p, &p.pages);
+        p
+    }
+
+    #[test]
+    fn scan_windows_grow_up_and_down_the_region_and_reset_elsewhere() {
+        let w = ScanWindow::default();
+        // Takes the proposed window for a fault on `idx` and returns it.
+        let take = |idx: usize| {
+            let p = w.propose(idx, 16, 128, 1000, || 0);
+            w.record(&p, &p.pages);
+            p.pages
+        };
+        assert_eq!(take(40), 32..48, "a first fault: the aligned base window");
+        assert_eq!(take(48), 48..80, "up: doubled, from the fault");
+        assert_eq!(take(80), 80..144);
+        assert_eq!(take(144), 144..272);
+        assert_eq!(take(272), 272..400, "no larger than the maximum");
+        assert_eq!(take(700), 688..704, "a fault elsewhere starts a scan");
+        assert_eq!(take(687), 656..688, "down: doubled, ending at the fault");
+        assert_eq!(take(655), 592..656);
+        assert_eq!(take(400), 400..512, "the first scan goes on beside the second, up to its block's end");
+        assert_eq!(take(512), 512..640, "and on in the next block, as large as before");
+        assert_eq!(take(591), 512..592, "down to its block's start");
+        assert_eq!(take(511), 384..512, "and on below it");
+        assert_eq!(take(995), 992..1000, "clipped to the region");
+        assert_eq!(take(991), 960..992);
+        assert_eq!(take(39), 32..48, "a fault inside a window starts a scan");
+        assert_eq!(take(31), 0..32, "clipped at the region's start");
+        let p = w.propose(15, 1, 128, 1000, || 0);
+        assert_eq!((p.pages, p.scan), (15..16, None), "a base of one page never grows");
+    }
+
+    #[test]
+    fn a_fault_above_pages_in_ram_starts_a_scan_up_as_large_as_their_run() {
+        let w = ScanWindow::default();
+        let p = w.propose(600, 16, 512, 1000, || 300);
+        assert_eq!((p.pages, p.scan), (600..900, Some(Scan::Up)), "as many pages as are in RAM below");
+        let p = w.propose(600, 16, 128, 1000, || 300);
+        assert_eq!(p.pages, 600..728, "no larger than the maximum");
+        let p = w.propose(300, 16, 512, 1000, || 300);
+        assert_eq!(p.pages, 300..512, "clipped to the block");
+        let p = w.propose(990, 16, 512, 1000, || 600);
+        assert_eq!(p.pages, 990..1000, "clipped to the region");
+        let p = w.propose(300, 16, 512, 1000, || 31);
+        assert_eq!((p.pages, p.scan), (288..304, None), "fewer than two base windows: the base window");
+        let p = w.propose(300, 1, 512, 1000, || panic!("not asked when the base is one page"));
+        assert_eq!(p.pages, 300..301);
+        // A fault that continues a scan does not look below.
+        let p = w.propose(300, 16, 512, 1000, || 0);
+        w.record(&p, &p.pages);
+        let p = w.propose(304, 16, 512, 1000, || panic!("not asked for a scan's next window"));
+        assert_eq!(p.pages, 304..336);
+    }
+
+    #[test]
+    fn a_marker_fault_takes_its_page_alone_and_resumes_where_the_scan_ends() {
+        let w = ScanWindow::default();
+        let take = |idx: usize| take(&w, idx, 1000);
+        take(0);
+        let last = take(16); // a scan up: 16..48
+        w.leave_marker(&last, 16);
+        let p = take(16);
+        assert_eq!((p.pages, p.on_marker, p.resume, p.scan), (16..17, true, Some(48), Some(Scan::Up)));
+        assert_eq!(take(48).pages, 48..112, "the scan's windows stay as they were");
+        assert!(!take(16).on_marker, "a marker serves once");
+        // Down: the marker is the window's top page; the scan resumes below it.
+        take(703);
+        let last = take(687); // a scan down: 656..688
+        w.leave_marker(&last, 687);
+        let p = take(687);
+        assert_eq!((p.pages, p.resume, p.scan), (687..688, Some(655), Some(Scan::Down)));
+        assert_eq!(take(655).pages, 592..656);
+        // At the region's end there is nothing to resume.
+        take(960);
+        let last = take(976); // 976..1000, clipped
+        w.leave_marker(&last, 976);
+        assert_eq!(take(976).resume, None);
+    }
+
+    #[test]
+    fn a_scan_outlives_faults_beside_it_that_start_scans() {
+        let w = ScanWindow::default();
+        let take = |idx: usize| take(&w, idx, 1 << 20);
+        take(0);
+        let mut next = take(16).pages.end;
+        // Each read's last page faults first (glibc's memcpy): more faults
+        // that start scans than there are streams, between the scan's own.
+        for k in 1..=2 * SCAN_STREAMS {
+            assert_eq!(take(k << 12).scan, None);
+            let p = take(next);
+            assert_eq!(p.scan, Some(Scan::Up), "the scan goes on after {k} faults beside it");
+            next = p.pages.end;
+        }
+    }
+
+    #[test]
+    fn scan_windows_follow_as_many_scans_as_they_have_streams() {
+        let w = ScanWindow::default();
+        let take = |idx: usize| take(&w, idx, 1 << 20);
+        // SCAN_STREAMS threads, each scanning its own part up, in turn.
+        let mut next: Vec<usize> = (0..SCAN_STREAMS).map(|k| k << 16).collect();
+        for round in 0..6 {
+            for n in next.iter_mut() {
+                let p = take(*n);
+                assert_eq!(p.scan.is_some(), round > 0, "round {round} at {n}");
+                *n = p.pages.end;
+            }
+        }
+        assert_eq!(next[0], 512, "each scan's windows grew, up to its block's end");
+        // One more scan starts in place of the one used least recently.
+        assert_eq!(take(9 << 16).scan, None);
+        assert_eq!(take(next[1]).scan, Some(Scan::Up), "the others go on");
+        assert_eq!(take(next[0]).scan, None, "the first scan was forgotten");
+    }
+}

@@ -1,0 +1,297 @@
+//! Step 1, `migrate_vma_setup`: collect the pages of a range, lock them
+//! best-effort (`folio_trylock`: a page locked elsewhere is skipped as
+//! busy, never waited for), and unmap the RAM ones into staging so every
+//! CPU access waits (`migrate_vma_collect` and `migrate_vma_unmap`).
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::Arc;
+
+use rustix::io::Errno;
+use smallvec::smallvec;
+use uhmm_sys::PAGE_SIZE;
+use uhmm_sys::pagemap::{Query, category};
+
+use crate::fork::gate::InFlight;
+use crate::migrate::{Collected, Inner, Migration, Select, Src, first_index, runs};
+use crate::mm::AddressSpace;
+use crate::notifier::InvalidateEvent;
+use crate::page::{DevicePage, Owner};
+use crate::pte::State;
+use crate::staging::Slots;
+use crate::stats::Stats;
+use crate::vma::{Backing, Prot, Vma};
+use crate::{Error, ErrorKind, Result};
+
+impl Migration<Collected> {
+    /// Step 1 (`migrate_vma_setup`): collect, lock and unmap the pages of
+    /// `range` selected by `select` and `owner`.
+    ///
+    /// `range` is rounded down to pages at both ends. It must be non-empty
+    /// and inside one region; otherwise [`ErrorKind::InvalidArgument`] and
+    /// nothing changes. Each call starts from fresh state, so a loop can
+    /// reuse the same code path chunk after chunk.
+    pub fn setup(space: &AddressSpace, range: Range<usize>, select: Select, owner: Owner) -> Result<Self> {
+        let start = range.start & !(PAGE_SIZE - 1);
+        let end = range.end & !(PAGE_SIZE - 1);
+        let serving = space.serving.clone();
+        let space = &space.inner;
+        space.check_usable()?;
+        let (region, pages) = space.region_pages(start..end.max(start))?;
+        let (first, n) = (pages.start, pages.len());
+        let mut m = Inner::new(space.clone(), serving, smallvec![region.clone()], n, InFlight::enter());
+        for (i, p) in m.pages.iter_mut().enumerate() {
+            p.idx = first + i;
+        }
+        if region.backing != Backing::Anonymous {
+            // Only private anonymous memory migrates (migrate_vma_collect
+            // skips other mappings): nothing is collected.
+            return Ok(Migration { inner: m, _step: PhantomData });
+        }
+        let owner_ok = |p: &DevicePage| space.pagemap(p.pagemap).is_some_and(|pm| pm.owner() == owner);
+        let coherent = |p: &DevicePage| space.is_coherent(p);
+
+        // Collect and lock.
+        let mut cpu = Vec::new();
+        let mut mapped_device = Vec::new();
+        for (prange, prot) in region.prot_runs(first..first + n) {
+            for idx in prange {
+                let i = idx - first;
+                // Best effort, but not at the first contention: the fault
+                // engine holds fill windows for a few microseconds (also for
+                // stale, duplicate faults), which should not make a page busy.
+                let Some(prior) = region.pt.try_lock(idx).or_else(|| {
+                    // A zero fill's lock goes within microseconds: wait it out
+                    // (bounded); any other holder makes the page busy.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
+                    (0..3)
+                        .find_map(|_| {
+                            std::thread::yield_now();
+                            region.pt.try_lock(idx)
+                        })
+                        .or_else(|| {
+                            loop {
+                                if !region.pt.filling(idx) || std::time::Instant::now() > deadline {
+                                    break region.pt.try_lock(idx);
+                                }
+                                std::thread::yield_now();
+                                if let Some(s) = region.pt.try_lock(idx) {
+                                    break Some(s);
+                                }
+                            }
+                        })
+                }) else {
+                    Stats::add(&space.stats.busy_pages, 1);
+                    continue;
+                };
+                m.pages[i].prior = prior;
+                m.pages[i].src = match prior {
+                    // RAM page or hole: decided once it is unmapped, below.
+                    State::Cpu if prot != Prot::NONE => {
+                        cpu.push(i);
+                        Src::Hole
+                    }
+                    // Coherent device pages are mapped: they are unmapped below, like RAM.
+                    State::Device(p) if coherent(&p) && select.contains(Select::DEVICE_COHERENT) && owner_ok(&p) => {
+                        mapped_device.push(i);
+                        Src::Device(p)
+                    }
+                    State::Device(p) if !coherent(&p) && select.contains(Select::DEVICE_PRIVATE) && owner_ok(&p) => {
+                        Src::Device(p)
+                    }
+                    _ => {
+                        m.unlock_skip(i);
+                        Src::Skip
+                    }
+                };
+            }
+        }
+        if region.is_dead() {
+            return Err(Error::new(ErrorKind::NotFound, "the region is being unmapped"));
+        }
+        // Mirrors drop their entries before any page changes.
+        let _inv = m
+            .pages
+            .iter()
+            .any(|p| p.src != Src::Skip)
+            .then(|| space.notifiers.invalidate(start..end, InvalidateEvent::Migrate { owner }));
+        if !select.contains(Select::SYSTEM) {
+            m.keep_holes_only(&region, first, &cpu)?;
+            cpu.clear();
+        }
+        cpu.extend(mapped_device);
+        cpu.sort_unstable();
+        if !cpu.is_empty() {
+            m.unmap_system(&region, first, &cpu)?;
+        }
+        m.cpages = m.pages.iter().filter(|p| p.src != Src::Skip).count();
+        Stats::add(&space.stats.collected_pages, m.cpages as u64);
+        Ok(Migration { inner: m, _step: PhantomData })
+    }
+}
+
+impl Inner {
+    /// Unmaps the locked CPU pages `cpu` (indices into the migration, whose
+    /// region pages are `first + i`) into staging, then classifies each as a
+    /// RAM page or a hole.
+    pub(super) fn unmap_system(&mut self, region: &Arc<Vma>, first: usize, cpu: &[usize]) -> Result<()> {
+        let stage = self.space.stage.alloc(self.pages.len())?;
+        let r = self.unmap_system_into(&stage, region, first, cpu);
+        if r.is_err() {
+            // Some pages may already sit in staging: restore every candidate
+            // from there (restoring moves skip staging holes).
+            for &i in cpu {
+                if self.pages[i].src != Src::Skip {
+                    self.pages[i].src = Src::System;
+                }
+            }
+        }
+        self.stage = Some(stage);
+        r
+    }
+
+    pub(super) fn unmap_system_into(
+        &mut self,
+        stage: &Slots,
+        region: &Arc<Vma>,
+        first: usize,
+        cpu: &[usize],
+    ) -> Result<()> {
+        let space = self.space.clone();
+        // One ioctl never crosses a protection boundary (a VMA boundary).
+        let prot_split = runs(cpu).into_iter().flat_map(|run| {
+            region
+                .prot_runs(first + run.start..first + run.end)
+                .into_iter()
+                .map(move |(r, p)| (r.start - first..r.end - first, p))
+        });
+        for (run, prot) in prot_split.collect::<Vec<_>>() {
+            let writable = prot.contains(Prot::WRITE);
+            if writable {
+                let mut i = run.start;
+                // EBUSY can be transient (the kernel holds a reference for a
+                // moment: compaction, an LRU batch): try a page a few times
+                // before skipping it as busy, which is what a pin gets.
+                let mut busy_tries = 0;
+                while i < run.end {
+                    let len = stage.contiguous(i, run.end - i);
+                    let dst = stage.addr(i);
+                    match space.uffd.move_pages(dst, &region.map, (first + i) * PAGE_SIZE, len * PAGE_SIZE, true, true)
+                    {
+                        Ok(_) => i += len,
+                        Err(e) => {
+                            let k = i + e.done / PAGE_SIZE;
+                            if e.errno == Errno::AGAIN {
+                                Stats::add(&space.stats.eagain, 1);
+                                i = k;
+                                std::thread::yield_now();
+                                continue;
+                            }
+                            if e.errno == Errno::BUSY && busy_tries < 3 {
+                                busy_tries += 1;
+                                i = k;
+                                std::thread::sleep(std::time::Duration::from_micros(20 << busy_tries));
+                                continue;
+                            }
+                            busy_tries = 0;
+                            // Whatever the error said, the page table decides
+                            // whether page k moved: the kernel (6.18) has
+                            // been seen to answer EEXIST, nothing done, to a
+                            // one-page move whose page did move (the region's
+                            // entry empty, the slot full afterwards).
+                            // Skipping it would leave its data in a slot about
+                            // to be emptied: the soak's zeroed pages.
+                            if !space.is_present(region.addr_of(first + k))? {
+                                // Moved, or a hole: the scan below tells which.
+                                i = k + 1;
+                                continue;
+                            }
+                            if e.errno != Errno::BUSY {
+                                tracing::warn!(errno = %e.errno, "UFFDIO_MOVE into staging failed; page skipped");
+                            }
+                            Stats::add(&space.stats.busy_pages, 1);
+                            self.unlock_skip(k);
+                            i = k + 1;
+                        }
+                    }
+                }
+            } else {
+                // Read-only: MOVE needs writable mappings, so copy the present
+                // pages into staging and zap them. Nothing can write them
+                // meanwhile: they are read-only, and the protections are held
+                // still until the zap. (A kernel pin on such a page is not
+                // seen on this path: copy and zap ignore it.)
+                let frozen = region.prot_frozen();
+                if run.clone().any(|i| frozen.prot_at(first + i).contains(Prot::WRITE)) {
+                    // Made writable since the runs were read (any page of
+                    // it: a write between the copy and the zap below would
+                    // be lost): skip, busy.
+                    drop(frozen);
+                    for i in run {
+                        self.unlock_skip(i);
+                    }
+                    continue;
+                }
+                let (a, b) = (region.addr_of(first + run.start), region.addr_of(first + run.end));
+                for r in space.scan(a, b, Query::any_of(category::PRESENT | category::SWAPPED))? {
+                    let mut addr = r.start;
+                    while addr < r.end {
+                        let i = first_index(region, first, addr);
+                        let len = stage.contiguous(i, (r.end - addr) / PAGE_SIZE);
+                        if let Err(e) = space.uffd.copy(stage.addr(i), addr as *const u8, len * PAGE_SIZE, true) {
+                            return Err(Error::sys("UFFDIO_COPY into staging", std::io::Error::from(e.errno)));
+                        }
+                        addr += len * PAGE_SIZE;
+                    }
+                }
+                region
+                    .map
+                    .discard((first + run.start) * PAGE_SIZE, run.len() * PAGE_SIZE)
+                    .map_err(|e| Error::sys("MADV_DONTNEED", e))?;
+                drop(frozen);
+            }
+        }
+        // Which staged slots hold data? Holes and the zero page are holes.
+        let mut present = Vec::new();
+        let q = Query::all(category::PRESENT | category::SWAPPED | category::PFNZERO);
+        let mut i = 0;
+        while i < self.pages.len() {
+            let len = stage.contiguous(i, self.pages.len() - i);
+            present.clear();
+            let a = stage.addr(i);
+            space
+                .pagemap_file
+                .scan(a, a + len * PAGE_SIZE, q, &mut present)
+                .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
+            for r in &present {
+                let data = r.categories & (category::PRESENT | category::SWAPPED) != 0
+                    && r.categories & category::PFNZERO == 0;
+                if data {
+                    for j in (r.start - a) / PAGE_SIZE..(r.end - a) / PAGE_SIZE {
+                        if self.pages[i + j].src != Src::Skip && self.pages[i + j].prior == State::Cpu {
+                            self.pages[i + j].src = Src::System;
+                        }
+                    }
+                }
+            }
+            i += len;
+        }
+        Ok(())
+    }
+
+    /// Without `Select::SYSTEM`: RAM and zero pages are not candidates, holes are.
+    pub(super) fn keep_holes_only(&mut self, region: &Arc<Vma>, first: usize, cpu: &[usize]) -> Result<()> {
+        let (Some(&lo), Some(&hi)) = (cpu.first(), cpu.last()) else {
+            return Ok(());
+        };
+        let (a, b) = (region.addr_of(first + lo), region.addr_of(first + hi + 1));
+        for r in self.space.scan(a, b, Query::any_of(category::PRESENT | category::SWAPPED))? {
+            for addr in (r.start..r.end).step_by(PAGE_SIZE) {
+                let i = first_index(region, first, addr);
+                if self.pages[i].src != Src::Skip {
+                    self.unlock_skip(i);
+                }
+            }
+        }
+        Ok(())
+    }
+}
