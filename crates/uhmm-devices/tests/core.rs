@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use uhmm::{ErrorKind, MigrateSrc, Migration, Owner, PAGE_SIZE, PageState as Pte, Prot, Select};
+use uhmm::{ErrorKind, MigrateSrc, Migration, Owner, PAGE_SIZE, PageState as Pte, Prot, Select, Skip};
 use uhmm_devices::sim::PageState;
 use uhmm_sys::pin::IoPin;
 
@@ -296,8 +296,8 @@ fn c11_concurrent_access() {
         for _ in 0..100 {
             match dev.migrate_to_device_all(region.addr(), N) {
                 Ok(c) => moved += c.cpages,
-                // The writer faulted some pages back (or held them) meanwhile.
-                Err(e) => assert_eq!(e.kind(), ErrorKind::NotFound, "{e}"),
+                // The writer held every page meanwhile.
+                Err(e) => assert_eq!(e.kind(), ErrorKind::Busy, "{e}"),
             }
             dev.migrate_to_system(region.addr(), N).unwrap();
         }
@@ -339,11 +339,15 @@ fn c12_busy_pages() {
         assert!(matches!(m.src(2), MigrateSrc::Skip));
         assert!(matches!(m.src(5), MigrateSrc::Skip));
         assert!(matches!(m.src(4), MigrateSrc::System(_)));
+        assert_eq!((m.skipped(2), m.skipped(5), m.skipped(4)), (Some(Skip::Busy), Some(Skip::Pinned), None));
         assert_eq!(space.stats().busy_pages - busy_before, 2);
-        drop(m);
-        // Through the device: the rest migrates, the busy pages stay.
-        let err = dev.migrate_to_device(region.addr(), N).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::NotFound);
+        let s = m.pages().finalize();
+        assert_eq!((s.npages, s.cpages, s.migrated, s.busy, s.pinned), (N, N - 2, 0, 1, 1));
+        assert_eq!((s.not_moved(), s.not_selected()), (N - 2, 0));
+        // Through the device: the rest migrates, the busy pages stay,
+        // counted by reason.
+        let c = dev.migrate_to_device(region.addr(), N).unwrap();
+        assert_eq!((c.cpages, c.left.busy, c.left.pinned, c.left.total()), (N - 2, 1, 1, 2));
         let snap = dev.snapshot(region.addr(), N).unwrap();
         for (p, s) in snap.iter().enumerate() {
             let on_dev = s.contains(PageState::DEV_PRIVATE_LOCAL);
@@ -408,7 +412,7 @@ fn sim_fail_next_alloc_fails_once() {
         fill(&region, 0..16, |i| i);
         dev.fail_next_alloc();
         let e = dev.migrate_to_device(region.addr(), 16).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::NotFound, "the failed allocation leaves pages behind");
+        assert_eq!(e.kind(), ErrorKind::NoMemory, "the failed allocation leaves every page behind");
         assert_words(&cpu_read(&region), |i| i);
         assert_eq!(dev.migrate_to_device_all(region.addr(), 16).unwrap().cpages, 16, "only once");
         // A failed system allocation leaves the page on the device.
@@ -451,8 +455,8 @@ fn sim_capacity_is_enforced_and_release_evicts_everything() {
         let dev = uhmm_devices::sim::SimDevice::new(&space, config).unwrap();
         let region = map(&space, 2048); // 8 MiB: twice the capacity
         fill(&region, 0..2048, |i| i);
-        let e = dev.migrate_to_device(region.addr(), 2048).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let c = dev.migrate_to_device(region.addr(), 2048).unwrap();
+        assert_eq!((c.cpages, c.left.no_memory, c.left.total()), (1024, 1024, 1024), "the device is full");
         assert_eq!(dev.pages_in_use(), 1024, "grew chunk by chunk up to the capacity");
         assert_eq!(dev.release().unwrap(), 1024);
         assert_eq!(dev.pages_in_use(), 0);

@@ -54,7 +54,7 @@ fn anon_write_child(migrate: bool, huge: bool) {
     // Pages shared with a child (even a dead one) are busy for migration
     // until the parent writes them (the kernel refuses to move a page that
     // is not exclusively ours); after a write the parent's device takes them.
-    assert_eq!(dev.migrate_to_device(region.addr(), npages).unwrap_err().kind(), uhmm::ErrorKind::NotFound);
+    assert_eq!(dev.migrate_to_device(region.addr(), npages).unwrap_err().kind(), uhmm::ErrorKind::Busy);
     fill(&region, 0..npages, |i| i);
     assert_eq!(dev.migrate_to_device_all(region.addr(), npages).unwrap().cpages, npages);
     assert_words(&cpu_read(&region), |i| i);
@@ -157,7 +157,7 @@ fn child_drops_inherited_objects_cleanly() {
     let (dev, r) = g.as_ref().unwrap();
     assert_eq!(r.addr(), dev_addr);
     // Shared with the (dead) child until written; then the device takes them.
-    assert_eq!(dev.migrate_to_device(r.addr(), npages).unwrap_err().kind(), uhmm::ErrorKind::NotFound);
+    assert_eq!(dev.migrate_to_device(r.addr(), npages).unwrap_err().kind(), uhmm::ErrorKind::Busy);
     fill(r, 0..64, |i| i + 1);
     assert_eq!(dev.migrate_to_device_all(r.addr(), npages).unwrap().cpages, npages);
     assert_words(&cpu_read(r), |i| i + 1);

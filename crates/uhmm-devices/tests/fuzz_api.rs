@@ -133,7 +133,7 @@ fn run(calls: Vec<Call>) {
                 }
             }
             Call::ToDevice { off, n } => {
-                // Pages may be left behind (NotFound): not an error here.
+                // Pages may be left behind: counted, or an error when none moved.
                 typed(c, dev.migrate_to_device(at(off), n));
             }
             Call::ToSystem { off, n } => {

@@ -62,7 +62,7 @@ pub use error::{Error, ErrorKind, Result};
 pub use exclusive::ExclusiveGrant;
 pub use migrate::chunked::{ChunkDriver, PipelinedDriver, migrate_chunked, migrate_pipelined};
 pub use migrate::device_range::migrate_device_range;
-pub use migrate::{Collected, CpuFault, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select};
+pub use migrate::{Collected, CpuFault, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select, Skip};
 pub use mirror::{AccessPage, RangeAccess, range_fault};
 pub use mm::{AddressSpace, HandlerWatch, PageSnapshot, Residency};
 pub use move_pages::{MoveStatus, MoveTarget, move_pages};

@@ -105,6 +105,39 @@ impl Default for SimConfig {
     }
 }
 
+impl SimConfig {
+    /// Checks the fields against each other; the error names the field
+    /// (or fields) at fault and their values.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::invalid(format!("SimConfig: {what}")));
+        if self.chunk_bytes < PAGE_SIZE || !self.chunk_bytes.is_multiple_of(PAGE_SIZE) {
+            return bad(format!("chunk_bytes ({}) must be a non-zero multiple of {PAGE_SIZE}", self.chunk_bytes));
+        }
+        if self.capacity_bytes < self.chunk_bytes {
+            return bad(format!(
+                "capacity_bytes ({}) must be at least chunk_bytes ({})",
+                self.capacity_bytes, self.chunk_bytes
+            ));
+        }
+        if self.migrate_chunk_pages == 0 {
+            return bad("migrate_chunk_pages must be > 0".to_owned());
+        }
+        if self.dma_channels == 0 {
+            return bad("dma_channels must be > 0".to_owned());
+        }
+        for (name, rate) in [
+            ("alloc_fail_rate", self.alloc_fail_rate),
+            ("copy_error_rate", self.copy_error_rate),
+            ("copy_back_fail_rate", self.copy_back_fail_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return bad(format!("{name} ({rate}) must be within 0.0..=1.0"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The counters dmirror returns with each test operation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -112,10 +145,41 @@ pub struct Counters {
     pub cpages: usize,
     /// Fault rounds: times the device had to fault pages it did not map.
     pub faults: usize,
+    /// A migration's pages that stayed where they were, by reason (all
+    /// zero for other operations, and for a migration that moved every
+    /// page).
+    pub left: Left,
+}
+
+/// The pages of a range that a migration left where they were, and why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Left {
+    /// Locked by another migration, a fault or a device access: busy for a
+    /// moment ([`uhmm::Skip::Busy`]).
+    pub busy: usize,
+    /// Pinned, or held by the kernel ([`uhmm::Skip::Pinned`]).
+    pub pinned: usize,
+    /// Collected, but the device had no memory for them (or an allocation
+    /// failed).
+    pub no_memory: usize,
+    /// The rest: not selected (another device's pages, poisoned pages).
+    pub not_found: usize,
+}
+
+impl Left {
+    /// Pages left, whatever the reason.
+    pub fn total(&self) -> usize {
+        self.busy + self.pinned + self.no_memory + self.not_found
+    }
 }
 
 bitflags::bitflags! {
     /// One page of a [`SimDevice::snapshot`] (dmirror's `HMM_DMIRROR_PROT_*`).
+    ///
+    /// Each flag is a bit of its own, so `contains` cannot be misread:
+    /// dmirror's `ERROR` is all ones and its `DEV_COHERENT_REMOTE` is
+    /// `DEV_COHERENT_LOCAL | ZERO`, so that an unmapped page "contains"
+    /// every flag; here neither does.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct PageState: u8 {
         /// Readable (and not writable).
@@ -124,16 +188,16 @@ bitflags::bitflags! {
         const WRITE = 0x02;
         /// Mapped by a huge page (a PMD).
         const PMD = 0x04;
+        /// Device-coherent memory of another device.
+        const DEV_COHERENT_REMOTE = 0x08;
         /// The shared zero page.
         const ZERO = 0x10;
         /// Device-private memory of this device.
         const DEV_PRIVATE_LOCAL = 0x20;
         /// Device-coherent memory of this device.
         const DEV_COHERENT_LOCAL = 0x40;
-        /// Device-coherent memory of another device.
-        const DEV_COHERENT_REMOTE = 0x50;
-        /// No region, or no access.
-        const ERROR = 0xFF;
+        /// No region, no access, or poisoned: the page cannot be read.
+        const ERROR = 0x80;
     }
 }
 
@@ -141,6 +205,14 @@ impl PageState {
     /// Not mapped at all (a hole).
     pub const NONE: PageState = PageState::empty();
 }
+
+/// Further passes [`SimDevice::migrate_to_device_all`] makes while pages
+/// are left behind: pages busy for a moment (a fault's late copy, a kernel
+/// reference) are free again within a pass or two.
+pub const ALL_TRIES: usize = 5;
+/// The pause between those passes: long against the microseconds a page is
+/// busy, short against a migration.
+pub const ALL_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// A simulated device attached to one address space.
 ///
@@ -222,22 +294,10 @@ struct SimInner {
 }
 
 impl SimDevice {
-    /// Creates a device in `space`.
+    /// Creates a device in `space`. A [`SimConfig`] that
+    /// [`validate`](SimConfig::validate) refuses is an invalid argument.
     pub fn new(space: &AddressSpace, config: SimConfig) -> Result<SimDevice> {
-        if config.chunk_bytes < PAGE_SIZE
-            || !config.chunk_bytes.is_multiple_of(PAGE_SIZE)
-            || config.capacity_bytes < config.chunk_bytes
-        {
-            return Err(Error::invalid("chunk_bytes must be page-aligned and at most capacity_bytes"));
-        }
-        if config.migrate_chunk_pages == 0 || config.dma_channels == 0 {
-            return Err(Error::invalid("migrate_chunk_pages and dma_channels must be > 0"));
-        }
-        let rate_ok = |r: f64| (0.0..=1.0).contains(&r);
-        if !rate_ok(config.alloc_fail_rate) || !rate_ok(config.copy_error_rate) || !rate_ok(config.copy_back_fail_rate)
-        {
-            return Err(Error::invalid("fault-injection rates must be within 0.0..=1.0"));
-        }
+        config.validate()?;
         let inner = Arc::new(SimInner {
             space: space.clone(),
             owner: Owner::new(),
@@ -321,15 +381,17 @@ impl SimDevice {
     }
 
     /// Migrates the system pages and holes of `npages` pages at `addr` to
-    /// this device, then reads them back from the device page table: a page
-    /// missing there is [`ErrorKind::NotFound`]. `cpages` = pages readable
-    /// from the device.
-    /// A range without read access is an invalid argument, as in dmirror.
+    /// this device, then reads them back from the device page table:
+    /// `cpages` = pages on the device, and `left` counts the others by
+    /// reason. Pages left behind are not an error while some are on the
+    /// device; when none is, the error says why ([`ErrorKind::Busy`] when
+    /// every page was busy or pinned, [`ErrorKind::NoMemory`] when the
+    /// device was full, [`ErrorKind::NotFound`] when none was selected). A
+    /// range without read access is an invalid argument, as in dmirror.
     ///
     /// This is dmirror's operation, one pass: a page skipped as busy for a
     /// moment (the kernel or uhmm holding it, as right after CPU accesses)
-    /// makes it fail with `NotFound`, though the pages that moved stay on
-    /// the device. A program normally calls
+    /// is left behind, counted in `left.busy`. A program normally calls
     /// [`migrate_to_device_all`](SimDevice::migrate_to_device_all) instead;
     /// call this one to see each pass's outcome (tests of exact behaviour,
     /// or a caller that retries or gives up on the pages left behind its
@@ -341,39 +403,57 @@ impl SimDevice {
         }
         let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
         let mut driver = Chunks { dev: &self.inner, to_device: true, how: dispatch(chunk, npages) };
-        migrate_pipelined(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
+        let s =
+            migrate_pipelined(&self.inner.space, range.clone(), chunk, Select::SYSTEM, self.inner.owner, &mut driver)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         let cpages = table.range(range).filter(|(_, pte)| matches!(pte, Pte::Device(_) | Pte::Coherent(_))).count();
-        if cpages < npages {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("{} of {npages} pages are not on the device", npages - cpages),
-            ));
+        let missing = npages - cpages;
+        // Pages on the device before count as there; the rest of what the
+        // migration left is attributed by its reasons, in this order.
+        let mut left = Left::default();
+        let mut rest = missing;
+        for (slot, n) in [(&mut left.busy, s.busy), (&mut left.pinned, s.pinned), (&mut left.no_memory, s.not_moved())]
+        {
+            *slot = n.min(rest);
+            rest -= *slot;
         }
-        Ok(Counters { cpages, faults: 0 })
+        left.not_found = rest;
+        if cpages == 0 && npages > 0 {
+            let (kind, why) = if left.busy + left.pinned == npages {
+                (ErrorKind::Busy, "every page was busy or pinned")
+            } else if left.no_memory > 0 {
+                (ErrorKind::NoMemory, "the device had no memory for them")
+            } else {
+                (ErrorKind::NotFound, "no page could be moved")
+            };
+            return Err(Error::new(kind, format!("none of {npages} pages is on the device: {why} ({left:?})")));
+        }
+        Ok(Counters { cpages, faults: 0, left })
     }
 
-    /// [`SimDevice::migrate_to_device`], tried again (up to five times, 2 ms
-    /// apart) while pages were left behind. A page the kernel or uhmm holds
+    /// [`SimDevice::migrate_to_device`], tried again (up to
+    /// [`ALL_TRIES`] more times, [`ALL_WAIT`] apart) while pages were left
+    /// behind. A page the kernel or uhmm holds
     /// for a moment is skipped as busy (right after CPU accesses, a late
     /// copy of one of their faults may still hold a page while it finds the
     /// page present), which a caller that wants everything on the device
     /// should ride out.
     ///
-    /// The call a program normally makes to put a range on the device. It
-    /// still fails with [`ErrorKind::NotFound`] when pages stay behind after
-    /// the last try (device memory full, pages pinned), and at once on any
-    /// other error.
+    /// The call a program normally makes to put a range on the device.
+    /// Pages that stay behind after the last try (device memory full, pages
+    /// pinned) are counted in `left`, as with `migrate_to_device`.
     pub fn migrate_to_device_all(&self, addr: usize, npages: usize) -> Result<Counters> {
         let mut last = self.migrate_to_device(addr, npages);
-        for _ in 0..5 {
-            match &last {
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                    last = self.migrate_to_device(addr, npages);
-                }
-                _ => break,
+        for _ in 0..ALL_TRIES {
+            let again = match &last {
+                Ok(c) => c.left.total() > 0,
+                Err(e) => matches!(e.kind(), ErrorKind::Busy | ErrorKind::NoMemory | ErrorKind::NotFound),
+            };
+            if !again {
+                break;
             }
+            std::thread::sleep(ALL_WAIT);
+            last = self.migrate_to_device(addr, npages);
         }
         last
     }
@@ -390,7 +470,7 @@ impl SimDevice {
         let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
         let mut driver = Chunks { dev: &self.inner, to_device: false, how: dispatch(chunk, npages) };
         let s = migrate_pipelined(&self.inner.space, range, chunk, self.inner.select(), self.inner.owner, &mut driver)?;
-        Ok(Counters { cpages: s.migrated, faults: 0 })
+        Ok(Counters { cpages: s.migrated, faults: 0, left: Left::default() })
     }
 
     /// The device reads `npages` pages at `addr` into `buf`, faulting them
@@ -469,7 +549,7 @@ impl SimDevice {
                 self.inner.fault(addr + done * PAGE_SIZE..range.end, write)?;
             }
         }
-        Ok(Counters { cpages: npages, faults })
+        Ok(Counters { cpages: npages, faults, left: Left::default() })
     }
 
     /// Takes exclusive access to `npages` pages at `addr` (dmirror's
@@ -484,7 +564,7 @@ impl SimDevice {
                 table.insert(addr + i * PAGE_SIZE, Pte::Atomic(held));
             }
         }
-        Ok(Counters { cpages: grant.cpages(), faults: 0 })
+        Ok(Counters { cpages: grant.cpages(), faults: 0, left: Left::default() })
     }
 
     /// dmirror's `check_exclusive`: fails with

@@ -12,7 +12,7 @@ use uhmm_sys::PAGE_SIZE;
 use uhmm_sys::pagemap::{Query, category};
 
 use crate::fork::gate::InFlight;
-use crate::migrate::{Collected, Inner, Migration, Select, Src, first_index, runs};
+use crate::migrate::{Collected, Inner, Migration, Select, Skip, Src, first_index, runs};
 use crate::mm::AddressSpace;
 use crate::notifier::InvalidateEvent;
 use crate::page::{DevicePage, Owner};
@@ -81,6 +81,7 @@ impl Migration<Collected> {
                         })
                 }) else {
                     Stats::add(&space.stats.busy_pages, 1);
+                    m.pages[i].skip = Skip::Busy;
                     continue;
                 };
                 m.pages[i].prior = prior;
@@ -99,7 +100,7 @@ impl Migration<Collected> {
                         Src::Device(p)
                     }
                     _ => {
-                        m.unlock_skip(i);
+                        m.unlock_skip(i, Skip::NotSelected);
                         Src::Skip
                     }
                 };
@@ -209,7 +210,7 @@ impl Inner {
                                 tracing::warn!(errno = %e.errno, "UFFDIO_MOVE into staging failed; page skipped");
                             }
                             Stats::add(&space.stats.busy_pages, 1);
-                            self.unlock_skip(k);
+                            self.unlock_skip(k, if e.errno == Errno::BUSY { Skip::Pinned } else { Skip::Busy });
                             i = k + 1;
                         }
                     }
@@ -227,7 +228,7 @@ impl Inner {
                     // be lost): skip, busy.
                     drop(frozen);
                     for i in run {
-                        self.unlock_skip(i);
+                        self.unlock_skip(i, Skip::Busy);
                     }
                     continue;
                 }
@@ -288,7 +289,7 @@ impl Inner {
             for addr in (r.start..r.end).step_by(PAGE_SIZE) {
                 let i = first_index(region, first, addr);
                 if self.pages[i].src != Src::Skip {
-                    self.unlock_skip(i);
+                    self.unlock_skip(i, Skip::NotSelected);
                 }
             }
         }

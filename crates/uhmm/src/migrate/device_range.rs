@@ -7,7 +7,7 @@ use std::sync::Arc;
 use uhmm_sys::PAGE_SIZE;
 
 use crate::fork::gate::InFlight;
-use crate::migrate::{Collected, Few, Inner, MigrateDst, Migration, Page, Src};
+use crate::migrate::{Collected, Few, Inner, MigrateDst, Migration, Page, Skip, Src};
 use crate::mm::AddressSpace;
 use crate::notifier::InvalidateEvent;
 use crate::page::{DevicePage, DevicePfn};
@@ -72,6 +72,7 @@ pub fn migrate_device_range(
             dst: MigrateDst::None,
             copy_from: None,
             migrated: false,
+            skip: Skip::NotSelected,
         });
     }
     let mut inner = Inner::new(space.clone(), serving, regions, 0, in_flight);
@@ -89,7 +90,7 @@ pub fn migrate_device_range(
             let moved = space.uffd.move_pages(stage.addr(k), from, p.idx * PAGE_SIZE, PAGE_SIZE, false, true);
             // An error does not prove the page stayed (see unmap_system_into).
             if moved.is_err() && space.is_present(inner.regions[p.region as usize].addr_of(p.idx))? {
-                inner.unlock_skip(k);
+                inner.unlock_skip(k, Skip::Pinned);
             }
         }
         inner.stage = Some(stage);

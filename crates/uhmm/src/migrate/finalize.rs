@@ -209,7 +209,8 @@ impl Inner {
         }
         // Count; device pages to free: the sources of pages that moved, and
         // allocated destinations that went unused.
-        let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, migrated: 0 };
+        let (busy, pinned) = self.skipped_counts();
+        let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, migrated: 0, busy, pinned };
         let mut to_free: Few<DevicePage> = Few::new();
         // Pages to a device, to RAM, poisoned.
         let mut moved = [0u64; 3];

@@ -99,7 +99,14 @@ pub enum MigrateDst {
     Error,
 }
 
-/// What a finished migration did.
+/// What a finished migration did: how many pages moved, and why the
+/// others did not (the kernel's `cpages` and the flags of each `src[i]`).
+///
+/// Of the `npages` pages, `cpages` were collected; of those, `migrated`
+/// moved and `not_moved()` had no destination (the driver's memory full, or
+/// its choice). The pages not collected were `busy`, `pinned`, or not
+/// selected (`not_selected()`: another device's page, a page of another
+/// kind than the selection, no access, a mapping that never migrates).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MigrateSummary {
     /// Pages in the range (`npages`).
@@ -108,6 +115,25 @@ pub struct MigrateSummary {
     pub cpages: usize,
     /// Pages that moved.
     pub migrated: usize,
+    /// Pages skipped because another migration, a fault being resolved or
+    /// a device access held them ([`Skip::Busy`]).
+    pub busy: usize,
+    /// Pages skipped because the kernel would not move them: pinned, or
+    /// held by it ([`Skip::Pinned`]).
+    pub pinned: usize,
+}
+
+impl MigrateSummary {
+    /// Collected pages that did not move: the driver set no destination.
+    pub fn not_moved(&self) -> usize {
+        self.cpages.saturating_sub(self.migrated)
+    }
+
+    /// Pages not collected because the migration did not select them
+    /// ([`Skip::NotSelected`]).
+    pub fn not_selected(&self) -> usize {
+        self.npages.saturating_sub(self.cpages + self.busy + self.pinned)
+    }
 }
 
 impl std::ops::AddAssign for MigrateSummary {
@@ -115,7 +141,25 @@ impl std::ops::AddAssign for MigrateSummary {
         self.npages += o.npages;
         self.cpages += o.cpages;
         self.migrated += o.migrated;
+        self.busy += o.busy;
+        self.pinned += o.pinned;
     }
+}
+
+/// Why page `i` of a migration was not collected
+/// ([`Migration::skipped`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// Not selected: not of the kinds the migration selects, or a device
+    /// page of another owner, or no access, or a mapping that never
+    /// migrates (shared or file-backed).
+    NotSelected,
+    /// Locked by another migration, a fault being resolved or a device
+    /// access (the kernel's failed `folio_trylock`): try again later.
+    Busy,
+    /// The kernel would not move it (`-EBUSY`): pinned (`get_user_pages`,
+    /// O_DIRECT, a long-term pin) or held for a moment.
+    Pinned,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +184,8 @@ struct Page {
     /// is copied in from the driver's memory at install (else the pool).
     copy_from: Option<u32>,
     migrated: bool,
+    /// With `src == Skip`: why.
+    skip: Skip,
 }
 
 /// A migration in progress: `setup` → the driver copies → `pages` → `finalize`
@@ -313,6 +359,11 @@ impl<S> Migration<S> {
         Some(SystemPage::new(stage.arena(), stage.offset(i)))
     }
 
+    /// Why page `i` was not collected; `None` when it was (or past the end).
+    pub fn skipped(&self, i: usize) -> Option<Skip> {
+        self.inner.pages.get(i).filter(|p| p.src == Src::Skip).map(|p| p.skip)
+    }
+
     /// The destination of page `i`.
     pub fn dst(&self, i: usize) -> MigrateDst {
         self.inner.pages.get(i).map_or(MigrateDst::None, |p| p.dst)
@@ -342,6 +393,7 @@ impl Inner {
             dst: MigrateDst::None,
             copy_from: None,
             migrated: false,
+            skip: Skip::NotSelected,
         };
         Inner {
             _in_flight: in_flight,
@@ -392,12 +444,20 @@ impl Inner {
         &self.regions[self.pages[i].region as usize]
     }
 
-    /// Unlocks page `i` unchanged and drops it from the migration.
-    fn unlock_skip(&mut self, i: usize) {
+    /// Unlocks page `i` unchanged and drops it from the migration, for
+    /// reason `why`.
+    fn unlock_skip(&mut self, i: usize, why: Skip) {
         let p = self.pages[i];
         let region = &self.regions[p.region as usize];
         self.space.unlock_wake(region, p.idx, p.prior);
         self.pages[i].src = Src::Skip;
+        self.pages[i].skip = why;
+    }
+
+    /// The summary's counts of pages skipped: busy and pinned.
+    fn skipped_counts(&self) -> (usize, usize) {
+        let count = |why| self.pages.iter().filter(|p| p.src == Src::Skip && p.skip == why).count();
+        (count(Skip::Busy), count(Skip::Pinned))
     }
 }
 
