@@ -53,7 +53,20 @@ mod staging;
 mod stats;
 mod sync;
 #[cfg(test)]
-mod test_device;
+mod test_device {
+    //! The core's one test driver (the tests under `tests/` include the
+    //! same text).
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+    use crate::{
+        AddressSpace, ChunkDriver, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn,
+        MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Owner, PAGE_SIZE, Prot, Region, Result, Select,
+    };
+
+    include!("test_device.rs");
+}
 mod vma;
 
 pub use config::Config;

@@ -1,118 +1,18 @@
-//! The migration steps of the core, driven by a minimal in-test driver (no
-//! sim device): setup's selection and rejections, pages/finalize, restore,
+//! The migration steps of the core, driven by the core's test driver
+//! (`common::TestDev`; no sim device): setup's selection and rejections, pages/finalize, restore,
 //! owners, device-range eviction, the chunked helper, read-only regions,
 //! poison, and the metadata cost of an untouched region.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::TestDev;
 use uhmm::{
-    AddressSpace, ChunkDriver, Collected, Config, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn,
-    ErrorKind, MigrateDst, MigrateSrc, Migrated, Migration, Owner, PAGE_SIZE, PageState, Prot, Residency, Result,
-    Select, migrate_chunked, migrate_device_range,
+    AddressSpace, Collected, Config, ErrorKind, MigrateDst, MigrateSrc, Migration, Owner, PAGE_SIZE, PageState, Prot,
+    Residency, Result, Select, migrate_chunked, migrate_device_range,
 };
-
-/// A device whose memory is a map of page buffers.
-struct TestDev {
-    owner: Owner,
-    pagemap: OnceLock<Arc<DevicePagemap>>,
-    mem: Mutex<HashMap<u64, Vec<u8>>>,
-    next: Mutex<u64>,
-    freed: Mutex<Vec<u64>>,
-    /// The next migrate_to_ram panics (a driver bug), once.
-    panic_next: std::sync::atomic::AtomicBool,
-}
-
-impl TestDev {
-    fn new(space: &AddressSpace) -> Arc<TestDev> {
-        let dev = Arc::new(TestDev {
-            owner: Owner::new(),
-            pagemap: OnceLock::new(),
-            mem: Mutex::new(HashMap::new()),
-            next: Mutex::new(0),
-            freed: Mutex::new(Vec::new()),
-            panic_next: std::sync::atomic::AtomicBool::new(false),
-        });
-        let weak: Weak<dyn DevicePagemapOps> = Arc::downgrade(&dev) as Weak<TestDev>;
-        dev.pagemap.set(space.register_pagemap(weak, dev.owner, 1 << 20).unwrap()).unwrap();
-        dev
-    }
-
-    fn pm(&self) -> &DevicePagemap {
-        self.pagemap.get().unwrap()
-    }
-
-    fn alloc(&self, data: Vec<u8>) -> DevicePage {
-        let mut next = self.next.lock().unwrap();
-        let pfn = *next;
-        *next += 1;
-        self.mem.lock().unwrap().insert(pfn, data);
-        self.pm().page(DevicePfn(pfn)).unwrap()
-    }
-
-    /// alloc_and_copy towards the device for every collected page.
-    fn copy_in(&self, m: &mut Migration<Collected>) {
-        for i in 0..m.npages() {
-            let data = match m.src(i) {
-                MigrateSrc::Hole => vec![0; PAGE_SIZE],
-                MigrateSrc::System(sp) => {
-                    let mut b = vec![0; PAGE_SIZE];
-                    sp.read(0, &mut b).unwrap();
-                    b
-                }
-                _ => continue,
-            };
-            let page = self.alloc(data);
-            m.set_dst_device(i, page).unwrap();
-        }
-    }
-
-    /// alloc_and_copy back to RAM for every page of this device.
-    fn copy_out(&self, m: &mut Migration<Collected>) -> Result<()> {
-        for i in 0..m.npages() {
-            let MigrateSrc::Device(p) = m.src(i) else { continue };
-            let data = self.mem.lock().unwrap()[&p.pfn.0].clone();
-            m.system_dst(i)?.write(0, &data)?;
-            m.set_dst_system(i)?;
-        }
-        Ok(())
-    }
-
-    fn to_device(&self, space: &AddressSpace, range: std::ops::Range<usize>) -> uhmm::MigrateSummary {
-        let mut m = Migration::setup(space, range, Select::SYSTEM, self.owner).unwrap();
-        self.copy_in(&mut m);
-        m.pages().finalize()
-    }
-}
-
-impl DevicePagemapOps for TestDev {
-    fn page_free(&self, pfn: DevicePfn) {
-        self.mem.lock().unwrap().remove(&pfn.0);
-        self.freed.lock().unwrap().push(pfn.0);
-    }
-
-    fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
-        let mut m = Migration::setup(fault.space(), fault.window(), Select::DEVICE_PRIVATE, self.owner)?;
-        if self.panic_next.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            panic!("driver bug in migrate_to_ram");
-        }
-        self.copy_out(&mut m)?;
-        m.pages().finalize();
-        Ok(())
-    }
-}
-
-impl ChunkDriver for &TestDev {
-    fn alloc_and_copy(&mut self, m: &mut Migration<Collected>) -> Result<()> {
-        self.copy_in(m);
-        Ok(())
-    }
-
-    fn finalize_and_map(&mut self, m: &Migration<Migrated>) {
-        assert!((0..m.npages()).all(|i| m.migrated(i) == (m.dst(i) != MigrateDst::None)));
-    }
-}
 
 /// A space whose kept staging pages wait for a copy back as long as a test
 /// needs, however slowly a busy machine runs it.

@@ -124,17 +124,17 @@ pub(crate) fn read_ahead(space: &Arc<Mm>, at: ReadAhead, ahead: &mut Option<Read
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_device::Forgetful;
+    use crate::test_device::TestDev;
     use uhmm_sys::PAGE_SIZE;
 
     #[test]
     fn a_read_ahead_never_undoes_a_later_migration_to_a_device() {
         let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
-        let (region, dev, pm) = Forgetful::attach(&space, 4);
+        let (region, dev) = TestDev::attach(&space, 4);
         // A scan's fault, read before the program moves the pages to the device.
         let ahead = |read_at| ReadAhead { addr: region.addr() + 2 * PAGE_SIZE, windows: 2, read_at };
         let before = ahead(space.inner.to_device_epoch.load(Ordering::SeqCst));
-        assert_eq!(dev.take_all(&space, &region, &pm), 4);
+        assert_eq!(dev.to_device(&space, region.range()).migrated, 4);
         let on_device = |i| matches!(region.inner.pt.load(i).state(), State::Device(_));
         let mut next = None;
         read_ahead(&space.inner, before, &mut next, &Arc::default());

@@ -201,7 +201,6 @@ impl FaultQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_device::Forgetful;
 
     fn fault(addr: usize, write: bool, read_at: u64) -> Fault {
         Fault { addr, write, read_at }
@@ -259,37 +258,5 @@ mod tests {
             |_| {},
         );
         assert_eq!(seen, vec![0x1000], "only the EAGAIN fault is left");
-    }
-
-    #[test]
-    fn a_handler_stalled_in_a_fault_steps_aside_and_the_fault_completes() {
-        let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
-        let cpus = uhmm_sys::process::allowed_cpus().unwrap();
-        assert!(cpus.len() >= 2, "this test needs two CPUs (the machines uhmm is built on have them)");
-        let (region, dev, pm) = Forgetful::attach(&space, 4);
-        assert_eq!(dev.take_all(&space, &region, &pm), 4);
-        let region = Arc::new(region);
-        // Each read faults on the handler (bounded: a lost wake fails it).
-        let read = |page: usize| {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let r = region.clone();
-            std::thread::spawn(move || {
-                let mut b = [9u8; 1];
-                let _ = tx.send(r.read(page * PAGE_SIZE, &mut b).map(|()| b[0]));
-            });
-            rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the fault never completed").unwrap()
-        };
-        dev.sluggish_ms.store(uhmm_sys::stall::STALL_WAIT.as_millis() as usize + 1, Ordering::SeqCst);
-        assert_eq!(read(0), 0, "the forgetful device gives zeros back");
-        // The handler counts the stall after it woke the reader.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while space.stats().handler_stalls == 0 {
-            assert!(std::time::Instant::now() < deadline, "the stall was not noticed");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        dev.sluggish_ms.store(0, Ordering::SeqCst);
-        assert_eq!(read(3), 0);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(space.stats().handler_stalls, 1, "a fault of usual length is no stall");
     }
 }

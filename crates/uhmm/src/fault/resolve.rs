@@ -391,7 +391,7 @@ fn poison_page(space: &Mm, region: &Vma, idx: usize, page: DevicePage) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_device::Forgetful;
+    use crate::test_device::TestDev;
 
     fn fault(addr: usize, write: bool, read_at: u64) -> Fault {
         Fault { addr, write, read_at }
@@ -414,43 +414,12 @@ mod tests {
     }
 
     #[test]
-    fn fault_on_locked_page_is_parked_then_woken() {
-        use std::sync::atomic::AtomicBool;
-        let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
-        let region = Arc::new(space.map(16 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap());
-        let owner = crate::Owner::new();
-        let m = crate::Migration::setup(&space, region.range(), crate::Select::SYSTEM, owner).unwrap();
-        let done = Arc::new(AtomicBool::new(false));
-        let t = {
-            let (region, done) = (region.clone(), done.clone());
-            std::thread::spawn(move || {
-                let mut b = [0u8; 1];
-                region.read(3 * PAGE_SIZE, &mut b).unwrap();
-                std::hint::black_box(b);
-                done.store(true, Ordering::SeqCst);
-            })
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while space.stats().deferred_faults == 0 {
-            assert!(std::time::Instant::now() < deadline, "fault never arrived");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        assert!(!done.load(Ordering::SeqCst), "the access must wait while the page is locked");
-        drop(m); // restores and unlocks: the parked thread is woken
-        while !done.load(Ordering::SeqCst) {
-            assert!(std::time::Instant::now() < deadline, "parked fault was never woken");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        t.join().unwrap();
-    }
-
-    #[test]
     fn a_fault_read_before_its_page_moved_to_a_device_only_wakes() {
         let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
-        let (region, dev, pm) = Forgetful::attach(&space, 4);
+        let (region, dev) = TestDev::attach(&space, 4);
         // A fault read now, resolved only after the page moved to the device.
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
-        assert_eq!(dev.take_all(&space, &region, &pm), 4);
+        assert_eq!(dev.to_device(&space, region.range()).migrated, 4);
         let on_device = || matches!(region.inner.pt.load(0).state(), State::Device(_));
         resolve(&space.inner, fault(region.addr(), false, read_at), &mut None, &Arc::default()).unwrap();
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 0, "the stale fault brought nothing back");
@@ -468,8 +437,8 @@ mod tests {
     fn a_fault_beside_a_scan_leaves_its_read_ahead_to_do() {
         let config = crate::Config { read_ahead_windows: 2, ..crate::Config::default() };
         let space = crate::AddressSpace::new(config).unwrap();
-        let (region, dev, pm) = Forgetful::attach(&space, 256);
-        assert_eq!(dev.take_all(&space, &region, &pm), 256);
+        let (region, dev) = TestDev::attach(&space, 256);
+        assert_eq!(dev.to_device(&space, region.range()).migrated, 256);
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
         let at = |page: usize| fault(region.addr() + page * PAGE_SIZE, false, read_at);
         let mut ahead = None;
