@@ -388,13 +388,21 @@ pub(crate) fn moved_anyway(pagemap: &Pagemap, slot: usize, dst: usize, len: usiz
     moved
 }
 
+/// Tries of a `UFFDIO_COPY` from driver memory before the rest of the run
+/// is left to the caller (which keeps those pages on the device): the
+/// kernel short of memory for a moment, with the backoff below about 2.5 ms.
+const COPY_ATTEMPTS: u32 = 8;
+
+/// The first wait between those tries; it doubles each time.
+const COPY_BACKOFF: std::time::Duration = std::time::Duration::from_micros(10);
+
 /// Copies `run` with `UFFDIO_COPY`, without waking (the caller unlocks,
 /// then wakes), retrying a few times. Returns the bytes copied from the
 /// start of the run; the rest stays empty.
 pub(crate) fn copy_in(uffd: &Uffd, run: CopyRun) -> usize {
     let CopyRun { dst, src, len, .. } = run;
     let mut done = 0;
-    for attempt in 0..8u32 {
+    for attempt in 0..COPY_ATTEMPTS {
         if done >= len {
             return len;
         }
@@ -410,7 +418,7 @@ pub(crate) fn copy_in(uffd: &Uffd, run: CopyRun) -> usize {
             Errno::AGAIN if e.done > 0 => {}
             errno => {
                 tracing::warn!(%errno, addr = dst + done, "UFFDIO_COPY from driver memory failed; retrying");
-                std::thread::sleep(std::time::Duration::from_micros(10 << attempt));
+                std::thread::sleep(COPY_BACKOFF * (1 << attempt));
             }
         }
     }

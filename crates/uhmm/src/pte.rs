@@ -273,6 +273,11 @@ impl PageTable {
     }
 }
 
+/// The longest a thread sleeps on a page lock before it looks at the page
+/// again: a safety net for a missed wake-up, not the normal path (an
+/// unlock wakes its waiters).
+const WAIT_RECHECK: Duration = Duration::from_millis(50);
+
 /// Hashed wait queues for page locks (the kernel's page wait table).
 ///
 /// A waiter sets `WAITERS` on the entry while holding its stripe's mutex and
@@ -316,7 +321,7 @@ impl WaitTable {
                 Err(now) => cur = now,
             }
         }
-        let _unused = cv.wait_timeout(guard, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner());
+        let _unused = cv.wait_timeout(guard, WAIT_RECHECK).unwrap_or_else(|e| e.into_inner());
     }
 
     fn wake_all(&self, slot: &AtomicU64) {

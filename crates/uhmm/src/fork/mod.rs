@@ -52,12 +52,16 @@ pub(crate) fn register(space: &Arc<Mm>) {
     spaces.push(Arc::downgrade(space));
 }
 
+/// The longest a fork waits for migrations in flight: a migration held by
+/// the forking thread itself would never end, and a fork must not hang.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
+
 extern "C" fn prepare() {
     FORKER.set(true);
     let mut g = gate();
     g.forking = true;
     // A migration the forking thread itself holds would never end: bound the wait.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + IN_FLIGHT_WAIT;
     while g.in_flight > 0 {
         let now = Instant::now();
         if now >= deadline {

@@ -56,30 +56,7 @@ impl Migration<Collected> {
         for (prange, prot) in region.prot_runs(first..first + n) {
             for idx in prange {
                 let i = idx - first;
-                // Best effort, but not at the first contention: the fault
-                // engine holds fill windows for a few microseconds (also for
-                // stale, duplicate faults), which should not make a page busy.
-                let Some(prior) = region.pt.try_lock(idx).or_else(|| {
-                    // A zero fill's lock goes within microseconds: wait it out
-                    // (bounded); any other holder makes the page busy.
-                    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(20);
-                    (0..3)
-                        .find_map(|_| {
-                            std::thread::yield_now();
-                            region.pt.try_lock(idx)
-                        })
-                        .or_else(|| {
-                            loop {
-                                if !region.pt.filling(idx) || std::time::Instant::now() > deadline {
-                                    break region.pt.try_lock(idx);
-                                }
-                                std::thread::yield_now();
-                                if let Some(s) = region.pt.try_lock(idx) {
-                                    break Some(s);
-                                }
-                            }
-                        })
-                }) else {
+                let Some(prior) = trylock_page(&region, idx) else {
                     Stats::add(&space.stats.busy_pages, 1);
                     m.pages[i].skip = Skip::Busy;
                     continue;
@@ -130,6 +107,51 @@ impl Migration<Collected> {
     }
 }
 
+/// Locks page `idx` of `region` for a migration, best effort (the kernel's
+/// `folio_trylock` in `migrate_vma_collect_pmd`): a page another migration
+/// or a device access holds is skipped as busy, never waited for. But not
+/// at the first contention: the fault engine holds a first-touch window for
+/// a few microseconds (also for stale, duplicate faults), which should not
+/// make a page busy; such a lock is waited out, up to [`FILL_WAIT`].
+/// Returns the page's state, or `None` (busy).
+fn trylock_page(region: &Vma, idx: usize) -> Option<State> {
+    if let Some(prior) = region.pt.try_lock(idx) {
+        return Some(prior);
+    }
+    for _ in 0..TRYLOCK_YIELDS {
+        std::thread::yield_now();
+        if let Some(prior) = region.pt.try_lock(idx) {
+            return Some(prior);
+        }
+    }
+    let deadline = std::time::Instant::now() + FILL_WAIT;
+    while region.pt.filling(idx) && std::time::Instant::now() <= deadline {
+        std::thread::yield_now();
+        if let Some(prior) = region.pt.try_lock(idx) {
+            return Some(prior);
+        }
+    }
+    region.pt.try_lock(idx)
+}
+
+/// Yields to the lock's holder before looking whether it is a fill: most
+/// holders let go within a time slice.
+const TRYLOCK_YIELDS: usize = 3;
+
+/// The longest a migration waits for a first-touch fill's lock: a fill
+/// takes microseconds; a holder that is stopped (its vCPU taken by the
+/// host) is not worth more.
+const FILL_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Times a page the kernel refuses to move (`EBUSY`) is tried again before
+/// it is skipped as pinned: the kernel holds a reference for a moment
+/// (compaction, an LRU batch), a pin holds it for good.
+const EBUSY_TRIES: u32 = 3;
+
+/// The first wait before trying an `EBUSY` page again; it doubles each try
+/// (40, 80, 160 µs).
+const EBUSY_BACKOFF: std::time::Duration = std::time::Duration::from_micros(20);
+
 impl Inner {
     /// Unmaps the locked CPU pages `cpu` (indices into the migration, whose
     /// region pages are `first + i`) into staging, then classifies each as a
@@ -172,7 +194,7 @@ impl Inner {
                 // EBUSY can be transient (the kernel holds a reference for a
                 // moment: compaction, an LRU batch): try a page a few times
                 // before skipping it as busy, which is what a pin gets.
-                let mut busy_tries = 0;
+                let mut busy_tries: u32 = 0;
                 while i < run.end {
                     let len = stage.contiguous(i, run.end - i);
                     let dst = stage.addr(i);
@@ -187,10 +209,10 @@ impl Inner {
                                 std::thread::yield_now();
                                 continue;
                             }
-                            if e.errno == Errno::BUSY && busy_tries < 3 {
+                            if e.errno == Errno::BUSY && busy_tries < EBUSY_TRIES {
                                 busy_tries += 1;
                                 i = k;
-                                std::thread::sleep(std::time::Duration::from_micros(20 << busy_tries));
+                                std::thread::sleep(EBUSY_BACKOFF * (1 << busy_tries));
                                 continue;
                             }
                             busy_tries = 0;

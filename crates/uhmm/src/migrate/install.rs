@@ -19,6 +19,15 @@ use crate::staging::Slots;
 use crate::stats::Stats;
 use crate::{Error, ErrorKind, Result};
 
+/// Tries to map a run of pages back from staging before giving up on its
+/// rest (which is then poisoned: its data is in a slot about to be emptied).
+/// Each failure here is transient (`EAGAIN`, a page held for a moment); a
+/// hundred, with the backoff below, is about a second.
+const INSTALL_ATTEMPTS: u32 = 100;
+
+/// The first wait between those tries; it doubles, up to about 10 ms.
+const INSTALL_BACKOFF: std::time::Duration = std::time::Duration::from_micros(10);
+
 impl Inner {
     /// Starts mapping pages back into their regions, each from where its
     /// data is (`installs`, in page order): moves, and huge pages with no
@@ -235,7 +244,7 @@ impl Inner {
         let dst = self.region_of(i).addr_of(self.pages[i].idx);
         let len = n * PAGE_SIZE;
         let mut done = 0;
-        for attempt in 0..100u32 {
+        for attempt in 0..INSTALL_ATTEMPTS {
             let (at, off, rest) = (dst + done, slots.offset(i) + done, len - done);
             let e = match self.space.uffd.move_pages(at, slots.mapping(), off, rest, true, true) {
                 Ok(_) => return n,
@@ -259,7 +268,7 @@ impl Inner {
             if done >= len {
                 return n;
             }
-            std::thread::sleep(std::time::Duration::from_micros(10 << attempt.min(10)));
+            std::thread::sleep(INSTALL_BACKOFF * (1 << attempt.min(10)));
         }
         done / PAGE_SIZE
     }

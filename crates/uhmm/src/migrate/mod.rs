@@ -4,24 +4,38 @@
 //!
 //! # The protocol
 //!
-//! 1. [`Migration::setup`] collects every page of a range: a hole is a
-//!    candidate with no source; a RAM page is a candidate when the selection
-//!    includes [`Select::SYSTEM`]; a device page when it includes
-//!    [`Select::DEVICE_PRIVATE`] *and* its pagemap has the migration's owner.
-//!    Candidates are locked best-effort (a locked page is skipped, never
-//!    waited for), and RAM candidates are unmapped: moved, without copying,
-//!    into the staging area, so any CPU access to them waits. A page the
-//!    kernel will not move (pinned, shared) is skipped as busy.
-//! 2. The driver allocates destination pages for the candidates it wants and
-//!    copies (its DMA engine, with a fence it waits on), then sets each
-//!    destination. Moving device → RAM it must not silently skip a page: it
-//!    migrates it or marks it as an error (accessors then get SIGBUS).
-//! 3. [`Migration::pages`] commits: from now on [`Migration::migrated`] says
-//!    exactly which pages move, while sources and destinations are still
-//!    locked — the moment for the driver to update its own page table.
-//! 4. [`Migration::finalize`] maps each moved page at its new home, restores
-//!    the others, unlocks, wakes waiting threads and frees the sources
-//!    (`page_free` for device pages).
+//! Three steps, numbered as the kernel's calls, with the driver's work
+//! between the first two:
+//!
+//! 1. [`Migration::setup`] (`migrate_vma_setup`; `collect.rs`) collects
+//!    every page of a range: a hole is a candidate with no source; a RAM
+//!    page is a candidate when the selection includes [`Select::SYSTEM`]; a
+//!    device page when it includes [`Select::DEVICE_PRIVATE`] *and* its
+//!    pagemap has the migration's owner. Candidates are locked best-effort
+//!    (a locked page is skipped as [`Skip::Busy`], never waited for), and
+//!    RAM candidates are unmapped: moved, without copying, into the staging
+//!    area, so any CPU access to them waits. A page the kernel will not move
+//!    is skipped as [`Skip::Pinned`].
+//! - The driver allocates destination pages for the candidates it wants and
+//!   copies (its DMA engine, with a fence it waits on), then sets each
+//!   destination (`pages.rs`). Moving device → RAM it must not silently skip
+//!   a page: it migrates it or marks it as an error (accessors then get
+//!   SIGBUS).
+//! 2. [`Migration::pages`] (`migrate_vma_pages`; `pages.rs`) commits: from
+//!    now on [`Migration::migrated`] says exactly which pages move, while
+//!    sources and destinations are still locked — the moment for the driver
+//!    to update its own page table.
+//! 3. [`Migration::finalize`] (`migrate_vma_finalize`; `finalize.rs`, with
+//!    `install.rs` for mapping pages back) maps each moved page at its new
+//!    home, restores the others, unlocks, wakes waiting threads and frees the
+//!    sources (`page_free` for device pages). Its [`MigrateSummary`] says how
+//!    many pages moved and why the others did not.
+//!
+//! Around them: `device_range.rs` evicts a device's pages by page number
+//! (`migrate_device_range`), `chunked.rs` drives the steps over a large
+//! range in chunks, pipelined with the driver's copies. This file holds the
+//! migration itself: its types, its per-page lists and what every step
+//! shares.
 //!
 //! The steps are types: `Migration<Collected>` becomes `Migration<Migrated>`
 //! and is consumed by `finalize`, so no step can be skipped or reordered.
