@@ -26,7 +26,7 @@ use crate::pagemap::DevicePagemap;
 use crate::pte::{State, WaitTable};
 use crate::staging::Arena;
 use crate::stats::{Stats, StatsSnapshot};
-use crate::vma::{Backing, Prot, Vma};
+use crate::vma::{Backing, Prot, RegionId, Vma};
 use crate::{Error, ErrorKind, Result};
 
 /// What one page looks like from outside, without faulting anything
@@ -433,7 +433,7 @@ impl Mm {
         if id >= 1 << 24 {
             return Err(Error::new(ErrorKind::NoMemory, "too many regions"));
         }
-        let vma = Arc::new(Vma::new(id, map, prot, backing, huge));
+        let vma = Arc::new(Vma::new(RegionId(id), map, prot, backing, huge));
         self.regions.write().unwrap_or_else(|e| e.into_inner()).insert(vma.start(), vma.clone());
         Ok(vma)
     }
@@ -472,7 +472,7 @@ impl Mm {
     }
 
     /// The region with id `id`.
-    pub(crate) fn region_by_id(&self, id: u32) -> Option<Arc<Vma>> {
+    pub(crate) fn region_by_id(&self, id: RegionId) -> Option<Arc<Vma>> {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         regions.values().find(|r| r.id == id).cloned()
     }

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::page::{DevicePage, DevicePfn, Owner};
+use crate::vma::RegionId;
 
 /// An empty reverse-map word.
 const RMAP_NONE: u64 = u64::MAX;
@@ -129,13 +130,13 @@ impl DevicePagemap {
     }
 
     /// The (region id, page index) that maps `pfn`.
-    pub(crate) fn rmap(&self, pfn: DevicePfn) -> Option<(u32, usize)> {
+    pub(crate) fn rmap(&self, pfn: DevicePfn) -> Option<(RegionId, usize)> {
         let w = self.peek_frame(pfn)?.rmap.load(Ordering::Acquire);
-        (w != RMAP_NONE && w != RMAP_RESERVED).then_some(((w >> 40) as u32, (w & ((1 << 40) - 1)) as usize))
+        (w != RMAP_NONE && w != RMAP_RESERVED).then_some((RegionId((w >> 40) as u32), (w & ((1 << 40) - 1)) as usize))
     }
 
-    pub(crate) fn set_rmap(&self, pfn: DevicePfn, at: Option<(u32, usize)>) {
-        let w = at.map_or(RMAP_NONE, |(region, idx)| (u64::from(region) << 40) | idx as u64);
+    pub(crate) fn set_rmap(&self, pfn: DevicePfn, at: Option<(RegionId, usize)>) {
+        let w = at.map_or(RMAP_NONE, |(region, idx)| (u64::from(region.0) << 40) | idx as u64);
         if let Some(f) = self.frame(pfn) {
             f.rmap.store(w, Ordering::Release);
         }

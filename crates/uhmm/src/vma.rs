@@ -46,6 +46,12 @@ impl Prot {
     }
 }
 
+/// A region's id in its address space: what a device page's reverse map
+/// names (never reused; below 2^24). Not an index into any list: a
+/// migration's own list of regions is indexed by a plain `u32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct RegionId(pub(crate) u32);
+
 /// What a region maps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backing {
@@ -65,7 +71,7 @@ pub enum Backing {
 /// The shared state of a region; migrations and the fault engine hold it.
 #[derive(Debug)]
 pub(crate) struct Vma {
-    pub(crate) id: u32,
+    pub(crate) id: RegionId,
     pub(crate) map: Mapping,
     pub(crate) pt: PageTable,
     pub(crate) backing: Backing,
@@ -88,7 +94,7 @@ pub(crate) struct Vma {
 }
 
 impl Vma {
-    pub(crate) fn new(id: u32, map: Mapping, prot: Prot, backing: Backing, huge: bool) -> Vma {
+    pub(crate) fn new(id: RegionId, map: Mapping, prot: Prot, backing: Backing, huge: bool) -> Vma {
         let npages = map.len() / PAGE_SIZE;
         Vma {
             id,
@@ -240,7 +246,7 @@ mod tests {
     #[test]
     fn prot_runs_split_and_merge() {
         let map = Mapping::anonymous(16 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
-        let r = Vma::new(1, map, Prot::READ_WRITE, Backing::Anonymous, false);
+        let r = Vma::new(RegionId(1), map, Prot::READ_WRITE, Backing::Anonymous, false);
         assert_eq!(r.prot_runs(0..16).as_slice(), [(0..16, Prot::READ_WRITE)]);
         r.set_prot(4..8, Prot::READ).unwrap();
         assert_eq!(
