@@ -18,12 +18,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layout: the system calls are the `uhmm-sys` crate (the only `unsafe`); `pte` the
-//! software page table and page locks; `pagemap` device pages and the driver
-//! trait; `space` and `region` the mm and its vmas; `fault` the fault engine;
-//! `migrate` the three steps; `mirror` device access through the CPU page
-//! table; `staging` where pages sit in flight; and `copier` the
-//! copy helper.
+//! Layout, from the leaves up (the repository's `docs/architecture.md`
+//! has the table): `page` (device page identities), `pte` (the software
+//! page table and page locks), `pagemap` (device page frames), `vma` (a
+//! region's state), `staging`, `copier` and `holding` (memory in flight);
+//! `mm`, the hub (`AddressSpace`, its state); `driver` (the driver trait)
+//! and `migrate` (the three steps, one file each); `fault` (the engine),
+//! `mirror`, `exclusive`, `pin`, `move_pages`, `fork`; on top `region` (the
+//! `Region` handle, `map`) and `space` (`AddressSpace::new`). The system
+//! calls are the `uhmm-sys` crate, the only `unsafe`.
 #![deny(unsafe_code)]
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]

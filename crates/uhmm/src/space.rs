@@ -57,8 +57,10 @@ impl AddressSpace {
             );
         }
         let inner = Mm::new(config, uffd, allowed)?;
-        let (weak, fd) =
-            (Arc::downgrade(&inner), Arc::new(inner.uffd.fd().try_clone_to_owned().map_err(|e| Error::sys("dup", e))?));
+        // The handlers hold the space weakly (they stop when it goes) and
+        // poll a descriptor of their own.
+        let weak = Arc::downgrade(&inner);
+        let fd = Arc::new(inner.uffd.fd().try_clone_to_owned().map_err(|e| Error::sys("dup", e))?);
         let config = &inner.config;
         let engine = Engine::start(config.handler_threads, &config.handler_cpus, move |stop| {
             crate::fault::serve(&weak, &fd, stop);

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 
 use rustix::io::Errno;
 use uhmm_sys::PAGE_SIZE;
+use uhmm_sys::pagemap::{Query, category};
 
 use crate::exclusive::revoke::{Revoked, revoke};
 use crate::fault::around::{ReadAhead, fault_window};
@@ -312,10 +313,12 @@ fn huge_fill(space: &Mm, region: &Vma, idx: usize) -> bool {
         return false;
     }
     let (a, b) = (region.addr_of(block), region.addr_of(block + N));
-    let q =
-        uhmm_sys::pagemap::Query::any_of(uhmm_sys::pagemap::category::PRESENT | uhmm_sys::pagemap::category::SWAPPED);
-    let mut present = Vec::new();
-    if space.pagemap_file.scan(a, b, q, &mut present).map_or(true, |n| n > 0) {
+    // Whether the block holds no page (a PAGEMAP_SCAN with no match).
+    let empty = || {
+        let q = Query::any_of(category::PRESENT | category::SWAPPED);
+        space.pagemap_file.scan(a, b, q, &mut Vec::new()).is_ok_and(|n| n == 0)
+    };
+    if !empty() {
         return false; // not wholly empty: small pages (checked before taking any lock)
     }
     let pt = &region.pt;
@@ -332,12 +335,8 @@ fn huge_fill(space: &Mm, region: &Vma, idx: usize) -> bool {
             space.unlock_wake(region, i, State::Cpu);
         }
     };
-    let (a, b) = (region.addr_of(block), region.addr_of(block + N));
-    let mut present = Vec::new();
-    let q =
-        uhmm_sys::pagemap::Query::any_of(uhmm_sys::pagemap::category::PRESENT | uhmm_sys::pagemap::category::SWAPPED);
-    let empty = all && space.pagemap_file.scan(a, b, q, &mut present).is_ok_and(|n| n == 0);
-    let slots = if empty { space.huge_pool.alloc(N).ok() } else { None };
+    // Empty still, now that no fill can start in it.
+    let slots = if all && empty() { space.huge_pool.alloc(N).ok() } else { None };
     let Some(slots) = slots else {
         unlock(&locked);
         return false;

@@ -172,6 +172,9 @@ impl Inner {
         r
     }
 
+    /// Moves the locked CPU pages `cpu` into `stage`, a run per protection
+    /// run (one ioctl never crosses a VMA boundary), then tells holes from
+    /// pages with data (`classify_staged`).
     pub(super) fn unmap_system_into(
         &mut self,
         stage: &Slots,
@@ -179,8 +182,6 @@ impl Inner {
         first: usize,
         cpu: &[usize],
     ) -> Result<()> {
-        let space = self.space.clone();
-        // One ioctl never crosses a protection boundary (a VMA boundary).
         let prot_split = runs(cpu).into_iter().flat_map(|run| {
             region
                 .prot_runs(first + run.start..first + run.end)
@@ -188,92 +189,115 @@ impl Inner {
                 .map(move |(r, p)| (r.start - first..r.end - first, p))
         });
         for (run, prot) in prot_split.collect::<Vec<_>>() {
-            let writable = prot.contains(Prot::WRITE);
-            if writable {
-                let mut i = run.start;
-                // EBUSY can be transient (the kernel holds a reference for a
-                // moment: compaction, an LRU batch): try a page a few times
-                // before skipping it as busy, which is what a pin gets.
-                let mut busy_tries: u32 = 0;
-                while i < run.end {
-                    let len = stage.contiguous(i, run.end - i);
-                    let dst = stage.addr(i);
-                    match space.uffd.move_pages(dst, &region.map, (first + i) * PAGE_SIZE, len * PAGE_SIZE, true, true)
-                    {
-                        Ok(_) => i += len,
-                        Err(e) => {
-                            let k = i + e.done / PAGE_SIZE;
-                            if e.errno == Errno::AGAIN {
-                                Stats::add(&space.stats.eagain, 1);
-                                i = k;
-                                std::thread::yield_now();
-                                continue;
-                            }
-                            if e.errno == Errno::BUSY && busy_tries < EBUSY_TRIES {
-                                busy_tries += 1;
-                                i = k;
-                                std::thread::sleep(EBUSY_BACKOFF * (1 << busy_tries));
-                                continue;
-                            }
-                            busy_tries = 0;
-                            // Whatever the error said, the page table decides
-                            // whether page k moved: the kernel (6.18) has
-                            // been seen to answer EEXIST, nothing done, to a
-                            // one-page move whose page did move (the region's
-                            // entry empty, the slot full afterwards).
-                            // Skipping it would leave its data in a slot about
-                            // to be emptied: the soak's zeroed pages.
-                            if !space.is_present(region.addr_of(first + k))? {
-                                // Moved, or a hole: the scan below tells which.
-                                i = k + 1;
-                                continue;
-                            }
-                            if e.errno != Errno::BUSY {
-                                tracing::warn!(errno = %e.errno, "UFFDIO_MOVE into staging failed; page skipped");
-                            }
-                            Stats::add(&space.stats.busy_pages, 1);
-                            self.unlock_skip(k, if e.errno == Errno::BUSY { Skip::Pinned } else { Skip::Busy });
-                            i = k + 1;
-                        }
-                    }
-                }
+            if prot.contains(Prot::WRITE) {
+                self.move_run_to_stage(stage, region, first, run)?;
             } else {
-                // Read-only: MOVE needs writable mappings, so copy the present
-                // pages into staging and zap them. Nothing can write them
-                // meanwhile: they are read-only, and the protections are held
-                // still until the zap. (A kernel pin on such a page is not
-                // seen on this path: copy and zap ignore it.)
-                let frozen = region.prot_frozen();
-                if run.clone().any(|i| frozen.prot_at(first + i).contains(Prot::WRITE)) {
-                    // Made writable since the runs were read (any page of
-                    // it: a write between the copy and the zap below would
-                    // be lost): skip, busy.
-                    drop(frozen);
-                    for i in run {
-                        self.unlock_skip(i, Skip::Busy);
-                    }
-                    continue;
-                }
-                let (a, b) = (region.addr_of(first + run.start), region.addr_of(first + run.end));
-                for r in space.scan(a, b, Query::any_of(category::PRESENT | category::SWAPPED))? {
-                    let mut addr = r.start;
-                    while addr < r.end {
-                        let i = first_index(region, first, addr);
-                        let len = stage.contiguous(i, (r.end - addr) / PAGE_SIZE);
-                        if let Err(e) = space.uffd.copy(stage.addr(i), addr as *const u8, len * PAGE_SIZE, true) {
-                            return Err(Error::sys("UFFDIO_COPY into staging", std::io::Error::from(e.errno)));
-                        }
-                        addr += len * PAGE_SIZE;
-                    }
-                }
-                region
-                    .map
-                    .discard((first + run.start) * PAGE_SIZE, run.len() * PAGE_SIZE)
-                    .map_err(|e| Error::sys("MADV_DONTNEED", e))?;
-                drop(frozen);
+                self.copy_run_to_stage(stage, region, first, run)?;
             }
         }
-        // Which staged slots hold data? Holes and the zero page are holes.
+        self.classify_staged(stage)
+    }
+
+    /// Moves pages `run` (migration indices) of a writable run into their
+    /// stage slots with `UFFDIO_MOVE` (the kernel's `migrate_vma_unmap`,
+    /// with a migration entry left behind: the region's entry is empty). A
+    /// page the kernel refuses (`EBUSY`: `migrate_vma_check_page`'s extra
+    /// reference) is tried [`EBUSY_TRIES`] times, then skipped as pinned.
+    fn move_run_to_stage(&mut self, stage: &Slots, region: &Vma, first: usize, run: Range<usize>) -> Result<()> {
+        let space = self.space.clone();
+        let mut i = run.start;
+        // EBUSY can be transient (the kernel holds a reference for a
+        // moment: compaction, an LRU batch): try a page a few times
+        // before skipping it, which is what a pin gets.
+        let mut busy_tries: u32 = 0;
+        while i < run.end {
+            let len = stage.contiguous(i, run.end - i);
+            let dst = stage.addr(i);
+            let e = match space.uffd.move_pages(dst, &region.map, (first + i) * PAGE_SIZE, len * PAGE_SIZE, true, true)
+            {
+                Ok(_) => {
+                    i += len;
+                    continue;
+                }
+                Err(e) => e,
+            };
+            let k = i + e.done / PAGE_SIZE;
+            if e.errno == Errno::AGAIN {
+                Stats::add(&space.stats.eagain, 1);
+                i = k;
+                std::thread::yield_now();
+                continue;
+            }
+            if e.errno == Errno::BUSY && busy_tries < EBUSY_TRIES {
+                busy_tries += 1;
+                i = k;
+                std::thread::sleep(EBUSY_BACKOFF * (1 << busy_tries));
+                continue;
+            }
+            busy_tries = 0;
+            // Whatever the error said, the page table decides whether page
+            // k moved: the kernel (6.18) has been seen to answer EEXIST,
+            // nothing done, to a one-page move whose page did move (the
+            // region's entry empty, the slot full afterwards). Skipping it
+            // would leave its data in a slot about to be emptied: the soak's
+            // zeroed pages.
+            if !space.is_present(region.addr_of(first + k))? {
+                // Moved, or a hole: `classify_staged` tells which.
+                i = k + 1;
+                continue;
+            }
+            if e.errno != Errno::BUSY {
+                tracing::warn!(errno = %e.errno, "UFFDIO_MOVE into staging failed; page skipped");
+            }
+            Stats::add(&space.stats.busy_pages, 1);
+            self.unlock_skip(k, if e.errno == Errno::BUSY { Skip::Pinned } else { Skip::Busy });
+            i = k + 1;
+        }
+        Ok(())
+    }
+
+    /// Copies the present pages of a read-only run into their stage slots
+    /// and zaps them (`UFFDIO_MOVE` needs writable mappings). Nothing can
+    /// write them meanwhile: they are read-only, and the protections are
+    /// held still until the zap. (A kernel pin on such a page is not seen
+    /// on this path: copy and zap ignore it.)
+    fn copy_run_to_stage(&mut self, stage: &Slots, region: &Vma, first: usize, run: Range<usize>) -> Result<()> {
+        let space = self.space.clone();
+        let frozen = region.prot_frozen();
+        if run.clone().any(|i| frozen.prot_at(first + i).contains(Prot::WRITE)) {
+            // Made writable since the runs were read (any page of it: a
+            // write between the copy and the zap below would be lost):
+            // skip, busy.
+            drop(frozen);
+            for i in run {
+                self.unlock_skip(i, Skip::Busy);
+            }
+            return Ok(());
+        }
+        let (a, b) = (region.addr_of(first + run.start), region.addr_of(first + run.end));
+        for r in space.scan(a, b, Query::any_of(category::PRESENT | category::SWAPPED))? {
+            let mut addr = r.start;
+            while addr < r.end {
+                let i = first_index(region, first, addr);
+                let len = stage.contiguous(i, (r.end - addr) / PAGE_SIZE);
+                if let Err(e) = space.uffd.copy(stage.addr(i), addr as *const u8, len * PAGE_SIZE, true) {
+                    return Err(Error::sys("UFFDIO_COPY into staging", std::io::Error::from(e.errno)));
+                }
+                addr += len * PAGE_SIZE;
+            }
+        }
+        region
+            .map
+            .discard((first + run.start) * PAGE_SIZE, run.len() * PAGE_SIZE)
+            .map_err(|e| Error::sys("MADV_DONTNEED", e))?;
+        drop(frozen);
+        Ok(())
+    }
+
+    /// Which staged slots hold data (`MigrateSrc::System`)? The rest were
+    /// holes, or the zero page (`migrate_vma_collect_hole`): told apart
+    /// after the move, with `PAGEMAP_SCAN` of the slots.
+    fn classify_staged(&mut self, stage: &Slots) -> Result<()> {
         let mut present = Vec::new();
         let q = Query::all(category::PRESENT | category::SWAPPED | category::PFNZERO);
         let mut i = 0;
@@ -281,7 +305,7 @@ impl Inner {
             let len = stage.contiguous(i, self.pages.len() - i);
             present.clear();
             let a = stage.addr(i);
-            space
+            self.space
                 .pagemap_file
                 .scan(a, a + len * PAGE_SIZE, q, &mut present)
                 .map_err(|e| Error::sys("PAGEMAP_SCAN", e))?;
