@@ -159,6 +159,8 @@ struct Registered {
     ops: Weak<dyn DevicePagemapOps>,
 }
 
+/// The state of an address space (the kernel's `mm_struct`), shared by
+/// its handles, regions, migrations and handler threads.
 #[derive(Debug)]
 pub(crate) struct Mm {
     pub(crate) uffd: Arc<Uffd>,
