@@ -1,7 +1,8 @@
 //! A device fault's window and the read-ahead after it: the pages a fault
 //! on device memory asks its driver to bring back (the window of
-//! [`ScanWindow`](crate::fault::window::ScanWindow), clipped to one protection run and mapped pages), and the
-//! windows an idle handler brings back ahead of a sequential scan.
+//! [`ScanWindow`](crate::fault::window::ScanWindow), clipped to one
+//! protection run and mapped pages), and the windows an idle handler
+//! brings back ahead of a sequential scan.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -25,7 +26,8 @@ pub(crate) struct ReadAhead {
     pub(crate) read_at: u64,
 }
 
-/// The fault-around window for page `idx` ([`ScanWindow`](crate::fault::window::ScanWindow)), clipped to the
+/// The fault-around window for page `idx`
+/// ([`ScanWindow`](crate::fault::window::ScanWindow)), clipped to the
 /// region, to one protection run and to mapped pages; and, in a sequential
 /// scan, the page the scan reaches next (for a read-ahead). With
 /// `marker` (a scan's last read-ahead window, in a region of small pages:

@@ -216,8 +216,9 @@ struct Page {
 /// table; [`finalize`](Migration::finalize) maps the pages at their new
 /// home. A program normally calls a driver's operations instead (the sim
 /// device's `migrate_to_device_all`, for one), which run these steps,
-/// usually in chunks through [`migrate_pipelined`](crate::migrate_pipelined) or [`migrate_chunked`](crate::migrate_chunked);
-/// a driver's [`migrate_to_ram`](crate::DevicePagemapOps::migrate_to_ram)
+/// usually in chunks through
+/// [`migrate_pipelined`](crate::migrate_pipelined) or
+/// [`migrate_chunked`](crate::migrate_chunked); a driver's [`migrate_to_ram`](crate::DevicePagemapOps::migrate_to_ram)
 /// runs them for a CPU fault.
 ///
 /// A whole driver, small enough to show: its memory is a map of page
