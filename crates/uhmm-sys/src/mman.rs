@@ -149,6 +149,7 @@ impl Mapping {
     /// memory created readable, never since protected or reserved. A copy
     /// from such memory cannot fault fatally, so it may be made by the CPU
     /// rather than by the kernel (which reports what it cannot read).
+    #[inline]
     pub fn always_readable(&self) -> bool {
         self.readable.load(Ordering::Acquire)
     }
@@ -171,28 +172,33 @@ impl Mapping {
     }
 
     /// The first address of the mapping.
+    #[inline]
     pub fn addr(&self) -> usize {
         self.addr.load(Ordering::Acquire)
     }
 
     /// The mapping's start as a raw pointer. Dereferencing it is the caller's
     /// business; the memory may change at any time (see the module docs).
+    #[inline]
     pub fn as_ptr(&self) -> *mut u8 {
         self.addr() as *mut u8
     }
 
     /// Length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// Always false: a mapping is never empty.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         false
     }
 
     /// Checks that `off..off + len` is a page-aligned, non-empty sub-range,
     /// and returns its start address.
+    #[inline]
     pub fn page_range(&self, off: usize, len: usize) -> io::Result<usize> {
         let end = off.checked_add(len);
         if len == 0

@@ -23,9 +23,19 @@ pub(crate) fn backoff(spins: u32) {
         loom::thread::yield_now();
     }
     #[cfg(not(loom))]
-    if spins < 64 {
+    if spins < BACKOFF_YIELDS {
         std::thread::yield_now();
     } else {
-        std::thread::sleep(std::time::Duration::from_micros(20));
+        std::thread::sleep(BACKOFF_SLEEP);
     }
 }
+
+/// Yields before a wait loop sleeps: what it waits for (a notifier's
+/// critical section) usually ends within a few time slices.
+#[cfg(not(loom))]
+const BACKOFF_YIELDS: u32 = 64;
+
+/// A sleep of the wait loop after that: short against the section, long
+/// enough not to burn the CPU its holder needs.
+#[cfg(not(loom))]
+const BACKOFF_SLEEP: std::time::Duration = std::time::Duration::from_micros(20);

@@ -426,10 +426,12 @@ mod tests {
         assert!(on_device());
         // A fault read after the move is served.
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
-        resolve(&space.inner, fault(region.addr(), false, read_at), &mut None, &Arc::default()).unwrap();
+        let serving = Arc::default();
+        resolve(&space.inner, fault(region.addr(), false, read_at), &mut None, &serving).unwrap();
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 1);
         assert!(!on_device());
         assert_eq!(space.stats().stale_faults, 1);
+        assert!(serving.woken(), "the driver's migration woke the page: the handler need not wake it again");
     }
 
     #[test]
