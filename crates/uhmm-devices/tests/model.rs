@@ -11,7 +11,7 @@ use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 use uhmm::{ErrorKind, PAGE_SIZE, Prot, Region};
-use uhmm_devices::sim::SimDevice;
+use uhmm_devices::sim::{PageState, SimDevice};
 
 /// Pages in the region of each case.
 const PAGES: usize = 64;
@@ -206,10 +206,19 @@ fn apply(sut: &Sut, model: &mut Model, step: usize, op: &Op) {
             assert_eq!(c.cpages, n, "{what}");
             assert_same(&buf, model, page, &what);
         }
-        Op::MigrateToDevice { dev, page, n } => match sut.devs[dev].migrate_to_device(sut.addr(page), n) {
-            Ok(c) => assert_eq!(c.cpages + c.left.total(), n, "{what}: {c:?}"),
-            Err(e) => assert!(matches!(e.kind(), ErrorKind::Busy | ErrorKind::NotFound), "{what}: {e}"),
-        },
+        Op::MigrateToDevice { dev, page, n } => {
+            let result = sut.devs[dev].migrate_to_device(sut.addr(page), n);
+            // The pages on this device afterwards, as its snapshot says.
+            let snap = sut.devs[dev].snapshot(sut.addr(page), n).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let on_dev = snap.iter().filter(|s| s.contains(PageState::DEV_PRIVATE_LOCAL)).count();
+            match result {
+                Ok(c) => assert_eq!((c.cpages, c.cpages + c.left.total()), (on_dev, n), "{what}: {c:?} {snap:?}"),
+                Err(e) => {
+                    assert!(matches!(e.kind(), ErrorKind::Busy | ErrorKind::NotFound), "{what}: {e}");
+                    assert_eq!(on_dev, 0, "{what}: an error only when no page is on the device: {e} {snap:?}");
+                }
+            }
+        }
         Op::MigrateToSystem { dev, page, n } => {
             let c = sut.devs[dev].migrate_to_system(sut.addr(page), n).unwrap_or_else(|e| panic!("{what}: {e}"));
             assert!(c.cpages <= n, "{what}: {} pages migrated", c.cpages);

@@ -27,6 +27,7 @@
 //! `mirror`, `exclusive`, `pin`, `move_pages`, `fork`; on top `region` (the
 //! `Region` handle, `map`) and `space` (`AddressSpace::new`). The system
 //! calls are the `uhmm-sys` crate, the only `unsafe`.
+
 #![deny(unsafe_code)]
 
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]

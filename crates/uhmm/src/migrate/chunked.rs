@@ -2,6 +2,7 @@
 //! chunks sized for a DMA engine (nouveau's migration loop), with the copy
 //! of one chunk overlapping the setup of the next and the finalize of the
 //! one before (`migrate_pipelined`).
+
 use std::ops::Range;
 
 use uhmm_sys::PAGE_SIZE;

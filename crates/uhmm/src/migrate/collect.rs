@@ -2,6 +2,7 @@
 //! best-effort (`folio_trylock`: a page locked elsewhere is skipped as
 //! busy, never waited for), and unmap the RAM ones into staging so every
 //! CPU access waits (`migrate_vma_collect` and `migrate_vma_unmap`).
+
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;

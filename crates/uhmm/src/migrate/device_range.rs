@@ -1,5 +1,6 @@
 //! `migrate_device_range`: evicting a device's pages back to RAM by device
 //! page number, wherever they are mapped (a driver being unloaded).
+
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //! the others restored, every page unlocked, waiting threads woken, the
 //! sources freed (`page_free`); in two halves for the pipelined helper.
 //! How pages are mapped back into their regions is `install`.
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 

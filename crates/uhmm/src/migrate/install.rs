@@ -3,6 +3,7 @@
 //! from staging or the pool with `UFFDIO_MOVE`, or copied in from driver
 //! memory — through kept staging batches and whole huge pages where it can,
 //! shared with the copy helper when big.
+
 use std::sync::Arc;
 
 use rustix::io::Errno;

@@ -2,6 +2,7 @@
 //! (the kernel's `dst[]`: a device page, a RAM page the driver filled, a
 //! copy from its memory, or an error) and `migrate_vma_pages`, which
 //! commits the pages that have one.
+
 use std::marker::PhantomData;
 use std::sync::Arc;
 
