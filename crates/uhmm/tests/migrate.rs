@@ -201,6 +201,30 @@ fn device_range_eviction_and_poison() {
 }
 
 #[test]
+fn device_range_lists_a_locked_page_as_busy() {
+    let space = space();
+    let dev = TestDev::new(&space);
+    let a = space.map(4 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+    fill(&a, 0..4);
+    assert_eq!(dev.to_device(&space, a.range()).migrated, 4);
+    // Another migration holds page 1's lock.
+    let p1 = a.addr() + PAGE_SIZE;
+    let holder = Migration::setup(&space, p1..p1 + PAGE_SIZE, Select::DEVICE_PRIVATE, dev.owner).unwrap();
+    assert_eq!(holder.cpages(), 1);
+    let mut m = migrate_device_range(&space, dev.pm(), 0..4).unwrap();
+    assert_eq!((m.npages(), m.cpages()), (4, 3));
+    let busy = (0..4).find(|&i| m.addr(i) == Some(p1)).unwrap();
+    assert_eq!(m.skipped(busy), Some(uhmm::Skip::Busy));
+    assert!((0..4).filter(|&i| i != busy).all(|i| m.skipped(i).is_none()));
+    dev.copy_out(&mut m).unwrap();
+    let s = m.pages().finalize();
+    assert_eq!((s.migrated, s.busy, s.pinned), (3, 1, 0));
+    drop(holder); // restores page 1 on the device
+    assert!(matches!(space.snapshot(p1..p1 + PAGE_SIZE).unwrap()[0].residency, Residency::Device(..)));
+    check(&a, 0..4);
+}
+
+#[test]
 fn chunked_helper_covers_the_range() {
     let space = space();
     let dev = TestDev::new(&space);

@@ -21,7 +21,9 @@ use crate::{Error, Result};
 /// mapped (`migrate_device_range`): returns a migration whose sources are
 /// the device pages that are mapped; the driver fills
 /// [`Migration::system_dst`] for each and commits as usual. Pages that are
-/// not mapped are skipped.
+/// not mapped are not listed; a mapped page locked by someone else is
+/// listed as skipped ([`Skip::Busy`], counted in the
+/// summary's `busy`), for the caller to retry.
 pub fn migrate_device_range(
     space: &AddressSpace,
     pagemap: &DevicePagemap,
@@ -56,16 +58,8 @@ pub fn migrate_device_range(
         };
         let page = DevicePage { pagemap: pagemap.id(), pfn };
         let r = &regions[region];
-        // Best effort, as the kernel's trylock_page: waiting here while
-        // holding other pages' locks could deadlock against an access that
-        // locks in address order. A skipped page is the caller's to retry.
-        if !r.pt.try_lock_if(idx, State::Device(page)) {
-            continue;
-        }
         let state = State::Device(page);
-        let addr = r.addr_of(idx);
-        drop(space.notifiers.invalidate(addr..addr + PAGE_SIZE, InvalidateEvent::Migrate { owner: pagemap.owner() }));
-        pages.push(Page {
+        let mut entry = Page {
             region: u32::try_from(region).expect("few regions"),
             idx,
             src: Src::Device(page),
@@ -74,7 +68,23 @@ pub fn migrate_device_range(
             copy_from: None,
             migrated: false,
             skip: Skip::NotSelected,
-        });
+        };
+        // Best effort, as the kernel's trylock_page: waiting here while
+        // holding other pages' locks could deadlock against an access that
+        // locks in address order. A page still there but locked is listed
+        // as busy, the caller's to retry; one that moved meanwhile is not
+        // this device's any more.
+        if !r.pt.try_lock_if(idx, state) {
+            if r.pt.load(idx).state() == state {
+                entry.src = Src::Skip;
+                entry.skip = Skip::Busy;
+                pages.push(entry);
+            }
+            continue;
+        }
+        let addr = r.addr_of(idx);
+        drop(space.notifiers.invalidate(addr..addr + PAGE_SIZE, InvalidateEvent::Migrate { owner: pagemap.owner() }));
+        pages.push(entry);
     }
     let mut inner = Inner::new(space.clone(), serving, regions, 0, in_flight);
     inner.pages = pages;
