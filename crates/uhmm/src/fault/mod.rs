@@ -202,17 +202,13 @@ impl FaultQueue {
 mod tests {
     use super::*;
 
-    fn fault(addr: usize, write: bool, read_at: u64) -> Fault {
-        Fault { addr, write, read_at }
-    }
-
     #[test]
     fn queue_drops_duplicates_and_keeps_order() {
         let mut q = FaultQueue::default();
-        assert!(q.push(fault(0x1000, false, 1)));
-        assert!(q.push(fault(0x3000, false, 1)));
-        assert!(!q.push(fault(0x1000, true, 2)), "duplicate fault must be coalesced");
-        assert!(q.push(fault(0x2000, false, 2)));
+        assert!(q.push(Fault::at(0x1000, false, 1)));
+        assert!(q.push(Fault::at(0x3000, false, 1)));
+        assert!(!q.push(Fault::at(0x1000, true, 2)), "duplicate fault must be coalesced");
+        assert!(q.push(Fault::at(0x2000, false, 2)));
         let mut seen = Vec::new();
         q.drain(
             |f| {
@@ -223,7 +219,7 @@ mod tests {
         );
         assert_eq!(
             seen,
-            vec![fault(0x1000, true, 2), fault(0x3000, false, 1), fault(0x2000, false, 2)],
+            vec![Fault::at(0x1000, true, 2), Fault::at(0x3000, false, 1), Fault::at(0x2000, false, 2)],
             "arrival order kept; write and read time upgraded"
         );
         assert!(q.is_empty());
@@ -233,7 +229,7 @@ mod tests {
     fn queue_retries_eagain_and_paces_failures() {
         let mut q = FaultQueue::default();
         for addr in [0x1000, 0x2000, 0x3000] {
-            q.push(fault(addr, false, 0));
+            q.push(Fault::at(addr, false, 0));
         }
         let mut woken = Vec::new();
         q.drain(

@@ -32,6 +32,14 @@ pub(crate) struct Fault {
     pub(crate) read_at: u64,
 }
 
+#[cfg(test)]
+impl Fault {
+    /// A fault at `addr` (tests).
+    pub(crate) fn at(addr: usize, write: bool, read_at: u64) -> Fault {
+        Fault { addr, write, read_at }
+    }
+}
+
 /// Resolves `fault`. A fault on a device page in a sequential scan sets
 /// `ahead` to the address where the scan will fault next.
 pub(crate) fn resolve(
@@ -392,10 +400,6 @@ mod tests {
     use super::*;
     use crate::test_device::TestDev;
 
-    fn fault(addr: usize, write: bool, read_at: u64) -> Fault {
-        Fault { addr, write, read_at }
-    }
-
     #[test]
     fn duplicate_fault_on_present_page_takes_eexist_and_wakes() {
         let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
@@ -404,7 +408,7 @@ mod tests {
         let before = space.stats();
         assert!(before.zero_filled_pages >= 1);
         // A stale copy of that fault, read late or twice: must succeed and wake.
-        resolve(&space.inner, fault(region.addr() + 5 * PAGE_SIZE, true, 0), &mut None, &Arc::default()).unwrap();
+        resolve(&space.inner, Fault::at(region.addr() + 5 * PAGE_SIZE, true, 0), &mut None, &Arc::default()).unwrap();
         let after = space.stats();
         assert_eq!(after.eexist, before.eexist + 1, "the already-present page answers EEXIST");
         let mut b = [0u8; 1];
@@ -420,14 +424,14 @@ mod tests {
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
         assert_eq!(dev.to_device(&space, region.range()).migrated, 4);
         let on_device = || matches!(region.inner.pt.load(0).state(), State::Device(_));
-        resolve(&space.inner, fault(region.addr(), false, read_at), &mut None, &Arc::default()).unwrap();
+        resolve(&space.inner, Fault::at(region.addr(), false, read_at), &mut None, &Arc::default()).unwrap();
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 0, "the stale fault brought nothing back");
         assert_eq!(space.stats().stale_faults, 1);
         assert!(on_device());
         // A fault read after the move is served.
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
         let serving = Arc::default();
-        resolve(&space.inner, fault(region.addr(), false, read_at), &mut None, &serving).unwrap();
+        resolve(&space.inner, Fault::at(region.addr(), false, read_at), &mut None, &serving).unwrap();
         assert_eq!(dev.migrate_to_ram_calls.load(Ordering::SeqCst), 1);
         assert!(!on_device());
         assert_eq!(space.stats().stale_faults, 1);
@@ -441,7 +445,7 @@ mod tests {
         let (region, dev) = TestDev::attach(&space, 256);
         assert_eq!(dev.to_device(&space, region.range()).migrated, 256);
         let read_at = space.inner.to_device_epoch.load(Ordering::SeqCst);
-        let at = |page: usize| fault(region.addr() + page * PAGE_SIZE, false, read_at);
+        let at = |page: usize| Fault::at(region.addr() + page * PAGE_SIZE, false, read_at);
         let mut ahead = None;
         // A scan up: its second fault leaves a read-ahead from page 48.
         resolve(&space.inner, at(0), &mut ahead, &Arc::default()).unwrap();

@@ -11,7 +11,7 @@ use uhmm_sys::PAGE_SIZE;
 use uhmm_sys::pagemap::{Query, category};
 
 use crate::copier::{CopyQueue, PIECE_PAGES, copy_in};
-use crate::migrate::{Few, Inner, MigrateDst, MigrateSummary, Migrated, Migration, Page, Runs, Src};
+use crate::migrate::{Few, Inner, MigrateDst, MigrateSummary, Migrated, Migration, Page, Runs, Skip, Src};
 use crate::mm::Mm;
 use crate::page::DevicePage;
 use crate::pte::State;
@@ -210,12 +210,19 @@ impl Inner {
         }
         // Count; device pages to free: the sources of pages that moved, and
         // allocated destinations that went unused.
-        let (busy, pinned) = self.skipped_counts();
-        let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, migrated: 0, busy, pinned };
+        let mut summary = MigrateSummary { npages: self.pages.len(), cpages: self.cpages, ..Default::default() };
         let mut to_free: Few<DevicePage> = Few::new();
         // Pages to a device, to RAM, poisoned.
         let mut moved = [0u64; 3];
-        for p in self.pages.iter().filter(|p| p.src != Src::Skip) {
+        for p in &self.pages {
+            if p.src == Src::Skip {
+                match p.skip {
+                    Skip::Busy => summary.busy += 1,
+                    Skip::Pinned => summary.pinned += 1,
+                    Skip::NotSelected => {}
+                }
+                continue;
+            }
             if !p.migrated {
                 if let MigrateDst::Device(d) = p.dst {
                     to_free.push(d);

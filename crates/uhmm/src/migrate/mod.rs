@@ -468,12 +468,6 @@ impl Inner {
         self.pages[i].src = Src::Skip;
         self.pages[i].skip = why;
     }
-
-    /// The summary's counts of pages skipped: busy and pinned.
-    fn skipped_counts(&self) -> (usize, usize) {
-        let count = |why| self.pages.iter().filter(|p| p.src == Src::Skip && p.skip == why).count();
-        (count(Skip::Busy), count(Skip::Pinned))
-    }
 }
 
 impl Drop for Inner {
