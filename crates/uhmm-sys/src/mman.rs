@@ -3,8 +3,9 @@
 //! A [`Mapping`] is memory whose contents can change underneath the program
 //! at any time: a userfaultfd ioctl may move its pages away or install new
 //! ones, a device may write it, the program may write it through raw
-//! pointers. It therefore never hands out `&[u8]`; its bytes are reached only
-//! through the copying methods here, which bounds-check once and then copy.
+//! pointers. Its bytes are reached through the copying methods here, which
+//! bounds-check once and then copy; only [`Mapping::slice_mut`], unsafe,
+//! lends them as a slice to a caller that owns them for the moment.
 
 use std::ffi::c_void;
 use std::io;
@@ -320,6 +321,27 @@ impl Mapping {
         // keep the compiler from dropping it when `buf` is never looked at.
         std::hint::black_box(buf);
         Ok(())
+    }
+
+    /// The bytes `off..off + len` of the mapping as a mutable slice, for a
+    /// caller that owns them for the slice's life: a codec that must
+    /// decompress straight into the memory. Bounds are checked; the
+    /// exclusivity is the caller's to argue.
+    ///
+    /// # Safety
+    ///
+    /// While the slice lives, nothing else may read or write these bytes,
+    /// through this mapping's copies or anything else (another slice,
+    /// a raw pointer, a device, a userfaultfd ioctl that moves or discards
+    /// the pages), and their pages must be present and writable, or be
+    /// faulted in by someone other than the calling thread.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, off: usize, len: usize) -> io::Result<&mut [u8]> {
+        let start = self.byte_range(off, len)?;
+        // SAFETY: `start..start + len` is inside this live mapping (checked),
+        // which outlives the returned borrow of `self`; the caller
+        // guarantees no other access to these bytes while the slice lives.
+        Ok(unsafe { std::slice::from_raw_parts_mut(start, len) })
     }
 
     /// Copies `buf` into the mapping at offset `off`.

@@ -450,7 +450,7 @@ fn to_devices(
         set(&|k| match (skipped[k], m.migrated(k), m.dst(k)) {
             (true, _, _) => MoveStatus::Busy,
             (false, true, MigrateDst::Device(p)) => MoveStatus::Device(p.pagemap),
-            (false, true, MigrateDst::System) => MoveStatus::Ram,
+            (false, true, MigrateDst::System | MigrateDst::Zero) => MoveStatus::Ram,
             (false, true, MigrateDst::Error) => MoveStatus::Poisoned,
             (false, _, _) => MoveStatus::NoMemory,
         });

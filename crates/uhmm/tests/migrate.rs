@@ -909,3 +909,70 @@ fn the_copy_helper_runs_where_the_space_was_made_not_where_it_was_started() {
     }
     check(&r, 0..n);
 }
+
+/// A driver fills RAM pages in place (`system_dst_bytes`) and brings zero
+/// pages back as the zero page (`set_dst_zero`): the data comes back, the
+/// zero pages take no RAM, and bad runs are refused without changing
+/// anything.
+#[test]
+fn pages_come_back_filled_in_place_or_as_the_zero_page() {
+    let space = space();
+    let (region, dev) = TestDev::attach(&space, 8);
+    fill(&region, 0..4);
+    region.write(4 * PAGE_SIZE, &vec![0; 4 * PAGE_SIZE]).unwrap();
+    assert_eq!(dev.to_device(&space, region.range()).migrated, 8);
+
+    let mut m = Migration::setup(&space, region.range(), Select::DEVICE_PRIVATE, dev.owner).unwrap();
+    assert_eq!(m.system_dst_bytes(&[0..2, 1..3]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(m.system_dst_bytes(&[0..9]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    let _lent = m.system_dst(3).unwrap();
+    assert_eq!(m.system_dst_bytes(&[2..4]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    let mem = dev.mem.lock().unwrap().clone();
+    let pfn = |m: &Migration, i: usize| match m.src(i) {
+        MigrateSrc::Device(p) => p.pfn.0,
+        other => panic!("page {i} is {other:?}"),
+    };
+    let pfns: Vec<u64> = (0..8).map(|i| pfn(&m, i)).collect();
+    {
+        let mut runs = m.system_dst_bytes(&[0..3]).unwrap();
+        for (k, page) in runs[0].chunks_mut(PAGE_SIZE).enumerate() {
+            page.copy_from_slice(&mem[&pfns[k]]);
+        }
+    }
+    for i in 0..3 {
+        m.set_dst_system(i).unwrap();
+    }
+    m.system_dst(3).unwrap().write(0, &mem[&pfns[3]]).unwrap();
+    m.set_dst_system(3).unwrap();
+    for i in 4..8 {
+        m.set_dst_zero(i).unwrap();
+    }
+    let summary = m.pages().finalize();
+    assert_eq!(summary.migrated, 8);
+    check(&region, 0..4);
+    let states = space.snapshot(region.range()).unwrap();
+    assert!(states[..4].iter().all(|p| p.residency == Residency::Ram), "{states:?}");
+    assert!(states[4..].iter().all(|p| p.residency == Residency::Zero), "zero pages take no RAM: {states:?}");
+    let mut buf = vec![1; 4 * PAGE_SIZE];
+    region.read(4 * PAGE_SIZE, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    region.write(5 * PAGE_SIZE, b"written").unwrap();
+    region.read(5 * PAGE_SIZE, &mut buf[..7]).unwrap();
+    assert_eq!(&buf[..7], b"written");
+    assert!(dev.mem.lock().unwrap().is_empty(), "every device page was freed");
+}
+
+/// A RAM page cannot come back as the zero page: only a driver's page or a
+/// hole can.
+#[test]
+fn a_ram_page_cannot_become_the_zero_page() {
+    let space = space();
+    let (region, dev) = TestDev::attach(&space, 1);
+    let mut m = Migration::setup(&space, region.range(), Select::SYSTEM, dev.owner).unwrap();
+    assert_eq!(m.set_dst_zero(0).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(m.dst(0), MigrateDst::None);
+    drop(m);
+    let mut b = [0; 1];
+    region.read(0, &mut b).unwrap();
+    assert_eq!(b, [1]);
+}

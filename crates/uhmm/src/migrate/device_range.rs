@@ -66,6 +66,7 @@ pub fn migrate_device_range(
             prior: state,
             dst: MigrateDst::None,
             copy_from: None,
+            lent: false,
             migrated: false,
             skip: Skip::NotSelected,
         };

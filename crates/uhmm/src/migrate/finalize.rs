@@ -87,6 +87,8 @@ pub(super) enum InstallFrom {
     Stage,
     /// The driver's memory ([`Migration::set_dst_system_from`]): copied in.
     Driver,
+    /// No data: the zero page ([`Migration::set_dst_zero`]).
+    Zero,
 }
 
 impl Inner {
@@ -129,6 +131,10 @@ impl Inner {
                     MigrateDst::System => {
                         *state = State::Cpu;
                         installs.push((i, if p.copy_from.is_some() { InstallFrom::Driver } else { InstallFrom::Pool }));
+                    }
+                    MigrateDst::Zero => {
+                        *state = State::Cpu;
+                        installs.push((i, InstallFrom::Zero));
                     }
                     MigrateDst::Error => {
                         *state = State::Poisoned;
@@ -194,9 +200,10 @@ impl Inner {
         }
         for i in failed {
             let p = &mut self.pages[i];
-            if p.migrated && p.copy_from.is_some() {
-                // Its data is still in the driver's memory, and its source
-                // (a device page or a hole) was never unmapped: it stays.
+            if p.migrated && (p.copy_from.is_some() || p.dst == MigrateDst::Zero) {
+                // Its data is still in the driver's memory (or none is
+                // needed), and its source (a device page or a hole) was
+                // never unmapped: it stays.
                 p.migrated = false;
                 new_state[i] = p.prior;
                 continue;
@@ -235,7 +242,7 @@ impl Inner {
             }
             moved[match p.dst {
                 MigrateDst::Device(_) => 0,
-                MigrateDst::System => 1,
+                MigrateDst::System | MigrateDst::Zero => 1,
                 MigrateDst::Error | MigrateDst::None => 2,
             }] += 1;
         }

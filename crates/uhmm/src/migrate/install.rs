@@ -53,6 +53,10 @@ impl Inner {
             let (i, from) = installs[k];
             let n = self.install_run(&installs[k..]);
             k += n;
+            if from == InstallFrom::Zero {
+                self.settle(&mut failed, i, n, self.install_zero(i, n));
+                continue;
+            }
             if from != InstallFrom::Driver {
                 self.settle(&mut failed, i, n, self.install_moved(i, n, from));
                 continue;
@@ -207,7 +211,7 @@ impl Inner {
         let slots = match from {
             InstallFrom::Pool => self.pool.as_ref(),
             InstallFrom::Stage => self.stage.as_ref(),
-            InstallFrom::Driver => None,
+            InstallFrom::Driver | InstallFrom::Zero => None,
         };
         let max = slots.map_or(usize::MAX, |s| s.contiguous(i, usize::MAX));
         let follows = |a: usize, b: usize| match (self.pages[a].copy_from, self.pages[b].copy_from) {
@@ -232,6 +236,34 @@ impl Inner {
             Some((r, _)) => r.len(),
             None => n,
         }
+    }
+
+    /// Maps the zero page at pages `i..i + n` (`UFFDIO_ZEROPAGE`, waking no
+    /// one: finalize wakes after unlocking). Returns how many (from `i`) it
+    /// mapped; a page already present counts (nothing else fills a locked
+    /// entry: an earlier try's).
+    pub(super) fn install_zero(&self, i: usize, n: usize) -> usize {
+        let dst = self.region_of(i).addr_of(self.pages[i].idx);
+        let len = n * PAGE_SIZE;
+        let mut done = 0;
+        for attempt in 0..INSTALL_ATTEMPTS {
+            match self.space.uffd.zeropage(dst + done, len - done, true) {
+                Ok(_) => return n,
+                Err(e) if e.errno == Errno::EXIST => done += e.done + PAGE_SIZE,
+                Err(e) if e.errno == Errno::AGAIN => done += e.done,
+                Err(e) => {
+                    tracing::error!(errno = %e.errno, "UFFDIO_ZEROPAGE failed");
+                    return (done + e.done) / PAGE_SIZE;
+                }
+            }
+            if done >= len {
+                return n;
+            }
+            if attempt > 0 {
+                std::thread::sleep(INSTALL_BACKOFF * (1 << attempt.min(10)));
+            }
+        }
+        done / PAGE_SIZE
     }
 
     /// Maps pages `i..i + n` from staging or the pool slots that hold them:

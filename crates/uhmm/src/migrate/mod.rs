@@ -109,6 +109,9 @@ pub enum MigrateDst {
     Device(DevicePage),
     /// The RAM page from [`Migration::system_dst`], filled by the driver.
     System,
+    /// A page of zeros, mapped without RAM (`UFFDIO_ZEROPAGE`: the shared
+    /// zero page, copied on the first write): [`Migration::set_dst_zero`].
+    Zero,
     /// The data is lost (`MIGRATE_PFN_ERROR`): accesses get SIGBUS.
     Error,
 }
@@ -197,6 +200,9 @@ struct Page {
     /// With `dst == System`: index into `Inner::copy_srcs` when the data
     /// is copied in from the driver's memory at install (else the pool).
     copy_from: Option<u32>,
+    /// Its pool page was lent out by [`Migration::system_dst`]: it may not
+    /// be borrowed by [`Migration::system_dst_bytes`] too.
+    lent: bool,
     migrated: bool,
     /// With `src == Skip`: why.
     skip: Skip,
@@ -407,6 +413,7 @@ impl Inner {
             prior: State::Cpu,
             dst: MigrateDst::None,
             copy_from: None,
+            lent: false,
             migrated: false,
             skip: Skip::NotSelected,
         };

@@ -4,6 +4,7 @@
 //! commits the pages that have one.
 
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::sync::Arc;
 
 use uhmm_sys::PAGE_SIZE;
@@ -20,6 +21,69 @@ impl Migration<Collected> {
     /// [`Migration::set_dst_system`].
     pub fn system_dst(&mut self, i: usize) -> Result<SystemPage> {
         self.inner.check_collected(i)?;
+        self.inner.pages[i].lent = true;
+        let pool = self.pool()?;
+        Ok(SystemPage::new(pool.arena(), pool.offset(i)))
+    }
+
+    /// The RAM pages for runs of this migration's device-private pages
+    /// coming back, borrowed to be filled in place: one slice per run, its
+    /// pages in order. A driver decompresses or copies straight into them
+    /// (from several threads if it likes: the slices are disjoint), then
+    /// sets each page with [`Migration::set_dst_system`].
+    ///
+    /// Each run is a range of page indices; the runs may not overlap, and
+    /// each page must be a collected device-private page whose RAM page was
+    /// not lent by [`Migration::system_dst`]. A run whose RAM pages are not
+    /// contiguous (it crosses pieces of the pool; runs of up to 512 pages
+    /// that start at a multiple of 512 never do) is refused: split it.
+    /// Anything refused is [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument),
+    /// and nothing changes.
+    pub fn system_dst_bytes(&mut self, runs: &[Range<usize>]) -> Result<Vec<&mut [u8]>> {
+        let mut sorted: Vec<Range<usize>> = runs.to_vec();
+        sorted.sort_unstable_by_key(|r| r.start);
+        if sorted.windows(2).any(|w| w[0].end > w[1].start) {
+            return Err(Error::invalid("runs overlap"));
+        }
+        for r in &sorted {
+            for i in r.clone() {
+                self.inner.check_collected(i)?;
+                let p = &self.inner.pages[i];
+                let private = matches!(p.src, Src::Device(d) if !self.inner.space.is_coherent(&d));
+                if !private || p.lent {
+                    return Err(Error::invalid("only device-private pages not lent by system_dst are filled in place"));
+                }
+            }
+        }
+        let pool = self.pool()?;
+        if runs.iter().any(|r| !r.is_empty() && pool.contiguous(r.start, r.len()) < r.len()) {
+            return Err(Error::invalid("a run's RAM pages are not contiguous: split it"));
+        }
+        let map = pool.mapping();
+        let mut out = Vec::with_capacity(runs.len());
+        for r in runs {
+            #[allow(unsafe_code)]
+            // SAFETY: the slots of a migration's pool are this migration's
+            // alone until `finalize` maps them (they are reachable from no
+            // region, and the core touches them only in `finalize`, which
+            // needs the migration the returned slices borrow mutably). Of
+            // them, these pages were never lent as a `SystemPage` (checked
+            // above, and `system_dst` needs `&mut self` too), so nothing
+            // else reads or writes them while the slices live; the runs
+            // are disjoint, so the slices are; each run is contiguous and
+            // inside the pool's mapping (checked), and its pages were
+            // populated by `pool()` (device-private sources), so a write
+            // never faults on uhmm's own userfaultfd.
+            let bytes = unsafe { map.slice_mut(pool.offset(r.start), r.len() * PAGE_SIZE) }
+                .map_err(|e| Error::sys("pool pages", e))?;
+            out.push(bytes);
+        }
+        Ok(out)
+    }
+
+    /// The migration's pool of RAM pages for pages coming back, allocated
+    /// on first use.
+    fn pool(&mut self) -> Result<&crate::staging::Slots> {
         if self.inner.pool.is_none() {
             // A whole aligned 2 MiB block coming back gets a huge page.
             let inner = &self.inner;
@@ -42,8 +106,7 @@ impl Migration<Collected> {
             }
             self.inner.pool = Some(pool);
         }
-        let pool = self.inner.pool.as_ref().expect("pool just allocated");
-        Ok(SystemPage::new(pool.arena(), pool.offset(i)))
+        Ok(self.inner.pool.as_ref().expect("pool just allocated"))
     }
 
     /// Page `i` moves to device page `page`, which the driver has filled.
@@ -118,6 +181,27 @@ impl Migration<Collected> {
         inner.copy_srcs.push((inner.copy_maps.len() - 1, offset));
         self.inner.pages[i].dst = MigrateDst::System;
         self.inner.pages[i].copy_from = Some(at);
+        Ok(())
+    }
+
+    /// Page `i` moves to RAM as a page of zeros, mapped without allocating
+    /// RAM (`UFFDIO_ZEROPAGE`: the shared zero page, copied on the first
+    /// write): for a driver that knows the page holds only zeros (a
+    /// compressed store's same-filled page). For device-private pages and
+    /// holes only, otherwise
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument)
+    /// and nothing changes. If the zero page cannot be mapped at
+    /// `finalize`, the page stays where it was, as with
+    /// [`Migration::set_dst_system_from`].
+    pub fn set_dst_zero(&mut self, i: usize) -> Result<()> {
+        self.inner.check_collected(i)?;
+        match self.inner.pages[i].src {
+            Src::Hole => {}
+            Src::Device(d) if !self.inner.space.is_coherent(&d) => {}
+            _ => return Err(Error::invalid("a zero destination is for device-private pages and holes")),
+        }
+        self.inner.release_dst(i);
+        self.inner.pages[i].dst = MigrateDst::Zero;
         Ok(())
     }
 
