@@ -6,7 +6,14 @@
 //!   thread, a device page table, and dmirror's test operations. A program
 //!   makes a [`sim::SimDevice`] in its address space and moves ranges with
 //!   it (its doc has an example).
+//! - [`store`]: the driver of every store-backed tier, [`store::StoreDevice`],
+//!   over the [`store::PageStore`] trait (put / get / delete of page batches).
+//! - [`compress`]: the compressed store, a user-space zswap: lz4 (or zstd),
+//!   same-filled and incompressible pages as zram keeps them, a packed pool,
+//!   groups of neighbouring pages, checksums.
 
 #![forbid(unsafe_code)]
 
+pub mod compress;
 pub mod sim;
+pub mod store;

@@ -293,6 +293,12 @@ impl Mapping {
         self.advise(off, len, Advice::LinuxPopulateWrite)
     }
 
+    /// `madvise(MADV_NOHUGEPAGE)`: keep the kernel from backing the range
+    /// with THPs (memory whose small pieces are freed one by one).
+    pub fn advise_no_huge(&self, off: usize, len: usize) -> io::Result<()> {
+        self.advise(off, len, Advice::LinuxNoHugepage)
+    }
+
     /// `madvise(MADV_HUGEPAGE)`: let the kernel back the range with THPs.
     pub fn advise_huge(&self, off: usize, len: usize) -> io::Result<()> {
         self.advise(off, len, Advice::LinuxHugepage)
