@@ -350,6 +350,50 @@ impl Mapping {
         Ok(unsafe { std::slice::from_raw_parts_mut(start, len) })
     }
 
+    /// [`Mapping::read`] done by the kernel (`process_vm_readv` on this
+    /// process): a page the copy cannot have — poisoned, or (with a
+    /// user-mode-only userfaultfd) not present — is an `EFAULT` error
+    /// instead of a signal. Returns the bytes copied before it, with the
+    /// error; a page not present is faulted in as by a load.
+    pub fn read_or_efault(&self, off: usize, buf: &mut [u8]) -> Result<(), (usize, io::Error)> {
+        let src = self.byte_range(off, buf.len()).map_err(|e| (0, e))?;
+        let mut done = 0;
+        while done < buf.len() {
+            let local = libc::iovec { iov_base: buf[done..].as_mut_ptr().cast(), iov_len: buf.len() - done };
+            let remote = libc::iovec { iov_base: src.wrapping_add(done).cast(), iov_len: buf.len() - done };
+            // SAFETY: both vectors describe memory that lives for the call:
+            // `buf` (ordinary Rust memory, writable) and a range inside this
+            // mapping (checked). The kernel copies between them as it would
+            // for another process: a fault it cannot serve is an error.
+            let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err((done, io::Error::from(io::ErrorKind::UnexpectedEof))),
+                _ => return Err((done, io::Error::last_os_error())),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Mapping::write`] done by the kernel (`process_vm_writev`): as
+    /// [`Mapping::read_or_efault`], the other way.
+    pub fn write_or_efault(&self, off: usize, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+        let dst = self.byte_range(off, buf.len()).map_err(|e| (0, e))?;
+        let mut done = 0;
+        while done < buf.len() {
+            let local = libc::iovec { iov_base: buf[done..].as_ptr().cast_mut().cast(), iov_len: buf.len() - done };
+            let remote = libc::iovec { iov_base: dst.wrapping_add(done).cast(), iov_len: buf.len() - done };
+            // SAFETY: as in `read_or_efault`; the kernel only reads `buf`.
+            let n = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => return Err((done, io::Error::from(io::ErrorKind::UnexpectedEof))),
+                _ => return Err((done, io::Error::last_os_error())),
+            }
+        }
+        Ok(())
+    }
+
     /// Copies `buf` into the mapping at offset `off`.
     pub fn write(&self, off: usize, buf: &[u8]) -> io::Result<()> {
         let dst = self.byte_range(off, buf.len())?;

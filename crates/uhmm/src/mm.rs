@@ -267,25 +267,6 @@ impl AddressSpace {
         self.inner.notifiers.insert(interval, ops)
     }
 
-    /// Copies the bytes at `addr` (inside one region) into `buf`, as
-    /// [`Region::read`](crate::Region::read) does; for devices that reach RAM pages by address.
-    pub fn read_at(&self, addr: usize, buf: &mut [u8]) -> Result<()> {
-        let region =
-            self.inner.region_at(addr).ok_or_else(|| Error::new(ErrorKind::Fault, "address not managed by uhmm"))?;
-        let off = addr - region.start();
-        region.check_access(off, buf.len(), Prot::READ)?;
-        region.map.read(off, buf).map_err(|e| Error::sys("read", e))
-    }
-
-    /// Copies `buf` to `addr` (inside one region), as [`Region::write`](crate::Region::write) does.
-    pub fn write_at(&self, addr: usize, buf: &[u8]) -> Result<()> {
-        let region =
-            self.inner.region_at(addr).ok_or_else(|| Error::new(ErrorKind::Fault, "address not managed by uhmm"))?;
-        let off = addr - region.start();
-        region.check_access(off, buf.len(), Prot::READ_WRITE)?;
-        region.map.write(off, buf).map_err(|e| Error::sys("write", e))
-    }
-
     /// The counters of this address space.
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()

@@ -114,16 +114,14 @@ impl Region {
     /// region, on pages without read access or on poisoned pages, instead of
     /// the signal a direct access would raise.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.inner.check_access(offset, buf.len(), Prot::READ)?;
-        self.inner.map.read(offset, buf).map_err(|e| Error::sys("read", e))
+        copy(&self.inner, offset, Copy::Out(buf))
     }
 
     /// Copies `buf` to `offset`, faulting pages back from devices as needed.
     /// Fails with [`ErrorKind::Permission`](crate::ErrorKind::Permission) on
     /// read-only pages, otherwise as [`Region::read`].
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
-        self.inner.check_access(offset, buf.len(), Prot::READ_WRITE)?;
-        self.inner.map.write(offset, buf).map_err(|e| Error::sys("write", e))
+        copy(&self.inner, offset, Copy::In(buf))
     }
 
     /// Changes the protection of `range` (byte offsets, page-aligned).
@@ -214,7 +212,7 @@ impl Region {
         let _inv = space.notifiers.invalidate(old..old + len, InvalidateEvent::Unmap);
         // Hold every page: no migration, fill or device access runs meanwhile.
         let prior: Vec<State> = (0..inner.npages()).map(|idx| inner.pt.lock(idx, &space.waits)).collect();
-        let align = if len >= HUGE_SIZE { HUGE_SIZE } else { PAGE_SIZE };
+        let align = region_align(len);
         let moved = space.rekey_region(inner, || {
             let new = inner.map.move_to_new_address(align).map_err(|e| Error::sys("mremap", e))?;
             if inner.backing == Backing::Anonymous {
@@ -262,6 +260,27 @@ impl Drop for Region {
 }
 
 impl AddressSpace {
+    /// Copies the bytes at `addr` (inside one region) into `buf`, as
+    /// [`Region::read`](crate::Region::read) does; for devices that reach RAM pages by address.
+    pub fn read_at(&self, addr: usize, buf: &mut [u8]) -> Result<()> {
+        let region = self
+            .inner
+            .region_at(addr)
+            .ok_or_else(|| Error::new(crate::ErrorKind::Fault, "address not managed by uhmm"))?;
+        let off = addr - region.start();
+        copy(&region, off, Copy::Out(buf))
+    }
+
+    /// Copies `buf` to `addr` (inside one region), as [`Region::write`](crate::Region::write) does.
+    pub fn write_at(&self, addr: usize, buf: &[u8]) -> Result<()> {
+        let region = self
+            .inner
+            .region_at(addr)
+            .ok_or_else(|| Error::new(crate::ErrorKind::Fault, "address not managed by uhmm"))?;
+        let off = addr - region.start();
+        copy(&region, off, Copy::In(buf))
+    }
+
     /// Maps a new region of `len` bytes (rounded up to pages), lazily backed:
     /// nothing is allocated until it is touched. Regions of 2 MiB or more are
     /// 2 MiB-aligned.
@@ -285,7 +304,7 @@ impl AddressSpace {
     fn map_anonymous(&self, len: usize, prot: Prot, huge: bool) -> Result<Region> {
         self.inner.check_usable()?;
         let len = region_len(len)?;
-        let align = if len >= HUGE_SIZE { HUGE_SIZE } else { PAGE_SIZE };
+        let align = region_align(len);
         let map = Mapping::anonymous(len, prot.protection()?, align).map_err(|e| Error::sys("mmap", e))?;
         if huge {
             map.advise_huge(0, len).map_err(|e| Error::sys("MADV_HUGEPAGE", e))?;
@@ -349,4 +368,55 @@ fn region_len(len: usize) -> Result<usize> {
         return Err(Error::invalid("cannot map an empty region"));
     }
     len.checked_next_multiple_of(PAGE_SIZE).ok_or_else(|| Error::invalid("length overflows"))
+}
+
+/// The direction of a [`copy`].
+enum Copy<'a> {
+    Out(&'a mut [u8]),
+    In(&'a [u8]),
+}
+
+/// Copies between `buf` and `offset` of `region`, after checking the access
+/// (see `Vma::check_access`). When a page of it is on a device, the kernel
+/// copies (`process_vm_readv`/`_writev`): a page that turns out lost on its
+/// way back (a store's object failing its check) is then this call's
+/// `Fault` error, not a SIGBUS in the copy; the pages come back through the
+/// fault engine as a load's would.
+fn copy(region: &Vma, offset: usize, mut buf: Copy<'_>) -> Result<()> {
+    let (len, need, what) = match &buf {
+        Copy::Out(b) => (b.len(), Prot::READ, "read"),
+        Copy::In(b) => (b.len(), Prot::READ_WRITE, "write"),
+    };
+    let on_device = region.check_access(offset, len, need)?;
+    let mut done = 0;
+    if on_device {
+        let r = match &mut buf {
+            Copy::Out(b) => region.map.read_or_efault(offset, b),
+            Copy::In(b) => region.map.write_or_efault(offset, b),
+        };
+        match r {
+            Ok(()) => return Ok(()),
+            Err((n, e)) if e.raw_os_error() == Some(rustix::io::Errno::FAULT.raw_os_error()) => {
+                region.check_access(offset, len, need)?;
+                // Not lost: a page not present that a user-mode-only
+                // userfaultfd does not fault in for the kernel. A load does.
+                done = n;
+            }
+            Err((_, e)) => return Err(Error::sys(what, e)),
+        }
+    }
+    match buf {
+        Copy::Out(b) => region.map.read(offset + done, &mut b[done..]),
+        Copy::In(b) => region.map.write(offset + done, &b[done..]),
+    }
+    .map_err(|e| Error::sys(what, e))
+}
+
+/// Where a new (or moved) region of `len` bytes starts: aligned to its
+/// size's power of two, up to 2 MiB, so that windows and blocks counted
+/// from its start (fault-around, huge pages) are aligned in the address
+/// space too, as a store's groups are. Costs address space only: the
+/// slack is unmapped at once.
+fn region_align(len: usize) -> usize {
+    len.next_power_of_two().clamp(PAGE_SIZE, HUGE_SIZE)
 }

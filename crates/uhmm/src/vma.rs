@@ -179,15 +179,16 @@ impl Vma {
     }
 
     /// Checks an access of `len` bytes at `offset`: inside the region, with
-    /// `need` rights, no page poisoned.
-    pub(crate) fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<()> {
+    /// `need` rights, no page poisoned. Returns whether a page of it is on a
+    /// device (not in RAM nor CPU-mapped: its way back may find it lost).
+    pub(crate) fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<bool> {
         use crate::ErrorKind::{Fault, Permission};
         let end = offset.checked_add(len).ok_or_else(|| Error::invalid("offset overflows"))?;
         if end > self.map.len() {
             return Err(Error::new(Fault, "access outside the region"));
         }
         if len == 0 {
-            return Ok(());
+            return Ok(false);
         }
         let pages = offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
         if self.has_unmapped(&pages) {
@@ -201,10 +202,15 @@ impl Vma {
                 return Err(Error::new(Permission, "write to a read-only part of the region"));
             }
         }
-        if pages.into_iter().any(|p| self.pt.load(p).state() == State::Poisoned) {
-            return Err(Error::new(Fault, "a page of the range is poisoned"));
+        let mut on_device = false;
+        for p in pages {
+            match self.pt.load(p).state() {
+                State::Poisoned => return Err(Error::new(Fault, "a page of the range is poisoned")),
+                State::Device(_) => on_device = true,
+                _ => {}
+            }
         }
-        Ok(())
+        Ok(on_device)
     }
 
     /// Changes the protection of pages `pages` (mprotect).

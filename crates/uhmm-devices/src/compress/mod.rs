@@ -175,7 +175,10 @@ enum Entry {
     /// A same-filled page: its word.
     Same(u64),
     /// Page `index` of object `obj`.
-    In { obj: u32, index: u8 },
+    In {
+        obj: u32,
+        index: u8,
+    },
 }
 
 /// A stored object: one page, or a group compressed together.
@@ -492,7 +495,14 @@ impl PageStore for CompressStore {
                             let at = comp.len();
                             comp.resize(at + o.len as usize, 0);
                             let read = st.pool.read(o.handle, &mut comp[at..]);
-                            fetches.push(Fetch { obj, run: r, o, bytes: at..comp.len(), read, pages: vec![(p, index)] });
+                            fetches.push(Fetch {
+                                obj,
+                                run: r,
+                                o,
+                                bytes: at..comp.len(),
+                                read,
+                                pages: vec![(p, index)],
+                            });
                         }
                     }
                 }

@@ -147,8 +147,7 @@ impl Pool {
     /// Copies the first `buf.len()` bytes of the object at `h` into `buf`.
     pub(crate) fn read(&self, h: Handle, buf: &mut [u8]) -> bool {
         let class = &self.classes[h.class as usize];
-        buf.len() <= class.size
-            && class.map.as_ref().is_some_and(|m| m.read(h.slot as usize * class.size, buf).is_ok())
+        buf.len() <= class.size && class.map.as_ref().is_some_and(|m| m.read(h.slot as usize * class.size, buf).is_ok())
     }
 
     /// Frees the object at `h`, `len` bytes long.

@@ -352,7 +352,8 @@ impl DevInner {
             let page = pm.page(DevicePfn(pfn)).ok_or_else(|| Error::invalid("device page out of its pagemap"))?;
             if let Err(e) = m.set_dst_device(i, page) {
                 // The rest are stored but will not be mapped: give them back.
-                let rest: Vec<u64> = dsts[k..].iter().zip(&stored[k..]).filter(|(_, s)| **s).map(|(d, _)| d.1).collect();
+                let rest: Vec<u64> =
+                    dsts[k..].iter().zip(&stored[k..]).filter(|(_, s)| **s).map(|(d, _)| d.1).collect();
                 self.store.delete(&rest);
                 self.free_pfns(dsts[k..].iter().map(|d| d.1));
                 self.free_pfns(unused);

@@ -43,7 +43,14 @@ pub(crate) fn fault_window(
 ) -> (Range<usize>, Option<usize>, Option<(usize, DevicePage)>) {
     let (base, max) = (space.config.fault_around_pages, space.config.fault_around_max_pages);
     let in_ram_below = || (1..=idx.min(max)).take_while(|&k| region.pt.load(idx - k).state() == State::Cpu).count();
-    let proposal = region.fault_around.propose(idx, base, max, region.npages(), in_ram_below);
+    let proposal = region.fault_around.propose(
+        idx,
+        region.start() / uhmm_sys::PAGE_SIZE,
+        base,
+        max,
+        region.npages(),
+        in_ram_below,
+    );
     // Only pages a migration may take: one protection run, nothing unmapped.
     let mut pages = region
         .prot_runs(proposal.pages.clone())

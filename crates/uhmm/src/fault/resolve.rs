@@ -238,6 +238,7 @@ fn zero_fill(space: &Mm, region: &Vma, idx: usize, write: bool) -> Result<Look, 
     // Adaptive like fault-around ([`ScanWindow`]).
     let proposal = region.zero_around.propose(
         idx,
+        region.start() / PAGE_SIZE,
         space.config.zero_fill_pages,
         space.config.fault_around_max_pages,
         region.npages(),

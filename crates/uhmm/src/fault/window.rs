@@ -108,10 +108,14 @@ impl ScanWindow {
     /// The window for a fault on page `idx` of a region of `npages` pages,
     /// inside the fault-around block of `idx` ([`BLOCK_PAGES`]);
     /// `in_ram_below` counts the pages in RAM just below it (up to `max`),
-    /// asked only of a fault that starts a scan.
+    /// asked only of a fault that starts a scan. A window of `base` pages
+    /// is aligned by virtual address, as the kernel's fault-around is:
+    /// `phase` is the virtual page number of page 0 (so that a store's
+    /// groups, aligned the same way, come back whole).
     pub(crate) fn propose(
         &self,
         idx: usize,
+        phase: usize,
         base: usize,
         max: usize,
         npages: usize,
@@ -150,8 +154,10 @@ impl ScanWindow {
             let size = below.min(max.max(base));
             return Proposal::new(idx..(idx + size).min(hi), size, stream, Some(Scan::Up));
         }
-        let start = idx - idx % base;
-        Proposal::new(start.max(lo)..(start + base).min(hi), base, stream, None)
+        let (phase, at) = (phase % base, idx + phase % base);
+        let vstart = at - at % base;
+        let pages = vstart.saturating_sub(phase).max(lo)..(vstart + base - phase).min(hi);
+        Proposal::new(pages, base, stream, None)
     }
 
     /// Notes the window taken for `proposal`: `pages` (clipped). A fault
@@ -193,7 +199,7 @@ mod tests {
     /// Takes the window proposed for a fault on `idx` (base 16, at most
     /// 512 pages, nothing in RAM below) in a region of `npages`.
     fn take(w: &ScanWindow, idx: usize, npages: usize) -> Proposal {
-        let p = w.propose(idx, 16, 512, npages, || 0);
+        let p = w.propose(idx, 0, 16, 512, npages, || 0);
         w.record(&p, &p.pages);
         p
     }
@@ -203,7 +209,7 @@ mod tests {
         let w = ScanWindow::default();
         // Takes the proposed window for a fault on `idx` and returns it.
         let take = |idx: usize| {
-            let p = w.propose(idx, 16, 128, 1000, || 0);
+            let p = w.propose(idx, 0, 16, 128, 1000, || 0);
             w.record(&p, &p.pages);
             p.pages
         };
@@ -223,29 +229,37 @@ mod tests {
         assert_eq!(take(991), 960..992);
         assert_eq!(take(39), 32..48, "a fault inside a window starts a scan");
         assert_eq!(take(31), 0..32, "clipped at the region's start");
-        let p = w.propose(15, 1, 128, 1000, || 0);
+        let p = w.propose(15, 0, 1, 128, 1000, || 0);
         assert_eq!((p.pages, p.scan), (15..16, None), "a base of one page never grows");
+    }
+
+    #[test]
+    fn a_window_is_aligned_by_virtual_address() {
+        let w = ScanWindow::default();
+        // Page 0 of the region is virtual page 16k + 5: page 11 starts a window.
+        assert_eq!(w.propose(20, 16 * 1000 + 5, 16, 512, 1000, || 0).pages, 11..27);
+        assert_eq!(w.propose(3, 5, 16, 512, 1000, || 0).pages, 0..11, "clipped at the region's start");
     }
 
     #[test]
     fn a_fault_above_pages_in_ram_starts_a_scan_up_as_large_as_their_run() {
         let w = ScanWindow::default();
-        let p = w.propose(600, 16, 512, 1000, || 300);
+        let p = w.propose(600, 0, 16, 512, 1000, || 300);
         assert_eq!((p.pages, p.scan), (600..900, Some(Scan::Up)), "as many pages as are in RAM below");
-        let p = w.propose(600, 16, 128, 1000, || 300);
+        let p = w.propose(600, 0, 16, 128, 1000, || 300);
         assert_eq!(p.pages, 600..728, "no larger than the maximum");
-        let p = w.propose(300, 16, 512, 1000, || 300);
+        let p = w.propose(300, 0, 16, 512, 1000, || 300);
         assert_eq!(p.pages, 300..512, "clipped to the block");
-        let p = w.propose(990, 16, 512, 1000, || 600);
+        let p = w.propose(990, 0, 16, 512, 1000, || 600);
         assert_eq!(p.pages, 990..1000, "clipped to the region");
-        let p = w.propose(300, 16, 512, 1000, || 31);
+        let p = w.propose(300, 0, 16, 512, 1000, || 31);
         assert_eq!((p.pages, p.scan), (288..304, None), "fewer than two base windows: the base window");
-        let p = w.propose(300, 1, 512, 1000, || panic!("not asked when the base is one page"));
+        let p = w.propose(300, 0, 1, 512, 1000, || panic!("not asked when the base is one page"));
         assert_eq!(p.pages, 300..301);
         // A fault that continues a scan does not look below.
-        let p = w.propose(300, 16, 512, 1000, || 0);
+        let p = w.propose(300, 0, 16, 512, 1000, || 0);
         w.record(&p, &p.pages);
-        let p = w.propose(304, 16, 512, 1000, || panic!("not asked for a scan's next window"));
+        let p = w.propose(304, 0, 16, 512, 1000, || panic!("not asked for a scan's next window"));
         assert_eq!(p.pages, 304..336);
     }
 
