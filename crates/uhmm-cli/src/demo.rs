@@ -1,5 +1,5 @@
-//! `uhmm demo`: fill a region, move it to the sim device, touch part of it
-//! back from the CPU, verify every byte.
+//! `uhmm demo`: fill a region, move it to a device (the sim device, or the
+//! compressed store), touch part of it back from the CPU, verify every byte.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use uhmm::UffdOrigin as Origin;
 use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region, StatsSnapshot};
+use uhmm_devices::compress::{CompressConfig, CompressStore};
 use uhmm_devices::sim::{SimConfig, SimDevice};
+use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 
 use crate::map::{self, Census, Layout};
 use crate::units::{gbps, human, parse_fraction, parse_size};
@@ -55,6 +57,69 @@ pub struct DemoArgs {
     /// Do not draw progress bars (they are drawn only on a terminal anyway).
     #[arg(long)]
     pub no_progress: bool,
+
+    /// The device: `sim` (the embedded model of the kernel's test device)
+    /// or `compress` (the compressed store, lz4: the pages are compressed
+    /// in RAM; its counters are printed as zram's `mm_stat`).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Sim)]
+    pub device: DeviceKind,
+}
+
+/// The devices `uhmm demo` and `uhmm stress` can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceKind {
+    /// The sim device.
+    Sim,
+    /// A store device over the compressed store.
+    Compress,
+}
+
+/// The device of a demo.
+enum Device {
+    Sim(SimDevice),
+    Compress(StoreDevice, std::sync::Arc<CompressStore>),
+}
+
+impl Device {
+    /// Moves `n` pages at `addr` to the device; the pages it holds after.
+    fn to_device(&self, addr: usize, n: usize) -> uhmm::Result<usize> {
+        match self {
+            Device::Sim(d) => d.migrate_to_device_all(addr, n).map(|c| c.cpages),
+            Device::Compress(d, _) => d.migrate_to_device(addr, n).map(|m| m.moved + m.holes),
+        }
+    }
+
+    /// Brings `n` pages at `addr` back to RAM; the pages moved.
+    fn to_system(&self, addr: usize, n: usize) -> uhmm::Result<usize> {
+        match self {
+            Device::Sim(d) => d.migrate_to_system(addr, n).map(|c| c.cpages),
+            Device::Compress(d, _) => d.migrate_to_system(addr, n),
+        }
+    }
+
+    fn pages_in_use(&self) -> usize {
+        match self {
+            Device::Sim(d) => d.pages_in_use(),
+            Device::Compress(d, _) => d.pages_in_use(),
+        }
+    }
+
+    /// The compressed store's counters, as a line (empty for the sim).
+    fn store_line(&self) -> String {
+        let Device::Compress(_, store) = self else { return String::new() };
+        let s = store.stats();
+        format!(
+            "store: orig {} compr {} mem_used {} (ratio {:.2}); same-filled pages {}, incompressible {}, in groups {}; pages lost {}",
+            human(s.orig_data_size as usize),
+            human(s.compr_data_size as usize),
+            human(s.mem_used_total as usize),
+            s.ratio(),
+            s.same_pages,
+            s.huge_pages,
+            s.grouped_pages,
+            s.lost_pages
+        )
+    }
 }
 
 /// The name of the CPU touch-back step.
@@ -205,7 +270,7 @@ struct Demo<'a> {
     space: AddressSpace,
     // Declared before `region` so that the region is dropped first: its
     // device pages are then freed with it rather than evicted to RAM.
-    dev: SimDevice,
+    dev: Device,
     region: Region,
     layout: Layout,
     steps: Vec<StepRecord>,
@@ -233,8 +298,22 @@ impl<'a> Demo<'a> {
         let capacity = size
             .checked_next_multiple_of(defaults.chunk_bytes)
             .ok_or_else(|| at("sizing the device")(uhmm::Error::invalid("size overflows")))?;
-        let sim = SimConfig { capacity_bytes: capacity, migrate_chunk_pages: args.chunk_pages as usize, ..defaults };
-        let dev = SimDevice::new(&space, sim).map_err(at("creating the sim device"))?;
+        let dev = match args.device {
+            DeviceKind::Sim => {
+                let sim =
+                    SimConfig { capacity_bytes: capacity, migrate_chunk_pages: args.chunk_pages as usize, ..defaults };
+                Device::Sim(SimDevice::new(&space, sim).map_err(at("creating the sim device"))?)
+            }
+            DeviceKind::Compress => {
+                let store = std::sync::Arc::new(
+                    CompressStore::new(CompressConfig { capacity_bytes: capacity, ..CompressConfig::default() })
+                        .map_err(at("creating the compressed store"))?,
+                );
+                let config = StoreDeviceConfig { migrate_chunk_pages: args.chunk_pages as usize, ..Default::default() };
+                let dev = StoreDevice::new(&space, store.clone(), config).map_err(at("creating the store device"))?;
+                Device::Compress(dev, store)
+            }
+        };
         let region = space.map(size, Prot::READ_WRITE).map_err(at("mapping the region"))?;
         let layout = Layout::new(region.npages(), usize::from(args.map_width), usize::from(args.map_rows));
         let stats = space.stats();
@@ -287,7 +366,9 @@ impl<'a> Demo<'a> {
         let npages = self.region.npages();
         let touch_pages = ((npages as f64 * self.args.touch_fraction).floor() as usize).min(npages);
         let rest = npages - touch_pages;
-        let dev_read_pages = rest / 2;
+        // A store cannot be read as a device reads its memory: its pages
+        // are checked through the CPU.
+        let dev_read_pages = if matches!(self.dev, Device::Sim(_)) { rest / 2 } else { 0 };
         let back_pages = rest - dev_read_pages;
         let slice_pages = (self.args.slice / PAGE_SIZE).max(1);
         let origin = match self.space.uffd_origin() {
@@ -298,8 +379,12 @@ impl<'a> Demo<'a> {
 
         println!("uhmm demo");
         println!("  region       {} at {:#x}: {npages} pages of {} B", human(size), self.region.addr(), PAGE_SIZE);
+        let what = match self.dev {
+            Device::Sim(_) => "sim",
+            Device::Compress(..) => "compressed store (lz4)",
+        };
         println!(
-            "  device       sim: capacity {}, {} pages per migration chunk, {} per migrate call",
+            "  device       {what}: capacity {}, {} pages per migration chunk, {} per migrate call",
             human(size.next_multiple_of(SimConfig::default().chunk_bytes)),
             self.args.chunk_pages,
             human(slice_pages * PAGE_SIZE)
@@ -328,12 +413,14 @@ impl<'a> Demo<'a> {
         self.begin("migrate the whole region to the device (migrate_to_device)");
         let (t, cpages) = self.migrate(0, npages, slice_pages, true)?;
         self.end("migrate to device", size, t, &format!("  ({cpages} pages on the device)"))?;
+        self.print_store();
 
         // 3. The CPU reads the first part back: faults through the fault engine.
         let touch_bytes = touch_pages * PAGE_SIZE;
         self.begin("CPU reads back the first part (faults migrate pages back to RAM)");
         let t = self.touch(touch_bytes)?;
         self.end(TOUCH, touch_bytes, t, "")?;
+        self.print_store();
 
         // 4. Verify every byte.
         self.begin("verify the touched part through the CPU");
@@ -342,14 +429,16 @@ impl<'a> Demo<'a> {
 
         let dev_off = touch_bytes;
         let dev_bytes = dev_read_pages * PAGE_SIZE;
-        self.begin("verify the next part with device reads (pages stay on the device)");
-        let (t, faults) = self.verify_device(dev_off, dev_read_pages)?;
-        self.end(
-            "verify (device read)",
-            dev_bytes,
-            t,
-            &format!("  (device fault rounds {faults}){}", self.wrong_note()),
-        )?;
+        if dev_read_pages > 0 {
+            self.begin("verify the next part with device reads (pages stay on the device)");
+            let (t, faults) = self.verify_device(dev_off, dev_read_pages)?;
+            self.end(
+                "verify (device read)",
+                dev_bytes,
+                t,
+                &format!("  (device fault rounds {faults}){}", self.wrong_note()),
+            )?;
+        }
 
         let back_off = dev_off + dev_bytes;
         let back_bytes = back_pages * PAGE_SIZE;
@@ -371,6 +460,14 @@ impl<'a> Demo<'a> {
         println!("  counters (space.stats): {}", all.join("  "));
         if let Err(f) = self.print_map() {
             println!("  (no map: {})", f.err);
+        }
+    }
+
+    /// The compressed store's counters, when the device is one.
+    fn print_store(&self) {
+        let line = self.dev.store_line();
+        if !line.is_empty() {
+            println!("  {line}");
         }
     }
 
@@ -416,10 +513,8 @@ impl<'a> Demo<'a> {
         while done < npages {
             let n = slice.min(npages - done);
             let addr = self.region.addr() + (first + done) * PAGE_SIZE;
-            let c =
-                if to_device { self.dev.migrate_to_device_all(addr, n) } else { self.dev.migrate_to_system(addr, n) }
-                    .map_err(at(step))?;
-            cpages += c.cpages;
+            cpages +=
+                if to_device { self.dev.to_device(addr, n) } else { self.dev.to_system(addr, n) }.map_err(at(step))?;
             done += n;
             pb.set_position((done * PAGE_SIZE) as u64);
         }
@@ -467,6 +562,8 @@ impl<'a> Demo<'a> {
     /// The device reads `npages` pages from byte `off` and they are checked.
     /// Returns the time and the device's fault rounds.
     fn verify_device(&mut self, off: usize, npages: usize) -> Res<(Duration, usize)> {
+        let Device::Sim(dev) = &self.dev else { return Ok((Duration::ZERO, 0)) };
+        let (mut wrong, mut first_bad) = (0, None);
         let pb = self.bar(npages * PAGE_SIZE, "verify (device read)");
         let chunk_pages = IO_CHUNK / PAGE_SIZE;
         let mut buf = vec![0u8; chunk_pages.min(npages.max(1)) * PAGE_SIZE];
@@ -476,15 +573,16 @@ impl<'a> Demo<'a> {
         while done < npages {
             let n = chunk_pages.min(npages - done);
             let at_off = off + done * PAGE_SIZE;
-            let c =
-                self.dev.read(self.region.addr() + at_off, n, &mut buf).map_err(at("reading through the device"))?;
+            let c = dev.read(self.region.addr() + at_off, n, &mut buf).map_err(at("reading through the device"))?;
             faults += c.faults;
-            self.wrong += check(&buf[..n * PAGE_SIZE], at_off, self.args.seed, &mut self.first_bad);
+            wrong += check(&buf[..n * PAGE_SIZE], at_off, self.args.seed, &mut first_bad);
             done += n;
             pb.set_position((done * PAGE_SIZE) as u64);
         }
         let t = start.elapsed();
         pb.finish_and_clear();
+        self.wrong += wrong;
+        self.first_bad = self.first_bad.or(first_bad);
         Ok((t, faults))
     }
 

@@ -1,5 +1,9 @@
 //! [`Config`]: the tunables of an address space, each with its default.
 
+/// The most fault-handling threads `handler_threads: 0` starts (one per
+/// CPU): past a few, a fault wakes more threads than it needs.
+pub const AUTO_HANDLERS_MAX: usize = 8;
+
 /// Tunables of an address space.
 ///
 /// Start from [`Config::default`] and change the fields that matter; each
@@ -8,7 +12,7 @@
 /// ```
 /// # fn main() -> uhmm::Result<()> {
 /// let config = uhmm::Config {
-///     handler_threads: 2,                    // two threads poll the userfaultfd
+///     handler_threads: 2,                    // two threads poll the userfaultfd, anywhere
 ///     staging_bytes: 256 << 20,              // at most 256 MiB in flight at once
 ///     ..uhmm::Config::default()
 /// };
@@ -19,13 +23,22 @@
 /// ```
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Fault-handling threads (each polls the one userfaultfd); at least 1.
-    /// Default: 1.
+    /// Fault-handling threads (each polls the one userfaultfd). 0: one on
+    /// each CPU this process may use (at most [`AUTO_HANDLERS_MAX`]), each
+    /// kept on its CPU, unless `handler_cpus` names the CPUs (then one on
+    /// each of those). Every handler wakes on a fault and the first to read
+    /// it serves it: the one on the faulting CPU, idle since the faulting
+    /// thread sleeps, gets there first without the cross-CPU wake-up a
+    /// single handler pays (tens of microseconds on virtual machines whose
+    /// idle vCPUs halt; the repository's `docs/decisions.md` has the
+    /// numbers). [`AddressSpace::config`](crate::AddressSpace::config)
+    /// reports the number chosen. Default: 0.
     pub handler_threads: usize,
     /// CPUs the fault-handling threads run on: thread `i` on
-    /// `handler_cpus[i % len]` alone. Empty: wherever the scheduler puts
-    /// them. A runtime may keep them beside, or away from, the threads that
-    /// fault; each CPU must be one this process may use. Default: empty.
+    /// `handler_cpus[i % len]` alone. Empty: with `handler_threads: 0`, one
+    /// on each CPU; otherwise wherever the scheduler puts them. A runtime
+    /// may keep them beside, or away from, the threads that fault; each
+    /// CPU must be one this process may use. Default: empty.
     pub handler_cpus: Vec<usize>,
     /// Pages a CPU fault on device memory may bring back at once (the
     /// fault-around window offered to `migrate_to_ram`); at least 1. 1 is
@@ -84,7 +97,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            handler_threads: 1,
+            handler_threads: 0,
             handler_cpus: Vec::new(),
             fault_around_pages: 16,
             fault_around_max_pages: 512,

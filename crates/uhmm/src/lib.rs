@@ -73,7 +73,7 @@ mod test_device {
 }
 mod vma;
 
-pub use config::Config;
+pub use config::{AUTO_HANDLERS_MAX, Config};
 pub use driver::DevicePagemapOps;
 pub use error::{Error, ErrorKind, Result};
 pub use exclusive::ExclusiveGrant;

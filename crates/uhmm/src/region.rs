@@ -117,6 +117,17 @@ impl Region {
         copy(&self.inner, offset, Copy::Out(buf))
     }
 
+    /// Copies bytes at `offset` into `buf` with plain loads, as the
+    /// program's own code would: pages on devices come back through the
+    /// fault engine, and a page lost on its way back raises SIGBUS rather
+    /// than an error. For measuring or imitating a program's accesses;
+    /// [`Region::read`] is the checked copy. Fails only as `read` does
+    /// before copying (outside the region, no read access, poisoned).
+    pub fn load(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.inner.check_access(offset, buf.len(), Prot::READ)?;
+        self.inner.map.read(offset, buf).map_err(|e| Error::sys("read", e))
+    }
+
     /// Copies `buf` to `offset`, faulting pages back from devices as needed.
     /// Fails with [`ErrorKind::Permission`](crate::ErrorKind::Permission) on
     /// read-only pages, otherwise as [`Region::read`].

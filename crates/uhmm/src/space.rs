@@ -21,16 +21,23 @@ impl AddressSpace {
     /// Fails with [`ErrorKind::Unsupported`] naming the permission or sysctl
     /// to change when no userfaultfd can be had, or when the kernel lacks
     /// `UFFDIO_MOVE` (Linux 6.8) or `UFFDIO_POISON` (6.6).
-    pub fn new(config: Config) -> Result<AddressSpace> {
+    pub fn new(mut config: Config) -> Result<AddressSpace> {
         sys::check_page_size().map_err(|e| Error::new(ErrorKind::Unsupported, e.to_string()))?;
-        if config.handler_threads == 0 || config.fault_around_pages == 0 || config.zero_fill_pages == 0 {
-            return Err(Error::invalid("handler_threads, fault_around_pages and zero_fill_pages must be > 0"));
+        if config.fault_around_pages == 0 || config.zero_fill_pages == 0 {
+            return Err(Error::invalid("fault_around_pages and zero_fill_pages must be > 0"));
         }
         // Where this thread may run: the handlers' CPUs must be among
         // them, and the copy helper runs on all of them.
         let allowed = sys::process::allowed_cpus().map_err(|e| Error::sys("sched_getaffinity", e))?;
         if let Some(cpu) = config.handler_cpus.iter().find(|c| !allowed.contains(c)) {
             return Err(Error::invalid(format!("handler_cpus: this process may not run on CPU {cpu}")));
+        }
+        if config.handler_threads == 0 {
+            // One handler per CPU, each on its own (see `Config`).
+            if config.handler_cpus.is_empty() {
+                config.handler_cpus = allowed.iter().copied().take(crate::config::AUTO_HANDLERS_MAX).collect();
+            }
+            config.handler_threads = config.handler_cpus.len();
         }
         let wanted = uffd::feature::MOVE | uffd::feature::POISON | uffd::feature::THREAD_ID;
         let accept = match (config.force_user_mode_only, config.allow_user_mode_only) {

@@ -156,7 +156,15 @@ impl Arena {
             .position(|w| w[w.len() - 1] - w[0] == (w.len() - 1) as u32)
             .unwrap_or(free.batches.len() - n);
         let batches = free.batches.drain(at..at + n).collect();
-        Ok(Slots { arena: self.clone(), batches, npages, deferred: false, keep: Vec::new(), keep_partial: None })
+        Ok(Slots {
+            arena: self.clone(),
+            batches,
+            npages,
+            deferred: false,
+            keep: Vec::new(),
+            keep_partial: None,
+            emptied: false,
+        })
     }
 
     /// Takes up to `max` kept batches, each full of pages (slot `k *
@@ -284,7 +292,9 @@ impl Arena {
     /// Gives back `batches`, whose first `npages` slots were used: those
     /// listed in `keep` (and `partial`, with its filled slots) are kept
     /// while there is room, the others emptied.
-    fn release(&self, batches: &[u32], npages: usize, keep: &[u32], partial: Option<(u32, usize)>, deferred: bool) {
+    fn release(&self, slots: &Slots) {
+        let Slots { batches, npages, keep, keep_partial: partial, deferred, emptied: clean, .. } = slots;
+        let (npages, partial, deferred) = (*npages, *partial, *deferred);
         let mut to_empty = batches.to_vec();
         if let Some((b, n)) = partial {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -313,7 +323,7 @@ impl Arena {
         // set's one batch).
         let unused = batches.len() * BATCH_PAGES - npages;
         let mut emptied = true;
-        let mut i = 0;
+        let mut i = if *clean { to_empty.len() } else { 0 };
         while i < to_empty.len() {
             // One discard per run of adjacent batches, of the slots used.
             let n = 1 + adjacent_after(&to_empty, i);
@@ -334,9 +344,10 @@ impl Arena {
         }
         if deferred {
             free.releasing -= 1;
+            drop(free);
+            // Only a deferred set is waited for (see `alloc`, `take_kept`).
+            self.returned.notify_all();
         }
-        drop(free);
-        self.returned.notify_all();
     }
 }
 
@@ -352,13 +363,24 @@ pub(crate) struct Slots {
     keep: Vec<u32>,
     /// A batch to keep with its first slots filled (batch, pages).
     keep_partial: Option<(u32, usize)>,
+    /// No slot holds a page (all were moved out): giving the slots back
+    /// needs no discard.
+    emptied: bool,
 }
 
 impl Slots {
     /// Kept `batches`, taken whole: given back, they are emptied.
     fn taken(arena: &Arc<Arena>, batches: Vec<u32>) -> Slots {
         let npages = batches.len() * BATCH_PAGES;
-        Slots { arena: arena.clone(), batches, npages, deferred: false, keep: Vec::new(), keep_partial: None }
+        Slots {
+            arena: arena.clone(),
+            batches,
+            npages,
+            deferred: false,
+            keep: Vec::new(),
+            keep_partial: None,
+            emptied: false,
+        }
     }
 
     /// Offset of slot `i` in the arena's mapping.
@@ -418,6 +440,7 @@ impl Slots {
             deferred: false,
             keep: keep_back,
             keep_partial: None,
+            emptied: self.emptied,
         })
     }
 
@@ -468,6 +491,12 @@ impl Slots {
         }
     }
 
+    /// Notes that no slot holds a page any more (the caller moved each
+    /// one's page out): giving them back skips the discard.
+    pub(crate) fn mark_emptied(&mut self) {
+        self.emptied = true;
+    }
+
     /// Marks the one batch of a set of fewer slots than a batch to be kept
     /// with its `npages` first slots, when the slots are given back. The
     /// caller vouches that those pages are present, and no longer needed.
@@ -490,7 +519,7 @@ fn adjacent_after(batches: &[u32], b: usize) -> usize {
 
 impl Drop for Slots {
     fn drop(&mut self) {
-        self.arena.release(&self.batches, self.npages, &self.keep, self.keep_partial, self.deferred);
+        self.arena.release(self);
     }
 }
 

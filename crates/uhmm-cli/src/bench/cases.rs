@@ -77,7 +77,7 @@ impl Setup {
     fn spot_check(&self) -> Result<(), String> {
         let mut w = [0u8; 8];
         for off in [0, self.region.len() - PAGE_SIZE] {
-            self.region.read(off, &mut w).map_err(err("reading back"))?;
+            self.region.load(off, &mut w).map_err(err("reading back"))?;
             if u64::from_ne_bytes(w) != ((off / 8) as u64 ^ 0x5eed_c0de) {
                 return Err(format!("wrong data read back at offset {off:#x}"));
             }
@@ -240,7 +240,7 @@ impl DeviceFaults {
         let mut byte = [0u8; 1];
         for p in 0..self.s.region.npages() {
             let t = Instant::now();
-            self.s.region.read(p * PAGE_SIZE, &mut byte).map_err(err("CPU read"))?;
+            self.s.region.load(p * PAGE_SIZE, &mut byte).map_err(err("CPU read"))?;
             run.saturating_record((t.elapsed().as_nanos() as u64).max(1));
         }
         Ok(())
@@ -338,7 +338,7 @@ fn scan_pages(region: &Region, first: usize, end: usize, order: Order, seed: u64
             let (mut off, stop) = (first * PAGE_SIZE, end * PAGE_SIZE);
             while off < stop {
                 let n = buf.len().min(stop - off);
-                region.read(off, &mut buf[..n]).map_err(err("CPU read"))?;
+                region.load(off, &mut buf[..n]).map_err(err("CPU read"))?;
                 off += n;
             }
         }
@@ -347,7 +347,7 @@ fn scan_pages(region: &Region, first: usize, end: usize, order: Order, seed: u64
             shuffle(&mut pages, seed);
             let mut buf = vec![0u8; PAGE_SIZE];
             for p in pages {
-                region.read(p * PAGE_SIZE, &mut buf).map_err(err("CPU read"))?;
+                region.load(p * PAGE_SIZE, &mut buf).map_err(err("CPU read"))?;
             }
         }
     }

@@ -8,7 +8,9 @@
 
 mod baselines;
 mod cases;
+mod datasets;
 mod report;
+mod tier;
 mod zram;
 
 use std::path::PathBuf;
@@ -51,6 +53,21 @@ pub struct BenchArgs {
     /// back to 0.4x memcpy), e.g. in test suites that must not touch swap.
     #[arg(long)]
     pub no_zram: bool,
+
+    /// Another suite instead of the default one.
+    #[command(subcommand)]
+    pub suite: Option<Suite>,
+}
+
+/// The suites besides the default one.
+#[derive(Debug, clap::Subcommand)]
+pub enum Suite {
+    /// The compressed store against the kernel's zram (lz4) on the same
+    /// pages: demotion throughput, sequential and random faults, memory
+    /// used, per data set (zeros, text, a heap image, random,
+    /// half-random). Needs root (it sets up and removes a zram swap
+    /// device), python3 and the perl-doc package (the text corpus).
+    Tier(tier::TierArgs),
 }
 
 /// Sizes of the bulk-migration and memcpy sweeps.
@@ -396,6 +413,15 @@ pub struct Results {
 
 /// Runs the suite.
 pub fn run(args: &BenchArgs) -> ExitCode {
+    if let Some(Suite::Tier(tier)) = &args.suite {
+        return match tier::run(tier) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("uhmm bench tier: error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let plan = match Plan::new(args) {
         Ok(p) => p,
         Err(e) => {
@@ -592,6 +618,7 @@ mod tests {
             max_size: max,
             runs: 5,
             no_zram: true,
+            suite: None,
         };
         let p = Plan::new(&args(false, None)).unwrap();
         assert_eq!(p.sizes, FULL_SIZES.to_vec());
@@ -604,7 +631,8 @@ mod tests {
 
     #[test]
     fn sweep_cases_run_until_their_time_is_spent_in_rounds_through_the_sizes() {
-        let args = BenchArgs { quick: false, json: None, plot: None, max_size: None, runs: 7, no_zram: true };
+        let args =
+            BenchArgs { quick: false, json: None, plot: None, max_size: None, runs: 7, no_zram: true, suite: None };
         let plan = Plan { sweep_min_seconds: 1.0, ..Plan::new(&args).unwrap() };
         // Each state is a size: (its index, its calls so far); each call
         // returns (size, call number, duration) and logs the size.

@@ -118,11 +118,11 @@ pub struct Target {
 }
 
 impl Target {
-    fn at_least(name: impl Into<String>, ratio: Option<f64>, bound: f64, detail: String) -> Target {
+    pub(super) fn at_least(name: impl Into<String>, ratio: Option<f64>, bound: f64, detail: String) -> Target {
         Target { name: name.into(), ratio, bound: format!(">= {bound}"), met: ratio.map(|r| r >= bound), detail }
     }
 
-    fn at_most(name: impl Into<String>, ratio: Option<f64>, bound: f64, detail: String) -> Target {
+    pub(super) fn at_most(name: impl Into<String>, ratio: Option<f64>, bound: f64, detail: String) -> Target {
         Target { name: name.into(), ratio, bound: format!("<= {bound}"), met: ratio.map(|r| r <= bound), detail }
     }
 }

@@ -45,14 +45,24 @@ fn tool(program: &str, args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The fields of zram's `mm_stat` the benches use.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MmStat {
+    /// Bytes stored, before compression.
+    pub orig_data_size: u64,
+    /// Memory the allocator uses for them.
+    pub mem_used_total: u64,
+}
+
 impl Zram {
     fn sys(&self, file: &str) -> PathBuf {
         PathBuf::from(format!("/sys/block/zram{}/{file}", self.id))
     }
 
-    /// Creates a zram device of `disksize` bytes and turns it on as swap
-    /// with the highest priority.
-    pub fn setup(disksize: usize) -> Result<Zram, String> {
+    /// Creates a zram device of `disksize` bytes compressing with
+    /// `algorithm` (the kernel's default when `None`) and turns it on as
+    /// swap with the highest priority.
+    pub fn setup(disksize: usize, algorithm: Option<&str>) -> Result<Zram, String> {
         if !rustix::process::geteuid().is_root() {
             return Err("not running as root".into());
         }
@@ -70,6 +80,9 @@ impl Zram {
             .map_err(|e| format!("{CONTROL}/hot_add: {e}"))?;
         // From here on the guard removes the device whatever happens.
         let mut z = Zram { id, dev: PathBuf::from(format!("/dev/zram{id}")), swap_on: false };
+        if let Some(a) = algorithm {
+            fs::write(z.sys("comp_algorithm"), a).map_err(|e| format!("setting the zram algorithm to {a}: {e}"))?;
+        }
         fs::write(z.sys("disksize"), disksize.to_string()).map_err(|e| format!("setting the zram disksize: {e}"))?;
         let dev = z.dev.to_string_lossy().into_owned();
         tool("mkswap", &[&dev])?;
@@ -89,10 +102,15 @@ impl Zram {
 
     /// Bytes of data stored on the device now (`mm_stat`'s first field).
     pub fn stored_bytes(&self) -> u64 {
-        fs::read_to_string(self.sys("mm_stat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse().ok()))
-            .unwrap_or(0)
+        self.mm_stat().orig_data_size
+    }
+
+    /// The device's `mm_stat` (zeros where it cannot be read).
+    pub fn mm_stat(&self) -> MmStat {
+        let s = fs::read_to_string(self.sys("mm_stat")).unwrap_or_default();
+        let f: Vec<u64> = s.split_whitespace().map(|w| w.parse().unwrap_or(0)).collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        MmStat { orig_data_size: at(0), mem_used_total: at(2) }
     }
 }
 
@@ -123,7 +141,7 @@ impl Drop for Zram {
 pub fn measure(plan: &Plan) -> (String, Vec<Case>) {
     let len = plan.target_size;
     progress(&format!("zram: MADV_PAGEOUT and fault back, {}", human(len)));
-    let zram = match Zram::setup(len * 2) {
+    let zram = match Zram::setup(len * 2, None) {
         Ok(z) => z,
         Err(e) => {
             let msg = format!("not measured: {e}; the scan target falls back to 0.4x memcpy");

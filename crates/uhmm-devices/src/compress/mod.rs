@@ -15,8 +15,8 @@ mod pool;
 
 pub use codec::Codec;
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 use uhmm::{Error, PAGE_SIZE, Result};
@@ -29,6 +29,10 @@ pub const MAX_GROUP_PAGES: usize = MAX_OBJECT / PAGE_SIZE;
 
 /// A batch of fewer pages is encoded on the calling thread.
 const PARALLEL_PAGES: usize = 64;
+
+/// RAM of emptied pool pieces kept (counted as used) before a worker gives
+/// it back (past an eighth of the pool too); `compact` gives it all back.
+const EMPTY_SLACK: usize = 1 << 20;
 
 /// Settings of a [`CompressStore`]; each field's doc gives its default.
 #[derive(Debug, Clone)]
@@ -136,8 +140,11 @@ impl CompressStats {
 #[derive(Debug)]
 pub struct CompressStore {
     config: CompressConfig,
-    state: Mutex<State>,
+    /// Shared with the job that gives back emptied pool memory.
+    state: Arc<Mutex<State>>,
     counters: Counters,
+    /// That job is queued.
+    releasing: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Default)]
@@ -224,7 +231,7 @@ impl CompressStore {
             grouped_pages: 0,
         };
         let counters = Counters { rng: AtomicU64::new(config.fault_seed), ..Counters::default() };
-        Ok(CompressStore { config, state: Mutex::new(state), counters })
+        Ok(CompressStore { config, state: Arc::new(Mutex::new(state)), counters, releasing: Arc::default() })
     }
 
     /// Its settings.
@@ -278,6 +285,23 @@ impl CompressStore {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Freed objects leave pool pieces empty but resident: a fault freeing
+    /// its page must not wait for the TLB flush that giving the RAM back
+    /// costs. Past [`EMPTY_SLACK`] (and an eighth of the pool), a worker
+    /// gives it back.
+    fn release_empty_later(&self) {
+        let st = self.lock();
+        let over = st.pool.empty_bytes() > EMPTY_SLACK.max(st.pool.usage().used_bytes / 8);
+        drop(st);
+        if over && !self.releasing.swap(true, Ordering::AcqRel) {
+            let (state, releasing) = (self.state.clone(), self.releasing.clone());
+            rayon::spawn(move || {
+                state.lock().unwrap_or_else(|e| e.into_inner()).pool.release_empty();
+                releasing.store(false, Ordering::Release);
+            });
         }
     }
 
@@ -455,9 +479,14 @@ impl PageStore for CompressStore {
             self.counters.injected_corruptions.fetch_add(1, Ordering::Relaxed);
         }
         drop(st);
+        self.release_empty_later();
         let n = stored.iter().filter(|s| **s).count();
         self.counters.pages_stored.fetch_add(n as u64, Ordering::Relaxed);
         Ok(stored)
+    }
+
+    fn fault_pages(&self) -> usize {
+        self.config.group_pages
     }
 
     fn zero_pages(&self, keys: &[u64], zero: &mut [bool]) {
@@ -559,6 +588,8 @@ impl PageStore for CompressStore {
         for &key in keys {
             st.forget(key);
         }
+        drop(st);
+        self.release_empty_later();
     }
 
     fn usage(&self) -> StoreUsage {

@@ -6,18 +6,23 @@
 //! class's size laid end to end, so that an object may straddle two pieces
 //! of memory as zsmalloc's objects straddle the pages of a zspage. Memory is
 //! counted in pieces of [`PIECE_BYTES`]: a piece is in use while a live slot
-//! touches it, and the last slot leaving it gives its RAM back
-//! (`MADV_DONTNEED`). A new object takes the lowest free slot of its class,
-//! so live objects gather at the front; [`Pool::compact`] moves the objects
-//! of the highest slots into the lowest holes and frees the pieces it
-//! empties.
+//! touches it. A piece the last slot leaves stays resident, empty, until
+//! [`Pool::release_empty`] gives the RAM of the empty pieces back
+//! (`MADV_DONTNEED`, one call per run of them): each call flushes TLBs on
+//! every CPU the process runs on, which a fault freeing its page must not
+//! wait for. A new object takes the lowest free slot of its class, so live
+//! objects gather at the front (and reuse empty pieces first);
+//! [`Pool::compact`] moves the objects of the highest slots into the lowest
+//! holes, then releases the empty pieces.
 
 use std::collections::BTreeSet;
 
 use uhmm::{Mapping, PAGE_SIZE, Protection};
 
-/// The unit in which the pool takes and gives back RAM.
-pub(crate) const PIECE_BYTES: usize = 64 << 10;
+/// The unit in which the pool takes and gives back RAM: a page, as
+/// zsmalloc's (a class's partly used last piece is all it wastes, so a
+/// larger piece would cost up to a piece per class).
+pub(crate) const PIECE_BYTES: usize = PAGE_SIZE;
 
 /// The largest object the pool holds.
 pub(crate) const MAX_OBJECT: usize = 64 << 10;
@@ -44,7 +49,7 @@ impl Handle {
 /// What the pool holds, for the store's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct PoolUsage {
-    /// RAM the pool uses: pieces in use times [`PIECE_BYTES`].
+    /// RAM the pool uses: pieces in use, and empty ones not given back yet.
     pub(crate) used_bytes: usize,
     /// Bytes of the live objects themselves.
     pub(crate) object_bytes: usize,
@@ -68,6 +73,8 @@ struct Class {
     live_in_piece: Vec<u16>,
     /// The owner of each slot below `high` (for compaction).
     owners: Vec<u32>,
+    /// Pieces no live slot touches that still hold RAM.
+    empty: BTreeSet<usize>,
     objects: usize,
     object_bytes: usize,
 }
@@ -79,7 +86,10 @@ pub(crate) struct Pool {
     /// Bytes each class reserves: the capacity, and room for one object.
     reserve: usize,
     capacity_pieces: usize,
+    /// Pieces a live slot touches.
     used_pieces: usize,
+    /// Empty pieces still resident (see the module docs).
+    empty_pieces: usize,
 }
 
 impl Pool {
@@ -95,11 +105,18 @@ impl Pool {
                 high: 0,
                 live_in_piece: Vec::new(),
                 owners: Vec::new(),
+                empty: BTreeSet::new(),
                 objects: 0,
                 object_bytes: 0,
             })
             .collect();
-        Pool { classes, reserve: capacity_pieces * PIECE_BYTES + MAX_OBJECT, capacity_pieces, used_pieces: 0 }
+        Pool {
+            classes,
+            reserve: capacity_pieces * PIECE_BYTES + MAX_OBJECT,
+            capacity_pieces,
+            used_pieces: 0,
+            empty_pieces: 0,
+        }
     }
 
     /// Stores `bytes` (at most [`MAX_OBJECT`]) for `owner`; `None` when the
@@ -120,9 +137,16 @@ impl Pool {
             None => return None,
         };
         let pieces = class.pieces(slot);
-        let fresh = pieces.clone().filter(|&p| class.live_in_piece.get(p).is_none_or(|&n| n == 0)).count();
-        if self.used_pieces + fresh > self.capacity_pieces {
-            return None;
+        let unused = |p: &usize| class.live_in_piece.get(*p).is_none_or(|&n| n == 0);
+        let fresh = pieces.clone().filter(unused).count();
+        let new_ram = pieces.clone().filter(|p| unused(p) && !class.empty.contains(p)).count();
+        if self.used_pieces + self.empty_pieces + new_ram > self.capacity_pieces {
+            if self.used_pieces + fresh > self.capacity_pieces {
+                return None;
+            }
+            // Room once the empty pieces give their RAM back.
+            self.release_empty();
+            return self.store(bytes, owner);
         }
         class.map.as_ref()?.write(slot as usize * class.size, bytes).ok()?;
         if slot == class.high {
@@ -136,6 +160,9 @@ impl Pool {
             class.live_in_piece.resize(pieces.end, 0);
         }
         for p in pieces {
+            if class.live_in_piece[p] == 0 && class.empty.remove(&p) {
+                self.empty_pieces -= 1;
+            }
             class.live_in_piece[p] += 1;
         }
         class.objects += 1;
@@ -155,7 +182,34 @@ impl Pool {
         let class = &mut self.classes[h.class as usize];
         class.objects -= 1;
         class.object_bytes -= len;
-        self.used_pieces -= class.release_slot(h.slot);
+        let emptied = class.release_slot(h.slot);
+        self.used_pieces -= emptied;
+        self.empty_pieces += emptied;
+    }
+
+    /// Gives back the RAM of the empty pieces, one `MADV_DONTNEED` per run
+    /// of them. Returns the bytes given back.
+    pub(crate) fn release_empty(&mut self) -> usize {
+        let mut released = 0;
+        for class in &mut self.classes {
+            let Some(map) = &class.map else { continue };
+            let mut pieces = std::mem::take(&mut class.empty).into_iter().peekable();
+            while let Some(first) = pieces.next() {
+                let mut n = 1;
+                while pieces.next_if(|&p| p == first + n).is_some() {
+                    n += 1;
+                }
+                let _ = map.discard(first * PIECE_BYTES, n * PIECE_BYTES);
+                released += n;
+            }
+        }
+        self.empty_pieces -= released;
+        released * PIECE_BYTES
+    }
+
+    /// Bytes of the empty pieces still resident.
+    pub(crate) fn empty_bytes(&self) -> usize {
+        self.empty_pieces * PIECE_BYTES
     }
 
     /// Flips a bit of the object at `h`, `at` bytes in: fault injection.
@@ -171,10 +225,11 @@ impl Pool {
     }
 
     /// Moves objects from the highest slots of each class into its lowest
-    /// free ones, freeing the pieces that empties; `relocate(owner, new)`
-    /// is told of each move. Returns the bytes of RAM given back.
+    /// free ones, then gives back the RAM of every empty piece;
+    /// `relocate(owner, new)` is told of each move. Returns the bytes of
+    /// RAM given back.
     pub(crate) fn compact(&mut self, mut relocate: impl FnMut(u32, Handle)) -> usize {
-        let before = self.used_pieces;
+        let before = self.used_pieces + self.empty_pieces;
         let mut buf = vec![0u8; MAX_OBJECT];
         for (c, class) in self.classes.iter_mut().enumerate() {
             while let Some(&low) = class.free.first() {
@@ -195,19 +250,26 @@ impl Pool {
                 for p in class.pieces(low) {
                     if class.live_in_piece[p] == 0 {
                         self.used_pieces += 1;
+                        if class.empty.remove(&p) {
+                            self.empty_pieces -= 1;
+                        }
                     }
                     class.live_in_piece[p] += 1;
                 }
-                self.used_pieces -= class.release_slot(top);
+                let emptied = class.release_slot(top);
+                self.used_pieces -= emptied;
+                self.empty_pieces += emptied;
                 relocate(owner, Handle { class: c as u16, slot: low });
             }
         }
-        (before - self.used_pieces) * PIECE_BYTES
+        self.release_empty();
+        before.saturating_sub(self.used_pieces + self.empty_pieces) * PIECE_BYTES
     }
 
     /// What the pool holds.
     pub(crate) fn usage(&self) -> PoolUsage {
-        let mut u = PoolUsage { used_bytes: self.used_pieces * PIECE_BYTES, ..PoolUsage::default() };
+        let resident = (self.used_pieces + self.empty_pieces) * PIECE_BYTES;
+        let mut u = PoolUsage { used_bytes: resident, ..PoolUsage::default() };
         for class in &self.classes {
             u.objects += class.objects;
             u.object_bytes += class.object_bytes;
@@ -224,17 +286,15 @@ impl Class {
         start / PIECE_BYTES..(start + self.size - 1) / PIECE_BYTES + 1
     }
 
-    /// Frees `slot`: trims `high`, gives back the RAM of pieces it leaves
-    /// empty. Returns how many pieces it emptied.
+    /// Frees `slot` and trims `high`; a piece it leaves empty joins
+    /// `empty`. Returns how many pieces it emptied.
     fn release_slot(&mut self, slot: u32) -> usize {
         let mut emptied = 0;
         for p in self.pieces(slot) {
             self.live_in_piece[p] -= 1;
             if self.live_in_piece[p] == 0 {
                 emptied += 1;
-                if let Some(map) = &self.map {
-                    let _ = map.discard(p * PIECE_BYTES, PIECE_BYTES);
-                }
+                self.empty.insert(p);
             }
         }
         self.free.insert(slot);

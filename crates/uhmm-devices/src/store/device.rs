@@ -429,6 +429,19 @@ impl DevInner {
         Ok(())
     }
 
+    /// What a fault brings back: the core's window, unless it may be
+    /// narrowed (a fault outside a scan): then only the store's unit around
+    /// the faulting page, since every page costs a decode.
+    fn window(&self, fault: &CpuFault) -> Range<usize> {
+        let window = fault.window();
+        if !fault.may_narrow() {
+            return window;
+        }
+        let unit = self.store.fault_pages().max(1) * PAGE_SIZE;
+        let start = fault.addr() / unit * unit;
+        start.max(window.start)..(start + unit).min(window.end)
+    }
+
     /// `fill`, then commit; counts the pages brought back.
     fn bring_back(&self, mut m: Migration<Collected>) -> Result<usize> {
         self.fill(&mut m)?;
@@ -467,7 +480,7 @@ impl DevicePagemapOps for DevInner {
 
     fn migrate_to_ram(&self, fault: &CpuFault) -> Result<()> {
         self.faults.fetch_add(1, Ordering::Relaxed);
-        let m = Migration::setup(fault.space(), fault.window(), Select::DEVICE_PRIVATE, self.owner)?;
+        let m = Migration::setup(fault.space(), self.window(fault), Select::DEVICE_PRIVATE, self.owner)?;
         self.bring_back(m).map(drop)
     }
 

@@ -85,6 +85,13 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
         let _ = (keys, zero);
     }
 
+    /// Pages a fault that is not part of a sequential scan should bring
+    /// back at once, aligned by address: what one read of the store
+    /// yields anyway (a compressed store's group). The default is 1.
+    fn fault_pages(&self) -> usize {
+        1
+    }
+
     /// Fills the pages of `runs`, setting each one's [`Got`]. An error
     /// (the store unreachable for a moment) leaves every page where it was;
     /// a kind of `Busy` or `NoMemory` has a fault retried.

@@ -124,13 +124,17 @@ pub(crate) fn serve(space: &Weak<Mm>, uffd: &OwnedFd, stop: &OwnedFd) {
     }
 }
 
-/// Runs `f`, a piece of a handler's work; after a stall in it the handler
-/// keeps off its CPU for a while: the host may stop that vCPU again, and
-/// the faulting threads wait for this one.
+/// Runs `f`, a piece of a handler's work, and counts a stall in it; after
+/// one, a handler free to move keeps off its CPU for a while: the host may
+/// stop that vCPU again, and the faulting threads wait for this one.
 fn timed<T>(aside: &mut StepAside, space: &Mm, f: impl FnOnce() -> T) -> T {
     let started = Instant::now();
     let out = f();
-    if aside.after(started.elapsed()) {
+    let took = started.elapsed();
+    // A handler kept on one CPU (one per CPU) stays there: the others
+    // read the faults that come meanwhile.
+    aside.after(took);
+    if took >= uhmm_sys::stall::STALL_WAIT {
         Stats::add(&space.stats.handler_stalls, 1);
     }
     out

@@ -186,7 +186,12 @@ fn device_fault(
     let (result, woken) = match space.driver(page.pagemap) {
         Some(ops) => {
             serving.begin(addr);
-            let fault = CpuFault::new(AddressSpace::serving(space, serving), addr, window, page);
+            let handle = AddressSpace::serving(space, serving);
+            let fault = if single || next.is_some() {
+                CpuFault::new(handle, addr, window, page)
+            } else {
+                CpuFault::around(handle, addr, window, page)
+            };
             (ops.migrate_to_ram(&fault), fault.woken())
         }
         None => (Err(Error::new(ErrorKind::NotFound, "the device is gone")), false),

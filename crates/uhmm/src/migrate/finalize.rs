@@ -198,6 +198,15 @@ impl Inner {
         for (&(i, n), done) in pieces.iter().zip(copied) {
             self.settle(&mut failed, i, n, done / PAGE_SIZE);
         }
+        // Every pool page moved into its region: the pool needs no discard
+        // (on a fault's path, a system call and maybe a TLB flush saved).
+        let moved_out = |p: &Page| p.migrated && p.dst == MigrateDst::System && p.copy_from.is_none();
+        if failed.is_empty()
+            && let Some(pool) = self.pool.as_mut()
+            && self.pages.iter().all(|p| moved_out(p) || !(p.lent || matches!(p.src, Src::Device(_))))
+        {
+            pool.mark_emptied();
+        }
         for i in failed {
             let p = &mut self.pages[i];
             if p.migrated && (p.copy_from.is_some() || p.dst == MigrateDst::Zero) {

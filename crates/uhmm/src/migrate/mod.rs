@@ -497,11 +497,29 @@ pub struct CpuFault {
     addr: usize,
     window: Range<usize>,
     page: DevicePage,
+    may_narrow: bool,
 }
 
 impl CpuFault {
+    /// A fault whose whole window is wanted back.
     pub(crate) fn new(space: AddressSpace, addr: usize, window: Range<usize>, page: DevicePage) -> CpuFault {
-        CpuFault { space, addr, window, page }
+        CpuFault { space, addr, window, page, may_narrow: false }
+    }
+
+    /// A CPU fault with the fault engine's window around it, outside a
+    /// sequential scan ([`CpuFault::may_narrow`]).
+    pub(crate) fn around(space: AddressSpace, addr: usize, window: Range<usize>, page: DevicePage) -> CpuFault {
+        CpuFault { space, addr, window, page, may_narrow: true }
+    }
+
+    /// Whether the window is only the fault engine's proposal around a CPU
+    /// fault that is not part of a sequential scan: a driver whose every
+    /// page costs work (a store decoding pages) may bring back less of it,
+    /// the page at [`addr`](CpuFault::addr) at least. False when the caller
+    /// needs the whole window back: a scan's window, read-ahead, fork,
+    /// `range_fault`, `move_pages`.
+    pub fn may_narrow(&self) -> bool {
+        self.may_narrow
     }
 
     /// Whether a migration made for the fault woke its page already.
