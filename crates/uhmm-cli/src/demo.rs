@@ -11,6 +11,7 @@ use uhmm_devices::compress::{CompressConfig, CompressStore};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 
+use crate::devices::{Device, DeviceKind};
 use crate::map::{self, Census, Layout};
 use crate::units::{gbps, human, parse_fraction, parse_size};
 
@@ -63,63 +64,6 @@ pub struct DemoArgs {
     /// in RAM; its counters are printed as zram's `mm_stat`).
     #[arg(long, value_enum, default_value_t = DeviceKind::Sim)]
     pub device: DeviceKind,
-}
-
-/// The devices `uhmm demo` and `uhmm stress` can run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum DeviceKind {
-    /// The sim device.
-    Sim,
-    /// A store device over the compressed store.
-    Compress,
-}
-
-/// The device of a demo.
-enum Device {
-    Sim(SimDevice),
-    Compress(StoreDevice, std::sync::Arc<CompressStore>),
-}
-
-impl Device {
-    /// Moves `n` pages at `addr` to the device; the pages it holds after.
-    fn to_device(&self, addr: usize, n: usize) -> uhmm::Result<usize> {
-        match self {
-            Device::Sim(d) => d.migrate_to_device_all(addr, n).map(|c| c.cpages),
-            Device::Compress(d, _) => d.migrate_to_device(addr, n).map(|m| m.moved + m.holes),
-        }
-    }
-
-    /// Brings `n` pages at `addr` back to RAM; the pages moved.
-    fn to_system(&self, addr: usize, n: usize) -> uhmm::Result<usize> {
-        match self {
-            Device::Sim(d) => d.migrate_to_system(addr, n).map(|c| c.cpages),
-            Device::Compress(d, _) => d.migrate_to_system(addr, n),
-        }
-    }
-
-    fn pages_in_use(&self) -> usize {
-        match self {
-            Device::Sim(d) => d.pages_in_use(),
-            Device::Compress(d, _) => d.pages_in_use(),
-        }
-    }
-
-    /// The compressed store's counters, as a line (empty for the sim).
-    fn store_line(&self) -> String {
-        let Device::Compress(_, store) = self else { return String::new() };
-        let s = store.stats();
-        format!(
-            "store: orig {} compr {} mem_used {} (ratio {:.2}); same-filled pages {}, incompressible {}, in groups {}; pages lost {}",
-            human(s.orig_data_size as usize),
-            human(s.compr_data_size as usize),
-            human(s.mem_used_total as usize),
-            s.ratio(),
-            s.same_pages,
-            s.huge_pages,
-            s.grouped_pages,
-            s.lost_pages
-        )
-    }
 }
 
 /// The name of the CPU touch-back step.

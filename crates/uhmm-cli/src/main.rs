@@ -10,6 +10,7 @@
 
 mod bench;
 mod demo;
+mod devices;
 mod map;
 mod stress;
 mod units;

@@ -1,9 +1,16 @@
 //! `uhmm stress`: the integrity soak. Writer threads read and write random
 //! bytes of several regions, each keeping a shadow of the pages it owns, while
-//! migrator threads move random ranges between RAM and one or two sim devices
-//! (with fault injection), evict devices, and the fault path brings pages
-//! back. Every byte is verified at checkpoints and at the end; a watchdog
-//! turns a hang into a report and exit status 3.
+//! migrator threads move random ranges between RAM and one or two devices
+//! (sim devices, or store devices over the compressed store; with fault
+//! injection), evict devices, and the fault path brings pages back. Every
+//! byte is verified at checkpoints and at the end; a watchdog turns a hang
+//! into a report and exit status 3.
+//!
+//! With the compressed store, `--corrupt-rate` flips a bit of stored
+//! objects: their pages come back lost (poisoned), which the writers see as
+//! a `Fault` and account for (they discard the page, which then reads as
+//! zeros). Such a loss is not a lost byte; a poisoned page the store did not
+//! report lost is.
 //!
 //! The model: writer `t` of `W` owns the pages `p` with `p % W == t` of every
 //! region and is the only thread that writes them, so its shadow (a `Vec<u8>`
@@ -18,9 +25,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region};
+use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region, Residency};
+use uhmm_devices::compress::{CompressConfig, CompressStore};
 use uhmm_devices::sim::{SimConfig, SimDevice};
+use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 
+use crate::devices::{Device, DeviceKind};
 use crate::units::{human, parse_fraction, parse_size};
 
 /// Options of `uhmm stress`.
@@ -65,13 +75,32 @@ pub struct StressArgs {
     #[arg(long)]
     pub file: bool,
 
-    /// Sim devices (1 or 2).
+    /// Devices (1 or 2).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub devices: u32,
 
-    /// Chance that a device page allocation fails (`SimConfig::alloc_fail_rate`).
+    /// The kind of device: `sim`, or `compress` (store devices over
+    /// compressed stores; device reads, writes and exclusive access, which a
+    /// store has not, become CPU reads).
+    #[arg(long, value_enum, default_value_t = DeviceKind::Sim)]
+    pub device: DeviceKind,
+
+    /// Chance that a device page allocation fails (`SimConfig::alloc_fail_rate`;
+    /// with `--device compress`, that storing an object fails,
+    /// `CompressConfig::alloc_fail_rate`).
     #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
     pub alloc_fail_rate: f64,
+
+    /// `--device compress`: the chance that a stored object has a bit
+    /// flipped (`CompressConfig::corrupt_rate`): its pages come back lost.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub corrupt_rate: f64,
+
+    /// `--device compress`: the RAM each compressed store's pool may use
+    /// (suffixes K, M, G); a small one keeps it full. Default: room for
+    /// everything.
+    #[arg(long, value_parser = parse_size)]
+    pub pool_size: Option<usize>,
 
     /// Chance per copy operation (a run of adjacent pages) that a copy job to a device fails
     /// (`SimConfig::copy_error_rate`).
@@ -193,6 +222,9 @@ struct Totals {
     bytes_verified: AtomicU64,
     /// Bytes found wrong or unreadable.
     lost: AtomicU64,
+    /// Pages found poisoned because the store reported them lost (an
+    /// injected corruption): accounted, not lost bytes.
+    lost_by_injection: Mutex<std::collections::HashSet<(usize, usize)>>,
     /// Errors that should not happen (the first few are printed).
     unexpected: AtomicU64,
 }
@@ -209,7 +241,7 @@ impl Totals {
 struct World {
     space: AddressSpace,
     regions: Vec<Region>,
-    devices: Vec<SimDevice>,
+    devices: Vec<Device>,
     writers: usize,
     totals: Totals,
     /// When `--inject-hang` holds a migration forever.
@@ -249,8 +281,22 @@ impl World {
         wrong
     }
 
+    /// Whether page `p` of region `r` is poisoned because its store reported
+    /// it lost (an injected corruption); records it.
+    fn lost_by_injection(&self, r: usize, p: usize) -> bool {
+        let injected =
+            self.devices.iter().any(|d| matches!(d, Device::Compress(_, s) if s.config().corrupt_rate > 0.0));
+        let addr = self.regions[r].addr() + p * PAGE_SIZE;
+        let poisoned = self.space.snapshot(addr..addr + PAGE_SIZE).is_ok_and(|s| s[0].residency == Residency::Poisoned);
+        if injected && poisoned {
+            self.totals.lost_by_injection.lock().unwrap_or_else(|e| e.into_inner()).insert((r, p));
+        }
+        injected && poisoned
+    }
+
     /// Verifies every byte of every region, through the CPU or through
-    /// device `dev`'s reads. Returns the bytes wrong or unreadable.
+    /// device `dev`'s reads (the CPU's for a store device). Returns the
+    /// bytes wrong or unreadable.
     fn verify_all(&self, shadows: &[Shadow], dev: Option<usize>, slot: &Slot) -> u64 {
         const CHUNK: usize = 256;
         let mut wrong = 0;
@@ -266,12 +312,25 @@ impl World {
                     None => "CPU verify",
                     Some(_) => "device verify",
                 };
-                let res = match dev {
+                let res = match dev.and_then(|d| self.devices[d].sim()) {
                     None => self.regions[r].read(p * PAGE_SIZE, buf),
-                    Some(d) => self.devices[d].read(self.regions[r].addr() + p * PAGE_SIZE, k, buf).map(|_| ()),
+                    Some(d) => d.read(self.regions[r].addr() + p * PAGE_SIZE, k, buf).map(|_| ()),
                 };
                 match res {
                     Ok(()) => wrong += self.compare(shadows, r, p, buf, how),
+                    Err(e) if e.kind() == ErrorKind::Fault => {
+                        // Page by page: a page lost by injection is accounted.
+                        for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+                            match self.regions[r].read((p + i) * PAGE_SIZE, page) {
+                                Ok(()) => wrong += self.compare(shadows, r, p + i, page, how),
+                                Err(e) if self.lost_by_injection(r, p + i) => drop(e),
+                                Err(e) => {
+                                    self.totals.unexpected(how, &e);
+                                    wrong += PAGE_SIZE as u64;
+                                }
+                            }
+                        }
+                    }
                     Err(e) => {
                         self.totals.unexpected(how, &e);
                         wrong += buf.len() as u64;
@@ -312,34 +371,39 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
             slot.set(format!("writing region {r} page {p} +{off} len {len}"));
             match region.write(page_off + off, &buf[..len]) {
                 Ok(()) => shadow_page[off..off + len].copy_from_slice(&buf[..len]),
+                Err(e) if e.kind() == ErrorKind::Fault && w.lost_by_injection(r, p) => {
+                    w.drop_lost(region, page_off, shadow_page);
+                }
                 Err(e) => w.write_failed("write", &e, len, region, page_off, shadow_page),
             }
             w.totals.writes.fetch_add(1, Ordering::Relaxed);
-        } else if op < 72 {
+        } else if op < 72 || (w.devices[0].sim().is_none() && (op < 86 || (93..95).contains(&op))) {
             // Read the whole page through the CPU and check it.
             slot.set(format!("reading region {r} page {p}"));
-            let read = region.read(page_off, &mut buf);
-            w.check_read(read, shadow_page, &buf, r, p, "CPU read");
+            match region.read(page_off, &mut buf) {
+                Err(e) if e.kind() == ErrorKind::Fault && w.lost_by_injection(r, p) => {
+                    w.drop_lost(region, page_off, shadow_page);
+                }
+                read => w.check_read(read, shadow_page, &buf, r, p, "CPU read"),
+            }
             w.totals.reads.fetch_add(1, Ordering::Relaxed);
-        } else if op < 80 {
+        } else if let Some(dev) = (op < 80).then(|| w.devices[rng.below(w.devices.len())].sim()).flatten() {
             // Read the page through a device (its mirror, or its own memory).
-            let d = rng.below(w.devices.len());
-            slot.set(format!("device {d} reading region {r} page {p}"));
-            match w.devices[d].read(region.addr() + page_off, 1, &mut buf) {
+            slot.set(format!("device reading region {r} page {p}"));
+            match dev.read(region.addr() + page_off, 1, &mut buf) {
                 Err(e) if e.kind() == ErrorKind::Busy => {}
                 read => w.check_read(read.map(|_| ()), shadow_page, &buf, r, p, "device read"),
             }
             w.totals.device_reads.fetch_add(1, Ordering::Relaxed);
-        } else if op < 86 {
+        } else if let Some(dev) = (op < 86).then(|| w.devices[rng.below(w.devices.len())].sim()).flatten() {
             // The device writes the whole page (faulting it in for writing
             // where its mirror lacks it).
-            let d = rng.below(w.devices.len());
             let byte = rng.next() as u8;
             for (j, b) in buf.iter_mut().enumerate() {
                 *b = byte ^ (j as u8);
             }
-            slot.set(format!("device {d} writing region {r} page {p}"));
-            match w.devices[d].write(region.addr() + page_off, 1, &buf) {
+            slot.set(format!("device writing region {r} page {p}"));
+            match dev.write(region.addr() + page_off, 1, &buf) {
                 Ok(_) => shadow_page.copy_from_slice(&buf),
                 // Invalidations kept racing its fault: nothing was written.
                 Err(e) if e.kind() == ErrorKind::Busy => {}
@@ -375,11 +439,10 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
                 Err(e) => w.totals.unexpected("move_pages", &e),
             }
             w.totals.page_moves.fetch_add(1, Ordering::Relaxed);
-        } else if op < 95 {
+        } else if let Some(dev) = (op < 95).then(|| w.devices[rng.below(w.devices.len())].sim()).flatten() {
             // A device takes exclusive access; the next CPU access revokes it.
-            let d = rng.below(w.devices.len());
-            slot.set(format!("device {d} taking region {r} page {p} exclusive"));
-            match w.devices[d].exclusive(region.addr() + page_off, 1) {
+            slot.set(format!("device taking region {r} page {p} exclusive"));
+            match dev.exclusive(region.addr() + page_off, 1) {
                 Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::NotFound) => {}
                 // Only private anonymous memory can be held exclusive.
@@ -396,6 +459,8 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
                 Ok(()) => {
                     match region.write(page_off, &buf[..1]) {
                         Err(e) if e.kind() == ErrorKind::Permission => {}
+                        // Lost by injection: checked on the read below.
+                        Err(e) if e.kind() == ErrorKind::Fault && w.lost_by_injection(r, p) => {}
                         Err(e) => w.totals.unexpected("write to a read-only page", &e),
                         Ok(()) => {
                             eprintln!("uhmm stress: a write to read-only region {r} page {p} succeeded");
@@ -404,9 +469,14 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
                         }
                     }
                     let read = region.read(page_off, &mut buf);
-                    w.check_read(read, shadow_page, &buf, r, p, "read-only read");
                     if let Err(e) = region.protect(range, Prot::READ_WRITE) {
                         w.totals.unexpected("protect READ_WRITE", &e);
+                    }
+                    match read {
+                        Err(e) if e.kind() == ErrorKind::Fault && w.lost_by_injection(r, p) => {
+                            w.drop_lost(region, page_off, shadow_page);
+                        }
+                        read => w.check_read(read, shadow_page, &buf, r, p, "read-only read"),
                     }
                 }
                 Err(e) => w.totals.unexpected("protect READ", &e),
@@ -418,6 +488,15 @@ fn writer(w: &World, t: usize, shadow: &mut Shadow, rng: &mut Rng, slot: &Slot, 
 }
 
 impl World {
+    /// A page its store lost (injected): its writer discards it, and it
+    /// reads as zeros from then on, as a program would start it over.
+    fn drop_lost(&self, region: &Region, off: usize, shadow: &mut [u8]) {
+        match region.discard(off..off + PAGE_SIZE) {
+            Ok(()) => shadow.fill(0),
+            Err(e) => self.totals.unexpected("discarding a lost page", &e),
+        }
+    }
+
     /// Checks a page a writer read (through the CPU or a device) against
     /// its shadow; a failed read counts the whole page as lost.
     fn check_read(&self, read: uhmm::Result<()>, shadow: &[u8], got: &[u8], r: usize, p: usize, how: &str) {
@@ -481,10 +560,10 @@ fn migrator(w: &World, rng: &mut Rng, slot: &Slot, stop: &AtomicBool) {
         let op = rng.below(100);
         let (what, res) = if op < 50 {
             slot.set(format!("migrate_to_device dev {d} region {r} pages {first}..{}", first + len));
-            ("migrate_to_device", w.devices[d].migrate_to_device(addr, len).map(|_| ()))
+            ("migrate_to_device", w.devices[d].to_device_once(addr, len))
         } else if op < 97 {
             slot.set(format!("migrate_to_system dev {d} region {r} pages {first}..{}", first + len));
-            ("migrate_to_system", w.devices[d].migrate_to_system(addr, len).map(|_| ()))
+            ("migrate_to_system", w.devices[d].to_system(addr, len).map(drop))
         } else {
             slot.set(format!("release dev {d}"));
             w.totals.releases.fetch_add(1, Ordering::Relaxed);
@@ -590,21 +669,38 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let capacity = total.div_ceil(2 << 20).max(1) * (2 << 20);
     let mut devices = Vec::new();
     for d in 0..args.devices {
-        let config = SimConfig {
-            capacity_bytes: capacity,
-            chunk_bytes: 2 << 20,
-            // Small chunks interleave more; with huge regions, chunks big
-            // enough to hold whole 2 MiB blocks.
-            migrate_chunk_pages: if args.huge { 2048 } else { 64 },
-            alloc_fail_rate: args.alloc_fail_rate,
-            copy_error_rate: args.copy_error_rate,
-            copy_back_fail_rate: args.copy_back_fail_rate,
-            dma_delay_us: args.dma_delay_us,
-            dma_channels: args.dma_channels as usize,
-            fault_seed: args.seed ^ (0xd0 + u64::from(d)),
-            ..SimConfig::default()
-        };
-        devices.push(SimDevice::new(&space, config)?);
+        let seed = args.seed ^ (0xd0 + u64::from(d));
+        devices.push(match args.device {
+            DeviceKind::Sim => {
+                let config = SimConfig {
+                    capacity_bytes: capacity,
+                    chunk_bytes: 2 << 20,
+                    // Small chunks interleave more; with huge regions, chunks
+                    // big enough to hold whole 2 MiB blocks.
+                    migrate_chunk_pages: if args.huge { 2048 } else { 64 },
+                    alloc_fail_rate: args.alloc_fail_rate,
+                    copy_error_rate: args.copy_error_rate,
+                    copy_back_fail_rate: args.copy_back_fail_rate,
+                    dma_delay_us: args.dma_delay_us,
+                    dma_channels: args.dma_channels as usize,
+                    fault_seed: seed,
+                    ..SimConfig::default()
+                };
+                Device::Sim(SimDevice::new(&space, config)?)
+            }
+            DeviceKind::Compress => {
+                let config = CompressConfig {
+                    capacity_bytes: args.pool_size.unwrap_or(capacity),
+                    alloc_fail_rate: args.alloc_fail_rate,
+                    corrupt_rate: args.corrupt_rate,
+                    fault_seed: seed,
+                    ..CompressConfig::default()
+                };
+                let store = Arc::new(CompressStore::new(config)?);
+                let chunk = StoreDeviceConfig { migrate_chunk_pages: 64, ..StoreDeviceConfig::default() };
+                Device::Compress(StoreDevice::new(&space, store.clone(), chunk)?, store)
+            }
+        });
     }
     let writers = args.threads as usize;
     let hang_at = args.inject_hang.then(|| start + Duration::from_secs(1));
@@ -712,7 +808,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     // device reads, evict every device, verify through the CPU.
     main_slot.set("final migration to device 0".into());
     for r in &w.regions {
-        if let Err(e) = w.devices[0].migrate_to_device(r.addr(), r.npages())
+        if let Err(e) = w.devices[0].to_device_once(r.addr(), r.npages())
             && !expected(&e)
         {
             w.totals.unexpected("final migrate_to_device", &e);
@@ -739,12 +835,22 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let stats = space.stats();
     let lost = t.lost.load(Ordering::Relaxed) + lost_at_checkpoints + lost_final;
     let unexpected = t.unexpected.load(Ordering::Relaxed);
-    let (mut inj_alloc, mut inj_copy, mut inj_back) = (0, 0, 0);
+    let (mut inj_alloc, mut inj_copy, mut inj_back, mut inj_corrupt, mut store_lost) = (0, 0, 0, 0, 0);
     for dev in &w.devices {
-        let (a, c) = dev.injected_faults();
-        inj_alloc += a;
-        inj_copy += c;
-        inj_back += dev.injected_copy_back_failures();
+        match dev {
+            Device::Sim(d) => {
+                let (a, c) = d.injected_faults();
+                inj_alloc += a;
+                inj_copy += c;
+                inj_back += d.injected_copy_back_failures();
+            }
+            Device::Compress(_, store) => {
+                let st = store.stats();
+                inj_alloc += st.injected_alloc_failures;
+                inj_corrupt += st.injected_corruptions;
+                store_lost += st.lost_pages;
+            }
+        }
     }
     let ops = t.reads.load(Ordering::Relaxed)
         + t.writes.load(Ordering::Relaxed)
@@ -788,19 +894,38 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     println!("  kept pages shed:          {} pages", stats.kept_shed_pages);
     println!("  helper stalls:            {}", stats.helper_stalls);
     println!("  handler stalls:           {}", stats.handler_stalls);
-    let (compound, fallbacks) = w.devices.iter().map(SimDevice::huge_stats).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let (compound, fallbacks) =
+        w.devices.iter().filter_map(Device::sim).map(SimDevice::huge_stats).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     println!(
         "  huge pages:               {} first-touch fills, {compound} compound device pages, {fallbacks} blocks fell back",
         stats.huge_fills
     );
     println!("  poisoned pages:           {}", stats.poisoned_pages);
     println!(
-        "  injected faults:          {inj_alloc} allocation failures, {inj_copy} copy errors, {inj_back} copy-back failures"
+        "  injected faults:          {inj_alloc} allocation failures, {inj_copy} copy errors, {inj_back} copy-back failures, {inj_corrupt} corrupted objects"
     );
+    for (d, dev) in w.devices.iter().enumerate() {
+        if let Device::Compress(_, store) = dev {
+            let st = store.stats();
+            println!(
+                "  device {d}: {} pages stored, {} loaded, {} objects refused by a full pool, {} pages reported lost",
+                st.pages_stored, st.pages_loaded, st.pool_full, st.lost_pages
+            );
+        }
+    }
+    if args.device == DeviceKind::Compress {
+        let seen = t.lost_by_injection.lock().unwrap_or_else(|e| e.into_inner()).len();
+        println!(
+            "  pages lost by injection:  {store_lost} reported by the stores, {seen} of them seen poisoned by the soak"
+        );
+    }
     println!("  unexpected errors:        {unexpected}");
     println!("  lost or corrupted bytes: {lost}");
-    if stats.poisoned_pages != 0 {
-        return Ok(lost + unexpected + stats.poisoned_pages);
+    // Every poisoned page must be one a store reported lost (a corrupted
+    // object); any other is data lost.
+    if stats.poisoned_pages != store_lost {
+        println!("uhmm stress: {} page(s) poisoned, {store_lost} reported lost by the stores", stats.poisoned_pages);
+        return Ok(lost + unexpected + stats.poisoned_pages.abs_diff(store_lost).max(1));
     }
     Ok(lost + unexpected)
 }

@@ -52,3 +52,14 @@ fn help_documents_demo() {
         assert!(out.contains(flag), "`{flag}` not in help:\n{out}");
     }
 }
+
+#[test]
+fn demo_on_the_compressed_store_verifies_every_byte_and_reports_the_store() {
+    let (code, out, err) = run_uhmm(&["demo", "--size", "8M", "--device", "compress"]);
+    let dump = format!("--- stdout\n{out}\n--- stderr\n{err}");
+    assert_eq!(code, Some(0), "uhmm demo --device compress failed\n{dump}");
+    assert!(out.contains("compressed store (lz4)"), "no device line\n{dump}");
+    assert!(out.contains("store: orig 8 MiB"), "no store counters after the migration\n{dump}");
+    assert!(out.contains("pages: hole 0  ram 0  zero 0  device 2048  poisoned 0"), "not all pages moved\n{dump}");
+    assert!(out.contains("result: OK"), "no OK result\n{dump}");
+}

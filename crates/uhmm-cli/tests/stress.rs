@@ -77,3 +77,32 @@ fn a_hang_is_reported_with_the_stuck_threads() {
     assert!(!stuck.is_empty() && stuck.iter().all(victim), "threads wait on the held pages\n{out}");
     assert!(stuck.iter().all(|l| l.contains(" region ")), "each stuck thread says where it waits\n{out}");
 }
+
+#[test]
+fn short_soak_on_compressed_stores_accounts_for_every_injected_loss() {
+    // A full pool, failed allocations and corrupted objects: the pages of a
+    // corrupted object come back poisoned, every one the stores reported.
+    let args = [
+        "stress",
+        "--device",
+        "compress",
+        "--devices",
+        "2",
+        "--seconds",
+        "5",
+        "--threads",
+        "2",
+        "--alloc-fail-rate",
+        "0.1",
+        "--corrupt-rate",
+        "0.01",
+        "--pool-size",
+        "256K",
+    ];
+    let (code, out, err) = run_uhmm(&args);
+    assert_eq!(code, Some(0), "uhmm {args:?} failed\n--- stdout\n{out}\n--- stderr\n{err}");
+    assert!(out.contains("lost or corrupted bytes: 0"), "no clean verdict\n{out}");
+    assert!(out.contains("unexpected errors:        0"), "unexpected errors\n{out}");
+    assert!(!out.contains(", 0 corrupted objects"), "no object was corrupted\n{out}");
+    assert!(!out.contains(" 0 objects refused by a full pool"), "the pool was never full\n{out}");
+}

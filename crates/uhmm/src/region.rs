@@ -111,10 +111,14 @@ impl Region {
     /// as needed (the calling thread must not be a uhmm handler thread).
     ///
     /// Fails with [`ErrorKind::Fault`](crate::ErrorKind::Fault) outside the
-    /// region, on pages without read access or on poisoned pages, instead of
-    /// the signal a direct access would raise.
+    /// region, on pages without read access or on poisoned pages (also one
+    /// found lost while this call brings it back from a device), instead of
+    /// the signal a direct access would raise. The kernel copies
+    /// (`process_vm_readv`), so that a page lost underneath is an error;
+    /// with a user-mode-only userfaultfd, pages not in RAM are copied with
+    /// plain loads, which raise SIGBUS on such a page.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        copy(&self.inner, offset, Copy::Out(buf))
+        copy(&self.space, &self.inner, offset, Copy::Out(buf))
     }
 
     /// Copies bytes at `offset` into `buf` with plain loads, as the
@@ -132,7 +136,7 @@ impl Region {
     /// Fails with [`ErrorKind::Permission`](crate::ErrorKind::Permission) on
     /// read-only pages, otherwise as [`Region::read`].
     pub fn write(&self, offset: usize, buf: &[u8]) -> Result<()> {
-        copy(&self.inner, offset, Copy::In(buf))
+        copy(&self.space, &self.inner, offset, Copy::In(buf))
     }
 
     /// Changes the protection of `range` (byte offsets, page-aligned).
@@ -279,7 +283,7 @@ impl AddressSpace {
             .region_at(addr)
             .ok_or_else(|| Error::new(crate::ErrorKind::Fault, "address not managed by uhmm"))?;
         let off = addr - region.start();
-        copy(&region, off, Copy::Out(buf))
+        copy(&self.inner, &region, off, Copy::Out(buf))
     }
 
     /// Copies `buf` to `addr` (inside one region), as [`Region::write`](crate::Region::write) does.
@@ -289,7 +293,7 @@ impl AddressSpace {
             .region_at(addr)
             .ok_or_else(|| Error::new(crate::ErrorKind::Fault, "address not managed by uhmm"))?;
         let off = addr - region.start();
-        copy(&region, off, Copy::In(buf))
+        copy(&self.inner, &region, off, Copy::In(buf))
     }
 
     /// Maps a new region of `len` bytes (rounded up to pages), lazily backed:
@@ -381,6 +385,12 @@ fn region_len(len: usize) -> Result<usize> {
     len.checked_next_multiple_of(PAGE_SIZE).ok_or_else(|| Error::invalid("length overflows"))
 }
 
+/// Looks at a page the kernel could not copy before [`copy`] reports it
+/// lost, this long apart: the migration that poisons it holds its lock for
+/// microseconds.
+const LOST_SETTLE_TRIES: usize = 100;
+const LOST_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// The direction of a [`copy`].
 enum Copy<'a> {
     Out(&'a mut [u8]),
@@ -388,34 +398,46 @@ enum Copy<'a> {
 }
 
 /// Copies between `buf` and `offset` of `region`, after checking the access
-/// (see `Vma::check_access`). When a page of it is on a device, the kernel
-/// copies (`process_vm_readv`/`_writev`): a page that turns out lost on its
-/// way back (a store's object failing its check) is then this call's
-/// `Fault` error, not a SIGBUS in the copy; the pages come back through the
-/// fault engine as a load's would.
-fn copy(region: &Vma, offset: usize, mut buf: Copy<'_>) -> Result<()> {
+/// (see `Vma::check_access`). The kernel copies (`process_vm_readv` /
+/// `_writev`): a page that turns out lost on its way back from a device (a
+/// store's object failing its check), even one a migration took there
+/// after the check, is then this call's `Fault` error, not a SIGBUS in the
+/// copy; pages not in RAM come back through the fault engine as a load's
+/// would.
+fn copy(space: &Mm, region: &Vma, offset: usize, mut buf: Copy<'_>) -> Result<()> {
     let (len, need, what) = match &buf {
         Copy::Out(b) => (b.len(), Prot::READ, "read"),
         Copy::In(b) => (b.len(), Prot::READ_WRITE, "write"),
     };
-    let on_device = region.check_access(offset, len, need)?;
-    let mut done = 0;
-    if on_device {
-        let r = match &mut buf {
-            Copy::Out(b) => region.map.read_or_efault(offset, b),
-            Copy::In(b) => region.map.write_or_efault(offset, b),
-        };
-        match r {
-            Ok(()) => return Ok(()),
-            Err((n, e)) if e.raw_os_error() == Some(rustix::io::Errno::FAULT.raw_os_error()) => {
-                region.check_access(offset, len, need)?;
-                // Not lost: a page not present that a user-mode-only
-                // userfaultfd does not fault in for the kernel. A load does.
-                done = n;
-            }
-            Err((_, e)) => return Err(Error::sys(what, e)),
-        }
+    region.check_access(offset, len, need)?;
+    if len == 0 {
+        return Ok(());
     }
+    let r = match &mut buf {
+        Copy::Out(b) => region.map.read_or_efault(offset, b),
+        Copy::In(b) => region.map.write_or_efault(offset, b),
+    };
+    let done = match r {
+        Ok(()) => return Ok(()),
+        Err((n, e)) if e.raw_os_error() == Some(rustix::io::Errno::FAULT.raw_os_error()) => {
+            region.check_access(offset, len, need)?;
+            if space.uffd.origin() != uhmm_sys::uffd::Origin::UserModeOnly {
+                // The kernel faults pages in for the copy: a page it could
+                // not reach is lost. Its state may not say so yet (the
+                // migration that found it lost is finishing): give it a
+                // moment, so that the page reads as poisoned afterwards.
+                for _ in 0..LOST_SETTLE_TRIES {
+                    region.check_access(offset, len, need)?;
+                    std::thread::sleep(LOST_SETTLE_WAIT);
+                }
+                return Err(Error::new(crate::ErrorKind::Fault, "a page of the range is lost"));
+            }
+            // A page not present, which a user-mode-only userfaultfd does
+            // not fault in for the kernel: a load does.
+            n
+        }
+        Err((_, e)) => return Err(Error::sys(what, e)),
+    };
     match buf {
         Copy::Out(b) => region.map.read(offset + done, &mut b[done..]),
         Copy::In(b) => region.map.write(offset + done, &b[done..]),

@@ -179,16 +179,15 @@ impl Vma {
     }
 
     /// Checks an access of `len` bytes at `offset`: inside the region, with
-    /// `need` rights, no page poisoned. Returns whether a page of it is on a
-    /// device (not in RAM nor CPU-mapped: its way back may find it lost).
-    pub(crate) fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<bool> {
+    /// `need` rights, no page poisoned.
+    pub(crate) fn check_access(&self, offset: usize, len: usize, need: Prot) -> Result<()> {
         use crate::ErrorKind::{Fault, Permission};
         let end = offset.checked_add(len).ok_or_else(|| Error::invalid("offset overflows"))?;
         if end > self.map.len() {
             return Err(Error::new(Fault, "access outside the region"));
         }
         if len == 0 {
-            return Ok(false);
+            return Ok(());
         }
         let pages = offset / PAGE_SIZE..end.div_ceil(PAGE_SIZE);
         if self.has_unmapped(&pages) {
@@ -202,15 +201,10 @@ impl Vma {
                 return Err(Error::new(Permission, "write to a read-only part of the region"));
             }
         }
-        let mut on_device = false;
-        for p in pages {
-            match self.pt.load(p).state() {
-                State::Poisoned => return Err(Error::new(Fault, "a page of the range is poisoned")),
-                State::Device(_) => on_device = true,
-                _ => {}
-            }
+        if pages.into_iter().any(|p| self.pt.load(p).state() == State::Poisoned) {
+            return Err(Error::new(Fault, "a page of the range is poisoned"));
         }
-        Ok(on_device)
+        Ok(())
     }
 
     /// Changes the protection of pages `pages` (mprotect).

@@ -145,3 +145,30 @@ fn python_heap() -> Result<Vec<u8>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real sources: perl-doc's text and a python3 process's heap
+    /// (`.ci/run` installs both; a missing one fails here, loudly).
+    #[test]
+    fn every_data_set_is_built_from_its_source() {
+        let len = 1 << 20;
+        let sets = all(len).expect("the data sets (python3 and perl-doc installed?)");
+        let names: Vec<&str> = sets.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["zeros", "text", "heap", "random", "half-random"]);
+        assert!(sets.iter().all(|s| s.bytes.len() == len));
+        let text = &sets[1].bytes;
+        let printable = text.iter().filter(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()).count();
+        assert!(printable > len * 95 / 100, "the corpus is text");
+        assert!(text.windows(4).any(|w| w == b"perl"), "the corpus is Perl's documentation");
+        let heap = &sets[2].bytes;
+        assert!(heap.iter().filter(|&&b| b != 0).count() > len / 10, "the heap image holds data");
+        let image = python_heap().expect("python3");
+        assert!(image.windows(9).any(|w| w == b"user12345"), "the heap holds the program's strings");
+        let (random, half) = (&sets[3].bytes, &sets[4].bytes);
+        assert_eq!(half[..PAGE_SIZE / 2], random[PAGE_SIZE / 2..PAGE_SIZE], "half of each page is noise");
+        assert_eq!(half[PAGE_SIZE / 2..PAGE_SIZE], text[PAGE_SIZE / 2..PAGE_SIZE], "the other half is text");
+    }
+}

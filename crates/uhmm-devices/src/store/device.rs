@@ -146,6 +146,11 @@ impl StoreDevice {
         self.inner.owner
     }
 
+    /// This device's pagemap.
+    pub fn pagemap(&self) -> &Arc<DevicePagemap> {
+        self.inner.pagemap()
+    }
+
     /// The store behind it.
     pub fn store(&self) -> &Arc<dyn PageStore> {
         &self.inner.store
