@@ -116,7 +116,10 @@ impl Region {
     /// the signal a direct access would raise. The kernel copies
     /// (`process_vm_readv`), so that a page lost underneath is an error;
     /// with a user-mode-only userfaultfd, pages not in RAM are copied with
-    /// plain loads, which raise SIGBUS on such a page.
+    /// plain loads, which raise SIGBUS on such a page. The kernel pins each
+    /// page for the copy, as for any read by a system call: a page shared
+    /// copy-on-write with a forked child is unshared first (copied), which
+    /// a load ([`Region::load`]) would not do.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         copy(&self.space, &self.inner, offset, Copy::Out(buf))
     }

@@ -87,6 +87,15 @@ pub fn cpu_read(region: &Region) -> Vec<u8> {
     buf
 }
 
+/// The whole region read with plain loads, as a program reads it
+/// (`Region::load`): unlike `Region::read`, whose kernel copy pins each page
+/// for a moment, it leaves pages shared copy-on-write shared.
+pub fn cpu_load(region: &Region) -> Vec<u8> {
+    let mut buf = vec![0u8; region.len()];
+    region.load(0, &mut buf).expect("cpu load");
+    buf
+}
+
 /// Asserts that every word i of `buf` is `f(i)`.
 pub fn assert_words(buf: &[u8], f: impl Fn(u32) -> u32) {
     for i in 0..buf.len() / 4 {
