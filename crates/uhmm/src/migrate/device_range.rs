@@ -67,6 +67,7 @@ pub fn migrate_device_range(
             dst: MigrateDst::None,
             copy_from: None,
             lent: false,
+            scratch_at: None,
             migrated: false,
             skip: Skip::NotSelected,
         };

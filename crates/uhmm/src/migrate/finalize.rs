@@ -319,6 +319,11 @@ impl Inner {
         }
         self.copy_srcs.clear();
         self.copy_maps.clear();
+        if std::mem::take(&mut self.scratch)
+            && let Some(serving) = &self.serving
+        {
+            serving.give_back_scratch();
+        }
         Stats::add(&space.stats.migrations, 1);
         summary
     }

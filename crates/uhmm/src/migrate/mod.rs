@@ -203,6 +203,10 @@ struct Page {
     /// Its pool page was lent out by [`Migration::system_dst`]: it may not
     /// be borrowed by [`Migration::system_dst_bytes`] too.
     lent: bool,
+    /// [`Migration::system_dst_bytes`] lent it a page of the fault's
+    /// scratch, at this index into `Inner::copy_srcs`: `set_dst_system`
+    /// copies it in from there.
+    scratch_at: Option<u32>,
     migrated: bool,
     /// With `src == Skip`: why.
     skip: Skip,
@@ -329,6 +333,8 @@ struct Inner {
     /// of one device): saves a lock and two atomics a page.
     last_pagemap: Option<Arc<DevicePagemap>>,
     cpages: usize,
+    /// Holds its fault's scratch pages (see `Serving::take_scratch`).
+    scratch: bool,
     finished: bool,
     /// Whether `finish` empties the staging slots on this thread, half of
     /// them beside the copy helper (its caller waits for them anyway),
@@ -414,6 +420,7 @@ impl Inner {
             dst: MigrateDst::None,
             copy_from: None,
             lent: false,
+            scratch_at: None,
             migrated: false,
             skip: Skip::NotSelected,
         };
@@ -429,6 +436,7 @@ impl Inner {
             copy_maps: Few::new(),
             last_pagemap: None,
             cpages: 0,
+            scratch: false,
             finished: false,
             release_here: false,
         }

@@ -28,7 +28,10 @@ impl Migration<Collected> {
 
     /// The RAM pages for runs of this migration's device-private pages
     /// coming back, borrowed to be filled in place: one slice per run, its
-    /// pages in order. A driver decompresses or copies straight into them
+    /// pages in order. For a CPU fault's few pages they are the fault
+    /// handler's scratch pages, which `finalize` copies in
+    /// (`UFFDIO_COPY`), sparing the pool page a move out and the TLB flush
+    /// on other CPUs that costs; otherwise pool pages moved in. A driver decompresses or copies straight into them
     /// (from several threads if it likes: the slices are disjoint), then
     /// sets each page with [`Migration::set_dst_system`].
     ///
@@ -54,6 +57,44 @@ impl Migration<Collected> {
                     return Err(Error::invalid("only device-private pages not lent by system_dst are filled in place"));
                 }
             }
+        }
+        let total: usize = runs.iter().map(|r| r.len()).sum();
+        if total <= crate::mm::SCRATCH_PAGES
+            && !self.inner.scratch
+            && let Some(map) = self.inner.serving.as_ref().and_then(|s| s.take_scratch())
+        {
+            // A fault's pages: the handler's scratch, copied in at finalize.
+            self.inner.scratch = true;
+            let mut at = 0;
+            for r in runs {
+                for i in r.clone() {
+                    let k = u32::try_from(self.inner.copy_srcs.len()).map_err(|_| Error::invalid("too many pages"))?;
+                    if !self.inner.copy_maps.last().is_some_and(|m| Arc::ptr_eq(m, &map)) {
+                        self.inner.copy_maps.push(map.clone());
+                    }
+                    self.inner.copy_srcs.push((self.inner.copy_maps.len() - 1, at));
+                    self.inner.pages[i].scratch_at = Some(k);
+                    at += PAGE_SIZE;
+                }
+            }
+            let map = self.inner.copy_maps.last().expect("just pushed");
+            let mut out = Vec::with_capacity(runs.len());
+            let mut at = 0;
+            for r in runs {
+                let len = r.len() * PAGE_SIZE;
+                #[allow(unsafe_code)]
+                // SAFETY: the scratch pages are this migration's alone until
+                // `finish_end` gives them back (`take_scratch` hands them to
+                // one migration at a time); the core reads them only in
+                // `finalize` (its copies in), which needs the migration the
+                // slices borrow mutably. The runs' pieces are disjoint and
+                // inside the mapping (at most `SCRATCH_PAGES` pages in all),
+                // private anonymous memory that no userfaultfd watches.
+                let bytes = unsafe { map.slice_mut(at, len) }.map_err(|e| Error::sys("scratch pages", e))?;
+                out.push(bytes);
+                at += len;
+            }
+            return Ok(out);
         }
         let pool = self.pool()?;
         if runs.iter().any(|r| !r.is_empty() && pool.contiguous(r.start, r.len()) < r.len()) {
@@ -137,11 +178,14 @@ impl Migration<Collected> {
     /// the driver has filled.
     pub fn set_dst_system(&mut self, i: usize) -> Result<()> {
         self.inner.check_collected(i)?;
-        if self.inner.pool.is_none() {
+        let scratch = self.inner.pages[i].scratch_at;
+        if self.inner.pool.is_none() && scratch.is_none() {
             return Err(Error::invalid("set_dst_system before system_dst"));
         }
         self.inner.release_dst(i);
         self.inner.pages[i].dst = MigrateDst::System;
+        // Filled in a fault's scratch: copied in from there.
+        self.inner.pages[i].copy_from = scratch;
         Ok(())
     }
 
