@@ -30,6 +30,10 @@ pub const MAX_GROUP_PAGES: usize = MAX_OBJECT / PAGE_SIZE;
 /// A batch of fewer pages is encoded on the calling thread.
 const PARALLEL_PAGES: usize = 64;
 
+/// A `get` of this many pages or more (a scan's window) is decoded on two
+/// threads.
+const PARALLEL_GET_PAGES: usize = 128;
+
 /// RAM of emptied pool pieces kept (counted as used) before a worker gives
 /// it back (past an eighth of the pool too); `compact` gives it all back.
 const EMPTY_SLACK: usize = 1 << 20;
@@ -305,6 +309,94 @@ impl CompressStore {
         }
     }
 
+    /// Fills the pages of `runs` on this thread (see [`PageStore::get`]).
+    fn load(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
+        // Under the lock: what each page is, and a copy of each object's
+        // compressed bytes (once per object, for its neighbouring pages).
+        let mut fetches: Vec<Fetch> = Vec::new();
+        let mut words: Vec<(usize, usize, u64)> = Vec::new(); // (run, page, word)
+        let mut comp: Vec<u8> = Vec::new();
+        {
+            let st = self.lock();
+            for (r, run) in runs.iter().enumerate() {
+                if run.data.len() != run.keys.len() * PAGE_SIZE || run.got.len() != run.keys.len() {
+                    return Err(Error::invalid("a run's data is not one page per key"));
+                }
+                for (p, &key) in run.keys.iter().enumerate() {
+                    match st.entries.get(key as usize).copied().unwrap_or(Entry::Empty) {
+                        Entry::Empty => {}
+                        Entry::Same(word) => words.push((r, p, word)),
+                        Entry::In { obj, index } => {
+                            if let Some(f) = fetches.last_mut()
+                                && f.obj == obj
+                                && f.run == r
+                            {
+                                f.pages.push((p, index));
+                                continue;
+                            }
+                            let o = st.objects[obj as usize];
+                            let at = comp.len();
+                            comp.resize(at + o.len as usize, 0);
+                            let read = st.pool.read(o.handle, &mut comp[at..]);
+                            fetches.push(Fetch {
+                                obj,
+                                run: r,
+                                o,
+                                bytes: at..comp.len(),
+                                read,
+                                pages: vec![(p, index)],
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for (r, p, word) in words {
+            codec::fill_word(&mut runs[r].data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], word);
+            runs[r].got[p] = Got::Filled;
+        }
+        let mut scratch = Vec::new();
+        let (mut loaded, mut lost) = (0u64, 0u64);
+        for f in &fetches {
+            let run = &mut runs[f.run];
+            let src = &comp[f.bytes.clone()];
+            let good = f.read && codec::checksum(src) == f.o.checksum;
+            let n = f.o.pages as usize;
+            // The whole object, in order, at consecutive pages: straight in.
+            let (p0, i0) = f.pages[0];
+            let whole = f.pages.len() == n
+                && i0 == 0
+                && f.pages.iter().enumerate().all(|(k, &(p, i))| p == p0 + k && i as usize == k);
+            let ok = good
+                && if whole {
+                    decode(self.config.codec, f.o.raw, src, &mut run.data[p0 * PAGE_SIZE..(p0 + n) * PAGE_SIZE])
+                } else {
+                    scratch.resize(n * PAGE_SIZE, 0);
+                    decode(self.config.codec, f.o.raw, src, &mut scratch) && {
+                        for &(p, i) in &f.pages {
+                            let i = i as usize;
+                            run.data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+                                .copy_from_slice(&scratch[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+                        }
+                        true
+                    }
+                };
+            let got = if ok { Got::Filled } else { Got::Lost };
+            for &(p, _) in &f.pages {
+                run.got[p] = got;
+            }
+            if ok {
+                loaded += f.pages.len() as u64;
+            } else {
+                tracing::error!(obj = f.obj, pages = f.pages.len(), "compressed object failed its check: pages lost");
+                lost += f.pages.len() as u64;
+            }
+        }
+        self.counters.pages_loaded.fetch_add(loaded, Ordering::Relaxed);
+        self.counters.lost_pages.fetch_add(lost, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -497,90 +589,33 @@ impl PageStore for CompressStore {
     }
 
     fn get(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
-        // Under the lock: what each page is, and a copy of each object's
-        // compressed bytes (once per object, for its neighbouring pages).
-        let mut fetches: Vec<Fetch> = Vec::new();
-        let mut words: Vec<(usize, usize, u64)> = Vec::new(); // (run, page, word)
-        let mut comp: Vec<u8> = Vec::new();
-        {
-            let st = self.lock();
-            for (r, run) in runs.iter().enumerate() {
-                if run.data.len() != run.keys.len() * PAGE_SIZE || run.got.len() != run.keys.len() {
-                    return Err(Error::invalid("a run's data is not one page per key"));
-                }
-                for (p, &key) in run.keys.iter().enumerate() {
-                    match st.entries.get(key as usize).copied().unwrap_or(Entry::Empty) {
-                        Entry::Empty => {}
-                        Entry::Same(word) => words.push((r, p, word)),
-                        Entry::In { obj, index } => {
-                            if let Some(f) = fetches.last_mut()
-                                && f.obj == obj
-                                && f.run == r
-                            {
-                                f.pages.push((p, index));
-                                continue;
-                            }
-                            let o = st.objects[obj as usize];
-                            let at = comp.len();
-                            comp.resize(at + o.len as usize, 0);
-                            let read = st.pool.read(o.handle, &mut comp[at..]);
-                            fetches.push(Fetch {
-                                obj,
-                                run: r,
-                                o,
-                                bytes: at..comp.len(),
-                                read,
-                                pages: vec![(p, index)],
-                            });
-                        }
-                    }
-                }
-            }
+        let total: usize = runs.iter().map(|r| r.keys.len()).sum();
+        if total < PARALLEL_GET_PAGES {
+            return self.load(runs);
         }
-        for (r, p, word) in words {
-            codec::fill_word(&mut runs[r].data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE], word);
-            runs[r].got[p] = Got::Filled;
-        }
-        let mut scratch = Vec::new();
-        let (mut loaded, mut lost) = (0u64, 0u64);
-        for f in &fetches {
-            let run = &mut runs[f.run];
-            let src = &comp[f.bytes.clone()];
-            let good = f.read && codec::checksum(src) == f.o.checksum;
-            let n = f.o.pages as usize;
-            // The whole object, in order, at consecutive pages: straight in.
-            let (p0, i0) = f.pages[0];
-            let whole = f.pages.len() == n
-                && i0 == 0
-                && f.pages.iter().enumerate().all(|(k, &(p, i))| p == p0 + k && i as usize == k);
-            let ok = good
-                && if whole {
-                    decode(self.config.codec, f.o.raw, src, &mut run.data[p0 * PAGE_SIZE..(p0 + n) * PAGE_SIZE])
-                } else {
-                    scratch.resize(n * PAGE_SIZE, 0);
-                    decode(self.config.codec, f.o.raw, src, &mut scratch) && {
-                        for &(p, i) in &f.pages {
-                            let i = i as usize;
-                            run.data[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
-                                .copy_from_slice(&scratch[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
-                        }
-                        true
-                    }
-                };
-            let got = if ok { Got::Filled } else { Got::Lost };
-            for &(p, _) in &f.pages {
-                run.got[p] = got;
-            }
-            if ok {
-                loaded += f.pages.len() as u64;
+        // A scan's window: two halves decoded at once, split at a group
+        // boundary (a group across it would be decoded twice).
+        let half = (total / 2).next_multiple_of(self.config.group_pages);
+        let (mut front, mut back) = (Vec::new(), Vec::new());
+        let mut seen = 0;
+        for run in runs.iter_mut() {
+            let n = run.keys.len();
+            let RunOut { keys, data, got } = run;
+            if seen + n <= half {
+                front.push(RunOut { keys, data: &mut data[..], got: &mut got[..] });
+            } else if seen >= half {
+                back.push(RunOut { keys, data: &mut data[..], got: &mut got[..] });
             } else {
-                tracing::error!(obj = f.obj, pages = f.pages.len(), "compressed object failed its check: pages lost");
-                lost += f.pages.len() as u64;
+                let k = half - seen;
+                let (d0, d1) = data.split_at_mut(k * PAGE_SIZE);
+                let (g0, g1) = got.split_at_mut(k);
+                front.push(RunOut { keys: &keys[..k], data: d0, got: g0 });
+                back.push(RunOut { keys: &keys[k..], data: d1, got: g1 });
             }
+            seen += n;
         }
-        self.counters.pages_loaded.fetch_add(loaded, Ordering::Relaxed);
-        self.counters.lost_pages.fetch_add(lost, Ordering::Relaxed);
-        Ok(())
+        let (a, b) = rayon::join(|| self.load(&mut front), || self.load(&mut back));
+        a.and(b)
     }
 
     fn delete(&self, keys: &[u64]) {
