@@ -51,6 +51,11 @@ pub struct TierArgs {
     #[arg(long)]
     pub group_pages: Option<usize>,
 
+    /// Fault-handling threads (`Config::handler_threads`); default: the
+    /// core's (one per CPU). `1` measures a single handler.
+    #[arg(long)]
+    pub handler_threads: Option<usize>,
+
     /// Write every measurement, the machine and the targets as JSON here.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
@@ -137,7 +142,7 @@ pub fn run(args: &TierArgs) -> Result<(), String> {
         for run in 0..=args.runs as usize {
             let timed = run > 0;
             kernel_run(&zram, set, touches, timed, &mut k)?;
-            uhmm_run(&config, set, touches, timed, &mut u)?;
+            uhmm_run(&config, args.handler_threads, set, touches, timed, &mut u)?;
         }
         let row = Row { data: set.name, targets: Vec::new(), zram: k.side(), uhmm: u.side() };
         rows.push(Row { targets: targets(&row), ..row });
@@ -258,10 +263,19 @@ fn kernel_run(
     Ok(())
 }
 
-fn uhmm_run(config: &CompressConfig, set: &DataSet, touches: usize, timed: bool, p: &mut Probe) -> Result<(), String> {
+fn uhmm_run(
+    config: &CompressConfig,
+    handlers: Option<usize>,
+    set: &DataSet,
+    touches: usize,
+    timed: bool,
+    p: &mut Probe,
+) -> Result<(), String> {
     let len = set.bytes.len();
     let err = |what: &'static str| move |e: uhmm::Error| format!("{what}: {e}");
-    let space = AddressSpace::new(Config::default()).map_err(err("address space"))?;
+    let defaults = Config::default();
+    let space = AddressSpace::new(Config { handler_threads: handlers.unwrap_or(defaults.handler_threads), ..defaults })
+        .map_err(err("address space"))?;
     let store = Arc::new(CompressStore::new(config.clone()).map_err(err("store"))?);
     let dev = StoreDevice::new(&space, store.clone(), StoreDeviceConfig::default()).map_err(err("device"))?;
     let region = space.map(len, Prot::READ_WRITE).map_err(err("map"))?;

@@ -417,6 +417,9 @@ impl CompressStore {
     /// compressed together when it is worth it, else page by page.
     fn encode(&self, data: &[u8], start: usize, pages: usize, out: &mut Vec<Encoded>) {
         let bytes = &data[start * PAGE_SIZE..(start + pages) * PAGE_SIZE];
+        // A group that does not compress is kept raw page by page: its pages
+        // alone would compress worse still (not tried again).
+        let mut group_failed = false;
         if pages > 1 && bytes.chunks(PAGE_SIZE).all(|p| codec::same_filled(p).is_none()) {
             let mut buf = Vec::new();
             if codec::compress(self.config.codec, bytes, &mut buf).is_some() {
@@ -424,13 +427,14 @@ impl CompressStore {
                 out.push(Encoded { start, pages, body: Body::Bytes { bytes: buf, raw: false, checksum } });
                 return;
             }
+            group_failed = true;
         }
         for (k, page) in bytes.chunks(PAGE_SIZE).enumerate() {
             let body = match codec::same_filled(page) {
                 Some(word) => Body::Same(word),
                 None => {
                     let mut buf = Vec::new();
-                    let raw = codec::compress(self.config.codec, page, &mut buf).is_none();
+                    let raw = group_failed || codec::compress(self.config.codec, page, &mut buf).is_none();
                     if raw {
                         buf.clear();
                         buf.extend_from_slice(page);
