@@ -15,5 +15,6 @@
 #![forbid(unsafe_code)]
 
 pub mod compress;
+mod range;
 pub mod sim;
 pub mod store;

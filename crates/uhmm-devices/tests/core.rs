@@ -268,47 +268,23 @@ fn c10_snapshot_basic() {
 
 #[test]
 fn c11_concurrent_access() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     with_timeout(300, || {
         const N: usize = 64;
         let space = space();
         let dev = device(&space);
-        let region = Arc::new(map(&space, N));
-        fill(&region, 0..N, |_| 0);
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (region, stop) = (region.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut round = 0u32;
-                while !stop.load(Ordering::SeqCst) {
-                    round += 1;
-                    for p in 0..N {
-                        // first and last word of each page
-                        region.write(p * PAGE_SIZE, &round.to_ne_bytes()).unwrap();
-                        region.write(p * PAGE_SIZE + PAGE_SIZE - 4, &round.to_ne_bytes()).unwrap();
-                    }
-                }
-                round
-            })
-        };
-        let mut moved = 0;
-        for _ in 0..100 {
-            match dev.migrate_to_device_all(region.addr(), N) {
-                Ok(c) => moved += c.cpages,
+        let region = std::sync::Arc::new(map(&space, N));
+        let moved = writer_races_migrations(&region, N, || {
+            let moved = match dev.migrate_to_device_all(region.addr(), N) {
+                Ok(c) => c.cpages,
                 // The writer held every page meanwhile.
-                Err(e) => assert_eq!(e.kind(), ErrorKind::Busy, "{e}"),
-            }
+                Err(e) => {
+                    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+                    0
+                }
+            };
             dev.migrate_to_system(region.addr(), N).unwrap();
-        }
-        stop.store(true, Ordering::SeqCst);
-        let last = writer.join().unwrap();
-        assert!(last > 0);
-        let buf = cpu_read(&region);
-        for p in 0..N {
-            assert_eq!(word(&buf, p * WORDS_PER_PAGE), last, "page {p} first word");
-            assert_eq!(word(&buf, p * WORDS_PER_PAGE + WORDS_PER_PAGE - 1), last, "page {p} last word");
-        }
+            moved
+        });
         assert!(moved > 0 || space.stats().pages_to_device > 0, "no migration ever happened");
         assert!(space.stats().pages_to_device > 0, "some migrations must have happened");
     });

@@ -156,15 +156,7 @@ impl Arena {
             .position(|w| w[w.len() - 1] - w[0] == (w.len() - 1) as u32)
             .unwrap_or(free.batches.len() - n);
         let batches = free.batches.drain(at..at + n).collect();
-        Ok(Slots {
-            arena: self.clone(),
-            batches,
-            npages,
-            deferred: false,
-            keep: Vec::new(),
-            keep_partial: None,
-            emptied: false,
-        })
+        Ok(Slots::new(self, batches, npages))
     }
 
     /// Takes up to `max` kept batches, each full of pages (slot `k *
@@ -369,9 +361,8 @@ pub(crate) struct Slots {
 }
 
 impl Slots {
-    /// Kept `batches`, taken whole: given back, they are emptied.
-    fn taken(arena: &Arc<Arena>, batches: Vec<u32>) -> Slots {
-        let npages = batches.len() * BATCH_PAGES;
+    /// Slots `0..npages` in `batches` of `arena`.
+    fn new(arena: &Arc<Arena>, batches: Vec<u32>, npages: usize) -> Slots {
         Slots {
             arena: arena.clone(),
             batches,
@@ -381,6 +372,12 @@ impl Slots {
             keep_partial: None,
             emptied: false,
         }
+    }
+
+    /// Kept `batches`, taken whole: given back, they are emptied.
+    fn taken(arena: &Arc<Arena>, batches: Vec<u32>) -> Slots {
+        let npages = batches.len() * BATCH_PAGES;
+        Slots::new(arena, batches, npages)
     }
 
     /// Offset of slot `i` in the arena's mapping.

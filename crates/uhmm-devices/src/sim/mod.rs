@@ -397,7 +397,7 @@ impl SimDevice {
     /// or a caller that retries or gives up on the pages left behind its
     /// own way).
     pub fn migrate_to_device(&self, addr: usize, npages: usize) -> Result<Counters> {
-        let range = check_range(addr, npages)?;
+        let range = crate::range::pages_at(addr, npages)?;
         if self.inner.space.protection(range.clone())?.iter().any(|(_, p)| !p.contains(Prot::READ)) {
             return Err(Error::invalid("no read access to part of the range"));
         }
@@ -477,7 +477,7 @@ impl SimDevice {
     /// not counted; it stays there until a later call (or, device-private,
     /// a CPU access) brings it back.
     pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<Counters> {
-        let range = check_range(addr, npages)?;
+        let range = crate::range::pages_at(addr, npages)?;
         let chunk = chunk_pages(self.inner.config.migrate_chunk_pages, npages);
         let mut driver = Chunks { dev: &self.inner, to_device: false, how: dispatch(chunk, npages) };
         let s = migrate_pipelined(&self.inner.space, range, chunk, self.inner.select(), self.inner.owner, &mut driver)?;
@@ -523,7 +523,7 @@ impl SimDevice {
         write: bool,
         mut copy: impl FnMut(usize, Page) -> Result<()>,
     ) -> Result<Counters> {
-        let range = check_range(addr, npages)?;
+        let range = crate::range::pages_at(addr, npages)?;
         if buf_len < npages * PAGE_SIZE {
             return Err(Error::invalid("buffer shorter than the range"));
         }
@@ -567,7 +567,7 @@ impl SimDevice {
     /// `exclusive`: `make_device_exclusive`, then the pages are mapped with
     /// the atomic tag). `cpages` = pages made exclusive.
     pub fn exclusive(&self, addr: usize, npages: usize) -> Result<Counters> {
-        let range = check_range(addr, npages)?;
+        let range = crate::range::pages_at(addr, npages)?;
         let grant = self.inner.space.make_device_exclusive(range, self.inner.owner)?;
         let mut table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         for i in 0..npages {
@@ -582,7 +582,7 @@ impl SimDevice {
     /// [`ErrorKind::Permission`] while any page of the range is still
     /// exclusive to this device (a CPU access revokes it).
     pub fn check_exclusive(&self, addr: usize, npages: usize) -> Result<()> {
-        let range = check_range(addr, npages)?;
+        let range = crate::range::pages_at(addr, npages)?;
         let table = self.inner.table.lock().unwrap_or_else(|e| e.into_inner());
         if table.range(range).any(|(_, pte)| matches!(pte, Pte::Atomic(_))) {
             return Err(Error::new(ErrorKind::Permission, "pages are still exclusive to the device"));
@@ -592,7 +592,7 @@ impl SimDevice {
 
     /// The state of each page, without faulting (dmirror's snapshot).
     pub fn snapshot(&self, addr: usize, npages: usize) -> Result<Vec<PageState>> {
-        let range = check_range(addr, npages)?;
+        let range = crate::range::pages_at(addr, npages)?;
         let pages = self.inner.space.snapshot(range)?;
         Ok(pages
             .into_iter()
@@ -650,20 +650,6 @@ enum Page {
     Device(DevMem),
     /// RAM held for this device's exclusive access.
     Held(SystemPage),
-}
-
-fn check_range(addr: usize, npages: usize) -> Result<std::ops::Range<usize>> {
-    if !addr.is_multiple_of(PAGE_SIZE) {
-        return Err(Error::invalid("address is not page-aligned"));
-    }
-    if npages == 0 {
-        return Err(Error::invalid("zero pages"));
-    }
-    let end = npages
-        .checked_mul(PAGE_SIZE)
-        .and_then(|l| addr.checked_add(l))
-        .ok_or_else(|| Error::invalid("range overflows"))?;
-    Ok(addr..end)
 }
 
 impl SimInner {

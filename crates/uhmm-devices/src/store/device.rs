@@ -183,7 +183,7 @@ impl StoreDevice {
     /// next is set up). Pages left in RAM are counted by reason; holes stay
     /// holes. A range without read access is an invalid argument.
     pub fn migrate_to_device(&self, addr: usize, npages: usize) -> Result<Moved> {
-        let range = check_range(addr, npages)?;
+        let range = crate::range::pages_at(addr, npages)?;
         if self.inner.space.protection(range.clone())?.iter().any(|(_, p)| !p.contains(Prot::READ)) {
             return Err(Error::invalid("no read access to part of the range"));
         }
@@ -204,7 +204,7 @@ impl StoreDevice {
     /// RAM. Returns the pages brought back (a page busy for the moment
     /// stays, for a later call or a CPU access).
     pub fn migrate_to_system(&self, addr: usize, npages: usize) -> Result<usize> {
-        let range = check_range(addr, npages)?;
+        let range = crate::range::pages_at(addr, npages)?;
         let chunk = self.inner.config.migrate_chunk_pages;
         let s = migrate_chunked(
             &self.inner.space,
@@ -239,20 +239,6 @@ impl Drop for StoreDevice {
             Err(err) => tracing::error!(%err, "store device: eviction at drop failed"),
         }
     }
-}
-
-fn check_range(addr: usize, npages: usize) -> Result<Range<usize>> {
-    if !addr.is_multiple_of(PAGE_SIZE) {
-        return Err(Error::invalid("address is not page-aligned"));
-    }
-    if npages == 0 {
-        return Err(Error::invalid("zero pages"));
-    }
-    let end = npages
-        .checked_mul(PAGE_SIZE)
-        .and_then(|l| addr.checked_add(l))
-        .ok_or_else(|| Error::invalid("range overflows"))?;
-    Ok(addr..end)
 }
 
 impl DevInner {

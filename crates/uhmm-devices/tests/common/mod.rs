@@ -162,3 +162,38 @@ pub fn spawn_child(f: impl FnOnce() -> i32) -> i32 {
 pub fn fork_child(f: impl FnOnce() -> i32) -> i32 {
     uhmm_sys::process::wait_child(spawn_child(f)).expect("waitpid")
 }
+
+/// C11: a thread writes the first and last word of each of the `n` pages
+/// of `region`, round after round, while `migrate` (a round trip to a
+/// device and back, returning the pages it moved) runs 100 times; then every
+/// page must hold the writer's last round. Returns the pages moved.
+pub fn writer_races_migrations(region: &std::sync::Arc<Region>, n: usize, mut migrate: impl FnMut() -> usize) -> usize {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    fill(region, 0..n, |_| 0);
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (region, stop) = (region.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut round = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                round += 1;
+                for p in 0..n {
+                    // first and last word of each page
+                    region.write(p * PAGE_SIZE, &round.to_ne_bytes()).unwrap();
+                    region.write(p * PAGE_SIZE + PAGE_SIZE - 4, &round.to_ne_bytes()).unwrap();
+                }
+            }
+            round
+        })
+    };
+    let moved = (0..100).map(|_| migrate()).sum();
+    stop.store(true, Ordering::SeqCst);
+    let last = writer.join().unwrap();
+    assert!(last > 0);
+    let buf = cpu_read(region);
+    for p in 0..n {
+        assert_eq!(word(&buf, p * WORDS_PER_PAGE), last, "page {p} first word");
+        assert_eq!(word(&buf, p * WORDS_PER_PAGE + WORDS_PER_PAGE - 1), last, "page {p} last word");
+    }
+    moved
+}
