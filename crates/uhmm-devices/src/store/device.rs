@@ -196,7 +196,7 @@ impl StoreDevice {
             holes: driver.holes,
             busy: s.busy,
             pinned: s.pinned,
-            not_stored: s.not_moved() - driver.holes,
+            not_stored: s.not_moved().saturating_sub(driver.holes),
         })
     }
 
@@ -314,16 +314,14 @@ impl DevInner {
                 .collect();
             store.put(&ins)
         };
+        let (tx, rx) = mpsc::sync_channel(1);
+        pending.result = Some(rx);
         if pending.dsts.len() < INLINE_PAGES {
-            let (tx, rx) = mpsc::sync_channel(1);
             let _ = tx.send(job());
-            pending.result = Some(rx);
         } else {
-            let (tx, rx) = mpsc::sync_channel(1);
             rayon::spawn(move || {
                 let _ = tx.send(job());
             });
-            pending.result = Some(rx);
         }
         pending
     }
@@ -340,8 +338,8 @@ impl DevInner {
                 unused.push(pfn);
                 continue;
             }
-            let page = pm.page(DevicePfn(pfn)).ok_or_else(|| Error::invalid("device page out of its pagemap"))?;
-            if let Err(e) = m.set_dst_device(i, page) {
+            let page = pm.page(DevicePfn(pfn)).ok_or_else(|| Error::invalid("device page out of its pagemap"));
+            if let Err(e) = page.and_then(|page| m.set_dst_device(i, page)) {
                 // The rest are stored but will not be mapped: give them back.
                 let rest: Vec<u64> =
                     dsts[k..].iter().zip(&stored[k..]).filter(|(_, s)| **s).map(|(d, _)| d.1).collect();
