@@ -581,8 +581,12 @@ impl PageStore for CompressStore {
         Ok(stored)
     }
 
-    fn fault_pages(&self) -> usize {
-        self.config.group_pages
+    fn fault_pages(&self, key: u64) -> usize {
+        let st = self.lock();
+        match st.entries.get(key as usize) {
+            Some(&Entry::In { obj, .. }) => usize::from(st.objects[obj as usize].pages),
+            _ => 1,
+        }
     }
 
     fn zero_pages(&self, keys: &[u64], zero: &mut [bool]) {

@@ -420,13 +420,14 @@ impl DevInner {
 
     /// What a fault brings back: the core's window, unless it may be
     /// narrowed (a fault outside a scan): then only the store's unit around
-    /// the faulting page, since every page costs a decode.
+    /// the faulting page (its group, or the page alone), since every page
+    /// costs a decode.
     fn window(&self, fault: &CpuFault) -> Range<usize> {
         let window = fault.window();
         if !fault.may_narrow() {
             return window;
         }
-        let unit = self.store.fault_pages().max(1) * PAGE_SIZE;
+        let unit = self.store.fault_pages(fault.page().pfn.0).max(1) * PAGE_SIZE;
         let start = fault.addr() / unit * unit;
         start.max(window.start)..(start + unit).min(window.end)
     }

@@ -85,10 +85,12 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
         let _ = (keys, zero);
     }
 
-    /// Pages a fault that is not part of a sequential scan should bring
-    /// back at once, aligned by address: what one read of the store
-    /// yields anyway (a compressed store's group). The default is 1.
-    fn fault_pages(&self) -> usize {
+    /// Pages a fault on `key` that is not part of a sequential scan should
+    /// bring back at once, aligned by address: what one read of the store
+    /// yields anyway (the group a compressed store keeps `key` in). The
+    /// default is 1.
+    fn fault_pages(&self, key: u64) -> usize {
+        let _ = key;
         1
     }
 
