@@ -60,6 +60,10 @@ pub struct TierArgs {
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
 
+    /// Draw each target's ratio (uhmm / zram) per data set as an SVG here.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
+
     /// Write the table, the machine and the rerun command as Markdown here
     /// (the repository keeps it as docs/tier.md).
     #[arg(long, value_name = "PATH")]
@@ -161,7 +165,58 @@ pub fn run(args: &TierArgs) -> Result<(), String> {
     if let Some(path) = &args.doc {
         std::fs::write(path, markdown(&results)).map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    if let Some(path) = &args.plot {
+        plot(&results.rows, path)?;
+    }
     Ok(())
+}
+
+/// Each target's ratio per data set, one line a target, on a log scale
+/// (1 is parity with zram).
+fn plot(rows: &[Row], path: &std::path::Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let e = |x: &dyn std::fmt::Display| format!("drawing {}: {x}", path.display());
+    let names: Vec<&str> =
+        rows.first().map(|r| r.targets.iter().map(|t| t.name.as_str()).collect()).unwrap_or_default();
+    let ratios = rows.iter().flat_map(|r| r.targets.iter().filter_map(|t| t.ratio)).filter(|x| *x > 0.0);
+    let (lo, hi) = ratios.fold((1.0f64, 1.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("uhmm bench tier: uhmm / zram per data set", ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..rows.len() as f64 - 0.5, (lo / 1.5..hi * 1.5).log_scale())
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_labels(rows.len())
+        .x_label_formatter(&|x| rows.get(x.round() as usize).map_or(String::new(), |r| r.data.to_string()))
+        .y_desc("ratio (log)")
+        .draw()
+        .map_err(|x| e(&x))?;
+    for (k, name) in names.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        let pts: Vec<(f64, f64)> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.targets.iter().find(|t| t.name == *name)?.ratio.map(|y| (i as f64, y)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)).point_size(4))
+            .map_err(|x| e(&x))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.85))
+        .draw()
+        .map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))
 }
 
 /// Measurements of one side, gathered over runs.
