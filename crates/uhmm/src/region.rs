@@ -115,11 +115,11 @@ impl Region {
     /// found lost while this call brings it back from a device), instead of
     /// the signal a direct access would raise. The kernel copies
     /// (`process_vm_readv`), so that a page lost underneath is an error;
-    /// with a user-mode-only userfaultfd, whose faults the kernel cannot
-    /// wait for, the range is brought home first (as `Region::pread` does).
-    /// The kernel pins each page for the copy, as for any read by a system
-    /// call: a page shared copy-on-write with a forked child is unshared
-    /// first (copied), which a load ([`Region::load`]) would not do.
+    /// with a user-mode-only userfaultfd, pages not in RAM are copied with
+    /// plain loads, which raise SIGBUS on such a page. The kernel pins each
+    /// page for the copy, as for any read by a system call: a page shared
+    /// copy-on-write with a forked child is unshared first (copied), which
+    /// a load ([`Region::load`]) would not do.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
         copy(&self.space, &self.inner, offset, Copy::Out(buf))
     }
@@ -394,10 +394,6 @@ fn region_len(len: usize) -> Result<usize> {
 const LOST_SETTLE_TRIES: usize = 100;
 const LOST_SETTLE_WAIT: std::time::Duration = std::time::Duration::from_micros(100);
 
-/// Rounds of "bring home, then copy" before a range that keeps moving away
-/// is reported (user-mode-only userfaultfd).
-const COPY_ROUNDS: usize = 100;
-
 /// The direction of a [`copy`].
 enum Copy<'a> {
     Out(&'a mut [u8]),
@@ -411,45 +407,45 @@ enum Copy<'a> {
 /// after the check, is then this call's `Fault` error, not a SIGBUS in the
 /// copy; pages not in RAM come back through the fault engine as a load's
 /// would.
-fn copy(space: &Arc<Mm>, region: &Vma, offset: usize, mut buf: Copy<'_>) -> Result<()> {
+fn copy(space: &Mm, region: &Vma, offset: usize, mut buf: Copy<'_>) -> Result<()> {
     let (len, need, what) = match &buf {
         Copy::Out(b) => (b.len(), Prot::READ, "read"),
         Copy::In(b) => (b.len(), Prot::READ_WRITE, "write"),
     };
     region.check_access(offset, len, need)?;
-    let mut done = 0;
-    for _ in 0..COPY_ROUNDS {
-        let r = match &mut buf {
-            Copy::Out(b) => region.map.read_or_efault(offset + done, &mut b[done..]),
-            Copy::In(b) => region.map.write_or_efault(offset + done, &b[done..]),
-        };
-        let n = match r {
-            Ok(()) => return Ok(()),
-            Err((n, e)) if e.raw_os_error() == Some(rustix::io::Errno::FAULT.raw_os_error()) => n,
-            Err((_, e)) => return Err(Error::sys(what, e)),
-        };
-        done += n;
-        region.check_access(offset, len, need)?;
-        if space.uffd.origin() != uhmm_sys::uffd::Origin::UserModeOnly {
-            // The kernel faults pages in for the copy: a page it could not
-            // reach is lost. Its state may not say so yet (the migration
-            // that found it lost is finishing): give it a moment, so that
-            // the page reads as poisoned afterwards.
-            for _ in 0..LOST_SETTLE_TRIES {
-                region.check_access(offset, len, need)?;
-                std::thread::sleep(LOST_SETTLE_WAIT);
-            }
-            return Err(Error::new(crate::ErrorKind::Fault, "a page of the range is lost"));
-        }
-        // A user-mode-only userfaultfd does not fault pages in for the
-        // kernel: bring the rest of the range home first, as
-        // `hmm_range_fault` does (a page lost on its way is an error here).
-        let start = region.start() + (offset + done) / PAGE_SIZE * PAGE_SIZE;
-        let end = region.start() + (offset + len).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        let handle = AddressSpace::from(space.clone());
-        drop(crate::mirror::range_fault(&handle, start..end, need.contains(Prot::WRITE), crate::Owner::new())?);
+    if len == 0 {
+        return Ok(());
     }
-    Err(Error::new(crate::ErrorKind::Busy, "the range kept moving away from RAM"))
+    let r = match &mut buf {
+        Copy::Out(b) => region.map.read_or_efault(offset, b),
+        Copy::In(b) => region.map.write_or_efault(offset, b),
+    };
+    let done = match r {
+        Ok(()) => return Ok(()),
+        Err((n, e)) if e.raw_os_error() == Some(rustix::io::Errno::FAULT.raw_os_error()) => {
+            region.check_access(offset, len, need)?;
+            if space.uffd.origin() != uhmm_sys::uffd::Origin::UserModeOnly {
+                // The kernel faults pages in for the copy: a page it could
+                // not reach is lost. Its state may not say so yet (the
+                // migration that found it lost is finishing): give it a
+                // moment, so that the page reads as poisoned afterwards.
+                for _ in 0..LOST_SETTLE_TRIES {
+                    region.check_access(offset, len, need)?;
+                    std::thread::sleep(LOST_SETTLE_WAIT);
+                }
+                return Err(Error::new(crate::ErrorKind::Fault, "a page of the range is lost"));
+            }
+            // A page not present, which a user-mode-only userfaultfd does
+            // not fault in for the kernel: a load does.
+            n
+        }
+        Err((_, e)) => return Err(Error::sys(what, e)),
+    };
+    match buf {
+        Copy::Out(b) => region.map.read(offset + done, &mut b[done..]),
+        Copy::In(b) => region.map.write(offset + done, &b[done..]),
+    }
+    .map_err(|e| Error::sys(what, e))
 }
 
 /// Where a new (or moved) region of `len` bytes starts: aligned to its
