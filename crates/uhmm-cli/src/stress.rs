@@ -649,6 +649,13 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let start = Instant::now();
     // Read-ahead on, so its migrations race with everything else too.
     let space = AddressSpace::new(Config { read_ahead_windows: 2, ..Config::default() })?;
+    if args.corrupt_rate > 0.0 && space.user_mode_only() {
+        return Err(uhmm::Error::new(
+            ErrorKind::Unsupported,
+            "--corrupt-rate needs a full userfaultfd: with a user-mode-only one, Region::read copies with loads, \
+             and a page found lost on the way is a SIGBUS rather than an error",
+        ));
+    }
     let size = args.size.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
     let mut regions = Vec::new();
     let file = args.file.then(|| TempFile::new(size)).transpose()?;

@@ -82,6 +82,14 @@ fn a_hang_is_reported_with_the_stuck_threads() {
 fn short_soak_on_compressed_stores_accounts_for_every_injected_loss() {
     // A full pool, failed allocations and corrupted objects: the pages of a
     // corrupted object come back poisoned, every one the stores reported.
+    // Corruption needs a full userfaultfd (`Region::read` copies with
+    // loads in user-mode-only mode, where a lost page is a SIGBUS): said,
+    // and left out, there.
+    let full = !uhmm::AddressSpace::new(uhmm::Config::default()).expect("userfaultfd").user_mode_only();
+    if !full {
+        eprintln!("user-mode-only userfaultfd: the soak runs without --corrupt-rate");
+    }
+    let corrupt = if full { "0.01" } else { "0" };
     let args = [
         "stress",
         "--device",
@@ -95,7 +103,7 @@ fn short_soak_on_compressed_stores_accounts_for_every_injected_loss() {
         "--alloc-fail-rate",
         "0.1",
         "--corrupt-rate",
-        "0.01",
+        corrupt,
         "--pool-size",
         "256K",
     ];
@@ -103,6 +111,6 @@ fn short_soak_on_compressed_stores_accounts_for_every_injected_loss() {
     assert_eq!(code, Some(0), "uhmm {args:?} failed\n--- stdout\n{out}\n--- stderr\n{err}");
     assert!(out.contains("lost or corrupted bytes: 0"), "no clean verdict\n{out}");
     assert!(out.contains("unexpected errors:        0"), "unexpected errors\n{out}");
-    assert!(!out.contains(", 0 corrupted objects"), "no object was corrupted\n{out}");
+    assert!(!full || !out.contains(", 0 corrupted objects"), "no object was corrupted\n{out}");
     assert!(!out.contains(" 0 objects refused by a full pool"), "the pool was never full\n{out}");
 }
