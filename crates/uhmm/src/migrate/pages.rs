@@ -21,7 +21,9 @@ impl Migration<Collected> {
     /// [`Migration::set_dst_system`].
     pub fn system_dst(&mut self, i: usize) -> Result<SystemPage> {
         self.inner.check_collected(i)?;
+        // The page the driver fills is this one now, not a scratch page.
         self.inner.pages[i].lent = true;
+        self.inner.pages[i].scratch_at = None;
         let pool = self.pool()?;
         Ok(SystemPage::new(pool.arena(), pool.offset(i)))
     }
