@@ -101,11 +101,12 @@ impl Device {
         let Device::Compress(_, store) = self else { return String::new() };
         let s = store.stats();
         format!(
-            "store: orig {} compr {} mem_used {} (ratio {:.2}); same-filled pages {}, incompressible {}, in groups {}; pages lost {}",
+            "store: orig {} compr {} mem_used {} (ratio {:.2}, fragmentation {:.0}%); same-filled pages {}, incompressible {}, in groups {}; pages lost {}",
             human(s.orig_data_size as usize),
             human(s.compr_data_size as usize),
             human(s.mem_used_total as usize),
             s.ratio(),
+            s.fragmentation() * 100.0,
             s.same_pages,
             s.huge_pages,
             s.grouped_pages,

@@ -353,6 +353,7 @@ fn compaction_gives_memory_back_and_keeps_the_data() {
         assert_eq!(after.mem_used_total, before.mem_used_total - freed as u64);
         assert_eq!(after.compacted_bytes, freed as u64);
         assert!(after.mem_used_total < before.mem_used_total * 3 / 4, "{before:?} -> {after:?}");
+        assert!(after.fragmentation() < before.fragmentation(), "{before:?} -> {after:?}");
         assert!(read_all(&r) == data);
     });
 }

@@ -137,6 +137,13 @@ impl CompressStats {
     pub fn ratio(&self) -> f64 {
         if self.mem_used_total == 0 { 0.0 } else { self.orig_data_size as f64 / self.mem_used_total as f64 }
     }
+
+    /// The share of the pool's memory that holds no object bytes: class
+    /// rounding, partly used pages, emptied pages not given back yet (what
+    /// [`CompressStore::compact`] can reduce); 0 for an empty pool.
+    pub fn fragmentation(&self) -> f64 {
+        if self.mem_used_total == 0 { 0.0 } else { 1.0 - self.compr_data_size as f64 / self.mem_used_total as f64 }
+    }
 }
 
 /// A [`PageStore`] that keeps pages compressed in RAM (see the module
