@@ -303,9 +303,8 @@ impl CompressStore {
     /// its page must not wait for the TLB flush that giving the RAM back
     /// costs. Past [`EMPTY_SLACK`] (and an eighth of the pool), a worker
     /// gives it back.
-    fn release_empty_later(&self) {
-        let st = self.lock();
-        let over = st.pool.empty_bytes() > EMPTY_SLACK.max(st.pool.usage().used_bytes / 8);
+    fn release_empty_later(&self, st: std::sync::MutexGuard<'_, State>) {
+        let over = st.pool.empty_over(EMPTY_SLACK);
         drop(st);
         if over && !self.releasing.swap(true, Ordering::AcqRel) {
             let (state, releasing) = (self.state.clone(), self.releasing.clone());
@@ -581,8 +580,7 @@ impl PageStore for CompressStore {
             st.pool.corrupt(o.handle, o.len as usize / 2);
             self.counters.injected_corruptions.fetch_add(1, Ordering::Relaxed);
         }
-        drop(st);
-        self.release_empty_later();
+        self.release_empty_later(st);
         let n = stored.iter().filter(|s| **s).count();
         self.counters.pages_stored.fetch_add(n as u64, Ordering::Relaxed);
         Ok(stored)
@@ -638,8 +636,7 @@ impl PageStore for CompressStore {
         for &key in keys {
             st.forget(key);
         }
-        drop(st);
-        self.release_empty_later();
+        self.release_empty_later(st);
     }
 
     fn usage(&self) -> StoreUsage {

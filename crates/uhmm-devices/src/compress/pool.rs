@@ -207,9 +207,11 @@ impl Pool {
         released * PIECE_BYTES
     }
 
-    /// Bytes of the empty pieces still resident.
-    pub(crate) fn empty_bytes(&self) -> usize {
-        self.empty_pieces * PIECE_BYTES
+    /// Whether the empty pieces still resident exceed `slack` bytes and an
+    /// eighth of the RAM the pool uses (counters only: no walk of classes).
+    pub(crate) fn empty_over(&self, slack: usize) -> bool {
+        let resident = (self.used_pieces + self.empty_pieces) * PIECE_BYTES;
+        self.empty_pieces * PIECE_BYTES > slack.max(resident / 8)
     }
 
     /// Flips a bit of the object at `h`, `at` bytes in: fault injection.
