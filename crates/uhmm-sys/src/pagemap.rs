@@ -32,6 +32,9 @@ pub mod category {
     pub const HUGE: u64 = uapi::PAGE_IS_HUGE as u64;
     /// The page is file-backed (or shared memory).
     pub const FILE: u64 = uapi::PAGE_IS_FILE as u64;
+    /// The page is not write-protected by userfaultfd: written since its
+    /// protection was last set (`UFFD_FEATURE_WP_ASYNC`), or never protected.
+    pub const WRITTEN: u64 = uapi::PAGE_IS_WRITTEN as u64;
 }
 
 /// A run of pages `start..end` with the same `categories` (masked by the
@@ -96,6 +99,26 @@ impl Pagemap {
     /// finishes the range, `walk_end` can be stale; a call that returns fewer
     /// runs than the buffer holds is treated as complete.
     pub fn scan(&self, start: usize, end: usize, q: Query, out: &mut Vec<PageRun>) -> io::Result<usize> {
+        self.scan_flags(start, end, q, 0, out)
+    }
+
+    /// [`scan`](Pagemap::scan), and write-protects again the pages it
+    /// reports (`PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC`): the way to
+    /// read and re-arm [`category::WRITTEN`] in one walk. The range must be
+    /// registered for write protection with `UFFD_FEATURE_WP_ASYNC`
+    /// (`EPERM` otherwise).
+    pub fn scan_written_and_protect(
+        &self,
+        start: usize,
+        end: usize,
+        q: Query,
+        out: &mut Vec<PageRun>,
+    ) -> io::Result<usize> {
+        let flags = u64::from(uapi::PM_SCAN_WP_MATCHING | uapi::PM_SCAN_CHECK_WPASYNC);
+        self.scan_flags(start, end, q, flags, out)
+    }
+
+    fn scan_flags(&self, start: usize, end: usize, q: Query, flags: u64, out: &mut Vec<PageRun>) -> io::Result<usize> {
         const BUF: usize = 512;
         let mut buf = [uapi::page_region { start: 0, end: 0, categories: 0 }; BUF];
         let first = out.len();
@@ -103,7 +126,7 @@ impl Pagemap {
         while at < end {
             let mut arg = uapi::pm_scan_arg {
                 size: size_of::<uapi::pm_scan_arg>() as u64,
-                flags: 0,
+                flags,
                 start: at as u64,
                 end: end as u64,
                 walk_end: 0,

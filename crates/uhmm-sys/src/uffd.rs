@@ -62,6 +62,13 @@ pub mod feature {
     pub const MOVE: u64 = uapi::UFFD_FEATURE_MOVE as u64;
     /// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
     pub const PAGEFAULT_FLAG_WP: u64 = uapi::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
+    /// `UFFD_FEATURE_WP_ASYNC`: a write to a write-protected page is
+    /// resolved by the kernel, which clears the protection (no message);
+    /// `PAGEMAP_SCAN` then reports the page written.
+    pub const WP_ASYNC: u64 = uapi::UFFD_FEATURE_WP_ASYNC as u64;
+    /// `UFFD_FEATURE_WP_UNPOPULATED`: write protection also marks empty
+    /// entries of anonymous memory.
+    pub const WP_UNPOPULATED: u64 = uapi::UFFD_FEATURE_WP_UNPOPULATED as u64;
 }
 
 /// How the userfaultfd was obtained; it decides which faults it catches.
@@ -262,8 +269,17 @@ impl Uffd {
     /// `UFFDIO_REGISTER` a sub-range of `mapping` for MISSING faults (and WP
     /// ones when `wp`). Returns the kernel's bitmask of ioctls allowed on it.
     pub fn register(&self, mapping: &Mapping, off: usize, len: usize, wp: bool) -> io::Result<u64> {
+        self.register_mode(mapping, off, len, true, wp)
+    }
+
+    /// `UFFDIO_REGISTER` a sub-range of `mapping` for MISSING faults when
+    /// `missing`, WP ones when `wp` (at least one of the two).
+    pub fn register_mode(&self, mapping: &Mapping, off: usize, len: usize, missing: bool, wp: bool) -> io::Result<u64> {
         let start = mapping.page_range(off, len)?;
-        let mut mode = u64::from(uapi::UFFDIO_REGISTER_MODE_MISSING);
+        let mut mode = 0;
+        if missing {
+            mode |= u64::from(uapi::UFFDIO_REGISTER_MODE_MISSING);
+        }
         if wp {
             mode |= u64::from(uapi::UFFDIO_REGISTER_MODE_WP);
         }

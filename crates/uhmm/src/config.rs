@@ -92,6 +92,13 @@ pub struct Config {
     /// memory returns to the system (counted from the last time one was
     /// kept or used). Default: 1 s.
     pub keep_staging_for: std::time::Duration,
+    /// Track writes to the pages of private anonymous regions with
+    /// userfaultfd write protection in async mode (`UFFD_FEATURE_WP_ASYNC`,
+    /// Linux 6.7), so that [`AddressSpace::written`](crate::AddressSpace::written)
+    /// can say which pages were written since it last looked. The kernel
+    /// resolves such a write itself (a minor fault, no uhmm thread), once
+    /// per page after each look. Default: false.
+    pub track_writes: bool,
 }
 
 impl Default for Config {
@@ -108,6 +115,7 @@ impl Default for Config {
             force_user_mode_only: false,
             keep_staging_bytes: 1 << 30,
             keep_staging_for: std::time::Duration::from_secs(1),
+            track_writes: false,
         }
     }
 }

@@ -33,6 +33,7 @@
 #[cfg(not(all(target_os = "linux", target_pointer_width = "64")))]
 compile_error!("uhmm supports 64-bit Linux only");
 
+mod charge;
 mod config;
 mod copier;
 mod driver;
@@ -43,6 +44,7 @@ mod fork;
 mod holding;
 mod io;
 mod migrate;
+mod migrate_pages;
 mod mirror;
 mod mm;
 mod move_pages;
@@ -56,6 +58,7 @@ mod space;
 mod staging;
 mod stats;
 mod sync;
+mod tracking;
 #[cfg(test)]
 mod test_device {
     //! The core's one test driver (the tests under `tests/` include the
@@ -73,6 +76,7 @@ mod test_device {
 }
 mod vma;
 
+pub use charge::ChargeOps;
 pub use config::{AUTO_HANDLERS_MAX, Config};
 pub use driver::DevicePagemapOps;
 pub use error::{Error, ErrorKind, Result};
@@ -80,6 +84,7 @@ pub use exclusive::ExclusiveGrant;
 pub use migrate::chunked::{ChunkDriver, PipelinedDriver, migrate_chunked, migrate_pipelined};
 pub use migrate::device_range::migrate_device_range;
 pub use migrate::{Collected, CpuFault, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select, Skip};
+pub use migrate_pages::{MIGRATE_PASSES, MigrateMode, MigratePagesOutcome, MigrateReason, NotMoved, migrate_pages};
 pub use mirror::{AccessPage, RangeAccess, range_fault};
 pub use mm::{AddressSpace, HandlerWatch, PageSnapshot, Residency};
 pub use move_pages::{MoveStatus, MoveTarget, move_pages};

@@ -15,6 +15,7 @@ use uhmm_sys::mman::Mapping;
 use uhmm_sys::pagemap::{PageRun, Pagemap, Query, category};
 use uhmm_sys::uffd::{Origin, Uffd};
 
+use crate::charge::ChargeOps;
 use crate::config::Config;
 use crate::copier::Copier;
 use crate::driver::DevicePagemapOps;
@@ -220,6 +221,8 @@ pub(crate) struct Mm {
     /// `zero_fill_pages` pages of zeros: the source of first-touch writes.
     pub(crate) zeros: Box<[u8]>,
     engine: Mutex<Option<Engine>>,
+    /// The RAM charge a fault asks before bringing pages in (a policy's).
+    pub(crate) charge: RwLock<Option<Weak<dyn ChargeOps>>>,
 }
 
 impl AddressSpace {
@@ -402,8 +405,26 @@ impl Mm {
             orphaned: AtomicBool::new(false),
             zeros: vec![0; config.zero_fill_pages * PAGE_SIZE].into_boxed_slice(),
             engine: Mutex::new(None),
+            charge: RwLock::new(None),
             config,
         }))
+    }
+
+    /// Registers a private anonymous mapping with the userfaultfd: MISSING
+    /// faults, and write protection when writes are tracked.
+    pub(crate) fn register_anonymous(&self, map: &Mapping) -> Result<()> {
+        self.uffd
+            .register(map, 0, map.len(), self.config.track_writes)
+            .map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+        Ok(())
+    }
+
+    /// Asks the RAM charge hook, if any, for room for `pages` pages.
+    pub(crate) fn charge(&self, pages: usize) {
+        let ops = self.charge.read().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(Weak::upgrade);
+        if let Some(ops) = ops {
+            ops.charge(pages);
+        }
     }
 
     /// Hands the address space its started engine (stopped on drop).

@@ -235,7 +235,7 @@ impl Region {
             let new = inner.map.move_to_new_address(align).map_err(|e| Error::sys("mremap", e))?;
             if inner.backing == Backing::Anonymous {
                 // The kernel dropped the registration with the move.
-                space.uffd.register(&inner.map, 0, len, false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+                space.register_anonymous(&inner.map)?;
             }
             Ok(new)
         });
@@ -327,7 +327,7 @@ impl AddressSpace {
         if huge {
             map.advise_huge(0, len).map_err(|e| Error::sys("MADV_HUGEPAGE", e))?;
         }
-        self.inner.uffd.register(&map, 0, len, false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+        self.inner.register_anonymous(&map)?;
         self.insert_region(map, prot, Backing::Anonymous, huge)
     }
 
@@ -365,7 +365,7 @@ impl AddressSpace {
         let old = &inherited.inner;
         let map = old.map.disown().ok_or_else(|| Error::invalid("the region was adopted already"))?;
         if old.backing == Backing::Anonymous {
-            self.inner.uffd.register(&map, 0, map.len(), false).map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
+            self.inner.register_anonymous(&map)?;
         }
         let region = self.insert_region(map, old.prot_at(0), old.backing, old.huge)?;
         for (pages, prot) in old.prot_runs(0..old.npages()) {

@@ -39,7 +39,10 @@ impl AddressSpace {
             }
             config.handler_threads = config.handler_cpus.len();
         }
-        let wanted = uffd::feature::MOVE | uffd::feature::POISON | uffd::feature::THREAD_ID;
+        let mut wanted = uffd::feature::MOVE | uffd::feature::POISON | uffd::feature::THREAD_ID;
+        if config.track_writes {
+            wanted |= uffd::feature::WP_ASYNC;
+        }
         let accept = match (config.force_user_mode_only, config.allow_user_mode_only) {
             (true, _) => uffd::Accept::UserModeOnly,
             (false, true) => uffd::Accept::FullOrUserModeOnly,
@@ -55,6 +58,12 @@ impl AddressSpace {
             if !uffd.has(f) {
                 return Err(Error::new(ErrorKind::Unsupported, format!("the kernel lacks {name}")));
             }
+        }
+        if config.track_writes && !uffd.has(uffd::feature::WP_ASYNC) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "track_writes: the kernel lacks UFFD_FEATURE_WP_ASYNC (Linux 6.7)",
+            ));
         }
         if uffd.origin() == Origin::UserModeOnly {
             tracing::warn!(

@@ -53,6 +53,10 @@ counters! {
     pages_to_ram,
     /// Pages a driver could not bring back, now poisoned.
     poisoned_pages,
+    /// Pages `migrate_pages` moved (the kernel's `pgmigrate_success`).
+    list_moved_pages,
+    /// Pages `migrate_pages` gave up on (the kernel's `pgmigrate_fail`).
+    list_failed_pages,
     /// Pages skipped by `setup` because they were locked or pinned.
     busy_pages,
     /// Pages copied into regions by the helper thread, beside finalize's own.

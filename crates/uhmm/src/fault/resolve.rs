@@ -84,7 +84,10 @@ pub(crate) fn resolve(
             continue;
         }
         let looked = match entry.state() {
-            State::Cpu => zero_fill(space, &region, idx, write),
+            State::Cpu => {
+                space.charge(space.config.zero_fill_pages);
+                zero_fill(space, &region, idx, write)
+            }
             State::Poisoned => poison_install(space, &region, idx).map(|()| Look::Resolved),
             State::Exclusive(slot) => revoke(space, &region, idx, slot).map(|r| match r {
                 Revoked::Home => Look::Resolved,
@@ -183,6 +186,7 @@ fn device_fault(
         let (window, next, _) = fault_window(space, region, idx, None);
         (window, next)
     };
+    space.charge(window.len() / PAGE_SIZE);
     let (result, woken) = match space.driver(page.pagemap) {
         Some(ops) => {
             serving.begin(addr);

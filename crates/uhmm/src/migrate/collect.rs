@@ -32,6 +32,30 @@ impl Migration<Collected> {
     /// nothing changes. Each call starts from fresh state, so a loop can
     /// reuse the same code path chunk after chunk.
     pub fn setup(space: &AddressSpace, range: Range<usize>, select: Select, owner: Owner) -> Result<Self> {
+        Self::collect(space, range, select, owner, None)
+    }
+
+    /// [`setup`](Migration::setup) of only the pages of `range` whose entry
+    /// of `listed` (one per page) is true: the others are neither locked
+    /// nor moved, and count as [`Skip::NotSelected`]. The list form of
+    /// migration (`migrate_pages`) collects its batches this way.
+    pub(crate) fn setup_listed(
+        space: &AddressSpace,
+        range: Range<usize>,
+        listed: &[bool],
+        select: Select,
+        owner: Owner,
+    ) -> Result<Self> {
+        Self::collect(space, range, select, owner, Some(listed))
+    }
+
+    fn collect(
+        space: &AddressSpace,
+        range: Range<usize>,
+        select: Select,
+        owner: Owner,
+        listed: Option<&[bool]>,
+    ) -> Result<Self> {
         let start = range.start & !(PAGE_SIZE - 1);
         let end = range.end & !(PAGE_SIZE - 1);
         let serving = space.serving.clone();
@@ -57,6 +81,9 @@ impl Migration<Collected> {
         for (prange, prot) in region.prot_runs(first..first + n) {
             for idx in prange {
                 let i = idx - first;
+                if listed.is_some_and(|l| !l.get(i).copied().unwrap_or(false)) {
+                    continue;
+                }
                 let Some(prior) = trylock_page(&region, idx) else {
                     Stats::add(&space.stats.busy_pages, 1);
                     m.pages[i].skip = Skip::Busy;
