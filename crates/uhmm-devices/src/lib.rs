@@ -11,6 +11,8 @@
 //! - [`compress`]: the compressed store, a user-space zswap: lz4 (or zstd),
 //!   same-filled and incompressible pages as zram keeps them, a packed pool,
 //!   groups of neighbouring pages, checksums.
+//! - [`tier`]: a RAM budget over a store device: reclaim of the coldest
+//!   pages, access tracking, faults held at the budget.
 
 #![forbid(unsafe_code)]
 
@@ -18,3 +20,4 @@ pub mod compress;
 mod range;
 pub mod sim;
 pub mod store;
+pub mod tier;

@@ -231,10 +231,7 @@ const SYNC_WAIT: Duration = Duration::from_millis(25);
 /// its first page to its last, and which pages of the span are listed; or
 /// `None` when the first page is unmanaged (the batch is that page alone).
 /// Returns the pages after it.
-fn next_batch<'a>(
-    space: &AddressSpace,
-    pending: &'a [usize],
-) -> (Option<Batch>, &'a [usize]) {
+fn next_batch<'a>(space: &AddressSpace, pending: &'a [usize]) -> (Option<Batch>, &'a [usize]) {
     let first = pending[0];
     let Some(region) = space.inner.region_at(first) else {
         return (None, &pending[1..]);

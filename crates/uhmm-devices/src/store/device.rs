@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use uhmm::{
     AddressSpace, BATCH_PAGES, ChunkDriver, Collected, CpuFault, DevicePagemap, DevicePagemapOps, DevicePfn, Error,
-    MigrateSrc, Migrated, Migration, Owner, PAGE_SIZE, PipelinedDriver, Prot, Result, Select, SystemPage,
-    migrate_chunked, migrate_device_range, migrate_pipelined,
+    MigrateMode, MigratePagesOutcome, MigrateReason, MigrateSrc, Migrated, Migration, Owner, PAGE_SIZE,
+    PipelinedDriver, Prot, Result, Select, SystemPage, migrate_chunked, migrate_device_range, migrate_pages,
+    migrate_pipelined,
 };
 
 use super::{Got, PageStore, RunIn, RunOut, StoreUsage};
@@ -215,6 +216,33 @@ impl StoreDevice {
             &mut FromStore(&self.inner),
         )?;
         Ok(s.migrated)
+    }
+
+    /// Moves the listed RAM pages (page addresses, in any order) to the
+    /// store with [`migrate_pages`], for `reason`: what a policy's reclaim
+    /// uses on the pages it found cold. Pages the store does not take stay
+    /// in RAM ([`NotMoved::NoDestination`](uhmm::NotMoved::NoDestination)).
+    pub fn demote(&self, pages: &[usize], mode: MigrateMode, reason: MigrateReason) -> Result<MigratePagesOutcome> {
+        let d = &self.inner;
+        let out = migrate_pages(&d.space, pages, Select::SYSTEM, d.owner, mode, reason, |m| {
+            let pending = d.submit(m);
+            d.set(m, pending)
+        })?;
+        d.demoted.fetch_add(out.moved.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Brings the listed pages of this device back to RAM with
+    /// [`migrate_pages`] (a promotion ahead of the faults that would bring
+    /// them back one window at a time).
+    pub fn promote(&self, pages: &[usize], mode: MigrateMode) -> Result<MigratePagesOutcome> {
+        let d = &self.inner;
+        let out =
+            migrate_pages(&d.space, pages, Select::DEVICE_PRIVATE, d.owner, mode, MigrateReason::Promotion, |m| {
+                d.fill(m)
+            })?;
+        d.promoted.fetch_add(out.moved.len() as u64, Ordering::Relaxed);
+        Ok(out)
     }
 
     /// Brings every page of this device back to RAM
