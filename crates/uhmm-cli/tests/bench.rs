@@ -89,3 +89,60 @@ fn help_documents_bench() {
         assert!(out.contains(flag), "`{flag}` not in help:\n{out}");
     }
 }
+
+/// Runs one side of `bench tier`'s RAM-budget rows the way the bench does
+/// (`--kv-child PLAN`, lines on stdin), on a 1 MiB table: the child must
+/// exit 0 and print a result line with every record read back right. The
+/// kernel side gets a plain file for its cgroup's usage (no cgroup, no
+/// swap: this needs no root).
+fn kv_child(uhmm: bool, usage: Option<&std::path::Path>) -> serde_json::Value {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let plan = serde_json::json!({
+        "uhmm": uhmm,
+        "table_bytes": 1 << 20,
+        "budget_bytes": 1 << 19,
+        "warmup_ms": 100,
+        "timed_ms": 300,
+        "track_ms": 300,
+        "scan_passes": 1,
+        "seed": 7,
+        "usage_file": usage,
+        "handler_threads": null,
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uhmm"))
+        .args(["bench", "tier", "--kv-child", &plan.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn uhmm");
+    // "start", then "go" to @filled and to @zipf-done.
+    child.stdin.take().expect("stdin").write_all(b"start\ngo\ngo\n").expect("write stdin");
+    let out = child.wait_with_output().expect("wait for uhmm");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the kv child failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[..2], ["@filled 0", "@zipf-done"][..], "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(lines.last().expect("a result line")).expect("JSON parses");
+    assert_eq!(v["mismatches"], 0, "{v}");
+    assert!(v["ops"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert_eq!(v["scan_pass_s"].as_array().map(Vec::len), Some(1), "{v}");
+    v
+}
+
+#[test]
+fn kv_children_run_their_workload_and_check_every_record() {
+    let dir = scratch();
+    let usage = dir.join("usage");
+    std::fs::write(&usage, "0\n").expect("write usage file");
+    let k = kv_child(false, Some(&usage));
+    assert_eq!(k["side"], "kernel");
+    let u = kv_child(true, None);
+    assert_eq!(u["side"], "uhmm");
+    for f in ["recall", "false_hot", "tracking_cpu"] {
+        assert!(u[f].as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)), "{f}: {u}");
+    }
+    assert!(u["resident"]["max"].as_u64().is_some_and(|r| r <= 1 << 20), "{u}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

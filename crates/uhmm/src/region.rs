@@ -135,6 +135,15 @@ impl Region {
         self.inner.map.read(offset, buf).map_err(|e| Error::sys("read", e))
     }
 
+    /// Copies `buf` to `offset` with plain stores, as the program's own
+    /// code would (the store counterpart of [`Region::load`]): pages on
+    /// devices come back through the fault engine, a page lost on its way
+    /// back raises SIGBUS. Fails only as `write` does before copying.
+    pub fn store(&self, offset: usize, buf: &[u8]) -> Result<()> {
+        self.inner.check_access(offset, buf.len(), Prot::READ_WRITE)?;
+        self.inner.map.write(offset, buf).map_err(|e| Error::sys("write", e))
+    }
+
     /// Copies `buf` to `offset`, faulting pages back from devices as needed.
     /// Fails with [`ErrorKind::Permission`](crate::ErrorKind::Permission) on
     /// read-only pages, otherwise as [`Region::read`].

@@ -9,6 +9,7 @@
 mod baselines;
 mod cases;
 mod datasets;
+mod kv;
 mod report;
 mod tier;
 mod zram;
@@ -65,8 +66,11 @@ pub enum Suite {
     /// The compressed store against the kernel's zram (lz4) on the same
     /// pages: demotion throughput, sequential and random faults, memory
     /// used, per data set (zeros, text, a heap image, random,
-    /// half-random). Needs root (it sets up and removes a zram swap
-    /// device), python3 and the perl-doc package (the text corpus).
+    /// half-random); then a key-value workload (Zipf, and scans) over a
+    /// table twice a RAM budget, in a memory cgroup with zram swap against
+    /// a uhmm region under the RAM-budget tier. Needs root (it sets up and
+    /// removes a zram swap device and a memory cgroup), python3 and the
+    /// perl-doc package (the text corpus).
     Tier(tier::TierArgs),
 }
 

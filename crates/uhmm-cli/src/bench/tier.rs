@@ -68,6 +68,20 @@ pub struct TierArgs {
     /// (the repository keeps it as docs/tier.md).
     #[arg(long, value_name = "PATH")]
     pub doc: Option<PathBuf>,
+
+    /// Bytes of the key-value table of the RAM-budget rows (the budget is
+    /// half of it). Default: 2G, or 64M with --quick.
+    #[arg(long, value_parser = parse_size)]
+    pub kv_size: Option<usize>,
+
+    /// Timed seconds of the RAM-budget rows' Zipf phase. Default: 20, or 3
+    /// with --quick.
+    #[arg(long)]
+    pub kv_seconds: Option<f64>,
+
+    /// Internal: run one side of the RAM-budget rows (a JSON plan).
+    #[arg(long, hide = true, value_name = "PLAN")]
+    pub kv_child: Option<String>,
 }
 
 /// What one side measured on one data set, over its timed runs.
@@ -111,12 +125,16 @@ struct TierResults {
     store: String,
     zram: String,
     rows: Vec<Row>,
+    kv: super::kv::KvResults,
     met: usize,
     total: usize,
 }
 
 /// Runs `uhmm bench tier`.
 pub fn run(args: &TierArgs) -> Result<(), String> {
+    if let Some(plan) = &args.kv_child {
+        return super::kv::child(plan);
+    }
     let len = args.size.unwrap_or(if args.quick { 32 << 20 } else { 256 << 20 }).next_multiple_of(PAGE_SIZE);
     let touches = if args.quick { 512 } else { 2048 }.min(len / PAGE_SIZE);
     let mut config = CompressConfig::default();
@@ -152,10 +170,27 @@ pub fn run(args: &TierArgs) -> Result<(), String> {
         rows.push(Row { targets: targets(&row), ..row });
     }
     drop(zram);
-    let met = rows.iter().flat_map(|r| &r.targets).filter(|t| t.met == Some(true)).count();
-    let total = rows.iter().map(|r| r.targets.len()).sum();
-    let results =
-        TierResults { command, machine, size: len, runs: args.runs as usize, store, zram: zram_what, rows, met, total };
+    let kv = super::kv::run(&super::kv::KvOptions {
+        table_bytes: args.kv_size.unwrap_or(if args.quick { 64 << 20 } else { 2 << 30 }),
+        quick: args.quick,
+        seconds: args.kv_seconds,
+        runs: args.runs,
+        handler_threads: args.handler_threads,
+    })?;
+    let all = || rows.iter().flat_map(|r| &r.targets).chain(kv.rows.iter().flat_map(|r| &r.1));
+    let (met, total) = (all().filter(|t| t.met == Some(true)).count(), all().count());
+    let results = TierResults {
+        command,
+        machine,
+        size: len,
+        runs: args.runs as usize,
+        store,
+        zram: zram_what,
+        rows,
+        kv,
+        met,
+        total,
+    };
     print!("{}", markdown(&results));
     println!("{met} of {total} targets met");
     if let Some(path) = &args.json {
@@ -420,6 +455,25 @@ fn markdown(r: &TierResults) -> String {
             mem(&row.uhmm)
         ));
     }
+    for (data, targets) in &r.kv.rows {
+        for t in targets {
+            let ratio = t.ratio.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
+            let met = match t.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "–",
+            };
+            s.push_str(&format!("| {data} | {} | {ratio} | {} | {met} | {} |\n", t.name, t.bound, t.detail));
+        }
+    }
+    s.push_str(&format!(
+        "\nRAM-budget rows (kv): a {} hash table of 128-byte records (load 0.7), budget {}; scrambled Zipf keys \
+         (theta 0.99), 90% lookups / 10% updates, every record checked. Kernel: {}. uhmm: a region under the \
+         RAM-budget tier over the compressed store.\n",
+        human(r.kv.table_bytes),
+        human(r.kv.budget_bytes),
+        r.kv.kernel_setup
+    ));
     s.push_str(&format!("\n{} of {} targets met. Rerun: `{}`\n", r.met, r.total, r.command));
     s
 }
