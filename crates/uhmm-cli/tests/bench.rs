@@ -9,15 +9,15 @@ mod common;
 use common::*;
 
 /// A fresh scratch directory for this test process.
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("uhmm-bench-test-{}", std::process::id()));
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("uhmm-bench-test-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     dir
 }
 
 #[test]
 fn quick_bench_writes_table_json_and_plot() {
-    let dir = scratch();
+    let dir = scratch("quick");
     let json = dir.join("bench.json");
     let svg = dir.join("bench.svg");
     let (code, out, err) = run_uhmm(&[
@@ -133,7 +133,7 @@ fn kv_child(uhmm: bool, usage: Option<&std::path::Path>) -> serde_json::Value {
 
 #[test]
 fn kv_children_run_their_workload_and_check_every_record() {
-    let dir = scratch();
+    let dir = scratch("kv");
     let usage = dir.join("usage");
     std::fs::write(&usage, "0\n").expect("write usage file");
     let k = kv_child(false, Some(&usage));
