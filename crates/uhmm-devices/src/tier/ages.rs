@@ -36,14 +36,10 @@ impl Ages {
 
     /// Marks the pages of `run` (addresses) used in generation `gen`.
     pub(super) fn touch(&mut self, run: Range<usize>, generation: u32) {
-        let start = run.start.max(self.range.start);
-        let end = run.end.min(self.range.end);
-        if start >= end {
-            return;
-        }
-        for i in (start - self.range.start) / PAGE_SIZE..(end - self.range.start).div_ceil(PAGE_SIZE) {
-            self.seen[i] = generation;
-            self.hits[i] = self.hits[i].saturating_add(1);
+        let Some(idx) = self.index(&run) else { return };
+        self.seen[idx.clone()].fill(generation);
+        for h in &mut self.hits[idx] {
+            *h = h.saturating_add(1);
         }
     }
 
@@ -72,9 +68,16 @@ impl Ages {
     /// Notes that the pages of `run` are resident without counting a use
     /// (samples the tier took back itself).
     pub(super) fn mark_resident(&mut self, run: Range<usize>) {
-        for i in (run.start - self.range.start) / PAGE_SIZE..(run.end - self.range.start) / PAGE_SIZE {
-            self.resident[i] = true;
+        if let Some(idx) = self.index(&run) {
+            self.resident[idx].fill(true);
         }
+    }
+
+    /// The page indices of the part of `run` (addresses) inside the range.
+    fn index(&self, run: &Range<usize>) -> Option<Range<usize>> {
+        let start = run.start.max(self.range.start);
+        let end = run.end.min(self.range.end);
+        (start < end).then(|| (start - self.range.start) / PAGE_SIZE..(end - self.range.start).div_ceil(PAGE_SIZE))
     }
 
     /// Notes that page `i` left RAM (demoted).
@@ -130,6 +133,9 @@ mod tests {
         assert_eq!(a.warmth(3), (3, 1));
         a.mark_resident(p(6)..p(7));
         assert!(a.is_resident(6));
+        // Runs outside the range are ignored.
+        a.mark_resident(p(100)..p(101));
+        a.touch(base - PAGE_SIZE..base, 4);
         assert_eq!(a.warmth(6), (0, 0));
     }
 }
