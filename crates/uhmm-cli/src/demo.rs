@@ -1,17 +1,21 @@
 //! `uhmm demo`: fill a region, move it to a device (the sim device, or the
 //! compressed store), touch part of it back from the CPU, verify every byte.
+//! With `--ram-budget`, a [`Tier`] keeps the region's resident pages under a
+//! budget all along, demoting to the compressed store.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use uhmm::UffdOrigin as Origin;
 use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region, StatsSnapshot};
 use uhmm_devices::compress::{CompressConfig, CompressStore};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
+use uhmm_devices::tier::{Tier, TierConfig, TierStats};
 
-use crate::devices::{Device, DeviceKind};
+use crate::devices::{Device, DeviceKind, tier_line};
 use crate::map::{self, Census, Layout};
 use crate::units::{gbps, human, parse_fraction, parse_size};
 
@@ -64,6 +68,18 @@ pub struct DemoArgs {
     /// in RAM; its counters are printed as zram's `mm_stat`).
     #[arg(long, value_enum, default_value_t = DeviceKind::Sim)]
     pub device: DeviceKind,
+
+    /// `--device compress`: run under a RAM budget (suffixes as for
+    /// --size): a tier (`uhmm_devices::tier::Tier`) keeps the region's
+    /// resident pages under it, demoting the coldest to the compressed
+    /// store, and the faults of the fill and of the reads wait for room.
+    /// The part the demo would migrate back explicitly (which no budget
+    /// charges) is read back by faults instead. A live line shows resident
+    /// bytes against the budget, pages demoted and promoted, the promotion
+    /// rate and the tracking's cost (a share of one CPU); the tier's
+    /// counters follow each step and the summary.
+    #[arg(long, value_parser = parse_size)]
+    pub ram_budget: Option<usize>,
 }
 
 /// The name of the CPU touch-back step.
@@ -209,7 +225,27 @@ fn delta(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
 const BAR_TEMPLATE: &str =
     "  {msg:<20} [{wide_bar:.cyan/blue}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}";
 
+/// The tier's live line below a progress bar: [`tier_line`], short
+/// enough for a terminal.
+fn live_line(s: &TierStats) -> String {
+    let cpu = s.tracking_cpu.as_secs_f64() / s.wall.as_secs_f64().max(1e-9) * 100.0;
+    format!(
+        "tier: {}/{} resident, demoted {}, promoted {} ({:.0}/s), tracking {cpu:.2}% CPU",
+        human(s.resident_bytes as usize),
+        human(s.budget_bytes as usize),
+        s.demoted_pages,
+        s.promoted_pages,
+        s.promotion_rate
+    )
+}
+
+/// The progress-bar template under a RAM budget: the tier's live line below.
+const TIER_BAR_TEMPLATE: &str =
+    "  {msg:<20} [{wide_bar:.cyan/blue}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}\n  {tier}";
+
 struct Demo<'a> {
+    // First, so that it lets go of the region before the region goes.
+    tier: Option<Arc<Tier>>,
     args: &'a DemoArgs,
     space: AddressSpace,
     // Declared before `region` so that the region is dropped first: its
@@ -233,7 +269,12 @@ impl<'a> Demo<'a> {
             .size
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or_else(|| at("checking --size")(uhmm::Error::invalid("size overflows")))?;
-        let mut config = Config::default();
+        if args.ram_budget.is_some() && args.device != DeviceKind::Compress {
+            return Err(at("checking --ram-budget")(uhmm::Error::invalid(
+                "--ram-budget needs --device compress (the tier demotes to the compressed store)",
+            )));
+        }
+        let mut config = if args.ram_budget.is_some() { uhmm_devices::tier::space_config() } else { Config::default() };
         if let Some(n) = args.fault_around {
             config.fault_around_pages = n as usize;
         }
@@ -255,13 +296,41 @@ impl<'a> Demo<'a> {
                 );
                 let config = StoreDeviceConfig { migrate_chunk_pages: args.chunk_pages as usize, ..Default::default() };
                 let dev = StoreDevice::new(&space, store.clone(), config).map_err(at("creating the store device"))?;
-                Device::Compress(dev, store)
+                Device::Compress(Arc::new(dev), store)
             }
         };
         let region = space.map(size, Prot::READ_WRITE).map_err(at("mapping the region"))?;
+        let tier = match (args.ram_budget, &dev) {
+            (Some(budget), Device::Compress(store_dev, _)) => {
+                let config = TierConfig { budget_bytes: budget as u64, ..TierConfig::default() };
+                let tier = Tier::new(&space, store_dev.clone(), config).map_err(at("starting the RAM budget"))?;
+                tier.manage(region.range()).map_err(at("putting the region under the budget"))?;
+                Some(Arc::new(tier))
+            }
+            _ => None,
+        };
         let layout = Layout::new(region.npages(), usize::from(args.map_width), usize::from(args.map_rows));
         let stats = space.stats();
-        Ok(Demo { args, space, dev, region, layout, steps: Vec::new(), stats, wrong: 0, first_bad: None, step_no: 0 })
+        Ok(Demo {
+            tier,
+            args,
+            space,
+            dev,
+            region,
+            layout,
+            steps: Vec::new(),
+            stats,
+            wrong: 0,
+            first_bad: None,
+            step_no: 0,
+        })
+    }
+
+    /// The tier's counters, when under a budget.
+    fn print_tier(&self) {
+        if let Some(tier) = &self.tier {
+            println!("  {}", tier_line(&tier.stats()));
+        }
     }
 
     fn bar(&self, len: usize, msg: &'static str) -> ProgressBar {
@@ -269,11 +338,22 @@ impl<'a> Demo<'a> {
             return ProgressBar::hidden();
         }
         let pb = ProgressBar::new(len as u64);
-        let style = ProgressStyle::with_template(BAR_TEMPLATE)
-            .map(|s| s.progress_chars("=> "))
-            .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let style = match &self.tier {
+            None => ProgressStyle::with_template(BAR_TEMPLATE),
+            Some(tier) => ProgressStyle::with_template(TIER_BAR_TEMPLATE).map(|s| {
+                let tier = tier.clone();
+                s.with_key("tier", move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = w.write_str(&live_line(&tier.stats()));
+                })
+            }),
+        };
+        let style = style.map(|s| s.progress_chars("=> ")).unwrap_or_else(|_| ProgressStyle::default_bar());
         pb.set_style(style);
         pb.set_message(msg);
+        if self.tier.is_some() {
+            // Redrawn while faults wait for room, too.
+            pb.enable_steady_tick(Duration::from_millis(200));
+        }
         pb
     }
 
@@ -302,6 +382,7 @@ impl<'a> Demo<'a> {
         println!("  {} in {:.1} ms = {:.2} GB/s{extra}", human(bytes), time.as_secs_f64() * 1e3, gbps(bytes, time));
         println!("  counters: {}", if changed.is_empty() { "(none changed)".to_string() } else { changed.join("  ") });
         self.steps.push(StepRecord { name, bytes, time, delta: d });
+        self.print_tier();
         self.print_map()
     }
 
@@ -335,13 +416,20 @@ impl<'a> Demo<'a> {
         );
         println!("  userfaultfd  {origin}; fault-around {} pages", self.space.config().fault_around_pages);
         println!(
-            "  plan         fill; migrate all to the device; CPU reads the first {} ({:.0}%); verify: CPU {}, device read {}, migrate back + CPU {}",
+            "  plan         fill; migrate all to the device; CPU reads the first {} ({:.0}%); verify: CPU {}, device read {}, {} {}",
             human(touch_pages * PAGE_SIZE),
             self.args.touch_fraction * 100.0,
             human(touch_pages * PAGE_SIZE),
             human(dev_read_pages * PAGE_SIZE),
+            if self.tier.is_some() { "CPU faults" } else { "migrate back + CPU" },
             human(back_pages * PAGE_SIZE)
         );
+        if let Some(tier) = &self.tier {
+            println!(
+                "  ram budget   {}: a tier over the region demotes its coldest pages to the compressed store",
+                human(tier.budget() as usize)
+            );
+        }
         println!("  map          {}; {}", self.layout.describe(), map::LEGEND);
 
         let total = Instant::now();
@@ -386,13 +474,20 @@ impl<'a> Demo<'a> {
 
         let back_off = dev_off + dev_bytes;
         let back_bytes = back_pages * PAGE_SIZE;
-        self.begin("migrate the last part back to RAM (migrate_to_system)");
-        let (t, moved) = self.migrate(back_off / PAGE_SIZE, back_pages, slice_pages, false)?;
-        self.end("migrate to system", back_bytes, t, &format!("  ({moved} pages migrated)"))?;
+        if self.tier.is_none() {
+            self.begin("migrate the last part back to RAM (migrate_to_system)");
+            let (t, moved) = self.migrate(back_off / PAGE_SIZE, back_pages, slice_pages, false)?;
+            self.end("migrate to system", back_bytes, t, &format!("  ({moved} pages migrated)"))?;
 
-        self.begin("verify the migrated-back part through the CPU");
-        let t = self.verify_cpu(back_off, back_bytes, "verify (CPU)")?;
-        self.end("verify migrated (CPU)", back_bytes, t, &self.wrong_note())?;
+            self.begin("verify the migrated-back part through the CPU");
+            let t = self.verify_cpu(back_off, back_bytes, "verify (CPU)")?;
+            self.end("verify migrated (CPU)", back_bytes, t, &self.wrong_note())?;
+        } else {
+            // A migration back is not charged to the budget: faults are.
+            self.begin("verify the last part through the CPU (faults bring it back under the budget)");
+            let t = self.verify_cpu(back_off, back_bytes, "verify (CPU)")?;
+            self.end("verify rest (CPU)", back_bytes, t, &self.wrong_note())?;
+        }
 
         self.summary(total.elapsed(), size);
         Ok(self.wrong)
@@ -550,7 +645,9 @@ impl<'a> Demo<'a> {
             );
         }
         let st = self.space.stats();
-        let by_fault: u64 = self.steps.iter().filter(|s| s.name == TOUCH).map(|s| s.delta.pages_to_ram).sum();
+        // Every step but the explicit migration back brings pages in by faults.
+        let by_fault: u64 =
+            self.steps.iter().filter(|s| s.name != "migrate to system").map(|s| s.delta.pages_to_ram).sum();
         println!(
             "  pages migrated: to device {}, to RAM {} ({by_fault} by CPU faults through {} migrate_to_ram calls, {} by migrate_to_system)",
             st.pages_to_device,
@@ -571,6 +668,20 @@ impl<'a> Demo<'a> {
         );
         let all: Vec<String> = counters(&st).iter().map(|(n, v)| format!("{n} {v}")).collect();
         println!("  counters (space.stats): {}", all.join("  "));
+        if let Some(tier) = &self.tier {
+            let ts = tier.stats();
+            println!(
+                "  ram budget: peak resident {} against {}; {} tracking rounds ({:.1} ms), {} reclaim rounds ({:.1} ms), {} hinting faults",
+                human(ts.peak_resident_bytes as usize),
+                human(ts.budget_bytes as usize),
+                ts.rounds,
+                ts.tracking_cpu.as_secs_f64() * 1e3,
+                ts.reclaim_rounds,
+                ts.reclaim_cpu.as_secs_f64() * 1e3,
+                ts.hint_faults
+            );
+            println!("  {}", tier_line(&ts));
+        }
         println!("  total time {:.1} ms", total.as_secs_f64() * 1e3);
         println!();
         match self.first_bad {
@@ -584,6 +695,15 @@ impl<'a> Demo<'a> {
     }
 }
 
+impl Drop for Demo<'_> {
+    fn drop(&mut self) {
+        // Out of the budget before the region goes.
+        if let Some(tier) = self.tier.take() {
+            tier.unmanage(self.region.range());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +711,7 @@ mod tests {
     #[test]
     fn bar_template_parses() {
         assert!(ProgressStyle::with_template(BAR_TEMPLATE).is_ok());
+        assert!(ProgressStyle::with_template(TIER_BAR_TEMPLATE).is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@ use uhmm::{DevicePagemap, Owner};
 use uhmm_devices::compress::CompressStore;
 use uhmm_devices::sim::SimDevice;
 use uhmm_devices::store::StoreDevice;
+use uhmm_devices::tier::TierStats;
 
 use crate::units::human;
 
@@ -24,8 +25,9 @@ pub enum DeviceKind {
 pub enum Device {
     /// The sim device.
     Sim(SimDevice),
-    /// A store device and its compressed store.
-    Compress(StoreDevice, Arc<CompressStore>),
+    /// A store device (shared with a [`Tier`](uhmm_devices::tier::Tier)
+    /// under `--ram-budget`) and its compressed store.
+    Compress(Arc<StoreDevice>, Arc<CompressStore>),
 }
 
 impl Device {
@@ -113,4 +115,24 @@ impl Device {
             s.lost_pages
         )
     }
+}
+
+/// A RAM budget's counters, as a line: resident bytes against the budget,
+/// the peak, pages demoted and promoted, the promotion rate, faults that
+/// waited for room (and went on without it), and the access tracking's
+/// cost as a share of one CPU (`tracking_cpu / wall`).
+pub fn tier_line(s: &TierStats) -> String {
+    let cpu = s.tracking_cpu.as_secs_f64() / s.wall.as_secs_f64().max(1e-9) * 100.0;
+    format!(
+        "tier: resident {} / budget {} (peak {}); demoted {} promoted {} pages ({:.0}/s); throttled {} overshoots {}; tracking {:.2}% of a CPU",
+        human(s.resident_bytes as usize),
+        human(s.budget_bytes as usize),
+        human(s.peak_resident_bytes as usize),
+        s.demoted_pages,
+        s.promoted_pages,
+        s.promotion_rate,
+        s.throttled,
+        s.overshoots,
+        cpu
+    )
 }

@@ -12,6 +12,12 @@
 //! zeros). Such a loss is not a lost byte; a poisoned page the store did not
 //! report lost is.
 //!
+//! With `--ram-budget`, a [`Tier`] keeps the private anonymous regions'
+//! resident pages under a budget that alternates between the size given
+//! and half of it, demoting the coldest to device 0 while everything above
+//! goes on; the run also fails when the tier's peak passes the budget by
+//! more than the slack.
+//!
 //! The model: writer `t` of `W` owns the pages `p` with `p % W == t` of every
 //! region and is the only thread that writes them, so its shadow (a `Vec<u8>`
 //! per region, without locks) is always the expected content; migrations,
@@ -29,8 +35,9 @@ use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region, Residency};
 use uhmm_devices::compress::{CompressConfig, CompressStore};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
+use uhmm_devices::tier::{Tier, TierConfig, TierStats};
 
-use crate::devices::{Device, DeviceKind};
+use crate::devices::{Device, DeviceKind, tier_line};
 use crate::units::{human, parse_fraction, parse_size};
 
 /// Options of `uhmm stress`.
@@ -101,6 +108,20 @@ pub struct StressArgs {
     /// everything.
     #[arg(long, value_parser = parse_size)]
     pub pool_size: Option<usize>,
+
+    /// `--device compress`: a RAM budget (suffixes K, M, G) over the
+    /// private anonymous regions. A tier (`uhmm_devices::tier::Tier`)
+    /// demotes their coldest pages to device 0 to keep them under it; the
+    /// budget alternates between this size and half of it every 2 seconds.
+    /// The address space tracks writes and keeps no staging pages
+    /// (`tier::space_config`), and the migrators' moves back to RAM, which
+    /// no budget charges, take at most 64 pages and never release a whole
+    /// device. The run fails when the tier's peak resident bytes pass this
+    /// size plus the slack: 2 MiB per fault-handling thread and 2% of the
+    /// budget. The tier is taken away before the final migration and
+    /// eviction.
+    #[arg(long, value_parser = parse_size)]
+    pub ram_budget: Option<usize>,
 
     /// Chance per copy operation (a run of adjacent pages) that a copy job to a device fails
     /// (`SimConfig::copy_error_rate`).
@@ -246,6 +267,8 @@ struct World {
     totals: Totals,
     /// When `--inject-hang` holds a migration forever.
     hang_at: Option<Instant>,
+    /// Under `--ram-budget`: moves back to RAM stay small.
+    budgeted: bool,
 }
 
 /// The shadows of writer `t`: per region, the bytes of the pages it owns
@@ -558,6 +581,9 @@ fn migrator(w: &World, rng: &mut Rng, slot: &Slot, stop: &AtomicBool) {
         let addr = w.regions[r].addr() + first * PAGE_SIZE;
         let d = rng.below(w.devices.len());
         let op = rng.below(100);
+        // Under a budget, moves back to RAM (which it does not charge) stay
+        // small, and no release brings a whole device back.
+        let (op, len) = if w.budgeted && op >= 50 { (op.min(96), len.min(64)) } else { (op, len) };
         let (what, res) = if op < 50 {
             slot.set(format!("migrate_to_device dev {d} region {r} pages {first}..{}", first + len));
             ("migrate_to_device", w.devices[d].to_device_once(addr, len))
@@ -634,7 +660,9 @@ pub fn run(args: &StressArgs) -> ExitCode {
     match soak(args) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(_) => {
-            println!("uhmm stress: FAILED: bytes were lost or corrupted, or errors happened");
+            println!(
+                "uhmm stress: FAILED: bytes were lost or corrupted, errors happened, or the RAM budget was passed"
+            );
             ExitCode::from(1)
         }
         Err(e) => {
@@ -644,11 +672,29 @@ pub fn run(args: &StressArgs) -> ExitCode {
     }
 }
 
-/// The soak; returns lost bytes plus unexpected errors.
+/// How often `--ram-budget`'s budget changes between its size and half of it.
+const BUDGET_PERIOD: Duration = Duration::from_secs(2);
+
+/// The budget `elapsed` into the run: `full`, then half of it, in turns.
+fn budget_at(full: usize, elapsed: Duration) -> u64 {
+    let half = (elapsed.as_millis() / BUDGET_PERIOD.as_millis()) % 2 == 1;
+    (if half { full / 2 } else { full }).max(PAGE_SIZE) as u64
+}
+
+/// The soak; returns lost bytes plus unexpected errors (plus one when the
+/// RAM budget was passed).
 fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let start = Instant::now();
-    // Read-ahead on, so its migrations race with everything else too.
-    let space = AddressSpace::new(Config { read_ahead_windows: 2, ..Config::default() })?;
+    if args.ram_budget.is_some() && args.device != DeviceKind::Compress {
+        return Err(uhmm::Error::invalid("--ram-budget needs --device compress (the tier demotes to a store device)"));
+    }
+    if args.ram_budget.is_some_and(|b| b < 2 * PAGE_SIZE) {
+        return Err(uhmm::Error::invalid("--ram-budget must be at least two pages"));
+    }
+    // Read-ahead on, so its migrations race with everything else too; under
+    // a budget, what a tier needs too.
+    let base = if args.ram_budget.is_some() { uhmm_devices::tier::space_config() } else { Config::default() };
+    let space = AddressSpace::new(Config { read_ahead_windows: 2, ..base })?;
     if args.corrupt_rate > 0.0 && space.user_mode_only() {
         return Err(uhmm::Error::new(
             ErrorKind::Unsupported,
@@ -705,13 +751,33 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
                 };
                 let store = Arc::new(CompressStore::new(config)?);
                 let chunk = StoreDeviceConfig { migrate_chunk_pages: 64, ..StoreDeviceConfig::default() };
-                Device::Compress(StoreDevice::new(&space, store.clone(), chunk)?, store)
+                Device::Compress(Arc::new(StoreDevice::new(&space, store.clone(), chunk)?), store)
             }
         });
     }
     let writers = args.threads as usize;
     let hang_at = args.inject_hang.then(|| start + Duration::from_secs(1));
-    let w = World { space: space.clone(), regions, devices, writers, totals: Totals::default(), hang_at };
+    let w = World {
+        space: space.clone(),
+        regions,
+        devices,
+        writers,
+        totals: Totals::default(),
+        hang_at,
+        budgeted: args.ram_budget.is_some(),
+    };
+    // The RAM budget over the private anonymous regions, demoting to device 0.
+    let mut tier = None;
+    let mut managed = Vec::new();
+    if let (Some(budget), Device::Compress(dev, _)) = (args.ram_budget, &w.devices[0]) {
+        let config = TierConfig { budget_bytes: budget as u64, ..TierConfig::default() };
+        let t = Tier::new(&space, dev.clone(), config)?;
+        for r in w.regions.iter().filter(|r| r.backing() == uhmm::Backing::Anonymous) {
+            t.manage(r.range())?;
+            managed.push(r.range());
+        }
+        tier = Some(t);
+    }
     // Every page starts as zeros (never touched), and so do the shadows.
     let mut shadows: Vec<Shadow> = (0..writers)
         .map(|t| {
@@ -755,6 +821,15 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
         args.dma_channels,
         args.seed
     );
+    if let Some(full) = args.ram_budget {
+        println!(
+            "  ram budget {} and {} in turns every {} s over {} region(s), demoting to device 0",
+            human(full),
+            human(full / 2),
+            BUDGET_PERIOD.as_secs(),
+            managed.len()
+        );
+    }
     let deadline = start + Duration::from_secs(args.seconds);
     let checkpoints = AtomicUsize::new(0);
     let mut lost_at_checkpoints = 0;
@@ -793,6 +868,14 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
             while Instant::now() < end {
                 std::thread::sleep(Duration::from_millis(20));
                 main_slot.tick();
+                if let (Some(t), Some(full)) = (&tier, args.ram_budget) {
+                    let budget = budget_at(full, start.elapsed());
+                    if t.budget() != budget
+                        && let Err(e) = t.set_budget(budget)
+                    {
+                        w.totals.unexpected("set_budget", &e);
+                    }
+                }
             }
             stop.store(true, Ordering::Relaxed);
             main_slot.set("waiting for the workers to stop".into());
@@ -811,6 +894,14 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
             w.totals.migrations.load(Ordering::Relaxed),
         );
     }
+    // The budget ends here: the final moves would pass it on purpose.
+    let tier_stats: Option<TierStats> = tier.take().map(|t| {
+        let stats = t.stats();
+        for range in managed.drain(..) {
+            t.unmanage(range);
+        }
+        stats
+    });
     // The end: move everything to device 0 (what can go), verify through
     // device reads, evict every device, verify through the CPU.
     main_slot.set("final migration to device 0".into());
@@ -926,13 +1017,30 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
             "  pages lost by injection:  {store_lost} reported by the stores, {seen} of them seen poisoned by the soak"
         );
     }
+    let mut over_budget = 0;
+    if let (Some(ts), Some(full)) = (tier_stats, args.ram_budget) {
+        let slack = space.config().handler_threads * (2 << 20) + full / 50;
+        println!("  {}", tier_line(&ts));
+        println!(
+            "  ram budget:               peak resident {} against {} + slack {} ({} tracking rounds, {} reclaim rounds)",
+            human(ts.peak_resident_bytes as usize),
+            human(full),
+            human(slack),
+            ts.rounds,
+            ts.reclaim_rounds
+        );
+        if ts.peak_resident_bytes > (full + slack) as u64 {
+            println!("uhmm stress: the peak resident bytes passed the largest budget plus the slack");
+            over_budget = 1;
+        }
+    }
     println!("  unexpected errors:        {unexpected}");
     println!("  lost or corrupted bytes: {lost}");
     // Every poisoned page must be one a store reported lost (a corrupted
     // object); any other is data lost.
     if stats.poisoned_pages != store_lost {
         println!("uhmm stress: {} page(s) poisoned, {store_lost} reported lost by the stores", stats.poisoned_pages);
-        return Ok(lost + unexpected + stats.poisoned_pages.abs_diff(store_lost).max(1));
+        return Ok(lost + unexpected + over_budget + stats.poisoned_pages.abs_diff(store_lost).max(1));
     }
-    Ok(lost + unexpected)
+    Ok(lost + unexpected + over_budget)
 }

@@ -63,3 +63,18 @@ fn demo_on_the_compressed_store_verifies_every_byte_and_reports_the_store() {
     assert!(out.contains("pages: hole 0  ram 0  zero 0  device 2048  poisoned 0"), "not all pages moved\n{dump}");
     assert!(out.contains("result: OK"), "no OK result\n{dump}");
 }
+
+#[test]
+fn demo_under_a_ram_budget_verifies_every_byte_and_reports_the_tier() {
+    let (code, out, err) = run_uhmm(&["demo", "--size", "8M", "--device", "compress", "--ram-budget", "2M"]);
+    let dump = format!("--- stdout\n{out}\n--- stderr\n{err}");
+    assert_eq!(code, Some(0), "uhmm demo --ram-budget failed\n{dump}");
+    assert!(out.contains("ram budget   2 MiB"), "no budget line\n{dump}");
+    assert!(out.contains("tier: resident"), "no tier counters\n{dump}");
+    assert!(out.contains("ram budget: peak resident"), "no final tier stats\n{dump}");
+    assert!(out.contains("result: OK"), "no OK result\n{dump}");
+    // A budget needs the compressed store.
+    let (code, _, err) = run_uhmm(&["demo", "--size", "8M", "--ram-budget", "2M"]);
+    assert_eq!(code, Some(2), "stderr: {err}");
+    assert!(err.contains("--ram-budget needs --device compress"), "stderr: {err}");
+}
