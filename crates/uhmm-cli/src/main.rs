@@ -93,6 +93,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Logs only when asked: `RUST_LOG=uhmm::tier=debug` shows each reclaim round.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Demo(args) => demo::run(&args),

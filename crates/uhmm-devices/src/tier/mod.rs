@@ -106,9 +106,12 @@ pub struct TierStats {
     pub rounds: u64,
     /// Rounds that demoted pages.
     pub reclaim_rounds: u64,
-    /// Time spent tracking (scans, hinting faults sent and taken back).
+    /// Time the tier's thread spent tracking (scans, hinting faults sent
+    /// and taken back), by the wall clock around that work: the thread's
+    /// CPU time, and any time it was preempted.
     pub tracking_cpu: Duration,
-    /// Time spent demoting.
+    /// Time the tier's thread spent demoting, by the wall clock around it
+    /// (it includes waiting for the store's workers).
     pub reclaim_cpu: Duration,
     /// Time since the tier started.
     pub wall: Duration,
