@@ -28,7 +28,7 @@ impl AddressSpace {
     /// into RAM; each is write-protected again in the same walk
     /// (`PAGEMAP_SCAN` with `PAGE_IS_WRITTEN` and `PM_SCAN_WP_MATCHING`),
     /// so the next call reports only newer writes. Needs
-    /// [`Config::track_writes`] (otherwise [`ErrorKind::Unsupported`]).
+    /// [`Config::track_writes`](crate::Config::track_writes) (otherwise [`ErrorKind::Unsupported`]).
     /// Pages moved in by uhmm (coming back from a device, say) count as
     /// written.
     pub fn written(&self, range: Range<usize>) -> Result<Vec<Range<usize>>> {
