@@ -155,11 +155,15 @@ fn sync_mode_waits_for_a_lock_released_meanwhile() {
     release.join().unwrap();
     // Released 2 ms in, within the sync mode's 25 ms of waiting (a busy
     // machine may delay the release past it: then the page is busy).
+    // (A busy machine may also start the call after the release: then the
+    // first pass moves it.)
     match out.moved.as_slice() {
         [p] => assert_eq!(*p, page(&r, 1)),
-        _ => assert_eq!(out.not_moved, vec![(page(&r, 1), NotMoved::Busy)]),
+        _ => {
+            assert_eq!(out.not_moved, vec![(page(&r, 1), NotMoved::Busy)]);
+            assert_eq!(out.passes, MIGRATE_PASSES);
+        }
     }
-    assert!(out.passes >= 2);
     check(&r, 4);
 }
 
