@@ -587,6 +587,23 @@ fn sample(phase: &AtomicU8, stop: &AtomicBool, mut f: impl FnMut() -> (u64, u64)
 }
 
 /// Reads a number from a cgroup file.
+/// Runs `work` while a thread takes `figures` (see [`sample`]) until it
+/// ends; returns the samples, or `work`'s error.
+fn while_sampling(
+    phase: &AtomicU8,
+    figures: impl FnMut() -> (u64, u64) + Send,
+    work: impl FnOnce() -> Result<(), String>,
+) -> Result<Vec<(u8, u64, u64)>, String> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| sample(phase, &stop, figures));
+        let r = work();
+        stop.store(true, Ordering::Relaxed);
+        let samples = sampler.join().map_err(|_| "the sampler panicked".to_string())?;
+        r.map(|()| samples)
+    })
+}
+
 fn read_u64(path: &Path) -> Result<u64, String> {
     let s = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     s.trim().parse().map_err(|e| format!("{}: {s:?}: {e}", path.display()))
@@ -716,28 +733,20 @@ fn kernel_side(plan: &ChildPlan) -> Result<KvSide, String> {
     build(&mem, kv.nslots, kv.keys)?;
     side.fill_s = t.elapsed().as_secs_f64();
     let pm = Pagemap::open().map_err(|e| format!("/proc/self/pagemap: {e}"))?;
-    let (phase, stop) = (AtomicU8::new(PHASE_SETUP), AtomicBool::new(false));
+    let phase = AtomicU8::new(PHASE_SETUP);
     let phases = Phases { plan, phase: &phase };
-    let samples = std::thread::scope(|s| -> Result<_, String> {
-        let sampler = s.spawn(|| {
-            let mut runs = Vec::new();
-            sample(&phase, &stop, || {
-                (resident_bytes(&pm, range.clone(), &mut runs), read_u64(usage_file).unwrap_or(0).saturating_sub(base))
-            })
-        });
-        let r = (|| {
-            // The parent sets the limit: base + budget.
-            let t = Instant::now();
-            handshake(&format!("filled {base}"))?;
-            side.budget_s = t.elapsed().as_secs_f64();
-            phases.run(&mut kv, &mut side, &mut NoHooks)?;
-            // The parent reads zram's mm_stat.
-            handshake("zipf-done")?;
-            phases.scans(&mut kv, &mut side)
-        })();
-        stop.store(true, Ordering::Relaxed);
-        let samples = sampler.join().map_err(|_| "the sampler panicked".to_string())?;
-        r.map(|()| samples)
+    let mut runs = Vec::new();
+    let figures =
+        || (resident_bytes(&pm, range.clone(), &mut runs), read_u64(usage_file).unwrap_or(0).saturating_sub(base));
+    let samples = while_sampling(&phase, figures, || {
+        // The parent sets the limit: base + budget.
+        let t = Instant::now();
+        handshake(&format!("filled {base}"))?;
+        side.budget_s = t.elapsed().as_secs_f64();
+        phases.run(&mut kv, &mut side, &mut NoHooks)?;
+        // The parent reads zram's mm_stat.
+        handshake("zipf-done")?;
+        phases.scans(&mut kv, &mut side)
     })?;
     finish(&mut side, &kv, &samples);
     Ok(side)
@@ -819,22 +828,15 @@ fn uhmm_side(plan: &ChildPlan) -> Result<KvSide, String> {
     }
     side.budget_s = t.elapsed().as_secs_f64();
     let pm = Pagemap::open().map_err(|e| format!("/proc/self/pagemap: {e}"))?;
-    let (phase, stop) = (AtomicU8::new(PHASE_SETUP), AtomicBool::new(false));
+    let phase = AtomicU8::new(PHASE_SETUP);
     let phases = Phases { plan, phase: &phase };
     let mut hooks = TierHooks { tier: &tier, store: &store, base: range.start, at_start: None };
-    let samples = std::thread::scope(|s| -> Result<_, String> {
-        let sampler = s.spawn(|| {
-            let mut runs = Vec::new();
-            sample(&phase, &stop, || (resident_bytes(&pm, range.clone(), &mut runs), tier.stats().resident_bytes))
-        });
-        let r = (|| {
-            phases.run(&mut kv, &mut side, &mut hooks)?;
-            handshake("zipf-done")?;
-            phases.scans(&mut kv, &mut side)
-        })();
-        stop.store(true, Ordering::Relaxed);
-        let samples = sampler.join().map_err(|_| "the sampler panicked".to_string())?;
-        r.map(|()| samples)
+    let mut runs = Vec::new();
+    let figures = || (resident_bytes(&pm, range.clone(), &mut runs), tier.stats().resident_bytes);
+    let samples = while_sampling(&phase, figures, || {
+        phases.run(&mut kv, &mut side, &mut hooks)?;
+        handshake("zipf-done")?;
+        phases.scans(&mut kv, &mut side)
     })?;
     finish(&mut side, &kv, &samples);
     let st = tier.stats();

@@ -469,7 +469,8 @@ impl Shared {
         if due {
             self.track(&mut state, now);
         }
-        self.reclaim(&mut state);
+        // A tracking round has just scanned: reclaim works from that scan.
+        self.reclaim(&mut state, !due);
         if due && self.config.hinting {
             self.sample(&mut state);
         }
@@ -543,7 +544,7 @@ impl Shared {
 
     /// Demotes the coldest resident pages when the estimate is past the
     /// high watermark, down to the low one.
-    fn reclaim(&self, state: &mut State) {
+    fn reclaim(&self, state: &mut State, rescan: bool) {
         let limit = self.limit(state);
         let high = limit - limit / 32;
         // Room for the largest fault waiting, too.
@@ -553,7 +554,7 @@ impl Shared {
             return;
         }
         let t0 = Instant::now();
-        let resident = self.scan(state);
+        let resident = if rescan { self.scan(state) } else { self.scanned.load(Ordering::Relaxed) };
         let low = (limit - limit / 16).min(limit.saturating_sub(asked));
         let want = usize::try_from(self.estimate().saturating_sub(low)).unwrap_or(usize::MAX);
         if want == 0 {
