@@ -864,25 +864,26 @@ fn page_skew(counts: &[u32]) -> (f64, f64) {
 }
 
 /// The true hottest tenth of the pages against the tracker's as many:
-/// (recall, false-hot share).
+/// (recall, false-hot share). Pages tied at the tenth's lowest count are
+/// all equally in it: a named page among them counts, up to the places
+/// they share (the tenth is any one of several equal sets).
 fn tracking_quality(counts: &[u32], hot: &[usize]) -> (f64, f64) {
     let n = (counts.len() / HOT_SHARE).max(1);
-    let mut order: Vec<usize> = (0..counts.len()).collect();
-    order.sort_unstable_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
-    let mut truly = vec![false; counts.len()];
-    for &p in &order[..n] {
-        truly[p] = true;
-    }
+    let mut sorted = counts.to_vec();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    let Some(&threshold) = sorted.get(n - 1) else { return (0.0, 1.0) };
+    let room = n - sorted.iter().take_while(|&&c| c > threshold).count();
     let mut named = vec![false; counts.len()];
-    let mut hits = 0usize;
-    let mut distinct = 0usize;
+    let (mut above, mut at, mut distinct) = (0usize, 0usize, 0usize);
     for &p in hot {
         if p < named.len() && !named[p] {
             named[p] = true;
             distinct += 1;
-            hits += usize::from(truly[p]);
+            above += usize::from(counts[p] > threshold);
+            at += usize::from(counts[p] == threshold);
         }
     }
+    let hits = above + at.min(room);
     let recall = hits as f64 / n as f64;
     let false_hot = if distinct == 0 { 1.0 } else { (distinct - hits) as f64 / distinct as f64 };
     (recall, false_hot)
@@ -1341,5 +1342,16 @@ mod tests {
         assert_eq!((r, f), (1.0, 0.0));
         let (r, f) = tracking_quality(&counts, &(5..15).collect::<Vec<_>>());
         assert_eq!((r, f), (0.5, 0.5));
+        // Ties at the tenth's lowest count: any of them is in it, up to
+        // the places they share.
+        let mut counts = vec![1u32; 40];
+        counts[..3].fill(9);
+        counts[3..10].fill(5);
+        let (r, f) = tracking_quality(&counts, &[0, 9]);
+        assert_eq!((r, f), (0.5, 0.0));
+        let (r, f) = tracking_quality(&counts, &[0, 1, 2, 9]);
+        assert_eq!((r, f), (1.0, 0.0), "any tied page fills the last place");
+        let (r, f) = tracking_quality(&counts, &[0, 8, 9, 39]);
+        assert_eq!((r, f), (0.5, 0.5), "two tied pages for one place: one is false-hot");
     }
 }

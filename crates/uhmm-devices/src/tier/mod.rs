@@ -168,6 +168,9 @@ struct Shared {
     room: (Mutex<u64>, Condvar),
     /// The thread waits on this for work.
     work: (Mutex<bool>, Condvar),
+    /// The thread is waiting for work (a fault past the high watermark
+    /// wakes it, as an allocation past the low watermark wakes kswapd).
+    idle: AtomicBool,
     stop: AtomicBool,
     /// The last reclaim could not get under the limit.
     stalled: AtomicBool,
@@ -231,6 +234,7 @@ impl Tier {
             peak: AtomicU64::new(0),
             room: (Mutex::new(0), Condvar::new()),
             work: (Mutex::new(false), Condvar::new()),
+            idle: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             asked: AtomicU64::new(0),
@@ -422,7 +426,11 @@ impl ChargeOps for Shared {
         // A window larger than an eighth of the budget is charged as that
         // much: its excess is the slack (docs/tier.md).
         let pages = (pages as u64).min(budget / 8).max(1) as usize;
-        if self.estimate() + pages as u64 <= budget || self.stop.load(Ordering::Relaxed) {
+        let after = self.estimate() + pages as u64;
+        if after <= budget || self.stop.load(Ordering::Relaxed) {
+            if after > high_watermark(budget) && self.idle.swap(false, Ordering::Relaxed) {
+                self.kick();
+            }
             return;
         }
         self.counters().throttled += 1;
@@ -546,7 +554,7 @@ impl Shared {
     /// high watermark, down to the low one.
     fn reclaim(&self, state: &mut State, rescan: bool) {
         let limit = self.limit(state);
-        let high = limit - limit / 32;
+        let high = high_watermark(limit);
         // Room for the largest fault waiting, too.
         let asked = self.asked.swap(0, Ordering::Relaxed);
         if self.estimate() + asked <= high {
@@ -662,6 +670,11 @@ impl State {
     }
 }
 
+/// Pages past which reclaim starts, under a limit of `limit` pages.
+fn high_watermark(limit: u64) -> u64 {
+    limit - limit / 32
+}
+
 /// The tier's thread: a round each interval, or when kicked.
 fn run(shared: &Weak<Shared>) {
     loop {
@@ -677,7 +690,9 @@ fn run(shared: &Weak<Shared>) {
             let (lock, cv) = &s.work;
             let mut kicked = lock.lock().unwrap_or_else(|e| e.into_inner());
             if !*kicked {
+                s.idle.store(true, Ordering::Relaxed);
                 kicked = cv.wait_timeout(kicked, wait).unwrap_or_else(|e| e.into_inner()).0;
+                s.idle.store(false, Ordering::Relaxed);
             }
             *kicked = false;
         }

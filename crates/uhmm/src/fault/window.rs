@@ -22,7 +22,13 @@ use uhmm_sys::{HUGE_SIZE, PAGE_SIZE};
 /// a large buffer's head first and the rest from its end down, and the next
 /// chunk of a read starts above the one before); else the aligned base
 /// window. Every window is clipped to the faulting page's [`BLOCK_PAGES`]
-/// block.
+/// block. A region whose faults seldom go on as scans (random access:
+/// fewer than one window in [`RANDOM_SHARE`] that started a scan was
+/// followed by the scan's next fault) gets one page for a fault that starts
+/// a scan, as the kernel's swap read-ahead shrinks to one page when its
+/// pages go unused: pages a random access never reads would only take RAM
+/// (under a budget, the place of pages that are read). A scan that starts
+/// grows from there as before.
 /// A scan's last read-ahead window leaves its first page (in the scan's
 /// direction) on the device, a marker: the scan's fault there brings back
 /// that page alone, at once, and the read-ahead goes on from the far end
@@ -37,7 +43,18 @@ pub(crate) struct ScanWindow {
     /// glibc's memcpy touches a large read's last bytes first, a fault
     /// that starts a stream it never continues).
     clock: AtomicUsize,
+    /// Windows that started a scan, and faults that went on with one
+    /// (both halved past [`EVIDENCE_WINDOWS`]).
+    started: AtomicUsize,
+    continued: AtomicUsize,
 }
+
+/// Windows started before the share of those continued is taken as
+/// evidence, and past which both counts halve.
+const EVIDENCE_WINDOWS: usize = 32;
+
+/// At most one started window in this many continued: random access.
+const RANDOM_SHARE: usize = 8;
 
 /// Scans a region tracks at once.
 const SCAN_STREAMS: usize = 4;
@@ -100,7 +117,12 @@ impl Default for ScanWindow {
             marker: AtomicUsize::new(usize::MAX),
             down: AtomicBool::new(false),
         };
-        ScanWindow { streams: std::array::from_fn(|_| stream()), clock: AtomicUsize::new(0) }
+        ScanWindow {
+            streams: std::array::from_fn(|_| stream()),
+            clock: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
+            continued: AtomicUsize::new(0),
+        }
     }
 }
 
@@ -138,10 +160,12 @@ impl ScanWindow {
                     return Proposal { pages: idx..idx + 1, size, stream, scan: Some(scan), on_marker: true, resume };
                 }
                 if s.end.load(Relaxed) == idx {
+                    self.continued.fetch_add(1, Relaxed);
                     let size = grown();
                     return Proposal::new(idx..(idx + size).min(hi), size, stream, Some(Scan::Up));
                 }
                 if s.start.load(Relaxed) == idx + 1 {
+                    self.continued.fetch_add(1, Relaxed);
                     let size = grown();
                     let pages = (idx + 1).saturating_sub(size).max(lo)..idx + 1;
                     return Proposal::new(pages, size, stream, Some(Scan::Down));
@@ -154,10 +178,26 @@ impl ScanWindow {
             let size = below.min(max.max(base));
             return Proposal::new(idx..(idx + size).min(hi), size, stream, Some(Scan::Up));
         }
+        if base > 1 && self.random() {
+            return Proposal::new(idx..idx + 1, 1, stream, None);
+        }
         let (phase, at) = (phase % base, idx + phase % base);
         let vstart = at - at % base;
         let pages = vstart.saturating_sub(phase).max(lo)..(vstart + base - phase).min(hi);
         Proposal::new(pages, base, stream, None)
+    }
+
+    /// Counts a window that starts a scan; whether the faults here are
+    /// random (few started windows went on as scans).
+    fn random(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let started = self.started.fetch_add(1, Relaxed) + 1;
+        let continued = self.continued.load(Relaxed);
+        if started >= 2 * EVIDENCE_WINDOWS {
+            self.started.store(started / 2, Relaxed);
+            self.continued.store(continued / 2, Relaxed);
+        }
+        started >= EVIDENCE_WINDOWS && continued * RANDOM_SHARE < started
     }
 
     /// Notes the window taken for `proposal`: `pages` (clipped). A fault
@@ -231,6 +271,39 @@ mod tests {
         assert_eq!(take(31), 0..32, "clipped at the region's start");
         let p = w.propose(15, 0, 1, 128, 1000, || 0);
         assert_eq!((p.pages, p.scan), (15..16, None), "a base of one page never grows");
+    }
+
+    #[test]
+    fn random_faults_get_one_page_until_a_scan_goes_on() {
+        let w = ScanWindow::default();
+        let take = |idx: usize| take(&w, idx, 1 << 20);
+        // Faults all over the region: none goes on as a scan.
+        let mut x = 12345usize;
+        let mut random = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) % (1 << 20)
+        };
+        let sizes: Vec<usize> = (0..2 * EVIDENCE_WINDOWS).map(|_| take(random()).pages.len()).collect();
+        assert!(sizes[..EVIDENCE_WINDOWS - 1].iter().all(|&n| n > 1), "the base window until there is evidence");
+        assert!(sizes[EVIDENCE_WINDOWS..].iter().all(|&n| n == 1), "then one page: {sizes:?}");
+        // A scan starts from its one page and grows as before.
+        let at = random() & !511;
+        assert_eq!(take(at).pages, at..at + 1);
+        assert_eq!(take(at + 1).pages, at + 1..at + 17);
+        assert_eq!(take(at + 17).pages, at + 17..at + 49);
+        // Scans that go on: the base window again.
+        let mut next = 0;
+        let mut last = 0;
+        for _ in 0..4 * EVIDENCE_WINDOWS {
+            let start = random() & !511;
+            take(start);
+            for _ in 0..RANDOM_SHARE {
+                next = take(if next == 0 { start + 1 } else { next }).pages.end;
+            }
+            next = 0;
+            last = take(random() | 7).pages.len();
+        }
+        assert!(last > 1, "sequential faults: windows start at the base again");
     }
 
     #[test]
