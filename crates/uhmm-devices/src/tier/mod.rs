@@ -16,8 +16,10 @@
 //! - **Access tracking** (`ages.rs`, `hint.rs`): pages brought in by faults
 //!   are used pages; written pages come from userfaultfd write protection
 //!   in async mode (`AddressSpace::written`, needs `Config::track_writes`);
-//!   reads from sampled hinting faults. Each page has the generation it was
-//!   last seen used in and a count of recent uses. The tracking's cost is
+//!   reads from sampled hinting faults. Each page has an estimated rate of
+//!   use: the uses seen over the time they could have been seen (away
+//!   from RAM, and since the last one); reclaim takes the lowest rates.
+//!   The tracking's cost is
 //!   timed and held to [`TierConfig::tracking_cpu`] of one CPU by spacing
 //!   the scans and sizing the sample.
 //! - **Proactive mode** ([`TierConfig::proactive_rate`]): the tier keeps
@@ -47,8 +49,9 @@ pub struct TierConfig {
     /// The shortest time between two tracking rounds; the tracking's cost
     /// may space them further. Default: 50 ms.
     pub interval: Duration,
-    /// The length of a generation: pages not seen used for a few of them
-    /// are the cold ones. Default: 1 s.
+    /// The length of a generation: at each, the uses and time away seen
+    /// decay (halving over 16), and the hinting sample takes pages not
+    /// seen used in the current one. Default: 1 s.
     pub generation: Duration,
     /// The share of one CPU access tracking may take (scans and hinting
     /// faults, measured). Default: 0.01 (1%).
@@ -275,8 +278,7 @@ impl Tier {
             return Err(Error::invalid("the range overlaps one the tier manages"));
         }
         let mut ages = Ages::new(range.clone());
-        let generation = state.generation;
-        let n = ages.set_resident(&resident, generation) as u64;
+        let n = ages.set_resident(&resident, s.secs()) as u64;
         state.ranges.push(ages);
         if s.config.hinting {
             state.hints.watch(&s.space, range);
@@ -341,18 +343,20 @@ impl Tier {
     }
 
     /// The addresses of the `n` managed pages the tracking counts hottest
-    /// (most recent uses, then most recently used), hottest first.
+    /// (highest estimated rate of use), hottest first.
     pub fn hottest(&self, n: usize) -> Vec<usize> {
+        let now = self.shared.secs();
         let state = self.shared.lock_state();
-        let mut all: Vec<((u8, u32), usize)> =
-            state.ranges.iter().flat_map(|a| (0..a.npages()).map(move |i| (a.heat(i), a.addr(i)))).collect();
+        let mut all: Vec<(f32, usize)> =
+            state.ranges.iter().flat_map(|a| (0..a.npages()).map(move |i| (a.rate(i, now), a.addr(i)))).collect();
         let n = n.min(all.len());
         if n == 0 {
             return Vec::new();
         }
-        all.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0));
+        let hotter = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0);
+        all.select_nth_unstable_by(n - 1, hotter);
         all.truncate(n);
-        all.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
+        all.sort_unstable_by(hotter);
         all.into_iter().map(|(_, a)| a).collect()
     }
 }
@@ -380,6 +384,11 @@ impl Shared {
 
     fn counters(&self) -> std::sync::MutexGuard<'_, Counters> {
         self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Seconds since the tier started: the time of the page bookkeeping.
+    fn secs(&self) -> f32 {
+        self.started.elapsed().as_secs_f32()
     }
 
     /// Pages in and out of RAM by the space's counters.
@@ -493,11 +502,11 @@ impl Shared {
             state.generation_at = now;
             state.ranges.iter_mut().for_each(Ages::age);
         }
-        let generation = state.generation;
+        let secs = self.secs();
         let touched = state.hints.drain_touched();
         let hint_faults: usize = touched.iter().map(|r| r.len() / PAGE_SIZE).sum();
         for run in touched {
-            state.ranges.iter_mut().for_each(|a| a.touch(run.clone(), generation));
+            state.ranges.iter_mut().for_each(|a| a.touch(run.clone(), secs));
         }
         for run in state.hints.take_back(&self.space) {
             state.ranges.iter_mut().for_each(|a| a.mark_resident(run.clone()));
@@ -506,7 +515,7 @@ impl Shared {
         if self.space.config().track_writes {
             for a in &mut state.ranges {
                 for run in self.space.written(a.range.clone()).unwrap_or_default() {
-                    a.touch(run, generation);
+                    a.touch(run, secs);
                 }
             }
         }
@@ -534,11 +543,11 @@ impl Shared {
     /// Scans the managed ranges' resident pages (a page that came in is a
     /// used page) and starts the estimate again from them. Returns them.
     fn scan(&self, state: &mut State) -> u64 {
-        let generation = state.generation;
+        let secs = self.secs();
         let mut resident = 0;
         state.ranges.retain_mut(|a| match self.space.resident(a.range.clone()) {
             Ok(runs) => {
-                resident += a.set_resident(&runs, generation) as u64;
+                resident += a.set_resident(&runs, secs) as u64;
                 true
             }
             Err(err) => {
@@ -568,23 +577,27 @@ impl Shared {
         if want == 0 {
             return;
         }
-        let mut cands: Vec<((u32, u8), usize, usize)> = Vec::with_capacity(resident as usize);
+        let secs = self.secs();
+        let mut cands: Vec<(f32, usize, usize)> = Vec::with_capacity(resident as usize);
         for (r, a) in state.ranges.iter().enumerate() {
-            cands.extend((0..a.npages()).filter(|&i| a.is_resident(i)).map(|i| (a.warmth(i), r, i)));
+            cands.extend((0..a.npages()).filter(|&i| a.reclaimable(i, secs)).map(|i| (a.rate(i, secs), r, i)));
         }
         let n = want.min(cands.len());
         if n == 0 {
             self.stalled.store(true, Ordering::Relaxed);
             return;
         }
-        cands.select_nth_unstable_by_key(n - 1, |c| c.0);
+        cands.select_nth_unstable_by(n - 1, |a, b| a.0.total_cmp(&b.0));
         cands.truncate(n);
         let addrs: Vec<usize> = cands.iter().map(|&(_, r, i)| state.ranges[r].addr(i)).collect();
         let (moved, not_moved) = match self.device.demote(&addrs, MigrateMode::Async, MigrateReason::Reclaim) {
             Ok(out) => {
                 for &(_, r, i) in &cands {
-                    if out.moved.binary_search(&state.ranges[r].addr(i)).is_ok() {
-                        state.ranges[r].evict(i);
+                    let a = &mut state.ranges[r];
+                    if out.moved.binary_search(&a.addr(i)).is_ok() {
+                        a.evict(i, secs);
+                    } else {
+                        a.hold(i, secs);
                     }
                 }
                 (out.moved.len(), out.not_moved.len())
@@ -619,6 +632,8 @@ impl Shared {
         let total: usize = state.ranges.iter().map(Ages::npages).sum();
         let budget = usize::try_from(self.budget_pages.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
         let want = state.sample.min(budget / 64).max(1);
+        // Pages not seen used this generation.
+        let since = state.generation_at.duration_since(self.started).as_secs_f32();
         let mut sent = 0;
         for _ in 0..want * 4 {
             if sent >= want || total == 0 {
@@ -636,8 +651,8 @@ impl Shared {
                 fits
             });
             let Some(r) = r else { break };
-            let (generation, a) = (state.generation, &state.ranges[r]);
-            let cold = |i: usize| a.is_resident(i) && a.warmth(i).0 < generation;
+            let a = &state.ranges[r];
+            let cold = |i: usize| a.is_resident(i) && !a.used_since(i, since);
             if !cold(k) {
                 continue;
             }
