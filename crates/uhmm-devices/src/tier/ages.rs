@@ -3,11 +3,13 @@
 //! faults), how long it was seen away from RAM, and when it was last seen
 //! used — from which each page gets an estimated rate of use: uses over the
 //! time the tracking could have seen them. A page demoted and faulted back
-//! a moment later is hot (the kernel's refault distance, in seconds); a
-//! page resident long with no use seen drifts cold until reclaim takes it
-//! and its refault (or none) measures it again. Uses and time away decay
-//! together, so the estimate follows a changing workload. Pure
-//! bookkeeping: no system call here.
+//! again and again soon after is hot (the kernel's refault distance, in
+//! seconds); a page resident long with no use seen drifts cold until
+//! reclaim takes it and its refault (or none) measures it again. Uses and
+//! time away decay together, so the estimate follows a changing workload.
+//! Times are the tier's seconds in `f32`: a millisecond's resolution for
+//! the first hours, a second's after months, enough for rates counted in
+//! seconds. Pure bookkeeping: no system call here.
 
 use std::ops::Range;
 

@@ -189,7 +189,7 @@ struct Shared {
 struct State {
     ranges: Vec<Ages>,
     hints: Hints,
-    generation: u32,
+    /// When the current generation began.
     generation_at: Instant,
     /// Pages sent out per round for hinting (adapts to the cost).
     sample: usize,
@@ -244,7 +244,6 @@ impl Tier {
             state: Mutex::new(State {
                 ranges: Vec::new(),
                 hints: Hints::new(),
-                generation: 1,
                 generation_at: now,
                 sample: 64,
                 proactive_pages: None,
@@ -498,7 +497,6 @@ impl Shared {
     fn track(&self, state: &mut State, now: Instant) {
         let t0 = Instant::now();
         if now.duration_since(state.generation_at) >= self.config.generation {
-            state.generation += 1;
             state.generation_at = now;
             state.ranges.iter_mut().for_each(Ages::age);
         }
