@@ -16,6 +16,7 @@ pub mod mman;
 pub mod pagemap;
 pub mod pin;
 pub mod process;
+pub mod signal;
 pub mod stall;
 pub mod uffd;
 

@@ -69,6 +69,10 @@ pub mod feature {
     /// `UFFD_FEATURE_WP_UNPOPULATED`: write protection also marks empty
     /// entries of anonymous memory.
     pub const WP_UNPOPULATED: u64 = uapi::UFFD_FEATURE_WP_UNPOPULATED as u64;
+    /// `UFFD_FEATURE_SIGBUS`: a missing-page fault raises SIGBUS
+    /// (`BUS_ADRERR`) in the faulting thread instead of waiting for a
+    /// handler; a fault from a system call fails it with `EFAULT`.
+    pub const SIGBUS: u64 = uapi::UFFD_FEATURE_SIGBUS as u64;
 }
 
 /// How the userfaultfd was obtained; it decides which faults it catches.

@@ -4,6 +4,24 @@
 /// CPU): past a few, a fault wakes more threads than it needs.
 pub const AUTO_HANDLERS_MAX: usize = 8;
 
+/// Who answers the faults of an address space's regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FaultDelivery {
+    /// The handler threads read each fault from the userfaultfd and wake
+    /// the faulting thread when its page is in: any access waits, a system
+    /// call's too.
+    #[default]
+    Handlers,
+    /// The faulting thread answers its own fault, in a SIGBUS handler
+    /// (`UFFD_FEATURE_SIGBUS`): no thread is woken, about half a fault's
+    /// cost on a virtual machine. A system call given region memory that
+    /// is not in RAM fails with `EFAULT` (as with user-mode-only
+    /// userfaultfd: use `Region::pread`/`pwrite`, or pin around the call).
+    /// The process's SIGBUS handler is uhmm's from then on; a SIGBUS that
+    /// is not a region's fault goes to the handler installed before.
+    Signal,
+}
+
 /// Tunables of an address space.
 ///
 /// Start from [`Config::default`] and change the fields that matter; each
@@ -99,6 +117,9 @@ pub struct Config {
     /// resolves such a write itself (a minor fault, no uhmm thread), once
     /// per page after each look. Default: false.
     pub track_writes: bool,
+    /// Who answers a fault: the handler threads (the default), or the
+    /// faulting thread itself in a SIGBUS handler ([`FaultDelivery`]).
+    pub fault_delivery: FaultDelivery,
 }
 
 impl Default for Config {
@@ -116,6 +137,7 @@ impl Default for Config {
             keep_staging_bytes: 1 << 30,
             keep_staging_for: std::time::Duration::from_secs(1),
             track_writes: false,
+            fault_delivery: FaultDelivery::Handlers,
         }
     }
 }

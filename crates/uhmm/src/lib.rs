@@ -77,7 +77,7 @@ mod test_device {
 mod vma;
 
 pub use charge::ChargeOps;
-pub use config::{AUTO_HANDLERS_MAX, Config};
+pub use config::{AUTO_HANDLERS_MAX, Config, FaultDelivery};
 pub use driver::DevicePagemapOps;
 pub use error::{Error, ErrorKind, Result};
 pub use exclusive::ExclusiveGrant;

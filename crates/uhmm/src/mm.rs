@@ -479,6 +479,13 @@ impl Mm {
     }
 
     /// The region containing `addr`.
+    /// Whether a system call's access to region memory not in RAM waits
+    /// for a handler to bring the page (else it fails with `EFAULT`: a
+    /// user-mode-only userfaultfd, or faults delivered as SIGBUS).
+    pub(crate) fn kernel_faults_wait(&self) -> bool {
+        self.uffd.origin() != uhmm_sys::uffd::Origin::UserModeOnly && !self.uffd.has(uhmm_sys::uffd::feature::SIGBUS)
+    }
+
     pub(crate) fn region_at(&self, addr: usize) -> Option<Arc<Vma>> {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         let (_, r) = regions.range(..=addr).next_back()?;

@@ -433,7 +433,7 @@ fn copy(space: &Mm, region: &Vma, offset: usize, mut buf: Copy<'_>) -> Result<()
         Ok(()) => return Ok(()),
         Err((n, e)) if e.raw_os_error() == Some(rustix::io::Errno::FAULT.raw_os_error()) => {
             region.check_access(offset, len, need)?;
-            if space.uffd.origin() != uhmm_sys::uffd::Origin::UserModeOnly {
+            if space.kernel_faults_wait() {
                 // The kernel faults pages in for the copy: a page it could
                 // not reach is lost. Its state may not say so yet (the
                 // migration that found it lost is finishing): give it a
@@ -444,8 +444,9 @@ fn copy(space: &Mm, region: &Vma, offset: usize, mut buf: Copy<'_>) -> Result<()
                 }
                 return Err(Error::new(crate::ErrorKind::Fault, "a page of the range is lost"));
             }
-            // A page not present, which a user-mode-only userfaultfd does
-            // not fault in for the kernel: a load does.
+            // A page not present, which a user-mode-only userfaultfd (or
+            // one raising SIGBUS) does not fault in for the kernel: a load
+            // does.
             n
         }
         Err((_, e)) => return Err(Error::sys(what, e)),

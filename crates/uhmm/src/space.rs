@@ -43,6 +43,10 @@ impl AddressSpace {
         if config.track_writes {
             wanted |= uffd::feature::WP_ASYNC;
         }
+        let signal = config.fault_delivery == crate::FaultDelivery::Signal;
+        if signal {
+            wanted |= uffd::feature::SIGBUS;
+        }
         let accept = match (config.force_user_mode_only, config.allow_user_mode_only) {
             (true, _) => uffd::Accept::UserModeOnly,
             (false, true) => uffd::Accept::FullOrUserModeOnly,
@@ -58,6 +62,12 @@ impl AddressSpace {
             if !uffd.has(f) {
                 return Err(Error::new(ErrorKind::Unsupported, format!("the kernel lacks {name}")));
             }
+        }
+        if signal && !uffd.has(uffd::feature::SIGBUS) {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "FaultDelivery::Signal: the kernel lacks UFFD_FEATURE_SIGBUS",
+            ));
         }
         if config.track_writes && !uffd.has(uffd::feature::WP_ASYNC) {
             return Err(Error::new(
@@ -83,6 +93,9 @@ impl AddressSpace {
         })?;
         inner.set_engine(engine);
         crate::fork::register(&inner);
+        if signal {
+            crate::fault::signal::register(&inner)?;
+        }
         Ok(AddressSpace::from(inner))
     }
 }

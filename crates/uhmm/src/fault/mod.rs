@@ -46,6 +46,7 @@ use crate::stats::Stats;
 pub(crate) mod around;
 pub(crate) mod engine;
 pub(crate) mod resolve;
+pub(crate) mod signal;
 pub(crate) mod window;
 
 /// A handler thread's loop: poll the userfaultfd (and `stop`), read the
