@@ -95,7 +95,7 @@ fn help_documents_bench() {
 /// exit 0 and print a result line with every record read back right. The
 /// kernel side gets a plain file for its cgroup's usage (no cgroup, no
 /// swap: this needs no root).
-fn kv_child(uhmm: bool, usage: Option<&std::path::Path>) -> serde_json::Value {
+fn kv_child(uhmm: bool, signal_faults: bool, usage: Option<&std::path::Path>) -> serde_json::Value {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let plan = serde_json::json!({
@@ -109,6 +109,7 @@ fn kv_child(uhmm: bool, usage: Option<&std::path::Path>) -> serde_json::Value {
         "seed": 7,
         "usage_file": usage,
         "handler_threads": null,
+        "signal_faults": signal_faults,
     });
     let mut child = Command::new(env!("CARGO_BIN_EXE_uhmm"))
         .args(["bench", "tier", "--kv-child", &plan.to_string()])
@@ -136,13 +137,17 @@ fn kv_children_run_their_workload_and_check_every_record() {
     let dir = scratch("kv");
     let usage = dir.join("usage");
     std::fs::write(&usage, "0\n").expect("write usage file");
-    let k = kv_child(false, Some(&usage));
+    let k = kv_child(false, false, Some(&usage));
     assert_eq!(k["side"], "kernel");
-    let u = kv_child(true, None);
-    assert_eq!(u["side"], "uhmm");
-    for f in ["recall", "false_hot", "tracking_cpu"] {
-        assert!(u[f].as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)), "{f}: {u}");
+    // The uhmm side, with faults answered by the handler threads and in
+    // the faulting thread.
+    for (signal, side) in [(false, "uhmm"), (true, "uhmm, faults in the faulting thread")] {
+        let u = kv_child(true, signal, None);
+        assert_eq!(u["side"], side);
+        for f in ["recall", "false_hot", "tracking_cpu"] {
+            assert!(u[f].as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)), "{f}: {u}");
+        }
+        assert!(u["resident"]["max"].as_u64().is_some_and(|r| r <= 1 << 20), "{u}");
     }
-    assert!(u["resident"]["max"].as_u64().is_some_and(|r| r <= 1 << 20), "{u}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,7 +5,9 @@
 //! needs from the kernel: userfaultfd ([`uffd`]), mappings and `madvise`
 //! ([`mman`]), the `PAGEMAP_SCAN` residency query ([`pagemap`]), page pins
 //! ([`pin`]) and CPU placement, `fork` and `pthread_atfork` ([`process`]);
-//! and what a thread does after the host stopped its vCPU ([`stall`]). Each
+//! the SIGBUS handler for faults answered in the faulting thread
+//! ([`signal`]); and what a thread does after the host stopped its vCPU
+//! ([`stall`]). Each
 //! wrapper opens with the call it is; each `unsafe` block argues why it is
 //! sound. Nothing here knows about regions, page tables or devices. It is a
 //! crate of its own, as rustix is, so that drivers, benchmarks (a raw
