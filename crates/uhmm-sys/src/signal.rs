@@ -9,7 +9,8 @@
 //! sigaction(2), signal-safety(7).
 
 use std::io;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// What the handler calls for a `BUS_ADRERR` SIGBUS at an address: true
 /// when it made the access possible (the faulting instruction runs again),
@@ -28,30 +29,36 @@ static INSTALLED: OnceLock<Installed> = OnceLock::new();
 /// later calls return `Ok` and keep the first callback). Fails when
 /// `sigaction` does.
 pub fn install_sigbus(callback: SigbusCallback) -> io::Result<()> {
-    let mut err = None;
-    INSTALLED.get_or_init(|| {
-        // SAFETY: an all-zero sigaction is a valid value (no handler, empty
-        // mask, no flags) for sigaction to fill in.
-        let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; the fields set below make it a SA_SIGINFO handler.
-        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
-        action.sa_sigaction = on_sigbus as *const () as usize;
-        // Not SA_ONSTACK: the resolution needs more stack than an alternate
-        // signal stack (Rust's, for its overflow checks) has.
-        action.sa_flags = libc::SA_SIGINFO;
-        // SAFETY: sa_mask is a valid sigset_t owned by `action`.
-        unsafe { libc::sigemptyset(&mut action.sa_mask) };
-        // SAFETY: both pointers are to valid, writable sigaction values; the
-        // handler is an extern "C" function with the SA_SIGINFO signature.
-        if unsafe { libc::sigaction(libc::SIGBUS, &action, &mut previous) } != 0 {
-            err = Some(io::Error::last_os_error());
-        }
-        Installed { callback, previous }
-    });
-    match err {
-        Some(e) => Err(e),
-        None => Ok(()),
+    static INSTALLING: Mutex<()> = Mutex::new(());
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+    let _one_at_a_time = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
+    if ACTIVE.load(Ordering::Acquire) {
+        return Ok(());
     }
+    // SAFETY: an all-zero sigaction is a valid value (no handler, empty
+    // mask, no flags) for sigaction to fill in.
+    let mut previous: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `previous`.
+    if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut previous) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Known before the handler can run: it passes signals on to `previous`.
+    let _ = INSTALLED.set(Installed { callback, previous });
+    // SAFETY: as above; the fields set below make it a SA_SIGINFO handler.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_sigbus as *const () as usize;
+    // Not SA_ONSTACK: the resolution needs more stack than an alternate
+    // signal stack (Rust's, for its overflow checks) has.
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: sa_mask is a valid sigset_t owned by `action`.
+    unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    // SAFETY: a valid sigaction whose handler is an extern "C" function
+    // with the SA_SIGINFO signature; the old action is not asked for.
+    if unsafe { libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    ACTIVE.store(true, Ordering::Release);
+    Ok(())
 }
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
