@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use uhmm::{AddressSpace, Config, ErrorKind, PAGE_SIZE, Prot, Region, Residency};
+use uhmm::{AddressSpace, Config, ErrorKind, FaultDelivery, PAGE_SIZE, Prot, Region, Residency};
 use uhmm_devices::compress::{CompressConfig, CompressStore};
 use uhmm_devices::sim::{SimConfig, SimDevice};
 use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
@@ -122,6 +122,13 @@ pub struct StressArgs {
     /// eviction.
     #[arg(long, value_parser = parse_size)]
     pub ram_budget: Option<usize>,
+
+    /// Faults answered in the faulting threads' SIGBUS handlers
+    /// (`FaultDelivery::Signal`) instead of by the handler threads. Not
+    /// with `--corrupt-rate`: a page found lost while `Region::read`
+    /// copies with loads is a SIGBUS rather than an error.
+    #[arg(long)]
+    pub signal_faults: bool,
 
     /// Chance per copy operation (a run of adjacent pages) that a copy job to a device fails
     /// (`SimConfig::copy_error_rate`).
@@ -694,7 +701,14 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     // Read-ahead on, so its migrations race with everything else too; under
     // a budget, what a tier needs too.
     let base = if args.ram_budget.is_some() { uhmm_devices::tier::space_config() } else { Config::default() };
-    let space = AddressSpace::new(Config { read_ahead_windows: 2, ..base })?;
+    let fault_delivery = if args.signal_faults { FaultDelivery::Signal } else { FaultDelivery::Handlers };
+    let space = AddressSpace::new(Config { read_ahead_windows: 2, fault_delivery, ..base })?;
+    if args.corrupt_rate > 0.0 && args.signal_faults {
+        return Err(uhmm::Error::invalid(
+            "--corrupt-rate does not go with --signal-faults: a page found lost while Region::read copies with \
+             loads is a SIGBUS rather than an error",
+        ));
+    }
     if args.corrupt_rate > 0.0 && space.user_mode_only() {
         return Err(uhmm::Error::new(
             ErrorKind::Unsupported,

@@ -189,7 +189,10 @@ impl Uffd {
         drop(probe);
         let (fd, origin2) = Self::create(accept)?;
         debug_assert_eq!(origin, origin2);
-        let features = api(fd.as_fd(), wanted & supported)?;
+        // UFFDIO_API reports every feature the kernel has, asked for or
+        // not: the descriptor's are the ones asked for that it has.
+        let features = wanted & supported;
+        api(fd.as_fd(), features)?;
         Ok(Uffd { fd, origin, features })
     }
 
@@ -255,7 +258,8 @@ impl Uffd {
         self.origin
     }
 
-    /// The negotiated `UFFD_FEATURE_*` bits.
+    /// The `UFFD_FEATURE_*` bits enabled on this descriptor: those asked
+    /// for that the kernel has.
     pub fn features(&self) -> u64 {
         self.features
     }
@@ -508,6 +512,7 @@ mod tests {
             .expect("userfaultfd");
         assert!(u.has(feature::MOVE), "this kernel must support UFFDIO_MOVE");
         assert!(u.has(feature::POISON));
+        assert!(!u.has(feature::SIGBUS), "a feature not asked for is not enabled");
     }
 
     #[test]
