@@ -478,7 +478,6 @@ impl Mm {
         self.regions.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
     }
 
-    /// The region containing `addr`.
     /// Whether a system call's access to region memory not in RAM waits
     /// for a handler to bring the page (else it fails with `EFAULT`: a
     /// user-mode-only userfaultfd, or faults delivered as SIGBUS).
@@ -486,6 +485,7 @@ impl Mm {
         self.uffd.origin() != uhmm_sys::uffd::Origin::UserModeOnly && !self.uffd.has(uhmm_sys::uffd::feature::SIGBUS)
     }
 
+    /// The region containing `addr`.
     pub(crate) fn region_at(&self, addr: usize) -> Option<Arc<Vma>> {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         let (_, r) = regions.range(..=addr).next_back()?;
