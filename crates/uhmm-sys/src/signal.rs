@@ -9,7 +9,6 @@
 //! sigaction(2), signal-safety(7).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// What the handler calls for a `BUS_ADRERR` SIGBUS at an address: true
@@ -29,10 +28,10 @@ static INSTALLED: OnceLock<Installed> = OnceLock::new();
 /// later calls return `Ok` and keep the first callback). Fails when
 /// `sigaction` does.
 pub fn install_sigbus(callback: SigbusCallback) -> io::Result<()> {
-    static INSTALLING: Mutex<()> = Mutex::new(());
-    static ACTIVE: AtomicBool = AtomicBool::new(false);
-    let _one_at_a_time = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
-    if ACTIVE.load(Ordering::Acquire) {
+    // Whether the handler is in; held while it goes in.
+    static ACTIVE: Mutex<bool> = Mutex::new(false);
+    let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    if *active {
         return Ok(());
     }
     // SAFETY: an all-zero sigaction is a valid value (no handler, empty
@@ -57,7 +56,7 @@ pub fn install_sigbus(callback: SigbusCallback) -> io::Result<()> {
     if unsafe { libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    ACTIVE.store(true, Ordering::Release);
+    *active = true;
     Ok(())
 }
 
