@@ -504,6 +504,9 @@ pub struct KvSide {
     /// Memory the table's pages out of RAM take at the end of the timed
     /// phase (zram's `mem_used_total`; the store's), bytes.
     pub compressed_bytes: u64,
+    /// The compressor's output for those pages (`compr_data_size`): the
+    /// footprint less the allocator's rounding and slack, bytes.
+    pub codec_bytes: u64,
     /// Bytes of those pages before compression.
     pub stored_bytes: u64,
     /// Seconds of each scan pass.
@@ -787,6 +790,7 @@ impl Hooks for TierHooks<'_> {
         }
         let st = self.store.stats();
         side.compressed_bytes = st.mem_used_total;
+        side.codec_bytes = st.compr_data_size;
         side.stored_bytes = st.orig_data_size;
     }
 }
@@ -1095,6 +1099,7 @@ fn run_child(plan: &ChildPlan, kernel: Option<(&Cgroup, &Zram)>) -> Result<KvSid
     let mut r = result.ok_or_else(|| format!("the {side} side's child printed no result"))?;
     if let Some(f) = footprint {
         r.compressed_bytes = f.mem_used_total.saturating_sub(zram_before.mem_used_total);
+        r.codec_bytes = f.compr_data_size.saturating_sub(zram_before.compr_data_size);
         r.stored_bytes = f.orig_data_size.saturating_sub(zram_before.orig_data_size);
     }
     if r.mismatches > 0 {
@@ -1240,6 +1245,7 @@ fn targets(
     let (um, km) = (med(u, &|s| s.resident.mean as f64), med(k, &|s| s.resident.mean as f64));
     let (uc, kc) = (med(u, &|s| s.compressed_bytes as f64), med(k, &|s| s.compressed_bytes as f64));
     let (uso, kso) = (med(u, &|s| s.stored_bytes as f64), med(k, &|s| s.stored_bytes as f64));
+    let (ucd, kcd) = (med(u, &|s| s.codec_bytes as f64), med(k, &|s| s.codec_bytes as f64));
     let (us, ks) = (med(u, &|s| scan_s(s)), med(k, &|s| scan_s(s)));
     let skew = med(k, &|s| s.top10_page_share).or(med(u, &|s| s.top10_page_share));
     let oom = match oom_kills {
@@ -1276,7 +1282,15 @@ fn targets(
             "compressed footprint, uhmm store / zram mem_used_total",
             ratio(uc, kc),
             1.0,
-            format!("{} / {} for {} / {} out{oom}", size(uc), size(kc), size(uso), size(kso)),
+            format!(
+                "{} / {} for {} / {} out; compressor output {} / {}{oom}",
+                size(uc),
+                size(kc),
+                size(uso),
+                size(kso),
+                size(ucd),
+                size(kcd)
+            ),
         ),
     ];
     let gbs = |s: Option<f64>| s.map_or("–".into(), |s| format!("{:.2}", table / s / 1e9));

@@ -50,6 +50,8 @@ fn tool(program: &str, args: &[&str]) -> Result<(), String> {
 pub struct MmStat {
     /// Bytes stored, before compression.
     pub orig_data_size: u64,
+    /// Bytes the compressor produced for them.
+    pub compr_data_size: u64,
     /// Memory the allocator uses for them.
     pub mem_used_total: u64,
 }
@@ -110,7 +112,7 @@ impl Zram {
         let s = fs::read_to_string(self.sys("mm_stat")).unwrap_or_default();
         let f: Vec<u64> = s.split_whitespace().map(|w| w.parse().unwrap_or(0)).collect();
         let at = |i: usize| f.get(i).copied().unwrap_or(0);
-        MmStat { orig_data_size: at(0), mem_used_total: at(2) }
+        MmStat { orig_data_size: at(0), compr_data_size: at(1), mem_used_total: at(2) }
     }
 }
 

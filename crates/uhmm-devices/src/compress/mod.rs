@@ -35,7 +35,7 @@ const PARALLEL_PAGES: usize = 64;
 const PARALLEL_GET_PAGES: usize = 128;
 
 /// RAM of emptied pool pieces kept (counted as used) before a worker gives
-/// it back (past an eighth of the pool too); `compact` gives it all back.
+/// it back (past a thirty-second of the pool too); `compact` gives it all back.
 const EMPTY_SLACK: usize = 1 << 20;
 
 /// Settings of a [`CompressStore`]; each field's doc gives its default.
@@ -115,6 +115,9 @@ pub struct CompressStats {
     pub objects: u64,
     /// Pool bytes lost to rounding objects up to their size class.
     pub class_waste: u64,
+    /// Pool RAM no object touches any more, not given back yet (released
+    /// in the background once past a share of the pool).
+    pub empty_bytes: u64,
     /// Bytes [`CompressStore::compact`] gave back, in all.
     pub compacted_bytes: u64,
     /// Pages stored, in all (demotions).
@@ -264,6 +267,7 @@ impl CompressStore {
             grouped_pages: st.grouped_pages,
             objects: u.objects as u64,
             class_waste: (u.slot_bytes - u.object_bytes) as u64,
+            empty_bytes: u.empty_bytes as u64,
             compacted_bytes: c.compacted_bytes.load(Ordering::Relaxed),
             pages_stored: c.pages_stored.load(Ordering::Relaxed),
             pages_loaded: c.pages_loaded.load(Ordering::Relaxed),
@@ -301,7 +305,7 @@ impl CompressStore {
 
     /// Freed objects leave pool pieces empty but resident: a fault freeing
     /// its page must not wait for the TLB flush that giving the RAM back
-    /// costs. Past [`EMPTY_SLACK`] (and an eighth of the pool), a worker
+    /// costs. Past [`EMPTY_SLACK`] (and a thirty-second of the pool), a worker
     /// gives it back.
     fn release_empty_later(&self, st: std::sync::MutexGuard<'_, State>) {
         let over = st.pool.empty_over(EMPTY_SLACK);

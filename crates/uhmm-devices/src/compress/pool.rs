@@ -57,6 +57,8 @@ pub(crate) struct PoolUsage {
     pub(crate) slot_bytes: usize,
     /// Live objects.
     pub(crate) objects: usize,
+    /// RAM of pieces no live object touches, not given back yet.
+    pub(crate) empty_bytes: usize,
 }
 
 /// A size class: slots of `size` bytes in one mapping.
@@ -207,11 +209,12 @@ impl Pool {
         released * PIECE_BYTES
     }
 
-    /// Whether the empty pieces still resident exceed `slack` bytes and an
-    /// eighth of the RAM the pool uses (counters only: no walk of classes).
+    /// Whether the empty pieces still resident exceed `slack` bytes and a
+    /// thirty-second of the RAM the pool uses (counters only: no walk of
+    /// classes).
     pub(crate) fn empty_over(&self, slack: usize) -> bool {
         let resident = (self.used_pieces + self.empty_pieces) * PIECE_BYTES;
-        self.empty_pieces * PIECE_BYTES > slack.max(resident / 8)
+        self.empty_pieces * PIECE_BYTES > slack.max(resident / 32)
     }
 
     /// Flips a bit of the object at `h`, `at` bytes in: fault injection.
@@ -271,7 +274,8 @@ impl Pool {
     /// What the pool holds.
     pub(crate) fn usage(&self) -> PoolUsage {
         let resident = (self.used_pieces + self.empty_pieces) * PIECE_BYTES;
-        let mut u = PoolUsage { used_bytes: resident, ..PoolUsage::default() };
+        let mut u =
+            PoolUsage { used_bytes: resident, empty_bytes: self.empty_pieces * PIECE_BYTES, ..PoolUsage::default() };
         for class in &self.classes {
             u.objects += class.objects;
             u.object_bytes += class.object_bytes;
