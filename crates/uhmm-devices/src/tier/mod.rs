@@ -664,8 +664,9 @@ impl Shared {
         self.scanned.fetch_add(sent as u64, Ordering::Relaxed);
         let cost = t0.elapsed();
         state.track_cost += cost;
-        // Size the next sample so that a round costs its share of the interval.
-        let allowed = self.config.interval.mul_f64(self.config.tracking_cpu);
+        // Size the next sample so that a round costs its share of the
+        // interval, aiming below it so that noise stays within the share.
+        let allowed = self.config.interval.mul_f64(self.config.tracking_cpu * TRACKING_AIM);
         state.sample = if state.track_cost > allowed {
             (state.sample * 3 / 4).max(8)
         } else {
@@ -679,9 +680,14 @@ impl State {
     /// How far apart rounds must be for the tracking to stay within its
     /// share of a CPU.
     fn spacing(&self, config: &TierConfig) -> Duration {
-        self.track_cost.div_f64(config.tracking_cpu)
+        self.track_cost.div_f64(config.tracking_cpu * TRACKING_AIM)
     }
 }
+
+/// The share of [`TierConfig::tracking_cpu`] that the spacing of rounds
+/// and the hinting sample are sized for: a round's cost varies with the
+/// load, and the controllers settle around their aim.
+const TRACKING_AIM: f64 = 0.8;
 
 /// Pages past which reclaim starts, under a limit of `limit` pages.
 fn high_watermark(limit: u64) -> u64 {
