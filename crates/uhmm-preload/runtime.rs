@@ -1,0 +1,427 @@
+//! The program's managed memory: one address space with the compressed
+//! store as its device and, with a budget, a `Tier` over every block; the
+//! table of blocks the hooks handed out, and what each memory call does to
+//! them.
+
+use std::collections::BTreeMap;
+use std::ffi::{c_int, c_void};
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use uhmm::{AddressSpace, PAGE_SIZE, Prot, Region};
+use uhmm_devices::compress::{CompressConfig, CompressStore};
+use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
+use uhmm_devices::tier::{Tier, TierConfig, space_config};
+
+use crate::real;
+use crate::report::Report;
+use crate::settings::Settings;
+
+/// What a block was made by: `free` takes only the allocator's,
+/// `munmap` both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Malloc,
+    Mmap,
+}
+
+/// A block of the program's memory that uhmm manages (or managed, until a
+/// call it cannot follow detached it into plain memory at the same
+/// addresses).
+#[derive(Debug)]
+struct Block {
+    /// The region; `None` once detached.
+    region: Option<Region>,
+    /// The block's addresses (whole pages).
+    range: Range<usize>,
+    /// The pointer handed to the program.
+    user: usize,
+    kind: Kind,
+    /// Pages `munmap`ed out of the middle (the region keeps them
+    /// reserved until the whole block goes).
+    unmapped_pages: usize,
+}
+
+/// Counters for the report.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) blocks: AtomicU64,
+    pub(crate) bytes_now: AtomicU64,
+    pub(crate) bytes_peak: AtomicU64,
+    pub(crate) detached: AtomicU64,
+}
+
+/// The managed memory of the program.
+pub(crate) struct Runtime {
+    pub(crate) settings: Settings,
+    pub(crate) space: AddressSpace,
+    pub(crate) store: Arc<CompressStore>,
+    /// Held for the runtime's life: its pagemap goes with it.
+    _device: Arc<StoreDevice>,
+    pub(crate) tier: Option<Tier>,
+    blocks: Mutex<BTreeMap<usize, Block>>,
+    pub(crate) counters: Counters,
+    pub(crate) started: Instant,
+    /// Set in a forked child: the space belongs to the parent, so the
+    /// child's memory calls go straight to the kernel and its blocks are
+    /// plain memory.
+    pub(crate) forked: AtomicBool,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// Rounds `n` up to whole pages (`None` on overflow).
+pub(crate) fn page_up(n: usize) -> Option<usize> {
+    n.checked_add(PAGE_SIZE - 1).map(|n| n & !(PAGE_SIZE - 1))
+}
+
+impl Runtime {
+    /// Makes the address space, store, device and (with a budget) tier.
+    pub(crate) fn new(settings: Settings) -> Result<Runtime, String> {
+        let err = |what: &'static str| move |e: uhmm::Error| format!("{what}: {e}");
+        let space = AddressSpace::new(space_config()).map_err(err("address space"))?;
+        if space.user_mode_only() {
+            return Err("only user-mode userfaultfd is available: the program's own system calls on \
+                        its memory would fail"
+                .into());
+        }
+        let store = Arc::new(CompressStore::new(CompressConfig::default()).map_err(err("compressed store"))?);
+        let device =
+            Arc::new(StoreDevice::new(&space, store.clone(), StoreDeviceConfig::default()).map_err(err("device"))?);
+        let tier = match settings.ram_budget {
+            Some(b) => Some(
+                Tier::new(&space, device.clone(), TierConfig { budget_bytes: b, ..TierConfig::default() })
+                    .map_err(err("tier"))?,
+            ),
+            None => None,
+        };
+        Ok(Runtime {
+            settings,
+            space,
+            store,
+            _device: device,
+            tier,
+            blocks: Mutex::new(BTreeMap::new()),
+            counters: Counters::default(),
+            started: Instant::now(),
+            forked: AtomicBool::new(false),
+        })
+    }
+
+    /// What uhmm did so far.
+    pub(crate) fn report(&self) -> Report {
+        let c = &self.counters;
+        let space = self.space.stats();
+        let store = self.store.stats();
+        let tier = self.tier.as_ref().map(|t| t.stats()).unwrap_or_default();
+        Report {
+            ram_budget: self.settings.ram_budget,
+            min_size: self.settings.min_size as u64,
+            blocks: c.blocks.load(Ordering::Relaxed),
+            managed_peak_bytes: c.bytes_peak.load(Ordering::Relaxed),
+            detached_blocks: c.detached.load(Ordering::Relaxed),
+            faults: space.faults,
+            demoted_pages: space.pages_to_device,
+            promoted_pages: space.pages_to_ram,
+            tier_peak_resident_bytes: tier.peak_resident_bytes,
+            stored_bytes: store.orig_data_size,
+            store_bytes: store.mem_used_total,
+            compression_ratio: store.ratio(),
+            tier_seconds: (tier.tracking_cpu + tier.reclaim_cpu).as_secs_f64(),
+            seconds: self.started.elapsed().as_secs_f64(),
+            ..Report::default()
+        }
+    }
+
+    /// Before `fork`: takes the block table's lock, so that the child's
+    /// copy is not taken by a thread that does not exist there.
+    pub(crate) fn lock_for_fork(&self) {
+        std::mem::forget(self.blocks.lock());
+    }
+
+    /// After `fork`, in parent and child: lets the lock
+    /// [`lock_for_fork`](Self::lock_for_fork) took go.
+    pub(crate) fn unlock_after_fork(&self, child: bool) {
+        if child {
+            self.forked.store(true, Ordering::Relaxed);
+        }
+        // SAFETY: `lock_for_fork` took the lock in the forking thread and
+        // forgot its guard; this is that thread (or its copy in the child).
+        unsafe { self.blocks.force_unlock() };
+    }
+
+    fn forked(&self) -> bool {
+        self.forked.load(Ordering::Relaxed)
+    }
+
+    /// A new block of at least `len` bytes whose pointer is aligned to
+    /// `align` (a power of two); null when uhmm cannot make one (the
+    /// caller then asks the C library).
+    pub(crate) fn alloc(&self, len: usize, align: usize, kind: Kind) -> *mut c_void {
+        if self.forked() {
+            return std::ptr::null_mut();
+        }
+        let extra = align.saturating_sub(PAGE_SIZE);
+        let Some(size) = len.checked_add(extra).and_then(page_up) else { return std::ptr::null_mut() };
+        let Ok(region) = self.space.map(size, Prot::READ_WRITE) else { return std::ptr::null_mut() };
+        let range = region.range();
+        let user = range.start.next_multiple_of(align.max(1));
+        if let Some(tier) = &self.tier
+            && tier.manage(range.clone()).is_err()
+        {
+            return std::ptr::null_mut();
+        }
+        let c = &self.counters;
+        c.blocks.fetch_add(1, Ordering::Relaxed);
+        let now = c.bytes_now.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
+        c.bytes_peak.fetch_max(now, Ordering::Relaxed);
+        let block = Block { region: Some(region), range: range.clone(), user, kind, unmapped_pages: 0 };
+        self.blocks.lock().insert(range.start, block);
+        user as *mut c_void
+    }
+
+    /// The block holding `addr`: its start.
+    fn find(blocks: &BTreeMap<usize, Block>, addr: usize) -> Option<usize> {
+        let (&start, b) = blocks.range(..=addr).next_back()?;
+        (addr < b.range.end).then_some(start)
+    }
+
+    /// The usable bytes from `ptr` to its block's end, if `ptr` is a
+    /// block's pointer.
+    pub(crate) fn usable(&self, ptr: usize) -> Option<usize> {
+        let blocks = self.blocks.lock();
+        let b = blocks.get(&Self::find(&blocks, ptr)?)?;
+        (b.user == ptr).then(|| b.range.end - ptr)
+    }
+
+    /// Frees the allocator block whose pointer is `ptr`; false when `ptr`
+    /// is not one.
+    pub(crate) fn free(&self, ptr: usize) -> bool {
+        let mut blocks = self.blocks.lock();
+        let Some(start) = Self::find(&blocks, ptr) else { return false };
+        if blocks[&start].user != ptr || blocks[&start].kind != Kind::Malloc {
+            return false;
+        }
+        let block = blocks.remove(&start);
+        drop(blocks);
+        if let Some(b) = block {
+            self.release(b);
+        }
+        true
+    }
+
+    /// Gives a whole block's memory back.
+    fn release(&self, b: Block) {
+        let len = b.range.len();
+        match b.region {
+            Some(region) if !self.forked() => {
+                if let Some(tier) = &self.tier {
+                    tier.unmanage(b.range.clone());
+                }
+                drop(region);
+            }
+            Some(region) => {
+                // The child's copy of the parent's region: plain memory
+                // here; the parent's space must not be touched.
+                std::mem::forget(region);
+                real::munmap(b.range.start as *mut c_void, len);
+            }
+            None => {
+                real::munmap(b.range.start as *mut c_void, len);
+            }
+        }
+        self.counters.bytes_now.fetch_sub(len as u64, Ordering::Relaxed);
+    }
+
+    /// The parts of `range` no block covers.
+    fn gaps(blocks: &BTreeMap<usize, Block>, range: Range<usize>) -> Vec<Range<usize>> {
+        let mut gaps = Vec::new();
+        let mut at = range.start;
+        let first = Self::find(blocks, range.start).unwrap_or(range.start);
+        for b in blocks.range(first..range.end).map(|(_, b)| b) {
+            if b.range.start > at {
+                gaps.push(at..b.range.start.min(range.end));
+            }
+            at = at.max(b.range.end);
+        }
+        if at < range.end {
+            gaps.push(at..range.end);
+        }
+        gaps
+    }
+
+    /// The starts of the blocks `range` overlaps.
+    fn overlapping(blocks: &BTreeMap<usize, Block>, range: &Range<usize>) -> Vec<usize> {
+        let first = Self::find(blocks, range.start).unwrap_or(range.start);
+        blocks.range(first..range.end).map(|(&s, _)| s).collect()
+    }
+
+    /// Whether `range` touches a block (the hooks' fast check).
+    pub(crate) fn touches(&self, range: &Range<usize>) -> bool {
+        !Self::overlapping(&self.blocks.lock(), range).is_empty()
+    }
+
+    /// `munmap` of `range` (page-aligned), which touches blocks: whole
+    /// blocks are freed, parts unmapped inside their region, the rest
+    /// handed to the kernel.
+    pub(crate) fn munmap(&self, range: Range<usize>) -> c_int {
+        let mut blocks = self.blocks.lock();
+        let mut whole = Vec::new();
+        for start in Self::overlapping(&blocks, &range) {
+            let b = blocks.get_mut(&start).expect("listed");
+            let part = range.start.max(b.range.start)..range.end.min(b.range.end);
+            let all = part == b.range;
+            match (&b.region, all) {
+                (Some(region), false) if !self.forked() => {
+                    let off = part.start - b.range.start..part.end - b.range.start;
+                    if region.unmap(off).is_ok() {
+                        b.unmapped_pages += part.len() / PAGE_SIZE;
+                    }
+                    if b.unmapped_pages * PAGE_SIZE >= b.range.len() {
+                        whole.push(start);
+                    }
+                }
+                (None, false) => {
+                    real::munmap(part.start as *mut c_void, part.len());
+                }
+                _ if all => whole.push(start),
+                // A forked child's partial unmap of a parent's region:
+                // plain memory here.
+                _ => {
+                    real::munmap(part.start as *mut c_void, part.len());
+                }
+            }
+        }
+        let freed: Vec<Block> = whole.into_iter().filter_map(|s| blocks.remove(&s)).collect();
+        let gaps = Self::gaps(&blocks, range);
+        drop(blocks);
+        for b in freed {
+            self.release(b);
+        }
+        for g in gaps {
+            real::munmap(g.start as *mut c_void, g.len());
+        }
+        0
+    }
+
+    /// `madvise` of `range`, which touches blocks: advice that drops pages
+    /// drops them through uhmm; any other goes to the kernel.
+    pub(crate) fn madvise(&self, range: Range<usize>, advice: c_int) -> c_int {
+        let drops = matches!(advice, libc::MADV_DONTNEED | libc::MADV_FREE | libc::MADV_REMOVE);
+        if !drops || self.forked() {
+            return real::madvise(range.start as *mut c_void, range.len(), advice);
+        }
+        let blocks = self.blocks.lock();
+        for start in Self::overlapping(&blocks, &range) {
+            let b = &blocks[&start];
+            let part = range.start.max(b.range.start)..range.end.min(b.range.end);
+            let done = match &b.region {
+                Some(region) => region.discard(part.start - b.range.start..part.end - b.range.start).is_ok(),
+                None => real::madvise(part.start as *mut c_void, part.len(), advice) == 0,
+            };
+            if !done {
+                real::set_errno(libc::EINVAL);
+                return -1;
+            }
+        }
+        for g in Self::gaps(&blocks, range) {
+            if real::madvise(g.start as *mut c_void, g.len(), advice) != 0 {
+                return -1;
+            }
+        }
+        0
+    }
+
+    /// `mprotect` of `range`, which touches blocks: read and write through
+    /// uhmm; execute detaches the block into plain memory first.
+    pub(crate) fn mprotect(&self, range: Range<usize>, prot: c_int) -> c_int {
+        if self.forked() {
+            return real::mprotect(range.start as *mut c_void, range.len(), prot);
+        }
+        let mut p = Prot::NONE;
+        if prot & libc::PROT_READ != 0 {
+            p |= Prot::READ;
+        }
+        if prot & libc::PROT_WRITE != 0 {
+            p |= Prot::WRITE;
+        }
+        let plain = prot & !(libc::PROT_READ | libc::PROT_WRITE) != 0;
+        let mut blocks = self.blocks.lock();
+        for start in Self::overlapping(&blocks, &range) {
+            if plain {
+                self.detach(blocks.get_mut(&start).expect("listed"));
+            }
+            let b = &blocks[&start];
+            let part = range.start.max(b.range.start)..range.end.min(b.range.end);
+            let done = match &b.region {
+                Some(region) => region.protect(part.start - b.range.start..part.end - b.range.start, p).is_ok(),
+                None => real::mprotect(part.start as *mut c_void, part.len(), prot) == 0,
+            };
+            if !done {
+                real::set_errno(libc::ENOMEM);
+                return -1;
+            }
+        }
+        for g in Self::gaps(&blocks, range) {
+            if real::mprotect(g.start as *mut c_void, g.len(), prot) != 0 {
+                return -1;
+            }
+        }
+        0
+    }
+
+    /// Detaches every block `range` touches (for `mremap` and fixed
+    /// mappings over them, which uhmm does not follow): each becomes plain
+    /// memory at the same addresses, with its data.
+    pub(crate) fn detach_range(&self, range: Range<usize>) {
+        let mut blocks = self.blocks.lock();
+        for start in Self::overlapping(&blocks, &range) {
+            self.detach(blocks.get_mut(&start).expect("listed"));
+        }
+    }
+
+    /// Turns a block into plain anonymous memory at the same addresses:
+    /// its data copied out (faulting every page back), the region dropped,
+    /// the range mapped again and the data copied in. Pages unmapped out of
+    /// the block stay unmapped.
+    fn detach(&self, b: &mut Block) {
+        let Some(region) = b.region.take() else { return };
+        if self.forked() {
+            std::mem::forget(region);
+            return;
+        }
+        let len = b.range.len();
+        let mut data = vec![0u8; len];
+        let mut holes = Vec::new();
+        for page in 0..len / PAGE_SIZE {
+            let at = page * PAGE_SIZE;
+            if region.read(at, &mut data[at..at + PAGE_SIZE]).is_err() {
+                holes.push(at);
+            }
+        }
+        if let Some(tier) = &self.tier {
+            tier.unmanage(b.range.clone());
+        }
+        drop(region);
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let start = b.range.start as *mut c_void;
+        if real::mmap(start, len, rw, flags, -1, 0) != start {
+            return;
+        }
+        // SAFETY: the range was just mapped read-write, `len` bytes, and
+        // `data` holds `len` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), start.cast::<u8>(), len) };
+        for at in holes {
+            real::munmap((b.range.start + at) as *mut c_void, PAGE_SIZE);
+        }
+        self.counters.detached.fetch_add(1, Ordering::Relaxed);
+    }
+}
