@@ -50,16 +50,17 @@ pub(crate) fn memalign(align: usize, size: usize) -> *mut c_void {
     unsafe { __libc_memalign(align, size) }
 }
 
-/// glibc's `malloc_usable_size`, found once with `dlsym(RTLD_NEXT)`
-/// (glibc has no `__libc_` name for it). Called inside a hook, so that
-/// what `dlsym` allocates goes to glibc.
+/// glibc's `malloc_usable_size`, found once by its glibc symbol version
+/// (`dlvsym`: glibc has no `__libc_` name for it, and a plain lookup could
+/// find another allocator's, jemalloc's in `redis-server`). Called inside
+/// a hook, so that what the lookup allocates goes to glibc.
 pub(crate) fn malloc_usable_size(ptr: *mut c_void) -> usize {
     type F = unsafe extern "C" fn(*mut c_void) -> usize;
     static REAL: std::sync::OnceLock<Option<F>> = std::sync::OnceLock::new();
     let f = REAL.get_or_init(|| {
-        // SAFETY: a NUL-terminated name; RTLD_NEXT finds the definition
-        // after this library's, glibc's.
-        let sym = unsafe { libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr()) };
+        // SAFETY: NUL-terminated name and version; x86-64 glibc has
+        // defined the function at this version since its first release.
+        let sym = unsafe { libc::dlvsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr(), c"GLIBC_2.2.5".as_ptr()) };
         // SAFETY: the symbol is glibc's `malloc_usable_size`, of this type.
         (!sym.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, F>(sym) })
     });

@@ -5,13 +5,15 @@
 //! residency map, progress and counters. `uhmm bench` measures uhmm against
 //! baselines taken in the same run and reports the targets as ratios.
 //! `uhmm stress` is the integrity soak: random reads, writes and migrations
-//! with every byte verified.
+//! with every byte verified. `uhmm run` puts an unmodified program's large
+//! memory under uhmm.
 #![forbid(unsafe_code)]
 
 mod bench;
 mod demo;
 mod devices;
 mod map;
+mod run;
 mod stress;
 mod units;
 
@@ -90,6 +92,23 @@ enum Command {
     /// saw a thread make no progress for --watchdog seconds (a hang; the
     /// threads' states are printed).
     Stress(stress::StressArgs),
+
+    /// Run an unmodified program with its large anonymous memory under
+    /// uhmm: allocations and mappings of at least --min-size become uhmm
+    /// regions, kept within --ram-budget by compressing the coldest pages.
+    ///
+    /// `libuhmm_preload.so` (built with this binary, next to it) is
+    /// preloaded into the program (LD_PRELOAD); it takes over the C
+    /// allocator's entry points and the memory system calls' wrappers, and
+    /// hands everything small to the C library. At exit each process that
+    /// used uhmm leaves a report; `uhmm run` prints them with the program's
+    /// peak and mean resident memory. Needs full userfaultfd (root,
+    /// read-write access to /dev/userfaultfd, or
+    /// vm.unprivileged_userfaultfd=1).
+    ///
+    /// Exit status: the program's (killed by a signal: the same signal);
+    /// 2 when it could not be started.
+    Run(run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -102,5 +121,6 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Stress(args) => stress::run(&args),
+        Command::Run(args) => run::run(&args),
     }
 }
