@@ -106,7 +106,7 @@ fn hooked<T>(f: impl FnOnce() -> T) -> Option<T> {
     Some(out)
 }
 
-/// The runtime, made on first use, if this thread may use it now.
+/// The runtime, made on first use.
 fn runtime() -> Option<&'static Runtime> {
     let settings = SETTINGS.get()?;
     RUNTIME.get_or_init(|| Runtime::new(settings.clone())).as_ref().ok()
@@ -140,9 +140,10 @@ fn free_managed(ptr: *mut c_void) -> bool {
     }
     let Some(rt) = runtime_if_made() else { return false };
     // A free from inside a hook (a signal handler that interrupted one)
-    // of a managed block would wait for the table's lock: the block is
-    // left to the process's end rather than risk that.
-    hooked(|| rt.free(addr)).unwrap_or_else(|| rt.usable(addr).is_some())
+    // must not wait for the table's lock: a managed block is left to the
+    // process's end, and so is any page-aligned pointer while the lock is
+    // taken (glibc's `free` of a managed block would be worse).
+    hooked(|| rt.free(addr)).unwrap_or_else(|| rt.owns_now(addr).unwrap_or(true))
 }
 
 /// `malloc(3)`.
@@ -297,7 +298,7 @@ pub extern "C" fn mmap(
     fd: c_int,
     off: libc::off_t,
 ) -> *mut c_void {
-    let fixed = flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0;
+    let fixed = flags & libc::MAP_FIXED != 0;
     let plain = flags & !(libc::MAP_NORESERVE | libc::MAP_POPULATE) == libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     if plain && addr.is_null() && prot == libc::PROT_READ | libc::PROT_WRITE && large(len) {
         let p = hooked(|| runtime().map_or(std::ptr::null_mut(), |rt| rt.alloc(len, PAGE_SIZE, Kind::Mmap)));

@@ -201,6 +201,13 @@ impl Runtime {
         (b.user == ptr).then(|| b.range.end - ptr)
     }
 
+    /// Whether `ptr` is a block's pointer, without waiting for the table's
+    /// lock (`None` while another holds it).
+    pub(crate) fn owns_now(&self, ptr: usize) -> Option<bool> {
+        let blocks = self.blocks.try_lock()?;
+        Some(Self::find(&blocks, ptr).is_some_and(|s| blocks[&s].user == ptr))
+    }
+
     /// Frees the allocator block whose pointer is `ptr`; false when `ptr`
     /// is not one.
     pub(crate) fn free(&self, ptr: usize) -> bool {

@@ -262,6 +262,7 @@ fn redis_server_filled_and_read_back() {
 
 #[test]
 fn exit_status_and_signals_are_the_programs() {
+    library();
     let sh = program("sh");
     let (status, _, _) = run_command({
         let mut c = Command::new(env!("CARGO_BIN_EXE_uhmm"));

@@ -10,6 +10,7 @@ mod baselines;
 mod cases;
 mod datasets;
 mod kv;
+mod programs;
 mod report;
 mod tier;
 mod zram;
@@ -71,7 +72,13 @@ pub enum Suite {
     /// a uhmm region under the RAM-budget tier. Needs root (it sets up and
     /// removes a zram swap device and a memory cgroup), python3 and the
     /// perl-doc package (the text corpus).
-    Tier(tier::TierArgs),
+    Tier(Box<tier::TierArgs>),
+
+    /// Unmodified programs (python3, sort) under `uhmm run` against the
+    /// same programs under a memory cgroup limit with zram swap, at
+    /// budgets of 100%, 50% and 25% of their peak: wall time and peak
+    /// memory of each side, outputs checked. Needs root.
+    Run,
 }
 
 /// Sizes of the bulk-migration and memcpy sweeps.
@@ -417,6 +424,15 @@ pub struct Results {
 
 /// Runs the suite.
 pub fn run(args: &BenchArgs) -> ExitCode {
+    if let Some(Suite::Run) = &args.suite {
+        return match programs::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("uhmm bench run: error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(Suite::Tier(tier)) = &args.suite {
         return match tier::run(tier) {
             Ok(()) => ExitCode::SUCCESS,
