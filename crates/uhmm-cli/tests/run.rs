@@ -202,7 +202,7 @@ fn redis_server_filled_and_read_back() {
     }
     let load_file = dir.join("load.resp");
     std::fs::write(&load_file, load).expect("write the load");
-    let session = |port: u16, uhmm: bool| -> (String, Option<Value>) {
+    let serve = |port: u16, uhmm: bool| -> (String, Option<Value>) {
         let report = dir.join(format!("report-{port}.json"));
         let mut cmd = if uhmm {
             let mut c = Command::new(env!("CARGO_BIN_EXE_uhmm"));
@@ -252,9 +252,9 @@ fn redis_server_filled_and_read_back() {
         (out, report)
     };
     let base = 17_000 + (std::process::id() % 1000) as u16 * 2;
-    let (want, _) = session(base, false);
+    let (want, _) = serve(base, false);
     assert!(want.starts_with("60000"), "the plain server did not take the load: {want}");
-    let (got, report) = session(base + 1, true);
+    let (got, report) = serve(base + 1, true);
     assert_eq!(got, want, "redis-server gave other data under uhmm run");
     let report = report.expect("report");
     assert!(total(&report, "blocks") > 0, "uhmm managed none of redis-server's memory: {report}");
