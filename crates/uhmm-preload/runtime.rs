@@ -45,6 +45,16 @@ struct Block {
     unmapped_pages: usize,
 }
 
+impl Block {
+    /// The part of `range` inside the block: its addresses, and its
+    /// offsets in the block's region.
+    fn part(&self, range: &Range<usize>) -> (Range<usize>, Range<usize>) {
+        let part = range.start.max(self.range.start)..range.end.min(self.range.end);
+        let off = part.start - self.range.start..part.end - self.range.start;
+        (part, off)
+    }
+}
+
 /// Counters for the report.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -283,11 +293,10 @@ impl Runtime {
         let mut whole = Vec::new();
         for start in Self::overlapping(&blocks, &range) {
             let b = blocks.get_mut(&start).expect("listed");
-            let part = range.start.max(b.range.start)..range.end.min(b.range.end);
+            let (part, off) = b.part(&range);
             let all = part == b.range;
             match (&b.region, all) {
                 (Some(region), false) if !self.forked() => {
-                    let off = part.start - b.range.start..part.end - b.range.start;
                     if region.unmap(off).is_ok() {
                         b.unmapped_pages += part.len() / PAGE_SIZE;
                     }
@@ -325,25 +334,8 @@ impl Runtime {
         if !drops || self.forked() {
             return real::madvise(range.start as *mut c_void, range.len(), advice);
         }
-        let blocks = self.blocks.lock();
-        for start in Self::overlapping(&blocks, &range) {
-            let b = &blocks[&start];
-            let part = range.start.max(b.range.start)..range.end.min(b.range.end);
-            let done = match &b.region {
-                Some(region) => region.discard(part.start - b.range.start..part.end - b.range.start).is_ok(),
-                None => real::madvise(part.start as *mut c_void, part.len(), advice) == 0,
-            };
-            if !done {
-                real::set_errno(libc::EINVAL);
-                return -1;
-            }
-        }
-        for g in Self::gaps(&blocks, range) {
-            if real::madvise(g.start as *mut c_void, g.len(), advice) != 0 {
-                return -1;
-            }
-        }
-        0
+        let kernel = |r: Range<usize>| real::madvise(r.start as *mut c_void, r.len(), advice) == 0;
+        self.apply(range, false, libc::EINVAL, |region, off| region.discard(off).is_ok(), kernel)
     }
 
     /// `mprotect` of `range`, which touches blocks: read and write through
@@ -360,28 +352,44 @@ impl Runtime {
             p |= Prot::WRITE;
         }
         let plain = prot & !(libc::PROT_READ | libc::PROT_WRITE) != 0;
+        let kernel = |r: Range<usize>| real::mprotect(r.start as *mut c_void, r.len(), prot) == 0;
+        self.apply(range, plain, libc::ENOMEM, |region, off| region.protect(off, p).is_ok(), kernel)
+    }
+
+    /// Does a call on `range`: on each block's part through its region
+    /// (`via_region`, given the offsets) or, for a detached block (all of
+    /// them first when `detach`), through the kernel (`via_kernel`, given
+    /// the addresses), which also takes the parts no block covers. Returns
+    /// 0, or -1 with `errno` set (`region_errno` when uhmm refused).
+    fn apply(
+        &self,
+        range: Range<usize>,
+        detach: bool,
+        region_errno: c_int,
+        via_region: impl Fn(&Region, Range<usize>) -> bool,
+        via_kernel: impl Fn(Range<usize>) -> bool,
+    ) -> c_int {
         let mut blocks = self.blocks.lock();
         for start in Self::overlapping(&blocks, &range) {
-            if plain {
-                self.detach(blocks.get_mut(&start).expect("listed"));
+            let b = blocks.get_mut(&start).expect("listed");
+            if detach {
+                self.detach(b);
             }
-            let b = &blocks[&start];
-            let part = range.start.max(b.range.start)..range.end.min(b.range.end);
+            let (part, off) = b.part(&range);
             let done = match &b.region {
-                Some(region) => region.protect(part.start - b.range.start..part.end - b.range.start, p).is_ok(),
-                None => real::mprotect(part.start as *mut c_void, part.len(), prot) == 0,
+                Some(region) => {
+                    via_region(region, off) || {
+                        real::set_errno(region_errno);
+                        false
+                    }
+                }
+                None => via_kernel(part),
             };
             if !done {
-                real::set_errno(libc::ENOMEM);
                 return -1;
             }
         }
-        for g in Self::gaps(&blocks, range) {
-            if real::mprotect(g.start as *mut c_void, g.len(), prot) != 0 {
-                return -1;
-            }
-        }
-        0
+        if Self::gaps(&blocks, range).into_iter().all(via_kernel) { 0 } else { -1 }
     }
 
     /// Detaches every block `range` touches (for `mremap` and fixed
@@ -395,37 +403,46 @@ impl Runtime {
     }
 
     /// Turns a block into plain anonymous memory at the same addresses:
-    /// its data copied out (faulting every page back), the region dropped,
-    /// the range mapped again and the data copied in. Pages unmapped out of
-    /// the block stay unmapped.
+    /// its data copied (faulting every page back) into a fresh mapping,
+    /// the region dropped, the mapping moved onto the block's addresses.
+    /// Pages unmapped out of the block stay unmapped. When no fresh mapping
+    /// can be made, the block stays as it was: the region goes only once
+    /// its data is safe elsewhere.
     fn detach(&self, b: &mut Block) {
-        let Some(region) = b.region.take() else { return };
         if self.forked() {
-            std::mem::forget(region);
+            if let Some(region) = b.region.take() {
+                std::mem::forget(region);
+            }
             return;
         }
+        let Some(region) = &b.region else { return };
         let len = b.range.len();
-        let mut data = vec![0u8; len];
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let copy = real::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0);
+        if copy == libc::MAP_FAILED {
+            return;
+        }
+        // SAFETY: `copy` was just mapped read-write, `len` bytes, and no
+        // one else knows of it.
+        let data = unsafe { std::slice::from_raw_parts_mut(copy.cast::<u8>(), len) };
         let mut holes = Vec::new();
-        for page in 0..len / PAGE_SIZE {
-            let at = page * PAGE_SIZE;
-            if region.read(at, &mut data[at..at + PAGE_SIZE]).is_err() {
-                holes.push(at);
+        for (page, chunk) in data.chunks_mut(PAGE_SIZE).enumerate() {
+            if region.read(page * PAGE_SIZE, chunk).is_err() {
+                holes.push(page * PAGE_SIZE);
             }
         }
         if let Some(tier) = &self.tier {
             tier.unmanage(b.range.clone());
         }
-        drop(region);
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        b.region = None;
         let start = b.range.start as *mut c_void;
-        if real::mmap(start, len, rw, flags, -1, 0) != start {
+        let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        if real::mremap(copy, len, len, fixed, start) != start {
+            // Moving onto addresses just freed fails only when the process
+            // is out of mappings: the data is kept at `copy`, and said so.
+            eprintln!("uhmm: could not move a detached block's data back to {start:p}: it is at {copy:p}");
             return;
         }
-        // SAFETY: the range was just mapped read-write, `len` bytes, and
-        // `data` holds `len` bytes.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), start.cast::<u8>(), len) };
         for at in holes {
             real::munmap((b.range.start + at) as *mut c_void, PAGE_SIZE);
         }
