@@ -314,6 +314,44 @@ fn fork_and_exec() {
     assert_tiered(&report, &err);
 }
 
+/// `madvise`, `mprotect`, `mremap` and `munmap` called by the program on
+/// a block uhmm manages (through ctypes, as C code would).
+const PYTHON_MEMORY_CALLS: &str = r#"
+import ctypes, ctypes.util, hashlib
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mremap.restype = ctypes.c_void_p
+libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
+for f in (libc.madvise, libc.mprotect, libc.munmap):
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + ([ctypes.c_int] if f is not libc.munmap else [])
+MB = 1 << 20
+n = 8 * MB
+p = libc.mmap(None, n, 3, 0x22, -1, 0)
+buf = (ctypes.c_char * n).from_address(p)
+for i in range(0, n, 4096):
+    buf[i:i + 8] = i.to_bytes(8, "little")
+print("madvise", libc.madvise(p + MB, MB, 4))           # MADV_DONTNEED: zeros
+print("mprotect", libc.mprotect(p, 2 * MB, 1), libc.mprotect(p, 2 * MB, 3))
+print(hashlib.sha256(bytes(buf)).hexdigest())
+q = libc.mremap(p, n, 2 * n, 1)                          # MREMAP_MAYMOVE: uhmm detaches first
+big = (ctypes.c_char * (2 * n)).from_address(q)
+print("mremap", hashlib.sha256(bytes(big[:n])).hexdigest(), bytes(big[n:n + 8]))
+print("munmap", libc.munmap(q + n, n), libc.munmap(q, n))
+"#;
+
+#[test]
+fn memory_calls_on_a_managed_block() {
+    let dir = scratch("calls");
+    let py = program("python3");
+    let argv = [py.as_str(), "-c", PYTHON_MEMORY_CALLS];
+    let want = plain(&argv);
+    let (got, err, report) = under_uhmm(&["--ram-budget", "4M"], &argv, &dir);
+    assert_eq!(got, want, "python3's output differs under uhmm run\n{err}");
+    assert_tiered(&report, &err);
+    assert!(total(&report, "detached_blocks") >= 1, "mremap did not detach the block: {report}");
+}
+
 #[test]
 fn refuses_without_full_userfaultfd() {
     // As an unprivileged user, on a machine that does not give one full
