@@ -22,6 +22,14 @@ pub struct Report {
     /// Blocks turned back into plain memory (by `mremap`, a fixed mapping
     /// over them, or executable protection).
     pub detached_blocks: u64,
+    /// Pages the program unmapped (or moved away) with calls the library
+    /// did not see (a raw system call), given up by uhmm.
+    #[serde(default)]
+    pub foreign_unmapped_pages: u64,
+    /// Regions uhmm made to follow memory the program moved with such a
+    /// call (`mremap`).
+    #[serde(default)]
+    pub regions_followed: u64,
     /// Userfaults uhmm answered.
     pub faults: u64,
     /// Pages moved to the compressed store (demotions).

@@ -46,6 +46,12 @@ struct Block {
 }
 
 impl Block {
+    /// Whether the program unmapped (or moved) all of the block with a
+    /// call the hooks did not see: its addresses are not uhmm's any more.
+    fn is_gone(&self) -> bool {
+        self.region.as_ref().is_some_and(Region::is_gone)
+    }
+
     /// The part of `range` inside the block: its addresses, and its
     /// offsets in the block's region.
     fn part(&self, range: &Range<usize>) -> (Range<usize>, Range<usize>) {
@@ -96,7 +102,9 @@ impl Runtime {
     /// Makes the address space, store, device and (with a budget) tier.
     pub(crate) fn new(settings: Settings) -> Result<Runtime, String> {
         let err = |what: &'static str| move |e: uhmm::Error| format!("{what}: {e}");
-        let space = AddressSpace::new(space_config()).map_err(err("address space"))?;
+        // Raw munmap and mremap calls on blocks are seen (`uhmm::foreign`).
+        let config = uhmm::Config { non_cooperative: true, ..space_config() };
+        let space = AddressSpace::new(config).map_err(err("address space"))?;
         if space.user_mode_only() {
             return Err("only user-mode userfaultfd is available: the program's own system calls on \
                         its memory would fail"
@@ -137,6 +145,8 @@ impl Runtime {
             blocks: c.blocks.load(Ordering::Relaxed),
             managed_peak_bytes: c.bytes_peak.load(Ordering::Relaxed),
             detached_blocks: c.detached.load(Ordering::Relaxed),
+            foreign_unmapped_pages: space.foreign_unmapped_pages,
+            regions_followed: space.regions_followed,
             faults: space.faults,
             demoted_pages: space.pages_to_device,
             promoted_pages: space.pages_to_ram,
@@ -193,14 +203,24 @@ impl Runtime {
         let now = c.bytes_now.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
         c.bytes_peak.fetch_max(now, Ordering::Relaxed);
         let block = Block { region: Some(region), range: range.clone(), user, kind, unmapped_pages: 0 };
-        self.blocks.lock().insert(range.start, block);
+        let mut blocks = self.blocks.lock();
+        // Blocks the program unmapped behind the hooks' back may have
+        // left their addresses to this one.
+        let gone: Vec<usize> = blocks.range(..range.end).filter(|(_, b)| b.is_gone()).map(|(&s, _)| s).collect();
+        let gone: Vec<Block> = gone.into_iter().filter_map(|s| blocks.remove(&s)).collect();
+        blocks.insert(range.start, block);
+        drop(blocks);
+        for b in gone {
+            self.release(b);
+        }
         user as *mut c_void
     }
 
-    /// The block holding `addr`: its start.
+    /// The block holding `addr`: its start. Blocks the program unmapped
+    /// behind the hooks' back hold nothing.
     fn find(blocks: &BTreeMap<usize, Block>, addr: usize) -> Option<usize> {
         let (&start, b) = blocks.range(..=addr).next_back()?;
-        (addr < b.range.end).then_some(start)
+        (addr < b.range.end && !b.is_gone()).then_some(start)
     }
 
     /// The usable bytes from `ptr` to its block's end, if `ptr` is a
@@ -238,6 +258,13 @@ impl Runtime {
     fn release(&self, b: Block) {
         let len = b.range.len();
         match b.region {
+            // Unmapped behind the hooks: nothing is left to unmap.
+            Some(region) if region.is_gone() => {
+                if let Some(tier) = &self.tier {
+                    tier.unmanage(b.range.clone());
+                }
+                drop(region);
+            }
             Some(region) if !self.forked() => {
                 if let Some(tier) = &self.tier {
                     tier.unmanage(b.range.clone());
@@ -262,7 +289,7 @@ impl Runtime {
         let mut gaps = Vec::new();
         let mut at = range.start;
         let first = Self::find(blocks, range.start).unwrap_or(range.start);
-        for b in blocks.range(first..range.end).map(|(_, b)| b) {
+        for b in blocks.range(first..range.end).map(|(_, b)| b).filter(|b| !b.is_gone()) {
             if b.range.start > at {
                 gaps.push(at..b.range.start.min(range.end));
             }
@@ -277,7 +304,7 @@ impl Runtime {
     /// The starts of the blocks `range` overlaps.
     fn overlapping(blocks: &BTreeMap<usize, Block>, range: &Range<usize>) -> Vec<usize> {
         let first = Self::find(blocks, range.start).unwrap_or(range.start);
-        blocks.range(first..range.end).map(|(&s, _)| s).collect()
+        blocks.range(first..range.end).filter(|(_, b)| !b.is_gone()).map(|(&s, _)| s).collect()
     }
 
     /// Whether `range` touches a block (the hooks' fast check).

@@ -194,6 +194,13 @@ fn print_summary(name: &str, r: &RunReport) {
             human(p.managed_peak_bytes as usize),
             p.detached_blocks
         );
+        if p.foreign_unmapped_pages > 0 || p.regions_followed > 0 {
+            eprintln!(
+                "{who}unmapped or moved behind uhmm (raw system calls): {} given up, {} regions followed",
+                human(p.foreign_unmapped_pages as usize * 4096),
+                p.regions_followed
+            );
+        }
         eprintln!(
             "{who}faults {}, pages compressed {}, brought back {}; at exit {} stored in {} (ratio {:.2}, {} saved)",
             p.faults,

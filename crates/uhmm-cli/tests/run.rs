@@ -352,6 +352,58 @@ fn memory_calls_on_a_managed_block() {
     assert!(total(&report, "detached_blocks") >= 1, "mremap did not detach the block: {report}");
 }
 
+/// `munmap` and `mremap` made with raw system calls, which the library
+/// does not see, on blocks whose pages sit compressed: uhmm sees them
+/// through userfaultfd's events, gives the unmapped pages up and follows
+/// the moved ones; new memory that takes the old addresses is the
+/// program's.
+const PYTHON_RAW_SYSCALLS: &str = r#"
+import ctypes, hashlib
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.syscall.restype = ctypes.c_long
+SYS_munmap, SYS_mremap = 11, 25
+MB = 1 << 20
+n = 16 * MB
+def new(seed):
+    p = libc.mmap(None, n, 3, 0x22, -1, 0)
+    buf = (ctypes.c_char * n).from_address(p)
+    for i in range(0, n, 4096):
+        buf[i:i + 8] = (i ^ seed).to_bytes(8, "little")
+    return p
+def digest(p, length):
+    return hashlib.sha256(bytes((ctypes.c_char * length).from_address(p))).hexdigest()
+a = new(1)
+b = new(2)
+c = new(3)                      # a's pages are compressed by now
+want_b = digest(b, n)
+print("a", digest(a, n))
+print("munmap a", libc.syscall(ctypes.c_long(SYS_munmap), ctypes.c_void_p(a), ctypes.c_size_t(n)))
+d = new(4)                      # may take a's addresses
+print("d", digest(d, n), "c", digest(c, n))
+b2 = libc.syscall(ctypes.c_long(SYS_mremap), ctypes.c_void_p(b), ctypes.c_size_t(n), ctypes.c_size_t(2 * n), ctypes.c_long(1))
+print("mremap b", digest(b2, n) == want_b, digest(b2 + n, n))
+print("munmap b", libc.syscall(ctypes.c_long(SYS_munmap), ctypes.c_void_p(b2), ctypes.c_size_t(2 * n)))
+print("munmap part of c", libc.syscall(ctypes.c_long(SYS_munmap), ctypes.c_void_p(c + 4 * MB), ctypes.c_size_t(4 * MB)))
+print("c", digest(c, 4 * MB), digest(c + 8 * MB, 8 * MB))
+e = new(5)
+print("e", digest(e, n), "d", digest(d, n))
+"#;
+
+#[test]
+fn raw_munmap_and_mremap_behind_the_library() {
+    let dir = scratch("raw");
+    let py = program("python3");
+    let argv = [py.as_str(), "-c", PYTHON_RAW_SYSCALLS];
+    let want = plain(&argv);
+    let (got, err, report) = under_uhmm(&["--ram-budget", "8M"], &argv, &dir);
+    assert_eq!(got, want, "python3's output differs under uhmm run\n{err}");
+    assert_tiered(&report, &err);
+    assert!(total(&report, "foreign_unmapped_pages") >= (16 << 20) / 4096, "raw munmaps not seen: {report}");
+    assert!(total(&report, "regions_followed") >= 1, "the raw mremap was not followed: {report}");
+}
+
 #[test]
 fn refuses_without_full_userfaultfd() {
     // As an unprivileged user, on a machine that does not give one full

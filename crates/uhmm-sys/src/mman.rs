@@ -11,6 +11,7 @@ use std::ffi::c_void;
 use std::io;
 use std::os::fd::BorrowedFd;
 use std::ptr::NonNull;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
@@ -63,6 +64,9 @@ pub struct Mapping {
     owned: AtomicBool,
     /// See [`Mapping::always_readable`].
     readable: AtomicBool,
+    /// Sub-ranges (offset, length) handed back with [`Mapping::give_up`]:
+    /// the program unmapped or moved them; drop leaves them alone.
+    given_up: Mutex<Vec<(usize, usize)>>,
 }
 
 // SAFETY: a `Mapping` is an address range; every access to its bytes goes
@@ -107,7 +111,7 @@ impl Mapping {
             NonNull::new(start as *mut u8).ok_or_else(|| io::Error::other("mmap returned NULL"))?.as_ptr() as usize,
         );
         // INVARIANT: `start` is `align`-aligned and `len` bytes from it are mapped.
-        Ok(Mapping { addr, len, owned: AtomicBool::new(true), readable: AtomicBool::new(prot != Protection::None) })
+        Ok(Mapping::owning(addr, len, prot != Protection::None))
     }
 
     /// `mmap(NULL, len, prot, MAP_SHARED | MAP_ANONYMOUS)`: memory shared
@@ -123,7 +127,7 @@ impl Mapping {
             NonNull::new(base.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?.as_ptr() as usize,
         );
         // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
-        Ok(Mapping { addr, len, owned: AtomicBool::new(true), readable: AtomicBool::new(prot != Protection::None) })
+        Ok(Mapping::owning(addr, len, prot != Protection::None))
     }
 
     /// `mmap(NULL, len, prot, MAP_SHARED or MAP_PRIVATE, fd, offset)`: a
@@ -143,7 +147,7 @@ impl Mapping {
         // INVARIANT: the kernel returned a page-aligned mapping of `len` bytes.
         // A file's pages can fail to read (SIGBUS past its end or on an I/O
         // error): never `always_readable`.
-        Ok(Mapping { addr, len, owned: AtomicBool::new(true), readable: AtomicBool::new(false) })
+        Ok(Mapping::owning(addr, len, false))
     }
 
     /// Whether reading any byte of the mapping always succeeds: anonymous
@@ -164,12 +168,72 @@ impl Mapping {
     /// Hands the range over to a new owner, once: this value will no longer
     /// unmap it. For a forked child adopting a mapping it inherited.
     pub fn disown(&self) -> Option<Mapping> {
-        self.owned.swap(false, Ordering::SeqCst).then(|| Mapping {
-            addr: AtomicUsize::new(self.addr()),
-            len: self.len,
+        self.owned
+            .swap(false, Ordering::SeqCst)
+            .then(|| Mapping::owning(AtomicUsize::new(self.addr()), self.len, self.always_readable()))
+    }
+
+    fn owning(addr: AtomicUsize, len: usize, readable: bool) -> Mapping {
+        Mapping {
+            addr,
+            len,
             owned: AtomicBool::new(true),
-            readable: AtomicBool::new(self.always_readable()),
-        })
+            readable: AtomicBool::new(readable),
+            given_up: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Follows part of this mapping that the kernel moved: `off..off + len`
+    /// now lives at `to`, in a kernel mapping that may have grown to
+    /// `new_len` bytes (`mremap`, as its userfaultfd `UFFD_EVENT_REMAP`
+    /// reports). The part is given up here and returned as a mapping of its
+    /// own, `to..to + new_len`, unmapped on its drop. Fails, changing
+    /// nothing, unless `to..to + new_len` is mapped now.
+    ///
+    /// Call it only for a move the kernel reported: the returned value
+    /// unmaps its range on drop.
+    pub fn take_moved(&self, off: usize, len: usize, to: usize, new_len: usize) -> io::Result<Mapping> {
+        self.page_range(off, len)?;
+        if !to.is_multiple_of(PAGE_SIZE) || new_len < len || !new_len.is_multiple_of(PAGE_SIZE) {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        if vma_end(to)?.is_none_or(|_| vma_end(to + new_len - PAGE_SIZE).ok().flatten().is_none()) {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        self.give_up(off, len)?;
+        Ok(Mapping::owning(AtomicUsize::new(to), new_len, false))
+    }
+
+    /// Gives up a page-aligned sub-range: the program unmapped it (or moved
+    /// it away) behind this value's back, so its addresses may belong to
+    /// someone else now. Drop no longer unmaps it; nothing else here checks
+    /// (callers stop using the range).
+    pub fn give_up(&self, off: usize, len: usize) -> io::Result<()> {
+        self.page_range(off, len)?;
+        self.readable.store(false, Ordering::Release);
+        self.given_up.lock().unwrap_or_else(|e| e.into_inner()).push((off, len));
+        Ok(())
+    }
+
+    /// The parts of the mapping still owned (offset, length), in order.
+    pub fn owned_parts(&self) -> Vec<(usize, usize)> {
+        if !self.owned.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        let mut gone = self.given_up.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        gone.sort_unstable();
+        let mut parts = Vec::new();
+        let mut at = 0;
+        for (off, len) in gone {
+            if off > at {
+                parts.push((at, off - at));
+            }
+            at = at.max(off + len);
+        }
+        if at < self.len {
+            parts.push((at, self.len - at));
+        }
+        parts
     }
 
     /// The first address of the mapping.
@@ -507,15 +571,30 @@ unsafe fn stream_lines(src: *const u8, dst: *mut u8, len: usize) {
     unsafe { _mm_sfence() };
 }
 
+/// The end of the kernel's mapping (VMA) that contains `addr`, from
+/// `/proc/self/maps`; `None` when nothing is mapped there.
+pub fn vma_end(addr: usize) -> io::Result<Option<usize>> {
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    for line in maps.lines() {
+        let range = line.split_whitespace().next().unwrap_or("");
+        let Some((a, b)) = range.split_once('-') else { continue };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
+        if a <= addr && addr < b {
+            return Ok(Some(b));
+        }
+    }
+    Ok(None)
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
-        if !*self.owned.get_mut() {
-            return;
-        }
-        // SAFETY: the range is the mapping this value owns (type invariant);
-        // after drop nothing can name it.
-        if let Err(err) = unsafe { mm::munmap(self.as_ptr().cast(), self.len) } {
-            tracing::error!(%err, addr = self.addr(), len = self.len, "munmap failed");
+        for (off, len) in self.owned_parts() {
+            // SAFETY: the range is a part of the mapping this value still
+            // owns (type invariant, less what was given up); after drop
+            // nothing can name it.
+            if let Err(err) = unsafe { mm::munmap(self.as_ptr().add(off).cast(), len) } {
+                tracing::error!(%err, addr = self.addr() + off, len, "munmap failed");
+            }
         }
     }
 }

@@ -117,6 +117,15 @@ pub struct Config {
     /// resolves such a write itself (a minor fault, no uhmm thread), once
     /// per page after each look. Default: false.
     pub track_writes: bool,
+    /// Watch for the program's own `munmap` and `mremap` of region memory,
+    /// made behind uhmm's back (a raw system call, another library), with
+    /// userfaultfd's non-cooperative events (`UFFD_FEATURE_EVENT_UNMAP`,
+    /// `EVENT_REMAP`): an unmapped part is given up (its device pages
+    /// freed, its addresses never touched again), a moved part becomes a
+    /// region at its new address with its pages, device pages included.
+    /// Needs a full userfaultfd. Each such call waits until a handler
+    /// thread has read its event. Default: false (`uhmm run` sets it).
+    pub non_cooperative: bool,
     /// Who answers a fault: the handler threads (the default), or the
     /// faulting thread itself in a SIGBUS handler ([`FaultDelivery`]).
     pub fault_delivery: FaultDelivery,
@@ -137,6 +146,7 @@ impl Default for Config {
             keep_staging_bytes: 1 << 30,
             keep_staging_for: std::time::Duration::from_secs(1),
             track_writes: false,
+            non_cooperative: false,
             fault_delivery: FaultDelivery::Handlers,
         }
     }

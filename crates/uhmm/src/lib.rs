@@ -40,6 +40,7 @@ mod driver;
 mod error;
 mod exclusive;
 mod fault;
+mod foreign;
 mod fork;
 mod holding;
 mod io;

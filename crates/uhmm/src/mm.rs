@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use uhmm_sys::PAGE_SIZE;
@@ -20,6 +20,8 @@ use crate::config::Config;
 use crate::copier::Copier;
 use crate::driver::DevicePagemapOps;
 use crate::fault::engine::Engine;
+use crate::fault::serving::Serving;
+use crate::foreign::own::OwnChanges;
 use crate::holding::Holding;
 use crate::notifier::{IntervalNotifierOps, InvalidateEvent, NotifierHandle, NotifierList};
 use crate::page::{DevicePage, DevicePfn, Owner};
@@ -119,70 +121,6 @@ impl AddressSpace {
     }
 }
 
-/// The fault a handle serves. A migration set up through the handle is the
-/// fault's: a faulting thread waits for it (its copies are shared with the
-/// copy helper in smaller pieces), and it notes whether it woke the
-/// faulting page, so the handler does not wake it a second time. Each
-/// handler thread has one, begun again for each fault it serves: a fault
-/// allocates nothing for it.
-#[derive(Debug, Default)]
-pub(crate) struct Serving {
-    /// The faulting page's address.
-    addr: AtomicUsize,
-    woken: AtomicBool,
-    /// RAM pages a migration made for the fault fills in place and has
-    /// copied into the region (`UFFDIO_COPY`): no pool page to populate, no
-    /// page to move out of the pool, so no TLB flush on other CPUs (which
-    /// waits for an idle vCPU to wake). Allocated at first use.
-    scratch: std::sync::OnceLock<Option<Arc<Mapping>>>,
-    /// A migration holds the scratch pages.
-    scratch_taken: AtomicBool,
-}
-
-/// Pages of a handler's scratch ([`Serving::take_scratch`]).
-pub(crate) const SCRATCH_PAGES: usize = 16;
-
-impl Serving {
-    /// The scratch pages, for one migration at a time (`None` while
-    /// another holds them, or when they cannot be mapped).
-    pub(crate) fn take_scratch(&self) -> Option<Arc<Mapping>> {
-        if self.scratch_taken.swap(true, Ordering::Acquire) {
-            return None;
-        }
-        let rw = uhmm_sys::mman::Protection::ReadWrite;
-        let map = self
-            .scratch
-            .get_or_init(|| Mapping::anonymous(SCRATCH_PAGES * PAGE_SIZE, rw, PAGE_SIZE).ok().map(Arc::new));
-        if map.is_none() {
-            self.scratch_taken.store(false, Ordering::Release);
-        }
-        map.clone()
-    }
-
-    /// Gives the scratch pages back (their data copied out).
-    pub(crate) fn give_back_scratch(&self) {
-        self.scratch_taken.store(false, Ordering::Release);
-    }
-
-    /// Starts serving a fault at `addr`: nothing woken yet.
-    pub(crate) fn begin(&self, addr: usize) {
-        self.addr.store(addr, Ordering::Relaxed);
-        self.woken.store(false, Ordering::Relaxed);
-    }
-
-    /// Notes a wake of the threads faulting in `range` (addresses).
-    pub(crate) fn note_wake(&self, range: Range<usize>) {
-        if range.contains(&self.addr.load(Ordering::Relaxed)) {
-            self.woken.store(true, Ordering::Relaxed);
-        }
-    }
-
-    /// Whether a wake covered the faulting page.
-    pub(crate) fn woken(&self) -> bool {
-        self.woken.load(Ordering::Relaxed)
-    }
-}
-
 /// A pagemap of the address space and the driver behind it (held weakly:
 /// the driver owns itself and its pagemap).
 #[derive(Debug)]
@@ -223,6 +161,9 @@ pub(crate) struct Mm {
     engine: Mutex<Option<Engine>>,
     /// The RAM charge a fault asks before bringing pages in (a policy's).
     pub(crate) charge: RwLock<Option<Weak<dyn ChargeOps>>>,
+    /// Unmaps and moves of region memory uhmm makes itself (their
+    /// non-cooperative events are its own).
+    pub(crate) own_changes: OwnChanges,
 }
 
 impl AddressSpace {
@@ -406,6 +347,7 @@ impl Mm {
             zeros: vec![0; config.zero_fill_pages * PAGE_SIZE].into_boxed_slice(),
             engine: Mutex::new(None),
             charge: RwLock::new(None),
+            own_changes: OwnChanges::default(),
             config,
         }))
     }
@@ -461,6 +403,11 @@ impl Mm {
         r
     }
 
+    /// Whether a new region can be filed (ids are never reused).
+    pub(crate) fn has_region_ids(&self) -> bool {
+        self.next_region.load(Ordering::Relaxed) < 1 << 24
+    }
+
     /// Files `map` (registered with the userfaultfd where it must be) as a
     /// new region of the address space.
     pub(crate) fn insert_vma(&self, map: Mapping, prot: Prot, backing: Backing, huge: bool) -> Result<Arc<Vma>> {
@@ -469,8 +416,38 @@ impl Mm {
             return Err(Error::new(ErrorKind::NoMemory, "too many regions"));
         }
         let vma = Arc::new(Vma::new(RegionId(id), map, prot, backing, huge));
+        if self.config.non_cooperative {
+            vma.unregister_on_drop(&self.uffd);
+        }
         self.regions.write().unwrap_or_else(|e| e.into_inner()).insert(vma.start(), vma.clone());
         Ok(vma)
+    }
+
+    /// The regions overlapping `range`, at this moment.
+    pub(crate) fn regions_overlapping(&self, range: &Range<usize>) -> Vec<Arc<Vma>> {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        let before = regions.range(..range.start).next_back().map(|(_, r)| r);
+        before
+            .into_iter()
+            .chain(regions.range(range.start..range.end).map(|(_, r)| r))
+            .filter(|r| r.start() < range.end && range.start < r.start() + r.map.len())
+            .cloned()
+            .collect()
+    }
+
+    /// The start of the first region above `addr`.
+    pub(crate) fn next_region_start(&self, addr: usize) -> Option<usize> {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        regions.range(addr + 1..).next().map(|(k, _)| *k)
+    }
+
+    /// Takes `region` out of the table (not another region filed at the
+    /// same address since).
+    pub(crate) fn remove_region(&self, region: &Arc<Vma>) {
+        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        if regions.get(&region.start()).is_some_and(|r| Arc::ptr_eq(r, region)) {
+            regions.remove(&region.start());
+        }
     }
 
     /// Every region, at this moment.
@@ -598,7 +575,7 @@ impl Mm {
             return;
         }
         region.dead.store(true, Ordering::SeqCst);
-        self.regions.write().unwrap_or_else(|e| e.into_inner()).remove(&region.start());
+        self.remove_region(region);
         let _inv = self.notifiers.invalidate(region.start()..region.start() + region.map.len(), InvalidateEvent::Unmap);
         // Lock every page that was ever touched, for good: this waits for
         // in-flight migrations, and nothing can lock them after.
@@ -694,6 +671,12 @@ impl Drop for Mm {
                 std::mem::forget(engine);
             } else {
                 engine.stop();
+            }
+        }
+        if self.config.non_cooperative && !self.is_orphaned() {
+            // No handler reads events any more: the arenas' munmap must send none.
+            for map in [&self.stage.map, self.holding.map()] {
+                let _ = self.uffd.unregister(map, 0, map.len());
             }
         }
     }

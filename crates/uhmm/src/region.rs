@@ -79,6 +79,15 @@ impl Region {
         false
     }
 
+    /// Whether the program unmapped or moved all of the region's memory
+    /// behind uhmm's back (seen with
+    /// [`Config::non_cooperative`](crate::Config::non_cooperative)): the
+    /// region manages nothing any more, and its addresses may belong to
+    /// another mapping now. Dropping it is all that is left to do.
+    pub fn is_gone(&self) -> bool {
+        self.inner.is_dead()
+    }
+
     /// Whether the region is backed by huge pages where uhmm can.
     pub fn is_huge(&self) -> bool {
         self.inner.huge
@@ -189,9 +198,11 @@ impl Region {
         }
         let space = &self.space;
         let addrs = self.addr() + range.start..self.addr() + range.end;
-        let _inv = space.notifiers.invalidate(addrs, InvalidateEvent::Unmap);
+        let _inv = space.notifiers.invalidate(addrs.clone(), InvalidateEvent::Unmap);
         let prior: Vec<State> = pages.clone().map(|idx| self.inner.pt.lock(idx, &space.waits)).collect();
         let done = if reserve {
+            // Replacing the pages sends an unmap event: uhmm's own.
+            let _own = space.own_changes.announce(addrs.clone());
             self.inner.map.reserve(range.start, range.len())
         } else {
             self.inner.map.discard(range.start, range.len())
@@ -240,6 +251,8 @@ impl Region {
         // Hold every page: no migration, fill or device access runs meanwhile.
         let prior: Vec<State> = (0..inner.npages()).map(|idx| inner.pt.lock(idx, &space.waits)).collect();
         let align = region_align(len);
+        // Announced outside the table's lock, which handlers take.
+        let own = space.own_changes.announce(old..old + len);
         let moved = space.rekey_region(inner, || {
             let new = inner.map.move_to_new_address(align).map_err(|e| Error::sys("mremap", e))?;
             if inner.backing == Backing::Anonymous {
@@ -248,6 +261,7 @@ impl Region {
             }
             Ok(new)
         });
+        drop(own);
         for (idx, state) in prior.into_iter().enumerate() {
             let _ = inner.pt.unlock(idx, state, &space.waits);
         }

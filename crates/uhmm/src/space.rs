@@ -43,6 +43,9 @@ impl AddressSpace {
         if config.track_writes {
             wanted |= uffd::feature::WP_ASYNC;
         }
+        if config.non_cooperative {
+            wanted |= uffd::feature::EVENT_UNMAP | uffd::feature::EVENT_REMAP;
+        }
         let signal = config.fault_delivery == crate::FaultDelivery::Signal;
         if signal {
             wanted |= uffd::feature::SIGBUS;
@@ -73,6 +76,18 @@ impl AddressSpace {
             return Err(Error::new(
                 ErrorKind::Unsupported,
                 "track_writes: the kernel lacks UFFD_FEATURE_WP_ASYNC (Linux 6.7)",
+            ));
+        }
+        if config.non_cooperative
+            && (uffd.origin() == Origin::UserModeOnly
+                || !uffd.has(uffd::feature::EVENT_UNMAP | uffd::feature::EVENT_REMAP))
+        {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "non_cooperative: needs a full userfaultfd with EVENT_UNMAP and EVENT_REMAP ({})",
+                    uffd::PERMISSION_HINT
+                ),
             ));
         }
         if uffd.origin() == Origin::UserModeOnly {

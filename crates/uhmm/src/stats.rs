@@ -23,6 +23,12 @@ macro_rules! counters {
 counters! {
     /// Userfaults read from the kernel.
     faults,
+    /// Pages of regions the program unmapped or moved away behind uhmm's
+    /// back (non-cooperative events), given up.
+    foreign_unmapped_pages,
+    /// Regions made to follow pages the program moved behind uhmm's back
+    /// (`mremap`).
+    regions_followed,
     /// Faults that repeated one already queued (same page, same batch).
     duplicate_faults,
     /// Faults on device pages read before the page moved there: only woken

@@ -5,12 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
 use smallvec::SmallVec;
 use uhmm_sys::PAGE_SIZE;
 use uhmm_sys::mman::{Mapping, Protection};
+use uhmm_sys::uffd::Uffd;
 
 use crate::fault::window::ScanWindow;
 use crate::pte::{PageTable, State};
@@ -91,6 +92,10 @@ pub(crate) struct Vma {
     /// The space's `to_device_epoch` when pages of the region last moved to
     /// a device.
     pub(crate) to_device_at: std::sync::atomic::AtomicU64,
+    /// The userfaultfd to unregister the region's mapping from before it is
+    /// unmapped (set when the space watches unmaps: its own final `munmap`
+    /// must send no event).
+    unregister_on_drop: std::sync::OnceLock<Arc<Uffd>>,
 }
 
 impl Vma {
@@ -108,12 +113,33 @@ impl Vma {
             fault_around: ScanWindow::default(),
             zero_around: ScanWindow::default(),
             to_device_at: std::sync::atomic::AtomicU64::new(0),
+            unregister_on_drop: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Makes the region unregister its mapping from `uffd` before it is
+    /// unmapped (in a space that watches unmaps, its own final `munmap`
+    /// must send no event).
+    pub(crate) fn unregister_on_drop(&self, uffd: &Arc<Uffd>) {
+        let _ = self.unregister_on_drop.set(uffd.clone());
+    }
+
+    /// Pages `pages` are no longer the region's (the program unmapped or
+    /// moved them): unmapped, no access, for every uhmm call.
+    pub(crate) fn forget(&self, pages: Range<usize>) {
+        self.mark_unmapped(pages.clone());
+        self.update_prot(pages, Prot::NONE);
     }
 
     /// Records pages `pages` as unmapped (reserved, inaccessible).
     pub(crate) fn mark_unmapped(&self, pages: Range<usize>) {
         self.unmapped.write().unwrap_or_else(|e| e.into_inner()).push(pages);
+    }
+
+    /// Whether every page of `pages` was unmapped.
+    pub(crate) fn all_unmapped(&self, pages: &Range<usize>) -> bool {
+        let unmapped = self.unmapped.read().unwrap_or_else(|e| e.into_inner());
+        pages.clone().all(|p| unmapped.iter().any(|u| u.contains(&p)))
     }
 
     /// Whether any page of `pages` was unmapped.
@@ -210,22 +236,49 @@ impl Vma {
     /// Changes the protection of pages `pages` (mprotect).
     pub(crate) fn set_prot(&self, pages: Range<usize>, prot: Prot) -> Result<()> {
         let protection = prot.protection()?;
-        let mut map = self.prot.write().unwrap_or_else(|e| e.into_inner());
+        let map = self.prot.write().unwrap_or_else(|e| e.into_inner());
         self.map
             .protect(pages.start * PAGE_SIZE, pages.len() * PAGE_SIZE, protection)
             .map_err(|e| Error::sys("mprotect", e))?;
+        Self::set_runs(map, pages, prot, self.npages());
+        Ok(())
+    }
+
+    /// Records protection `prot` for pages `pages` without changing the
+    /// mapping.
+    fn update_prot(&self, pages: Range<usize>, prot: Prot) {
+        let map = self.prot.write().unwrap_or_else(|e| e.into_inner());
+        Self::set_runs(map, pages, prot, self.npages());
+    }
+
+    fn set_runs(
+        mut map: std::sync::RwLockWriteGuard<'_, BTreeMap<usize, Prot>>,
+        pages: Range<usize>,
+        prot: Prot,
+        npages: usize,
+    ) {
         let after = map.range(..=pages.end).next_back().map(|(_, p)| *p);
         let keys: Vec<usize> = map.range(pages.start..=pages.end).map(|(k, _)| *k).collect();
         for k in keys {
             map.remove(&k);
         }
         map.insert(pages.start, prot);
-        if pages.end < self.npages()
+        if pages.end < npages
             && let Some(a) = after
         {
             map.insert(pages.end, a);
         }
-        Ok(())
+    }
+}
+
+impl Drop for Vma {
+    fn drop(&mut self) {
+        let Some(uffd) = self.unregister_on_drop.get() else { return };
+        for (off, len) in self.map.owned_parts() {
+            // Fails harmlessly where the range is not registered (a forked
+            // child's copy, a reservation).
+            let _ = uffd.unregister(&self.map, off, len);
+        }
     }
 }
 

@@ -8,9 +8,10 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use crate::fault::serving::Serving;
 use crate::fault::window::Scan;
 use crate::migrate::CpuFault;
-use crate::mm::{AddressSpace, Mm, Serving};
+use crate::mm::{AddressSpace, Mm};
 use crate::page::DevicePage;
 use crate::pte::State;
 use crate::stats::Stats;

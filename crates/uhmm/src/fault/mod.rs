@@ -40,12 +40,14 @@ use uhmm_sys::uffd::Event;
 
 use crate::fault::around::{ReadAhead, read_ahead};
 use crate::fault::resolve::{Fault, resolve};
-use crate::mm::{Mm, Serving};
+use crate::fault::serving::Serving;
+use crate::mm::Mm;
 use crate::stats::Stats;
 
 pub(crate) mod around;
 pub(crate) mod engine;
 pub(crate) mod resolve;
+pub(crate) mod serving;
 pub(crate) mod signal;
 pub(crate) mod window;
 
@@ -97,6 +99,8 @@ pub(crate) fn serve(space: &Weak<Mm>, uffd: &OwnedFd, stop: &OwnedFd) {
         let Some(space) = space.upgrade() else { return };
         events.clear();
         let read_at = space.to_device_epoch.load(Ordering::SeqCst);
+        // Events are read and looked at in order (see `foreign`).
+        let in_order = space.config.non_cooperative.then(|| space.own_changes.order());
         let read = match space.uffd.read_events(&mut events, 64) {
             Ok(n) => n,
             Err(err) => {
@@ -112,9 +116,13 @@ pub(crate) fn serve(space: &Weak<Mm>, uffd: &OwnedFd, stop: &OwnedFd) {
                         Stats::add(&space.stats.duplicate_faults, 1);
                     }
                 }
+                // Marked before any fault of this batch is resolved.
+                Event::Unmap { start, end } => crate::foreign::unmapped(&space, start..end),
+                Event::Remap { from, to, len } => crate::foreign::moved(&space, from, to, len),
                 other => tracing::warn!(?other, "unexpected userfaultfd event"),
             }
         }
+        drop(in_order);
         let wake = |addr| {
             let _ = space.uffd.wake(addr, PAGE_SIZE);
         };

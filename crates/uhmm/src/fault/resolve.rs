@@ -13,8 +13,9 @@ use uhmm_sys::pagemap::{Query, category};
 
 use crate::exclusive::revoke::{Revoked, revoke};
 use crate::fault::around::{ReadAhead, fault_window};
+use crate::fault::serving::Serving;
 use crate::migrate::CpuFault;
-use crate::mm::{AddressSpace, Mm, Serving};
+use crate::mm::{AddressSpace, Mm};
 use crate::page::DevicePage;
 use crate::pte::State;
 use crate::stats::Stats;
@@ -70,7 +71,8 @@ pub(crate) fn resolve(
         return space.uffd.wake(addr, PAGE_SIZE);
     };
     // The region may have moved (`Region::remap`) since it was looked up.
-    let Some(idx) = region.index_of(addr) else {
+    let Some(idx) = region.index_of(addr).filter(|&i| !region.has_unmapped(&(i..i + 1))) else {
+        // Or a page the program unmapped behind uhmm's back (`foreign`).
         return space.uffd.wake(addr, PAGE_SIZE);
     };
     let mut single = false;

@@ -17,7 +17,8 @@ use std::time::Duration;
 use uhmm_sys::PAGE_SIZE;
 
 use crate::fault::resolve::{Fault, resolve};
-use crate::mm::{Mm, Serving};
+use crate::fault::serving::Serving;
+use crate::mm::Mm;
 use crate::{Error, Result};
 
 /// The spaces whose faults come as SIGBUS.

@@ -111,7 +111,7 @@ impl Migration<Collected> {
                 };
             }
         }
-        if region.is_dead() {
+        if region.is_dead() || region.has_unmapped(&(first..first + n)) {
             return Err(Error::new(ErrorKind::NotFound, "the region is being unmapped"));
         }
         // Mirrors drop their entries before any page changes.

@@ -50,8 +50,9 @@ use smallvec::{SmallVec, smallvec};
 use uhmm_sys::PAGE_SIZE;
 use uhmm_sys::mman::Mapping;
 
+use crate::fault::serving::Serving;
 use crate::fork::gate::InFlight;
-use crate::mm::{AddressSpace, Mm, Serving};
+use crate::mm::{AddressSpace, Mm};
 use crate::page::DevicePage;
 use crate::pagemap::DevicePagemap;
 use crate::pte::State;

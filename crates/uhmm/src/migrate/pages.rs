@@ -61,7 +61,7 @@ impl Migration<Collected> {
             }
         }
         let total: usize = runs.iter().map(|r| r.len()).sum();
-        if total <= crate::mm::SCRATCH_PAGES
+        if total <= crate::fault::serving::SCRATCH_PAGES
             && !self.inner.scratch
             && let Some(map) = self.inner.serving.as_ref().and_then(|s| s.take_scratch())
         {
