@@ -1,6 +1,7 @@
 //! The RAM budget (`tier`): resident pages stay under the budget (plus the
 //! documented slack) under a sequential scan and under random access, a
-//! touched page comes back by its fault, a budget lowered at run time is
+//! touched page comes back by its fault, a program that fits is left
+//! alone until a fault waits at the budget, a budget lowered at run time is
 //! reclaimed down to, the tracking ranks written pages hot, and a model of
 //! random operations with a budget agrees with a byte array.
 
@@ -122,6 +123,28 @@ fn budget_holds_under_random_access() {
     let most = most.join().unwrap();
     assert!(most <= budget + slack(&space), "resident reached {most} bytes over a budget of {budget}");
     assert!(tier.stats().demoted_pages > 0);
+}
+
+#[test]
+fn a_program_that_fits_keeps_its_pages_until_a_fault_waits() {
+    // Between the high watermark (budget - 1/32) and the budget: nothing
+    // is demoted while no fault has had to wait.
+    let budget = 16 * MIB;
+    let (space, _dev, tier) = tiered(budget);
+    let region = space.map(budget, Prot::READ_WRITE).unwrap();
+    tier.manage(region.range()).unwrap();
+    region.write(0, &vec![7; budget - budget / 64]).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // 30 rounds
+    let s = tier.stats();
+    assert_eq!((s.demoted_pages, s.throttled), (0, 0), "{s:?}");
+    // Past the budget a fault waits; from then on reclaim starts early.
+    let more = space.map(4 * MIB, Prot::READ_WRITE).unwrap();
+    tier.manage(more.range()).unwrap();
+    more.write(0, &vec![8; 4 * MIB]).unwrap();
+    let s = tier.stats();
+    assert!(s.throttled > 0 && s.demoted_pages > 0, "{s:?}");
+    let both = resident(&space, &region) + resident(&space, &more);
+    assert!(both <= budget + slack(&space), "{both} bytes resident");
 }
 
 #[test]

@@ -5,9 +5,10 @@
 //! one address space.
 //!
 //! - **Reclaim**: a thread (`uhmm-tier`) wakes every round, or when the
-//!   resident estimate passes the high watermark (budget − 1/32), and
-//!   demotes the coldest resident pages down to the low watermark (budget −
-//!   1/16) with [`StoreDevice::demote`] (the list form of migration,
+//!   resident estimate passes the high watermark (budget − 1/32, once a
+//!   fault has had to wait at the budget; the budget itself before, so a
+//!   program that fits is left alone), and demotes the coldest resident
+//!   pages down to the low watermark (budget − 1/16) with [`StoreDevice::demote`] (the list form of migration,
 //!   `migrate_pages`, reason `Reclaim`).
 //! - **The budget holds**: the tier is the address space's charge hook
 //!   ([`uhmm::ChargeOps`]): a fault that would bring pages in past the
@@ -177,6 +178,11 @@ struct Shared {
     stop: AtomicBool,
     /// The last reclaim could not get under the limit.
     stalled: AtomicBool,
+    /// A fault has had to wait at the budget: from then on reclaim starts
+    /// early, at the high watermark, so that faults find room. Until then
+    /// a program that fits leaves the gap below the budget in use: its
+    /// pages are not demoted to be faulted back.
+    pressed: AtomicBool,
     /// The most pages a fault waiting for room asked for.
     asked: AtomicU64,
     state: Mutex<State>,
@@ -240,6 +246,7 @@ impl Tier {
             idle: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            pressed: AtomicBool::new(false),
             asked: AtomicU64::new(0),
             state: Mutex::new(State {
                 ranges: Vec::new(),
@@ -301,6 +308,12 @@ impl Tier {
         }
         state.hints.unwatch(&range);
         state.ranges.retain(|a| a.range != range);
+        // Its RAM leaves the estimate now, not at the next scan: a program
+        // that frees and allocates would otherwise seem to grow.
+        let resident: usize = self.shared.space.resident(range).map_or(0, |runs| runs.iter().map(Range::len).sum());
+        let pages = (resident / PAGE_SIZE) as u64;
+        let _ =
+            self.shared.scanned.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| Some(s.saturating_sub(pages)));
     }
 
     /// Changes the budget; a lower one is reclaimed down to at once.
@@ -436,12 +449,13 @@ impl ChargeOps for Shared {
         let pages = (pages as u64).min(budget / 8).max(1) as usize;
         let after = self.estimate() + pages as u64;
         if after <= budget || self.stop.load(Ordering::Relaxed) {
-            if after > high_watermark(budget) && self.idle.swap(false, Ordering::Relaxed) {
+            if after > self.high_watermark(budget, false) && self.idle.swap(false, Ordering::Relaxed) {
                 self.kick();
             }
             return;
         }
         self.counters().throttled += 1;
+        self.pressed.store(true, Ordering::Relaxed);
         let deadline = Instant::now() + self.config.charge_wait;
         let (lock, cv) = &self.room;
         let mut rounds = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -472,6 +486,13 @@ impl ChargeOps for Shared {
 }
 
 impl Shared {
+    /// Pages past which reclaim starts, under a limit of `limit` pages:
+    /// the limit less 1/32 once a fault had to wait at the budget, or in
+    /// `proactive` mode; the limit itself before (a program that fits).
+    fn high_watermark(&self, limit: u64, proactive: bool) -> u64 {
+        if proactive || self.pressed.load(Ordering::Relaxed) { limit - limit / 32 } else { limit }
+    }
+
     /// Whether the last reclaim could not get under the limit.
     fn stalled(&self) -> bool {
         self.stalled.load(Ordering::Relaxed)
@@ -561,7 +582,7 @@ impl Shared {
     /// high watermark, down to the low one.
     fn reclaim(&self, state: &mut State, rescan: bool) {
         let limit = self.limit(state);
-        let high = high_watermark(limit);
+        let high = self.high_watermark(limit, state.proactive_pages.is_some());
         // Room for the largest fault waiting, too.
         let asked = self.asked.swap(0, Ordering::Relaxed);
         if self.estimate() + asked <= high {
@@ -688,11 +709,6 @@ impl State {
 /// and the hinting sample are sized for: a round's cost varies with the
 /// load, and the controllers settle around their aim.
 const TRACKING_AIM: f64 = 0.8;
-
-/// Pages past which reclaim starts, under a limit of `limit` pages.
-fn high_watermark(limit: u64) -> u64 {
-    limit - limit / 32
-}
 
 /// The tier's thread: a round each interval, or when kicked.
 fn run(shared: &Weak<Shared>) {
