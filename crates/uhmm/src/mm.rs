@@ -156,8 +156,10 @@ pub(crate) struct Mm {
     pub(crate) to_device_epoch: AtomicU64,
     /// Inherited across `fork`: the threads and devices belong to the parent.
     orphaned: AtomicBool,
-    /// `zero_fill_pages` pages of zeros: the source of first-touch writes.
-    pub(crate) zeros: Box<[u8]>,
+    /// `zero_fill_pages` pages of zeros, the source of first-touch writes:
+    /// read-only anonymous memory populated for reading, so every page is
+    /// the kernel's one zero page and a copy reads one cache-hot page.
+    pub(crate) zeros: Mapping,
     engine: Mutex<Option<Engine>>,
     /// The RAM charge a fault asks before bringing pages in (a policy's).
     pub(crate) charge: RwLock<Option<Weak<dyn ChargeOps>>>,
@@ -344,7 +346,7 @@ impl Mm {
             stats: Stats::default(),
             to_device_epoch: AtomicU64::new(0),
             orphaned: AtomicBool::new(false),
-            zeros: vec![0; config.zero_fill_pages * PAGE_SIZE].into_boxed_slice(),
+            zeros: zero_pages(config.zero_fill_pages)?,
             engine: Mutex::new(None),
             charge: RwLock::new(None),
             own_changes: OwnChanges::default(),
@@ -658,6 +660,14 @@ fn next_run<'a>(runs: &'a [PageRun], cursor: &mut usize, addr: usize) -> Option<
         *cursor += 1;
     }
     runs.get(*cursor).filter(|r| r.start <= addr)
+}
+
+/// `n` pages that read as zeros, each mapped to the shared zero page.
+fn zero_pages(n: usize) -> Result<Mapping> {
+    let map = Mapping::anonymous(n * PAGE_SIZE, uhmm_sys::mman::Protection::Read, PAGE_SIZE)
+        .map_err(|e| Error::sys("mmap", e))?;
+    map.populate_read(0, map.len()).map_err(|e| Error::sys("MADV_POPULATE_READ", e))?;
+    Ok(map)
 }
 
 impl Drop for Mm {
