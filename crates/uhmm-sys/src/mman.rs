@@ -215,6 +215,22 @@ impl Mapping {
         Ok(())
     }
 
+    /// Unmaps what the mapping still owns now rather than on drop (which
+    /// then does nothing). Copies from it fail or fault from then on.
+    pub fn unmap_now(&self) {
+        self.readable.store(false, Ordering::Release);
+        for (off, len) in self.owned_parts() {
+            // SAFETY: the range is a part of the mapping this value still
+            // owns (type invariant, less what was given up); no Rust
+            // reference points into it, and `owned` is cleared below so
+            // nothing unmaps it twice.
+            if let Err(err) = unsafe { mm::munmap(self.as_ptr().wrapping_add(off).cast(), len) } {
+                tracing::error!(%err, addr = self.addr() + off, len, "munmap failed");
+            }
+        }
+        self.owned.store(false, Ordering::SeqCst);
+    }
+
     /// The parts of the mapping still owned (offset, length), in order.
     pub fn owned_parts(&self) -> Vec<(usize, usize)> {
         if !self.owned.load(Ordering::SeqCst) {
@@ -588,14 +604,7 @@ pub fn vma_end(addr: usize) -> io::Result<Option<usize>> {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        for (off, len) in self.owned_parts() {
-            // SAFETY: the range is a part of the mapping this value still
-            // owns (type invariant, less what was given up); after drop
-            // nothing can name it.
-            if let Err(err) = unsafe { mm::munmap(self.as_ptr().add(off).cast(), len) } {
-                tracing::error!(%err, addr = self.addr() + off, len, "munmap failed");
-            }
-        }
+        self.unmap_now();
     }
 }
 

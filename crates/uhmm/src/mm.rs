@@ -396,12 +396,13 @@ impl Mm {
     }
 
     /// Runs `mv`, which moves `region` to a new address, with the region
-    /// index locked, and files the region under its new start.
+    /// out of the table, and files it under its new start.
     pub(crate) fn rekey_region(&self, region: &Arc<Vma>, mv: impl FnOnce() -> Result<usize>) -> Result<usize> {
-        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
-        regions.remove(&region.start());
+        // Not held across `mv`: a handler looking at the move's event may
+        // need the table (faults on the region meanwhile find none, retry).
+        self.remove_region(region);
         let r = mv();
-        regions.insert(region.start(), region.clone());
+        self.regions.write().unwrap_or_else(|e| e.into_inner()).insert(region.start(), region.clone());
         r
     }
 
@@ -592,6 +593,9 @@ impl Mm {
         for page in freed {
             self.free_device_page(page);
         }
+        // Unmapped now, not when the last migration lets go of the region:
+        // once the handle's drop returns, the addresses may be reused.
+        region.unmap();
         // Threads still faulting on the dying region retry and find it gone.
         self.wake(region, 0..region.npages());
     }

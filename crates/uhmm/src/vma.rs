@@ -271,14 +271,25 @@ impl Vma {
     }
 }
 
+impl Vma {
+    /// Unmaps what is still the region's now (unregistered first where the
+    /// space watches unmaps). Once its pages are locked for good: nothing
+    /// of uhmm's touches them after.
+    pub(crate) fn unmap(&self) {
+        if let Some(uffd) = self.unregister_on_drop.get() {
+            for (off, len) in self.map.owned_parts() {
+                // Fails harmlessly where the range is not registered (a
+                // forked child's copy, a reservation).
+                let _ = uffd.unregister(&self.map, off, len);
+            }
+        }
+        self.map.unmap_now();
+    }
+}
+
 impl Drop for Vma {
     fn drop(&mut self) {
-        let Some(uffd) = self.unregister_on_drop.get() else { return };
-        for (off, len) in self.map.owned_parts() {
-            // Fails harmlessly where the range is not registered (a forked
-            // child's copy, a reservation).
-            let _ = uffd.unregister(&self.map, off, len);
-        }
+        self.unmap();
     }
 }
 
