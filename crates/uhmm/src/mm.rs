@@ -577,6 +577,7 @@ impl Mm {
             // that do not exist here; the mapping goes with the last handle.
             return;
         }
+        self.own_changes.settle();
         region.dead.store(true, Ordering::SeqCst);
         self.remove_region(region);
         let _inv = self.notifiers.invalidate(region.start()..region.start() + region.map.len(), InvalidateEvent::Unmap);

@@ -163,6 +163,7 @@ impl Region {
     /// Changes the protection of `range` (byte offsets, page-aligned).
     pub fn protect(&self, range: Range<usize>, prot: Prot) -> Result<()> {
         let pages = self.page_range(&range)?;
+        self.space.own_changes.settle();
         if self.inner.has_unmapped(&pages) {
             return Err(Error::invalid("part of the range was unmapped"));
         }
@@ -193,6 +194,7 @@ impl Region {
     /// `unmap` (`reserve`: the range becomes inaccessible) or `discard`.
     fn drop_pages(&self, range: Range<usize>, reserve: bool) -> Result<()> {
         let pages = self.page_range(&range)?;
+        self.space.own_changes.settle();
         if self.inner.has_unmapped(&pages) {
             return Err(Error::invalid("part of the range was unmapped already"));
         }
@@ -243,6 +245,7 @@ impl Region {
         let space = &self.space;
         space.check_usable()?;
         let inner = &self.inner;
+        space.own_changes.settle();
         if inner.has_unmapped(&(0..inner.npages())) {
             return Err(Error::invalid("a region with unmapped parts cannot move"));
         }

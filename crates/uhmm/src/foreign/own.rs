@@ -41,6 +41,14 @@ impl OwnChanges {
         self.order.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Waits until every event read so far was looked at: a change the
+    /// program made before calling uhmm is known before uhmm unmaps or
+    /// protects anything for it. (Uncontended where no handler reads
+    /// such events.)
+    pub(crate) fn settle(&self) {
+        drop(self.order());
+    }
+
     pub(crate) fn covers(&self, range: &Range<usize>) -> bool {
         let own = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
         own.iter().any(|o| o.start <= range.start && range.end <= o.end)
