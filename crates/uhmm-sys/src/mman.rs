@@ -197,7 +197,7 @@ impl Mapping {
         if !to.is_multiple_of(PAGE_SIZE) || new_len < len || !new_len.is_multiple_of(PAGE_SIZE) {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        if vma_end(to)?.is_none_or(|_| vma_end(to + new_len - PAGE_SIZE).ok().flatten().is_none()) {
+        if vma_at(to)?.is_none() || vma_at(to + new_len - PAGE_SIZE)?.is_none() {
             return Err(io::Error::from(io::ErrorKind::NotFound));
         }
         self.give_up(off, len)?;
@@ -587,16 +587,16 @@ unsafe fn stream_lines(src: *const u8, dst: *mut u8, len: usize) {
     unsafe { _mm_sfence() };
 }
 
-/// The end of the kernel's mapping (VMA) that contains `addr`, from
+/// The kernel's mapping (VMA) that contains `addr`, from
 /// `/proc/self/maps`; `None` when nothing is mapped there.
-pub fn vma_end(addr: usize) -> io::Result<Option<usize>> {
+pub fn vma_at(addr: usize) -> io::Result<Option<std::ops::Range<usize>>> {
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     for line in maps.lines() {
         let range = line.split_whitespace().next().unwrap_or("");
         let Some((a, b)) = range.split_once('-') else { continue };
         let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else { continue };
         if a <= addr && addr < b {
-            return Ok(Some(b));
+            return Ok(Some(a..b));
         }
     }
     Ok(None)

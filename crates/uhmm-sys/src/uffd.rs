@@ -307,6 +307,20 @@ impl Uffd {
         Ok(())
     }
 
+    /// `UFFDIO_UNREGISTER` of `start..start + len` by address, for memory
+    /// no [`Mapping`] of the caller's describes (the program grew a mapping
+    /// behind its back): faults there go to the kernel from then on.
+    pub fn unregister_range(&self, start: usize, len: usize) -> io::Result<()> {
+        if !start.is_multiple_of(crate::PAGE_SIZE) || !len.is_multiple_of(crate::PAGE_SIZE) || len == 0 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        let mut arg = range(start, len);
+        // SAFETY: UFFDIO_UNREGISTER reads a `uffdio_range` and changes how
+        // faults in the range are handled, not the memory.
+        unsafe { ioctl_update(self.fd(), OP_UNREGISTER, &mut arg) }?;
+        Ok(())
+    }
+
     /// `UFFDIO_ZEROPAGE`: map the zero page at every empty entry of
     /// `dst..dst + len`, stopping at the first error (`EEXIST` where a page is
     /// already present). Wakes threads faulting in the range unless `dontwake`.

@@ -29,6 +29,10 @@ counters! {
     /// Regions made to follow pages the program moved behind uhmm's back
     /// (`mremap`).
     regions_followed,
+    /// Ranges the program grew in place behind uhmm's back, handed back
+    /// to the kernel (unregistered) at their first fault (counted as the
+    /// unregistration starts).
+    unmanaged_ranges,
     /// Faults that repeated one already queued (same page, same batch).
     duplicate_faults,
     /// Faults on device pages read before the page moved there: only woken

@@ -142,6 +142,12 @@ impl Vma {
         pages.clone().all(|p| unmapped.iter().any(|u| u.contains(&p)))
     }
 
+    /// The unmapped pages around page `idx`, if it is one.
+    pub(crate) fn unmapped_run(&self, idx: usize) -> Option<Range<usize>> {
+        let unmapped = self.unmapped.read().unwrap_or_else(|e| e.into_inner());
+        unmapped.iter().filter(|u| u.contains(&idx)).cloned().reduce(|a, b| a.start.min(b.start)..a.end.max(b.end))
+    }
+
     /// Whether any page of `pages` was unmapped.
     pub(crate) fn has_unmapped(&self, pages: &Range<usize>) -> bool {
         let unmapped = self.unmapped.read().unwrap_or_else(|e| e.into_inner());

@@ -193,6 +193,44 @@ fn a_raw_mremap_is_followed_with_its_device_pages() {
 }
 
 #[test]
+fn a_raw_mremap_that_grows_in_place_leaves_the_growth_to_the_kernel() {
+    let _one = serial();
+    let space = space();
+    // mremap grows in place without an event: a region whose upper half the
+    // program unmapped grows back into it.
+    let (r, _dev, grown) = (0..50)
+        .find_map(|_| {
+            let (r, dev) = on_device(&space, 64);
+            let half = r.addr() + 32 * PAGE_SIZE;
+            raw_munmap(half, 32 * PAGE_SIZE);
+            wait_for("the upper half to be given up", || {
+                r.state(40).is_some() && r.read(40 * PAGE_SIZE, &mut [0]).is_err()
+            });
+            std::thread::sleep(Duration::from_millis(20)); // the reaper thread's own mappings go
+            // SAFETY: the region's memory, grown behind uhmm's back on
+            // purpose; no Rust reference points into it.
+            let got = unsafe { libc::mremap(r.addr() as *mut libc::c_void, 32 * PAGE_SIZE, 64 * PAGE_SIZE, 0) };
+            // Something else may have taken the hole: try again.
+            Some((r, dev, got)).filter(|(_, _, g)| *g != libc::MAP_FAILED)
+        })
+        .expect("the hole was never free to grow into");
+    assert_eq!(grown as usize, r.addr());
+    // The growth is the program's plain memory: zeros, writable, no hang.
+    assert_eq!(peek(r.addr() + 40 * PAGE_SIZE), 0);
+    poke(r.addr() + 40 * PAGE_SIZE, 2 * PAGE_SIZE, 6);
+    assert_eq!(peek(r.addr() + 41 * PAGE_SIZE + 9), 6);
+    assert!(space.stats().unmanaged_ranges >= 1, "{:?}", space.stats());
+    // The managed half still comes back from the device.
+    let mut b = vec![0; PAGE_SIZE];
+    r.read(5 * PAGE_SIZE, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 6));
+    // The region's drop leaves the growth alone; the program unmaps it.
+    drop(r);
+    assert_eq!(peek(grown as usize + 41 * PAGE_SIZE), 6);
+    raw_munmap(grown as usize + 32 * PAGE_SIZE, 32 * PAGE_SIZE);
+}
+
+#[test]
 fn uhmm_own_unmaps_and_moves_are_not_the_programs() {
     let _one = serial();
     let space = space();

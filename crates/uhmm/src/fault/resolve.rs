@@ -68,13 +68,22 @@ pub(crate) fn resolve(
                 Err(p) => Err(p.errno),
             };
         }
+        if space.config.non_cooperative {
+            crate::foreign::unmanaged_fault(space, addr, None);
+        }
         return space.uffd.wake(addr, PAGE_SIZE);
     };
     // The region may have moved (`Region::remap`) since it was looked up.
-    let Some(idx) = region.index_of(addr).filter(|&i| !region.has_unmapped(&(i..i + 1))) else {
-        // Or a page the program unmapped behind uhmm's back (`foreign`).
+    let Some(idx) = region.index_of(addr) else {
         return space.uffd.wake(addr, PAGE_SIZE);
     };
+    if region.has_unmapped(&(idx..idx + 1)) {
+        // A page the program unmapped behind uhmm's back, or grew into.
+        if space.config.non_cooperative {
+            crate::foreign::unmanaged_fault(space, addr, Some(&region));
+        }
+        return space.uffd.wake(addr, PAGE_SIZE);
+    }
     let mut single = false;
     for attempt in 0..MAX_LOOKS {
         let entry = region.pt.load(idx);

@@ -22,6 +22,10 @@
 //!   so faults at the new address bring them back; the old part is given
 //!   up.
 //!
+//! An `mremap` that grows a mapping in place sends no event: the first
+//! fault on the growth (registered memory no region manages) hands that
+//! range back to the kernel (`unmanaged_fault`).
+//!
 //! uhmm's own `mmap(MAP_FIXED)` reservations and `mremap`s of its regions
 //! send the same events: they are announced (`own`) and ignored.
 //! A region's own final `munmap` is unregistered first and sends none.
@@ -76,7 +80,8 @@ pub(crate) fn moved(space: &Arc<Mm>, from: usize, to: usize, len: usize) {
     let start = to + (old.addr_of(pages.start).max(from) - from);
     // The new mapping may be longer (a growing mremap): it ends where the
     // kernel's mapping ends, short of the next region.
-    let end = uhmm_sys::mman::vma_end(start).ok().flatten().unwrap_or(start + pages.len() * PAGE_SIZE);
+    let vma = uhmm_sys::mman::vma_at(start).ok().flatten();
+    let end = vma.map_or(start + pages.len() * PAGE_SIZE, |v| v.end);
     let end = space.next_region_start(start).map_or(end, |next| end.min(next));
     let end = end.max(start + pages.len() * PAGE_SIZE);
     if !space.has_region_ids() {
@@ -124,6 +129,39 @@ pub(crate) fn moved(space: &Arc<Mm>, from: usize, to: usize, len: usize) {
             let _ = old.pt.unlock(idx, State::Cpu, &space.waits);
         }
     });
+}
+
+/// A fault on registered memory uhmm does not manage: the program grew a
+/// mapping in place (`mremap` without a move sends no event) over the end
+/// of a region or into pages it had given up. That memory is the
+/// program's plain memory: its range — the kernel mapping around `addr`,
+/// short of any page uhmm manages — is unregistered, and the faulting
+/// thread's retry is the kernel's to fill. `region` is the region holding
+/// `addr`, if one does (the page given up).
+pub(crate) fn unmanaged_fault(space: &Mm, addr: usize, region: Option<&Vma>) {
+    let Ok(Some(vma)) = uhmm_sys::mman::vma_at(addr) else { return };
+    let mut range = vma;
+    if let Some(region) = region {
+        let Some(run) = region.index_of(addr).and_then(|i| region.unmapped_run(i)) else { return };
+        range.start = range.start.max(region.addr_of(run.start));
+        range.end = range.end.min(region.addr_of(run.end));
+    } else {
+        for other in space.regions_overlapping(&range) {
+            let (s, e) = (other.start(), other.start() + other.map.len());
+            if e <= addr {
+                range.start = range.start.max(e);
+            } else {
+                range.end = range.end.min(s);
+            }
+        }
+    }
+    if range.contains(&addr) {
+        // Counted first: the unregistration wakes the faulting thread.
+        Stats::add(&space.stats.unmanaged_ranges, 1);
+        if let Err(err) = space.uffd.unregister_range(range.start, range.len()) {
+            tracing::error!(%err, ?range, "could not hand memory the program grew back to the kernel");
+        }
+    }
 }
 
 /// The page indices of `region` that `range` covers.
