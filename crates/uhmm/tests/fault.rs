@@ -38,9 +38,15 @@ fn a_handler_stalled_in_a_fault_steps_aside_and_the_fault_completes() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     dev.sluggish_ms.store(0, Ordering::SeqCst);
+    let started = std::time::Instant::now();
     assert_eq!(read(3), 1);
+    let took = started.elapsed();
     std::thread::sleep(std::time::Duration::from_millis(50));
-    assert_eq!(space.stats().handler_stalls, 1, "a fault of usual length is no stall");
+    // The handler's work for it lies within the read: a read shorter than
+    // a stall (not slowed by a busy machine) cannot have counted one.
+    if took < uhmm_sys::stall::STALL_WAIT / 2 {
+        assert_eq!(space.stats().handler_stalls, 1, "a fault of usual length is no stall");
+    }
 }
 
 #[test]
