@@ -219,23 +219,27 @@ impl Mapping {
     /// then does nothing). Copies from it fail or fault from then on.
     pub fn unmap_now(&self) {
         self.readable.store(false, Ordering::Release);
-        for (off, len) in self.owned_parts() {
-            // SAFETY: the range is a part of the mapping this value still
-            // owns (type invariant, less what was given up); no Rust
-            // reference points into it, and `owned` is cleared below so
-            // nothing unmaps it twice.
+        if !self.owned.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        for (off, len) in self.kept_parts() {
+            // SAFETY: the range is a part of the mapping this value owned
+            // (type invariant, less what was given up) until the swap
+            // above, which only one caller wins; no Rust reference points
+            // into it.
             if let Err(err) = unsafe { mm::munmap(self.as_ptr().wrapping_add(off).cast(), len) } {
                 tracing::error!(%err, addr = self.addr() + off, len, "munmap failed");
             }
         }
-        self.owned.store(false, Ordering::SeqCst);
     }
 
     /// The parts of the mapping still owned (offset, length), in order.
     pub fn owned_parts(&self) -> Vec<(usize, usize)> {
-        if !self.owned.load(Ordering::SeqCst) {
-            return Vec::new();
-        }
+        if self.owned.load(Ordering::SeqCst) { self.kept_parts() } else { Vec::new() }
+    }
+
+    /// The parts not given up (offset, length), in order.
+    fn kept_parts(&self) -> Vec<(usize, usize)> {
         let mut gone = self.given_up.lock().unwrap_or_else(|e| e.into_inner()).clone();
         gone.sort_unstable();
         let mut parts = Vec::new();
@@ -611,6 +615,24 @@ impl Drop for Mapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_up_parts_are_left_mapped() {
+        let m = Mapping::anonymous(8 * PAGE_SIZE, Protection::ReadWrite, PAGE_SIZE).unwrap();
+        let base = m.addr();
+        m.give_up(2 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        m.give_up(3 * PAGE_SIZE, 2 * PAGE_SIZE).unwrap();
+        assert_eq!(m.owned_parts(), [(0, 2 * PAGE_SIZE), (5 * PAGE_SIZE, 3 * PAGE_SIZE)]);
+        assert!(m.give_up(7 * PAGE_SIZE, 2 * PAGE_SIZE).is_err(), "past the end");
+        m.unmap_now();
+        assert!(m.owned_parts().is_empty());
+        // (Whether `base` is mapped depends on other tests' mappings.)
+        assert!(vma_at(base + 2 * PAGE_SIZE).unwrap().is_some(), "the given-up part stays mapped");
+        drop(m);
+        assert!(vma_at(base + 2 * PAGE_SIZE).unwrap().is_some(), "drop after unmap_now unmaps nothing");
+        // SAFETY: the given-up part is this test's memory, unmapped once.
+        unsafe { mm::munmap((base + 2 * PAGE_SIZE) as *mut c_void, 3 * PAGE_SIZE) }.unwrap();
+    }
 
     #[test]
     fn map_read_write_discard() {
