@@ -116,8 +116,10 @@ fn sort_larger_than_the_budget() {
     let dir = scratch("sort");
     let input = dir.join("lines.txt");
     let py = program("python3");
-    let generator = "import random,sys\nr=random.Random(7)\nw=sys.stdout.write\nfor i in range(1_000_000): w('%016x %d\\n' % (r.getrandbits(64), i))";
+    // 1.6 M lines, 39 MB: more than the budget.
+    let generator = "import random,sys\nr=random.Random(7)\nw=sys.stdout.write\nfor i in range(1_600_000): w('%016x %d\\n' % (r.getrandbits(64), i))";
     let text = plain(&[py.as_str(), "-c", generator]);
+    assert!(text.len() > 32 << 20, "the input must be larger than the budget");
     std::fs::write(&input, &text).expect("write input");
     let sort = program("sort");
     let path = input.to_str().expect("utf-8 path");
@@ -152,12 +154,13 @@ fn xz_with_two_threads() {
 
 const SQLITE_SCRIPT: &str = "
 CREATE TABLE t(id INTEGER PRIMARY KEY, k TEXT, v BLOB);
-WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000)
-INSERT INTO t SELECT i, printf('key-%08d', (i * 7919) % 300000), zeroblob(200) || randomblob(16) FROM n;
+WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000000)
+INSERT INTO t SELECT i, printf('key-%08d', (i * 7919) % 1000000), zeroblob(200) || randomblob(16) FROM n;
 CREATE INDEX tk ON t(k);
 SELECT count(*), sum(length(v)), min(k), max(k) FROM t;
 SELECT id, k FROM t WHERE k BETWEEN 'key-00100000' AND 'key-00100005' ORDER BY k;
 SELECT count(*) FROM t WHERE id % 97 = 3;
+SELECT page_count * page_size > 200 * 1024 * 1024 FROM pragma_page_count, pragma_page_size;
 ";
 
 #[test]
@@ -167,9 +170,10 @@ fn sqlite3_in_memory_database() {
     // The page cache in one allocation (`-pagecache`), which uhmm takes;
     // with sqlite's default, each page is its own small allocation, which
     // stays with the C library (docs/run.md).
-    let argv = [sqlite.as_str(), "-pagecache", "4400", "40000", ":memory:", SQLITE_SCRIPT];
+    let argv = [sqlite.as_str(), "-pagecache", "4400", "70000", ":memory:", SQLITE_SCRIPT];
     let want = plain(&argv);
-    assert!(want.contains("300000|"), "sqlite3's own output is not what the script expects: {want}");
+    assert!(want.contains("1000000|"), "sqlite3's own output is not what the script expects: {want}");
+    assert!(want.trim_end().ends_with('1'), "the database is not over 200 MiB: {want}");
     let (got, err, report) = under_uhmm(&["--ram-budget", "32M"], &argv, &dir);
     assert_eq!(got, want, "sqlite3's output differs under uhmm run\n{err}");
     assert_tiered(&report, &err);
@@ -194,9 +198,9 @@ fn redis_server_filled_and_read_back() {
     let server = program("redis-server");
     let cli = program("redis-cli");
     library();
-    // Keys k0..k59999 with 2 KiB values derived from the key.
+    // Keys k0..k149999 with 2 KiB values derived from the key: 300 MiB.
     let mut load = String::new();
-    for i in 0..60_000 {
+    for i in 0..150_000 {
         let v = format!("{i:08}-").repeat(2048 / 9);
         load.push_str(&format!("*3\r\n$3\r\nSET\r\n${}\r\nk{i}\r\n${}\r\n{v}\r\n", format!("k{i}").len(), v.len()));
     }
@@ -242,7 +246,7 @@ fn redis_server_filled_and_read_back() {
         assert!(status.success(), "redis-cli --pipe: {err}");
         let mut out = redis(&["dbsize"]);
         out += &redis(&["debug", "digest"]);
-        for k in ["k0", "k777", "k31337", "k59999"] {
+        for k in ["k0", "k777", "k31337", "k149999"] {
             out += &redis(&["get", k]);
         }
         redis(&["shutdown", "nosave"]);
@@ -253,11 +257,15 @@ fn redis_server_filled_and_read_back() {
     };
     let base = 17_000 + (std::process::id() % 1000) as u16 * 2;
     let (want, _) = serve(base, false);
-    assert!(want.starts_with("60000"), "the plain server did not take the load: {want}");
+    assert!(want.starts_with("150000"), "the plain server did not take the load: {want}");
     let (got, report) = serve(base + 1, true);
     assert_eq!(got, want, "redis-server gave other data under uhmm run");
     let report = report.expect("report");
     assert!(total(&report, "blocks") > 0, "uhmm managed none of redis-server's memory: {report}");
+    // jemalloc maps its extents with mmap: the values are in blocks uhmm
+    // manages, and most of them were compressed under the budget.
+    assert!(total(&report, "managed_peak_bytes") > 200 << 20, "the values were not uhmm's: {report}");
+    assert!(total(&report, "demoted_pages") > (100 << 20) / 4096, "the values were not compressed: {report}");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use crate::copier::Copier;
 use crate::driver::DevicePagemapOps;
 use crate::fault::engine::Engine;
 use crate::fault::serving::Serving;
-use crate::foreign::own::OwnChanges;
+use crate::foreign::{own::OwnChanges, reaper::Reaper};
 use crate::holding::Holding;
 use crate::notifier::{IntervalNotifierOps, InvalidateEvent, NotifierHandle, NotifierList};
 use crate::page::{DevicePage, DevicePfn, Owner};
@@ -163,9 +163,10 @@ pub(crate) struct Mm {
     engine: Mutex<Option<Engine>>,
     /// The RAM charge a fault asks before bringing pages in (a policy's).
     pub(crate) charge: RwLock<Option<Weak<dyn ChargeOps>>>,
-    /// Unmaps and moves of region memory uhmm makes itself (their
-    /// non-cooperative events are its own).
+    /// Unmaps and moves of region memory that are uhmm's own (`foreign`).
     pub(crate) own_changes: OwnChanges,
+    /// The thread that frees what the program unmapped (`foreign`).
+    pub(crate) reaper: std::sync::OnceLock<Reaper>,
 }
 
 impl AddressSpace {
@@ -350,6 +351,7 @@ impl Mm {
             engine: Mutex::new(None),
             charge: RwLock::new(None),
             own_changes: OwnChanges::default(),
+            reaper: std::sync::OnceLock::new(),
             config,
         }))
     }

@@ -107,6 +107,10 @@ impl AddressSpace {
             crate::fault::serve(&weak, &fd, stop);
         })?;
         inner.set_engine(engine);
+        if inner.config.non_cooperative {
+            let reaper = crate::foreign::reaper::Reaper::start().map_err(|e| Error::sys("spawn", e))?;
+            let _ = inner.reaper.set(reaper);
+        }
         crate::fork::register(&inner);
         if signal {
             crate::fault::signal::register(&inner)?;

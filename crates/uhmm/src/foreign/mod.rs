@@ -31,6 +31,7 @@
 //! A region's own final `munmap` is unregistered first and sends none.
 
 pub(crate) mod own;
+pub(crate) mod reaper;
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -56,8 +57,9 @@ pub(crate) fn unmapped(space: &Arc<Mm>, range: Range<usize>) {
             continue;
         }
         give_up(space, &region, pages.clone());
-        let (space, range) = (space.clone(), range.clone());
-        reap(move || {
+        let (job_space, range) = (space.clone(), range.clone());
+        reap(space, move || {
+            let space = job_space;
             let _inv = space.notifiers.invalidate(range, InvalidateEvent::Unmap);
             free_pages(&space, &region, pages);
         });
@@ -107,8 +109,9 @@ pub(crate) fn moved(space: &Arc<Mm>, from: usize, to: usize, len: usize) {
     }
     give_up(space, &old, pages.clone());
     Stats::add(&space.stats.regions_followed, 1);
-    let space = space.clone();
-    reap(move || {
+    let job_space = space.clone();
+    reap(space, move || {
+        let space = job_space;
         let _inv = space.notifiers.invalidate(range, InvalidateEvent::Unmap);
         for (j, idx) in pages.clone().enumerate() {
             let state = old.pt.lock(idx, &space.waits);
@@ -207,13 +210,12 @@ fn free_pages(space: &Mm, region: &Vma, pages: Range<usize>) {
     }
 }
 
-/// Runs `work` on a thread of its own: it waits for page locks, which a
-/// handler thread must not. Work on the same pages keeps the events' order
-/// through those locks: a moved part's new pages stay locked until their
-/// states are handed over.
-fn reap(work: impl FnOnce() + Send + 'static) {
-    let spawned = std::thread::Builder::new().name("uhmm-reaper".into()).spawn(work);
-    if let Err(err) = spawned {
-        tracing::error!(%err, "could not start a reaper thread: device pages of an unmapped range leak");
+/// Runs `work` on the space's reaper thread, in order. Work on the same
+/// pages keeps the events' order through the page locks anyway: a moved
+/// part's new pages stay locked until their states are handed over.
+fn reap(space: &Mm, work: impl FnOnce() + Send + 'static) {
+    let sent = space.reaper.get().map(|r| r.send(Box::new(work)));
+    if !matches!(sent, Some(Ok(()))) {
+        tracing::error!("no reaper thread: device pages of an unmapped range leak");
     }
 }
