@@ -16,6 +16,7 @@
 //! the Rust code of this library, through its global allocator. The
 //! address space is made at the first large request.
 
+mod heap;
 mod real;
 mod report;
 mod runtime;
@@ -131,6 +132,66 @@ fn alloc_managed(len: usize, align: usize) -> *mut c_void {
         .unwrap_or(std::ptr::null_mut())
 }
 
+/// Small requests the C library served before the runtime existed,
+/// bytes: past [`SMALL_START`] a small request makes the runtime.
+static SMALL_SEEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Small-request bytes after which a program without large requests gets
+/// the runtime (and its small objects the heap): short-lived helper
+/// processes stay without one.
+const SMALL_START: usize = 16 << 20;
+
+thread_local! {
+    /// Whether this thread is one of uhmm's own (0: not known yet, 1: no,
+    /// 2: yes).
+    static UHMM_THREAD: Cell<u8> = const { Cell::new(0) };
+}
+
+/// Whether the calling thread is one of uhmm's (named `uhmm-…`): its
+/// allocations, made by C code in it (a compressor's), never come from
+/// the small-object heap, whose memory uhmm's threads may be moving or
+/// serving a fault on, while a program thread holding the heap's lock
+/// waits for them.
+fn uhmm_thread() -> bool {
+    UHMM_THREAD
+        .try_with(|k| {
+            if k.get() == 0 {
+                let mut name = [0u8; 16];
+                // SAFETY: PR_GET_NAME writes at most 16 bytes into `name`.
+                let ok = unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) } == 0;
+                k.set(if ok && name.starts_with(b"uhmm-") { 2 } else { 1 });
+            }
+            k.get() == 2
+        })
+        .unwrap_or(true)
+}
+
+/// `size` bytes (under the minimum size) from uhmm's small-object heap,
+/// or null (the caller asks the C library).
+fn alloc_small(size: usize) -> *mut c_void {
+    if SETTINGS.get().is_none() || uhmm_thread() {
+        return std::ptr::null_mut();
+    }
+    hooked(|| {
+        let rt = match runtime_if_made() {
+            Some(rt) => rt,
+            None if SMALL_SEEN.fetch_add(size, Ordering::Relaxed) >= SMALL_START => match runtime() {
+                Some(rt) => rt,
+                None => return std::ptr::null_mut(),
+            },
+            None => return std::ptr::null_mut(),
+        };
+        rt.small_alloc(size)
+    })
+    .unwrap_or(std::ptr::null_mut())
+}
+
+/// Frees `ptr` if it is the small-object heap's.
+fn free_small(ptr: *mut c_void) -> bool {
+    let Some(rt) = runtime_if_made() else { return false };
+    hooked(|| rt.small_free(ptr as usize, true)).unwrap_or_else(|| rt.small_free(ptr as usize, false))
+}
+
 /// Frees `ptr` if it is a managed block's pointer.
 fn free_managed(ptr: *mut c_void) -> bool {
     let addr = ptr as usize;
@@ -149,7 +210,10 @@ fn free_managed(ptr: *mut c_void) -> bool {
 /// `malloc(3)`.
 #[unsafe(no_mangle)]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
-    let p = alloc_managed(size, 16);
+    let mut p = alloc_managed(size, 16);
+    if p.is_null() && !large(size) {
+        p = alloc_small(size);
+    }
     if p.is_null() { real::malloc(size) } else { p }
 }
 
@@ -159,7 +223,7 @@ pub extern "C" fn malloc(size: usize) -> *mut c_void {
 /// As the C library's: `ptr` is null or a live allocation.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn free(ptr: *mut c_void) {
-    if ptr.is_null() || free_managed(ptr) {
+    if ptr.is_null() || free_small(ptr) || free_managed(ptr) {
         return;
     }
     // SAFETY: not a managed block, so glibc's (the caller's contract).
@@ -174,11 +238,25 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
         return std::ptr::null_mut();
     };
     let p = alloc_managed(len, 16);
-    if p.is_null() { real::calloc(n, size) } else { p }
+    if !p.is_null() {
+        return p;
+    }
+    let p = if large(len) { std::ptr::null_mut() } else { alloc_small(len) };
+    if p.is_null() {
+        return real::calloc(n, size);
+    }
+    // SAFETY: `p` holds `len` bytes just allocated (the heap reuses
+    // memory: it must be cleared).
+    unsafe { p.cast::<u8>().write_bytes(0, len) };
+    p
 }
 
-/// The usable size of `ptr`: a managed block's, or glibc's.
+/// The usable size of `ptr`: the small-object heap's, a managed
+/// block's, or glibc's.
 fn usable_size(ptr: *mut c_void) -> usize {
+    if let Some(n) = runtime_if_made().and_then(|rt| hooked(|| rt.small_usable(ptr as usize)).flatten()) {
+        return n;
+    }
     let managed = if (ptr as usize).is_multiple_of(PAGE_SIZE) {
         runtime_if_made().and_then(|rt| hooked(|| rt.usable(ptr as usize)).flatten())
     } else {
@@ -197,9 +275,18 @@ pub unsafe extern "C" fn realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
     if ptr.is_null() {
         return malloc(size);
     }
-    let managed = (ptr as usize).is_multiple_of(PAGE_SIZE)
-        && runtime_if_made().is_some_and(|rt| hooked(|| rt.usable(ptr as usize)).flatten().is_some());
-    if !managed && !large(size) {
+    let rt = runtime_if_made();
+    let small = rt.is_some_and(|rt| hooked(|| rt.small_owns(ptr as usize)).unwrap_or(false));
+    if small && size > 0 && !large(size) {
+        // Within the heap when it has room.
+        if let Some(q) = rt.and_then(|rt| hooked(|| rt.small_realloc(ptr as usize, size)).flatten()) {
+            return q;
+        }
+    }
+    let managed = !small
+        && (ptr as usize).is_multiple_of(PAGE_SIZE)
+        && rt.is_some_and(|rt| hooked(|| rt.usable(ptr as usize)).flatten().is_some());
+    if !small && !managed && !large(size) {
         // SAFETY: glibc's pointer (the caller's contract).
         return unsafe { real::realloc(ptr, size) };
     }
@@ -223,9 +310,13 @@ pub unsafe extern "C" fn realloc(ptr: *mut c_void, size: usize) -> *mut c_void {
     new
 }
 
-/// An aligned allocation: managed when large, else glibc's `memalign`.
+/// An aligned allocation: managed when large, from the small-object heap
+/// when its alignment serves, else glibc's `memalign`.
 fn aligned(align: usize, size: usize) -> *mut c_void {
-    let p = alloc_managed(size, align);
+    let mut p = alloc_managed(size, align);
+    if p.is_null() && !large(size) && align <= heap::ALIGN {
+        p = alloc_small(size);
+    }
     if p.is_null() { real::memalign(align, size) } else { p }
 }
 

@@ -22,6 +22,10 @@ pub struct Report {
     /// Blocks turned back into plain memory (by `mremap`, a fixed mapping
     /// over them, or executable protection).
     pub detached_blocks: u64,
+    /// Bytes of the small-object heap's chunks (allocations under the
+    /// minimum size).
+    #[serde(default)]
+    pub heap_bytes: u64,
     /// Pages the program unmapped (or moved away) with calls the library
     /// did not see (a raw system call), given up by uhmm.
     #[serde(default)]

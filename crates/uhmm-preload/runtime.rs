@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 use std::ffi::{c_int, c_void};
 use std::ops::Range;
+use std::ptr::NonNull;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -16,6 +17,7 @@ use uhmm_devices::compress::{CompressConfig, CompressStore};
 use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 use uhmm_devices::tier::{Tier, TierConfig, space_config};
 
+use crate::heap::Heap;
 use crate::real;
 use crate::report::Report;
 use crate::settings::Settings;
@@ -79,6 +81,10 @@ pub(crate) struct Runtime {
     _device: Arc<StoreDevice>,
     pub(crate) tier: Option<Tier>,
     blocks: Mutex<BTreeMap<usize, Block>>,
+    /// The small-object heap, and the bounds of its chunks (a pointer
+    /// outside them is not the heap's, without taking the lock).
+    heap: Mutex<Heap>,
+    heap_bounds: (AtomicUsize, AtomicUsize),
     pub(crate) counters: Counters,
     pub(crate) started: Instant,
     /// Set in a forked child: the space belongs to the parent, so the
@@ -127,6 +133,8 @@ impl Runtime {
             _device: device,
             tier,
             blocks: Mutex::new(BTreeMap::new()),
+            heap: Mutex::new(Heap::new()),
+            heap_bounds: (AtomicUsize::new(usize::MAX), AtomicUsize::new(0)),
             counters: Counters::default(),
             started: Instant::now(),
             forked: AtomicBool::new(false),
@@ -145,6 +153,7 @@ impl Runtime {
             blocks: c.blocks.load(Ordering::Relaxed),
             managed_peak_bytes: c.bytes_peak.load(Ordering::Relaxed),
             detached_blocks: c.detached.load(Ordering::Relaxed),
+            heap_bytes: self.heap.try_lock().map_or(0, |h| h.bytes() as u64),
             foreign_unmapped_pages: space.foreign_unmapped_pages,
             regions_followed: space.regions_followed,
             faults: space.faults,
@@ -160,10 +169,12 @@ impl Runtime {
         }
     }
 
-    /// Before `fork`: takes the block table's lock, so that the child's
-    /// copy is not taken by a thread that does not exist there.
+    /// Before `fork`: takes the block table's and the heap's locks, so
+    /// that the child's copies are not held by a thread that does not
+    /// exist there.
     pub(crate) fn lock_for_fork(&self) {
         std::mem::forget(self.blocks.lock());
+        std::mem::forget(self.heap.lock());
     }
 
     /// After `fork`, in parent and child: lets the lock
@@ -172,9 +183,12 @@ impl Runtime {
         if child {
             self.forked.store(true, Ordering::Relaxed);
         }
-        // SAFETY: `lock_for_fork` took the lock in the forking thread and
-        // forgot its guard; this is that thread (or its copy in the child).
-        unsafe { self.blocks.force_unlock() };
+        // SAFETY: `lock_for_fork` took the locks in the forking thread and
+        // forgot their guards; this is that thread (or its copy in the child).
+        unsafe {
+            self.blocks.force_unlock();
+            self.heap.force_unlock();
+        }
     }
 
     fn forked(&self) -> bool {
@@ -214,6 +228,82 @@ impl Runtime {
             self.release(b);
         }
         user as *mut c_void
+    }
+
+    /// `size` bytes from the small-object heap (a new chunk when none has
+    /// room); null when uhmm cannot (the caller asks the C library).
+    pub(crate) fn small_alloc(&self, size: usize) -> *mut c_void {
+        if self.forked() {
+            return std::ptr::null_mut();
+        }
+        let mut heap = self.heap.lock();
+        if let Some(p) = heap.alloc(size) {
+            return p.as_ptr().cast();
+        }
+        let Ok(region) = self.space.map(Heap::chunk_for(size), Prot::READ_WRITE) else { return std::ptr::null_mut() };
+        if let Some(tier) = &self.tier
+            && tier.manage(region.range()).is_err()
+        {
+            return std::ptr::null_mut();
+        }
+        let range = region.range();
+        self.heap_bounds.0.fetch_min(range.start, Ordering::Relaxed);
+        self.heap_bounds.1.fetch_max(range.end, Ordering::Relaxed);
+        heap.add_chunk(region);
+        heap.alloc(size).map_or(std::ptr::null_mut(), |p| p.as_ptr().cast())
+    }
+
+    /// `ptr` as the heap's allocation, if it may be one (within the
+    /// chunks' bounds; the caller checks ownership under the lock).
+    fn in_heap_bounds(&self, ptr: usize) -> Option<NonNull<u8>> {
+        let (lo, hi) = (&self.heap_bounds.0, &self.heap_bounds.1);
+        (lo.load(Ordering::Relaxed) <= ptr && ptr < hi.load(Ordering::Relaxed)).then(|| NonNull::new(ptr as *mut u8))?
+    }
+
+    /// Whether `ptr` is the heap's.
+    pub(crate) fn small_owns(&self, ptr: usize) -> bool {
+        self.in_heap_bounds(ptr).is_some() && self.heap.lock().owns(ptr)
+    }
+
+    /// Frees `ptr` if it is the heap's (false: it is not). Without
+    /// waiting: a free from a signal handler that interrupted the heap on
+    /// its own thread leaves a heap pointer to the process's end. In a
+    /// forked child the heap's memory is plain memory: a free leaves it.
+    pub(crate) fn small_free(&self, ptr: usize, wait: bool) -> bool {
+        let Some(p) = self.in_heap_bounds(ptr) else { return false };
+        let Some(mut heap) = (if wait { Some(self.heap.lock()) } else { self.heap.try_lock() }) else {
+            return true;
+        };
+        if !heap.owns(ptr) {
+            return false;
+        }
+        if !self.forked() {
+            // SAFETY: a live allocation of the heap (the caller frees it).
+            unsafe { heap.free(p) };
+        }
+        true
+    }
+
+    /// The size of the heap's allocation `ptr`, if it is one.
+    pub(crate) fn small_usable(&self, ptr: usize) -> Option<usize> {
+        let p = self.in_heap_bounds(ptr)?;
+        // SAFETY: owned by the heap: a live allocation (the caller's).
+        self.heap.lock().owns(ptr).then(|| unsafe { Heap::usable(p) })
+    }
+
+    /// Resizes the heap's allocation `ptr` within the heap; `None` when it
+    /// cannot (the caller moves the data itself).
+    pub(crate) fn small_realloc(&self, ptr: usize, size: usize) -> Option<*mut c_void> {
+        let p = self.in_heap_bounds(ptr)?;
+        if self.forked() {
+            return None;
+        }
+        let mut heap = self.heap.lock();
+        if !heap.owns(ptr) {
+            return None;
+        }
+        // SAFETY: a live allocation of the heap (the caller's contract).
+        unsafe { heap.realloc(p, size) }.map(|q| q.as_ptr().cast())
     }
 
     /// The block holding `addr`: its start. Blocks the program unmapped
