@@ -7,8 +7,10 @@
 //! `pvalloc`, `malloc_usable_size`) and the memory system calls' wrappers
 //! (`mmap`, `munmap`, `mremap`, `madvise`, `mprotect`). Requests of at
 //! least the minimum size (`UHMM_MIN_SIZE`, 1 MiB by default) for private
-//! anonymous read-write memory become uhmm regions; everything else goes
-//! to glibc's allocator (`__libc_malloc` and kin) or, raw, to the kernel.
+//! anonymous read-write memory become uhmm regions; smaller allocations
+//! come from uhmm's small-object heap (`heap.rs`) once the runtime
+//! exists; everything else goes to glibc's allocator (`__libc_malloc` and
+//! kin) or, raw, to the kernel.
 //! What is and is not caught: `docs/run.md`.
 //!
 //! Inside a hook a thread-local flag is set: whatever the hook's own work
