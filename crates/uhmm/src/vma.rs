@@ -85,6 +85,8 @@ pub(crate) struct Vma {
     pub(crate) dead: AtomicBool,
     /// Page ranges unmapped with [`Region::unmap`](crate::Region::unmap) (reserved, inaccessible).
     unmapped: RwLock<Vec<Range<usize>>>,
+    /// `unmapped` is not empty (read on every fault without the lock).
+    any_unmapped: AtomicBool,
     /// Adaptive fault-around: the windows of the scans faulting on device pages.
     pub(crate) fault_around: ScanWindow,
     /// The same for first-touch zero fills.
@@ -110,6 +112,7 @@ impl Vma {
             prot: RwLock::new(BTreeMap::from([(0, prot)])),
             dead: AtomicBool::new(false),
             unmapped: RwLock::new(Vec::new()),
+            any_unmapped: AtomicBool::new(false),
             fault_around: ScanWindow::default(),
             zero_around: ScanWindow::default(),
             to_device_at: std::sync::atomic::AtomicU64::new(0),
@@ -134,6 +137,7 @@ impl Vma {
     /// Records pages `pages` as unmapped (reserved, inaccessible).
     pub(crate) fn mark_unmapped(&self, pages: Range<usize>) {
         self.unmapped.write().unwrap_or_else(|e| e.into_inner()).push(pages);
+        self.any_unmapped.store(true, Ordering::Release);
     }
 
     /// Whether every page of `pages` was unmapped.
@@ -150,6 +154,9 @@ impl Vma {
 
     /// Whether any page of `pages` was unmapped.
     pub(crate) fn has_unmapped(&self, pages: &Range<usize>) -> bool {
+        if !self.any_unmapped.load(Ordering::Acquire) {
+            return false;
+        }
         let unmapped = self.unmapped.read().unwrap_or_else(|e| e.into_inner());
         unmapped.iter().any(|u| u.start < pages.end && pages.start < u.end)
     }
