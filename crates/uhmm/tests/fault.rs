@@ -38,15 +38,16 @@ fn a_handler_stalled_in_a_fault_steps_aside_and_the_fault_completes() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     dev.sluggish_ms.store(0, Ordering::SeqCst);
-    let started = std::time::Instant::now();
-    assert_eq!(read(3), 1);
-    let took = started.elapsed();
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    // The handler's work for it lies within the read: a read shorter than
-    // a stall (not slowed by a busy machine) cannot have counted one.
-    if took < uhmm_sys::stall::STALL_WAIT / 2 {
-        assert_eq!(space.stats().handler_stalls, 1, "a fault of usual length is no stall");
+    // Faults of usual length are not stalls: of many, most are not
+    // counted (a busy machine may stop a handler in the middle of a few).
+    let before = space.stats().handler_stalls;
+    let page3 = region.addr() + 3 * PAGE_SIZE..region.addr() + 4 * PAGE_SIZE;
+    for _ in 0..50 {
+        dev.to_device(&space, page3.clone());
+        assert_eq!(read(3), 1);
     }
+    let stalls = space.stats().handler_stalls - before;
+    assert!(stalls < 25, "{stalls} of 50 faults of usual length counted as stalls");
 }
 
 #[test]
