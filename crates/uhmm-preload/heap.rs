@@ -47,7 +47,7 @@ impl Heap {
 
     /// The bytes of chunk a request of `size` bytes needs.
     pub(crate) fn chunk_for(size: usize) -> usize {
-        CHUNK.max((size + HEADER + 4096).next_multiple_of(uhmm::PAGE_SIZE))
+        CHUNK.max((size + HEADER + uhmm::PAGE_SIZE).next_multiple_of(uhmm::PAGE_SIZE))
     }
 
     /// Gives the heap a chunk of memory.

@@ -56,6 +56,7 @@ pub(crate) fn unmapped(space: &Arc<Mm>, range: Range<usize>) {
             // Given up already: the old range of an mremap followed before.
             continue;
         }
+        let _ = region.map.give_up(pages.start * PAGE_SIZE, pages.len() * PAGE_SIZE);
         give_up(space, &region, pages.clone());
         let (job_space, range) = (space.clone(), range.clone());
         reap(space, move || {
@@ -175,10 +176,9 @@ fn page_span(region: &Vma, range: &Range<usize>) -> Range<usize> {
 }
 
 /// Marks pages `pages` of `region` as no longer the region's: unmapped for
-/// every uhmm call, not unmapped by the region's drop; a region given up
-/// whole leaves the table.
+/// every uhmm call (its mapping gave them up already: the caller's); a
+/// region given up whole leaves the table.
 fn give_up(space: &Mm, region: &Arc<Vma>, pages: Range<usize>) {
-    let _ = region.map.give_up(pages.start * PAGE_SIZE, pages.len() * PAGE_SIZE);
     region.forget(pages.clone());
     if pages.len() == region.npages() {
         region.dead.store(true, std::sync::atomic::Ordering::SeqCst);
