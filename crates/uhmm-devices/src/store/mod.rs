@@ -9,8 +9,10 @@
 //! gives (its device page numbers); the store never sees addresses.
 
 mod device;
+mod seal;
 
 pub use device::{DeviceCounters, Moved, StoreDevice, StoreDeviceConfig};
+pub use seal::{SealStats, SealedStore, random_id};
 
 use uhmm::Result;
 
