@@ -6,8 +6,9 @@
 //! ([`mman`]), the `PAGEMAP_SCAN` residency query ([`pagemap`]), page pins
 //! ([`pin`]) and CPU placement, `fork` and `pthread_atfork` ([`process`]);
 //! the SIGBUS handler for faults answered in the faulting thread
-//! ([`signal`]); and what a thread does after the host stopped its vCPU
-//! ([`stall`]). Each
+//! ([`signal`]); what a thread does after the host stopped its vCPU
+//! ([`stall`]); and a page store's file: private files and `O_DIRECT`
+//! ([`file`]), batched reads and writes with io_uring ([`uring`]). Each
 //! wrapper opens with the call it is; each `unsafe` block argues why it is
 //! sound. Nothing here knows about regions, page tables or devices. It is a
 //! crate of its own, as rustix is, so that drivers, benchmarks (a raw
@@ -20,7 +21,9 @@ pub mod pin;
 pub mod process;
 pub mod signal;
 pub mod stall;
+pub mod file;
 pub mod uffd;
+pub mod uring;
 
 /// The base page size uhmm works in. [`check_page_size`] verifies that the
 /// running kernel agrees.
