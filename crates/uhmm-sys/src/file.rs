@@ -49,6 +49,12 @@ pub fn open_private(dir: &Path, direct: bool) -> io::Result<File> {
     Err(io::Error::new(io::ErrorKind::AlreadyExists, "no free name for a private file"))
 }
 
+/// Whether an open failed because the file system does not take
+/// `O_DIRECT` (`EINVAL`): open it buffered instead.
+pub fn is_direct_refused(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
+}
+
 /// The file at `path`, emptied: created (then `created` is true) or, if
 /// it is a regular file, truncated to nothing. Anything else there (a
 /// directory, a device) is refused with `InvalidInput`.

@@ -15,13 +15,13 @@
 //! userfaultfd round trip with the same calls uhmm uses) and tests can use
 //! the calls without the core's public API carrying them.
 
+pub mod file;
 pub mod mman;
 pub mod pagemap;
 pub mod pin;
 pub mod process;
 pub mod signal;
 pub mod stall;
-pub mod file;
 pub mod uffd;
 pub mod uring;
 

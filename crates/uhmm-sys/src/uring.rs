@@ -228,6 +228,13 @@ fn prepare(fd: BorrowedFd<'_>, op: &mut Op<'_>, done: usize) -> io_uring::squeue
     }
 }
 
+/// Whether a direct read or write failed for its buffer (`EFAULT`: memory
+/// the kernel will not take for I/O; `EINVAL`: not aligned as the file
+/// system asks): worth doing again through an [`AlignedBuf`].
+pub fn is_buffer_refused(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EINVAL))
+}
+
 fn retryable(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY))
 }
@@ -256,7 +263,9 @@ pub fn run_blocking(fd: BorrowedFd<'_>, ops: &mut [Op<'_>]) -> Vec<io::Result<()
                         });
                     }
                     Ok(k) => done += k,
-                    Err(e) if matches!(e, rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) && retries < MAX_RETRIES => {
+                    Err(e)
+                        if matches!(e, rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) && retries < MAX_RETRIES =>
+                    {
                         retries += 1
                     }
                     Err(e) => return Err(e.into()),
