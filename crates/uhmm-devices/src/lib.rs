@@ -11,7 +11,7 @@
 //! - [`compress`]: the compressed store, a user-space zswap: lz4 (or zstd),
 //!   same-filled and incompressible pages as zram keeps them, a packed pool,
 //!   groups of neighbouring pages, checksums.
-//! - [`file`]: the file store, pages in a file on local disk: an extent
+//! - [`file`](mod@file): the file store, pages in a file on local disk: an extent
 //!   allocator over the file, batched io_uring reads and writes,
 //!   `O_DIRECT` where the file system takes it, a file private to the
 //!   process.

@@ -350,14 +350,17 @@ mod tests {
         f
     }
 
-    fn ring() -> Option<Ring> {
+    /// A way to run a batch: a ring's or `run_blocking`.
+    type Runner = Box<dyn FnMut(BorrowedFd<'_>, &mut [Op<'_>]) -> Vec<io::Result<()>>>;
+
+    /// `run_blocking`, and a ring of 8 entries where io_uring is enabled.
+    fn runners() -> Vec<Runner> {
+        let mut runs: Vec<Runner> = vec![Box::new(run_blocking)];
         match Ring::new(8) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                eprintln!("io_uring not available here ({e}): ring tests skipped");
-                None
-            }
+            Ok(mut ring) => runs.push(Box::new(move |fd, ops| ring.run(fd, ops))),
+            Err(e) => eprintln!("io_uring not available here ({e}): ring tests skipped"),
         }
+        runs
     }
 
     #[test]
@@ -374,7 +377,7 @@ mod tests {
     }
 
     /// More operations than the ring has entries, writes then reads back.
-    fn round_trip(run: &mut dyn FnMut(BorrowedFd<'_>, &mut [Op<'_>]) -> Vec<io::Result<()>>) {
+    fn round_trip(run: &mut Runner) {
         let f = temp_file();
         let data: Vec<u8> = (0..40 * PAGE_SIZE).map(|i| (i * 7 + i / PAGE_SIZE) as u8).collect();
         let mut ops: Vec<Op<'_>> = data
@@ -395,21 +398,16 @@ mod tests {
 
     #[test]
     fn a_batch_larger_than_the_ring_round_trips() {
-        let Some(mut ring) = ring() else { return };
-        round_trip(&mut |fd, ops| ring.run(fd, ops));
-        round_trip(&mut |fd, ops| run_blocking(fd, ops));
+        for mut run in runners() {
+            round_trip(&mut run);
+        }
     }
 
     #[test]
     fn a_read_past_the_end_is_unexpected_eof_and_the_others_succeed() {
         let mut f = temp_file();
         f.write_all(&[5u8; 2 * PAGE_SIZE]).unwrap();
-        let mut runs: Vec<Box<dyn FnMut(BorrowedFd<'_>, &mut [Op<'_>]) -> Vec<io::Result<()>>>> =
-            vec![Box::new(run_blocking)];
-        if let Some(mut ring) = ring() {
-            runs.push(Box::new(move |fd, ops| ring.run(fd, ops)));
-        }
-        for run in &mut runs {
+        for run in &mut runners() {
             let (mut a, mut b, mut c) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
             let mut ops = vec![
                 Op::Read { offset: 0, buf: &mut a },
@@ -431,12 +429,7 @@ mod tests {
         let path = format!("/proc/self/fd/{}", f.as_raw_fd());
         let ro = std::fs::File::open(path).unwrap();
         let page = vec![1u8; PAGE_SIZE];
-        let mut runs: Vec<Box<dyn FnMut(BorrowedFd<'_>, &mut [Op<'_>]) -> Vec<io::Result<()>>>> =
-            vec![Box::new(run_blocking)];
-        if let Some(mut ring) = ring() {
-            runs.push(Box::new(move |fd, ops| ring.run(fd, ops)));
-        }
-        for run in &mut runs {
+        for run in &mut runners() {
             let mut ops = vec![Op::Write { offset: 0, buf: &page }, Op::Write { offset: 4096, buf: &page }];
             let res = run(ro.as_fd(), &mut ops);
             assert!(res.iter().all(|r| r.as_ref().unwrap_err().raw_os_error() == Some(libc::EBADF)), "{res:?}");

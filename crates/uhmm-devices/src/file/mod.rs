@@ -205,9 +205,8 @@ pub struct FileStats {
 pub struct FileStore {
     config: FileConfig,
     file: File,
-    /// The named file and whether the store created it (see
-    /// [`FileLocation::Named`]).
-    named: Option<(PathBuf, bool)>,
+    /// The file the user named (see [`FileLocation::Named`]).
+    named: Option<NamedFile>,
     direct: bool,
     rings: Vec<Mutex<Ring>>,
     next_ring: AtomicUsize,
@@ -217,6 +216,21 @@ pub struct FileStore {
     /// waits under it, so `delete` never waits for a read or a write.
     state: Mutex<State>,
     counters: Counters,
+}
+
+/// A file the user named, and whether the store created it (it removes
+/// it at drop) or found it (it empties it at drop).
+#[derive(Debug)]
+struct NamedFile {
+    path: PathBuf,
+    created: bool,
+}
+
+/// What [`open`] opened.
+struct Opened {
+    file: File,
+    direct: bool,
+    named: Option<NamedFile>,
 }
 
 #[derive(Debug, Default)]
@@ -277,7 +291,7 @@ impl FileStore {
     /// argument; a file that cannot be opened is a system error naming it.
     pub fn new(config: FileConfig) -> Result<FileStore> {
         config.validate()?;
-        let (file, direct, named) = open(&config)?;
+        let opened = open(&config)?;
         let mut rings = Vec::with_capacity(config.rings);
         for _ in 0..config.rings {
             match Ring::new(config.ring_entries) {
@@ -289,16 +303,11 @@ impl FileStore {
                 }
             }
         }
-        Ok(FileStore::with_file(config, file, direct, named, rings))
+        Ok(FileStore::with_file(config, opened, rings))
     }
 
-    fn with_file(
-        config: FileConfig,
-        file: File,
-        direct: bool,
-        named: Option<(PathBuf, bool)>,
-        rings: Vec<Mutex<Ring>>,
-    ) -> FileStore {
+    fn with_file(config: FileConfig, opened: Opened, rings: Vec<Mutex<Ring>>) -> FileStore {
+        let Opened { file, direct, named } = opened;
         let capacity = config.capacity_bytes / PAGE_SIZE as u64;
         FileStore {
             config,
@@ -326,7 +335,7 @@ impl FileStore {
 
     /// The file's path, when the user named one.
     pub fn path(&self) -> Option<&Path> {
-        self.named.as_ref().map(|(p, _)| p.as_path())
+        self.named.as_ref().map(|n| n.path.as_path())
     }
 
     /// The counters.
@@ -463,7 +472,7 @@ impl FileStore {
 
 /// Opens the file `config` names, with `O_DIRECT` as it asks: the file,
 /// whether it is direct, and the named path with whether it was created.
-fn open(config: &FileConfig) -> Result<(File, bool, Option<(PathBuf, bool)>)> {
+fn open(config: &FileConfig) -> Result<Opened> {
     let existed = match &config.location {
         FileLocation::Named(p) => p.symlink_metadata().is_ok(),
         _ => false,
@@ -494,10 +503,10 @@ fn open(config: &FileConfig) -> Result<(File, bool, Option<(PathBuf, bool)>)> {
         Error::new(kind, format!("file store: cannot open {what}: {e}"))
     })?;
     let named = match &config.location {
-        FileLocation::Named(p) => Some((p.clone(), !existed)),
+        FileLocation::Named(p) => Some(NamedFile { path: p.clone(), created: !existed }),
         _ => None,
     };
-    Ok((file, direct, named))
+    Ok(Opened { file, direct, named })
 }
 
 /// Whether `page` is all zeros.
@@ -686,6 +695,25 @@ impl PageStore for FileStore {
             return Ok(());
         }
         let results = self.read_pieces(runs, &pieces);
+        // A piece of several pages that failed is read again page by page:
+        // only the pages that cannot be read are lost (a file cut short
+        // loses the pages past its end, not their neighbours).
+        let mut page_results: Vec<std::result::Result<(), String>> = Vec::with_capacity(gens.len());
+        for (p, res) in pieces.iter().zip(&results) {
+            match res {
+                Ok(()) => page_results.extend((0..p.pages).map(|_| Ok(()))),
+                Err(e) if p.pages == 1 => page_results.push(Err(e.to_string())),
+                Err(_) => {
+                    let single: Vec<Piece> = (0..p.pages)
+                        .map(|k| Piece { run: p.run, page: p.page + k, pages: 1, slot: p.slot + k as u64 })
+                        .collect();
+                    let all: Vec<usize> = (0..single.len()).collect();
+                    let again = self.read_bounced(runs, &single, &all);
+                    self.counters.reads.fetch_add(single.len() as u64, Ordering::Relaxed);
+                    page_results.extend(again.into_iter().map(|r| r.map_err(|e| e.to_string())));
+                }
+            }
+        }
         // Each page read counts if its key still holds what was read (a
         // key deleted meanwhile is not held: Missing).
         let (mut read, mut lost) = (0u64, 0u64);
@@ -693,24 +721,24 @@ impl PageStore for FileStore {
         {
             let st = self.lock();
             let mut g = 0;
-            for (p, res) in pieces.iter().zip(&results) {
+            for p in &pieces {
                 let run = &mut runs[p.run];
                 for k in 0..p.pages {
                     let still =
                         st.entry(run.keys[p.page + k]) == Entry::At { slot: p.slot + k as u64, generation: gens[g] };
-                    g += 1;
-                    run.got[p.page + k] = match (still, res) {
+                    run.got[p.page + k] = match (still, &page_results[g]) {
                         (false, _) => Got::Missing,
                         (true, Ok(())) => {
                             read += 1;
                             Got::Filled
                         }
                         (true, Err(e)) => {
-                            first_err.get_or_insert_with(|| e.to_string());
+                            first_err.get_or_insert_with(|| e.clone());
                             lost += 1;
                             Got::Lost
                         }
                     };
+                    g += 1;
                 }
             }
         }
@@ -745,12 +773,12 @@ impl PageStore for FileStore {
 impl Drop for FileStore {
     fn drop(&mut self) {
         match &self.named {
-            Some((path, true)) => {
+            Some(NamedFile { path, created: true }) => {
                 if let Err(err) = std::fs::remove_file(path) {
                     tracing::warn!(%err, path = %path.display(), "file store: cannot remove its file");
                 }
             }
-            Some((path, false)) => {
+            Some(NamedFile { path, created: false }) => {
                 if let Err(err) = self.file.set_len(0) {
                     tracing::warn!(%err, path = %path.display(), "file store: cannot empty its file");
                 }
@@ -851,7 +879,8 @@ mod tests {
         let ro = File::open(&path).unwrap();
         for rings in [0, 1] {
             let ring: Vec<Mutex<Ring>> = (0..rings).filter_map(|_| Ring::new(8).ok()).map(Mutex::new).collect();
-            let s = FileStore::with_file(FileConfig::default(), ro.try_clone().unwrap(), false, None, ring);
+            let opened = Opened { file: ro.try_clone().unwrap(), direct: false, named: None };
+            let s = FileStore::with_file(FileConfig::default(), opened, ring);
             let data: Vec<u8> = [page_of(1), page_of(2), page_of(0)].concat();
             let stored = s.put(&[RunIn { vpn: 0, keys: &[0, 1, 2], data: &data }]).unwrap();
             assert_eq!(stored, [false, false, true], "the zero page needs no write");
@@ -859,14 +888,15 @@ mod tests {
             assert_eq!((st.pages, st.used_bytes, st.file_bytes, st.write_error_pages), (1, 0, 0, 2));
         }
         // A file cut short under the store: its pages come back lost.
-        let s = FileStore::with_file(FileConfig::default(), f.try_clone().unwrap(), false, None, Vec::new());
+        let opened = Opened { file: f.try_clone().unwrap(), direct: false, named: None };
+        let s = FileStore::with_file(FileConfig::default(), opened, Vec::new());
         let data: Vec<u8> = [page_of(1), page_of(2)].concat();
         assert_eq!(s.put(&[RunIn { vpn: 0, keys: &[0, 1], data: &data }]).unwrap(), [true, true]);
         f.set_len(PAGE_SIZE as u64).unwrap();
         let (back, got) = get(&s, &[0, 1]);
-        assert_eq!(got, [Got::Lost, Got::Lost], "one read, cut short: both pages");
-        assert!(back[PAGE_SIZE..].iter().all(|&b| b != 2), "no stale data");
-        assert_eq!(s.stats().lost_pages, 2);
+        assert_eq!(got, [Got::Filled, Got::Lost], "the read cut short is done again page by page");
+        assert!(back[..PAGE_SIZE] == page_of(1));
+        assert_eq!(s.stats().lost_pages, 1);
         let (back, got) = get(&s, &[0]);
         assert_eq!(got, [Got::Filled]);
         assert!(back == page_of(1));
