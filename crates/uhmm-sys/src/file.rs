@@ -91,20 +91,22 @@ mod tests {
 
     #[test]
     fn a_private_file_has_no_name_and_a_named_one_is_emptied() {
-        let dir = std::env::temp_dir();
-        let f = open_private(&dir, false).unwrap();
-        assert_eq!(f.metadata().unwrap().nlink(), 0, "nobody can open it by name");
-        assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
+        crate::with_timeout(60, || {
+            let dir = std::env::temp_dir();
+            let f = open_private(&dir, false).unwrap();
+            assert_eq!(f.metadata().unwrap().nlink(), 0, "nobody can open it by name");
+            assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
 
-        let path = dir.join(format!("uhmm-file-test-{}", std::process::id()));
-        std::fs::write(&path, b"old contents").unwrap();
-        let (f, created) = open_named(&path, false).unwrap();
-        assert!(!created);
-        assert_eq!(f.metadata().unwrap().len(), 0);
-        std::fs::remove_file(&path).unwrap();
-        let (_f, created) = open_named(&path, false).unwrap();
-        assert!(created);
-        std::fs::remove_file(&path).unwrap();
-        assert_eq!(open_named(&dir, false).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+            let path = dir.join(format!("uhmm-file-test-{}", std::process::id()));
+            std::fs::write(&path, b"old contents").unwrap();
+            let (f, created) = open_named(&path, false).unwrap();
+            assert!(!created);
+            assert_eq!(f.metadata().unwrap().len(), 0);
+            std::fs::remove_file(&path).unwrap();
+            let (_f, created) = open_named(&path, false).unwrap();
+            assert!(created);
+            std::fs::remove_file(&path).unwrap();
+            assert_eq!(open_named(&dir, false).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        });
     }
 }

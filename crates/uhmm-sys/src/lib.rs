@@ -84,3 +84,24 @@ unsafe fn ioctl_update<T>(
     // SAFETY: forwarded to the caller (see `# Safety`).
     unsafe { rustix::ioctl::ioctl(fd, Update { opcode, arg }) }
 }
+
+/// Runs `f` on a thread of its own; fails the test if it takes more than
+/// `secs` (tests that wait on I/O run under it).
+#[cfg(test)]
+pub(crate) fn with_timeout<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => {
+            t.join().expect("test thread");
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("test hung: no result after {secs} s"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match t.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("sender dropped without sending"),
+        },
+    }
+}

@@ -398,41 +398,47 @@ mod tests {
 
     #[test]
     fn a_batch_larger_than_the_ring_round_trips() {
-        for mut run in runners() {
-            round_trip(&mut run);
-        }
+        crate::with_timeout(60, || {
+            for mut run in runners() {
+                round_trip(&mut run);
+            }
+        });
     }
 
     #[test]
     fn a_read_past_the_end_is_unexpected_eof_and_the_others_succeed() {
-        let mut f = temp_file();
-        f.write_all(&[5u8; 2 * PAGE_SIZE]).unwrap();
-        for run in &mut runners() {
-            let (mut a, mut b, mut c) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
-            let mut ops = vec![
-                Op::Read { offset: 0, buf: &mut a },
-                Op::Read { offset: 5 * PAGE_SIZE as u64, buf: &mut b },
-                // Half of it is there: a short read, then the end.
-                Op::Read { offset: (PAGE_SIZE + PAGE_SIZE / 2) as u64, buf: &mut c },
-            ];
-            let res = run(f.as_fd(), &mut ops);
-            assert!(res[0].is_ok());
-            assert_eq!(res[1].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-            assert_eq!(res[2].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
-            assert!(a.iter().all(|&x| x == 5));
-        }
+        crate::with_timeout(60, || {
+            let mut f = temp_file();
+            f.write_all(&[5u8; 2 * PAGE_SIZE]).unwrap();
+            for run in &mut runners() {
+                let (mut a, mut b, mut c) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
+                let mut ops = vec![
+                    Op::Read { offset: 0, buf: &mut a },
+                    Op::Read { offset: 5 * PAGE_SIZE as u64, buf: &mut b },
+                    // Half of it is there: a short read, then the end.
+                    Op::Read { offset: (PAGE_SIZE + PAGE_SIZE / 2) as u64, buf: &mut c },
+                ];
+                let res = run(f.as_fd(), &mut ops);
+                assert!(res[0].is_ok());
+                assert_eq!(res[1].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+                assert_eq!(res[2].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+                assert!(a.iter().all(|&x| x == 5));
+            }
+        });
     }
 
     #[test]
     fn a_write_to_a_read_only_file_fails_each_operation() {
-        let f = temp_file();
-        let path = format!("/proc/self/fd/{}", f.as_raw_fd());
-        let ro = std::fs::File::open(path).unwrap();
-        let page = vec![1u8; PAGE_SIZE];
-        for run in &mut runners() {
-            let mut ops = vec![Op::Write { offset: 0, buf: &page }, Op::Write { offset: 4096, buf: &page }];
-            let res = run(ro.as_fd(), &mut ops);
-            assert!(res.iter().all(|r| r.as_ref().unwrap_err().raw_os_error() == Some(libc::EBADF)), "{res:?}");
-        }
+        crate::with_timeout(60, || {
+            let f = temp_file();
+            let path = format!("/proc/self/fd/{}", f.as_raw_fd());
+            let ro = std::fs::File::open(path).unwrap();
+            let page = vec![1u8; PAGE_SIZE];
+            for run in &mut runners() {
+                let mut ops = vec![Op::Write { offset: 0, buf: &page }, Op::Write { offset: 4096, buf: &page }];
+                let res = run(ro.as_fd(), &mut ops);
+                assert!(res.iter().all(|r| r.as_ref().unwrap_err().raw_os_error() == Some(libc::EBADF)), "{res:?}");
+            }
+        });
     }
 }

@@ -792,6 +792,26 @@ impl Drop for FileStore {
 mod tests {
     use super::*;
 
+    /// Runs `f` on a thread of its own; fails the test if it takes more than
+    /// `secs` (tests that wait on I/O run under it).
+    fn with_timeout<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+            Ok(v) => {
+                t.join().expect("test thread");
+                v
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("test hung: no result after {secs} s"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match t.join() {
+                Err(p) => std::panic::resume_unwind(p),
+                Ok(()) => unreachable!("sender dropped without sending"),
+            },
+        }
+    }
+
     fn page_of(b: u8) -> Vec<u8> {
         vec![b; PAGE_SIZE]
     }
@@ -833,85 +853,93 @@ mod tests {
 
     #[test]
     fn pages_round_trip_a_run_is_one_write_and_zero_pages_take_no_slot() {
-        for rings in [0, 2] {
-            let s = store(FileConfig { rings, ..FileConfig::default() });
-            let data: Vec<u8> = [page_of(1), page_of(0), page_of(2), page_of(3)].concat();
-            let stored = s.put(&[RunIn { vpn: 0, keys: &[10, 11, 12, 13], data: &data }]).unwrap();
-            assert_eq!(stored, vec![true; 4]);
-            let st = s.stats();
-            assert_eq!((st.pages, st.zero_pages, st.used_bytes), (4, 1, 3 * PAGE_SIZE as u64));
-            assert_eq!(st.writes, 2, "a zero page splits the run: two writes");
-            assert_eq!(st.uring, rings > 0);
-            let mut zero = [false; 4];
-            s.zero_pages(&[10, 11, 12, 13], &mut zero);
-            assert_eq!(zero, [false, true, false, false]);
-            let (back, got) = get(&s, &[12, 13, 10, 99]);
-            assert_eq!(got, [Got::Filled, Got::Filled, Got::Filled, Got::Missing]);
-            assert!(back[..3 * PAGE_SIZE] == [page_of(2), page_of(3), page_of(1)].concat());
-            assert_eq!(s.stats().reads, 2, "12 and 13 are neighbours in the file: one read");
-            s.delete(&[10, 11, 12, 13]);
-            let st = s.stats();
-            assert_eq!((st.pages, st.used_bytes, st.file_bytes), (0, 0, 0));
-        }
+        with_timeout(60, || {
+            for rings in [0, 2] {
+                let s = store(FileConfig { rings, ..FileConfig::default() });
+                let data: Vec<u8> = [page_of(1), page_of(0), page_of(2), page_of(3)].concat();
+                let stored = s.put(&[RunIn { vpn: 0, keys: &[10, 11, 12, 13], data: &data }]).unwrap();
+                assert_eq!(stored, vec![true; 4]);
+                let st = s.stats();
+                assert_eq!((st.pages, st.zero_pages, st.used_bytes), (4, 1, 3 * PAGE_SIZE as u64));
+                assert_eq!(st.writes, 2, "a zero page splits the run: two writes");
+                assert_eq!(st.uring, rings > 0);
+                let mut zero = [false; 4];
+                s.zero_pages(&[10, 11, 12, 13], &mut zero);
+                assert_eq!(zero, [false, true, false, false]);
+                let (back, got) = get(&s, &[12, 13, 10, 99]);
+                assert_eq!(got, [Got::Filled, Got::Filled, Got::Filled, Got::Missing]);
+                assert!(back[..3 * PAGE_SIZE] == [page_of(2), page_of(3), page_of(1)].concat());
+                assert_eq!(s.stats().reads, 2, "12 and 13 are neighbours in the file: one read");
+                s.delete(&[10, 11, 12, 13]);
+                let st = s.stats();
+                assert_eq!((st.pages, st.used_bytes, st.file_bytes), (0, 0, 0));
+            }
+        });
     }
 
     #[test]
     fn a_full_file_stores_what_fits_and_freed_slots_are_reused() {
-        let s = store(FileConfig { capacity_bytes: 4 * PAGE_SIZE as u64, ..FileConfig::default() });
-        let data: Vec<u8> = (1..=6).flat_map(page_of).collect();
-        let stored = s.put(&[RunIn { vpn: 0, keys: &[0, 1, 2, 3, 4, 5], data: &data }]).unwrap();
-        assert_eq!(stored, [true, true, true, true, false, false]);
-        assert_eq!(s.stats().full_pages, 2);
-        s.delete(&[1, 2]);
-        let stored = s.put(&[RunIn { vpn: 9, keys: &[7, 8], data: &data[4 * PAGE_SIZE..] }]).unwrap();
-        assert_eq!(stored, [true, true]);
-        assert_eq!(s.stats().file_bytes, 4 * PAGE_SIZE as u64, "the holes were reused");
-        let (back, got) = get(&s, &[0, 7, 8, 3]);
-        assert_eq!(got, [Got::Filled; 4]);
-        assert!(back == [page_of(1), page_of(5), page_of(6), page_of(4)].concat());
+        with_timeout(60, || {
+            let s = store(FileConfig { capacity_bytes: 4 * PAGE_SIZE as u64, ..FileConfig::default() });
+            let data: Vec<u8> = (1..=6).flat_map(page_of).collect();
+            let stored = s.put(&[RunIn { vpn: 0, keys: &[0, 1, 2, 3, 4, 5], data: &data }]).unwrap();
+            assert_eq!(stored, [true, true, true, true, false, false]);
+            assert_eq!(s.stats().full_pages, 2);
+            s.delete(&[1, 2]);
+            let stored = s.put(&[RunIn { vpn: 9, keys: &[7, 8], data: &data[4 * PAGE_SIZE..] }]).unwrap();
+            assert_eq!(stored, [true, true]);
+            assert_eq!(s.stats().file_bytes, 4 * PAGE_SIZE as u64, "the holes were reused");
+            let (back, got) = get(&s, &[0, 7, 8, 3]);
+            assert_eq!(got, [Got::Filled; 4]);
+            assert!(back == [page_of(1), page_of(5), page_of(6), page_of(4)].concat());
+        });
     }
 
     #[test]
     fn a_failed_write_stores_nothing_and_a_failed_read_is_lost() {
-        // The store's file opened read-only: every write fails.
-        let f = uhmm_sys::file::open_private(&std::env::temp_dir(), false).unwrap();
-        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
-        let ro = File::open(&path).unwrap();
-        for rings in [0, 1] {
-            let ring: Vec<Mutex<Ring>> = (0..rings).filter_map(|_| Ring::new(8).ok()).map(Mutex::new).collect();
-            let opened = Opened { file: ro.try_clone().unwrap(), direct: false, named: None };
-            let s = FileStore::with_file(FileConfig::default(), opened, ring);
-            let data: Vec<u8> = [page_of(1), page_of(2), page_of(0)].concat();
-            let stored = s.put(&[RunIn { vpn: 0, keys: &[0, 1, 2], data: &data }]).unwrap();
-            assert_eq!(stored, [false, false, true], "the zero page needs no write");
-            let st = s.stats();
-            assert_eq!((st.pages, st.used_bytes, st.file_bytes, st.write_error_pages), (1, 0, 0, 2));
-        }
-        // A file cut short under the store: its pages come back lost.
-        let opened = Opened { file: f.try_clone().unwrap(), direct: false, named: None };
-        let s = FileStore::with_file(FileConfig::default(), opened, Vec::new());
-        let data: Vec<u8> = [page_of(1), page_of(2)].concat();
-        assert_eq!(s.put(&[RunIn { vpn: 0, keys: &[0, 1], data: &data }]).unwrap(), [true, true]);
-        f.set_len(PAGE_SIZE as u64).unwrap();
-        let (back, got) = get(&s, &[0, 1]);
-        assert_eq!(got, [Got::Filled, Got::Lost], "the read cut short is done again page by page");
-        assert!(back[..PAGE_SIZE] == page_of(1));
-        assert_eq!(s.stats().lost_pages, 1);
-        let (back, got) = get(&s, &[0]);
-        assert_eq!(got, [Got::Filled]);
-        assert!(back == page_of(1));
+        with_timeout(60, || {
+            // The store's file opened read-only: every write fails.
+            let f = uhmm_sys::file::open_private(&std::env::temp_dir(), false).unwrap();
+            let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+            let ro = File::open(&path).unwrap();
+            for rings in [0, 1] {
+                let ring: Vec<Mutex<Ring>> = (0..rings).filter_map(|_| Ring::new(8).ok()).map(Mutex::new).collect();
+                let opened = Opened { file: ro.try_clone().unwrap(), direct: false, named: None };
+                let s = FileStore::with_file(FileConfig::default(), opened, ring);
+                let data: Vec<u8> = [page_of(1), page_of(2), page_of(0)].concat();
+                let stored = s.put(&[RunIn { vpn: 0, keys: &[0, 1, 2], data: &data }]).unwrap();
+                assert_eq!(stored, [false, false, true], "the zero page needs no write");
+                let st = s.stats();
+                assert_eq!((st.pages, st.used_bytes, st.file_bytes, st.write_error_pages), (1, 0, 0, 2));
+            }
+            // A file cut short under the store: its pages come back lost.
+            let opened = Opened { file: f.try_clone().unwrap(), direct: false, named: None };
+            let s = FileStore::with_file(FileConfig::default(), opened, Vec::new());
+            let data: Vec<u8> = [page_of(1), page_of(2)].concat();
+            assert_eq!(s.put(&[RunIn { vpn: 0, keys: &[0, 1], data: &data }]).unwrap(), [true, true]);
+            f.set_len(PAGE_SIZE as u64).unwrap();
+            let (back, got) = get(&s, &[0, 1]);
+            assert_eq!(got, [Got::Filled, Got::Lost], "the read cut short is done again page by page");
+            assert!(back[..PAGE_SIZE] == page_of(1));
+            assert_eq!(s.stats().lost_pages, 1);
+            let (back, got) = get(&s, &[0]);
+            assert_eq!(got, [Got::Filled]);
+            assert!(back == page_of(1));
+        });
     }
 
     #[test]
     fn an_unaligned_destination_is_read_through_a_buffer() {
-        let s = store(FileConfig::default());
-        let data = page_of(9);
-        s.put(&[RunIn { vpn: 0, keys: &[5], data: &data }]).unwrap();
-        let mut space = vec![0u8; 2 * PAGE_SIZE + 1];
-        let off = (PAGE_SIZE - space.as_ptr() as usize % PAGE_SIZE) % PAGE_SIZE + 1;
-        let mut got = [Got::Missing];
-        s.get(&mut [RunOut { keys: &[5], data: &mut space[off..off + PAGE_SIZE], got: &mut got }]).unwrap();
-        assert_eq!(got, [Got::Filled]);
-        assert!(space[off..off + PAGE_SIZE] == data[..]);
+        with_timeout(60, || {
+            let s = store(FileConfig::default());
+            let data = page_of(9);
+            s.put(&[RunIn { vpn: 0, keys: &[5], data: &data }]).unwrap();
+            let mut space = vec![0u8; 2 * PAGE_SIZE + 1];
+            let off = (PAGE_SIZE - space.as_ptr() as usize % PAGE_SIZE) % PAGE_SIZE + 1;
+            let mut got = [Got::Missing];
+            s.get(&mut [RunOut { keys: &[5], data: &mut space[off..off + PAGE_SIZE], got: &mut got }]).unwrap();
+            assert_eq!(got, [Got::Filled]);
+            assert!(space[off..off + PAGE_SIZE] == data[..]);
+        });
     }
 }
