@@ -156,6 +156,10 @@ impl Ring {
             in_flight += queued - self.ring.submission().len();
             match waited {
                 Ok(_) => stalls = 0,
+                Err(e) if in_flight == 0 && retryable(&e) && stalls < MAX_RETRIES => {
+                    stalls += 1;
+                    std::thread::yield_now();
+                }
                 Err(e) if in_flight == 0 && (!retryable(&e) || stalls >= MAX_RETRIES) => {
                     // Nothing in flight and nothing goes in: the entries
                     // left queued are never submitted (see the push).
@@ -173,7 +177,9 @@ impl Ring {
                         tracing::error!(%e, in_flight, "io_uring: cannot wait for the operations in flight");
                         std::process::abort();
                     }
-                    if !retryable(&e) {
+                    if retryable(&e) {
+                        std::thread::yield_now();
+                    } else {
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     }
                 }

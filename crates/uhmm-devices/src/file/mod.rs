@@ -929,6 +929,41 @@ mod tests {
     }
 
     #[test]
+    fn threads_putting_getting_and_deleting_at_once_see_their_own_pages() {
+        with_timeout(120, || {
+            // One ring for six threads: most batches find it busy and use
+            // pread/pwrite, some use it.
+            let s = std::sync::Arc::new(store(FileConfig { rings: 1, ..FileConfig::default() }));
+            let threads: Vec<_> = (0..6u64)
+                .map(|t| {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        for round in 0..40u64 {
+                            let keys: Vec<u64> = (0..16).map(|k| t * 1000 + k).collect();
+                            let tag = |k: u64| (t * 31 + round * 7 + k) as u8 | 1;
+                            let data: Vec<u8> = keys.iter().flat_map(|&k| page_of(tag(k))).collect();
+                            let stored = s.put(&[RunIn { vpn: round * 16, keys: &keys, data: &data }]).unwrap();
+                            assert_eq!(stored, vec![true; 16]);
+                            let (back, got) = get(&s, &keys[3..9]);
+                            assert_eq!(got, [Got::Filled; 6]);
+                            for (i, page) in back.chunks(PAGE_SIZE).enumerate() {
+                                assert!(page.iter().all(|&b| b == tag(keys[3 + i])), "thread {t} round {round}");
+                            }
+                            s.delete(&keys);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let st = s.stats();
+            assert_eq!((st.pages, st.used_bytes, st.file_bytes), (0, 0, 0), "{st:?}");
+            assert_eq!(st.pages_written, 6 * 40 * 16);
+        });
+    }
+
+    #[test]
     fn an_unaligned_destination_is_read_through_a_buffer() {
         with_timeout(60, || {
             let s = store(FileConfig::default());
