@@ -1,11 +1,10 @@
 //! The files a page store keeps pages in: a private file (`O_TMPFILE`, or
 //! created and unlinked at once) or a named one, opened with `O_DIRECT` on
-//! request, and hole punching. No unsafe here: the flags are what
-//! `std::fs::OpenOptions` does not name.
+//! request. No unsafe here: the flags are what `std::fs::OpenOptions`
+//! does not name.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,14 +73,6 @@ pub fn open_named(path: &Path, direct: bool) -> io::Result<(File, bool)> {
     }
     f.set_len(0)?;
     Ok((f, false))
-}
-
-/// Gives back the disk space of `len` bytes at `offset` of `file`
-/// (`fallocate(PUNCH_HOLE | KEEP_SIZE)`): they read as zeros after.
-pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    use rustix::fs::FallocateFlags;
-    rustix::fs::fallocate(file.as_fd(), FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)
-        .map_err(io::Error::from)
 }
 
 #[cfg(test)]
