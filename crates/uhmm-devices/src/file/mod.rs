@@ -262,7 +262,7 @@ enum Entry {
     Empty,
     /// A page of zeros (no slot).
     Zero,
-    /// The page in slot `slot`, stored as generation `gen`.
+    /// The page in slot `slot`, stored as generation `generation`.
     At {
         slot: u64,
         generation: u32,
