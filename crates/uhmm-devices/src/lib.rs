@@ -11,6 +11,8 @@
 //! - [`compress`]: the compressed store, a user-space zswap: lz4 (or zstd),
 //!   same-filled and incompressible pages as zram keeps them, a packed pool,
 //!   groups of neighbouring pages, checksums.
+//! - [`remote`]: remote stores: [`remote::RedisStore`], pages as grouped
+//!   values on a Redis server or Redis Cluster (pipelined, with expiry).
 //! - [`tier`]: a RAM budget over a store device: reclaim of the coldest
 //!   pages, access tracking, faults held at the budget.
 
@@ -18,6 +20,7 @@
 
 pub mod compress;
 mod range;
+pub mod remote;
 pub mod sim;
 pub mod store;
 pub mod tier;
