@@ -62,8 +62,8 @@ pub struct RedisStats {
     pub retries: u64,
     /// Connections opened.
     pub connects: u64,
-    /// Connections dropped after an error (a new one is opened at next
-    /// use).
+    /// Connections opened to a node after a connection to it failed (it
+    /// was down, or a round trip broke: the connection was dropped).
     pub reconnects: u64,
     /// `MOVED` and `ASK` redirections followed.
     pub redirects: u64,
@@ -298,7 +298,7 @@ impl Shared {
                 .iter()
                 .map(|&g| Op { key: self.key(g), cmd: redis::cmd("UNLINK").arg(self.key(g)).clone() })
                 .collect();
-            for (&g, o) in chunk.iter().zip(self.net.run(Role::Background, &ops, None)) {
+            for (&g, o) in chunk.iter().zip(self.net.run(Role::Background, &ops, None).0) {
                 match o {
                     Outcome::Value(Value::Int(1)) => {
                         self.counters.values_deleted.fetch_add(1, Ordering::Relaxed);
@@ -321,7 +321,7 @@ impl Shared {
                 .map(|&g| Op { key: self.key(g), cmd: redis::cmd("PEXPIRE").arg(self.key(g)).arg(ttl).clone() })
                 .collect();
             let n =
-                self.net.run(Role::Background, &ops, None).iter().filter(|o| matches!(o, Outcome::Value(_))).count();
+                self.net.run(Role::Background, &ops, None).0.iter().filter(|o| matches!(o, Outcome::Value(_))).count();
             self.counters.expiry_refreshes.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
@@ -437,9 +437,7 @@ impl PageStore for RedisStore {
         let mut last_err = String::new();
         while !pending.is_empty() {
             let (idx, ops): (Vec<usize>, Vec<Op>) = pending.drain(..).unzip();
-            let before = sh.net.counters.round_trips.load(Ordering::Relaxed);
-            let outcomes = sh.net.run(Role::Write, &ops, sh.config.wait_replicas);
-            let trips = sh.net.counters.round_trips.load(Ordering::Relaxed).saturating_sub(before);
+            let (outcomes, trips) = sh.net.run(Role::Write, &ops, sh.config.wait_replicas);
             sh.counters.put_round_trips.fetch_add(trips, Ordering::Relaxed);
             for ((i, op), o) in idx.into_iter().zip(ops).zip(outcomes) {
                 sh.counters.bytes_sent.fetch_add(sent[i].bytes, Ordering::Relaxed);
@@ -541,9 +539,7 @@ impl PageStore for RedisStore {
                     Op { cmd: redis::cmd("GET").arg(&key).clone(), key }
                 })
                 .collect();
-            let before = sh.net.counters.round_trips.load(Ordering::Relaxed);
-            let outcomes = sh.net.run(Role::Fault, &ops, None);
-            let trips = sh.net.counters.round_trips.load(Ordering::Relaxed).saturating_sub(before);
+            let (outcomes, trips) = sh.net.run(Role::Fault, &ops, None);
             sh.counters.get_round_trips.fetch_add(trips, Ordering::Relaxed);
             let mut again = Vec::new();
             for (g, o) in pending.drain(..).zip(outcomes) {

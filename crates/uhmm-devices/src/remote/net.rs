@@ -5,7 +5,7 @@
 //! writes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ pub(crate) struct NetCounters {
 struct Node {
     client: Client,
     idle: [Mutex<Vec<Connection>>; 3],
+    /// A connection to it failed since the last one opened.
+    broken: AtomicBool,
 }
 
 /// The connections of a store: one server, or a cluster's primaries.
@@ -131,7 +133,7 @@ impl Net {
             return Ok(n.clone());
         }
         let client = self.client(address).map_err(|e| Outcome::Refused(format!("{address}: {e}")))?;
-        let node = Arc::new(Node { client, idle: Default::default() });
+        let node = Arc::new(Node { client, idle: Default::default(), broken: AtomicBool::new(false) });
         nodes.insert(address.to_string(), node.clone());
         Ok(node)
     }
@@ -169,8 +171,14 @@ impl Net {
             return Ok(c);
         }
         let c = &self.config;
-        let con = node.client.get_connection_with_timeout(c.connect_timeout).map_err(classify)?;
+        let con = node.client.get_connection_with_timeout(c.connect_timeout).map_err(|e| {
+            node.broken.store(true, Ordering::Relaxed);
+            classify(e)
+        })?;
         self.counters.connects.fetch_add(1, Ordering::Relaxed);
+        if node.broken.swap(false, Ordering::Relaxed) {
+            self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
         let read = c.io_timeout
             + if role == Role::Write { c.wait_replicas.map_or(Duration::ZERO, |w| w.1) } else { Duration::ZERO };
         con.set_read_timeout(Some(read)).map_err(classify)?;
@@ -202,7 +210,8 @@ impl Net {
                 Ok(v)
             }
             Err(e) => {
-                self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                // The connection is dropped; the next use opens another.
+                node.broken.store(true, Ordering::Relaxed);
                 Err(classify(e))
             }
         }
@@ -210,8 +219,10 @@ impl Net {
 
     /// Runs `ops` once: one pipeline per node (`WAIT n timeout` at its end
     /// when `wait` is given, whose shortfall turns the node's answers into
-    /// `Transient`), following `MOVED` and `ASK`. Every op gets an outcome.
-    pub fn run(&self, role: Role, ops: &[Op], wait: Option<(usize, Duration)>) -> Vec<Outcome> {
+    /// `Transient`), following `MOVED` and `ASK`. Every op gets an outcome;
+    /// also returns the pipelines sent (round trips).
+    pub fn run(&self, role: Role, ops: &[Op], wait: Option<(usize, Duration)>) -> (Vec<Outcome>, u64) {
+        let mut trips = 0u64;
         let mut out: Vec<Option<Outcome>> = vec![None; ops.len()];
         // (op, node to ASK)
         let mut todo: Vec<(usize, Option<String>)> = (0..ops.len()).map(|i| (i, None)).collect();
@@ -234,6 +245,7 @@ impl Net {
                     }
                 }
             }
+            trips += by_node.len() as u64;
             let results: Vec<(Vec<(usize, bool)>, Result<Vec<Value>, Outcome>)> = if by_node.len() == 1 {
                 by_node
                     .into_iter()
@@ -318,7 +330,7 @@ impl Net {
         if stale && self.cluster {
             self.refresh_slots();
         }
-        out.into_iter().map(|o| o.unwrap_or_else(|| Outcome::Transient("not sent".into()))).collect()
+        (out.into_iter().map(|o| o.unwrap_or_else(|| Outcome::Transient("not sent".into()))).collect(), trips)
     }
 
     /// One pipeline to one node: the answers of `list`'s ops in order (the
@@ -352,7 +364,8 @@ impl Net {
             }
             Ok(v) => Err(Outcome::Transient(format!("{address}: {} answers to {} commands", v.len(), list.len()))),
             Err(e) => {
-                self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                // The connection is dropped; the next use opens another.
+                node.broken.store(true, Ordering::Relaxed);
                 Err(classify(e))
             }
         }
