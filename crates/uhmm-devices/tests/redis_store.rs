@@ -431,3 +431,47 @@ fn tls_round_trip_and_bad_credentials() {
         }
     });
 }
+
+/// Figures behind the default group size (`--ignored --nocapture`; no
+/// assertion on time): per group size, the time to move 4096 pages out,
+/// to read them back in order (faults bring windows), and of 256 faults on
+/// pages far apart (each one GET of a group).
+#[test]
+#[ignore]
+fn group_size_figures() {
+    with_timeout(300, || {
+        let server = RedisServer::start(ServerOpts::default());
+        let space = space();
+        const N: usize = 4096;
+        for group in [1usize, 4, 16, 64] {
+            let (dev, store) = redis_device(&space, &server.url(), |c| c.group_pages = group);
+            let r = map(&space, N);
+            let want = write_content(&r, 81, false);
+            let t = Instant::now();
+            assert_eq!(dev.migrate_to_device(r.addr(), N).unwrap().moved, N);
+            let out = t.elapsed();
+            let t = Instant::now();
+            assert_same(&cpu_read(&r), &want);
+            let seq = t.elapsed();
+            assert_eq!(dev.migrate_to_device(r.addr(), N).unwrap().moved, N);
+            let t = Instant::now();
+            let mut page = vec![0u8; PAGE_SIZE];
+            for k in 0..256 {
+                let p = (k * 997) % N;
+                r.read(p * PAGE_SIZE, &mut page).unwrap();
+            }
+            let random = t.elapsed();
+            let s = store.stats();
+            println!(
+                "group {group:3}: out {:7.1} ms ({:.0} MiB/s), sequential back {:7.1} ms, 256 random faults {:7.1} ms ({:.0} us each), {} values set, {} got",
+                out.as_secs_f64() * 1e3,
+                (N * PAGE_SIZE) as f64 / (1 << 20) as f64 / out.as_secs_f64(),
+                seq.as_secs_f64() * 1e3,
+                random.as_secs_f64() * 1e3,
+                random.as_secs_f64() * 1e6 / 256.0,
+                s.values_set,
+                s.values_got,
+            );
+        }
+    });
+}

@@ -366,6 +366,10 @@ impl Shared {
     }
 }
 
+/// What a `get` wants of one group: its page count, and the pages wanted
+/// as (run, page in the run, index in the group).
+type Wanted = (u32, Vec<(usize, usize, u32)>);
+
 /// One group of a `put`: `pages` pages at page `start` of run `run`.
 struct Unit {
     run: usize,
@@ -510,8 +514,7 @@ impl PageStore for RedisStore {
 
     fn get(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
         let sh = &*self.shared;
-        // Group -> (its page count, the pages wanted: (run, page, index)).
-        let mut wants: HashMap<u64, (u32, Vec<(usize, usize, u32)>)> = HashMap::new();
+        let mut wants: HashMap<u64, Wanted> = HashMap::new();
         {
             let st = sh.lock();
             for (r, run) in runs.iter().enumerate() {
@@ -636,7 +639,7 @@ impl State {
     /// page (its value is to be removed).
     fn forget(&mut self, key: u64) -> Option<u64> {
         let entry = self.entries.get_mut(key as usize)?;
-        let (g, _) = std::mem::replace(entry, (0, 0));
+        let (g, _) = std::mem::take(entry);
         if g == 0 {
             return None;
         }

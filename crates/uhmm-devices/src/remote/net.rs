@@ -22,6 +22,9 @@ const MAX_REDIRECTS: usize = 5;
 /// Idle connections kept per node and role.
 const MAX_IDLE: usize = 8;
 
+/// The ops of one pipeline: (index in the call's ops, sent after `ASKING`).
+type Batch = Vec<(usize, bool)>;
+
 /// Who uses a connection: each has its own, so that one never queues
 /// behind another's round trip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,7 +249,7 @@ impl Net {
                 }
             }
             trips += by_node.len() as u64;
-            let results: Vec<(Vec<(usize, bool)>, Result<Vec<Value>, Outcome>)> = if by_node.len() == 1 {
+            let results: Vec<(Batch, Result<Vec<Value>, Outcome>)> = if by_node.len() == 1 {
                 by_node
                     .into_iter()
                     .map(|(a, list)| {
@@ -411,9 +414,9 @@ impl Net {
                 };
                 let Some(Value::Int(port)) = primary.get(1) else { continue };
                 let node: Arc<str> = Arc::from(addr(&host, *port as u16).as_str());
-                for s in (*lo as usize)..=(*hi as usize).min(SLOTS - 1) {
-                    map[s] = Some(node.clone());
-                }
+                let lo = (*lo as usize).min(SLOTS);
+                let hi = (*hi as usize + 1).clamp(lo, SLOTS);
+                map[lo..hi].fill(Some(node.clone()));
             }
             if map.iter().any(Option::is_some) {
                 *self.slots.write().unwrap_or_else(|e| e.into_inner()) = map;
