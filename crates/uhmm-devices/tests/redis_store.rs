@@ -117,7 +117,10 @@ fn data_of_every_kind_round_trips_with_holes() {
     with_timeout(120, || {
         let server = RedisServer::start(ServerOpts { password: Some("pa:ss w".into()), ..ServerOpts::default() });
         let space = space();
-        let url = format!("redis://:pa%3Ass%20w@127.0.0.1:{}", server.port);
+        // An ACL user that may touch only uhmm's keys (percent-encoded in the URL).
+        let acl = ["ACL", "SETUSER", "al@ce", "on", ">pw:1 2", "~uhmm:*", "+@all"];
+        assert_eq!(server.cli(&acl), "OK");
+        let url = format!("redis://al%40ce:pw%3A1%202@127.0.0.1:{}", server.port);
         let (dev, store) = redis_device(&space, &url, |_| {});
         store.ping().unwrap();
         for (n, seed) in [(1024usize, 1u64), (3, 2), (37, 3), (1, 4)] {

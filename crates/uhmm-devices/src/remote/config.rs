@@ -188,10 +188,6 @@ impl RedisConfig {
             let user = percent_decode(user).map_err(|e| bad(&e))?;
             config.username = (!user.is_empty()).then_some(user);
             config.password = pass.map(percent_decode).transpose().map_err(|e| bad(&e))?;
-            if config.password.is_none() && config.username.is_some() {
-                // `redis://secret@host`: a password alone, as redis-cli reads it.
-                config.password = config.username.take();
-            }
         }
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
