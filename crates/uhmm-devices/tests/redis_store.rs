@@ -317,6 +317,12 @@ fn a_cluster_spreads_values_and_survives_a_failover_with_wait() {
         assert!(store.put(&[RunIn { vpn: 0, keys: &keys, data: &data }]).unwrap().iter().all(|s| *s));
         assert!(store.stats().put_round_trips - before <= 3);
         store.delete(&keys);
+        // Slots move between two primaries behind the store's back: reads
+        // follow MOVED.
+        cluster.reshard(primaries[1], primaries[2], 2000);
+        assert_same(&cpu_read(&r), &want);
+        assert!(store.stats().redirects > 0, "{:?}", store.stats());
+        assert_eq!(dev.migrate_to_device(r.addr(), 1024).unwrap().not_stored, 0);
         // Half read back before the failover.
         let mut half = vec![0u8; r.len() / 2];
         r.read(0, &mut half).unwrap();

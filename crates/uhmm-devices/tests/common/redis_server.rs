@@ -56,8 +56,13 @@ fn reap_stale() {
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
+        // Only a redis-server still working in that dir (its pid may have
+        // been reused by another process since).
         if let Ok(s) = std::fs::read_to_string(e.path().join("server.pid"))
             && let Ok(server) = s.trim().parse::<u32>()
+            && std::fs::read_link(format!("/proc/{server}/cwd")).is_ok_and(|cwd| cwd == e.path())
+            && std::fs::read(format!("/proc/{server}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("redis-server"))
         {
             let _ = Command::new("kill").args(["-9", &server.to_string()]).status();
         }
@@ -303,6 +308,27 @@ impl RedisCluster {
         let port = self.nodes[i].port;
         self.nodes[i].kill9();
         self.wait_ok(Duration::from_secs(60), Some(port));
+    }
+
+    /// Moves `slots` slots (and their keys) from primary `from` to primary
+    /// `to` (`redis-cli --cluster reshard`), then waits for the cluster to
+    /// be ok.
+    pub fn reshard(&self, from: usize, to: usize, slots: usize) {
+        let id = |i: usize| self.nodes[i].cli(&["CLUSTER", "MYID"]);
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "reshard", &format!("127.0.0.1:{}", self.nodes[from].port)])
+            .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli --cluster reshard");
+        assert!(
+            out.status.success(),
+            "reshard failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_ok(Duration::from_secs(30), None);
     }
 
     /// Keys of `pattern` over all running primaries.
