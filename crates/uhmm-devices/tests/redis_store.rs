@@ -163,6 +163,16 @@ fn one_put_of_a_chunk_is_one_round_trip() {
         assert_eq!(store.fault_pages(100_000), 1);
         assert_eq!(store.usage().pages, 512);
 
+        // A capacity of 4 groups' values: the rest of a put is not stored.
+        let mut small = RedisConfig::from_url(&server.url()).unwrap();
+        small.capacity_bytes = 4 * (16 * PAGE_SIZE as u64 + 16);
+        let small = RedisStore::new(small).unwrap();
+        let stored = small.put(&[RunIn { vpn: 0, keys: &keys, data: &data }]).unwrap();
+        assert_eq!(stored.iter().filter(|s| **s).count(), 64);
+        assert!(stored[..64].iter().all(|s| *s));
+        assert_eq!((small.usage().pages, small.usage().used_bytes), (64, small.config().capacity_bytes));
+        assert_eq!(small.stats().failed_puts, 512 - 64);
+
         // Through a device: each chunk of a migration, one round trip.
         let space = space();
         let store = Arc::new(RedisStore::new(RedisConfig::from_url(&server.url()).unwrap()).unwrap());
@@ -483,4 +493,32 @@ fn group_size_figures() {
             );
         }
     });
+}
+
+#[test]
+fn a_forked_child_reads_the_parents_stored_pages() {
+    if !isolated("a_forked_child_reads_the_parents_stored_pages") {
+        return;
+    }
+    let server = RedisServer::start(ServerOpts::default());
+    let space = space();
+    let (dev, store) = redis_device(&space, &server.url(), |_| {});
+    let r = map(&space, 256);
+    fill(&r, 0..256, |i| i ^ 0x5a5a);
+    assert_eq!(dev.migrate_to_device(r.addr(), 256).unwrap().moved, 256);
+    let code = fork_child(|| {
+        let Ok(mine) = AddressSpace::new(uhmm::Config::default()) else { return 2 };
+        let Ok(child) = mine.adopt(&r) else { return 3 };
+        let mut buf = vec![0u8; child.len()];
+        if child.read(0, &mut buf).is_err() {
+            return 4;
+        }
+        i32::from((0..256 * WORDS_PER_PAGE).any(|w| word(&buf, w) != w as u32 ^ 0x5a5a)) * 5
+    });
+    assert_eq!(code, 0, "the child read the parent's data");
+    assert_words(&cpu_load(&r), |i| i ^ 0x5a5a);
+    assert_eq!(store.stats().lost_pages, 0);
+    drop(dev);
+    drop(store);
+    assert_eq!(server.dbsize(), 0);
 }

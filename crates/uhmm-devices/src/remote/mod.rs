@@ -11,7 +11,9 @@
 //! per group; the last page of a group deleted queues the group's `UNLINK`
 //! for a background thread, which also refreshes every value's expiry and
 //! at drop removes the namespace's keys. Faults, writes and the background
-//! thread each use their own connections. See `docs/far-memory.md`.
+//! thread each use their own connections. A forked child's copy of the
+//! store reads but neither stores nor deletes (the values are the
+//! parent's), and opens connections of its own. See `docs/far-memory.md`.
 
 mod config;
 mod net;
@@ -217,7 +219,8 @@ impl RedisStore {
     }
 
     fn queue_delete(&self, groups: Vec<u64>) {
-        if !groups.is_empty() && self.tx.send(Msg::Delete(groups)).is_err() {
+        // A forked child deletes nothing: the values are its parent's too.
+        if !groups.is_empty() && !self.shared.net.forked() && self.tx.send(Msg::Delete(groups)).is_err() {
             tracing::warn!("redis store: background thread gone; values left to their expiry");
         }
     }
@@ -225,6 +228,14 @@ impl RedisStore {
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
+        if self.shared.net.forked() {
+            // A forked child's copy: the values and the background thread
+            // are the parent's.
+            if let Some(bg) = self.bg.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                std::mem::forget(bg);
+            }
+            return;
+        }
         let _ = self.tx.send(Msg::Stop);
         if let Some(bg) = self.bg.lock().unwrap_or_else(|e| e.into_inner()).take()
             && bg.join().is_err()
@@ -382,6 +393,11 @@ struct Unit {
 impl PageStore for RedisStore {
     fn put(&self, runs: &[RunIn<'_>]) -> Result<Vec<bool>> {
         let sh = &*self.shared;
+        if sh.net.forked() {
+            // A forked child's group numbers are its parent's too: it
+            // stores nothing (its pages stay in RAM).
+            return Ok(vec![false; runs.iter().map(|r| r.keys.len()).sum()]);
+        }
         let g = sh.config.group_pages as u64;
         let mut units = Vec::new();
         for (r, run) in runs.iter().enumerate() {

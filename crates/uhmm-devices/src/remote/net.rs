@@ -84,6 +84,9 @@ pub(crate) struct Net {
     /// When the slot map was last read (refreshes are spaced).
     refreshed: Mutex<Option<Instant>>,
     pub counters: NetCounters,
+    /// The process that made it: a forked child shares its pooled sockets,
+    /// so it neither uses nor pools connections.
+    pid: u32,
 }
 
 impl std::fmt::Debug for Net {
@@ -102,7 +105,13 @@ impl Net {
             slots: RwLock::new(vec![None; if cluster { SLOTS } else { 0 }]),
             refreshed: Mutex::new(None),
             counters: NetCounters::default(),
+            pid: std::process::id(),
         }
+    }
+
+    /// Whether this is a forked child's copy of the store's wire.
+    pub fn forked(&self) -> bool {
+        std::process::id() != self.pid
     }
 
     /// The primaries known (one server: that one).
@@ -170,7 +179,9 @@ impl Net {
 
     /// A connection of `role` to `node`: an idle one, or a new one.
     fn take(&self, node: &Node, role: Role) -> Result<Connection, Outcome> {
-        if let Some(c) = node.idle[role as usize].lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        if !self.forked()
+            && let Some(c) = node.idle[role as usize].lock().unwrap_or_else(|e| e.into_inner()).pop()
+        {
             return Ok(c);
         }
         let c = &self.config;
@@ -190,6 +201,9 @@ impl Net {
     }
 
     fn give(&self, node: &Node, role: Role, con: Connection) {
+        if self.forked() {
+            return;
+        }
         let mut idle = node.idle[role as usize].lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(con);
