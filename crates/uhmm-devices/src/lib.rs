@@ -15,6 +15,8 @@
 //!   allocator over the file, batched io_uring reads and writes,
 //!   `O_DIRECT` where the file system takes it, a file private to the
 //!   process.
+//! - [`remote`]: remote stores: [`remote::RedisStore`], pages as grouped
+//!   values on a Redis server or Redis Cluster (pipelined, with expiry).
 //! - [`tier`]: a RAM budget over a store device: reclaim of the coldest
 //!   pages, access tracking, faults held at the budget.
 
@@ -23,6 +25,7 @@
 pub mod compress;
 pub mod file;
 mod range;
+pub mod remote;
 pub mod sim;
 pub mod store;
 pub mod tier;
