@@ -11,12 +11,17 @@
 //! - [`compress`]: the compressed store, a user-space zswap: lz4 (or zstd),
 //!   same-filled and incompressible pages as zram keeps them, a packed pool,
 //!   groups of neighbouring pages, checksums.
+//! - [`file`](mod@file): the file store, pages in a file on local disk: an extent
+//!   allocator over the file, batched io_uring reads and writes,
+//!   `O_DIRECT` where the file system takes it, a file private to the
+//!   process.
 //! - [`tier`]: a RAM budget over a store device: reclaim of the coldest
 //!   pages, access tracking, faults held at the budget.
 
 #![forbid(unsafe_code)]
 
 pub mod compress;
+pub mod file;
 mod range;
 pub mod sim;
 pub mod store;

@@ -6,14 +6,16 @@
 //! ([`mman`]), the `PAGEMAP_SCAN` residency query ([`pagemap`]), page pins
 //! ([`pin`]) and CPU placement, `fork` and `pthread_atfork` ([`process`]);
 //! the SIGBUS handler for faults answered in the faulting thread
-//! ([`signal`]); and what a thread does after the host stopped its vCPU
-//! ([`stall`]). Each
+//! ([`signal`]); what a thread does after the host stopped its vCPU
+//! ([`stall`]); and a page store's file: private files and `O_DIRECT`
+//! ([`file`](mod@file)), batched reads and writes with io_uring ([`uring`]). Each
 //! wrapper opens with the call it is; each `unsafe` block argues why it is
 //! sound. Nothing here knows about regions, page tables or devices. It is a
 //! crate of its own, as rustix is, so that drivers, benchmarks (a raw
 //! userfaultfd round trip with the same calls uhmm uses) and tests can use
 //! the calls without the core's public API carrying them.
 
+pub mod file;
 pub mod mman;
 pub mod pagemap;
 pub mod pin;
@@ -21,6 +23,7 @@ pub mod process;
 pub mod signal;
 pub mod stall;
 pub mod uffd;
+pub mod uring;
 
 /// The base page size uhmm works in. [`check_page_size`] verifies that the
 /// running kernel agrees.
@@ -80,4 +83,25 @@ unsafe fn ioctl_update<T>(
     }
     // SAFETY: forwarded to the caller (see `# Safety`).
     unsafe { rustix::ioctl::ioctl(fd, Update { opcode, arg }) }
+}
+
+/// Runs `f` on a thread of its own; fails the test if it takes more than
+/// `secs` (tests that wait on I/O run under it).
+#[cfg(test)]
+pub(crate) fn with_timeout<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+        Ok(v) => {
+            t.join().expect("test thread");
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("test hung: no result after {secs} s"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match t.join() {
+            Err(p) => std::panic::resume_unwind(p),
+            Ok(()) => unreachable!("sender dropped without sending"),
+        },
+    }
 }

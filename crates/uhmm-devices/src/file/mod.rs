@@ -1,0 +1,980 @@
+//! The file store: pages in a file on local disk, a swap file of the
+//! process's own behind a [`StoreDevice`](crate::store::StoreDevice).
+//!
+//! Each page takes one page-sized slot of the file; the slots of a run of
+//! neighbouring pages are one extent where the allocator (`extent`) can
+//! find one, so a run is one write and a fault's window one read. Reads
+//! and writes go in batches through io_uring (a few rings, so that a fault
+//! never waits behind a migration's write; `pread`/`pwrite` where io_uring
+//! is disabled or every ring is busy), with `O_DIRECT` where the file
+//! system takes it (no second copy in the page cache), else buffered. Zero
+//! pages take no slot. The file is private to the process unless the user
+//! names one (see [`FileLocation`]). A page whose read fails or comes back
+//! short is reported lost, never filled with zeros or stale bytes.
+
+mod extent;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
+use uhmm::{Error, ErrorKind, PAGE_SIZE, Result};
+use uhmm_sys::uring::{AlignedBuf, Op, Ring, run_blocking};
+
+use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage};
+use extent::{Extent, ExtentAllocator};
+
+/// The directory of a private file when none is named: on disk, unlike
+/// `/tmp` on many systems (a tmpfs in RAM would defeat the purpose).
+pub const DEFAULT_DIR: &str = "/var/tmp";
+
+/// The most pages [`FileConfig::fault_pages`] may ask for.
+pub const MAX_FAULT_PAGES: usize = 512;
+
+/// Aligned buffers of at most this many pages are kept for the next batch.
+const KEPT_BUF_PAGES: usize = 1024;
+
+/// Where a [`FileStore`] keeps its file.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FileLocation {
+    /// A private file in [`DEFAULT_DIR`], or in `std::env::temp_dir()`
+    /// where that cannot be used.
+    #[default]
+    Default,
+    /// A private file in this directory: made with `O_TMPFILE` (or created
+    /// and unlinked at once), so no other process can open it, and its
+    /// space goes back when the store is dropped or the process dies.
+    PrivateIn(PathBuf),
+    /// This file, which the user can see (and `du`). Created if missing,
+    /// emptied if it exists (it must be a regular file); at drop a file the
+    /// store created is removed, and one that existed is emptied and kept,
+    /// so no page of the process is left on disk either way. Its pages are
+    /// as readable as the file's permissions make them (a file the store
+    /// creates is mode 0600).
+    Named(PathBuf),
+}
+
+impl FileLocation {
+    /// What `file:PATH` means: a private file in `path` when it is a
+    /// directory, else the file `path`.
+    pub fn from_path(path: impl Into<PathBuf>) -> FileLocation {
+        let path = path.into();
+        if path.is_dir() { FileLocation::PrivateIn(path) } else { FileLocation::Named(path) }
+    }
+}
+
+/// Whether a [`FileStore`] bypasses the page cache (`O_DIRECT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DirectIo {
+    /// `O_DIRECT` where the file system takes it, else buffered I/O
+    /// ([`FileStats::direct`] says which).
+    #[default]
+    Auto,
+    /// `O_DIRECT`, or the store is not made.
+    On,
+    /// Buffered I/O through the page cache.
+    Off,
+}
+
+/// Settings of a [`FileStore`]; each field's doc gives its default.
+#[derive(Debug, Clone)]
+pub struct FileConfig {
+    /// Where the file is. Default: [`FileLocation::Default`].
+    pub location: FileLocation,
+    /// The most bytes of pages the file may hold (its length never passes
+    /// it, rounded down to pages); a page that does not fit stays where it
+    /// was. Default: 64 GiB.
+    pub capacity_bytes: u64,
+    /// `O_DIRECT` or not. Default: [`DirectIo::Auto`].
+    pub direct: DirectIo,
+    /// Pages a fault outside a scan brings back, aligned by address:
+    /// 1 to [`MAX_FAULT_PAGES`]. Default: 8 (32 KiB, swap's readahead of
+    /// `page-cluster` 3): a read of neighbouring slots costs little more
+    /// than one of a page.
+    pub fault_pages: usize,
+    /// io_uring rings, each used by one caller at a time: more lets more
+    /// callers (migration workers, fault handlers) have one; a caller that
+    /// finds all busy uses `pread`/`pwrite`. 0: no io_uring. At most 64.
+    /// Default: 4.
+    pub rings: usize,
+    /// Submission entries of each ring: 1 to 4096. Default: 64.
+    pub ring_entries: u32,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            location: FileLocation::Default,
+            capacity_bytes: 64 << 30,
+            direct: DirectIo::Auto,
+            fault_pages: 8,
+            rings: 4,
+            ring_entries: 64,
+        }
+    }
+}
+
+impl FileConfig {
+    /// Checks the fields; the error names the field at fault.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::invalid(format!("FileConfig: {what}")));
+        if self.capacity_bytes < PAGE_SIZE as u64 {
+            return bad(format!("capacity_bytes ({}) must be at least a page", self.capacity_bytes));
+        }
+        if !(1..=MAX_FAULT_PAGES).contains(&self.fault_pages) {
+            return bad(format!("fault_pages ({}) must be within 1..={MAX_FAULT_PAGES}", self.fault_pages));
+        }
+        if self.rings > 64 {
+            return bad(format!("rings ({}) must be at most 64", self.rings));
+        }
+        if self.rings > 0 && !(1..=4096).contains(&self.ring_entries) {
+            return bad(format!("ring_entries ({}) must be within 1..=4096", self.ring_entries));
+        }
+        match &self.location {
+            FileLocation::PrivateIn(p) | FileLocation::Named(p) if p.as_os_str().is_empty() => {
+                bad("the file's path is empty".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The counters of a [`FileStore`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FileStats {
+    /// Pages stored (zero pages included).
+    pub pages: u64,
+    /// Of them, pages of zeros, which take no slot.
+    pub zero_pages: u64,
+    /// Bytes of the file's slots holding pages.
+    pub used_bytes: u64,
+    /// The file's length in use: up to the last slot holding a page.
+    pub file_bytes: u64,
+    /// Free slots below that length (reused before the file grows).
+    pub hole_bytes: u64,
+    /// The most the file may hold.
+    pub capacity_bytes: u64,
+    /// Pages written, in all.
+    pub pages_written: u64,
+    /// Writes issued (one per extent).
+    pub writes: u64,
+    /// Pages read back, in all.
+    pub pages_read: u64,
+    /// Reads issued (one per extent of a get).
+    pub reads: u64,
+    /// Pages reported lost: their read failed or came back short.
+    pub lost_pages: u64,
+    /// Pages not stored because the file was full.
+    pub full_pages: u64,
+    /// Pages not stored because their write failed.
+    pub write_error_pages: u64,
+    /// The file is open with `O_DIRECT`.
+    pub direct: bool,
+    /// Reads and writes go through io_uring.
+    pub uring: bool,
+}
+
+/// A [`PageStore`] that keeps pages in a file (see the module docs).
+///
+/// ```
+/// use std::sync::Arc;
+/// use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot};
+/// use uhmm_devices::file::{FileConfig, FileStore};
+/// use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
+///
+/// # fn main() -> uhmm::Result<()> {
+/// let space = AddressSpace::new(Config::default())?;
+/// let store = Arc::new(FileStore::new(FileConfig::default())?);
+/// let dev = StoreDevice::new(&space, store.clone(), StoreDeviceConfig::default())?;
+///
+/// let region = space.map(64 * PAGE_SIZE, Prot::READ_WRITE)?;
+/// region.write(0, &b"to the disk ".repeat(64 * PAGE_SIZE / 12))?;
+/// assert_eq!(dev.migrate_to_device(region.addr(), region.npages())?.moved, 64);
+/// assert_eq!(store.stats().used_bytes, 64 * PAGE_SIZE as u64);
+///
+/// // A CPU access reads the page (and its neighbours) back.
+/// let mut buf = [0; 12];
+/// region.read(0, &mut buf)?;
+/// assert_eq!(&buf, b"to the disk ");
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct FileStore {
+    config: FileConfig,
+    file: File,
+    /// The file the user named (see [`FileLocation::Named`]).
+    named: Option<NamedFile>,
+    direct: bool,
+    rings: Vec<Mutex<Ring>>,
+    next_ring: AtomicUsize,
+    /// Aligned buffers kept for the next batch.
+    bufs: Mutex<Vec<AlignedBuf>>,
+    /// The tables, under one lock held for table updates only: no I/O
+    /// waits under it, so `delete` never waits for a read or a write.
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+/// A file the user named, and whether the store created it (it removes
+/// it at drop) or found it (it empties it at drop).
+#[derive(Debug)]
+struct NamedFile {
+    path: PathBuf,
+    created: bool,
+}
+
+/// What [`open`] opened.
+struct Opened {
+    file: File,
+    direct: bool,
+    named: Option<NamedFile>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    pages_written: AtomicU64,
+    writes: AtomicU64,
+    pages_read: AtomicU64,
+    reads: AtomicU64,
+    lost_pages: AtomicU64,
+    full_pages: AtomicU64,
+    write_error_pages: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// By key.
+    entries: Vec<Entry>,
+    space: ExtentAllocator,
+    pages: u64,
+    zero_pages: u64,
+    /// The generation the next stored page gets: a get checks after its
+    /// read that its keys still hold what it read.
+    next_gen: u32,
+}
+
+/// What a key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Empty,
+    /// A page of zeros (no slot).
+    Zero,
+    /// The page in slot `slot`, stored as generation `generation`.
+    At {
+        slot: u64,
+        generation: u32,
+    },
+}
+
+/// Pages of one run in consecutive slots: one read or write.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    run: usize,
+    /// Its first page in the run.
+    page: usize,
+    pages: usize,
+    slot: u64,
+}
+
+impl Piece {
+    fn offset(&self) -> u64 {
+        self.slot * PAGE_SIZE as u64
+    }
+}
+
+impl FileStore {
+    /// A store with `config`: its file opened (see [`FileLocation`]). A
+    /// config that [`validate`](FileConfig::validate) refuses is an invalid
+    /// argument; a file that cannot be opened is a system error naming it.
+    pub fn new(config: FileConfig) -> Result<FileStore> {
+        config.validate()?;
+        let opened = open(&config)?;
+        let mut rings = Vec::with_capacity(config.rings);
+        for _ in 0..config.rings {
+            match Ring::new(config.ring_entries) {
+                Ok(ring) => rings.push(Mutex::new(ring)),
+                Err(err) => {
+                    tracing::warn!(%err, "file store: no io_uring, reads and writes use pread/pwrite");
+                    rings.clear();
+                    break;
+                }
+            }
+        }
+        Ok(FileStore::with_file(config, opened, rings))
+    }
+
+    fn with_file(config: FileConfig, opened: Opened, rings: Vec<Mutex<Ring>>) -> FileStore {
+        let Opened { file, direct, named } = opened;
+        let capacity = config.capacity_bytes / PAGE_SIZE as u64;
+        FileStore {
+            config,
+            file,
+            named,
+            direct,
+            rings,
+            next_ring: AtomicUsize::new(0),
+            bufs: Mutex::default(),
+            state: Mutex::new(State {
+                entries: Vec::new(),
+                space: ExtentAllocator::new(capacity),
+                pages: 0,
+                zero_pages: 0,
+                next_gen: 0,
+            }),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> &FileConfig {
+        &self.config
+    }
+
+    /// The file's path, when the user named one.
+    pub fn path(&self) -> Option<&Path> {
+        self.named.as_ref().map(|n| n.path.as_path())
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> FileStats {
+        let st = self.lock();
+        let c = &self.counters;
+        let page = PAGE_SIZE as u64;
+        FileStats {
+            pages: st.pages,
+            zero_pages: st.zero_pages,
+            used_bytes: st.space.used() * page,
+            file_bytes: st.space.end() * page,
+            hole_bytes: st.space.free_slots() * page,
+            capacity_bytes: self.config.capacity_bytes / page * page,
+            pages_written: c.pages_written.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            pages_read: c.pages_read.load(Ordering::Relaxed),
+            reads: c.reads.load(Ordering::Relaxed),
+            lost_pages: c.lost_pages.load(Ordering::Relaxed),
+            full_pages: c.full_pages.load(Ordering::Relaxed),
+            write_error_pages: c.write_error_pages.load(Ordering::Relaxed),
+            direct: self.direct,
+            uring: !self.rings.is_empty(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `ops` on the file: on a free ring, else (none free, or none at
+    /// all) with `pread`/`pwrite` on this thread, so no caller waits for
+    /// another's batch.
+    fn io(&self, ops: &mut [Op<'_>]) -> Vec<io::Result<()>> {
+        let n = self.rings.len();
+        if n > 0 {
+            let start = self.next_ring.fetch_add(1, Ordering::Relaxed);
+            for k in 0..n {
+                let mut ring = match self.rings[(start + k) % n].try_lock() {
+                    Ok(ring) => ring,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(TryLockError::WouldBlock) => continue,
+                };
+                if !ring.is_broken() {
+                    return ring.run(self.file.as_fd(), ops);
+                }
+            }
+        }
+        run_blocking(self.file.as_fd(), ops)
+    }
+
+    /// An aligned buffer of at least `npages` pages.
+    fn take_buf(&self, npages: usize) -> AlignedBuf {
+        let kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut buf = kept.unwrap_or_else(|| AlignedBuf::zeroed(0));
+        buf.ensure(npages);
+        buf
+    }
+
+    fn give_buf(&self, buf: AlignedBuf) {
+        if buf.len() <= KEPT_BUF_PAGES * PAGE_SIZE {
+            let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+            if bufs.len() < self.rings.len().max(1) {
+                bufs.push(buf);
+            }
+        }
+    }
+
+    /// Reads `pieces` (sorted by run, then page) into the runs' pages:
+    /// straight in when they may take it, else through an aligned buffer.
+    fn read_pieces(&self, runs: &mut [RunOut<'_>], pieces: &[Piece]) -> Vec<io::Result<()>> {
+        let aligned = !self.direct || runs.iter().all(|r| (r.data.as_ptr() as usize).is_multiple_of(PAGE_SIZE));
+        if !aligned {
+            let all: Vec<usize> = (0..pieces.len()).collect();
+            return self.read_bounced(runs, pieces, &all);
+        }
+        let mut results = {
+            let mut ops = Vec::with_capacity(pieces.len());
+            let mut next = 0;
+            for (r, run) in runs.iter_mut().enumerate() {
+                let mut rest: &mut [u8] = &mut run.data[..];
+                let mut at = 0;
+                while let Some(p) = pieces.get(next).filter(|p| p.run == r) {
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut((p.page - at) * PAGE_SIZE);
+                    let (buf, tail) = tail.split_at_mut(p.pages * PAGE_SIZE);
+                    rest = tail;
+                    at = p.page + p.pages;
+                    ops.push(Op::Read { offset: p.offset(), buf });
+                    next += 1;
+                }
+            }
+            self.io(&mut ops)
+        };
+        // A direct read into pages the kernel will not take for I/O: again
+        // through a buffer of ours.
+        let again: Vec<usize> = (0..pieces.len())
+            .filter(|&i| self.direct && results[i].as_ref().is_err_and(uhmm_sys::uring::is_buffer_refused))
+            .collect();
+        if !again.is_empty() {
+            for (i, res) in again.iter().zip(self.read_bounced(runs, pieces, &again)) {
+                results[*i] = res;
+            }
+        }
+        results
+    }
+
+    /// Reads pieces `which` through an aligned buffer, then copies them in.
+    fn read_bounced(&self, runs: &mut [RunOut<'_>], pieces: &[Piece], which: &[usize]) -> Vec<io::Result<()>> {
+        let total: usize = which.iter().map(|&i| pieces[i].pages).sum();
+        let mut buf = self.take_buf(total);
+        let results = {
+            let mut rest: &mut [u8] = &mut buf[..total * PAGE_SIZE];
+            let mut ops = Vec::with_capacity(which.len());
+            for &i in which {
+                let (b, tail) = std::mem::take(&mut rest).split_at_mut(pieces[i].pages * PAGE_SIZE);
+                rest = tail;
+                ops.push(Op::Read { offset: pieces[i].offset(), buf: b });
+            }
+            self.io(&mut ops)
+        };
+        let mut at = 0;
+        for (&i, res) in which.iter().zip(&results) {
+            let p = pieces[i];
+            let len = p.pages * PAGE_SIZE;
+            if res.is_ok() {
+                runs[p.run].data[p.page * PAGE_SIZE..][..len].copy_from_slice(&buf[at..at + len]);
+            }
+            at += len;
+        }
+        self.give_buf(buf);
+        results
+    }
+}
+
+/// Opens the file `config` names, with `O_DIRECT` as it asks: the file,
+/// whether it is direct, and the named path with whether it was created.
+fn open(config: &FileConfig) -> Result<Opened> {
+    let existed = match &config.location {
+        FileLocation::Named(p) => p.symlink_metadata().is_ok(),
+        _ => false,
+    };
+    let try_open = |direct: bool| -> io::Result<File> {
+        match &config.location {
+            FileLocation::Default => uhmm_sys::file::open_private(Path::new(DEFAULT_DIR), direct)
+                .or_else(|_| uhmm_sys::file::open_private(&std::env::temp_dir(), direct)),
+            FileLocation::PrivateIn(dir) => uhmm_sys::file::open_private(dir, direct),
+            FileLocation::Named(path) => uhmm_sys::file::open_named(path, direct).map(|(f, _)| f),
+        }
+    };
+    let opened = match config.direct {
+        DirectIo::Off => try_open(false).map(|f| (f, false)),
+        DirectIo::On => try_open(true).map(|f| (f, true)),
+        DirectIo::Auto => match try_open(true) {
+            Err(e) if uhmm_sys::file::is_direct_refused(&e) => try_open(false).map(|f| (f, false)),
+            other => other.map(|f| (f, true)),
+        },
+    };
+    let (file, direct) = opened.map_err(|e| {
+        let what = match &config.location {
+            FileLocation::Default => format!("a private file in {DEFAULT_DIR} or {}", std::env::temp_dir().display()),
+            FileLocation::PrivateIn(dir) => format!("a private file in {}", dir.display()),
+            FileLocation::Named(path) => path.display().to_string(),
+        };
+        let kind = if e.kind() == io::ErrorKind::InvalidInput { ErrorKind::InvalidArgument } else { ErrorKind::Sys };
+        Error::new(kind, format!("file store: cannot open {what}: {e}"))
+    })?;
+    let named = match &config.location {
+        FileLocation::Named(p) => Some(NamedFile { path: p.clone(), created: !existed }),
+        _ => None,
+    };
+    Ok(Opened { file, direct, named })
+}
+
+/// Whether `page` is all zeros.
+fn is_zero(page: &[u8]) -> bool {
+    let (words, rest) = page.as_chunks::<8>();
+    words.iter().all(|w| u64::from_ne_bytes(*w) == 0) && rest.iter().all(|&b| b == 0)
+}
+
+impl State {
+    /// Forgets what `key` holds, freeing its slot.
+    fn forget(&mut self, key: u64) {
+        let Some(entry) = self.entries.get_mut(key as usize) else { return };
+        match std::mem::replace(entry, Entry::Empty) {
+            Entry::Empty => return,
+            Entry::Zero => self.zero_pages -= 1,
+            Entry::At { slot, .. } => self.space.free(Extent { start: slot, len: 1 }),
+        }
+        self.pages -= 1;
+    }
+
+    fn set(&mut self, key: u64, entry: Entry) {
+        self.forget(key);
+        let k = key as usize;
+        if self.entries.len() <= k {
+            self.entries.resize(k + 1, Entry::Empty);
+        }
+        self.entries[k] = entry;
+        self.pages += 1;
+        if entry == Entry::Zero {
+            self.zero_pages += 1;
+        }
+    }
+
+    fn entry(&self, key: u64) -> Entry {
+        self.entries.get(key as usize).copied().unwrap_or(Entry::Empty)
+    }
+}
+
+impl PageStore for FileStore {
+    fn put(&self, runs: &[RunIn<'_>]) -> Result<Vec<bool>> {
+        if runs.iter().any(|r| r.data.len() != r.keys.len() * PAGE_SIZE) {
+            return Err(Error::invalid("a run's data is not one page per key"));
+        }
+        let total: usize = runs.iter().map(|r| r.keys.len()).sum();
+        let mut first_of_run = Vec::with_capacity(runs.len());
+        // Zero pages (no slot), and the rest as (run, first page, pages).
+        let mut zeros: Vec<(usize, usize)> = Vec::new();
+        let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+        let mut at = 0;
+        for (r, run) in runs.iter().enumerate() {
+            first_of_run.push(at);
+            at += run.keys.len();
+            for (p, page) in run.data.chunks_exact(PAGE_SIZE).enumerate() {
+                if is_zero(page) {
+                    zeros.push((r, p));
+                    continue;
+                }
+                match spans.last_mut() {
+                    Some((sr, sp, n)) if *sr == r && *sp + *n == p => *n += 1,
+                    _ => spans.push((r, p, 1)),
+                }
+            }
+        }
+        // Slots, under the lock.
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut full = 0;
+        {
+            let mut st = self.lock();
+            let mut extents = Vec::new();
+            for &(run, page, pages) in &spans {
+                extents.clear();
+                let got = st.space.alloc(pages as u64, &mut extents) as usize;
+                full += pages - got;
+                let mut p = page;
+                for e in &extents {
+                    pieces.push(Piece { run, page: p, pages: e.len as usize, slot: e.start });
+                    p += e.len as usize;
+                }
+            }
+        }
+        // The pages into an aligned buffer, one write per piece.
+        let npages: usize = pieces.iter().map(|p| p.pages).sum();
+        let mut buf = self.take_buf(npages);
+        let mut off = 0;
+        for p in &pieces {
+            let len = p.pages * PAGE_SIZE;
+            buf[off..off + len].copy_from_slice(&runs[p.run].data[p.page * PAGE_SIZE..][..len]);
+            off += len;
+        }
+        let results = {
+            let mut rest: &[u8] = &buf[..npages * PAGE_SIZE];
+            let mut ops: Vec<Op<'_>> = pieces
+                .iter()
+                .map(|p| {
+                    let (b, tail) = rest.split_at(p.pages * PAGE_SIZE);
+                    rest = tail;
+                    Op::Write { offset: p.offset(), buf: b }
+                })
+                .collect();
+            self.io(&mut ops)
+        };
+        self.give_buf(buf);
+        // The pages written are stored; the slots of the others go back.
+        let mut stored = vec![false; total];
+        let (mut written, mut failed) = (0, 0);
+        {
+            let mut st = self.lock();
+            for (p, res) in pieces.iter().zip(&results) {
+                match res {
+                    Ok(()) => {
+                        for k in 0..p.pages {
+                            let generation = st.next_gen;
+                            st.next_gen = st.next_gen.wrapping_add(1);
+                            st.set(runs[p.run].keys[p.page + k], Entry::At { slot: p.slot + k as u64, generation });
+                            stored[first_of_run[p.run] + p.page + k] = true;
+                        }
+                        written += p.pages;
+                    }
+                    Err(_) => {
+                        st.space.free(Extent { start: p.slot, len: p.pages as u64 });
+                        failed += p.pages;
+                    }
+                }
+            }
+            for &(r, p) in &zeros {
+                st.set(runs[r].keys[p], Entry::Zero);
+                stored[first_of_run[r] + p] = true;
+            }
+        }
+        if let Some(Err(err)) = results.iter().find(|r| r.is_err()) {
+            tracing::warn!(%err, pages = failed, "file store: writes failed, pages left where they were");
+        }
+        let c = &self.counters;
+        c.pages_written.fetch_add(written as u64, Ordering::Relaxed);
+        c.writes.fetch_add(pieces.len() as u64, Ordering::Relaxed);
+        c.full_pages.fetch_add(full as u64, Ordering::Relaxed);
+        c.write_error_pages.fetch_add(failed as u64, Ordering::Relaxed);
+        Ok(stored)
+    }
+
+    fn zero_pages(&self, keys: &[u64], zero: &mut [bool]) {
+        let st = self.lock();
+        for (z, &key) in zero.iter_mut().zip(keys) {
+            *z = st.entry(key) == Entry::Zero;
+        }
+    }
+
+    fn fault_pages(&self, _key: u64) -> usize {
+        self.config.fault_pages
+    }
+
+    fn get(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
+        if runs.iter().any(|r| r.data.len() != r.keys.len() * PAGE_SIZE || r.got.len() != r.keys.len()) {
+            return Err(Error::invalid("a run's data is not one page per key"));
+        }
+        // What each key holds: pieces of neighbouring pages in consecutive
+        // slots, with each page's generation.
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut gens: Vec<u32> = Vec::new();
+        let mut zeros: Vec<(usize, usize)> = Vec::new();
+        {
+            let st = self.lock();
+            for (r, run) in runs.iter().enumerate() {
+                for (p, &key) in run.keys.iter().enumerate() {
+                    match st.entry(key) {
+                        Entry::Empty => {}
+                        Entry::Zero => zeros.push((r, p)),
+                        Entry::At { slot, generation } => {
+                            gens.push(generation);
+                            match pieces.last_mut() {
+                                Some(x) if x.run == r && x.page + x.pages == p && x.slot + x.pages as u64 == slot => {
+                                    x.pages += 1
+                                }
+                                _ => pieces.push(Piece { run: r, page: p, pages: 1, slot }),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for &(r, p) in &zeros {
+            runs[r].data[p * PAGE_SIZE..][..PAGE_SIZE].fill(0);
+            runs[r].got[p] = Got::Filled;
+        }
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        let results = self.read_pieces(runs, &pieces);
+        // A piece of several pages that failed is read again page by page:
+        // only the pages that cannot be read are lost (a file cut short
+        // loses the pages past its end, not their neighbours).
+        let mut page_results: Vec<std::result::Result<(), String>> = Vec::with_capacity(gens.len());
+        for (p, res) in pieces.iter().zip(&results) {
+            match res {
+                Ok(()) => page_results.extend((0..p.pages).map(|_| Ok(()))),
+                Err(e) if p.pages == 1 => page_results.push(Err(e.to_string())),
+                Err(_) => {
+                    let single: Vec<Piece> = (0..p.pages)
+                        .map(|k| Piece { run: p.run, page: p.page + k, pages: 1, slot: p.slot + k as u64 })
+                        .collect();
+                    let all: Vec<usize> = (0..single.len()).collect();
+                    let again = self.read_bounced(runs, &single, &all);
+                    self.counters.reads.fetch_add(single.len() as u64, Ordering::Relaxed);
+                    page_results.extend(again.into_iter().map(|r| r.map_err(|e| e.to_string())));
+                }
+            }
+        }
+        // Each page read counts if its key still holds what was read (a
+        // key deleted meanwhile is not held: Missing).
+        let (mut read, mut lost) = (0u64, 0u64);
+        let mut first_err = None;
+        {
+            let st = self.lock();
+            let mut g = 0;
+            for p in &pieces {
+                let run = &mut runs[p.run];
+                for k in 0..p.pages {
+                    let still =
+                        st.entry(run.keys[p.page + k]) == Entry::At { slot: p.slot + k as u64, generation: gens[g] };
+                    run.got[p.page + k] = match (still, &page_results[g]) {
+                        (false, _) => Got::Missing,
+                        (true, Ok(())) => {
+                            read += 1;
+                            Got::Filled
+                        }
+                        (true, Err(e)) => {
+                            first_err.get_or_insert_with(|| e.clone());
+                            lost += 1;
+                            Got::Lost
+                        }
+                    };
+                    g += 1;
+                }
+            }
+        }
+        if let Some(err) = first_err {
+            tracing::error!(%err, pages = lost, "file store: reads failed, pages lost");
+        }
+        let c = &self.counters;
+        c.pages_read.fetch_add(read, Ordering::Relaxed);
+        c.reads.fetch_add(pieces.len() as u64, Ordering::Relaxed);
+        c.lost_pages.fetch_add(lost, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn delete(&self, keys: &[u64]) {
+        let mut st = self.lock();
+        for &key in keys {
+            st.forget(key);
+        }
+    }
+
+    fn usage(&self) -> StoreUsage {
+        let st = self.lock();
+        StoreUsage {
+            pages: st.pages,
+            orig_bytes: st.pages * PAGE_SIZE as u64,
+            used_bytes: st.space.used() * PAGE_SIZE as u64,
+            capacity_bytes: self.config.capacity_bytes / PAGE_SIZE as u64 * PAGE_SIZE as u64,
+        }
+    }
+}
+
+impl Drop for FileStore {
+    fn drop(&mut self) {
+        match &self.named {
+            Some(NamedFile { path, created: true }) => {
+                if let Err(err) = std::fs::remove_file(path) {
+                    tracing::warn!(%err, path = %path.display(), "file store: cannot remove its file");
+                }
+            }
+            Some(NamedFile { path, created: false }) => {
+                if let Err(err) = self.file.set_len(0) {
+                    tracing::warn!(%err, path = %path.display(), "file store: cannot empty its file");
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` on a thread of its own; fails the test if it takes more than
+    /// `secs` (tests that wait on I/O run under it).
+    fn with_timeout<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
+            Ok(v) => {
+                t.join().expect("test thread");
+                v
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("test hung: no result after {secs} s"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match t.join() {
+                Err(p) => std::panic::resume_unwind(p),
+                Ok(()) => unreachable!("sender dropped without sending"),
+            },
+        }
+    }
+
+    fn page_of(b: u8) -> Vec<u8> {
+        vec![b; PAGE_SIZE]
+    }
+
+    fn store(config: FileConfig) -> FileStore {
+        FileStore::new(FileConfig { location: FileLocation::PrivateIn(std::env::temp_dir()), ..config }).unwrap()
+    }
+
+    /// Gets `keys` as one run: the bytes and what each got.
+    fn get(s: &FileStore, keys: &[u64]) -> (Vec<u8>, Vec<Got>) {
+        let mut data = AlignedBuf::zeroed(keys.len());
+        let mut got = vec![Got::Missing; keys.len()];
+        s.get(&mut [RunOut { keys, data: &mut data, got: &mut got }]).unwrap();
+        (data.to_vec(), got)
+    }
+
+    #[test]
+    fn bad_configs_are_refused_by_name() {
+        for (config, field) in [
+            (FileConfig { capacity_bytes: 100, ..FileConfig::default() }, "capacity_bytes"),
+            (FileConfig { fault_pages: 0, ..FileConfig::default() }, "fault_pages"),
+            (FileConfig { fault_pages: MAX_FAULT_PAGES + 1, ..FileConfig::default() }, "fault_pages"),
+            (FileConfig { rings: 65, ..FileConfig::default() }, "rings"),
+            (FileConfig { ring_entries: 0, ..FileConfig::default() }, "ring_entries"),
+            (FileConfig { location: FileLocation::Named(PathBuf::new()), ..FileConfig::default() }, "path"),
+        ] {
+            let err = FileStore::new(config).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        let err = FileStore::new(FileConfig {
+            location: FileLocation::PrivateIn("/nonexistent/uhmm".into()),
+            ..FileConfig::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Sys);
+        assert!(err.to_string().contains("/nonexistent/uhmm"), "{err}");
+    }
+
+    #[test]
+    fn pages_round_trip_a_run_is_one_write_and_zero_pages_take_no_slot() {
+        with_timeout(60, || {
+            for rings in [0, 2] {
+                let s = store(FileConfig { rings, ..FileConfig::default() });
+                let data: Vec<u8> = [page_of(1), page_of(0), page_of(2), page_of(3)].concat();
+                let stored = s.put(&[RunIn { vpn: 0, keys: &[10, 11, 12, 13], data: &data }]).unwrap();
+                assert_eq!(stored, vec![true; 4]);
+                let st = s.stats();
+                assert_eq!((st.pages, st.zero_pages, st.used_bytes), (4, 1, 3 * PAGE_SIZE as u64));
+                assert_eq!(st.writes, 2, "a zero page splits the run: two writes");
+                assert_eq!(st.uring, rings > 0);
+                let mut zero = [false; 4];
+                s.zero_pages(&[10, 11, 12, 13], &mut zero);
+                assert_eq!(zero, [false, true, false, false]);
+                let (back, got) = get(&s, &[12, 13, 10, 99]);
+                assert_eq!(got, [Got::Filled, Got::Filled, Got::Filled, Got::Missing]);
+                assert!(back[..3 * PAGE_SIZE] == [page_of(2), page_of(3), page_of(1)].concat());
+                assert_eq!(s.stats().reads, 2, "12 and 13 are neighbours in the file: one read");
+                s.delete(&[10, 11, 12, 13]);
+                let st = s.stats();
+                assert_eq!((st.pages, st.used_bytes, st.file_bytes), (0, 0, 0));
+            }
+        });
+    }
+
+    #[test]
+    fn a_full_file_stores_what_fits_and_freed_slots_are_reused() {
+        with_timeout(60, || {
+            let s = store(FileConfig { capacity_bytes: 4 * PAGE_SIZE as u64, ..FileConfig::default() });
+            let data: Vec<u8> = (1..=6).flat_map(page_of).collect();
+            let stored = s.put(&[RunIn { vpn: 0, keys: &[0, 1, 2, 3, 4, 5], data: &data }]).unwrap();
+            assert_eq!(stored, [true, true, true, true, false, false]);
+            assert_eq!(s.stats().full_pages, 2);
+            s.delete(&[1, 2]);
+            let stored = s.put(&[RunIn { vpn: 9, keys: &[7, 8], data: &data[4 * PAGE_SIZE..] }]).unwrap();
+            assert_eq!(stored, [true, true]);
+            assert_eq!(s.stats().file_bytes, 4 * PAGE_SIZE as u64, "the holes were reused");
+            let (back, got) = get(&s, &[0, 7, 8, 3]);
+            assert_eq!(got, [Got::Filled; 4]);
+            assert!(back == [page_of(1), page_of(5), page_of(6), page_of(4)].concat());
+        });
+    }
+
+    #[test]
+    fn a_failed_write_stores_nothing_and_a_failed_read_is_lost() {
+        with_timeout(60, || {
+            // The store's file opened read-only: every write fails.
+            let f = uhmm_sys::file::open_private(&std::env::temp_dir(), false).unwrap();
+            let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f));
+            let ro = File::open(&path).unwrap();
+            for rings in [0, 1] {
+                let ring: Vec<Mutex<Ring>> = (0..rings).filter_map(|_| Ring::new(8).ok()).map(Mutex::new).collect();
+                let opened = Opened { file: ro.try_clone().unwrap(), direct: false, named: None };
+                let s = FileStore::with_file(FileConfig::default(), opened, ring);
+                let data: Vec<u8> = [page_of(1), page_of(2), page_of(0)].concat();
+                let stored = s.put(&[RunIn { vpn: 0, keys: &[0, 1, 2], data: &data }]).unwrap();
+                assert_eq!(stored, [false, false, true], "the zero page needs no write");
+                let st = s.stats();
+                assert_eq!((st.pages, st.used_bytes, st.file_bytes, st.write_error_pages), (1, 0, 0, 2));
+            }
+            // A file cut short under the store: its pages come back lost.
+            let opened = Opened { file: f.try_clone().unwrap(), direct: false, named: None };
+            let s = FileStore::with_file(FileConfig::default(), opened, Vec::new());
+            let data: Vec<u8> = [page_of(1), page_of(2)].concat();
+            assert_eq!(s.put(&[RunIn { vpn: 0, keys: &[0, 1], data: &data }]).unwrap(), [true, true]);
+            f.set_len(PAGE_SIZE as u64).unwrap();
+            let (back, got) = get(&s, &[0, 1]);
+            assert_eq!(got, [Got::Filled, Got::Lost], "the read cut short is done again page by page");
+            assert!(back[..PAGE_SIZE] == page_of(1));
+            assert_eq!(s.stats().lost_pages, 1);
+            let (back, got) = get(&s, &[0]);
+            assert_eq!(got, [Got::Filled]);
+            assert!(back == page_of(1));
+        });
+    }
+
+    #[test]
+    fn threads_putting_getting_and_deleting_at_once_see_their_own_pages() {
+        with_timeout(120, || {
+            // One ring for six threads: most batches find it busy and use
+            // pread/pwrite, some use it.
+            let s = std::sync::Arc::new(store(FileConfig { rings: 1, ..FileConfig::default() }));
+            let threads: Vec<_> = (0..6u64)
+                .map(|t| {
+                    let s = s.clone();
+                    std::thread::spawn(move || {
+                        for round in 0..40u64 {
+                            let keys: Vec<u64> = (0..16).map(|k| t * 1000 + k).collect();
+                            let tag = |k: u64| (t * 31 + round * 7 + k) as u8 | 1;
+                            let data: Vec<u8> = keys.iter().flat_map(|&k| page_of(tag(k))).collect();
+                            let stored = s.put(&[RunIn { vpn: round * 16, keys: &keys, data: &data }]).unwrap();
+                            assert_eq!(stored, vec![true; 16]);
+                            let (back, got) = get(&s, &keys[3..9]);
+                            assert_eq!(got, [Got::Filled; 6]);
+                            for (i, page) in back.chunks(PAGE_SIZE).enumerate() {
+                                assert!(page.iter().all(|&b| b == tag(keys[3 + i])), "thread {t} round {round}");
+                            }
+                            s.delete(&keys);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            let st = s.stats();
+            assert_eq!((st.pages, st.used_bytes, st.file_bytes), (0, 0, 0), "{st:?}");
+            assert_eq!(st.pages_written, 6 * 40 * 16);
+        });
+    }
+
+    #[test]
+    fn an_unaligned_destination_is_read_through_a_buffer() {
+        with_timeout(60, || {
+            let s = store(FileConfig::default());
+            let data = page_of(9);
+            s.put(&[RunIn { vpn: 0, keys: &[5], data: &data }]).unwrap();
+            let mut space = vec![0u8; 2 * PAGE_SIZE + 1];
+            let off = (PAGE_SIZE - space.as_ptr() as usize % PAGE_SIZE) % PAGE_SIZE + 1;
+            let mut got = [Got::Missing];
+            s.get(&mut [RunOut { keys: &[5], data: &mut space[off..off + PAGE_SIZE], got: &mut got }]).unwrap();
+            assert_eq!(got, [Got::Filled]);
+            assert!(space[off..off + PAGE_SIZE] == data[..]);
+        });
+    }
+}
