@@ -36,15 +36,19 @@ pub struct Report {
     pub regions_followed: u64,
     /// Userfaults uhmm answered.
     pub faults: u64,
-    /// Pages moved to the compressed store (demotions).
+    /// Pages moved to the store (demotions).
     pub demoted_pages: u64,
     /// Pages brought back to RAM (promotions).
     pub promoted_pages: u64,
     /// The most resident bytes the tier saw.
     pub tier_peak_resident_bytes: u64,
-    /// Bytes stored compressed at exit, before compression.
+    /// Where cold pages went: `compress`, or a far store's address.
+    #[serde(default)]
+    pub device: String,
+    /// Bytes of the pages in the store at exit.
     pub stored_bytes: u64,
-    /// RAM the compressed store used for them at exit.
+    /// What the store used for them at exit: RAM for the compressed
+    /// store, file or server bytes for a far store.
     pub store_bytes: u64,
     /// Bytes of the stored pages over the RAM the store used for them: the
     /// compression ratio (0 when nothing is stored).

@@ -14,7 +14,8 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use uhmm::{AddressSpace, PAGE_SIZE, Prot, Region};
 use uhmm_devices::compress::{CompressConfig, CompressStore};
-use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
+use uhmm_devices::far::FarStore;
+use uhmm_devices::store::{PageStore, StoreDevice, StoreDeviceConfig};
 use uhmm_devices::tier::{Tier, TierConfig, space_config};
 
 use crate::heap::Heap;
@@ -72,11 +73,20 @@ pub(crate) struct Counters {
     pub(crate) detached: AtomicU64,
 }
 
+/// Where the program's cold pages go.
+#[derive(Debug)]
+pub(crate) enum Store {
+    /// The compressed store in RAM (the default).
+    Compress(Arc<CompressStore>),
+    /// A far store (`UHMM_DEVICE`).
+    Far(FarStore),
+}
+
 /// The managed memory of the program.
 pub(crate) struct Runtime {
     pub(crate) settings: Settings,
     pub(crate) space: AddressSpace,
-    pub(crate) store: Arc<CompressStore>,
+    pub(crate) store: Store,
     /// Held for the runtime's life: its pagemap goes with it.
     _device: Arc<StoreDevice>,
     pub(crate) tier: Option<Tier>,
@@ -116,9 +126,19 @@ impl Runtime {
                         its memory would fail"
                 .into());
         }
-        let store = Arc::new(CompressStore::new(CompressConfig::default()).map_err(err("compressed store"))?);
+        let (store, page_store): (Store, Arc<dyn PageStore>) = match &settings.device {
+            None => {
+                let s = Arc::new(CompressStore::new(CompressConfig::default()).map_err(err("compressed store"))?);
+                (Store::Compress(s.clone()), s)
+            }
+            Some(address) => {
+                let far = address.open().map_err(err("far store"))?;
+                let s = far.page_store();
+                (Store::Far(far), s)
+            }
+        };
         let device =
-            Arc::new(StoreDevice::new(&space, store.clone(), StoreDeviceConfig::default()).map_err(err("device"))?);
+            Arc::new(StoreDevice::new(&space, page_store, StoreDeviceConfig::default()).map_err(err("device"))?);
         let tier = match settings.ram_budget {
             Some(b) => Some(
                 Tier::new(&space, device.clone(), TierConfig { budget_bytes: b, ..TierConfig::default() })
@@ -145,7 +165,16 @@ impl Runtime {
     pub(crate) fn report(&self) -> Report {
         let c = &self.counters;
         let space = self.space.stats();
-        let store = self.store.stats();
+        let (stored_bytes, store_bytes, compression_ratio) = match &self.store {
+            Store::Compress(s) => {
+                let s = s.stats();
+                (s.orig_data_size, s.mem_used_total, s.ratio())
+            }
+            Store::Far(f) => {
+                let u = f.usage();
+                (u.orig_bytes, u.used_bytes, 0.0)
+            }
+        };
         let tier = self.tier.as_ref().map(|t| t.stats()).unwrap_or_default();
         Report {
             ram_budget: self.settings.ram_budget,
@@ -160,9 +189,10 @@ impl Runtime {
             demoted_pages: space.pages_to_device,
             promoted_pages: space.pages_to_ram,
             tier_peak_resident_bytes: tier.peak_resident_bytes,
-            stored_bytes: store.orig_data_size,
-            store_bytes: store.mem_used_total,
-            compression_ratio: store.ratio(),
+            device: self.settings.device.as_ref().map_or_else(|| "compress".into(), |a| a.to_string()),
+            stored_bytes,
+            store_bytes,
+            compression_ratio,
             tier_seconds: (tier.tracking_cpu + tier.reclaim_cpu).as_secs_f64(),
             seconds: self.started.elapsed().as_secs_f64(),
             ..Report::default()

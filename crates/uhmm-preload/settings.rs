@@ -12,6 +12,9 @@ pub(crate) struct Settings {
     /// `UHMM_REPORT`: a directory where each process writes its report at
     /// exit (`PID.json`).
     pub(crate) report: Option<std::path::PathBuf>,
+    /// `UHMM_DEVICE`: where cold pages go, a far store's address
+    /// (`file:PATH`, `redis://…`); none: the compressed store in RAM.
+    pub(crate) device: Option<uhmm_devices::far::FarAddress>,
 }
 
 /// The default [`Settings::min_size`].
@@ -27,7 +30,13 @@ impl Settings {
             }
         };
         let min_size = num("UHMM_MIN_SIZE")?.map_or(DEFAULT_MIN_SIZE, |n| n.max(uhmm::PAGE_SIZE as u64) as usize);
+        let device = match std::env::var("UHMM_DEVICE") {
+            Ok(v) if v == "compress" || v.is_empty() => None,
+            Ok(v) => Some(uhmm_devices::far::FarAddress::parse(&v).map_err(|e| format!("UHMM_DEVICE: {e}"))?),
+            Err(_) => None,
+        };
         Ok(Settings {
+            device,
             ram_budget: num("UHMM_RAM_BUDGET")?,
             min_size,
             report: std::env::var_os("UHMM_REPORT").map(Into::into),

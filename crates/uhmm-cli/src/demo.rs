@@ -15,7 +15,7 @@ use uhmm_devices::sim::{SimConfig, SimDevice};
 use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 use uhmm_devices::tier::{Tier, TierConfig, TierStats};
 
-use crate::devices::{Device, DeviceKind, tier_line};
+use crate::devices::{Device, DeviceKind, parse_device, tier_line};
 use crate::map::{self, Census, Layout};
 use crate::units::{gbps, human, parse_fraction, parse_size};
 
@@ -63,16 +63,18 @@ pub struct DemoArgs {
     #[arg(long)]
     pub no_progress: bool,
 
-    /// The device: `sim` (the embedded model of the kernel's test device)
-    /// or `compress` (the compressed store, lz4: the pages are compressed
-    /// in RAM; its counters are printed as zram's `mm_stat`).
-    #[arg(long, value_enum, default_value_t = DeviceKind::Sim)]
+    /// The device: `sim` (the embedded model of the kernel's test device),
+    /// `compress` (the compressed store, lz4: the pages are compressed in
+    /// RAM; its counters are printed as zram's `mm_stat`), or a far store,
+    /// every page encrypted: `file:PATH` (a file; a directory: a private
+    /// file in it) or `redis://[USER:PASSWORD@]HOST:PORT`
+    /// (`rediss://` for TLS, `redis-cluster://HOST:PORT,…` for a cluster).
+    #[arg(long, default_value = "sim", value_parser = parse_device)]
     pub device: DeviceKind,
 
-    /// `--device compress`: run under a RAM budget (suffixes as for
-    /// --size): a tier (`uhmm_devices::tier::Tier`) keeps the region's
-    /// resident pages under it, demoting the coldest to the compressed
-    /// store, and the faults of the fill and of the reads wait for room.
+    /// A store device (all but `sim`): run under a RAM budget (suffixes as
+    /// for --size): a tier (`uhmm_devices::tier::Tier`) keeps the region's
+    /// resident pages under it, demoting the coldest to the store, and the faults of the fill and of the reads wait for room.
     /// The part the demo would migrate back explicitly (which no budget
     /// charges) is read back by faults instead. A live line shows resident
     /// bytes against the budget, pages demoted and promoted, the promotion
@@ -269,9 +271,9 @@ impl<'a> Demo<'a> {
             .size
             .checked_next_multiple_of(PAGE_SIZE)
             .ok_or_else(|| at("checking --size")(uhmm::Error::invalid("size overflows")))?;
-        if args.ram_budget.is_some() && args.device != DeviceKind::Compress {
+        if args.ram_budget.is_some() && !args.device.is_store() {
             return Err(at("checking --ram-budget")(uhmm::Error::invalid(
-                "--ram-budget needs --device compress (the tier demotes to the compressed store)",
+                "--ram-budget needs a store device (compress, file:…, redis://…): the tier demotes to a store",
             )));
         }
         let mut config = if args.ram_budget.is_some() { uhmm_devices::tier::space_config() } else { Config::default() };
@@ -283,7 +285,7 @@ impl<'a> Demo<'a> {
         let capacity = size
             .checked_next_multiple_of(defaults.chunk_bytes)
             .ok_or_else(|| at("sizing the device")(uhmm::Error::invalid("size overflows")))?;
-        let dev = match args.device {
+        let dev = match &args.device {
             DeviceKind::Sim => {
                 let sim =
                     SimConfig { capacity_bytes: capacity, migrate_chunk_pages: args.chunk_pages as usize, ..defaults };
@@ -298,10 +300,12 @@ impl<'a> Demo<'a> {
                 let dev = StoreDevice::new(&space, store.clone(), config).map_err(at("creating the store device"))?;
                 Device::Compress(Arc::new(dev), store)
             }
+            DeviceKind::Far(address) => Device::far(&space, address, args.chunk_pages as usize)
+                .map_err(at("opening the far store"))?,
         };
         let region = space.map(size, Prot::READ_WRITE).map_err(at("mapping the region"))?;
-        let tier = match (args.ram_budget, &dev) {
-            (Some(budget), Device::Compress(store_dev, _)) => {
+        let tier = match (args.ram_budget, dev.store_device()) {
+            (Some(budget), Some(store_dev)) => {
                 let config = TierConfig { budget_bytes: budget as u64, ..TierConfig::default() };
                 let tier = Tier::new(&space, store_dev.clone(), config).map_err(at("starting the RAM budget"))?;
                 tier.manage(region.range()).map_err(at("putting the region under the budget"))?;
@@ -404,9 +408,10 @@ impl<'a> Demo<'a> {
 
         println!("uhmm demo");
         println!("  region       {} at {:#x}: {npages} pages of {} B", human(size), self.region.addr(), PAGE_SIZE);
-        let what = match self.dev {
-            Device::Sim(_) => "sim",
-            Device::Compress(..) => "compressed store (lz4)",
+        let what = match &self.dev {
+            Device::Sim(_) => "sim".to_owned(),
+            Device::Compress(..) => "compressed store (lz4)".to_owned(),
+            Device::Far(_, far) => format!("far store {} (sealed)", far.address()),
         };
         println!(
             "  device       {what}: capacity {}, {} pages per migration chunk, {} per migrate call",

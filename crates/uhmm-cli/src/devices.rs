@@ -1,42 +1,93 @@
 //! The devices `uhmm demo` and `uhmm stress` run on: the sim device, or a
-//! store device over the compressed store, behind one enum.
+//! store device over the compressed store or a far store (a file, Redis),
+//! behind one enum.
 
 use std::sync::Arc;
 
-use uhmm::{DevicePagemap, Owner};
+use uhmm::{AddressSpace, DevicePagemap, Owner};
 use uhmm_devices::compress::CompressStore;
+use uhmm_devices::far::{FarAddress, FarStats, FarStore};
 use uhmm_devices::sim::SimDevice;
-use uhmm_devices::store::StoreDevice;
+use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 use uhmm_devices::tier::TierStats;
 
 use crate::units::human;
 
-/// Which device to run on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Which device to run on (`--device`): `sim`, `compress`, `file:PATH`,
+/// `redis://HOST:PORT` (and the other forms of
+/// [`FarAddress`](uhmm_devices::far::FarAddress)).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
     /// The sim device (a model of the kernel's HMM test driver).
     Sim,
     /// A store device over the compressed store (lz4): pages compressed in
     /// RAM.
     Compress,
+    /// A store device over a far store: a file, or a Redis server or
+    /// cluster; every page sealed.
+    Far(FarAddress),
 }
 
-/// A device of either kind.
+/// `--device`'s parser.
+pub fn parse_device(s: &str) -> Result<DeviceKind, String> {
+    match s {
+        "sim" => Ok(DeviceKind::Sim),
+        "compress" => Ok(DeviceKind::Compress),
+        _ => FarAddress::parse(s).map(DeviceKind::Far).map_err(|e| format!("sim, compress, or a far store: {e}")),
+    }
+}
+
+impl DeviceKind {
+    /// Whether its device is a store device (which a tier can demote to).
+    pub fn is_store(&self) -> bool {
+        !matches!(self, DeviceKind::Sim)
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceKind::Sim => f.write_str("sim"),
+            DeviceKind::Compress => f.write_str("compress"),
+            DeviceKind::Far(a) => a.fmt(f),
+        }
+    }
+}
+
+/// A device of any kind.
 pub enum Device {
     /// The sim device.
     Sim(SimDevice),
     /// A store device (shared with a [`Tier`](uhmm_devices::tier::Tier)
     /// under `--ram-budget`) and its compressed store.
     Compress(Arc<StoreDevice>, Arc<CompressStore>),
+    /// A store device and its far store.
+    Far(Arc<StoreDevice>, FarStore),
 }
 
 impl Device {
+    /// A store device over the far store at `address`, migrating
+    /// `chunk_pages` pages at a time.
+    pub fn far(space: &AddressSpace, address: &FarAddress, chunk_pages: usize) -> uhmm::Result<Device> {
+        let far = address.open()?;
+        let config = StoreDeviceConfig { migrate_chunk_pages: chunk_pages, ..StoreDeviceConfig::default() };
+        Ok(Device::Far(Arc::new(StoreDevice::new(space, far.page_store(), config)?), far))
+    }
+
     /// The sim device, when this is one (device reads and writes,
     /// exclusive access: a store has none).
     pub fn sim(&self) -> Option<&SimDevice> {
         match self {
             Device::Sim(d) => Some(d),
-            Device::Compress(..) => None,
+            _ => None,
+        }
+    }
+
+    /// The store device, when this is one.
+    pub fn store_device(&self) -> Option<&Arc<StoreDevice>> {
+        match self {
+            Device::Sim(_) => None,
+            Device::Compress(d, _) | Device::Far(d, _) => Some(d),
         }
     }
 
@@ -45,7 +96,7 @@ impl Device {
     pub fn to_device(&self, addr: usize, n: usize) -> uhmm::Result<usize> {
         match self {
             Device::Sim(d) => d.migrate_to_device_all(addr, n).map(|c| c.cpages),
-            Device::Compress(d, _) => d.migrate_to_device(addr, n).map(|m| m.moved + m.holes),
+            Device::Compress(d, _) | Device::Far(d, _) => d.migrate_to_device(addr, n).map(|m| m.moved + m.holes),
         }
     }
 
@@ -54,7 +105,7 @@ impl Device {
     pub fn to_device_once(&self, addr: usize, n: usize) -> uhmm::Result<()> {
         match self {
             Device::Sim(d) => d.migrate_to_device(addr, n).map(drop),
-            Device::Compress(d, _) => d.migrate_to_device(addr, n).map(drop),
+            Device::Compress(d, _) | Device::Far(d, _) => d.migrate_to_device(addr, n).map(drop),
         }
     }
 
@@ -62,7 +113,7 @@ impl Device {
     pub fn to_system(&self, addr: usize, n: usize) -> uhmm::Result<usize> {
         match self {
             Device::Sim(d) => d.migrate_to_system(addr, n).map(|c| c.cpages),
-            Device::Compress(d, _) => d.migrate_to_system(addr, n),
+            Device::Compress(d, _) | Device::Far(d, _) => d.migrate_to_system(addr, n),
         }
     }
 
@@ -70,7 +121,7 @@ impl Device {
     pub fn release(&self) -> uhmm::Result<usize> {
         match self {
             Device::Sim(d) => d.release(),
-            Device::Compress(d, _) => d.release(),
+            Device::Compress(d, _) | Device::Far(d, _) => d.release(),
         }
     }
 
@@ -78,7 +129,7 @@ impl Device {
     pub fn pages_in_use(&self) -> usize {
         match self {
             Device::Sim(d) => d.pages_in_use(),
-            Device::Compress(d, _) => d.pages_in_use(),
+            Device::Compress(d, _) | Device::Far(d, _) => d.pages_in_use(),
         }
     }
 
@@ -86,7 +137,7 @@ impl Device {
     pub fn owner(&self) -> Owner {
         match self {
             Device::Sim(d) => d.owner(),
-            Device::Compress(d, _) => d.owner(),
+            Device::Compress(d, _) | Device::Far(d, _) => d.owner(),
         }
     }
 
@@ -94,13 +145,17 @@ impl Device {
     pub fn pagemap(&self) -> &Arc<DevicePagemap> {
         match self {
             Device::Sim(d) => d.pagemap(),
-            Device::Compress(d, _) => d.pagemap(),
+            Device::Compress(d, _) | Device::Far(d, _) => d.pagemap(),
         }
     }
 
-    /// The compressed store's counters, as a line (empty for the sim).
+    /// The store's counters, as a line (empty for the sim).
     pub fn store_line(&self) -> String {
-        let Device::Compress(_, store) = self else { return String::new() };
+        let store = match self {
+            Device::Sim(_) => return String::new(),
+            Device::Far(_, far) => return far_line(far),
+            Device::Compress(_, store) => store,
+        };
         let s = store.stats();
         format!(
             "store: orig {} compr {} mem_used {} (ratio {:.2}, fragmentation {:.0}%); same-filled pages {}, incompressible {}, in groups {}; pages lost {}",
@@ -115,6 +170,32 @@ impl Device {
             s.lost_pages
         )
     }
+}
+
+/// A far store's counters, as a line.
+pub fn far_line(far: &FarStore) -> String {
+    let (u, seal) = (far.usage(), far.seal_stats());
+    let own = match far.stats() {
+        FarStats::File(s) => format!(
+            "file: {} writes, {} reads issued, {} lost, {} refused (full)",
+            s.writes, s.reads, s.lost_pages, s.full_pages
+        ),
+        FarStats::Redis(s) => format!(
+            "redis: {} round trips, {} retries, {} reconnects, {} lost, {} failed puts",
+            s.round_trips, s.retries, s.reconnects, s.lost_pages, s.failed_puts
+        ),
+    };
+    format!(
+        "store {}: {} pages ({}) in {}; sealed {} opened {} zero {} forged {}; {own}",
+        far.address(),
+        u.pages,
+        human(u.orig_bytes as usize),
+        human(u.used_bytes as usize),
+        seal.sealed,
+        seal.opened,
+        seal.zero_pages,
+        seal.forged
+    )
 }
 
 /// A RAM budget's counters, as a line: resident bytes against the budget,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde::Serialize;
 
 use crate::units::{human, parse_size};
@@ -27,13 +27,6 @@ const LIBRARY: &str = "libuhmm_preload.so";
 /// How often the program's resident memory is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 
-/// Where the program's cold memory goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RunDevice {
-    /// The compressed store in RAM.
-    Compress,
-}
-
 /// Arguments of `uhmm run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -42,9 +35,12 @@ pub struct RunArgs {
     /// memory is managed but stays in RAM.
     #[arg(long, value_parser = parse_size)]
     pub ram_budget: Option<usize>,
-    /// Where cold pages go.
-    #[arg(long, value_enum, default_value_t = RunDevice::Compress)]
-    pub device: RunDevice,
+    /// Where cold pages go: `compress` (the compressed store in RAM), or a
+    /// far store, every page encrypted: `file:PATH` (a directory: a private
+    /// file in it), `redis://[USER:PASSWORD@]HOST:PORT`, `rediss://…`,
+    /// `redis-cluster://HOST:PORT[,HOST:PORT…]`.
+    #[arg(long, default_value = "compress", value_parser = parse_run_device)]
+    pub device: String,
     /// The smallest allocation or anonymous mapping uhmm takes (smaller
     /// ones stay with the C library).
     #[arg(long, value_parser = parse_size, default_value = "1M")]
@@ -58,6 +54,15 @@ pub struct RunArgs {
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
     pub command: Vec<OsString>,
+}
+
+/// `--device`'s parser: `compress` or a far store's address, checked here
+/// so that a typo is an error before the program starts.
+fn parse_run_device(s: &str) -> Result<String, String> {
+    if s != "compress" {
+        uhmm_devices::far::FarAddress::parse(s).map_err(|e| e.to_string())?;
+    }
+    Ok(s.to_owned())
 }
 
 /// Whether this process may use full userfaultfd (the program's own
@@ -201,16 +206,27 @@ fn print_summary(name: &str, r: &RunReport) {
                 p.regions_followed
             );
         }
-        eprintln!(
-            "{who}faults {}, pages compressed {}, brought back {}; at exit {} stored in {} (ratio {:.2}, {} saved)",
-            p.faults,
-            p.demoted_pages,
-            p.promoted_pages,
-            human(p.stored_bytes as usize),
-            human(p.store_bytes as usize),
-            p.compression_ratio,
-            human(p.stored_bytes.saturating_sub(p.store_bytes) as usize)
-        );
+        if p.device.is_empty() || p.device == "compress" {
+            eprintln!(
+                "{who}faults {}, pages compressed {}, brought back {}; at exit {} stored in {} (ratio {:.2}, {} saved)",
+                p.faults,
+                p.demoted_pages,
+                p.promoted_pages,
+                human(p.stored_bytes as usize),
+                human(p.store_bytes as usize),
+                p.compression_ratio,
+                human(p.stored_bytes.saturating_sub(p.store_bytes) as usize)
+            );
+        } else {
+            eprintln!(
+                "{who}faults {}, pages sent to {} {}, brought back {}; at exit {} there",
+                p.faults,
+                p.device,
+                p.demoted_pages,
+                p.promoted_pages,
+                human(p.stored_bytes as usize)
+            );
+        }
         eprintln!("{who}time in uhmm's tier thread: {:.2} s of {:.2} s", p.tier_seconds, p.seconds);
     }
 }
@@ -228,7 +244,6 @@ pub fn run(args: &RunArgs) -> ExitCode {
 }
 
 fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
-    let RunDevice::Compress = args.device;
     check_userfaultfd()?;
     let lib = library()?;
     let dir = std::env::temp_dir().join(format!("uhmm-run-{}", std::process::id()));
@@ -240,7 +255,8 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
     }
     let (program, rest) = args.command.split_first().ok_or("no program given")?;
     let mut cmd = Command::new(program);
-    cmd.args(rest).env("LD_PRELOAD", preload).env("UHMM_MIN_SIZE", args.min_size.to_string()).env("UHMM_REPORT", &dir);
+    cmd.args(rest).env("LD_PRELOAD", preload).env("UHMM_MIN_SIZE", args.min_size.to_string()).env("UHMM_REPORT", &dir)
+        .env("UHMM_DEVICE", &args.device);
     match args.ram_budget {
         Some(b) => cmd.env("UHMM_RAM_BUDGET", b.to_string()),
         None => cmd.env_remove("UHMM_RAM_BUDGET"),

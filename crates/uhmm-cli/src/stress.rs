@@ -37,7 +37,7 @@ use uhmm_devices::sim::{SimConfig, SimDevice};
 use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 use uhmm_devices::tier::{Tier, TierConfig, TierStats};
 
-use crate::devices::{Device, DeviceKind, tier_line};
+use crate::devices::{Device, DeviceKind, parse_device, tier_line};
 use crate::units::{human, parse_fraction, parse_size};
 
 /// Options of `uhmm stress`.
@@ -89,7 +89,7 @@ pub struct StressArgs {
     /// The kind of device: `sim`, or `compress` (store devices over
     /// compressed stores; device reads, writes and exclusive access, which a
     /// store has not, become CPU reads).
-    #[arg(long, value_enum, default_value_t = DeviceKind::Sim)]
+    #[arg(long, default_value = "sim", value_parser = parse_device)]
     pub device: DeviceKind,
 
     /// Chance that a device page allocation fails (`SimConfig::alloc_fail_rate`;
@@ -692,8 +692,10 @@ fn budget_at(full: usize, elapsed: Duration) -> u64 {
 /// RAM budget was passed).
 fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let start = Instant::now();
-    if args.ram_budget.is_some() && args.device != DeviceKind::Compress {
-        return Err(uhmm::Error::invalid("--ram-budget needs --device compress (the tier demotes to a store device)"));
+    if args.ram_budget.is_some() && !args.device.is_store() {
+        return Err(uhmm::Error::invalid(
+            "--ram-budget needs a store device (compress, file:…, redis://…): the tier demotes to a store",
+        ));
     }
     if args.ram_budget.is_some_and(|b| b < 2 * PAGE_SIZE) {
         return Err(uhmm::Error::invalid("--ram-budget must be at least two pages"));
@@ -737,7 +739,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     let mut devices = Vec::new();
     for d in 0..args.devices {
         let seed = args.seed ^ (0xd0 + u64::from(d));
-        devices.push(match args.device {
+        devices.push(match &args.device {
             DeviceKind::Sim => {
                 let config = SimConfig {
                     capacity_bytes: capacity,
@@ -767,6 +769,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
                 let chunk = StoreDeviceConfig { migrate_chunk_pages: 64, ..StoreDeviceConfig::default() };
                 Device::Compress(Arc::new(StoreDevice::new(&space, store.clone(), chunk)?), store)
             }
+            DeviceKind::Far(address) => Device::far(&space, address, 64)?,
         });
     }
     let writers = args.threads as usize;
@@ -783,7 +786,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
     // The RAM budget over the private anonymous regions, demoting to device 0.
     let mut tier = None;
     let mut managed = Vec::new();
-    if let (Some(budget), Device::Compress(dev, _)) = (args.ram_budget, &w.devices[0]) {
+    if let (Some(budget), Some(dev)) = (args.ram_budget, w.devices[0].store_device()) {
         let config = TierConfig { budget_bytes: budget as u64, ..TierConfig::default() };
         let t = Tier::new(&space, dev.clone(), config)?;
         for r in w.regions.iter().filter(|r| r.backing() == uhmm::Backing::Anonymous) {
@@ -962,6 +965,7 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
                 inj_corrupt += st.injected_corruptions;
                 store_lost += st.lost_pages;
             }
+            Device::Far(..) => {}
         }
     }
     let ops = t.reads.load(Ordering::Relaxed)
@@ -1017,12 +1021,16 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
         "  injected faults:          {inj_alloc} allocation failures, {inj_copy} copy errors, {inj_back} copy-back failures, {inj_corrupt} corrupted objects"
     );
     for (d, dev) in w.devices.iter().enumerate() {
-        if let Device::Compress(_, store) = dev {
-            let st = store.stats();
-            println!(
-                "  device {d}: {} pages stored, {} loaded, {} objects refused by a full pool, {} pages reported lost",
-                st.pages_stored, st.pages_loaded, st.pool_full, st.lost_pages
-            );
+        match dev {
+            Device::Compress(_, store) => {
+                let st = store.stats();
+                println!(
+                    "  device {d}: {} pages stored, {} loaded, {} objects refused by a full pool, {} pages reported lost",
+                    st.pages_stored, st.pages_loaded, st.pool_full, st.lost_pages
+                );
+            }
+            Device::Far(..) => println!("  device {d}: {}", dev.store_line()),
+            Device::Sim(_) => {}
         }
     }
     if args.device == DeviceKind::Compress {

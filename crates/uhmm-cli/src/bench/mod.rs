@@ -12,6 +12,7 @@ mod datasets;
 mod kv;
 mod programs;
 mod report;
+mod far;
 mod tier;
 mod zram;
 

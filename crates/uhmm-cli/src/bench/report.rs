@@ -125,6 +125,11 @@ impl Target {
     pub(super) fn at_most(name: impl Into<String>, ratio: Option<f64>, bound: f64, detail: String) -> Target {
         Target { name: name.into(), ratio, bound: format!("<= {bound}"), met: ratio.map(|r| r <= bound), detail }
     }
+
+    /// A figure shown beside the targets, with no bound.
+    pub(super) fn info(name: impl Into<String>, ratio: Option<f64>, detail: String) -> Target {
+        Target { name: name.into(), ratio, bound: "–".into(), met: None, detail }
+    }
 }
 
 /// The case `id` at `bytes`.

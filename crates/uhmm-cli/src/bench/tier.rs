@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot};
 use uhmm_devices::compress::{Codec, CompressConfig, CompressStore};
+use uhmm_devices::far::FarAddress;
 use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 use uhmm_sys::mman::{Mapping, Protection};
 
@@ -79,9 +80,24 @@ pub struct TierArgs {
     #[arg(long)]
     pub kv_seconds: Option<f64>,
 
+    /// Also measure a far store (repeatable): `file:DIR` against the
+    /// kernel's swap on a file in DIR, `redis://HOST:PORT` against the
+    /// server's own pipelined SET and GET (the server must be running).
+    #[arg(long, value_name = "ADDRESS", value_parser = parse_far)]
+    pub far: Vec<FarAddress>,
+
+    /// Measure only the far stores (`--far`): no zram rows, no RAM-budget
+    /// rows.
+    #[arg(long, requires = "far")]
+    pub far_only: bool,
+
     /// Internal: run one side of the RAM-budget rows (a JSON plan).
     #[arg(long, hide = true, value_name = "PLAN")]
     pub kv_child: Option<String>,
+}
+
+fn parse_far(s: &str) -> Result<FarAddress, String> {
+    FarAddress::parse(s).map_err(|e| e.to_string())
 }
 
 /// What one side measured on one data set, over its timed runs.
@@ -125,7 +141,8 @@ struct TierResults {
     store: String,
     zram: String,
     rows: Vec<Row>,
-    kv: super::kv::KvResults,
+    kv: Option<super::kv::KvResults>,
+    far: Vec<super::far::FarRow>,
     met: usize,
     total: usize,
 }
@@ -151,34 +168,42 @@ pub fn run(args: &TierArgs) -> Result<(), String> {
     println!("uhmm bench tier{}", if args.quick { " (quick)" } else { "" });
     println!("  machine: {}", machine.describe());
     println!("  {} a data set, {} timed runs a side after 1 warm-up; store: {store}", human(len), args.runs);
-    progress("building the data sets");
-    let sets = datasets::all(len)?;
-    let zram = super::zram::Zram::setup(len * 2, Some("lz4"))
-        .map_err(|e| format!("the zram baseline cannot be set up: {e}"))?;
-    let zram_what = format!("/dev/zram ({}), swap at the highest priority, removed afterwards", zram.algorithm());
-    println!("  kernel: {zram_what}");
     let mut rows = Vec::new();
-    for set in &sets {
-        progress(&format!("{}: zram and uhmm, alternating", set.name));
-        let (mut k, mut u) = (Probe::default(), Probe::default());
-        for run in 0..=args.runs as usize {
-            let timed = run > 0;
-            kernel_run(&zram, set, touches, timed, &mut k)?;
-            uhmm_run(&config, args.handler_threads, set, touches, timed, &mut u)?;
+    let mut kv = None;
+    let mut zram_what = String::from("not measured (--far-only)");
+    if !args.far_only {
+        progress("building the data sets");
+        let sets = datasets::all(len)?;
+        let zram = super::zram::Zram::setup(len * 2, Some("lz4"))
+            .map_err(|e| format!("the zram baseline cannot be set up: {e}"))?;
+        zram_what = format!("/dev/zram ({}), swap at the highest priority, removed afterwards", zram.algorithm());
+        println!("  kernel: {zram_what}");
+        for set in &sets {
+            progress(&format!("{}: zram and uhmm, alternating", set.name));
+            let (mut k, mut u) = (Probe::default(), Probe::default());
+            for run in 0..=args.runs as usize {
+                let timed = run > 0;
+                kernel_run(&zram, set, touches, timed, &mut k)?;
+                uhmm_run(&config, args.handler_threads, set, touches, timed, &mut u)?;
+            }
+            let row = Row { data: set.name, targets: Vec::new(), zram: k.side(), uhmm: u.side() };
+            rows.push(Row { targets: targets(&row), ..row });
         }
-        let row = Row { data: set.name, targets: Vec::new(), zram: k.side(), uhmm: u.side() };
-        rows.push(Row { targets: targets(&row), ..row });
+        drop(zram);
+        kv = Some(super::kv::run(&super::kv::KvOptions {
+            table_bytes: args.kv_size.unwrap_or(if args.quick { 64 << 20 } else { 2 << 30 }),
+            quick: args.quick,
+            seconds: args.kv_seconds,
+            runs: args.runs,
+            handler_threads: args.handler_threads,
+        })?);
     }
-    drop(zram);
-    let kv = super::kv::run(&super::kv::KvOptions {
-        table_bytes: args.kv_size.unwrap_or(if args.quick { 64 << 20 } else { 2 << 30 }),
-        quick: args.quick,
-        seconds: args.kv_seconds,
-        runs: args.runs,
-        handler_threads: args.handler_threads,
-    })?;
-    let all = || rows.iter().flat_map(|r| &r.targets).chain(kv.rows.iter().flat_map(|r| &r.1));
-    let (met, total) = (all().filter(|t| t.met == Some(true)).count(), all().count());
+    let far = args.far.iter().map(|a| super::far::run(a, len, args.runs, touches)).collect::<Result<Vec<_>, _>>()?;
+    let all = || {
+        let kv_targets = kv.iter().flat_map(|kv| kv.rows.iter().flat_map(|r| &r.1));
+        rows.iter().flat_map(|r| &r.targets).chain(kv_targets).chain(far.iter().flat_map(|f| &f.targets))
+    };
+    let (met, total) = (all().filter(|t| t.met == Some(true)).count(), all().filter(|t| t.met.is_some()).count());
     let results = TierResults {
         command,
         machine,
@@ -188,6 +213,7 @@ pub fn run(args: &TierArgs) -> Result<(), String> {
         zram: zram_what,
         rows,
         kv,
+        far,
         met,
         total,
     };
@@ -286,7 +312,7 @@ impl Probe {
 }
 
 /// The pages touched at random (the same for both sides): a seeded shuffle.
-fn random_pages(npages: usize, n: usize) -> Vec<usize> {
+pub(super) fn random_pages(npages: usize, n: usize) -> Vec<usize> {
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     (0..n)
         .map(|_| {
@@ -299,7 +325,7 @@ fn random_pages(npages: usize, n: usize) -> Vec<usize> {
 }
 
 /// Touches `len` bytes through `read` in 4 MiB pieces; the time taken.
-fn scan(len: usize, mut read: impl FnMut(usize, &mut [u8]) -> Result<(), String>) -> Result<Duration, String> {
+pub(super) fn scan(len: usize, mut read: impl FnMut(usize, &mut [u8]) -> Result<(), String>) -> Result<Duration, String> {
     let mut buf = vec![0u8; (4 << 20).min(len)];
     let t = Instant::now();
     let mut off = 0;
@@ -312,7 +338,7 @@ fn scan(len: usize, mut read: impl FnMut(usize, &mut [u8]) -> Result<(), String>
 }
 
 /// Touches one byte of each page of `pages` through `read`, each timed (ns).
-fn touch(
+pub(super) fn touch(
     pages: &[usize],
     mut read: impl FnMut(usize, &mut [u8]) -> Result<(), String>,
 ) -> Result<hdrhistogram::Histogram<u64>, String> {
@@ -455,25 +481,40 @@ fn markdown(r: &TierResults) -> String {
             mem(&row.uhmm)
         ));
     }
-    for (data, targets) in &r.kv.rows {
-        for t in targets {
-            let ratio = t.ratio.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
-            let met = match t.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "–",
-            };
-            s.push_str(&format!("| {data} | {} | {ratio} | {} | {met} | {} |\n", t.name, t.bound, t.detail));
+    let target_line = |s: &mut String, data: &str, t: &Target| {
+        let ratio = t.ratio.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
+        let met = match t.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "–",
+        };
+        s.push_str(&format!("| {data} | {} | {ratio} | {} | {met} | {} |\n", t.name, t.bound, t.detail));
+    };
+    if let Some(kv) = &r.kv {
+        for (data, targets) in &kv.rows {
+            for t in targets {
+                target_line(&mut s, data, t);
+            }
         }
     }
-    s.push_str(&format!(
-        "\nRAM-budget rows (kv): a {} hash table of 128-byte records (load 0.7), budget {}; scrambled Zipf keys \
-         (theta 0.99), 90% lookups / 10% updates, every record checked. Kernel: {}. uhmm: a region under the \
-         RAM-budget tier over the compressed store.\n",
-        human(r.kv.table_bytes),
-        human(r.kv.budget_bytes),
-        r.kv.kernel_setup
-    ));
+    for f in &r.far {
+        for t in &f.targets {
+            target_line(&mut s, &f.store, t);
+        }
+    }
+    if let Some(kv) = &r.kv {
+        s.push_str(&format!(
+            "\nRAM-budget rows (kv): a {} hash table of 128-byte records (load 0.7), budget {}; scrambled Zipf keys \
+             (theta 0.99), 90% lookups / 10% updates, every record checked. Kernel: {}. uhmm: a region under the \
+             RAM-budget tier over the compressed store.\n",
+            human(kv.table_bytes),
+            human(kv.budget_bytes),
+            kv.kernel_setup
+        ));
+    }
+    for f in &r.far {
+        s.push_str(&format!("\nFar store {}: random bytes, sealed; baseline: {}.\n", f.store, f.baseline));
+    }
     s.push_str(&format!("\n{} of {} targets met. Rerun: `{}`\n", r.met, r.total, r.command));
     s
 }

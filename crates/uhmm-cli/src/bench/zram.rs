@@ -31,7 +31,7 @@ pub struct Zram {
 }
 
 /// Runs a tool, turning a failure into its stderr.
-fn tool(program: &str, args: &[&str]) -> Result<(), String> {
+pub(super) fn tool(program: &str, args: &[&str]) -> Result<(), String> {
     let out = Command::new(program).args(args).output().map_err(|e| format!("`{program}` could not run: {e}"))?;
     if out.status.success() {
         Ok(())

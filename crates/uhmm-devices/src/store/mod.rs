@@ -14,6 +14,8 @@ mod seal;
 pub use device::{DeviceCounters, Moved, StoreDevice, StoreDeviceConfig};
 pub use seal::{SealStats, SealedStore, random_id};
 
+use std::sync::Arc;
+
 use uhmm::Result;
 
 /// A run of neighbouring virtual pages handed to [`PageStore::put`].
@@ -106,4 +108,26 @@ pub trait PageStore: Send + Sync + std::fmt::Debug {
 
     /// What the store holds.
     fn usage(&self) -> StoreUsage;
+}
+
+/// A shared store is a store (a device and a wrapper may share one).
+impl<T: PageStore + ?Sized> PageStore for Arc<T> {
+    fn put(&self, runs: &[RunIn<'_>]) -> Result<Vec<bool>> {
+        (**self).put(runs)
+    }
+    fn zero_pages(&self, keys: &[u64], zero: &mut [bool]) {
+        (**self).zero_pages(keys, zero)
+    }
+    fn fault_pages(&self, key: u64) -> usize {
+        (**self).fault_pages(key)
+    }
+    fn get(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
+        (**self).get(runs)
+    }
+    fn delete(&self, keys: &[u64]) {
+        (**self).delete(keys)
+    }
+    fn usage(&self) -> StoreUsage {
+        (**self).usage()
+    }
 }
