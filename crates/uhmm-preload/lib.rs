@@ -483,18 +483,23 @@ pub unsafe extern "C" fn mremap(
     real::mremap(old, old_len, new_len, flags, new)
 }
 
-/// At exit: the report, where `uhmm run` asked for it
-/// (`UHMM_REPORT/PID.json`), from every process that made a runtime or
-/// failed to (a forked child's memory is its parent's to report).
+/// At exit: a far store's values are removed, and the report written where
+/// `uhmm run` asked for it (`UHMM_REPORT/PID.json`), from every process
+/// that made a runtime or failed to (a forked child's memory is its
+/// parent's to report).
 extern "C" fn at_exit() {
     let _ = hooked(|| {
-        let Some(dir) = SETTINGS.get().and_then(|s| s.report.clone()) else { return };
         let report = match RUNTIME.get() {
             None => return,
             Some(Ok(rt)) if rt.forked.load(Ordering::Relaxed) => return,
-            Some(Ok(rt)) => rt.report(),
+            Some(Ok(rt)) => {
+                let report = rt.report();
+                rt.close_store();
+                report
+            }
             Some(Err(e)) => Report { error: Some(e.clone()), ..Report::default() },
         };
+        let Some(dir) = SETTINGS.get().and_then(|s| s.report.clone()) else { return };
         let report = Report { pid: std::process::id(), ..report };
         if let Ok(json) = serde_json::to_vec(&report) {
             let _ = std::fs::write(dir.join(format!("{}.json", report.pid)), json);

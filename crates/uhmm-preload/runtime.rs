@@ -118,6 +118,9 @@ impl Runtime {
     /// Makes the address space, store, device and (with a budget) tier.
     pub(crate) fn new(settings: Settings) -> Result<Runtime, String> {
         let err = |what: &'static str| move |e: uhmm::Error| format!("{what}: {e}");
+        // The stores' worker threads are uhmm's own (`uhmm-…`): their
+        // allocations never come from the heap they may be moving.
+        let _ = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("uhmm-worker-{i}")).build_global();
         // Raw munmap and mremap calls on blocks are seen (`uhmm::foreign`).
         let config = uhmm::Config { non_cooperative: true, ..space_config() };
         let space = AddressSpace::new(config).map_err(err("address space"))?;
@@ -196,6 +199,14 @@ impl Runtime {
             tier_seconds: (tier.tracking_cpu + tier.reclaim_cpu).as_secs_f64(),
             seconds: self.started.elapsed().as_secs_f64(),
             ..Report::default()
+        }
+    }
+
+    /// At exit: removes what a far store holds outside the process (its
+    /// values on a server; they would otherwise wait for their expiry).
+    pub(crate) fn close_store(&self) {
+        if let Store::Far(far) = &self.store {
+            far.close();
         }
     }
 

@@ -6,6 +6,8 @@
 //! redis-server, redis-cli; a missing one fails the test.
 
 mod common;
+#[path = "../../uhmm-devices/tests/common/redis_server.rs"]
+mod redis_server;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -109,6 +111,26 @@ fn python_dict_and_bytearray_under_a_budget() {
     let (got, err, report) = under_uhmm(&["--ram-budget", "32M"], &argv, &dir);
     assert_eq!(got, want, "python3's output differs under uhmm run\n{err}");
     assert_tiered(&report, &err);
+}
+
+/// The same program with its cold pages on far stores (a private file in
+/// /var/tmp; a redis-server the test starts): the same output, pages sent
+/// out and brought back, and no value left on the server after the exit.
+#[test]
+fn python_on_a_file_and_on_redis() {
+    redis_server::require_redis();
+    let server = redis_server::RedisServer::start(redis_server::ServerOpts::default());
+    let py = program("python3");
+    let argv = [py.as_str(), "-c", PYTHON_DICT_AND_BYTEARRAY];
+    let want = plain(&argv);
+    for device in ["file:/var/tmp".to_string(), server.url()] {
+        let dir = scratch("python-far");
+        let (got, err, report) = under_uhmm(&["--ram-budget", "32M", "--device", &device], &argv, &dir);
+        assert_eq!(got, want, "python3's output differs under uhmm run --device {device}\n{err}");
+        assert_tiered(&report, &err);
+        assert!(report["processes"][0]["device"].as_str().is_some_and(|d| d.starts_with(&device[..5])), "{report}");
+    }
+    assert_eq!(server.dbsize(), 0, "values were left on the server after python3 exited");
 }
 
 #[test]

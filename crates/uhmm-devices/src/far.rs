@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use uhmm::{Error, Result};
 
-use crate::file::{FileConfig, FileStats, FileStore};
+use crate::file::{FileConfig, FileLocation, FileStats, FileStore};
 use crate::remote::{RedisConfig, RedisStats, RedisStore};
 use crate::store::{PageStore, SealStats, SealedStore, StoreUsage, random_id};
 
@@ -47,7 +47,10 @@ impl FarAddress {
     /// a remote store are named under a new random namespace.
     pub fn open(&self) -> Result<FarStore> {
         let backend = match self {
-            FarAddress::File(path) => Backend::File(Arc::new(FileStore::new(FileConfig::at(path.clone()))?)),
+            FarAddress::File(path) => {
+                let config = FileConfig { location: FileLocation::from_path(path.clone()), ..FileConfig::default() };
+                Backend::File(Arc::new(FileStore::new(config)?))
+            }
             FarAddress::Redis(url) => {
                 let config = RedisConfig { namespace: random_id(8)?, ..RedisConfig::from_url(url)? };
                 Backend::Redis(Arc::new(RedisStore::new(config)?))
@@ -124,6 +127,16 @@ impl FarStore {
     /// The sealing's counters.
     pub fn seal_stats(&self) -> SealStats {
         self.sealed.stats()
+    }
+
+    /// Removes what the store holds outside the process now, for an owner
+    /// that is never dropped (a process at exit): a remote store's values.
+    /// A private file goes with the process anyway. Pages still on the
+    /// device are lost after it.
+    pub fn close(&self) {
+        if let Backend::Redis(s) = &self.backend {
+            s.remove_all();
+        }
     }
 
     /// The store's own counters.

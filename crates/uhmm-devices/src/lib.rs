@@ -17,12 +17,16 @@
 //!   process.
 //! - [`remote`]: remote stores: [`remote::RedisStore`], pages as grouped
 //!   values on a Redis server or Redis Cluster (pipelined, with expiry).
+//! - [`far`]: far stores by address (`file:PATH`, `redis://…`), opened
+//!   behind [`store::SealedStore`], so every page leaving the process is
+//!   encrypted and authenticated.
 //! - [`tier`]: a RAM budget over a store device: reclaim of the coldest
 //!   pages, access tracking, faults held at the budget.
 
 #![forbid(unsafe_code)]
 
 pub mod compress;
+pub mod far;
 pub mod file;
 mod range;
 pub mod remote;

@@ -193,6 +193,16 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Removes every value of this store's namespace now, as dropping it
+    /// does: for an owner that is never dropped (a process at exit). Pages
+    /// still on the device are lost after it. A forked child's copy removes
+    /// nothing (the values are its parent's).
+    pub fn remove_all(&self) {
+        if !self.shared.net.forked() {
+            self.shared.remove_all();
+        }
+    }
+
     /// The counters.
     pub fn stats(&self) -> RedisStats {
         let c = &self.shared.counters;
