@@ -1,7 +1,7 @@
-//! `uhmm demo`: fill a region, move it to a device (the sim device, or the
-//! compressed store), touch part of it back from the CPU, verify every byte.
-//! With `--ram-budget`, a [`Tier`] keeps the region's resident pages under a
-//! budget all along, demoting to the compressed store.
+//! `uhmm demo`: fill a region, move it to a device (the sim device, the
+//! compressed store, or a far store), touch part of it back from the CPU,
+//! verify every byte. With `--ram-budget`, a [`Tier`] keeps the region's
+//! resident pages under a budget all along, demoting to the store.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -74,7 +74,8 @@ pub struct DemoArgs {
 
     /// A store device (all but `sim`): run under a RAM budget (suffixes as
     /// for --size): a tier (`uhmm_devices::tier::Tier`) keeps the region's
-    /// resident pages under it, demoting the coldest to the store, and the faults of the fill and of the reads wait for room.
+    /// resident pages under it, demoting the coldest to the store, and the
+    /// faults of the fill and of the reads wait for room.
     /// The part the demo would migrate back explicitly (which no budget
     /// charges) is read back by faults instead. A live line shows resident
     /// bytes against the budget, pages demoted and promoted, the promotion

@@ -1,8 +1,8 @@
 //! `uhmm stress`: the integrity soak. Writer threads read and write random
 //! bytes of several regions, each keeping a shadow of the pages it owns, while
 //! migrator threads move random ranges between RAM and one or two devices
-//! (sim devices, or store devices over the compressed store; with fault
-//! injection), evict devices, and the fault path brings pages back. Every
+//! (sim devices, or store devices over the compressed store or a far store;
+//! with fault injection), evict devices, and the fault path brings pages back. Every
 //! byte is verified at checkpoints and at the end; a watchdog turns a hang
 //! into a report and exit status 3.
 //!
@@ -86,9 +86,11 @@ pub struct StressArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
     pub devices: u32,
 
-    /// The kind of device: `sim`, or `compress` (store devices over
-    /// compressed stores; device reads, writes and exclusive access, which a
-    /// store has not, become CPU reads).
+    /// The kind of device: `sim`, `compress` (store devices over compressed
+    /// stores), or a far store's address (`file:PATH`, `redis://HOST:PORT`,
+    /// …: store devices over sealed far stores, one namespace each). On a
+    /// store device, device reads, writes and exclusive access, which a
+    /// store has not, become CPU reads.
     #[arg(long, default_value = "sim", value_parser = parse_device)]
     pub device: DeviceKind,
 

@@ -89,3 +89,11 @@ fn a_bad_far_address_is_refused_before_anything_starts() {
         assert!(err.contains("--device"), "{err}");
     }
 }
+
+#[test]
+fn a_server_that_does_not_answer_is_an_error_at_once() {
+    // Port 1 on loopback: nothing listens there.
+    let (code, out, err) = run_uhmm(&["demo", "--size", "8M", "--device", "redis://127.0.0.1:1"]);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(err.contains("opening the far store") && err.contains("127.0.0.1:1"), "{err}");
+}

@@ -44,7 +44,8 @@ impl FarAddress {
     }
 
     /// Opens the store with its defaults, sealed under a new key; keys on
-    /// a remote store are named under a new random namespace.
+    /// a remote store are named under a new random namespace, and every
+    /// node must answer `PING` now.
     pub fn open(&self) -> Result<FarStore> {
         let backend = match self {
             FarAddress::File(path) => {
@@ -53,7 +54,11 @@ impl FarAddress {
             }
             FarAddress::Redis(url) => {
                 let config = RedisConfig { namespace: random_id(8)?, ..RedisConfig::from_url(url)? };
-                Backend::Redis(Arc::new(RedisStore::new(config)?))
+                let store = RedisStore::new(config)?;
+                // A server that does not answer now is an error now, not
+                // a device that keeps every page in RAM.
+                store.ping()?;
+                Backend::Redis(Arc::new(store))
             }
         };
         let inner: Arc<dyn PageStore> = match &backend {

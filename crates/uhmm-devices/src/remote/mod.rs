@@ -187,7 +187,10 @@ impl RedisStore {
             match net.on_node(&a, Role::Background, &[redis::cmd("PING")]) {
                 Ok(v) if !matches!(v.first(), Some(Value::ServerError(_)) | None) => {}
                 Ok(v) => return Err(Error::new(ErrorKind::Sys, format!("redis store: {a}: {v:?}"))),
-                Err(o) => return Err(Error::new(ErrorKind::Sys, format!("redis store: {a}: {o:?}"))),
+                Err(Outcome::Transient(e) | Outcome::Refused(e)) => {
+                    return Err(Error::new(ErrorKind::Sys, format!("redis store: {a}: {e}")));
+                }
+                Err(Outcome::Value(v)) => return Err(Error::new(ErrorKind::Sys, format!("redis store: {a}: {v:?}"))),
             }
         }
         Ok(())
