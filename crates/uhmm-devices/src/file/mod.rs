@@ -13,6 +13,7 @@
 //! short is reported lost, never filled with zeros or stale bytes.
 
 mod extent;
+mod readahead;
 
 use std::fs::File;
 use std::io;
@@ -26,6 +27,7 @@ use uhmm_sys::uring::{AlignedBuf, Op, Ring, run_blocking};
 
 use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage};
 use extent::{Extent, ExtentAllocator};
+use readahead::{Readahead, Want};
 
 /// The directory of a private file when none is named: on disk, unlike
 /// `/tmp` on many systems (a tmpfs in RAM would defeat the purpose).
@@ -33,6 +35,9 @@ pub const DEFAULT_DIR: &str = "/var/tmp";
 
 /// The most pages [`FileConfig::fault_pages`] may ask for.
 pub const MAX_FAULT_PAGES: usize = 512;
+
+/// The most pages [`FileConfig::readahead_pages`] may ask for (64 MiB).
+pub const MAX_READAHEAD_PAGES: usize = 16384;
 
 /// Aligned buffers of at most this many pages are kept for the next batch.
 const KEPT_BUF_PAGES: usize = 1024;
@@ -102,6 +107,10 @@ pub struct FileConfig {
     pub rings: usize,
     /// Submission entries of each ring: 1 to 4096. Default: 64.
     pub ring_entries: u32,
+    /// Pages read ahead of a sequential scan at most (the buffers' RAM),
+    /// by a thread of the store's own: 0 (off) to [`MAX_READAHEAD_PAGES`].
+    /// Default: 1024 (4 MiB).
+    pub readahead_pages: usize,
 }
 
 impl Default for FileConfig {
@@ -113,6 +122,7 @@ impl Default for FileConfig {
             fault_pages: 8,
             rings: 4,
             ring_entries: 64,
+            readahead_pages: 1024,
         }
     }
 }
@@ -132,6 +142,12 @@ impl FileConfig {
         }
         if self.rings > 0 && !(1..=4096).contains(&self.ring_entries) {
             return bad(format!("ring_entries ({}) must be within 1..=4096", self.ring_entries));
+        }
+        if self.readahead_pages > MAX_READAHEAD_PAGES {
+            return bad(format!(
+                "readahead_pages ({}) must be at most {MAX_READAHEAD_PAGES}",
+                self.readahead_pages
+            ));
         }
         match &self.location {
             FileLocation::PrivateIn(p) | FileLocation::Named(p) if p.as_os_str().is_empty() => {
@@ -175,6 +191,13 @@ pub struct FileStats {
     pub direct: bool,
     /// Reads and writes go through io_uring.
     pub uring: bool,
+    /// Pages read ahead of sequential scans.
+    pub readahead_pages_read: u64,
+    /// Pages of gets served from the readahead (counted in `pages_read`
+    /// too, not in `reads`).
+    pub readahead_hits: u64,
+    /// Bytes of RAM the readahead's buffers hold now.
+    pub readahead_buffer_bytes: u64,
 }
 
 /// A [`PageStore`] that keeps pages in a file (see the module docs).
@@ -216,6 +239,9 @@ pub struct FileStore {
     /// waits under it, so `delete` never waits for a read or a write.
     state: Mutex<State>,
     counters: Counters,
+    /// The readahead (none when `readahead_pages` is 0 or the file could
+    /// not be opened twice).
+    readahead: Option<Readahead>,
 }
 
 /// A file the user named, and whether the store created it (it removes
@@ -309,7 +335,18 @@ impl FileStore {
     fn with_file(config: FileConfig, opened: Opened, rings: Vec<Mutex<Ring>>) -> FileStore {
         let Opened { file, direct, named } = opened;
         let capacity = config.capacity_bytes / PAGE_SIZE as u64;
+        let readahead = match config.readahead_pages {
+            0 => None,
+            pages => match file.try_clone() {
+                Ok(f) => Some(Readahead::new(f, pages)),
+                Err(err) => {
+                    tracing::warn!(%err, "file store: no readahead");
+                    None
+                }
+            },
+        };
         FileStore {
+            readahead,
             config,
             file,
             named,
@@ -343,7 +380,11 @@ impl FileStore {
         let st = self.lock();
         let c = &self.counters;
         let page = PAGE_SIZE as u64;
+        let ra = self.readahead.as_ref().map(|r| r.stats()).unwrap_or_default();
         FileStats {
+            readahead_pages_read: ra.pages_read,
+            readahead_hits: ra.hits,
+            readahead_buffer_bytes: ra.buffer_bytes,
             pages: st.pages,
             zero_pages: st.zero_pages,
             used_bytes: st.space.used() * page,
@@ -587,20 +628,29 @@ impl PageStore for FileStore {
                 }
             }
         }
-        // The pages into an aligned buffer, one write per piece.
-        let npages: usize = pieces.iter().map(|p| p.pages).sum();
-        let mut buf = self.take_buf(npages);
-        let mut off = 0;
-        for p in &pieces {
-            let len = p.pages * PAGE_SIZE;
-            buf[off..off + len].copy_from_slice(&runs[p.run].data[p.page * PAGE_SIZE..][..len]);
-            off += len;
+        // One write per piece: straight from the run's pages where they
+        // are page-aligned (or the file is buffered), else from a copy in
+        // an aligned buffer.
+        let src = |p: &Piece| &runs[p.run].data[p.page * PAGE_SIZE..][..p.pages * PAGE_SIZE];
+        let as_is = |p: &Piece| !self.direct || (src(p).as_ptr() as usize).is_multiple_of(PAGE_SIZE);
+        let npages: usize = pieces.iter().filter(|p| !as_is(p)).map(|p| p.pages).sum();
+        let mut buf = (npages > 0).then(|| self.take_buf(npages));
+        if let Some(buf) = buf.as_mut() {
+            let mut off = 0;
+            for p in pieces.iter().filter(|p| !as_is(p)) {
+                let len = p.pages * PAGE_SIZE;
+                buf[off..off + len].copy_from_slice(src(p));
+                off += len;
+            }
         }
         let results = {
-            let mut rest: &[u8] = &buf[..npages * PAGE_SIZE];
+            let mut rest: &[u8] = buf.as_ref().map_or(&[][..], |b| &b[..npages * PAGE_SIZE]);
             let mut ops: Vec<Op<'_>> = pieces
                 .iter()
                 .map(|p| {
+                    if as_is(p) {
+                        return Op::Write { offset: p.offset(), buf: src(p) };
+                    }
                     let (b, tail) = rest.split_at(p.pages * PAGE_SIZE);
                     rest = tail;
                     Op::Write { offset: p.offset(), buf: b }
@@ -608,7 +658,9 @@ impl PageStore for FileStore {
                 .collect();
             self.io(&mut ops)
         };
-        self.give_buf(buf);
+        if let Some(buf) = buf {
+            self.give_buf(buf);
+        }
         // The pages written are stored; the slots of the others go back.
         let mut stored = vec![false; total];
         let (mut written, mut failed) = (0, 0);
@@ -667,7 +719,7 @@ impl PageStore for FileStore {
         let mut pieces: Vec<Piece> = Vec::new();
         let mut gens: Vec<u32> = Vec::new();
         let mut zeros: Vec<(usize, usize)> = Vec::new();
-        {
+        let (next_gen, end) = {
             let st = self.lock();
             for (r, run) in runs.iter().enumerate() {
                 for (p, &key) in run.keys.iter().enumerate() {
@@ -686,7 +738,8 @@ impl PageStore for FileStore {
                     }
                 }
             }
-        }
+            (st.next_gen, st.space.end())
+        };
         for &(r, p) in &zeros {
             runs[r].data[p * PAGE_SIZE..][..PAGE_SIZE].fill(0);
             runs[r].got[p] = Got::Filled;
@@ -694,23 +747,69 @@ impl PageStore for FileStore {
         if pieces.is_empty() {
             return Ok(());
         }
-        let results = self.read_pieces(runs, &pieces);
-        // A piece of several pages that failed is read again page by page:
-        // only the pages that cannot be read are lost (a file cut short
-        // loses the pages past its end, not their neighbours).
-        let mut page_results: Vec<std::result::Result<(), String>> = Vec::with_capacity(gens.len());
-        for (p, res) in pieces.iter().zip(&results) {
-            match res {
-                Ok(()) => page_results.extend((0..p.pages).map(|_| Ok(()))),
-                Err(e) if p.pages == 1 => page_results.push(Err(e.to_string())),
-                Err(_) => {
-                    let single: Vec<Piece> = (0..p.pages)
-                        .map(|k| Piece { run: p.run, page: p.page + k, pages: 1, slot: p.slot + k as u64 })
-                        .collect();
-                    let all: Vec<usize> = (0..single.len()).collect();
-                    let again = self.read_bounced(runs, &single, &all);
-                    self.counters.reads.fetch_add(single.len() as u64, Ordering::Relaxed);
-                    page_results.extend(again.into_iter().map(|r| r.map_err(|e| e.to_string())));
+        // Pages a readahead chunk holds are copied from it (the check below
+        // applies to them as to pages read); the rest are read.
+        let served = match &self.readahead {
+            Some(ra) => {
+                let mut pages: Vec<Vec<Option<&mut [u8]>>> =
+                    runs.iter_mut().map(|r| r.data.chunks_exact_mut(PAGE_SIZE).map(Some).collect()).collect();
+                let mut wants = Vec::with_capacity(gens.len());
+                let mut g = 0;
+                for p in &pieces {
+                    for k in 0..p.pages {
+                        let dst = pages[p.run][p.page + k].take().expect("each page once");
+                        wants.push(Want { slot: p.slot + k as u64, generation: gens[g], dst });
+                        g += 1;
+                    }
+                }
+                ra.serve(&mut wants, next_gen)
+            }
+            None => vec![false; gens.len()],
+        };
+        // The pieces to read: (piece, its first page's index among all).
+        let mut to_read: Vec<(Piece, usize)> = Vec::new();
+        {
+            let mut g = 0;
+            for p in &pieces {
+                for k in 0..p.pages {
+                    if !served[g] {
+                        match to_read.last_mut() {
+                            Some((x, _))
+                                if x.run == p.run
+                                    && x.page + x.pages == p.page + k
+                                    && x.slot + x.pages as u64 == p.slot + k as u64 =>
+                            {
+                                x.pages += 1
+                            }
+                            _ => to_read.push((Piece { page: p.page + k, pages: 1, slot: p.slot + k as u64, ..*p }, g)),
+                        }
+                    }
+                    g += 1;
+                }
+            }
+        }
+        let mut page_results: Vec<std::result::Result<(), String>> = vec![Ok(()); gens.len()];
+        if !to_read.is_empty() {
+            let read: Vec<Piece> = to_read.iter().map(|x| x.0).collect();
+            let results = self.read_pieces(runs, &read);
+            // A piece of several pages that failed is read again page by
+            // page: only the pages that cannot be read are lost (a file cut
+            // short loses the pages past its end, not their neighbours).
+            for (&(p, g0), res) in to_read.iter().zip(&results) {
+                match res {
+                    Ok(()) => {}
+                    Err(e) if p.pages == 1 => page_results[g0] = Err(e.to_string()),
+                    Err(_) => {
+                        let single: Vec<Piece> = (0..p.pages)
+                            .map(|k| Piece { run: p.run, page: p.page + k, pages: 1, slot: p.slot + k as u64 })
+                            .collect();
+                        let all: Vec<usize> = (0..single.len()).collect();
+                        let again = self.read_bounced(runs, &single, &all);
+                        self.counters.reads.fetch_add(single.len() as u64, Ordering::Relaxed);
+                        for (k, r) in again.into_iter().enumerate() {
+                            page_results[g0 + k] = r.map_err(|e| e.to_string());
+                        }
+                    }
                 }
             }
         }
@@ -747,8 +846,13 @@ impl PageStore for FileStore {
         }
         let c = &self.counters;
         c.pages_read.fetch_add(read, Ordering::Relaxed);
-        c.reads.fetch_add(pieces.len() as u64, Ordering::Relaxed);
+        c.reads.fetch_add(to_read.len() as u64, Ordering::Relaxed);
         c.lost_pages.fetch_add(lost, Ordering::Relaxed);
+        if let Some(ra) = &self.readahead {
+            let lo = pieces.iter().map(|p| p.slot).min().unwrap_or(0);
+            let hi = pieces.iter().map(|p| p.slot + p.pages as u64).max().unwrap_or(0);
+            ra.advance(lo, hi, end, next_gen);
+        }
         Ok(())
     }
 
