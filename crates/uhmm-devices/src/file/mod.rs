@@ -144,10 +144,7 @@ impl FileConfig {
             return bad(format!("ring_entries ({}) must be within 1..=4096", self.ring_entries));
         }
         if self.readahead_pages > MAX_READAHEAD_PAGES {
-            return bad(format!(
-                "readahead_pages ({}) must be at most {MAX_READAHEAD_PAGES}",
-                self.readahead_pages
-            ));
+            return bad(format!("readahead_pages ({}) must be at most {MAX_READAHEAD_PAGES}", self.readahead_pages));
         }
         match &self.location {
             FileLocation::PrivateIn(p) | FileLocation::Named(p) if p.as_os_str().is_empty() => {
@@ -1079,6 +1076,159 @@ mod tests {
             s.get(&mut [RunOut { keys: &[5], data: &mut space[off..off + PAGE_SIZE], got: &mut got }]).unwrap();
             assert_eq!(got, [Got::Filled]);
             assert!(space[off..off + PAGE_SIZE] == data[..]);
+        });
+    }
+
+    /// A page that names its key and version in every word.
+    fn tagged(key: u64, version: u64) -> Vec<u8> {
+        (0..PAGE_SIZE / 16).flat_map(|_| [key.to_le_bytes(), version.to_le_bytes()].concat()).collect()
+    }
+
+    /// Puts `keys` (one run, neighbours in the file) as `version`.
+    fn put_tagged(s: &FileStore, keys: std::ops::Range<u64>, version: u64) {
+        let k: Vec<u64> = keys.clone().collect();
+        let data: Vec<u8> = keys.flat_map(|key| tagged(key, version)).collect();
+        assert!(s.put(&[RunIn { vpn: k[0], keys: &k, data: &data }]).unwrap().iter().all(|&b| b));
+    }
+
+    /// Gets `keys` and checks each page is `version(key)` (or, for
+    /// `None`, that it is not filled).
+    fn check_tagged(s: &FileStore, keys: std::ops::Range<u64>, version: impl Fn(u64) -> Option<u64>) {
+        let k: Vec<u64> = keys.collect();
+        let (back, got) = get(s, &k);
+        for (i, &key) in k.iter().enumerate() {
+            match version(key) {
+                Some(v) => {
+                    assert_eq!(got[i], Got::Filled, "key {key}");
+                    assert!(back[i * PAGE_SIZE..][..PAGE_SIZE] == tagged(key, v)[..], "key {key}: not version {v}");
+                }
+                None => assert_ne!(got[i], Got::Filled, "key {key}"),
+            }
+        }
+    }
+
+    /// Waits (at most 30 s) until the readahead has read `pages` pages.
+    fn wait_read_ahead(s: &FileStore, pages: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while s.stats().readahead_pages_read < pages {
+            assert!(std::time::Instant::now() < deadline, "no readahead: {:?}", s.stats());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_sequential_scan_is_served_from_the_readahead_within_its_buffers() {
+        with_timeout(60, || {
+            for rings in [0, 2] {
+                let s = store(FileConfig { rings, readahead_pages: 256, ..FileConfig::default() });
+                put_tagged(&s, 0..2048, 1);
+                for w in (0..2048).step_by(64) {
+                    check_tagged(&s, w..w + 64, |_| Some(1));
+                    assert!(s.stats().readahead_buffer_bytes <= 2 * 256 * PAGE_SIZE as u64, "{:?}", s.stats());
+                }
+                let st = s.stats();
+                assert!(st.readahead_hits >= 1024, "a scan of 2048 pages read ahead: {st:?}");
+                assert!(st.reads < 32, "most windows did not read the disk: {st:?}");
+                assert_eq!(st.pages_read, 2048);
+                // Gets elsewhere (not a scan) read only what they ask.
+                let ahead = st.readahead_pages_read;
+                for w in [1500u64, 100, 900, 1800, 300] {
+                    check_tagged(&s, w..w + 8, |_| Some(1));
+                }
+                assert!(s.stats().readahead_pages_read <= ahead + 256, "{:?}", s.stats());
+            }
+            let off = store(FileConfig { readahead_pages: 0, ..FileConfig::default() });
+            put_tagged(&off, 0..512, 1);
+            for w in (0..512).step_by(64) {
+                check_tagged(&off, w..w + 64, |_| Some(1));
+            }
+            assert_eq!((off.stats().readahead_hits, off.stats().readahead_pages_read), (0, 0));
+        });
+    }
+
+    #[test]
+    fn a_slot_written_again_after_its_readahead_is_never_served_stale() {
+        with_timeout(60, || {
+            let s = store(FileConfig { readahead_pages: 1024, ..FileConfig::default() });
+            put_tagged(&s, 0..2048, 1);
+            // A scan starts: the readahead reads the slots ahead of it.
+            for w in (0..192).step_by(64) {
+                check_tagged(&s, w..w + 64, |_| Some(1));
+            }
+            wait_read_ahead(&s, 512);
+            // Keys of slots already read ahead are deleted and stored
+            // again (the same slots: the hole is reused), some as another
+            // version of the same key, some deleted only, some put under
+            // other keys.
+            let file = s.stats().file_bytes;
+            s.delete(&(300..400).collect::<Vec<_>>());
+            put_tagged(&s, 300..350, 2);
+            put_tagged(&s, 5000..5050, 3);
+            assert_eq!(s.stats().file_bytes, file, "the freed slots were reused");
+            let version = |k: u64| match k {
+                300..350 => Some(2),
+                350..400 => None,
+                _ => Some(1),
+            };
+            for w in (192..1024).step_by(64) {
+                check_tagged(&s, w..w + 64, version);
+            }
+            check_tagged(&s, 5000..5050, |_| Some(3));
+            assert!(s.stats().readahead_hits > 0, "the scan used the readahead: {:?}", s.stats());
+        });
+    }
+
+    #[test]
+    fn deletes_and_puts_racing_scans_never_wait_and_never_serve_stale_pages() {
+        with_timeout(120, || {
+            let s = std::sync::Arc::new(store(FileConfig { readahead_pages: 512, ..FileConfig::default() }));
+            put_tagged(&s, 0..4096, 1);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // Each key only ever holds its own tag (version = key % 7), so
+            // a page from a slot's earlier owner never passes.
+            let scanners: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let (s, stop) = (s.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        let mut rounds = 0;
+                        while !stop.load(Ordering::SeqCst) || rounds < 2 {
+                            for w in (t * 64..4096).step_by(128) {
+                                let k: Vec<u64> = (w..w + 64).collect();
+                                let (back, got) = get(&s, &k);
+                                for (i, &key) in k.iter().enumerate() {
+                                    if got[i] == Got::Filled {
+                                        let v = if key < 4096 { 1 } else { key % 7 };
+                                        assert!(back[i * PAGE_SIZE..][..PAGE_SIZE] == tagged(key, v)[..], "key {key}");
+                                    }
+                                }
+                            }
+                            rounds += 1;
+                        }
+                    })
+                })
+                .collect();
+            let mut x = 77u64;
+            for round in 0..300u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = x % 4000;
+                let t = std::time::Instant::now();
+                s.delete(&(at..at + 32).collect::<Vec<_>>());
+                assert!(t.elapsed() < std::time::Duration::from_secs(5), "a delete waited");
+                // Other keys take the freed slots, with tags of their own.
+                let base = 10_000 + round * 32;
+                let keys: Vec<u64> = (base..base + 32).collect();
+                let data: Vec<u8> = keys.iter().flat_map(|&k| tagged(k, k % 7)).collect();
+                s.put(&[RunIn { vpn: base, keys: &keys, data: &data }]).unwrap();
+            }
+            stop.store(true, Ordering::SeqCst);
+            for t in scanners {
+                t.join().unwrap();
+            }
+            let st = s.stats();
+            assert_eq!(st.lost_pages, 0, "{st:?}");
+            assert!(st.readahead_hits > 0, "{st:?}");
         });
     }
 }

@@ -205,8 +205,7 @@ impl Readahead {
             st.streak = 0;
             st.frontier = hi;
             // Off the scan: chunks not in flight are of no more use.
-            let idle: Vec<usize> =
-                (0..st.chunks.len()).filter(|&i| st.chunks[i].read != ReadState::Reading).collect();
+            let idle: Vec<usize> = (0..st.chunks.len()).filter(|&i| st.chunks[i].read != ReadState::Reading).collect();
             for i in idle.into_iter().rev() {
                 let c = st.chunks.swap_remove(i);
                 self.recycle(&mut st, c);
@@ -219,7 +218,7 @@ impl Readahead {
             return;
         }
         // Chunks the scan left behind go.
-        let behind = lo.saturating_sub((self.max_chunks * self.chunk) as u64);
+        let behind = lo.saturating_sub(ahead);
         let stale: Vec<usize> = (0..st.chunks.len())
             .filter(|&i| st.chunks[i].end() <= behind && st.chunks[i].read != ReadState::Reading)
             .collect();
@@ -227,12 +226,13 @@ impl Readahead {
             let c = st.chunks.swap_remove(i);
             self.recycle(&mut st, c);
         }
+        // The next chunks follow those queued, from the scan's frontier on.
         let chunk = self.chunk as u64;
-        let mut start = st.frontier / chunk * chunk;
-        let limit = st.frontier + (self.max_chunks * self.chunk) as u64;
+        let mut start = st.chunks.iter().map(Chunk::end).max().map_or(st.frontier, |e| e.max(st.frontier));
+        let limit = st.frontier + ahead;
         let mut queued = false;
         while start < end.min(limit) && st.chunks.len() < self.max_chunks {
-            if !st.chunks.iter().any(|c| c.start == start) {
+            {
                 let pages = (end - start).min(chunk) as usize;
                 let buf = self.take_buf(&mut st);
                 let id = st.next_id;
@@ -317,15 +317,10 @@ fn reader(shared: &Shared, max_chunks: usize) {
         if st.shutdown {
             return;
         }
-        let next = st
-            .chunks
-            .iter_mut()
-            .filter(|c| c.read == ReadState::Queued)
-            .min_by_key(|c| c.start)
-            .map(|c| {
-                c.read = ReadState::Reading;
-                (c.id, c.start, c.pages, c.buf.take().expect("a queued chunk holds its buffer"))
-            });
+        let next = st.chunks.iter_mut().filter(|c| c.read == ReadState::Queued).min_by_key(|c| c.start).map(|c| {
+            c.read = ReadState::Reading;
+            (c.id, c.start, c.pages, c.buf.take().expect("a queued chunk holds its buffer"))
+        });
         let Some((id, start, pages, mut buf)) = next else {
             st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             continue;
