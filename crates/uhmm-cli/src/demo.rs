@@ -300,8 +300,9 @@ impl<'a> Demo<'a> {
                 let dev = StoreDevice::new(&space, store.clone(), config).map_err(at("creating the store device"))?;
                 Device::Compress(Arc::new(dev), store)
             }
-            DeviceKind::Far(address) => Device::far(&space, address, args.chunk_pages as usize)
-                .map_err(at("opening the far store"))?,
+            DeviceKind::Far(address) => {
+                Device::far(&space, address, args.chunk_pages as usize).map_err(at("opening the far store"))?
+            }
         };
         let region = space.map(size, Prot::READ_WRITE).map_err(at("mapping the region"))?;
         let tier = match (args.ram_budget, dev.store_device()) {

@@ -255,7 +255,10 @@ fn run_inner(args: &RunArgs) -> Result<ExitCode, String> {
     }
     let (program, rest) = args.command.split_first().ok_or("no program given")?;
     let mut cmd = Command::new(program);
-    cmd.args(rest).env("LD_PRELOAD", preload).env("UHMM_MIN_SIZE", args.min_size.to_string()).env("UHMM_REPORT", &dir)
+    cmd.args(rest)
+        .env("LD_PRELOAD", preload)
+        .env("UHMM_MIN_SIZE", args.min_size.to_string())
+        .env("UHMM_REPORT", &dir)
         .env("UHMM_DEVICE", &args.device);
     match args.ram_budget {
         Some(b) => cmd.env("UHMM_RAM_BUDGET", b.to_string()),

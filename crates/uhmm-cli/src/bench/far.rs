@@ -80,7 +80,11 @@ pub fn run(address: &FarAddress, len: usize, runs: u32, touches: usize) -> Resul
                         1.0,
                         format!("{us:.2} / {ks:.2} GB/s"),
                     ),
-                    Target::info("random fault p50, uhmm / kernel swap file", Some(up / kp), format!("{up:.1} / {kp:.1} µs")),
+                    Target::info(
+                        "random fault p50, uhmm / kernel swap file",
+                        Some(up / kp),
+                        format!("{up:.1} / {kp:.1} µs"),
+                    ),
                 ],
                 out_gbs: (u.out, k.out),
                 scan_gbs: (u.scan, k.scan),
@@ -293,7 +297,8 @@ fn redis_run(url: &str, bytes: &[u8], value: usize, pages: &[usize], timed: bool
     let mut h = histogram();
     for &p in pages {
         let t = Instant::now();
-        let v: Vec<u8> = redis::cmd("GET").arg(format!("{prefix}:{}", p * PAGE_SIZE / value)).query(&mut con).map_err(e)?;
+        let v: Vec<u8> =
+            redis::cmd("GET").arg(format!("{prefix}:{}", p * PAGE_SIZE / value)).query(&mut con).map_err(e)?;
         let _ = h.record(t.elapsed().as_nanos().max(1) as u64);
         std::hint::black_box(v);
     }

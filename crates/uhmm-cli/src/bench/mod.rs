@@ -9,10 +9,10 @@
 mod baselines;
 mod cases;
 mod datasets;
+mod far;
 mod kv;
 mod programs;
 mod report;
-mod far;
 mod tier;
 mod zram;
 

@@ -325,7 +325,10 @@ pub(super) fn random_pages(npages: usize, n: usize) -> Vec<usize> {
 }
 
 /// Touches `len` bytes through `read` in 4 MiB pieces; the time taken.
-pub(super) fn scan(len: usize, mut read: impl FnMut(usize, &mut [u8]) -> Result<(), String>) -> Result<Duration, String> {
+pub(super) fn scan(
+    len: usize,
+    mut read: impl FnMut(usize, &mut [u8]) -> Result<(), String>,
+) -> Result<Duration, String> {
     let mut buf = vec![0u8; (4 << 20).min(len)];
     let t = Instant::now();
     let mut off = 0;

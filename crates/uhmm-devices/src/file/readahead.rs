@@ -160,8 +160,7 @@ impl Readahead {
             return served;
         }
         for (i, w) in wants.iter_mut().enumerate() {
-            loop {
-                let Some(c) = st.chunks.iter_mut().find(|c| c.start <= w.slot && w.slot < c.end()) else { break };
+            while let Some(c) = st.chunks.iter_mut().find(|c| c.start <= w.slot && w.slot < c.end()) {
                 match c.read {
                     ReadState::Queued | ReadState::Reading => {
                         st = self.shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
