@@ -77,7 +77,8 @@ struct Chunk {
     /// The store's next generation when the read was queued: pages stored
     /// with an older one were on the disk before the read.
     issued_gen: u32,
-    /// `None` while the thread reads into it.
+    /// The pages read: `None` until the read is done (the thread takes a
+    /// buffer when it starts the read).
     buf: Option<AlignedBuf>,
     read: ReadState,
     served: usize,
@@ -233,7 +234,6 @@ impl Readahead {
         while start < end.min(limit) && st.chunks.len() < self.max_chunks {
             {
                 let pages = (end - start).min(chunk) as usize;
-                let buf = self.take_buf(&mut st);
                 let id = st.next_id;
                 st.next_id += 1;
                 st.chunks.push(Chunk {
@@ -241,7 +241,7 @@ impl Readahead {
                     start,
                     pages,
                     issued_gen: next_gen,
-                    buf: Some(buf),
+                    buf: None,
                     read: ReadState::Queued,
                     served: 0,
                 });
@@ -254,13 +254,6 @@ impl Readahead {
             self.start_thread();
             self.shared.changed.notify_all();
         }
-    }
-
-    fn take_buf(&self, st: &mut RaState) -> AlignedBuf {
-        st.spare.pop().unwrap_or_else(|| {
-            self.shared.buffer_bytes.fetch_add((self.chunk * PAGE_SIZE) as u64, Ordering::Relaxed);
-            AlignedBuf::zeroed(self.chunk)
-        })
     }
 
     /// Keeps the buffer of `c` for the next chunk (a chunk in flight keeps
@@ -279,8 +272,10 @@ impl Readahead {
             return;
         }
         let shared = self.shared.clone();
-        let max_chunks = self.max_chunks;
-        match std::thread::Builder::new().name("uhmm-file-ra".into()).spawn(move || reader(&shared, max_chunks)) {
+        let (max_chunks, chunk) = (self.max_chunks, self.chunk);
+        let spawned =
+            std::thread::Builder::new().name("uhmm-file-ra".into()).spawn(move || reader(&shared, max_chunks, chunk));
+        match spawned {
             Ok(handle) => *t = Some(handle),
             Err(err) => {
                 // No thread: drop the chunks, gets read the disk.
@@ -309,8 +304,10 @@ impl Shared {
     }
 }
 
-/// The readahead thread: reads queued chunks, lowest first.
-fn reader(shared: &Shared, max_chunks: usize) {
+/// The readahead thread: reads queued chunks, lowest first, into buffers
+/// it allocates itself (a thread named `uhmm-…`: the preloaded library
+/// never hands it memory of the program's heap, which uhmm may move).
+fn reader(shared: &Shared, max_chunks: usize, chunk: usize) {
     let mut st = shared.lock();
     loop {
         if st.shutdown {
@@ -318,13 +315,18 @@ fn reader(shared: &Shared, max_chunks: usize) {
         }
         let next = st.chunks.iter_mut().filter(|c| c.read == ReadState::Queued).min_by_key(|c| c.start).map(|c| {
             c.read = ReadState::Reading;
-            (c.id, c.start, c.pages, c.buf.take().expect("a queued chunk holds its buffer"))
+            (c.id, c.start, c.pages)
         });
-        let Some((id, start, pages, mut buf)) = next else {
+        let Some((id, start, pages)) = next else {
             st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
             continue;
         };
+        let spare = st.spare.pop();
         drop(st);
+        let mut buf = spare.unwrap_or_else(|| {
+            shared.buffer_bytes.fetch_add((chunk * PAGE_SIZE) as u64, Ordering::Relaxed);
+            AlignedBuf::zeroed(chunk)
+        });
         let res = {
             let mut ops = [Op::Read { offset: start * PAGE_SIZE as u64, buf: &mut buf[..pages * PAGE_SIZE] }];
             run_blocking(shared.file.as_fd(), &mut ops).pop().expect("one op")
