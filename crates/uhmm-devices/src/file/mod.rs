@@ -13,6 +13,7 @@
 //! short is reported lost, never filled with zeros or stale bytes.
 
 mod extent;
+mod readahead;
 
 use std::fs::File;
 use std::io;
@@ -26,6 +27,7 @@ use uhmm_sys::uring::{AlignedBuf, Op, Ring, run_blocking};
 
 use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage};
 use extent::{Extent, ExtentAllocator};
+use readahead::{Readahead, Want};
 
 /// The directory of a private file when none is named: on disk, unlike
 /// `/tmp` on many systems (a tmpfs in RAM would defeat the purpose).
@@ -33,6 +35,9 @@ pub const DEFAULT_DIR: &str = "/var/tmp";
 
 /// The most pages [`FileConfig::fault_pages`] may ask for.
 pub const MAX_FAULT_PAGES: usize = 512;
+
+/// The most pages [`FileConfig::readahead_pages`] may ask for (64 MiB).
+pub const MAX_READAHEAD_PAGES: usize = 16384;
 
 /// Aligned buffers of at most this many pages are kept for the next batch.
 const KEPT_BUF_PAGES: usize = 1024;
@@ -102,6 +107,10 @@ pub struct FileConfig {
     pub rings: usize,
     /// Submission entries of each ring: 1 to 4096. Default: 64.
     pub ring_entries: u32,
+    /// Pages read ahead of a sequential scan at most (the buffers' RAM),
+    /// by a thread of the store's own: 0 (off) to [`MAX_READAHEAD_PAGES`].
+    /// Default: 1024 (4 MiB).
+    pub readahead_pages: usize,
 }
 
 impl Default for FileConfig {
@@ -113,6 +122,7 @@ impl Default for FileConfig {
             fault_pages: 8,
             rings: 4,
             ring_entries: 64,
+            readahead_pages: 1024,
         }
     }
 }
@@ -132,6 +142,9 @@ impl FileConfig {
         }
         if self.rings > 0 && !(1..=4096).contains(&self.ring_entries) {
             return bad(format!("ring_entries ({}) must be within 1..=4096", self.ring_entries));
+        }
+        if self.readahead_pages > MAX_READAHEAD_PAGES {
+            return bad(format!("readahead_pages ({}) must be at most {MAX_READAHEAD_PAGES}", self.readahead_pages));
         }
         match &self.location {
             FileLocation::PrivateIn(p) | FileLocation::Named(p) if p.as_os_str().is_empty() => {
@@ -175,6 +188,13 @@ pub struct FileStats {
     pub direct: bool,
     /// Reads and writes go through io_uring.
     pub uring: bool,
+    /// Pages read ahead of sequential scans.
+    pub readahead_pages_read: u64,
+    /// Pages of gets served from the readahead (counted in `pages_read`
+    /// too, not in `reads`).
+    pub readahead_hits: u64,
+    /// Bytes of RAM the readahead's buffers hold now.
+    pub readahead_buffer_bytes: u64,
 }
 
 /// A [`PageStore`] that keeps pages in a file (see the module docs).
@@ -216,6 +236,9 @@ pub struct FileStore {
     /// waits under it, so `delete` never waits for a read or a write.
     state: Mutex<State>,
     counters: Counters,
+    /// The readahead (none when `readahead_pages` is 0 or the file could
+    /// not be opened twice).
+    readahead: Option<Readahead>,
 }
 
 /// A file the user named, and whether the store created it (it removes
@@ -309,7 +332,18 @@ impl FileStore {
     fn with_file(config: FileConfig, opened: Opened, rings: Vec<Mutex<Ring>>) -> FileStore {
         let Opened { file, direct, named } = opened;
         let capacity = config.capacity_bytes / PAGE_SIZE as u64;
+        let readahead = match config.readahead_pages {
+            0 => None,
+            pages => match file.try_clone() {
+                Ok(f) => Some(Readahead::new(f, pages)),
+                Err(err) => {
+                    tracing::warn!(%err, "file store: no readahead");
+                    None
+                }
+            },
+        };
         FileStore {
+            readahead,
             config,
             file,
             named,
@@ -343,7 +377,11 @@ impl FileStore {
         let st = self.lock();
         let c = &self.counters;
         let page = PAGE_SIZE as u64;
+        let ra = self.readahead.as_ref().map(|r| r.stats()).unwrap_or_default();
         FileStats {
+            readahead_pages_read: ra.pages_read,
+            readahead_hits: ra.hits,
+            readahead_buffer_bytes: ra.buffer_bytes,
             pages: st.pages,
             zero_pages: st.zero_pages,
             used_bytes: st.space.used() * page,
@@ -587,20 +625,29 @@ impl PageStore for FileStore {
                 }
             }
         }
-        // The pages into an aligned buffer, one write per piece.
-        let npages: usize = pieces.iter().map(|p| p.pages).sum();
-        let mut buf = self.take_buf(npages);
-        let mut off = 0;
-        for p in &pieces {
-            let len = p.pages * PAGE_SIZE;
-            buf[off..off + len].copy_from_slice(&runs[p.run].data[p.page * PAGE_SIZE..][..len]);
-            off += len;
+        // One write per piece: straight from the run's pages where they
+        // are page-aligned (or the file is buffered), else from a copy in
+        // an aligned buffer.
+        let src = |p: &Piece| &runs[p.run].data[p.page * PAGE_SIZE..][..p.pages * PAGE_SIZE];
+        let as_is = |p: &Piece| !self.direct || (src(p).as_ptr() as usize).is_multiple_of(PAGE_SIZE);
+        let npages: usize = pieces.iter().filter(|p| !as_is(p)).map(|p| p.pages).sum();
+        let mut buf = (npages > 0).then(|| self.take_buf(npages));
+        if let Some(buf) = buf.as_mut() {
+            let mut off = 0;
+            for p in pieces.iter().filter(|p| !as_is(p)) {
+                let len = p.pages * PAGE_SIZE;
+                buf[off..off + len].copy_from_slice(src(p));
+                off += len;
+            }
         }
         let results = {
-            let mut rest: &[u8] = &buf[..npages * PAGE_SIZE];
+            let mut rest: &[u8] = buf.as_ref().map_or(&[][..], |b| &b[..npages * PAGE_SIZE]);
             let mut ops: Vec<Op<'_>> = pieces
                 .iter()
                 .map(|p| {
+                    if as_is(p) {
+                        return Op::Write { offset: p.offset(), buf: src(p) };
+                    }
                     let (b, tail) = rest.split_at(p.pages * PAGE_SIZE);
                     rest = tail;
                     Op::Write { offset: p.offset(), buf: b }
@@ -608,7 +655,9 @@ impl PageStore for FileStore {
                 .collect();
             self.io(&mut ops)
         };
-        self.give_buf(buf);
+        if let Some(buf) = buf {
+            self.give_buf(buf);
+        }
         // The pages written are stored; the slots of the others go back.
         let mut stored = vec![false; total];
         let (mut written, mut failed) = (0, 0);
@@ -667,7 +716,7 @@ impl PageStore for FileStore {
         let mut pieces: Vec<Piece> = Vec::new();
         let mut gens: Vec<u32> = Vec::new();
         let mut zeros: Vec<(usize, usize)> = Vec::new();
-        {
+        let (next_gen, end) = {
             let st = self.lock();
             for (r, run) in runs.iter().enumerate() {
                 for (p, &key) in run.keys.iter().enumerate() {
@@ -686,7 +735,8 @@ impl PageStore for FileStore {
                     }
                 }
             }
-        }
+            (st.next_gen, st.space.end())
+        };
         for &(r, p) in &zeros {
             runs[r].data[p * PAGE_SIZE..][..PAGE_SIZE].fill(0);
             runs[r].got[p] = Got::Filled;
@@ -694,23 +744,69 @@ impl PageStore for FileStore {
         if pieces.is_empty() {
             return Ok(());
         }
-        let results = self.read_pieces(runs, &pieces);
-        // A piece of several pages that failed is read again page by page:
-        // only the pages that cannot be read are lost (a file cut short
-        // loses the pages past its end, not their neighbours).
-        let mut page_results: Vec<std::result::Result<(), String>> = Vec::with_capacity(gens.len());
-        for (p, res) in pieces.iter().zip(&results) {
-            match res {
-                Ok(()) => page_results.extend((0..p.pages).map(|_| Ok(()))),
-                Err(e) if p.pages == 1 => page_results.push(Err(e.to_string())),
-                Err(_) => {
-                    let single: Vec<Piece> = (0..p.pages)
-                        .map(|k| Piece { run: p.run, page: p.page + k, pages: 1, slot: p.slot + k as u64 })
-                        .collect();
-                    let all: Vec<usize> = (0..single.len()).collect();
-                    let again = self.read_bounced(runs, &single, &all);
-                    self.counters.reads.fetch_add(single.len() as u64, Ordering::Relaxed);
-                    page_results.extend(again.into_iter().map(|r| r.map_err(|e| e.to_string())));
+        // Pages a readahead chunk holds are copied from it (the check below
+        // applies to them as to pages read); the rest are read.
+        let served = match &self.readahead {
+            Some(ra) => {
+                let mut pages: Vec<Vec<Option<&mut [u8]>>> =
+                    runs.iter_mut().map(|r| r.data.chunks_exact_mut(PAGE_SIZE).map(Some).collect()).collect();
+                let mut wants = Vec::with_capacity(gens.len());
+                let mut g = 0;
+                for p in &pieces {
+                    for k in 0..p.pages {
+                        let dst = pages[p.run][p.page + k].take().expect("each page once");
+                        wants.push(Want { slot: p.slot + k as u64, generation: gens[g], dst });
+                        g += 1;
+                    }
+                }
+                ra.serve(&mut wants, next_gen)
+            }
+            None => vec![false; gens.len()],
+        };
+        // The pieces to read: (piece, its first page's index among all).
+        let mut to_read: Vec<(Piece, usize)> = Vec::new();
+        {
+            let mut g = 0;
+            for p in &pieces {
+                for k in 0..p.pages {
+                    if !served[g] {
+                        match to_read.last_mut() {
+                            Some((x, _))
+                                if x.run == p.run
+                                    && x.page + x.pages == p.page + k
+                                    && x.slot + x.pages as u64 == p.slot + k as u64 =>
+                            {
+                                x.pages += 1
+                            }
+                            _ => to_read.push((Piece { page: p.page + k, pages: 1, slot: p.slot + k as u64, ..*p }, g)),
+                        }
+                    }
+                    g += 1;
+                }
+            }
+        }
+        let mut page_results: Vec<std::result::Result<(), String>> = vec![Ok(()); gens.len()];
+        if !to_read.is_empty() {
+            let read: Vec<Piece> = to_read.iter().map(|x| x.0).collect();
+            let results = self.read_pieces(runs, &read);
+            // A piece of several pages that failed is read again page by
+            // page: only the pages that cannot be read are lost (a file cut
+            // short loses the pages past its end, not their neighbours).
+            for (&(p, g0), res) in to_read.iter().zip(&results) {
+                match res {
+                    Ok(()) => {}
+                    Err(e) if p.pages == 1 => page_results[g0] = Err(e.to_string()),
+                    Err(_) => {
+                        let single: Vec<Piece> = (0..p.pages)
+                            .map(|k| Piece { run: p.run, page: p.page + k, pages: 1, slot: p.slot + k as u64 })
+                            .collect();
+                        let all: Vec<usize> = (0..single.len()).collect();
+                        let again = self.read_bounced(runs, &single, &all);
+                        self.counters.reads.fetch_add(single.len() as u64, Ordering::Relaxed);
+                        for (k, r) in again.into_iter().enumerate() {
+                            page_results[g0 + k] = r.map_err(|e| e.to_string());
+                        }
+                    }
                 }
             }
         }
@@ -747,8 +843,13 @@ impl PageStore for FileStore {
         }
         let c = &self.counters;
         c.pages_read.fetch_add(read, Ordering::Relaxed);
-        c.reads.fetch_add(pieces.len() as u64, Ordering::Relaxed);
+        c.reads.fetch_add(to_read.len() as u64, Ordering::Relaxed);
         c.lost_pages.fetch_add(lost, Ordering::Relaxed);
+        if let Some(ra) = &self.readahead {
+            let lo = pieces.iter().map(|p| p.slot).min().unwrap_or(0);
+            let hi = pieces.iter().map(|p| p.slot + p.pages as u64).max().unwrap_or(0);
+            ra.advance(lo, hi, end, next_gen);
+        }
         Ok(())
     }
 
@@ -975,6 +1076,159 @@ mod tests {
             s.get(&mut [RunOut { keys: &[5], data: &mut space[off..off + PAGE_SIZE], got: &mut got }]).unwrap();
             assert_eq!(got, [Got::Filled]);
             assert!(space[off..off + PAGE_SIZE] == data[..]);
+        });
+    }
+
+    /// A page that names its key and version in every word.
+    fn tagged(key: u64, version: u64) -> Vec<u8> {
+        (0..PAGE_SIZE / 16).flat_map(|_| [key.to_le_bytes(), version.to_le_bytes()].concat()).collect()
+    }
+
+    /// Puts `keys` (one run, neighbours in the file) as `version`.
+    fn put_tagged(s: &FileStore, keys: std::ops::Range<u64>, version: u64) {
+        let k: Vec<u64> = keys.clone().collect();
+        let data: Vec<u8> = keys.flat_map(|key| tagged(key, version)).collect();
+        assert!(s.put(&[RunIn { vpn: k[0], keys: &k, data: &data }]).unwrap().iter().all(|&b| b));
+    }
+
+    /// Gets `keys` and checks each page is `version(key)` (or, for
+    /// `None`, that it is not filled).
+    fn check_tagged(s: &FileStore, keys: std::ops::Range<u64>, version: impl Fn(u64) -> Option<u64>) {
+        let k: Vec<u64> = keys.collect();
+        let (back, got) = get(s, &k);
+        for (i, &key) in k.iter().enumerate() {
+            match version(key) {
+                Some(v) => {
+                    assert_eq!(got[i], Got::Filled, "key {key}");
+                    assert!(back[i * PAGE_SIZE..][..PAGE_SIZE] == tagged(key, v)[..], "key {key}: not version {v}");
+                }
+                None => assert_ne!(got[i], Got::Filled, "key {key}"),
+            }
+        }
+    }
+
+    /// Waits (at most 30 s) until the readahead has read `pages` pages.
+    fn wait_read_ahead(s: &FileStore, pages: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while s.stats().readahead_pages_read < pages {
+            assert!(std::time::Instant::now() < deadline, "no readahead: {:?}", s.stats());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_sequential_scan_is_served_from_the_readahead_within_its_buffers() {
+        with_timeout(60, || {
+            for rings in [0, 2] {
+                let s = store(FileConfig { rings, readahead_pages: 256, ..FileConfig::default() });
+                put_tagged(&s, 0..2048, 1);
+                for w in (0..2048).step_by(64) {
+                    check_tagged(&s, w..w + 64, |_| Some(1));
+                    assert!(s.stats().readahead_buffer_bytes <= 2 * 256 * PAGE_SIZE as u64, "{:?}", s.stats());
+                }
+                let st = s.stats();
+                assert!(st.readahead_hits >= 1024, "a scan of 2048 pages read ahead: {st:?}");
+                assert!(st.reads < 32, "most windows did not read the disk: {st:?}");
+                assert_eq!(st.pages_read, 2048);
+                // Gets elsewhere (not a scan) read only what they ask.
+                let ahead = st.readahead_pages_read;
+                for w in [1500u64, 100, 900, 1800, 300] {
+                    check_tagged(&s, w..w + 8, |_| Some(1));
+                }
+                assert!(s.stats().readahead_pages_read <= ahead + 256, "{:?}", s.stats());
+            }
+            let off = store(FileConfig { readahead_pages: 0, ..FileConfig::default() });
+            put_tagged(&off, 0..512, 1);
+            for w in (0..512).step_by(64) {
+                check_tagged(&off, w..w + 64, |_| Some(1));
+            }
+            assert_eq!((off.stats().readahead_hits, off.stats().readahead_pages_read), (0, 0));
+        });
+    }
+
+    #[test]
+    fn a_slot_written_again_after_its_readahead_is_never_served_stale() {
+        with_timeout(60, || {
+            let s = store(FileConfig { readahead_pages: 1024, ..FileConfig::default() });
+            put_tagged(&s, 0..2048, 1);
+            // A scan starts: the readahead reads the slots ahead of it.
+            for w in (0..192).step_by(64) {
+                check_tagged(&s, w..w + 64, |_| Some(1));
+            }
+            wait_read_ahead(&s, 512);
+            // Keys of slots already read ahead are deleted and stored
+            // again (the same slots: the hole is reused), some as another
+            // version of the same key, some deleted only, some put under
+            // other keys.
+            let file = s.stats().file_bytes;
+            s.delete(&(300..400).collect::<Vec<_>>());
+            put_tagged(&s, 300..350, 2);
+            put_tagged(&s, 5000..5050, 3);
+            assert_eq!(s.stats().file_bytes, file, "the freed slots were reused");
+            let version = |k: u64| match k {
+                300..350 => Some(2),
+                350..400 => None,
+                _ => Some(1),
+            };
+            for w in (192..1024).step_by(64) {
+                check_tagged(&s, w..w + 64, version);
+            }
+            check_tagged(&s, 5000..5050, |_| Some(3));
+            assert!(s.stats().readahead_hits > 0, "the scan used the readahead: {:?}", s.stats());
+        });
+    }
+
+    #[test]
+    fn deletes_and_puts_racing_scans_never_wait_and_never_serve_stale_pages() {
+        with_timeout(120, || {
+            let s = std::sync::Arc::new(store(FileConfig { readahead_pages: 512, ..FileConfig::default() }));
+            put_tagged(&s, 0..4096, 1);
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // Each key only ever holds its own tag (version = key % 7), so
+            // a page from a slot's earlier owner never passes.
+            let scanners: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let (s, stop) = (s.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        let mut rounds = 0;
+                        while !stop.load(Ordering::SeqCst) || rounds < 2 {
+                            for w in (t * 64..4096).step_by(128) {
+                                let k: Vec<u64> = (w..w + 64).collect();
+                                let (back, got) = get(&s, &k);
+                                for (i, &key) in k.iter().enumerate() {
+                                    if got[i] == Got::Filled {
+                                        let v = if key < 4096 { 1 } else { key % 7 };
+                                        assert!(back[i * PAGE_SIZE..][..PAGE_SIZE] == tagged(key, v)[..], "key {key}");
+                                    }
+                                }
+                            }
+                            rounds += 1;
+                        }
+                    })
+                })
+                .collect();
+            let mut x = 77u64;
+            for round in 0..300u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = x % 4000;
+                let t = std::time::Instant::now();
+                s.delete(&(at..at + 32).collect::<Vec<_>>());
+                assert!(t.elapsed() < std::time::Duration::from_secs(5), "a delete waited");
+                // Other keys take the freed slots, with tags of their own.
+                let base = 10_000 + round * 32;
+                let keys: Vec<u64> = (base..base + 32).collect();
+                let data: Vec<u8> = keys.iter().flat_map(|&k| tagged(k, k % 7)).collect();
+                s.put(&[RunIn { vpn: base, keys: &keys, data: &data }]).unwrap();
+            }
+            stop.store(true, Ordering::SeqCst);
+            for t in scanners {
+                t.join().unwrap();
+            }
+            let st = s.stats();
+            assert_eq!(st.lost_pages, 0, "{st:?}");
+            assert!(st.readahead_hits > 0, "{st:?}");
         });
     }
 }

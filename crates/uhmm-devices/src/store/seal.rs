@@ -18,12 +18,18 @@ use rayon::prelude::*;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, Tag, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result};
+use uhmm_sys::uring::AlignedBuf;
 
 use super::{Got, PageStore, RunIn, RunOut, StoreUsage};
 
 /// A batch of at least this many pages is sealed or opened on several
 /// threads.
 const PARALLEL_PAGES: usize = 64;
+
+/// Buffers of sealed pages of at most this many pages are kept for the
+/// next put, this many at most.
+const KEPT_BUF_PAGES: usize = 1024;
+const KEPT_BUFS: usize = 4;
 
 /// What the table knows of a key.
 #[derive(Debug, Clone, Copy, Default)]
@@ -61,6 +67,8 @@ pub struct SealedStore<S> {
     next_version: AtomicU64,
     /// By key.
     seals: Mutex<Vec<Seal>>,
+    /// Buffers of sealed pages kept for the next put.
+    bufs: Mutex<Vec<AlignedBuf>>,
     sealed: AtomicU64,
     opened: AtomicU64,
     zero_pages: AtomicU64,
@@ -95,6 +103,7 @@ impl<S: PageStore> SealedStore<S> {
             key: Key(LessSafeKey::new(key)),
             next_version: AtomicU64::new(1),
             seals: Mutex::default(),
+            bufs: Mutex::default(),
             sealed: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
@@ -114,6 +123,24 @@ impl<S: PageStore> SealedStore<S> {
             opened: self.opened.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             forged: self.forged.load(Ordering::Relaxed),
+        }
+    }
+
+    /// An aligned buffer of at least `npages` pages, kept from an earlier
+    /// put where one is.
+    fn take_buf(&self, npages: usize) -> AlignedBuf {
+        let kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut buf = kept.unwrap_or_else(|| AlignedBuf::zeroed(0));
+        buf.ensure(npages);
+        buf
+    }
+
+    fn give_buf(&self, buf: AlignedBuf) {
+        if buf.len() <= KEPT_BUF_PAGES * PAGE_SIZE {
+            let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+            if bufs.len() < KEPT_BUFS {
+                bufs.push(buf);
+            }
         }
     }
 
@@ -177,7 +204,10 @@ impl<S: PageStore> PageStore for SealedStore<S> {
             zero.extend(run.data.chunks_exact(PAGE_SIZE).map(is_zero));
         }
         let mut outs: Vec<Out> = Vec::new();
-        let mut buf = Vec::with_capacity((total - zero.iter().filter(|z| **z).count()) * PAGE_SIZE);
+        // The sealed pages go into a page-aligned buffer, which a store
+        // writing with O_DIRECT can write as it is.
+        let mut buf = self.take_buf(total - zero.iter().filter(|z| **z).count());
+        let mut filled = 0;
         let mut i = 0;
         for run in runs {
             let mut follows = false;
@@ -192,7 +222,8 @@ impl<S: PageStore> PageStore for SealedStore<S> {
                     let out = outs.last_mut().expect("pushed");
                     out.keys.push(key);
                     out.at.push(i);
-                    buf.extend_from_slice(page);
+                    buf[filled..filled + PAGE_SIZE].copy_from_slice(page);
+                    filled += PAGE_SIZE;
                 }
                 i += 1;
             }
@@ -204,7 +235,7 @@ impl<S: PageStore> PageStore for SealedStore<S> {
             *tag = self.seal(keys[k], first + k as u64, page)?;
             Ok(())
         };
-        let pages = buf.chunks_exact_mut(PAGE_SIZE).zip(tags.iter_mut());
+        let pages = buf[..filled].chunks_exact_mut(PAGE_SIZE).zip(tags.iter_mut());
         if keys.len() >= PARALLEL_PAGES {
             pages.collect::<Vec<_>>().into_par_iter().enumerate().try_for_each(seal_one)?;
         } else {
@@ -212,9 +243,9 @@ impl<S: PageStore> PageStore for SealedStore<S> {
         }
 
         let stored = if keys.is_empty() {
-            Vec::new()
+            Ok(Vec::new())
         } else {
-            let mut rest = &buf[..];
+            let mut rest = &buf[..filled];
             let ins: Vec<RunIn<'_>> = outs
                 .iter()
                 .map(|o| {
@@ -223,8 +254,10 @@ impl<S: PageStore> PageStore for SealedStore<S> {
                     RunIn { vpn: o.vpn, keys: &o.keys, data }
                 })
                 .collect();
-            self.inner.put(&ins)?
+            self.inner.put(&ins)
         };
+        self.give_buf(buf);
+        let stored = stored?;
 
         let mut answer = zero.clone();
         let mut seals = self.lock();
