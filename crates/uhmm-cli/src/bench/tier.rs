@@ -463,7 +463,7 @@ fn markdown(r: &TierResults) -> String {
         r.store,
         r.zram
     ));
-    s.push_str("| data | target | uhmm / zram | bound | met | numbers (uhmm / zram) |\n| --- | --- | --- | --- | --- | --- |\n");
+    s.push_str("| data | target | uhmm / baseline | bound | met | numbers (uhmm / baseline) |\n| --- | --- | --- | --- | --- | --- |\n");
     for row in &r.rows {
         for t in &row.targets {
             let ratio = t.ratio.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
