@@ -21,19 +21,6 @@ fn compressed(space: &AddressSpace, config: CompressConfig) -> (StoreDevice, Arc
     (dev, store)
 }
 
-/// xorshift64: deterministic noise.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Text: sentences of words drawn from a small vocabulary.
 fn text(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: &[&str] = &[

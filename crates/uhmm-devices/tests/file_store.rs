@@ -49,19 +49,6 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// xorshift64: deterministic noise.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Text: words drawn from a small vocabulary.
 fn text(seed: u64, len: usize) -> Vec<u8> {
     const WORDS: &[&str] = &["memory", "page", "the", "file", "store", "fault", "disk", "of", "a", "slot"];

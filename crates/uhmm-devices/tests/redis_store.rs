@@ -57,19 +57,6 @@ impl PageStore for CountPuts {
     }
 }
 
-/// xorshift64 noise.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// Page `p`'s content, by kind: words, zeros, noise, text; `None` for a
 /// hole (never written) when `holes`.
 fn page_content(p: usize, seed: u64, holes: bool) -> Option<Vec<u8>> {

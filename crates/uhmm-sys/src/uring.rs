@@ -324,6 +324,41 @@ impl AlignedBuf {
     }
 }
 
+/// [`AlignedBuf`]s kept for reuse, so that a batch does not allocate (and
+/// fault in) its buffer again: at most `max_bufs` of them, each of at most
+/// `max_pages` pages (a larger one is freed when given back).
+#[derive(Debug)]
+pub struct AlignedBufPool {
+    bufs: std::sync::Mutex<Vec<AlignedBuf>>,
+    max_bufs: usize,
+    max_pages: usize,
+}
+
+impl AlignedBufPool {
+    /// An empty pool.
+    pub fn new(max_bufs: usize, max_pages: usize) -> AlignedBufPool {
+        AlignedBufPool { bufs: std::sync::Mutex::default(), max_bufs, max_pages }
+    }
+
+    /// A buffer of at least `npages` pages: a kept one where there is one.
+    pub fn take(&self, npages: usize) -> AlignedBuf {
+        let kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut buf = kept.unwrap_or_else(|| AlignedBuf::zeroed(0));
+        buf.ensure(npages);
+        buf
+    }
+
+    /// Keeps `buf` for a later [`take`](Self::take), if there is room.
+    pub fn give(&self, buf: AlignedBuf) {
+        if buf.len() <= self.max_pages * PAGE_SIZE {
+            let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+            if bufs.len() < self.max_bufs {
+                bufs.push(buf);
+            }
+        }
+    }
+}
+
 impl std::ops::Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, TryLockError};
 
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result};
-use uhmm_sys::uring::{AlignedBuf, Op, Ring, run_blocking};
+use uhmm_sys::uring::{AlignedBufPool, Op, Ring, run_blocking};
 
 use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage};
 use extent::{Extent, ExtentAllocator};
@@ -231,7 +231,7 @@ pub struct FileStore {
     rings: Vec<Mutex<Ring>>,
     next_ring: AtomicUsize,
     /// Aligned buffers kept for the next batch.
-    bufs: Mutex<Vec<AlignedBuf>>,
+    bufs: AlignedBufPool,
     /// The tables, under one lock held for table updates only: no I/O
     /// waits under it, so `delete` never waits for a read or a write.
     state: Mutex<State>,
@@ -342,6 +342,7 @@ impl FileStore {
                 }
             },
         };
+        let kept_bufs = rings.len().max(1);
         FileStore {
             readahead,
             config,
@@ -350,7 +351,7 @@ impl FileStore {
             direct,
             rings,
             next_ring: AtomicUsize::new(0),
-            bufs: Mutex::default(),
+            bufs: AlignedBufPool::new(kept_bufs, KEPT_BUF_PAGES),
             state: Mutex::new(State {
                 entries: Vec::new(),
                 space: ExtentAllocator::new(capacity),
@@ -425,23 +426,6 @@ impl FileStore {
         run_blocking(self.file.as_fd(), ops)
     }
 
-    /// An aligned buffer of at least `npages` pages.
-    fn take_buf(&self, npages: usize) -> AlignedBuf {
-        let kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut buf = kept.unwrap_or_else(|| AlignedBuf::zeroed(0));
-        buf.ensure(npages);
-        buf
-    }
-
-    fn give_buf(&self, buf: AlignedBuf) {
-        if buf.len() <= KEPT_BUF_PAGES * PAGE_SIZE {
-            let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-            if bufs.len() < self.rings.len().max(1) {
-                bufs.push(buf);
-            }
-        }
-    }
-
     /// Reads `pieces` (sorted by run, then page) into the runs' pages:
     /// straight in when they may take it, else through an aligned buffer.
     fn read_pieces(&self, runs: &mut [RunOut<'_>], pieces: &[Piece]) -> Vec<io::Result<()>> {
@@ -483,7 +467,7 @@ impl FileStore {
     /// Reads pieces `which` through an aligned buffer, then copies them in.
     fn read_bounced(&self, runs: &mut [RunOut<'_>], pieces: &[Piece], which: &[usize]) -> Vec<io::Result<()>> {
         let total: usize = which.iter().map(|&i| pieces[i].pages).sum();
-        let mut buf = self.take_buf(total);
+        let mut buf = self.bufs.take(total);
         let results = {
             let mut rest: &mut [u8] = &mut buf[..total * PAGE_SIZE];
             let mut ops = Vec::with_capacity(which.len());
@@ -503,7 +487,7 @@ impl FileStore {
             }
             at += len;
         }
-        self.give_buf(buf);
+        self.bufs.give(buf);
         results
     }
 }
@@ -631,7 +615,7 @@ impl PageStore for FileStore {
         let src = |p: &Piece| &runs[p.run].data[p.page * PAGE_SIZE..][..p.pages * PAGE_SIZE];
         let as_is = |p: &Piece| !self.direct || (src(p).as_ptr() as usize).is_multiple_of(PAGE_SIZE);
         let npages: usize = pieces.iter().filter(|p| !as_is(p)).map(|p| p.pages).sum();
-        let mut buf = (npages > 0).then(|| self.take_buf(npages));
+        let mut buf = (npages > 0).then(|| self.bufs.take(npages));
         if let Some(buf) = buf.as_mut() {
             let mut off = 0;
             for p in pieces.iter().filter(|p| !as_is(p)) {
@@ -656,7 +640,7 @@ impl PageStore for FileStore {
             self.io(&mut ops)
         };
         if let Some(buf) = buf {
-            self.give_buf(buf);
+            self.bufs.give(buf);
         }
         // The pages written are stored; the slots of the others go back.
         let mut stored = vec![false; total];
@@ -892,6 +876,7 @@ impl Drop for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use uhmm_sys::uring::AlignedBuf;
 
     /// Runs `f` on a thread of its own; fails the test if it takes more than
     /// `secs` (tests that wait on I/O run under it).

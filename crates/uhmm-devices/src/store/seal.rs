@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, Tag, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result};
-use uhmm_sys::uring::AlignedBuf;
+use uhmm_sys::uring::AlignedBufPool;
 
 use super::{Got, PageStore, RunIn, RunOut, StoreUsage};
 
@@ -68,7 +68,7 @@ pub struct SealedStore<S> {
     /// By key.
     seals: Mutex<Vec<Seal>>,
     /// Buffers of sealed pages kept for the next put.
-    bufs: Mutex<Vec<AlignedBuf>>,
+    bufs: AlignedBufPool,
     sealed: AtomicU64,
     opened: AtomicU64,
     zero_pages: AtomicU64,
@@ -103,7 +103,7 @@ impl<S: PageStore> SealedStore<S> {
             key: Key(LessSafeKey::new(key)),
             next_version: AtomicU64::new(1),
             seals: Mutex::default(),
-            bufs: Mutex::default(),
+            bufs: AlignedBufPool::new(KEPT_BUFS, KEPT_BUF_PAGES),
             sealed: AtomicU64::new(0),
             opened: AtomicU64::new(0),
             zero_pages: AtomicU64::new(0),
@@ -123,24 +123,6 @@ impl<S: PageStore> SealedStore<S> {
             opened: self.opened.load(Ordering::Relaxed),
             zero_pages: self.zero_pages.load(Ordering::Relaxed),
             forged: self.forged.load(Ordering::Relaxed),
-        }
-    }
-
-    /// An aligned buffer of at least `npages` pages, kept from an earlier
-    /// put where one is.
-    fn take_buf(&self, npages: usize) -> AlignedBuf {
-        let kept = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let mut buf = kept.unwrap_or_else(|| AlignedBuf::zeroed(0));
-        buf.ensure(npages);
-        buf
-    }
-
-    fn give_buf(&self, buf: AlignedBuf) {
-        if buf.len() <= KEPT_BUF_PAGES * PAGE_SIZE {
-            let mut bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
-            if bufs.len() < KEPT_BUFS {
-                bufs.push(buf);
-            }
         }
     }
 
@@ -206,7 +188,7 @@ impl<S: PageStore> PageStore for SealedStore<S> {
         let mut outs: Vec<Out> = Vec::new();
         // The sealed pages go into a page-aligned buffer, which a store
         // writing with O_DIRECT can write as it is.
-        let mut buf = self.take_buf(total - zero.iter().filter(|z| **z).count());
+        let mut buf = self.bufs.take(total - zero.iter().filter(|z| **z).count());
         let mut filled = 0;
         let mut i = 0;
         for run in runs {
@@ -256,7 +238,7 @@ impl<S: PageStore> PageStore for SealedStore<S> {
                 .collect();
             self.inner.put(&ins)
         };
-        self.give_buf(buf);
+        self.bufs.give(buf);
         let stored = stored?;
 
         let mut answer = zero.clone();

@@ -197,3 +197,17 @@ pub fn writer_races_migrations(region: &std::sync::Arc<Region>, n: usize, mut mi
     }
     moved
 }
+
+/// `len` bytes of xorshift64 noise from `seed` (data that does not
+/// compress).
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
