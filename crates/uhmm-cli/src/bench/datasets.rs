@@ -63,7 +63,7 @@ fn repeat_to(src: &[u8], len: usize) -> Vec<u8> {
 }
 
 /// xorshift64 bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
+pub(super) fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(len);
     while out.len() < len {

@@ -48,7 +48,7 @@ pub struct FarRow {
 /// Measures the store at `address` with `len` bytes, `runs` timed runs a
 /// side after one warm-up, `touches` random touches a run.
 pub fn run(address: &FarAddress, len: usize, runs: u32, touches: usize) -> Result<FarRow, String> {
-    let bytes = random_bytes(len);
+    let bytes = super::datasets::noise(0x2545_f491_4f6c_dd1d, len);
     let pages = super::tier::random_pages(len / PAGE_SIZE, touches);
     let mut u = Sides::default();
     match address {
@@ -159,20 +159,6 @@ impl Sides {
     fn p50(&self) -> f64 {
         self.random.as_ref().map_or(f64::NAN, |h| h.value_at_quantile(0.5) as f64 / 1e3)
     }
-}
-
-/// Random bytes (xorshift), `len` of them.
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 /// A swap file, made swap with the highest priority; undone on drop.
