@@ -21,42 +21,6 @@ fn compressed(space: &AddressSpace, config: CompressConfig) -> (StoreDevice, Arc
     (dev, store)
 }
 
-/// Text: sentences of words drawn from a small vocabulary.
-fn text(seed: u64, len: usize) -> Vec<u8> {
-    const WORDS: &[&str] = &[
-        "memory",
-        "page",
-        "the",
-        "device",
-        "migrates",
-        "a",
-        "of",
-        "fault",
-        "kernel",
-        "and",
-        "to",
-        "compressed",
-        "store",
-        "range",
-        "in",
-        "user",
-        "space",
-        "heterogeneous",
-        "with",
-        "zram",
-    ];
-    let r = noise(seed, len);
-    let mut out = Vec::with_capacity(len + 16);
-    let mut k = 0;
-    while out.len() < len {
-        out.extend_from_slice(WORDS[r[k % len] as usize % WORDS.len()].as_bytes());
-        out.push(if r[(k + 1) % len].is_multiple_of(11) { b'\n' } else { b' ' });
-        k += 1;
-    }
-    out.truncate(len);
-    out
-}
-
 /// A heap image: 16-byte objects of a pointer, a small count and a tag.
 fn heap(seed: u64, len: usize) -> Vec<u8> {
     let r = noise(seed, len / 16 + 1);

@@ -49,21 +49,6 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Text: words drawn from a small vocabulary.
-fn text(seed: u64, len: usize) -> Vec<u8> {
-    const WORDS: &[&str] = &["memory", "page", "the", "file", "store", "fault", "disk", "of", "a", "slot"];
-    let r = noise(seed, len);
-    let mut out = Vec::with_capacity(len + 16);
-    let mut k = 0;
-    while out.len() < len {
-        out.extend_from_slice(WORDS[r[k % len] as usize % WORDS.len()].as_bytes());
-        out.push(b' ');
-        k += 1;
-    }
-    out.truncate(len);
-    out
-}
-
 /// Each page one word repeated, a different word per page.
 fn same_filled(len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 use uhmm::{Error, PAGE_SIZE, Result};
 
-use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage};
+use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage, check_runs_in, check_runs_out};
 use pool::{Handle, MAX_OBJECT, Pool};
 
 /// The largest group: its pages, compressed, must fit a pool object.
@@ -321,6 +321,7 @@ impl CompressStore {
 
     /// Fills the pages of `runs` on this thread (see [`PageStore::get`]).
     fn load(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
+        check_runs_out(runs)?;
         // Under the lock: what each page is, and a copy of each object's
         // compressed bytes (once per object, for its neighbouring pages).
         let mut fetches: Vec<Fetch> = Vec::new();
@@ -329,9 +330,6 @@ impl CompressStore {
         {
             let st = self.lock();
             for (r, run) in runs.iter().enumerate() {
-                if run.data.len() != run.keys.len() * PAGE_SIZE || run.got.len() != run.keys.len() {
-                    return Err(Error::invalid("a run's data is not one page per key"));
-                }
                 for (p, &key) in run.keys.iter().enumerate() {
                     match st.entries.get(key as usize).copied().unwrap_or(Entry::Empty) {
                         Entry::Empty => {}
@@ -503,13 +501,11 @@ impl State {
 
 impl PageStore for CompressStore {
     fn put(&self, runs: &[RunIn<'_>]) -> Result<Vec<bool>> {
+        check_runs_in(runs)?;
         // Units: aligned groups wholly inside a run, else single pages.
         let group = self.config.group_pages as u64;
         let mut units: Vec<(usize, usize, usize)> = Vec::new(); // (run, first page, pages)
         for (r, run) in runs.iter().enumerate() {
-            if run.data.len() != run.keys.len() * PAGE_SIZE {
-                return Err(Error::invalid("a run's data is not one page per key"));
-            }
             let n = run.keys.len();
             let mut p = 0;
             while p < n {

@@ -25,7 +25,7 @@ use std::sync::{Mutex, MutexGuard, TryLockError};
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result};
 use uhmm_sys::uring::{AlignedBufPool, Op, Ring, run_blocking};
 
-use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage};
+use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage, check_runs_in, check_runs_out};
 use extent::{Extent, ExtentAllocator};
 use readahead::{Readahead, Want};
 
@@ -569,9 +569,7 @@ impl State {
 
 impl PageStore for FileStore {
     fn put(&self, runs: &[RunIn<'_>]) -> Result<Vec<bool>> {
-        if runs.iter().any(|r| r.data.len() != r.keys.len() * PAGE_SIZE) {
-            return Err(Error::invalid("a run's data is not one page per key"));
-        }
+        check_runs_in(runs)?;
         let total: usize = runs.iter().map(|r| r.keys.len()).sum();
         let mut first_of_run = Vec::with_capacity(runs.len());
         // Zero pages (no slot), and the rest as (run, first page, pages).
@@ -692,9 +690,7 @@ impl PageStore for FileStore {
     }
 
     fn get(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
-        if runs.iter().any(|r| r.data.len() != r.keys.len() * PAGE_SIZE || r.got.len() != r.keys.len()) {
-            return Err(Error::invalid("a run's data is not one page per key"));
-        }
+        check_runs_out(runs)?;
         // What each key holds: pieces of neighbouring pages in consecutive
         // slots, with each page's generation.
         let mut pieces: Vec<Piece> = Vec::new();

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use redis::Value;
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result};
 
-use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage};
+use crate::store::{Got, PageStore, RunIn, RunOut, StoreUsage, check_runs_in, check_runs_out};
 use net::{Net, Op, Outcome, Role};
 
 /// Every value starts with this, then the page count (u32) and the group
@@ -405,6 +405,7 @@ struct Unit {
 
 impl PageStore for RedisStore {
     fn put(&self, runs: &[RunIn<'_>]) -> Result<Vec<bool>> {
+        check_runs_in(runs)?;
         let sh = &*self.shared;
         if sh.net.forked() {
             // A forked child's group numbers are its parent's too: it
@@ -414,9 +415,6 @@ impl PageStore for RedisStore {
         let g = sh.config.group_pages as u64;
         let mut units = Vec::new();
         for (r, run) in runs.iter().enumerate() {
-            if run.data.len() != run.keys.len() * PAGE_SIZE {
-                return Err(Error::invalid("a run's data is not one page per key"));
-            }
             let n = run.keys.len();
             let mut p = 0;
             while p < n {
@@ -542,14 +540,12 @@ impl PageStore for RedisStore {
     }
 
     fn get(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
+        check_runs_out(runs)?;
         let sh = &*self.shared;
         let mut wants: HashMap<u64, Wanted> = HashMap::new();
         {
             let st = sh.lock();
             for (r, run) in runs.iter().enumerate() {
-                if run.data.len() != run.keys.len() * PAGE_SIZE || run.got.len() != run.keys.len() {
-                    return Err(Error::invalid("a run's data is not one page per key"));
-                }
                 for (p, &key) in run.keys.iter().enumerate() {
                     let Some(&(g, index)) = st.entries.get(key as usize) else { continue };
                     let Some(group) = st.groups.get(&g) else { continue };

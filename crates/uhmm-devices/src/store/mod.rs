@@ -43,6 +43,24 @@ pub struct RunOut<'a> {
     pub got: &'a mut [Got],
 }
 
+/// Checks that every run of a [`PageStore::put`] holds one page of data
+/// per key (an invalid argument otherwise).
+pub fn check_runs_in(runs: &[RunIn<'_>]) -> Result<()> {
+    if runs.iter().any(|r| r.data.len() != r.keys.len() * uhmm::PAGE_SIZE) {
+        return Err(uhmm::Error::invalid("a run's data is not one page per key"));
+    }
+    Ok(())
+}
+
+/// Checks that every run of a [`PageStore::get`] holds one page of data
+/// and one [`Got`] per key (an invalid argument otherwise).
+pub fn check_runs_out(runs: &[RunOut<'_>]) -> Result<()> {
+    if runs.iter().any(|r| r.data.len() != r.keys.len() * uhmm::PAGE_SIZE || r.got.len() != r.keys.len()) {
+        return Err(uhmm::Error::invalid("a run's data is not one page per key"));
+    }
+    Ok(())
+}
+
 /// What [`PageStore::get`] did with one page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Got {

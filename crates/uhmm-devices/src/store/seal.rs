@@ -20,7 +20,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use uhmm::{Error, ErrorKind, PAGE_SIZE, Result};
 use uhmm_sys::uring::AlignedBufPool;
 
-use super::{Got, PageStore, RunIn, RunOut, StoreUsage};
+use super::{Got, PageStore, RunIn, RunOut, StoreUsage, check_runs_in, check_runs_out};
 
 /// A batch of at least this many pages is sealed or opened on several
 /// threads.
@@ -169,6 +169,7 @@ fn is_zero(page: &[u8]) -> bool {
 
 impl<S: PageStore> PageStore for SealedStore<S> {
     fn put(&self, runs: &[RunIn<'_>]) -> Result<Vec<bool>> {
+        check_runs_in(runs)?;
         // Each page: a page of zeros, or its sealed bytes in `buf`, split
         // into runs of neighbouring pages with data.
         struct Out {
@@ -180,9 +181,6 @@ impl<S: PageStore> PageStore for SealedStore<S> {
         let total: usize = runs.iter().map(|r| r.keys.len()).sum();
         let mut zero = Vec::with_capacity(total);
         for run in runs {
-            if run.data.len() != run.keys.len() * PAGE_SIZE {
-                return Err(Error::invalid("a run's data is not one page per key"));
-            }
             zero.extend(run.data.chunks_exact(PAGE_SIZE).map(is_zero));
         }
         let mut outs: Vec<Out> = Vec::new();
@@ -285,15 +283,13 @@ impl<S: PageStore> PageStore for SealedStore<S> {
     }
 
     fn get(&self, runs: &mut [RunOut<'_>]) -> Result<()> {
+        check_runs_out(runs)?;
         // What each page is: zeros are filled here, pages never stored are
         // lost, and the sealed ones go to the store in runs of neighbours.
         let mut seals_of: Vec<Vec<Seal>> = Vec::with_capacity(runs.len());
         {
             let seals = self.lock();
             for run in runs.iter() {
-                if run.data.len() != run.keys.len() * PAGE_SIZE || run.got.len() != run.keys.len() {
-                    return Err(Error::invalid("a run's data is not one page per key"));
-                }
                 seals_of.push(run.keys.iter().map(|&k| seals.get(k as usize).copied().unwrap_or_default()).collect());
             }
         }
