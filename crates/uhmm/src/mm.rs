@@ -150,6 +150,8 @@ pub(crate) struct Mm {
     pub(crate) waits: WaitTable,
     pub(crate) notifiers: Arc<NotifierList>,
     pub(crate) stats: Stats,
+    /// Pages fault handlers are bringing into RAM now (`charge::Arriving`).
+    pub(crate) arriving: AtomicU64,
     /// Counts finalizes that put pages on a device. A fault read before the
     /// count moved past a region's [`Vma::to_device_at`] may predate
     /// the page's move to the device: see `fault::resolve`.
@@ -345,6 +347,7 @@ impl Mm {
             waits: WaitTable::new(),
             notifiers: Arc::new(NotifierList::default()),
             stats: Stats::default(),
+            arriving: AtomicU64::new(0),
             to_device_epoch: AtomicU64::new(0),
             orphaned: AtomicBool::new(false),
             zeros: zero_pages(config.zero_fill_pages)?,
@@ -363,14 +366,6 @@ impl Mm {
             .register(map, 0, map.len(), self.config.track_writes)
             .map_err(|e| Error::sys("UFFDIO_REGISTER", e))?;
         Ok(())
-    }
-
-    /// Asks the RAM charge hook, if any, for room for `pages` pages.
-    pub(crate) fn charge(&self, pages: usize) {
-        let ops = self.charge.read().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(Weak::upgrade);
-        if let Some(ops) = ops {
-            ops.charge(pages);
-        }
     }
 
     /// Hands the address space its started engine (stopped on drop).

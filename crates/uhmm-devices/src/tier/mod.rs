@@ -403,25 +403,17 @@ impl Shared {
         self.started.elapsed().as_secs_f32()
     }
 
-    /// Pages in and out of RAM by the space's counters.
-    fn flows(&self) -> (u64, u64) {
-        let s = self.space.stats();
-        (s.zero_filled_pages + s.pages_to_ram, s.pages_to_device)
-    }
-
     /// A scan found `resident` pages: the estimate starts again from it.
     fn rebase(&self, resident: u64) {
-        let (pages_in, pages_out) = self.flows();
-        self.base_in.store(pages_in, Ordering::Relaxed);
-        self.base_out.store(pages_out, Ordering::Relaxed);
+        self.base_in.store(self.space.pages_in_at_scan(), Ordering::Relaxed);
+        self.base_out.store(self.space.stats().pages_to_device, Ordering::Relaxed);
         self.scanned.store(resident, Ordering::Relaxed);
     }
 
     /// Resident pages now, estimated.
     fn estimate(&self) -> u64 {
-        let (pages_in, pages_out) = self.flows();
-        let came = pages_in.saturating_sub(self.base_in.load(Ordering::Relaxed));
-        let went = pages_out.saturating_sub(self.base_out.load(Ordering::Relaxed));
+        let came = self.space.pages_in().saturating_sub(self.base_in.load(Ordering::Relaxed));
+        let went = self.space.stats().pages_to_device.saturating_sub(self.base_out.load(Ordering::Relaxed));
         let now = (self.scanned.load(Ordering::Relaxed) + came).saturating_sub(went);
         self.peak.fetch_max(now, Ordering::Relaxed);
         now

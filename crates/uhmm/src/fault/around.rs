@@ -119,6 +119,7 @@ pub(crate) fn read_ahead(space: &Arc<Mm>, at: ReadAhead, ahead: &mut Option<Read
     let (window, next, instead) = fault_window(space, &region, idx, (at.windows == 1).then_some(page));
     let (addr, page) = instead.unwrap_or((addr, page));
     space.charge(window.len() / uhmm_sys::PAGE_SIZE);
+    let _arriving = space.arriving(window.len() / uhmm_sys::PAGE_SIZE);
     Stats::add(&space.stats.migrate_to_ram, 1);
     Stats::add(&space.stats.read_aheads, 1);
     serving.begin(addr);

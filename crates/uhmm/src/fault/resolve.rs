@@ -95,10 +95,7 @@ pub(crate) fn resolve(
             continue;
         }
         let looked = match entry.state() {
-            State::Cpu => {
-                space.charge(space.config.zero_fill_pages);
-                zero_fill(space, &region, idx, write)
-            }
+            State::Cpu => zero_fill(space, &region, idx, write),
             State::Poisoned => poison_install(space, &region, idx).map(|()| Look::Resolved),
             State::Exclusive(slot) => revoke(space, &region, idx, slot).map(|r| match r {
                 Revoked::Home => Look::Resolved,
@@ -198,6 +195,7 @@ fn device_fault(
         (window, next)
     };
     space.charge(window.len() / PAGE_SIZE);
+    let arriving = space.arriving(window.len() / PAGE_SIZE);
     let (result, woken) = match space.driver(page.pagemap) {
         Some(ops) => {
             serving.begin(addr);
@@ -211,6 +209,8 @@ fn device_fault(
         }
         None => (Err(Error::new(ErrorKind::NotFound, "the device is gone")), false),
     };
+    // What came back is counted in `pages_to_ram` by now.
+    drop(arriving);
     if let Err(err) = result {
         if matches!(err.kind(), ErrorKind::NoMemory | ErrorKind::Busy) {
             tracing::warn!(%err, addr, "migrate_to_ram failed transiently; retrying");
@@ -279,6 +279,11 @@ fn zero_fill(space: &Mm, region: &Vma, idx: usize, write: bool) -> Result<Look, 
         hi += 1;
     }
     region.zero_around.record(&proposal, &(lo..hi));
+    // Charged once locked, as many pages as will come: a window asked
+    // before would be the largest one, and a program that fits its budget
+    // would wait at its last pages.
+    space.charge(hi - lo);
+    let arriving = space.arriving(hi - lo);
     let fill = |first: usize, n: usize| {
         let (addr, len) = (region.addr_of(first), n * PAGE_SIZE);
         if !write {
@@ -317,6 +322,7 @@ fn zero_fill(space: &Mm, region: &Vma, idx: usize, write: bool) -> Result<Look, 
         filled += fill(lo, idx - lo).unwrap_or_else(|p| p.done);
     }
     Stats::add(&space.stats.zero_filled_pages, (filled / PAGE_SIZE) as u64);
+    drop(arriving);
     let mut wake_end = idx + 1;
     for i in lo..hi {
         if pt.unlock(i, State::Cpu, &space.waits) && i >= wake_end {
@@ -365,12 +371,18 @@ fn huge_fill(space: &Mm, region: &Vma, idx: usize) -> bool {
         }
     };
     // Empty still, now that no fill can start in it.
-    let slots = if all && empty() { space.huge_pool.alloc(N).ok() } else { None };
+    let slots = if all && empty() {
+        space.charge(N);
+        space.huge_pool.alloc(N).ok()
+    } else {
+        None
+    };
     let Some(slots) = slots else {
         unlock(&locked);
         return false;
     };
     slots.populate(0..N);
+    let arriving = space.arriving(N);
     let moved = space.uffd.move_pages(a, slots.mapping(), slots.offset(0), N * PAGE_SIZE, false, true);
     if let Err(e) = &moved {
         // Part may have moved: the rest is filled with small pages below.
@@ -378,6 +390,7 @@ fn huge_fill(space: &Mm, region: &Vma, idx: usize) -> bool {
     }
     let done = moved.unwrap_or_else(|e| e.done) / PAGE_SIZE;
     Stats::add(&space.stats.zero_filled_pages, done as u64);
+    drop(arriving);
     if done < N {
         unlock(&locked);
         return false;
@@ -435,6 +448,32 @@ mod tests {
         let mut b = [0u8; 1];
         region.read(5 * PAGE_SIZE, &mut b).unwrap();
         assert_eq!(b[0], 9, "the page was not replaced");
+    }
+
+    #[test]
+    fn a_zero_fill_is_charged_the_pages_it_fills_and_counts_them_arriving_until_counted() {
+        #[derive(Default)]
+        struct Asked(std::sync::Mutex<Vec<usize>>);
+        impl crate::ChargeOps for Asked {
+            fn charge(&self, pages: usize) {
+                self.0.lock().unwrap().push(pages);
+            }
+        }
+        let space = crate::AddressSpace::new(crate::Config::default()).unwrap();
+        let asked = Arc::new(Asked::default());
+        let hook: Arc<dyn crate::ChargeOps> = asked.clone();
+        space.set_charge(Some(Arc::downgrade(&hook)));
+        let region = space.map(64 * PAGE_SIZE, crate::Prot::READ_WRITE).unwrap();
+        let before = space.stats().zero_filled_pages;
+        region.write(5 * PAGE_SIZE, &[9]).unwrap();
+        let filled = space.stats().zero_filled_pages - before;
+        assert!(filled >= 1);
+        assert_eq!(*asked.0.lock().unwrap(), [filled as usize], "one charge, of the window filled");
+        assert_eq!(space.pages_in_at_scan(), space.pages_in(), "nothing arriving once counted");
+        let arriving = space.inner.arriving(3);
+        assert_eq!(space.pages_in_at_scan(), space.pages_in() + 3);
+        drop(arriving);
+        assert_eq!(space.pages_in_at_scan(), space.pages_in());
     }
 
     #[test]
