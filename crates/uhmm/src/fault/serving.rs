@@ -28,8 +28,9 @@ pub(crate) struct Serving {
     scratch_taken: AtomicBool,
 }
 
-/// Pages of a handler's scratch ([`Serving::take_scratch`]).
-pub(crate) const SCRATCH_PAGES: usize = 16;
+/// Pages of a handler's scratch ([`Serving::take_scratch`]): the largest
+/// fault-around window (a scan's), 2 MiB of RAM a handler thread keeps.
+pub(crate) const SCRATCH_PAGES: usize = crate::BATCH_PAGES;
 
 impl Serving {
     /// The scratch pages, for one migration at a time (`None` while

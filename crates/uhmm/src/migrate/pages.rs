@@ -30,10 +30,12 @@ impl Migration<Collected> {
 
     /// The RAM pages for runs of this migration's device-private pages
     /// coming back, borrowed to be filled in place: one slice per run, its
-    /// pages in order. For a CPU fault's few pages they are the fault
-    /// handler's scratch pages, which `finalize` copies in
-    /// (`UFFDIO_COPY`), sparing the pool page a move out and the TLB flush
-    /// on other CPUs that costs; otherwise pool pages moved in. A driver decompresses or copies straight into them
+    /// pages in order. For a CPU fault's window (up to 512 pages, but not
+    /// a whole block of a huge-page region) they are the fault handler's
+    /// scratch pages, which `finalize` copies in (`UFFDIO_COPY`), sparing
+    /// pool pages their populate and their move out, and the TLB flush on
+    /// other CPUs that costs; otherwise pool pages moved in. A driver
+    /// decompresses or copies straight into them
     /// (from several threads if it likes: the slices are disjoint), then
     /// sets each page with [`Migration::set_dst_system`].
     ///
@@ -63,6 +65,7 @@ impl Migration<Collected> {
         let total: usize = runs.iter().map(|r| r.len()).sum();
         if total <= crate::fault::serving::SCRATCH_PAGES
             && !self.inner.scratch
+            && !self.whole_huge_block()
             && let Some(map) = self.inner.serving.as_ref().and_then(|s| s.take_scratch())
         {
             // A fault's pages: the handler's scratch, copied in at finalize.
@@ -130,16 +133,7 @@ impl Migration<Collected> {
         if self.inner.pool.is_none() {
             // A whole aligned 2 MiB block coming back gets a huge page.
             let inner = &self.inner;
-            let whole_block = inner.pages.len() == crate::BATCH_PAGES
-                && inner.regions.len() == 1
-                && inner.regions[0].huge
-                && inner.pages[0].idx.is_multiple_of(crate::BATCH_PAGES)
-                && inner
-                    .pages
-                    .iter()
-                    .enumerate()
-                    .all(|(k, p)| p.idx == inner.pages[0].idx + k && matches!(p.src, Src::Device(_)));
-            let arena = if whole_block { &inner.space.huge_pool } else { &inner.space.pool };
+            let arena = if self.whole_huge_block() { &inner.space.huge_pool } else { &inner.space.pool };
             let pool = arena.alloc(inner.pages.len())?;
             // Pages coming back from a device will need RAM: allocate it in bulk.
             let device: Vec<usize> =
@@ -150,6 +144,21 @@ impl Migration<Collected> {
             self.inner.pool = Some(pool);
         }
         Ok(self.inner.pool.as_ref().expect("pool just allocated"))
+    }
+
+    /// Whether the migration's pages are a whole aligned 2 MiB block of a
+    /// huge-page region, all on devices: it comes back as one huge page.
+    fn whole_huge_block(&self) -> bool {
+        let inner = &self.inner;
+        inner.pages.len() == crate::BATCH_PAGES
+            && inner.regions.len() == 1
+            && inner.regions[0].huge
+            && inner.pages[0].idx.is_multiple_of(crate::BATCH_PAGES)
+            && inner
+                .pages
+                .iter()
+                .enumerate()
+                .all(|(k, p)| p.idx == inner.pages[0].idx + k && matches!(p.src, Src::Device(_)))
     }
 
     /// Page `i` moves to device page `page`, which the driver has filled.
