@@ -185,8 +185,21 @@ pub fn far_line(far: &FarStore) -> String {
             s.round_trips, s.retries, s.reconnects, s.lost_pages, s.failed_puts
         ),
     };
+    let writeback = far.writeback_stats().map_or(String::new(), |(w, c)| {
+        format!(
+            "; in RAM {} pages compressed in {} (ratio {:.2}), {} far; written back {}, sent far when full {}, got from RAM {}, from far {}",
+            w.ram_pages,
+            human(c.mem_used_total as usize),
+            c.ratio(),
+            w.below_pages,
+            w.written_back,
+            w.refused_to_below,
+            w.got_ram,
+            w.got_below
+        )
+    });
     format!(
-        "store {}: {} pages ({}) in {}; sealed {} opened {} zero {} forged {}; {own}",
+        "store {}: {} pages ({}) in {}; sealed {} opened {} zero {} forged {}; {own}{writeback}",
         far.address(),
         u.pages,
         human(u.orig_bytes as usize),

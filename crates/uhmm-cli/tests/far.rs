@@ -1,4 +1,5 @@
-//! The built `uhmm` on far stores: the integrity soak on a file store and
+//! The built `uhmm` on far stores: the integrity soak on a file store, on
+//! the compressed store written back to a file (`compress:1M+file:…`), and
 //! on a Redis server killed with `kill -9` and restarted in the middle (AOF
 //! with `appendfsync always`: nothing may be lost), the demo on both, and
 //! `uhmm run --device redis://…` of python3 under a RAM budget. Servers are
@@ -41,6 +42,28 @@ fn soak_on_a_file_store_under_a_ram_budget_loses_nothing() {
     assert_clean(&args, &r);
     assert!(r.1.contains("store file:/var/tmp"), "the far store's counters are printed\n{}", r.1);
     assert!(!r.1.contains("sealed 0 "), "pages went to the file\n{}", r.1);
+}
+
+#[test]
+fn soak_on_the_compressed_store_written_back_to_a_file_loses_nothing() {
+    let args = [
+        "stress",
+        "--device",
+        "compress:1M+file:/var/tmp",
+        "--seconds",
+        "8",
+        "--threads",
+        "2",
+        "--regions",
+        "3",
+        "--size",
+        "8M",
+    ];
+    let r = run_uhmm(&args);
+    assert_clean(&args, &r);
+    assert!(r.1.contains("store compress:1M+file:/var/tmp"), "the store's counters are printed\n{}", r.1);
+    let written_back = r.1.split("written back ").nth(1).and_then(|t| t.split(',').next()?.parse::<u64>().ok());
+    assert!(written_back.is_some_and(|n| n > 0), "pages were written back to the file\n{}", r.1);
 }
 
 #[test]

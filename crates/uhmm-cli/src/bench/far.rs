@@ -91,6 +91,9 @@ pub fn run(address: &FarAddress, len: usize, runs: u32, touches: usize) -> Resul
                 random_p50_us: (up, kp),
             })
         }
+        FarAddress::Writeback { below, .. } => Err(format!(
+            "{address}: --far measures a file or Redis store alone (here {below}), against its own baseline"
+        )),
         FarAddress::Redis(url) => {
             let group = uhmm_devices::remote::RedisConfig::from_url(url).map_err(|e| e.to_string())?.group_pages;
             let mut base = Sides::default();

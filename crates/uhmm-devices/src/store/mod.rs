@@ -10,9 +10,11 @@
 
 mod device;
 mod seal;
+mod writeback;
 
 pub use device::{DeviceCounters, Moved, StoreDevice, StoreDeviceConfig};
 pub use seal::{SealStats, SealedStore, random_id};
+pub use writeback::{WritebackStats, WritebackStore};
 
 use std::sync::Arc;
 
