@@ -42,7 +42,9 @@ pub fn parse_device(s: &str) -> Result<DeviceKind, String> {
         "compress" => Ok(DeviceKind::Compress),
         "cuda" => Ok(DeviceKind::Cuda { fake: false }),
         "cuda-fake" => Ok(DeviceKind::Cuda { fake: true }),
-        _ => FarAddress::parse(s).map(DeviceKind::Far).map_err(|e| format!("sim, compress, cuda, cuda-fake, or a far store: {e}")),
+        _ => FarAddress::parse(s)
+            .map(DeviceKind::Far)
+            .map_err(|e| format!("sim, compress, cuda, cuda-fake, or a far store: {e}")),
     }
 }
 

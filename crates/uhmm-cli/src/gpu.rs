@@ -85,7 +85,11 @@ fn run_demo(args: &DemoArgs, fake: bool) -> uhmm::Result<()> {
     let mut back = vec![0u8; size];
     region.read(0, &mut back)?;
     println!("  CPU reads (faults)      {} in {:.1?}", human(size), t.elapsed());
-    let wrong = back.chunks_exact(4).enumerate().filter(|(i, w)| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]) != *i as u32 + 1).count();
+    let wrong = back
+        .chunks_exact(4)
+        .enumerate()
+        .filter(|(i, w)| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]) != *i as u32 + 1)
+        .count();
     if wrong > 0 || done != on {
         return Err(uhmm::Error::new(uhmm::ErrorKind::Fault, format!("{wrong} words were not incremented")));
     }
@@ -141,7 +145,8 @@ fn run_bench(args: &GpuBenchArgs) -> uhmm::Result<()> {
         gpu.record(0).map_err(sys)?.wait().map_err(sys)?;
         Ok(t.elapsed().as_secs_f64())
     };
-    let host = Mapping::anonymous(size, uhmm::Protection::ReadWrite, 2 << 20).map_err(|e| uhmm::Error::sys("mmap", e))?;
+    let host =
+        Mapping::anonymous(size, uhmm::Protection::ReadWrite, 2 << 20).map_err(|e| uhmm::Error::sys("mmap", e))?;
     host.populate_write(0, size).map_err(|e| uhmm::Error::sys("populate", e))?;
     let pageable_s = copy(&host)?;
     gpu.register(&host).map_err(sys)?;

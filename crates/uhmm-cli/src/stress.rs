@@ -773,7 +773,10 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
             }
             DeviceKind::Far(address) => Device::far(&space, address, 64)?,
             DeviceKind::Cuda { .. } => {
-                return Err(uhmm::Error::new(uhmm::ErrorKind::Unsupported, "uhmm stress does not run on the CUDA device"));
+                return Err(uhmm::Error::new(
+                    uhmm::ErrorKind::Unsupported,
+                    "uhmm stress does not run on the CUDA device",
+                ));
             }
         });
     }

@@ -9,7 +9,7 @@
 //! ([`signal`]); what a thread does after the host stopped its vCPU
 //! ([`stall`]); and a page store's file: private files and `O_DIRECT`
 //! ([`file`](mod@file)), batched reads and writes with io_uring ([`uring`]); with the `cuda` feature, the CUDA driver calls of the CUDA
-//! device ([`cuda`](mod@cuda)). Each
+//! device (`cuda`). Each
 //! wrapper opens with the call it is; each `unsafe` block argues why it is
 //! sound. Nothing here knows about regions, page tables or devices. It is a
 //! crate of its own, as rustix is, so that drivers, benchmarks (a raw

@@ -30,7 +30,12 @@ pub(crate) struct Chunks {
 impl Chunks {
     /// Room for `max_chunks` chunks of `chunk_bytes` bytes.
     pub(crate) fn new(chunk_bytes: usize, max_chunks: usize) -> Chunks {
-        Chunks { chunk_pages: chunk_bytes / PAGE_SIZE, chunks: (0..max_chunks).map(|_| None).collect(), cursor: 0, in_use: 0 }
+        Chunks {
+            chunk_pages: chunk_bytes / PAGE_SIZE,
+            chunks: (0..max_chunks).map(|_| None).collect(),
+            cursor: 0,
+            in_use: 0,
+        }
     }
 
     /// Allocates a page, next to the last one where it can, taking a new

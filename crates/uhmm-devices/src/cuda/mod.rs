@@ -34,8 +34,8 @@ use uhmm::{
 pub use api::{DevPtr, GpuApi, GpuOp, Ticket};
 use chunks::Chunks;
 pub use fake::{FakeConfig, FakeGpu, FakeStats};
-use staging::{Stage, Staging};
 pub use staging::StagingMode;
+use staging::{Stage, Staging};
 
 /// Settings of a CUDA device. Each field's doc gives its default.
 #[derive(Debug, Clone)]
@@ -140,7 +140,8 @@ impl CudaDevice {
             config,
         });
         let weak: Weak<dyn DevicePagemapOps> = Arc::downgrade(&inner) as Weak<GpuInner>;
-        let npages = (inner.config.capacity_bytes / inner.config.chunk_bytes * inner.config.chunk_bytes / PAGE_SIZE) as u64;
+        let npages =
+            (inner.config.capacity_bytes / inner.config.chunk_bytes * inner.config.chunk_bytes / PAGE_SIZE) as u64;
         let pm = space.register_pagemap(weak, inner.owner, npages)?;
         inner.pagemap.set(pm).expect("pagemap set once");
         Ok(CudaDevice { inner })
@@ -229,7 +230,8 @@ impl CudaDevice {
         let range = crate::range::pages_at(addr, npages)?;
         let chunk = batch_pages(self.inner.config.migrate_chunk_pages, npages);
         let mut driver = Batches { dev: &self.inner, to_device: false };
-        let s = migrate_pipelined(&self.inner.space, range, chunk, Select::DEVICE_PRIVATE, self.inner.owner, &mut driver)?;
+        let s =
+            migrate_pipelined(&self.inner.space, range, chunk, Select::DEVICE_PRIVATE, self.inner.owner, &mut driver)?;
         Ok(s.migrated)
     }
 
@@ -464,7 +466,9 @@ fn push_copy(ops: &mut Vec<GpuOp>, stage: &Stage<'_>, k: usize, dev: DevPtr, to_
     };
     match ops.last_mut() {
         Some(GpuOp::HtoD { dst, src, off: o, len }) if to_device && continues(src, *o, *dst, *len) => *len += PAGE_SIZE,
-        Some(GpuOp::DtoH { dst, off: o, src, len }) if !to_device && continues(dst, *o, *src, *len) => *len += PAGE_SIZE,
+        Some(GpuOp::DtoH { dst, off: o, src, len }) if !to_device && continues(dst, *o, *src, *len) => {
+            *len += PAGE_SIZE
+        }
         _ if to_device => ops.push(GpuOp::HtoD { dst: dev, src: buf.clone(), off, len: PAGE_SIZE }),
         _ => ops.push(GpuOp::DtoH { dst: buf.clone(), off, src: dev, len: PAGE_SIZE }),
     }
@@ -538,11 +542,7 @@ impl<'a> PipelinedDriver for Batches<'a> {
     type Pending = InFlight<'a>;
 
     fn alloc_and_submit(&mut self, m: &mut Migration<Collected>) -> Result<InFlight<'a>> {
-        if self.to_device {
-            self.dev.submit_to_device(m)
-        } else {
-            self.dev.submit_to_ram(self.dev.own_pages(m)?)
-        }
+        if self.to_device { self.dev.submit_to_device(m) } else { self.dev.submit_to_ram(self.dev.own_pages(m)?) }
     }
 
     fn wait_and_set(&mut self, m: &mut Migration<Collected>, f: InFlight<'a>) -> Result<()> {

@@ -41,7 +41,12 @@ impl RealGpu {
         let gpu = std::panic::catch_unwind(|| Gpu::open(ordinal, STREAMS))
             .map_err(|_| Error::new(ErrorKind::Unsupported, "the CUDA driver lacks a call uhmm needs (too old?)"))?
             .map_err(error)?;
-        Ok(RealGpu { gpu, events: Mutex::new(HashMap::new()), next: AtomicU64::new(1), queue: (0..STREAMS).map(|_| Mutex::new(())).collect() })
+        Ok(RealGpu {
+            gpu,
+            events: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            queue: (0..STREAMS).map(|_| Mutex::new(())).collect(),
+        })
     }
 
     fn events(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Event>> {

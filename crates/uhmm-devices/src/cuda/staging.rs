@@ -91,7 +91,8 @@ impl Staging {
                         // holding a batch): stage in buffers of its own,
                         // unregistered when it is done.
                         drop(free);
-                        let bufs = (0..n).map(|_| registered(api, self.slot_bytes).map(Arc::new)).collect::<Result<_>>()?;
+                        let bufs =
+                            (0..n).map(|_| registered(api, self.slot_bytes).map(Arc::new)).collect::<Result<_>>()?;
                         return Ok(Stage { staging: self, api, bufs, seg: self.slot_bytes, overflow: true });
                     }
                     free = self.cv.wait_timeout(free, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
@@ -142,7 +143,6 @@ impl Stage<'_> {
     pub(crate) fn at(&self, k: usize) -> (&Arc<Mapping>, usize) {
         (&self.bufs[k / self.seg], k % self.seg)
     }
-
 }
 
 impl Drop for Stage<'_> {
