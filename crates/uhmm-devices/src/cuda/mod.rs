@@ -4,7 +4,7 @@
 //! The driver ([`CudaDevice`]) is written against [`GpuApi`] (device
 //! memory, copies and a kernel on streams, tickets, page-locking): with the
 //! `cuda` feature the real GPU over the CUDA driver API
-//! ([`CudaDevice::open`]); in every build [`FakeGpu`], host memory and
+//! (`CudaDevice::open`); in every build [`FakeGpu`], host memory and
 //! threads, so that the driver's logic is tested on any machine. Device
 //! memory comes from `cuMemAlloc` in 2 MiB chunks (`chunks`); copies pass
 //! through page-locked staging (`staging`), a batch being one or a few
