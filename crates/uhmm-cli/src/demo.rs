@@ -106,6 +106,9 @@ fn at(step: &'static str) -> impl FnOnce(uhmm::Error) -> Failure {
 
 /// Runs the demo; the exit status says whether every byte was right.
 pub fn run(args: &DemoArgs) -> ExitCode {
+    if let DeviceKind::Cuda { fake } = args.device {
+        return crate::gpu::demo(args, fake);
+    }
     let result = Demo::new(args).and_then(|mut d| {
         let r = d.run();
         if r.is_err() {
@@ -303,6 +306,9 @@ impl<'a> Demo<'a> {
             }
             DeviceKind::Far(address) => {
                 Device::far(&space, address, args.chunk_pages as usize).map_err(at("opening the far store"))?
+            }
+            DeviceKind::Cuda { .. } => {
+                return Err(at("choosing the device")(uhmm::Error::invalid("the CUDA device runs its own demo")));
             }
         };
         let region = space.map(size, Prot::READ_WRITE).map_err(at("mapping the region"))?;

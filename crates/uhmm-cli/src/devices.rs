@@ -26,6 +26,13 @@ pub enum DeviceKind {
     /// A store device over a far store: a file, or a Redis server or
     /// cluster; every page sealed.
     Far(FarAddress),
+    /// The CUDA device (`cuda`: the first NVIDIA GPU, with the `cuda`
+    /// feature; `cuda-fake`: the fake GPU of host memory and threads).
+    /// `uhmm demo` only.
+    Cuda {
+        /// The fake GPU rather than a real one.
+        fake: bool,
+    },
 }
 
 /// `--device`'s parser.
@@ -33,14 +40,18 @@ pub fn parse_device(s: &str) -> Result<DeviceKind, String> {
     match s {
         "sim" => Ok(DeviceKind::Sim),
         "compress" => Ok(DeviceKind::Compress),
-        _ => FarAddress::parse(s).map(DeviceKind::Far).map_err(|e| format!("sim, compress, or a far store: {e}")),
+        "cuda" => Ok(DeviceKind::Cuda { fake: false }),
+        "cuda-fake" => Ok(DeviceKind::Cuda { fake: true }),
+        _ => FarAddress::parse(s)
+            .map(DeviceKind::Far)
+            .map_err(|e| format!("sim, compress, cuda, cuda-fake, or a far store: {e}")),
     }
 }
 
 impl DeviceKind {
     /// Whether its device is a store device (which a tier can demote to).
     pub fn is_store(&self) -> bool {
-        !matches!(self, DeviceKind::Sim)
+        !matches!(self, DeviceKind::Sim | DeviceKind::Cuda { .. })
     }
 }
 
@@ -50,6 +61,8 @@ impl std::fmt::Display for DeviceKind {
             DeviceKind::Sim => f.write_str("sim"),
             DeviceKind::Compress => f.write_str("compress"),
             DeviceKind::Far(a) => a.fmt(f),
+            DeviceKind::Cuda { fake: false } => f.write_str("cuda"),
+            DeviceKind::Cuda { fake: true } => f.write_str("cuda-fake"),
         }
     }
 }

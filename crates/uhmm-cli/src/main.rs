@@ -12,6 +12,7 @@
 mod bench;
 mod demo;
 mod devices;
+mod gpu;
 mod map;
 mod run;
 mod stress;

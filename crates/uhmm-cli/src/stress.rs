@@ -772,6 +772,12 @@ fn soak(args: &StressArgs) -> uhmm::Result<u64> {
                 Device::Compress(Arc::new(StoreDevice::new(&space, store.clone(), chunk)?), store)
             }
             DeviceKind::Far(address) => Device::far(&space, address, 64)?,
+            DeviceKind::Cuda { .. } => {
+                return Err(uhmm::Error::new(
+                    uhmm::ErrorKind::Unsupported,
+                    "uhmm stress does not run on the CUDA device",
+                ));
+            }
         });
     }
     let writers = args.threads as usize;

@@ -6,6 +6,9 @@
 //!   thread, a device page table, and dmirror's test operations. A program
 //!   makes a [`sim::SimDevice`] in its address space and moves ranges with
 //!   it (its doc has an example).
+//! - [`cuda`]: GPU memory as device memory, [`cuda::CudaDevice`], over the
+//!   [`cuda::GpuApi`] trait: the real GPU through the CUDA driver (feature
+//!   `cuda`), or [`cuda::FakeGpu`] (host memory and threads) in every build.
 //! - [`store`]: the driver of every store-backed tier, [`store::StoreDevice`],
 //!   over the [`store::PageStore`] trait (put / get / delete of page batches).
 //! - [`compress`]: the compressed store, a user-space zswap: lz4 (or zstd),
@@ -26,6 +29,7 @@
 #![forbid(unsafe_code)]
 
 pub mod compress;
+pub mod cuda;
 pub mod far;
 pub mod file;
 mod range;

@@ -8,13 +8,16 @@
 //! the SIGBUS handler for faults answered in the faulting thread
 //! ([`signal`]); what a thread does after the host stopped its vCPU
 //! ([`stall`]); and a page store's file: private files and `O_DIRECT`
-//! ([`file`](mod@file)), batched reads and writes with io_uring ([`uring`]). Each
+//! ([`file`](mod@file)), batched reads and writes with io_uring ([`uring`]); with the `cuda` feature, the CUDA driver calls of the CUDA
+//! device (`cuda`). Each
 //! wrapper opens with the call it is; each `unsafe` block argues why it is
 //! sound. Nothing here knows about regions, page tables or devices. It is a
 //! crate of its own, as rustix is, so that drivers, benchmarks (a raw
 //! userfaultfd round trip with the same calls uhmm uses) and tests can use
 //! the calls without the core's public API carrying them.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod file;
 pub mod mman;
 pub mod pagemap;

@@ -80,6 +80,12 @@ pub enum Suite {
     /// budgets of 100%, 50% and 25% of their peak: wall time and peak
     /// memory of each side, outputs checked. Needs root.
     Run,
+
+    /// The CUDA device on the first NVIDIA GPU against the CUDA driver's
+    /// own copies of the same bytes: RAM -> GPU -> RAM through uhmm, a
+    /// pinned `cuMemcpy` and a pageable one, and the CPU fault on a GPU
+    /// page. Needs a build with `--features cuda` and an NVIDIA driver.
+    Gpu(crate::gpu::GpuBenchArgs),
 }
 
 /// Sizes of the bulk-migration and memcpy sweeps.
@@ -433,6 +439,9 @@ pub fn run(args: &BenchArgs) -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    if let Some(Suite::Gpu(gpu)) = &args.suite {
+        return crate::gpu::bench(gpu);
     }
     if let Some(Suite::Tier(tier)) = &args.suite {
         return match tier::run(tier) {
