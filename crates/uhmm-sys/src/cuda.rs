@@ -216,4 +216,84 @@ impl Gpu {
     pub fn synchronize(&self) -> Result<()> {
         self.ctx.synchronize().map_err(driver("cuCtxSynchronize"))
     }
+
+    /// `cuMemAllocManaged(len, CU_MEM_ATTACH_GLOBAL)`: what
+    /// `cudaMallocManaged` gives, the benchmarks' baseline.
+    pub fn alloc_managed(&self, len: usize) -> Result<Managed<'_>> {
+        self.bind()?;
+        // SAFETY: allocates fresh managed memory in the bound context; its
+        // bytes are only read through `Managed`, which writes them first.
+        let ptr = unsafe { result::malloc_managed(len, sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL) }
+            .map_err(driver("cuMemAllocManaged"))?;
+        let m = Managed { gpu: self, ptr, len };
+        self.synchronize()?;
+        // SAFETY: `ptr..ptr + len` is managed memory the CPU may access
+        // while no kernel runs (none does: the context is synchronized).
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, len) };
+        Ok(m)
+    }
+}
+
+/// Managed memory ([`Gpu::alloc_managed`]), freed on drop.
+#[derive(Debug)]
+pub struct Managed<'a> {
+    gpu: &'a Gpu,
+    ptr: u64,
+    len: usize,
+}
+
+impl Managed<'_> {
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty (never: a managed allocation has a byte at least).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `cuMemPrefetchAsync` of all of it to the GPU (or, `to_gpu` false,
+    /// to the CPU) on stream 0, waited for.
+    pub fn prefetch(&self, to_gpu: bool) -> Result<()> {
+        self.gpu.bind()?;
+        let device = if to_gpu { self.gpu.ctx.cu_device() } else { -1 }; // CU_DEVICE_CPU
+        // SAFETY: prefetches managed memory of this context, whole; no
+        // host memory is read or written by the call.
+        unsafe { sys::cuMemPrefetchAsync(self.ptr, self.len, device, self.gpu.stream(0)) }
+            .result()
+            .map_err(driver("cuMemPrefetchAsync"))?;
+        self.gpu.synchronize()
+    }
+
+    /// Runs the proof kernel over it on the GPU (the GPU touches every
+    /// page), waited for.
+    pub fn add_one(&self) -> Result<()> {
+        self.gpu.bind()?;
+        self.gpu.add_one_async(0, self.ptr, self.len)?;
+        self.gpu.synchronize()
+    }
+
+    /// The byte at `off`, read by the CPU: a managed-memory CPU fault when
+    /// its page is on the GPU. `None` past the end.
+    pub fn read_byte(&self, off: usize) -> Option<u8> {
+        if off >= self.len {
+            return None;
+        }
+        // SAFETY: `off` is inside the managed allocation, which the CPU may
+        // read while no kernel runs (every call that launches or copies
+        // waits for its work before returning); the driver migrates the
+        // page on the fault.
+        Some(unsafe { std::ptr::read_volatile((self.ptr as *const u8).add(off)) })
+    }
+}
+
+impl Drop for Managed<'_> {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() && self.gpu.synchronize().is_ok() {
+            // SAFETY: `ptr` came from `cuMemAllocManaged` in this context,
+            // and no queued work uses it (synchronized).
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
 }

@@ -10,6 +10,7 @@ mod baselines;
 mod cases;
 mod datasets;
 mod far;
+mod gpu;
 mod kv;
 mod programs;
 mod report;
@@ -82,10 +83,11 @@ pub enum Suite {
     Run,
 
     /// The CUDA device on the first NVIDIA GPU against the CUDA driver's
-    /// own copies of the same bytes: RAM -> GPU -> RAM through uhmm, a
-    /// pinned `cuMemcpy` and a pageable one, and the CPU fault on a GPU
-    /// page. Needs a build with `--features cuda` and an NVIDIA driver.
-    Gpu(crate::gpu::GpuBenchArgs),
+    /// own ways of moving the same bytes: RAM -> GPU -> RAM through uhmm,
+    /// a pinned `cuMemcpy` and a pageable one, managed memory prefetched
+    /// both ways, and the CPU fault on a GPU page against managed memory's.
+    /// Needs a build with `--features cuda` and an NVIDIA driver.
+    Gpu(gpu::GpuBenchArgs),
 }
 
 /// Sizes of the bulk-migration and memcpy sweeps.
@@ -441,7 +443,7 @@ pub fn run(args: &BenchArgs) -> ExitCode {
         };
     }
     if let Some(Suite::Gpu(gpu)) = &args.suite {
-        return crate::gpu::bench(gpu);
+        return gpu::bench(gpu);
     }
     if let Some(Suite::Tier(tier)) = &args.suite {
         return match tier::run(tier) {
