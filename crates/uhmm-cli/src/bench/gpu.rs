@@ -99,13 +99,7 @@ fn run_bench(args: &GpuBenchArgs) -> uhmm::Result<()> {
     );
     for (size, targets) in &rows {
         for t in targets {
-            let ratio = t.ratio.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
-            let met = match t.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "–",
-            };
-            doc.push_str(&format!("| {size} | {} | {ratio} | {} | {met} | {} |\n", t.name, t.bound, t.detail));
+            doc.push_str(&t.row(size));
         }
     }
     let met = rows.iter().flat_map(|r| &r.1).filter(|t| t.met == Some(true)).count();

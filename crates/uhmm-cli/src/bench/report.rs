@@ -130,6 +130,18 @@ impl Target {
     pub(super) fn info(name: impl Into<String>, ratio: Option<f64>, detail: String) -> Target {
         Target { name: name.into(), ratio, bound: "–".into(), met: None, detail }
     }
+
+    /// Its row of a Markdown table whose first column is `data`: data,
+    /// target, ratio, bound, met, numbers.
+    pub(super) fn row(&self, data: &str) -> String {
+        let ratio = self.ratio.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
+        let met = match self.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "–",
+        };
+        format!("| {data} | {} | {ratio} | {} | {met} | {} |\n", self.name, self.bound, self.detail)
+    }
 }
 
 /// The case `id` at `bytes`.

@@ -466,13 +466,7 @@ fn markdown(r: &TierResults) -> String {
     s.push_str("| data | target | uhmm / baseline | bound | met | numbers (uhmm / baseline) |\n| --- | --- | --- | --- | --- | --- |\n");
     for row in &r.rows {
         for t in &row.targets {
-            let ratio = t.ratio.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
-            let met = match t.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "–",
-            };
-            s.push_str(&format!("| {} | {} | {ratio} | {} | {met} | {} |\n", row.data, t.name, t.bound, t.detail));
+            s.push_str(&t.row(row.data));
         }
         let mem = |x: &Side| format!("{:.2}", x.mem_used as f64 / (r.size as f64 * x.out_fraction.max(1e-9)));
         s.push_str(&format!(
@@ -484,25 +478,16 @@ fn markdown(r: &TierResults) -> String {
             mem(&row.uhmm)
         ));
     }
-    let target_line = |s: &mut String, data: &str, t: &Target| {
-        let ratio = t.ratio.map_or_else(|| "–".into(), |x| format!("{x:.2}"));
-        let met = match t.met {
-            Some(true) => "yes",
-            Some(false) => "**no**",
-            None => "–",
-        };
-        s.push_str(&format!("| {data} | {} | {ratio} | {} | {met} | {} |\n", t.name, t.bound, t.detail));
-    };
     if let Some(kv) = &r.kv {
         for (data, targets) in &kv.rows {
             for t in targets {
-                target_line(&mut s, data, t);
+                s.push_str(&t.row(data));
             }
         }
     }
     for f in &r.far {
         for t in &f.targets {
-            target_line(&mut s, &f.store, t);
+            s.push_str(&t.row(&f.store));
         }
     }
     if let Some(kv) = &r.kv {
