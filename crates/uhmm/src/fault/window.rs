@@ -20,8 +20,11 @@ use uhmm_sys::{HUGE_SIZE, PAGE_SIZE};
 /// (up to the maximum), when that run is at least twice the base window (a
 /// scan that came from below without faulting there: glibc's memcpy copies
 /// a large buffer's head first and the rest from its end down, and the next
-/// chunk of a read starts above the one before); else the aligned base
-/// window. Every window is clipped to the faulting page's [`BLOCK_PAGES`]
+/// chunk of a read starts above the one before); one down the region
+/// through the pages between, when the window recorded just before ended
+/// one to four blocks below the fault (glibc's memcpy copying a large
+/// buffer backwards takes its head first, then the rest from its tail
+/// down); else the aligned base window. Every window is clipped to the faulting page's [`BLOCK_PAGES`]
 /// block. A region whose faults seldom go on as scans (random access:
 /// fewer than one window in [`RANDOM_SHARE`] that started a scan was
 /// followed by the scan's next fault) gets one page for a fault that starts
@@ -58,6 +61,10 @@ const RANDOM_SHARE: usize = 8;
 
 /// Scans a region tracks at once.
 const SCAN_STREAMS: usize = 4;
+
+/// The largest copy taken for one that read its head and goes on from its
+/// tail down (8 MiB): a fault at most this far above the window before it.
+const TAIL_FIRST_PAGES: usize = 4 * BLOCK_PAGES;
 
 /// Pages of a fault-around block: no window leaves the aligned 2 MiB block
 /// (counted from the region's start, 2 MiB-aligned for regions that large)
@@ -181,10 +188,29 @@ impl ScanWindow {
         if base > 1 && self.random() {
             return Proposal::new(idx..idx + 1, 1, stream, None);
         }
+        if base > 1
+            && let Some(head) = self.last_end_below(idx)
+            && (BLOCK_PAGES..=TAIL_FIRST_PAGES).contains(&(idx + 1 - head))
+        {
+            // The window just before this fault took a large copy's head,
+            // a block or more below: glibc's memcpy, copying backwards,
+            // goes on from the tail down through the pages between.
+            let size = (idx + 1 - head).min(max.max(base));
+            let pages = (idx + 1).saturating_sub(size).max(lo).max(head)..idx + 1;
+            return Proposal::new(pages, size, stream, Some(Scan::Down));
+        }
         let (phase, at) = (phase % base, idx + phase % base);
         let vstart = at - at % base;
         let pages = vstart.saturating_sub(phase).max(lo)..(vstart + base - phase).min(hi);
         Proposal::new(pages, base, stream, None)
+    }
+
+    /// The end of the window recorded last, if it lies at or below `idx`.
+    fn last_end_below(&self, idx: usize) -> Option<usize> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.clock.load(Relaxed);
+        let last = self.streams.iter().find(|s| now > 0 && s.used.load(Relaxed) == now)?;
+        Some(last.end.load(Relaxed)).filter(|&end| end <= idx)
     }
 
     /// Counts a window that starts a scan; whether the faults here are
@@ -332,6 +358,23 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_that_takes_its_head_then_goes_down_from_its_tail_gets_the_pages_between() {
+        let w = ScanWindow::default();
+        let take = |idx: usize| take(&w, idx, 1 << 20);
+        // A 4 MiB copy at page 4096, backwards: its head, then its tail down.
+        assert_eq!(take(4096).pages, 4096..4112);
+        let p = take(5119);
+        assert_eq!((p.pages, p.scan), (4608..5120, Some(Scan::Down)), "the pages between, clipped to the block");
+        assert_eq!(take(4607).pages, 4096..4608, "the scan down goes on to the block's start");
+        // A fault far above the last window, or less than a block above it,
+        // starts no such scan.
+        take(8192);
+        assert_eq!(take(8192 + 4 * 512 + 100).scan, None, "more than four blocks above");
+        take(12288);
+        assert_eq!(take(12288 + 300).scan, None, "less than a block above: the base window");
+    }
+
+    #[test]
     fn a_marker_fault_takes_its_page_alone_and_resumes_where_the_scan_ends() {
         let w = ScanWindow::default();
         let take = |idx: usize| take(&w, idx, 1000);
@@ -343,13 +386,14 @@ mod tests {
         assert_eq!(take(48).pages, 48..112, "the scan's windows stay as they were");
         assert!(!take(16).on_marker, "a marker serves once");
         // Down: the marker is the window's top page; the scan resumes below it.
-        take(703);
-        let last = take(687); // a scan down: 656..688
-        w.leave_marker(&last, 687);
-        let p = take(687);
-        assert_eq!((p.pages, p.resume, p.scan), (687..688, Some(655), Some(Scan::Down)));
-        assert_eq!(take(655).pages, 592..656);
+        take(303);
+        let last = take(287); // a scan down: 256..288
+        w.leave_marker(&last, 287);
+        let p = take(287);
+        assert_eq!((p.pages, p.resume, p.scan), (287..288, Some(255), Some(Scan::Down)));
+        assert_eq!(take(255).pages, 192..256);
         // At the region's end there is nothing to resume.
+        take(700);
         take(960);
         let last = take(976); // 976..1000, clipped
         w.leave_marker(&last, 976);
