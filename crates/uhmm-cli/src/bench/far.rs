@@ -11,7 +11,8 @@
 //!   userfaultfd round trip (the fault limit).
 //!
 //! The data is random bytes (sealed pages do not compress, and a page of
-//! zeros is never sent), the same for both sides; the sides alternate.
+//! zeros is never sent), the same for both sides; the sides alternate, each
+//! starting on a quiet machine (see `settle`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -58,7 +59,9 @@ pub fn run(address: &FarAddress, len: usize, runs: u32, touches: usize) -> Resul
             let mut k = Sides::default();
             for run in 0..=runs {
                 progress(&format!("{address}: kernel swap file and uhmm, run {run} of {runs}"));
+                settle();
                 kernel_run(&bytes, &pages, run > 0, &mut k)?;
+                settle();
                 uhmm_run(address, &bytes, &pages, run > 0, &mut u)?;
             }
             drop(swap);
@@ -197,6 +200,35 @@ impl Drop for SwapFile {
         }
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Waits a second, then (up to 10 s) until the CPUs have been idle for
+/// 200 ms and no byte is under writeback: after a side's run the
+/// kernel goes on for a few seconds in the background (freeing the swap
+/// file's slots and their pages, or the file store's private file), and a
+/// side measured meanwhile would share the CPUs with it.
+fn settle() {
+    let busy_ticks = || -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let idle = cpu.get(3)? + cpu.get(4)?; // idle + iowait
+        Some((cpu.iter().sum::<u64>() - idle, cpu.iter().sum()))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let Some((b0, t0)) = busy_ticks() else { return };
+        std::thread::sleep(Duration::from_millis(200));
+        let Some((b1, t1)) = busy_ticks() else { return };
+        // Under a tenth of a CPU busy (ticks of all CPUs together).
+        if (b1 - b0) * 10 <= (t1 - t0) / num_cpus() as u64 && writeback_bytes() == 0 {
+            return;
+        }
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Bytes under writeback (`/proc/meminfo`).
