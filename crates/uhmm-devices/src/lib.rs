@@ -36,4 +36,5 @@ mod range;
 pub mod remote;
 pub mod sim;
 pub mod store;
+mod teardown;
 pub mod tier;

@@ -282,14 +282,8 @@ impl Drop for CudaDevice {
             std::mem::forget(self.inner.clone());
             return;
         }
-        match self.inner.release() {
-            Ok(_) => {
-                if let Err(err) = self.inner.space.unregister_pagemap(self.inner.pagemap()) {
-                    tracing::error!(%err, "CUDA device: pagemap still in use at drop");
-                }
-            }
-            Err(err) => tracing::error!(%err, "CUDA device: eviction at drop failed"),
-        }
+        let inner = &self.inner;
+        crate::teardown::release_and_unregister(&inner.space, inner.pagemap(), || inner.release(), "CUDA device");
         self.inner.mem().trim(&*self.inner.api);
         self.inner.staging.clear(&*self.inner.api);
     }

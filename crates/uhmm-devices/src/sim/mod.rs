@@ -631,14 +631,8 @@ impl Drop for SimDevice {
             std::mem::forget(self.inner.clone());
             return;
         }
-        match self.inner.release() {
-            Ok(_) => {
-                if let Err(err) = self.inner.space.unregister_pagemap(self.inner.pagemap()) {
-                    tracing::error!(%err, "sim device: pagemap still in use at drop");
-                }
-            }
-            Err(err) => tracing::error!(%err, "sim device: eviction at drop failed"),
-        }
+        let inner = &self.inner;
+        crate::teardown::release_and_unregister(&inner.space, inner.pagemap(), || inner.release(), "sim device");
     }
 }
 

@@ -258,14 +258,8 @@ impl Drop for StoreDevice {
             // A forked child's copy: its pages go with the child.
             return;
         }
-        match self.inner.release() {
-            Ok(_) => {
-                if let Err(err) = self.inner.space.unregister_pagemap(self.inner.pagemap()) {
-                    tracing::error!(%err, "store device: pagemap still in use at drop");
-                }
-            }
-            Err(err) => tracing::error!(%err, "store device: eviction at drop failed"),
-        }
+        let inner = &self.inner;
+        crate::teardown::release_and_unregister(&inner.space, inner.pagemap(), || inner.release(), "store device");
     }
 }
 
