@@ -4,7 +4,10 @@
 //! - `file:DIR` against the kernel's swap on a file in the same directory
 //!   (same disk): `MADV_PAGEOUT` of the same bytes until written back, then
 //!   a sequential touch of every page, against a migration to the file
-//!   store and the same touch.
+//!   store and the same touch. The kernel side's pages are charged to a
+//!   memory cgroup of the bench's own and reclaimed from the swap cache
+//!   before the touch, so that both touches read the disk; the disk's
+//!   counters check that they did.
 //! - `redis://…` against the server itself through the same client crate:
 //!   a pipelined `SET` of the same bytes in values of the store's group
 //!   size (the demotion limit), and one `GET` of such a value plus one raw
@@ -24,6 +27,7 @@ use uhmm_devices::store::{StoreDevice, StoreDeviceConfig};
 use uhmm_sys::mman::{Mapping, Protection};
 
 use super::baselines::RawRoundTrip;
+use super::cgroup::Cgroup;
 use super::report::Target;
 use super::{histogram, median, progress};
 use crate::units::human;
@@ -56,14 +60,18 @@ pub fn run(address: &FarAddress, len: usize, runs: u32, touches: usize) -> Resul
         FarAddress::File(path) => {
             let dir = if path.is_dir() { path.clone() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
             let swap = SwapFile::setup(&dir, len + (16 << 20))?;
+            let cg = Cgroup::create("far")?;
+            let disk = DiskReads::of(&dir);
+            let side = UhmmSide::new(address)?;
             let mut k = Sides::default();
             for run in 0..=runs {
                 progress(&format!("{address}: kernel swap file and uhmm, run {run} of {runs}"));
                 settle();
-                kernel_run(&bytes, &pages, run > 0, &mut k)?;
+                kernel_run(&cg, disk.as_ref(), &bytes, &pages, run > 0, &mut k)?;
                 settle();
-                uhmm_run(address, &bytes, &pages, run > 0, &mut u)?;
+                side.run(disk.as_ref(), &bytes, &pages, run > 0, &mut u)?;
             }
+            drop(side);
             drop(swap);
             let (uo, ko, us, ks) = (median(&u.out), median(&k.out), median(&u.scan), median(&k.scan));
             let (up, kp) = (u.p50(), k.p50());
@@ -102,6 +110,7 @@ pub fn run(address: &FarAddress, len: usize, runs: u32, touches: usize) -> Resul
             let mut base = Sides::default();
             let raw = RawRoundTrip::new(touches.max(64), 0)?;
             let mut raw_h = histogram();
+            let side = UhmmSide::new(address)?;
             for run in 0..=runs {
                 progress(&format!("{address}: pipelined SET / GET and uhmm, run {run} of {runs}"));
                 redis_run(url, &bytes, group * PAGE_SIZE, &pages, run > 0, &mut base)?;
@@ -110,8 +119,9 @@ pub fn run(address: &FarAddress, len: usize, runs: u32, touches: usize) -> Resul
                 if run > 0 {
                     let _ = raw_h.add(&h);
                 }
-                uhmm_run(address, &bytes, &pages, run > 0, &mut u)?;
+                side.run(None, &bytes, &pages, run > 0, &mut u)?;
             }
+            drop(side);
             drop(raw);
             let (uo, bo) = (median(&u.out), median(&base.out));
             let (up, get) = (u.p50(), base.p50());
@@ -240,8 +250,7 @@ fn writeback_bytes() -> u64 {
         .map_or(0, |k| k * 1024)
 }
 
-/// Pages `map` out to swap and waits until they are written; a second
-/// page-out then frees the written pages still in the swap cache.
+/// Pages `map` out to swap and waits until they are written.
 fn page_out(map: &Mapping, len: usize) -> Result<(), String> {
     map.pageout(0, len).map_err(|e| format!("MADV_PAGEOUT: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -251,19 +260,85 @@ fn page_out(map: &Mapping, len: usize) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_micros(200));
     }
-    map.pageout(0, len).map_err(|e| format!("MADV_PAGEOUT: {e}"))
+    Ok(())
 }
 
-fn kernel_run(bytes: &[u8], pages: &[usize], timed: bool, k: &mut Sides) -> Result<(), String> {
+/// Drops the pages `cg` holds after a [`page_out`]: written to swap, they
+/// stay in the swap cache until reclaimed, and a touch would find them
+/// there instead of reading the disk as uhmm's does.
+fn evict(cg: &Cgroup, len: usize) -> Result<(), String> {
+    let left = cg.reclaim()?;
+    if left > len as u64 / 16 {
+        return Err(format!("the kernel side's cgroup still holds {} after reclaim", human(left as usize)));
+    }
+    Ok(())
+}
+
+/// The reads of the block device a directory is on
+/// (`/sys/dev/block/MAJOR:MINOR/stat`).
+struct DiskReads(PathBuf);
+
+impl DiskReads {
+    /// None where the directory is on no block device (tmpfs, overlay).
+    fn of(dir: &Path) -> Option<DiskReads> {
+        use std::os::unix::fs::MetadataExt;
+        let dev = std::fs::metadata(dir).ok()?.dev();
+        let stat = PathBuf::from(format!("/sys/dev/block/{}:{}/stat", rustix::fs::major(dev), rustix::fs::minor(dev)));
+        stat.exists().then_some(DiskReads(stat))
+    }
+
+    /// Bytes read so far (sectors read, the third field, are 512 bytes).
+    fn bytes(&self) -> u64 {
+        let s = std::fs::read_to_string(&self.0).unwrap_or_default();
+        s.split_whitespace().nth(2).and_then(|x| x.parse::<u64>().ok()).map_or(0, |n| n * 512)
+    }
+
+    /// Runs `scan`; fails unless it read at least 3/4 of `len` bytes from
+    /// the disk (pages served from RAM would not compare like with like).
+    fn check<T>(
+        disk: Option<&DiskReads>,
+        side: &str,
+        len: usize,
+        scan: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, String> {
+        let Some(d) = disk else { return scan() };
+        let before = d.bytes();
+        let r = scan()?;
+        let read = d.bytes() - before;
+        if read < len as u64 / 4 * 3 {
+            return Err(format!(
+                "{side}'s sequential scan read {} of {} from the disk: its pages were still in RAM",
+                human(read as usize),
+                human(len)
+            ));
+        }
+        Ok(r)
+    }
+}
+
+fn kernel_run(
+    cg: &Cgroup,
+    disk: Option<&DiskReads>,
+    bytes: &[u8],
+    pages: &[usize],
+    timed: bool,
+    k: &mut Sides,
+) -> Result<(), String> {
     let len = bytes.len();
-    let map = Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
-    map.write(0, bytes).map_err(|e| format!("fill: {e}"))?;
+    let map = {
+        let _charged_to_cg = cg.enter()?;
+        let map = Mapping::anonymous(len, Protection::ReadWrite, PAGE_SIZE).map_err(|e| format!("mmap: {e}"))?;
+        map.write(0, bytes).map_err(|e| format!("fill: {e}"))?;
+        map
+    };
     let read = |off: usize, buf: &mut [u8]| map.read(off, buf).map_err(|e| format!("touch: {e}"));
     let t = Instant::now();
     page_out(&map, len)?;
     let out = t.elapsed();
-    let scan = super::tier::scan(len, read)?;
+    evict(cg, len)?;
+    let scan = DiskReads::check(disk, "the kernel side", len, || super::tier::scan(len, read))?;
     page_out(&map, len)?;
+    evict(cg, len)?;
     let random = super::tier::touch(pages, read)?;
     if timed {
         k.record(len, out, Some(scan), &random);
@@ -271,34 +346,62 @@ fn kernel_run(bytes: &[u8], pages: &[usize], timed: bool, k: &mut Sides) -> Resu
     Ok(())
 }
 
-fn uhmm_run(address: &FarAddress, bytes: &[u8], pages: &[usize], timed: bool, u: &mut Sides) -> Result<(), String> {
-    let len = bytes.len();
-    let err = |what: &'static str| move |e: uhmm::Error| format!("{what}: {e}");
-    let space = AddressSpace::new(Config::default()).map_err(err("address space"))?;
-    let far = address.open().map_err(err("far store"))?;
-    let dev = StoreDevice::new(&space, far.page_store(), StoreDeviceConfig::default()).map_err(err("device"))?;
-    let region = space.map(len, Prot::READ_WRITE).map_err(err("map"))?;
-    region.write(0, bytes).map_err(err("fill"))?;
-    let read = |off: usize, buf: &mut [u8]| region.load(off, buf).map_err(|e| format!("touch: {e}"));
-    let t = Instant::now();
-    let moved = dev.migrate_to_device(region.addr(), region.npages()).map_err(err("demote"))?;
-    let out = t.elapsed();
-    if moved.moved != region.npages() {
-        return Err(format!("{address}: only {} of {} pages went out", moved.moved, region.npages()));
+/// The uhmm side: one address space, far store and device over all its
+/// runs, as a process that pages out and back again keeps its store (and
+/// the kernel side keeps its swap file): the warm-up run gives each side's
+/// file its blocks.
+struct UhmmSide {
+    address: FarAddress,
+    // Dropped in this order: the device's pages go back first.
+    dev: StoreDevice,
+    _far: uhmm_devices::far::FarStore,
+    space: AddressSpace,
+}
+
+impl UhmmSide {
+    fn new(address: &FarAddress) -> Result<UhmmSide, String> {
+        let err = |what: &'static str| move |e: uhmm::Error| format!("{what}: {e}");
+        let space = AddressSpace::new(Config::default()).map_err(err("address space"))?;
+        let far = address.open().map_err(err("far store"))?;
+        let dev = StoreDevice::new(&space, far.page_store(), StoreDeviceConfig::default()).map_err(err("device"))?;
+        Ok(UhmmSide { address: address.clone(), dev, _far: far, space })
     }
-    let scan = super::tier::scan(len, read)?;
-    dev.migrate_to_device(region.addr(), region.npages()).map_err(err("demote"))?;
-    let random = super::tier::touch(pages, read)?;
-    let mut check = vec![0u8; len];
-    region.read(0, &mut check).map_err(err("check"))?;
-    if check != bytes {
-        return Err(format!("{address}: the bytes read back differ from those written"));
+
+    /// One run on a region of its own, unmapped at the end; `disk`: the
+    /// file store's disk, whose reads the scan must make.
+    fn run(
+        &self,
+        disk: Option<&DiskReads>,
+        bytes: &[u8],
+        pages: &[usize],
+        timed: bool,
+        u: &mut Sides,
+    ) -> Result<(), String> {
+        let (address, dev, len) = (&self.address, &self.dev, bytes.len());
+        let err = |what: &'static str| move |e: uhmm::Error| format!("{what}: {e}");
+        let region = self.space.map(len, Prot::READ_WRITE).map_err(err("map"))?;
+        region.write(0, bytes).map_err(err("fill"))?;
+        let read = |off: usize, buf: &mut [u8]| region.load(off, buf).map_err(|e| format!("touch: {e}"));
+        let t = Instant::now();
+        let moved = dev.migrate_to_device(region.addr(), region.npages()).map_err(err("demote"))?;
+        let out = t.elapsed();
+        if moved.moved != region.npages() {
+            return Err(format!("{address}: only {} of {} pages went out", moved.moved, region.npages()));
+        }
+        let scan = DiskReads::check(disk, "uhmm", len, || super::tier::scan(len, read))?;
+        dev.migrate_to_device(region.addr(), region.npages()).map_err(err("demote"))?;
+        let random = super::tier::touch(pages, read)?;
+        let mut check = vec![0u8; len];
+        region.read(0, &mut check).map_err(err("check"))?;
+        if check != bytes {
+            return Err(format!("{address}: the bytes read back differ from those written"));
+        }
+        if timed {
+            let scanned = matches!(address, FarAddress::File(_)).then_some(scan);
+            u.record(len, out, scanned, &random);
+        }
+        Ok(())
     }
-    if timed {
-        let scanned = matches!(address, FarAddress::File(_)).then_some(scan);
-        u.record(len, out, scanned, &random);
-    }
-    Ok(())
 }
 
 /// The limit of a remote store: the same bytes `SET` in values of `value`

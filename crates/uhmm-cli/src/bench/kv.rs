@@ -30,9 +30,8 @@
 //! (`Mapping::read` / `write`, `Region::load` / `store`), as a program's
 //! own code does.
 
-use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -42,6 +41,7 @@ use uhmm::PAGE_SIZE;
 use uhmm_sys::mman::{Mapping, Protection};
 use uhmm_sys::pagemap::{Pagemap, Query, category};
 
+use super::cgroup::{Cgroup, read_u64};
 use super::median;
 use super::progress;
 use super::report::Target;
@@ -592,7 +592,6 @@ fn sample(phase: &AtomicU8, stop: &AtomicBool, mut f: impl FnMut() -> (u64, u64)
     out
 }
 
-/// Reads a number from a cgroup file.
 /// Runs `work` while a thread takes `figures` (see [`sample`]) until it
 /// ends; returns the samples, or `work`'s error.
 fn while_sampling(
@@ -608,11 +607,6 @@ fn while_sampling(
         let samples = sampler.join().map_err(|_| "the sampler panicked".to_string())?;
         r.map(|()| samples)
     })
-}
-
-fn read_u64(path: &Path) -> Result<u64, String> {
-    let s = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    s.trim().parse().map_err(|e| format!("{}: {s:?}: {e}", path.display()))
 }
 
 /// Says `event` to the parent and waits for its answer.
@@ -899,137 +893,6 @@ fn tracking_quality(counts: &[u32], hot: &[usize]) -> (f64, f64) {
     (recall, false_hot)
 }
 
-/// A memory cgroup made for one child; removed on drop.
-#[derive(Debug)]
-pub struct Cgroup {
-    dir: PathBuf,
-    v2: bool,
-}
-
-/// Where the memory controller is mounted: (the hierarchy's root, v2).
-fn memory_hierarchy() -> Result<(PathBuf, bool), String> {
-    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|e| format!("/proc/self/mounts: {e}"))?;
-    let mut v2 = None;
-    for line in mounts.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let [_, at, kind, opts, ..] = f[..] else { continue };
-        if kind == "cgroup" && opts.split(',').any(|o| o == "memory") {
-            return Ok((PathBuf::from(at), false));
-        }
-        if kind == "cgroup2" && v2.is_none() {
-            let controllers = fs::read_to_string(Path::new(at).join("cgroup.controllers")).unwrap_or_default();
-            if controllers.split_whitespace().any(|c| c == "memory") {
-                v2 = Some(PathBuf::from(at));
-            }
-        }
-    }
-    v2.map(|p| (p, true)).ok_or_else(|| "no memory cgroup controller is mounted (v1 or v2)".to_string())
-}
-
-impl Cgroup {
-    /// Makes a memory cgroup under the hierarchy's root, with a name of
-    /// its own, no limit yet, and (v1) swappiness 100.
-    pub fn create() -> Result<Cgroup, String> {
-        if !rustix::process::geteuid().is_root() {
-            return Err("not running as root (a memory cgroup is needed)".into());
-        }
-        let (root, v2) = memory_hierarchy()?;
-        if v2 {
-            let ctl = root.join("cgroup.subtree_control");
-            let on = fs::read_to_string(&ctl).map_err(|e| format!("{}: {e}", ctl.display()))?;
-            if !on.split_whitespace().any(|c| c == "memory") {
-                fs::write(&ctl, "+memory").map_err(|e| format!("enabling memory in {}: {e}", ctl.display()))?;
-            }
-        }
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let dir = root.join(format!("uhmm-bench-kv-{}-{nanos}", std::process::id()));
-        fs::create_dir(&dir).map_err(|e| format!("creating the cgroup {}: {e}", dir.display()))?;
-        let cg = Cgroup { dir, v2 };
-        if !v2 {
-            cg.write("memory.swappiness", "100")?;
-        }
-        Ok(cg)
-    }
-
-    fn write(&self, file: &str, what: &str) -> Result<(), String> {
-        let p = self.dir.join(file);
-        fs::write(&p, what).map_err(|e| format!("writing {what} to {}: {e}", p.display()))
-    }
-
-    /// The file of the memory charged now.
-    pub fn usage_file(&self) -> PathBuf {
-        self.dir.join(if self.v2 { "memory.current" } else { "memory.usage_in_bytes" })
-    }
-
-    /// Moves process `pid` in.
-    pub fn add(&self, pid: u32) -> Result<(), String> {
-        self.write("cgroup.procs", &pid.to_string())
-    }
-
-    /// Limits the cgroup's RAM to `bytes` (the kernel reclaims down to it,
-    /// to swap, before the write returns); a few tries while it cannot yet.
-    pub fn limit(&self, bytes: u64) -> Result<(), String> {
-        let file = if self.v2 { "memory.max" } else { "memory.limit_in_bytes" };
-        let mut tries = 0;
-        loop {
-            match self.write(file, &bytes.to_string()) {
-                Ok(()) => return Ok(()),
-                Err(_) if tries < 10 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => {
-                    let usage = read_u64(&self.usage_file()).map_or_else(|e| e, |u| u.to_string());
-                    let stat = fs::read_to_string(self.dir.join("memory.stat")).unwrap_or_default();
-                    let stat: Vec<&str> = stat
-                        .lines()
-                        .filter(|l| {
-                            ["anon ", "rss ", "swap ", "cache ", "file ", "unevictable "]
-                                .iter()
-                                .any(|k| l.starts_with(k))
-                        })
-                        .collect();
-                    return Err(format!(
-                        "{e} (the kernel could not reclaim down to it; usage {usage}, {})",
-                        stat.join(", ")
-                    ));
-                }
-            }
-        }
-    }
-
-    /// Processes its OOM killer killed (`oom_kill` of `memory.oom_control`,
-    /// v1, or `memory.events`, v2).
-    pub fn oom_kills(&self) -> u64 {
-        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
-        let s = fs::read_to_string(self.dir.join(file)).unwrap_or_default();
-        s.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
-    }
-
-    /// What it is, for the report.
-    pub fn describe(&self) -> String {
-        format!(
-            "a memory cgroup (v{}{}) limited to the budget",
-            if self.v2 { 2 } else { 1 },
-            if self.v2 { "" } else { ", swappiness 100" }
-        )
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // The child is gone (waited for); its charges may take a moment.
-        for _ in 0..50 {
-            match fs::remove_dir(&self.dir) {
-                Ok(()) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-        eprintln!("uhmm bench: WARNING: could not remove the cgroup {}: run `rmdir {0}`", self.dir.display());
-    }
-}
-
 /// A child that is killed and waited for if dropped before it exited.
 struct Running(Child);
 
@@ -1185,7 +1048,8 @@ pub fn run(o: &KvOptions) -> Result<KvResults, String> {
             human(budget_bytes)
         ));
         for tries in 1..=KERNEL_TRIES {
-            let cg = Cgroup::create().map_err(|e| format!("the RAM-budget rows' kernel side cannot be set up: {e}"))?;
+            let cg =
+                Cgroup::create("kv").map_err(|e| format!("the RAM-budget rows' kernel side cannot be set up: {e}"))?;
             kernel_setup = format!("{}, /dev/zram ({}) the only swap", cg.describe(), zram.algorithm());
             let p = ChildPlan { usage_file: Some(cg.usage_file()), ..plan.clone() };
             let k = run_child(&p, Some((&cg, &zram)));

@@ -8,6 +8,7 @@
 
 mod baselines;
 mod cases;
+mod cgroup;
 mod datasets;
 mod far;
 mod gpu;

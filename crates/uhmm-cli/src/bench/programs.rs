@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use super::kv::Cgroup;
+use super::cgroup::Cgroup;
 use super::zram::Zram;
 use crate::units::human;
 
@@ -98,7 +98,7 @@ fn anon_bytes(stat: &Path) -> Option<u64> {
 /// by `prefix` (the `uhmm run` command line, for the uhmm side), sampling
 /// the cgroup's anonymous memory.
 fn run_in_cgroup(script: &str, prefix: &str, limit: Option<u64>, dir: &Path) -> Result<Outcome, String> {
-    let cg = Cgroup::create()?;
+    let cg = Cgroup::create("programs")?;
     if let Some(l) = limit {
         cg.limit(l)?;
     }
