@@ -12,6 +12,7 @@ fn the_demo_runs_on_the_fake_gpu() {
     let (rc, out, err) = run_uhmm(&["demo", "--device", "cuda-fake", "--size", "8M"]);
     assert_eq!(rc, Some(0), "{out}{err}");
     assert!(out.contains("every word is one more"), "{out}");
+    assert!(out.contains("every word is two more"), "the kernel in place ran: {out}");
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! The CUDA device's driver against the fake GPU: data round trips (with
 //! holes), CPU faults with fault-around, the add-one kernel, both staging
 //! modes, copy errors both ways, eviction on drop, CPU access during a
-//! migration, chunk reuse. Every test runs under a timeout.
+//! migration, chunk reuse; the kernel on RAM pages in place, through host
+//! memory mapped for the GPU and dropped before its pages change. Every
+//! test runs under a timeout.
 
 mod common;
 
@@ -9,7 +11,7 @@ use std::sync::Arc;
 
 use common::{assert_words, cpu_read, fill, map, pages_in_ram, space, with_timeout, word};
 use uhmm::{AddressSpace, ErrorKind, PAGE_SIZE, Region, Residency};
-use uhmm_devices::cuda::{CudaConfig, CudaDevice, FakeConfig, FakeGpu, StagingMode};
+use uhmm_devices::cuda::{CudaConfig, CudaDevice, FakeConfig, FakeGpu, InPlace, StagingMode};
 
 const MODES: [StagingMode; 2] = [StagingMode::Ring, StagingMode::Registered];
 
@@ -101,6 +103,112 @@ fn the_kernel_runs_on_gpu_pages_and_the_cpu_sees_its_writes() {
             // Pages back in RAM are not the kernel's: nothing to update.
             assert_eq!(dev.add_one(r.addr(), n).unwrap(), 0);
         }
+    });
+}
+
+#[test]
+fn the_kernel_runs_in_place_on_ram_pages_and_on_gpu_pages_and_moves_none() {
+    with_timeout(60, || {
+        let space = space();
+        let gpu = gpu(0);
+        let dev = device(&space, &gpu, StagingMode::Ring);
+        let n = 1024;
+        let r = map(&space, n);
+        // Pages 0..900 written, 900..n holes; 0..512 on the GPU.
+        fill(&r, 0..900, |i| i);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), 512).unwrap(), 512);
+        for round in 1..=2u32 {
+            let done = dev.add_one_in_place(r.addr(), n).unwrap();
+            assert_eq!(done, InPlace { gpu_pages: 512, ram_pages: 512 }, "round {round}");
+            assert_eq!(on_gpu(&space, &dev, &r), 512, "round {round}: no page moved to the GPU");
+            assert_eq!(pages_in_ram(&space, &r, 512..n), 512, "round {round}: the holes became pages of their own");
+            assert_eq!(dev.host_mapped_bytes(), 512 * PAGE_SIZE);
+        }
+        let s = gpu.stats();
+        assert_eq!(s.host_maps, 1, "the second kernel reused the first's map: {s:?}");
+        assert_eq!(s.host_kernel_bytes, 2 * 512 * PAGE_SIZE as u64, "{s:?}");
+        assert_eq!(s.host_mapped_bytes, 512 * PAGE_SIZE);
+        let words_written = (900 * PAGE_SIZE / 4) as u32;
+        assert_words(&cpu_read(&r), |i| if i < words_written { i + 2 } else { 2 });
+        drop(r);
+        assert_eq!(dev.host_mapped_bytes(), 0, "an unmap drops the maps of its pages");
+        assert_eq!(gpu.stats().host_mapped_bytes, 0);
+    });
+}
+
+#[test]
+fn a_change_to_pages_mapped_for_the_gpu_drops_their_map_first() {
+    with_timeout(60, || {
+        let space = space();
+        let gpu = gpu(0);
+        let dev = device(&space, &gpu, StagingMode::Ring);
+        let n = 512;
+        let r = map(&space, n);
+        fill(&r, 0..n, |i| i);
+        assert_eq!(dev.add_one_in_place(r.addr(), n).unwrap(), InPlace { gpu_pages: 0, ram_pages: n });
+        assert_eq!(dev.host_mapped_bytes(), n * PAGE_SIZE);
+        // The device's own migration of part of the range: the map goes
+        // (a pinned page cannot move), and the next kernel maps what is
+        // left in RAM again.
+        assert_eq!(dev.migrate_to_device_all(r.addr() + 100 * PAGE_SIZE, 50).unwrap(), 50);
+        assert_eq!(dev.host_mapped_bytes(), 0);
+        assert_eq!(dev.add_one_in_place(r.addr(), n).unwrap(), InPlace { gpu_pages: 50, ram_pages: n - 50 });
+        assert_eq!(gpu.stats().host_maps, 3, "two RAM runs around the GPU's pages");
+        // A protection change drops them too.
+        r.protect(0..r.len(), uhmm::Prot::READ).unwrap();
+        assert_eq!(dev.host_mapped_bytes(), 0);
+        r.protect(0..r.len(), uhmm::Prot::READ_WRITE).unwrap();
+        assert_words(&cpu_read(&r), |i| i + 2);
+        assert_eq!(gpu.stats().host_mapped_bytes, 0);
+    });
+}
+
+#[test]
+fn in_place_kernels_racing_migrations_and_cpu_reads_lose_no_update() {
+    with_timeout(120, || {
+        let space = space();
+        let gpu = gpu(0);
+        let dev = Arc::new(device(&space, &gpu, StagingMode::Ring));
+        let n = 256;
+        let r = Arc::new(map(&space, n));
+        fill(&r, 0..n, |i| i);
+        let kernels = 40u32;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mover = {
+            let (dev, r, stop) = (dev.clone(), r.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut moves = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let half = if moves % 2 == 0 { 0 } else { n / 2 };
+                    dev.migrate_to_device(r.addr() + half * PAGE_SIZE, n / 2).unwrap();
+                    dev.migrate_to_system(r.addr(), n).unwrap();
+                    moves += 1;
+                }
+                moves
+            })
+        };
+        let reader = {
+            let (r, stop) = (r.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    r.read(7 * PAGE_SIZE, &mut buf).unwrap(); // faults GPU pages home
+                }
+            })
+        };
+        let mut split = InPlace::default();
+        for _ in 0..kernels {
+            let done = dev.add_one_in_place(r.addr(), n).unwrap();
+            assert_eq!(done.gpu_pages + done.ram_pages, n);
+            split.gpu_pages += done.gpu_pages;
+            split.ram_pages += done.ram_pages;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let moves = mover.join().unwrap();
+        reader.join().unwrap();
+        assert!(moves > 0, "the migrations ran");
+        assert!(split.ram_pages > 0, "kernels ran on RAM pages in place: {split:?}");
+        assert_words(&cpu_read(&r), |i| i + kernels);
     });
 }
 

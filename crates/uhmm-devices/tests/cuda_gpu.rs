@@ -24,3 +24,22 @@ fn round_trip_and_kernel_on_a_real_gpu() {
         }
     });
 }
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: cargo test --features cuda -- --ignored"]
+fn kernel_in_place_on_ram_and_gpu_pages_of_a_real_gpu() {
+    with_timeout(300, || {
+        let space = space();
+        let dev = CudaDevice::open(&space, CudaConfig::default()).expect("a GPU");
+        let n = 4096; // 16 MiB, half of it on the GPU
+        let r = map(&space, n);
+        fill(&r, 0..n, |i| i);
+        assert_eq!(dev.migrate_to_device_all(r.addr(), n / 2).unwrap(), n / 2);
+        let done = dev.add_one_in_place(r.addr(), n).unwrap();
+        assert_eq!((done.gpu_pages, done.ram_pages), (n / 2, n / 2));
+        // A migration drops the pinned maps first, or it could not move them.
+        assert_eq!(dev.migrate_to_device_all(r.addr(), n).unwrap(), n);
+        assert_eq!(dev.host_mapped_bytes(), 0);
+        assert_words(&cpu_read(&r), |i| i + 1);
+    });
+}

@@ -3,15 +3,16 @@
 //! time: a machine without CUDA builds this and gets an error, not a link
 //! failure or a panic, when it opens a GPU. What takes raw pointers
 //! (`cuMemAlloc`, asynchronous copies between device memory and a
-//! [`Mapping`], `cuMemHostRegister`, the kernel launch, managed memory for
-//! the benchmarks) is here, each `unsafe` block argued; the rest is
+//! [`Mapping`], `cuMemHostRegister`, host memory mapped for the GPU to use
+//! in place, the kernel launch, managed memory for the benchmarks) is here, each `unsafe` block argued; the rest is
 //! cudarc's safe API.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg, result, sys};
 
-use crate::mman::Mapping;
+use crate::mman::{DmaRange, Mapping};
 
 /// Why a CUDA call failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     streams: Vec<Arc<CudaStream>>,
     add_one: CudaFunction,
+    /// Host ranges mapped with [`Gpu::map_host`], by address.
+    host_maps: Mutex<HashSet<usize>>,
 }
 
 /// Work queued on a stream up to a point (a CUDA event).
@@ -92,7 +95,7 @@ impl Gpu {
         let ptx = cudarc::nvrtc::compile_ptx(ADD_ONE).map_err(|e| CudaError::Driver(format!("NVRTC: {e:?}")))?;
         let module = ctx.load_module(ptx).map_err(driver("cuModuleLoadData"))?;
         let add_one = module.load_function("add_one").map_err(driver("cuModuleGetFunction"))?;
-        Ok(Gpu { ctx, streams, add_one })
+        Ok(Gpu { ctx, streams, add_one, host_maps: Mutex::new(HashSet::new()) })
     }
 
     /// The GPU's name.
@@ -147,6 +150,49 @@ impl Gpu {
         // SAFETY: unpins a range registered by `register`; no memory is
         // accessed.
         unsafe { sys::cuMemHostUnregister(buf.as_ptr().cast()) }.result().map_err(driver("cuMemHostUnregister"))
+    }
+
+    /// `cuMemHostRegister(range, PORTABLE | DEVICEMAP)` and
+    /// `cuMemHostGetDevicePointer`: pins the range's pages and maps them
+    /// for the GPU; returns the device address of its first byte, which
+    /// kernels read and write in place until [`Gpu::unmap_host`].
+    pub fn map_host(&self, range: &DmaRange<'_>) -> Result<u64> {
+        self.bind()?;
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
+        let host = range.addr() as *mut std::ffi::c_void;
+        // SAFETY: the range is a mapping's memory lent for device access
+        // while `range` lives (a mapping's bytes may change at any time, so
+        // the GPU's writes break no reference); registering pins its pages,
+        // so the GPU's accesses stay on them even if the range is unmapped
+        // before `unmap_host`.
+        unsafe { sys::cuMemHostRegister_v2(host, range.len(), flags) }.result().map_err(driver("cuMemHostRegister"))?;
+        let mut dptr: sys::CUdeviceptr = 0;
+        // SAFETY: writes the device address of a registered range into a
+        // local.
+        let got = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, host, 0) }.result();
+        if let Err(e) = got {
+            // SAFETY: unpins the range registered just above; nothing used it.
+            let _ = unsafe { sys::cuMemHostUnregister(host) };
+            return Err(driver("cuMemHostGetDevicePointer")(e));
+        }
+        self.host_maps.lock().unwrap_or_else(|e| e.into_inner()).insert(range.addr());
+        Ok(dptr)
+    }
+
+    /// Undoes [`Gpu::map_host`] of the range at `addr`, after the work
+    /// queued on every stream (which may still use it). An address this
+    /// GPU did not map is an error and changes nothing.
+    pub fn unmap_host(&self, addr: usize) -> Result<()> {
+        if !self.host_maps.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr) {
+            return Err(CudaError::Driver(format!("unmap_host of {addr:#x}, which map_host did not map")));
+        }
+        self.bind()?;
+        self.ctx.synchronize().map_err(driver("cuCtxSynchronize"))?;
+        // SAFETY: unpins a range `map_host` registered (checked above); no
+        // queued work uses it any more (synchronized). No memory is accessed.
+        unsafe { sys::cuMemHostUnregister(addr as *mut std::ffi::c_void) }
+            .result()
+            .map_err(driver("cuMemHostUnregister"))
     }
 
     fn check(buf: &Mapping, off: usize, len: usize) -> Result<()> {

@@ -18,6 +18,36 @@ use rustix::mm::{self, Advice, MapFlags, MprotectFlags, ProtFlags};
 
 use super::PAGE_SIZE;
 
+/// Pages of a [`Mapping`] lent to a device for direct access (DMA to
+/// host memory) while the borrow lives ([`Mapping::dma_range`]). A
+/// mapping's memory may change underneath the program at any time, so a
+/// device that reads and writes it breaks no Rust reference; keeping the
+/// pages where the device reaches them (a registration that pins them) is
+/// the device driver's business.
+#[derive(Debug, Clone, Copy)]
+pub struct DmaRange<'a> {
+    addr: usize,
+    len: usize,
+    _mapping: std::marker::PhantomData<&'a Mapping>,
+}
+
+impl DmaRange<'_> {
+    /// The first address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes (whole pages).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a range is never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
 /// Access rights of a mapping, as `mmap`'s `PROT_*` bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protection {
@@ -294,6 +324,13 @@ impl Mapping {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         Ok(self.addr() + off)
+    }
+
+    /// `len` bytes at `off` (a page-aligned, non-empty sub-range) lent to
+    /// a device that reads and writes them in place, as a [`DmaRange`].
+    pub fn dma_range(&self, off: usize, len: usize) -> io::Result<DmaRange<'_>> {
+        let addr = self.page_range(off, len)?;
+        Ok(DmaRange { addr, len, _mapping: std::marker::PhantomData })
     }
 
     fn byte_range(&self, off: usize, len: usize) -> io::Result<*mut u8> {

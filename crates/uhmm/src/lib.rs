@@ -86,7 +86,7 @@ pub use migrate::chunked::{ChunkDriver, PipelinedDriver, migrate_chunked, migrat
 pub use migrate::device_range::migrate_device_range;
 pub use migrate::{Collected, CpuFault, MigrateDst, MigrateSrc, MigrateSummary, Migrated, Migration, Select, Skip};
 pub use migrate_pages::{MIGRATE_PASSES, MigrateMode, MigratePagesOutcome, MigrateReason, NotMoved, migrate_pages};
-pub use mirror::{AccessPage, RangeAccess, range_fault};
+pub use mirror::{AccessPage, RangeAccess, RegionMemory, range_fault};
 pub use mm::{AddressSpace, HandlerWatch, PageSnapshot, Residency};
 pub use move_pages::{MoveStatus, MoveTarget, move_pages};
 pub use notifier::{IntervalNotifier, IntervalNotifierOps, InvalidateEvent, NotifierHandle};
@@ -97,7 +97,7 @@ pub use pte::State as PageState;
 pub use region::Region;
 pub use staging::{BATCH_PAGES, SystemPage};
 pub use stats::StatsSnapshot;
-pub use uhmm_sys::mman::{Mapping, Protection};
+pub use uhmm_sys::mman::{DmaRange, Mapping, Protection};
 pub use uhmm_sys::stall::StepAside;
 pub use uhmm_sys::uffd::Origin as UffdOrigin;
 pub use uhmm_sys::{HUGE_SIZE, PAGE_SIZE};

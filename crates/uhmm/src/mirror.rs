@@ -11,7 +11,9 @@
 //!
 //! A device that keeps a mirror between accesses uses
 //! [`RangeAccess::release`] and an interval notifier (`notifier.rs`) instead
-//! of holding the pages.
+//! of holding the pages. A device that reads and writes RAM pages in place
+//! (DMA to host memory, as a driver `dma_map_page`s the pfns
+//! `hmm_range_fault` gave it) reaches them through [`RegionMemory`].
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -150,6 +152,49 @@ pub fn range_fault(space: &AddressSpace, range: Range<usize>, write: bool, owner
         return Ok(RangeAccess { space: space.clone(), region, first, pages, faulted });
     }
     Err(Error::new(ErrorKind::Busy, "the range kept moving; gave up after 100 attempts"))
+}
+
+/// The memory behind a range of one region, for a device that reads and
+/// writes its RAM pages in place ([`AddressSpace::region_memory`]). It
+/// keeps the region's memory mapped, not its pages where they are: a
+/// device keeps them in place with [`range_fault`] and an interval
+/// notifier, whose invalidation it must obey before the pages change.
+#[derive(Debug, Clone)]
+pub struct RegionMemory {
+    region: Arc<Vma>,
+    offset: usize,
+    len: usize,
+}
+
+impl RegionMemory {
+    /// The range's first address.
+    pub fn addr(&self) -> usize {
+        self.region.start() + self.offset
+    }
+
+    /// The range's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: the range is never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The range lent for direct access by a device.
+    pub fn dma_range(&self) -> Result<uhmm_sys::mman::DmaRange<'_>> {
+        self.region.map.dma_range(self.offset, self.len).map_err(|e| Error::sys("dma range", e))
+    }
+}
+
+impl AddressSpace {
+    /// The memory behind `range` (page-aligned, non-empty, inside one
+    /// region), for a device's direct access (see [`RegionMemory`]).
+    pub fn region_memory(&self, range: Range<usize>) -> Result<RegionMemory> {
+        let (region, pages) = self.inner.region_pages(range)?;
+        Ok(RegionMemory { offset: pages.start * PAGE_SIZE, len: pages.len() * PAGE_SIZE, region })
+    }
 }
 
 /// Makes the RAM pages of a locked access present; returns whether any page

@@ -1,6 +1,7 @@
 //! The GPU interface the CUDA device's driver is written against: device
 //! memory, asynchronous copies and the add-one kernel on streams, tickets
-//! (CUDA events) to wait on, and page-locking of host buffers. Two
+//! (CUDA events) to wait on, page-locking of host buffers, and mapping a
+//! range of the program's RAM for the GPU to use in place. Two
 //! implementations: [`FakeGpu`](super::FakeGpu) (host memory and worker
 //! threads, in every build) and, with the `cuda` feature, the real one over
 //! the CUDA driver API.
@@ -8,7 +9,7 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use uhmm::{Mapping, Result};
+use uhmm::{AddressSpace, Mapping, RegionMemory, Result};
 
 /// A device address (`CUdeviceptr`).
 pub type DevPtr = u64;
@@ -48,7 +49,8 @@ pub enum GpuOp {
     },
     /// The proof kernel: adds 1 to every 32-bit word of `len` bytes at `dst`.
     AddOne {
-        /// Device memory to update.
+        /// Device memory, or host memory mapped with
+        /// [`GpuApi::map_host`], to update.
         dst: DevPtr,
         /// Bytes (a multiple of 4).
         len: usize,
@@ -78,6 +80,16 @@ pub trait GpuApi: Send + Sync + Debug {
     fn register(&self, buf: &Mapping) -> Result<()>;
     /// `cuMemHostUnregister`.
     fn unregister(&self, buf: &Mapping);
+    /// `cuMemHostRegister(DEVICEMAP)` and `cuMemHostGetDevicePointer`:
+    /// page-locks the RAM pages of `mem` (a range of a region of `space`,
+    /// present) and maps them for the GPU, which then reads and writes
+    /// them in place over the bus; returns the device address of the
+    /// range's start. Until [`unmap_host`](GpuApi::unmap_host) the pages
+    /// cannot move.
+    fn map_host(&self, space: &AddressSpace, mem: &RegionMemory) -> Result<DevPtr>;
+    /// Undoes [`map_host`](GpuApi::map_host) of the range at `addr`, once
+    /// the operations queued on it are done.
+    fn unmap_host(&self, addr: usize);
     /// Queues `ops` in order on `stream` (taken modulo
     /// [`streams`](GpuApi::streams)) and records a ticket after them.
     fn submit(&self, stream: usize, ops: Vec<GpuOp>) -> Result<Ticket>;

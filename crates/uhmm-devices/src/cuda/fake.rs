@@ -2,16 +2,19 @@
 //! cannot reach, each stream a worker thread running its queue in order,
 //! the add-one kernel an honest loop over the device bytes. It checks what
 //! a real GPU would refuse (copies from host memory that is not page-locked,
-//! device addresses outside an allocation) and injects failures, so the
-//! driver's logic is tested in every build, on any machine.
+//! device addresses outside an allocation or a mapped host range) and
+//! injects failures, so the driver's logic is tested in every build, on any
+//! machine. Host memory mapped for the GPU ([`GpuApi::map_host`]) is read
+//! and written in place through the address space, as a GPU does over the
+//! bus.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use uhmm::{Error, ErrorKind, Mapping, PAGE_SIZE, Protection, Result};
+use uhmm::{AddressSpace, Error, ErrorKind, Mapping, PAGE_SIZE, Protection, RegionMemory, Residency, Result};
 
 use super::api::{DevPtr, GpuApi, GpuOp, Ticket};
 
@@ -51,6 +54,12 @@ pub struct FakeStats {
     pub bytes: u64,
     /// Kernel launches run.
     pub kernels: u64,
+    /// Host ranges mapped for the GPU, in all.
+    pub host_maps: u64,
+    /// Bytes of host memory mapped for the GPU now.
+    pub host_mapped_bytes: usize,
+    /// Bytes the kernel updated in mapped host memory, in place.
+    pub host_kernel_bytes: u64,
 }
 
 /// A GPU made of host memory and threads (see the module doc).
@@ -70,6 +79,8 @@ struct Shared {
     next_alloc: AtomicU64,
     /// Page-locked host buffers, by address.
     registered: Mutex<HashSet<usize>>,
+    /// Host ranges mapped for the GPU, by address: length and space.
+    host: Mutex<BTreeMap<usize, (usize, AddressSpace)>>,
     done: Mutex<HashMap<u64, Option<std::result::Result<(), String>>>>,
     done_cv: Condvar,
     next_ticket: AtomicU64,
@@ -86,6 +97,9 @@ struct Job {
 
 const ALLOC_SHIFT: u32 = 40;
 
+/// Device addresses of mapped host memory: the host address with this bit.
+const HOST_BIT: DevPtr = 1 << 62;
+
 impl FakeGpu {
     /// Starts a fake GPU: one thread per stream.
     pub fn new(config: FakeConfig) -> Result<FakeGpu> {
@@ -97,6 +111,7 @@ impl FakeGpu {
             used: AtomicUsize::new(0),
             next_alloc: AtomicU64::new(1),
             registered: Mutex::new(HashSet::new()),
+            host: Mutex::new(BTreeMap::new()),
             done: Mutex::new(HashMap::new()),
             done_cv: Condvar::new(),
             next_ticket: AtomicU64::new(1),
@@ -167,6 +182,30 @@ impl Drop for FakeGpu {
     }
 }
 
+/// Checks that the pages of a mapped host range are still in RAM: a GPU
+/// keeps using the pages it pinned, so a page moved or unmapped while
+/// mapped would have been read and written stale (its driver had to drop
+/// the map first).
+fn still_in_ram(space: &AddressSpace, range: std::ops::Range<usize>) -> std::result::Result<(), String> {
+    let snap = space.snapshot(range.clone()).map_err(|e| e.to_string())?;
+    match snap.iter().position(|p| !matches!(p.residency, Residency::Ram | Residency::Zero)) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "the page at {:#x}, mapped for the GPU, changed under the map ({:?}): a GPU would have used the old one",
+            range.start + i * PAGE_SIZE,
+            snap[i].residency
+        )),
+    }
+}
+
+/// The kernel: one "thread" per 32-bit word.
+fn add_one(words: &mut [u8]) {
+    for w in words.chunks_exact_mut(4) {
+        let v = u32::from_ne_bytes([w[0], w[1], w[2], w[3]]).wrapping_add(1);
+        w.copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -185,6 +224,14 @@ impl Shared {
         match mem.get(&base) {
             Some(m) if off + len <= m.len() => Ok((m.clone(), off)),
             _ => Err(format!("CUDA_ERROR_ILLEGAL_ADDRESS: {len} bytes at {ptr:#x}")),
+        }
+    }
+
+    /// The space of the mapped host range holding `len` bytes at `addr`.
+    fn host_space(&self, addr: usize, len: usize) -> std::result::Result<AddressSpace, String> {
+        match lock(&self.host).range(..=addr).next_back() {
+            Some((&start, (n, space))) if addr + len <= start + n => Ok(space.clone()),
+            _ => Err(format!("CUDA_ERROR_ILLEGAL_ADDRESS: {len} bytes of host memory at {addr:#x}, not mapped")),
         }
     }
 
@@ -227,15 +274,25 @@ impl Shared {
                 let (dev, doff) = self.locate(*dst, *len)?;
                 dev.write(doff, &vec![0; *len]).map_err(io)?;
             }
+            GpuOp::AddOne { dst, len } if dst & HOST_BIT != 0 => {
+                let addr = (dst & !HOST_BIT) as usize;
+                let space = self.host_space(addr, *len)?;
+                let mut words = vec![0u8; *len];
+                still_in_ram(&space, addr..addr + len)?;
+                space.read_at(addr, &mut words).map_err(|e| e.to_string())?;
+                add_one(&mut words);
+                space.write_at(addr, &words).map_err(|e| e.to_string())?;
+                still_in_ram(&space, addr..addr + len)?;
+                self.count(|s| {
+                    s.kernels += 1;
+                    s.host_kernel_bytes += *len as u64;
+                });
+            }
             GpuOp::AddOne { dst, len } => {
-                // The kernel: one "thread" per 32-bit word.
                 let (dev, doff) = self.locate(*dst, *len)?;
                 let mut words = vec![0u8; *len];
                 dev.read(doff, &mut words).map_err(io)?;
-                for w in words.chunks_exact_mut(4) {
-                    let v = u32::from_ne_bytes([w[0], w[1], w[2], w[3]]).wrapping_add(1);
-                    w.copy_from_slice(&v.to_ne_bytes());
-                }
+                add_one(&mut words);
                 dev.write(doff, &words).map_err(io)?;
                 self.count(|s| s.kernels += 1);
             }
@@ -301,6 +358,29 @@ impl GpuApi for FakeGpu {
 
     fn unregister(&self, buf: &Mapping) {
         lock(&self.shared.registered).remove(&buf.addr());
+    }
+
+    fn map_host(&self, space: &AddressSpace, mem: &RegionMemory) -> Result<DevPtr> {
+        let (addr, len) = (mem.addr(), mem.len());
+        let mut host = lock(&self.shared.host);
+        let overlaps = host.range(..addr + len).next_back().is_some_and(|(&start, (n, _))| start + n > addr);
+        if overlaps {
+            return Err(Error::invalid("CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"));
+        }
+        host.insert(addr, (len, space.clone()));
+        drop(host);
+        self.shared.count(|s| {
+            s.host_maps += 1;
+            s.host_mapped_bytes += len;
+        });
+        Ok(addr as DevPtr | HOST_BIT)
+    }
+
+    fn unmap_host(&self, addr: usize) {
+        match lock(&self.shared.host).remove(&addr) {
+            Some((len, _)) => self.shared.count(|s| s.host_mapped_bytes -= len),
+            None => tracing::error!(addr, "fake GPU: unmap_host of a range it did not map"),
+        }
     }
 
     fn submit(&self, stream: usize, ops: Vec<GpuOp>) -> Result<Ticket> {

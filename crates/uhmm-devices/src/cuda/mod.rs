@@ -12,11 +12,14 @@
 //! collection (`migrate_pipelined`); a CPU fault on a GPU page brings its
 //! fault-around window back (`migrate_to_ram`). [`CudaDevice::add_one`]
 //! runs a kernel on the pages where they are, the proof that they are on
-//! the GPU. See `docs/gpu.md`.
+//! the GPU; [`CudaDevice::add_one_in_place`] runs it on RAM pages too,
+//! where they are, through host memory mapped for the GPU and kept in a
+//! mirror (`mirror`). See `docs/gpu.md`.
 
 mod api;
 mod chunks;
 mod fake;
+mod mirror;
 #[cfg(feature = "cuda")]
 mod real;
 mod staging;
@@ -27,13 +30,15 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use uhmm::{
     AddressSpace, Collected, CpuFault, DevicePage, DevicePagemap, DevicePagemapOps, DevicePfn, Error, ErrorKind,
-    HUGE_SIZE, Mapping, MigrateSrc, MigrateSummary, Migrated, Migration, Owner, PAGE_SIZE, PipelinedDriver, Residency,
-    Result, Select, migrate_device_range, migrate_pipelined,
+    HUGE_SIZE, IntervalNotifierOps, Mapping, MigrateSrc, MigrateSummary, Migrated, Migration, NotifierHandle, Owner,
+    PAGE_SIZE, PipelinedDriver, Residency, Result, Select, migrate_device_range, migrate_pipelined,
 };
 
 pub use api::{DevPtr, GpuApi, GpuOp, Ticket};
 use chunks::Chunks;
 pub use fake::{FakeConfig, FakeGpu, FakeStats};
+use mirror::HostMaps;
+pub use mirror::InPlace;
 pub use staging::StagingMode;
 use staging::{Stage, Staging};
 
@@ -122,6 +127,10 @@ struct GpuInner {
     mem: Mutex<Chunks>,
     staging: Staging,
     next_stream: AtomicUsize,
+    /// RAM ranges mapped for the GPU (`mirror`), and the notifier that
+    /// drops them before their pages change.
+    host: Mutex<HostMaps>,
+    notifier: OnceLock<NotifierHandle>,
 }
 
 impl CudaDevice {
@@ -135,6 +144,8 @@ impl CudaDevice {
             mem: Mutex::new(Chunks::new(config.chunk_bytes, config.capacity_bytes / config.chunk_bytes)),
             staging,
             next_stream: AtomicUsize::new(0),
+            host: Mutex::new(HostMaps::default()),
+            notifier: OnceLock::new(),
             pagemap: OnceLock::new(),
             api,
             config,
@@ -144,6 +155,9 @@ impl CudaDevice {
             (inner.config.capacity_bytes / inner.config.chunk_bytes * inner.config.chunk_bytes / PAGE_SIZE) as u64;
         let pm = space.register_pagemap(weak, inner.owner, npages)?;
         inner.pagemap.set(pm).expect("pagemap set once");
+        let weak: Weak<dyn IntervalNotifierOps> = Arc::downgrade(&inner) as Weak<GpuInner>;
+        let notifier = space.insert_notifier(0..usize::MAX & !(PAGE_SIZE - 1), weak);
+        inner.notifier.set(notifier).expect("notifier set once");
         Ok(CudaDevice { inner })
     }
 
@@ -268,6 +282,21 @@ impl CudaDevice {
         Ok(done)
     }
 
+    /// Runs the proof kernel on `npages` pages at `addr` wherever they
+    /// are, moving none: pages on this GPU in its memory, RAM pages in
+    /// place through host memory mapped for the GPU (faulted in first, for
+    /// writing: a hole becomes a page of its own). The maps stay for the
+    /// next kernel until a change to their pages drops them (see
+    /// `mirror`). Pages of another device come back to RAM first.
+    pub fn add_one_in_place(&self, addr: usize, npages: usize) -> Result<InPlace> {
+        self.inner.add_one_in_place(crate::range::pages_at(addr, npages)?)
+    }
+
+    /// Bytes of RAM mapped for the GPU now (pinned).
+    pub fn host_mapped_bytes(&self) -> usize {
+        self.inner.host().bytes()
+    }
+
     /// Evicts every page of this device back to RAM
     /// (`migrate_device_range`); returns the pages evicted.
     pub fn release(&self) -> Result<usize> {
@@ -284,6 +313,7 @@ impl Drop for CudaDevice {
         }
         let inner = &self.inner;
         crate::teardown::release_and_unregister(&inner.space, inner.pagemap(), || inner.release(), "CUDA device");
+        inner.unmap_all_host();
         self.inner.mem().trim(&*self.inner.api);
         self.inner.staging.clear(&*self.inner.api);
     }
@@ -296,6 +326,10 @@ impl GpuInner {
 
     fn mem(&self) -> std::sync::MutexGuard<'_, Chunks> {
         self.mem.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn host(&self) -> std::sync::MutexGuard<'_, HostMaps> {
+        self.host.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn page(&self, pfn: DevicePfn) -> DevicePage {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use uhmm::{Error, ErrorKind, Mapping, Result};
+use uhmm::{AddressSpace, Error, ErrorKind, Mapping, RegionMemory, Result};
 use uhmm_sys::cuda::{CudaError, Event, Gpu};
 
 use super::api::{DevPtr, GpuApi, GpuOp, Ticket};
@@ -80,6 +80,16 @@ impl GpuApi for RealGpu {
     fn unregister(&self, buf: &Mapping) {
         if let Err(err) = self.gpu.unregister(buf) {
             tracing::error!(%err, "cuMemHostUnregister");
+        }
+    }
+
+    fn map_host(&self, _space: &AddressSpace, mem: &RegionMemory) -> Result<DevPtr> {
+        self.gpu.map_host(&mem.dma_range()?).map_err(error)
+    }
+
+    fn unmap_host(&self, addr: usize) {
+        if let Err(err) = self.gpu.unmap_host(addr) {
+            tracing::error!(%err, "cuMemHostUnregister of a range mapped in place");
         }
     }
 
