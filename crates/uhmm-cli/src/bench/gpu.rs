@@ -89,6 +89,15 @@ fn run_bench(args: &GpuBenchArgs) -> uhmm::Result<()> {
                     format!("{:.1} / {:.1} µs", m.fault_p50_us, m.managed_fault_p50_us),
                 ),
                 Target::info("pageable cuMemcpy, uhmm / it", Some(u / g), format!("{u:.2} / {g:.2} GB/s")),
+                Target::info(
+                    "add-one kernel, on RAM in place / on the GPU's pages",
+                    Some(m.kernel_gpu_s / m.kernel_in_place_s),
+                    format!(
+                        "{:.2} / {:.2} GB/s",
+                        size as f64 / m.kernel_in_place_s / 1e9,
+                        size as f64 / m.kernel_gpu_s / 1e9
+                    ),
+                ),
             ],
         ));
     }
@@ -133,6 +142,8 @@ struct Measured {
     managed_s: f64,
     fault_p50_us: f64,
     managed_fault_p50_us: f64,
+    kernel_gpu_s: f64,
+    kernel_in_place_s: f64,
 }
 
 /// Measures `size` bytes each way, `runs` times a case after a warm-up:
@@ -140,7 +151,8 @@ struct Measured {
 /// pageable memory, managed memory prefetched to the GPU and back, and a
 /// CPU read of one byte every 2 MiB after the GPU had the pages (uhmm: a
 /// `migrate_to_ram` fault; managed memory: its fault, after the add-one
-/// kernel touched every page).
+/// kernel touched every page); and the add-one kernel on the region's
+/// pages on the GPU, then on them in RAM in place (mapped host memory).
 #[cfg(feature = "cuda")]
 fn measure(gpu: &uhmm_sys::cuda::Gpu, size: usize, runs: u32, mode: StagingMode) -> uhmm::Result<Measured> {
     use super::median;
@@ -178,8 +190,11 @@ fn measure(gpu: &uhmm_sys::cuda::Gpu, size: usize, runs: u32, mode: StagingMode)
         dev.migrate_to_system(region.addr(), npages).map(drop)
     })?;
     dev.migrate_to_device_all(region.addr(), npages)?;
+    let kernel_gpu_s = timed(&mut || dev.add_one(region.addr(), npages).map(drop))?;
     let mut b = [0u8; 1];
     let fault_p50_us = faults(&mut |off| region.read(off, &mut b))?;
+    dev.migrate_to_system(region.addr(), npages)?;
+    let kernel_in_place_s = timed(&mut || dev.add_one_in_place(region.addr(), npages).map(drop))?;
     drop(dev);
 
     let dptr = gpu.alloc(size).map_err(sys)?;
@@ -206,5 +221,14 @@ fn measure(gpu: &uhmm_sys::cuda::Gpu, size: usize, runs: u32, mode: StagingMode)
     managed.add_one().map_err(sys)?;
     let managed_fault_p50_us =
         faults(&mut |off| managed.read_byte(off).map(drop).ok_or_else(|| uhmm::Error::invalid("past the end")))?;
-    Ok(Measured { uhmm_s, pinned_s, pageable_s, managed_s, fault_p50_us, managed_fault_p50_us })
+    Ok(Measured {
+        uhmm_s,
+        pinned_s,
+        pageable_s,
+        managed_s,
+        fault_p50_us,
+        managed_fault_p50_us,
+        kernel_gpu_s,
+        kernel_in_place_s,
+    })
 }
