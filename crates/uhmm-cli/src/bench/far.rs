@@ -304,7 +304,7 @@ impl DiskReads {
         let Some(d) = disk else { return scan() };
         let before = d.bytes();
         let r = scan()?;
-        let read = d.bytes() - before;
+        let read = d.bytes().saturating_sub(before);
         if read < len as u64 / 4 * 3 {
             return Err(format!(
                 "{side}'s sequential scan read {} of {} from the disk: its pages were still in RAM",
