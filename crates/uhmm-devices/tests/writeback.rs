@@ -3,14 +3,18 @@
 //! stored longest ago are the ones written back, every page comes back
 //! whole from wherever it is, threads putting, getting, deleting and reusing
 //! keys while write-backs run never see another version, and a device over
-//! it round-trips a region. Real files in a temporary directory; every test
-//! runs under a timeout.
+//! it round-trips a region, written back to a file or to a redis-server the
+//! test starts. Real files in a temporary directory; every test runs under
+//! a timeout.
 
 mod common;
+#[path = "common/redis_server.rs"]
+mod redis_server;
 
 use std::sync::Arc;
 
 use common::{text, with_timeout};
+use redis_server::{RedisServer, ServerOpts, require_redis};
 use uhmm::{AddressSpace, Config, PAGE_SIZE, Prot};
 use uhmm_devices::compress::{CompressConfig, CompressStore};
 use uhmm_devices::far::{FarAddress, FarStore};
@@ -127,25 +131,38 @@ fn threads_reusing_keys_while_pages_are_written_back_see_their_own_version() {
     });
 }
 
+/// A device over `address` (`compress:1M+…`) round-trips an 8 MiB region:
+/// the pool keeps within 1 MiB, pages went far, sealed, and all came home.
+fn device_round_trips_a_region_through(address: &str) {
+    let far: FarStore = FarAddress::parse(address).unwrap().open().unwrap();
+    let space = AddressSpace::new(Config::default()).unwrap();
+    let dev = StoreDevice::new(&space, far.page_store(), StoreDeviceConfig::default()).unwrap();
+    let region = space.map(8 << 20, Prot::READ_WRITE).unwrap();
+    let bytes = text(7, 8 << 20);
+    region.write(0, &bytes).unwrap();
+    assert_eq!(dev.migrate_to_device(region.addr(), region.npages()).unwrap().moved, region.npages());
+    let (w, c) = far.writeback_stats().unwrap();
+    assert!(c.mem_used_total <= 1 << 20, "{address}: {c:?}");
+    assert!(w.below_pages > 0 && w.ram_pages > 0, "{address}: {w:?}");
+    assert!(far.seal_stats().sealed > 0, "{address}: pages far are sealed");
+    let mut back = vec![0u8; bytes.len()];
+    region.read(0, &mut back).unwrap();
+    assert!(back == bytes, "{address}: the region reads back as written");
+    assert_eq!(far.usage().pages, 0, "{address}: every page came home");
+}
+
 #[test]
 fn a_device_over_compress_plus_file_round_trips_a_region() {
     with_timeout(120, || {
-        let dir = std::env::temp_dir();
-        let address = FarAddress::parse(&format!("compress:1M+file:{}", dir.display())).unwrap();
-        let far: FarStore = address.open().unwrap();
-        let space = AddressSpace::new(Config::default()).unwrap();
-        let dev = StoreDevice::new(&space, far.page_store(), StoreDeviceConfig::default()).unwrap();
-        let region = space.map(8 << 20, Prot::READ_WRITE).unwrap();
-        let bytes = text(7, 8 << 20);
-        region.write(0, &bytes).unwrap();
-        assert_eq!(dev.migrate_to_device(region.addr(), region.npages()).unwrap().moved, region.npages());
-        let (w, c) = far.writeback_stats().unwrap();
-        assert!(c.mem_used_total <= 1 << 20, "{c:?}");
-        assert!(w.below_pages > 0 && w.ram_pages > 0, "{w:?}");
-        assert!(far.seal_stats().sealed > 0, "pages far are sealed");
-        let mut back = vec![0u8; bytes.len()];
-        region.read(0, &mut back).unwrap();
-        assert!(back == bytes, "the region reads back as written");
-        assert_eq!(far.usage().pages, 0, "every page came home");
+        device_round_trips_a_region_through(&format!("compress:1M+file:{}", std::env::temp_dir().display()))
+    });
+}
+
+#[test]
+fn a_device_over_compress_plus_redis_round_trips_a_region() {
+    with_timeout(120, || {
+        require_redis();
+        let server = RedisServer::start(ServerOpts::default());
+        device_round_trips_a_region_through(&format!("compress:1M+{}", server.url()));
     });
 }

@@ -364,11 +364,12 @@ impl<B: PageStore> PageStore for WritebackStore<B> {
 
     fn usage(&self) -> StoreUsage {
         let (r, b) = (self.ram.usage(), self.below.usage());
+        // A store with no bound of its own says u64::MAX.
         StoreUsage {
             pages: r.pages + b.pages,
             orig_bytes: r.orig_bytes + b.orig_bytes,
             used_bytes: r.used_bytes + b.used_bytes,
-            capacity_bytes: r.capacity_bytes + b.capacity_bytes,
+            capacity_bytes: r.capacity_bytes.saturating_add(b.capacity_bytes),
         }
     }
 }
