@@ -7,7 +7,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A memory cgroup made for one child; removed on drop.
+/// A memory cgroup made for one child, or for the bench while it fills
+/// memory ([`Cgroup::enter`]); removed on drop.
 #[derive(Debug)]
 pub struct Cgroup {
     dir: PathBuf,
