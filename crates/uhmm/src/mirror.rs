@@ -337,3 +337,23 @@ impl Drop for RangeAccess {
         unlock_all(&self.space, &self.region, self.first, end, &self.pages, None);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+
+    #[test]
+    fn region_memory_lends_a_range_of_one_region_and_refuses_others() {
+        let space = AddressSpace::new(Config::default()).expect("userfaultfd");
+        let r = space.map(8 * PAGE_SIZE, Prot::READ_WRITE).unwrap();
+        let mem = space.region_memory(r.addr() + 2 * PAGE_SIZE..r.addr() + 5 * PAGE_SIZE).unwrap();
+        assert_eq!((mem.addr(), mem.len()), (r.addr() + 2 * PAGE_SIZE, 3 * PAGE_SIZE));
+        let dma = mem.dma_range().unwrap();
+        assert_eq!((dma.addr(), dma.len()), (mem.addr(), mem.len()));
+        for bad in [r.addr() + 1..r.addr() + PAGE_SIZE, r.addr()..r.addr(), r.addr()..r.addr() + 9 * PAGE_SIZE] {
+            let e = space.region_memory(bad.clone()).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{bad:x?}");
+        }
+    }
+}
