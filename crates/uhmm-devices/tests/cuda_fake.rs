@@ -28,6 +28,14 @@ fn device(space: &AddressSpace, gpu: &Arc<FakeGpu>, staging: StagingMode) -> Cud
     CudaDevice::new(space, gpu.clone(), config(staging)).expect("CUDA device")
 }
 
+/// A space, a fake GPU with no delay, and a device on it in `staging` mode.
+fn rig(staging: StagingMode) -> (AddressSpace, Arc<FakeGpu>, CudaDevice) {
+    let space = space();
+    let gpu = gpu(0);
+    let dev = device(&space, &gpu, staging);
+    (space, gpu, dev)
+}
+
 fn on_gpu(space: &AddressSpace, dev: &CudaDevice, r: &Region) -> usize {
     let own = dev.owner();
     let snap = space.snapshot(r.addr()..r.addr() + r.npages() * PAGE_SIZE).unwrap();
@@ -38,9 +46,7 @@ fn on_gpu(space: &AddressSpace, dev: &CudaDevice, r: &Region) -> usize {
 fn round_trip_with_holes_in_both_staging_modes() {
     with_timeout(120, || {
         for mode in MODES {
-            let space = space();
-            let gpu = gpu(0);
-            let dev = device(&space, &gpu, mode);
+            let (space, gpu, dev) = rig(mode);
             let n = 2048 + 100;
             let r = map(&space, n);
             // Pages 0..1000 and 1500..n written; 1000..1500 never touched.
@@ -68,9 +74,7 @@ fn round_trip_with_holes_in_both_staging_modes() {
 #[test]
 fn cpu_fault_brings_its_window_back() {
     with_timeout(60, || {
-        let space = space();
-        let gpu = gpu(0);
-        let dev = device(&space, &gpu, StagingMode::Ring);
+        let (space, _gpu, dev) = rig(StagingMode::Ring);
         let n = 1024;
         let r = map(&space, n);
         fill(&r, 0..n, |i| i.wrapping_mul(7));
@@ -89,9 +93,7 @@ fn cpu_fault_brings_its_window_back() {
 fn the_kernel_runs_on_gpu_pages_and_the_cpu_sees_its_writes() {
     with_timeout(60, || {
         for mode in MODES {
-            let space = space();
-            let gpu = gpu(0);
-            let dev = device(&space, &gpu, mode);
+            let (space, gpu, dev) = rig(mode);
             let n = 1500;
             let r = map(&space, n);
             fill(&r, 0..n, |i| i);
@@ -109,9 +111,7 @@ fn the_kernel_runs_on_gpu_pages_and_the_cpu_sees_its_writes() {
 #[test]
 fn the_kernel_runs_in_place_on_ram_pages_and_on_gpu_pages_and_moves_none() {
     with_timeout(60, || {
-        let space = space();
-        let gpu = gpu(0);
-        let dev = device(&space, &gpu, StagingMode::Ring);
+        let (space, gpu, dev) = rig(StagingMode::Ring);
         let n = 1024;
         let r = map(&space, n);
         // Pages 0..900 written, 900..n holes; 0..512 on the GPU.
@@ -139,9 +139,7 @@ fn the_kernel_runs_in_place_on_ram_pages_and_on_gpu_pages_and_moves_none() {
 #[test]
 fn a_change_to_pages_mapped_for_the_gpu_drops_their_map_first() {
     with_timeout(60, || {
-        let space = space();
-        let gpu = gpu(0);
-        let dev = device(&space, &gpu, StagingMode::Ring);
+        let (space, gpu, dev) = rig(StagingMode::Ring);
         let n = 512;
         let r = map(&space, n);
         fill(&r, 0..n, |i| i);
@@ -216,9 +214,7 @@ fn in_place_kernels_racing_migrations_and_cpu_reads_lose_no_update() {
 fn a_failed_copy_to_the_gpu_leaves_the_pages_in_ram() {
     with_timeout(60, || {
         for mode in MODES {
-            let space = space();
-            let gpu = gpu(0);
-            let dev = device(&space, &gpu, mode);
+            let (space, gpu, dev) = rig(mode);
             let n = 300;
             let r = map(&space, n);
             fill(&r, 0..n, |i| !i);
@@ -238,9 +234,7 @@ fn a_failed_copy_to_the_gpu_leaves_the_pages_in_ram() {
 #[test]
 fn a_failed_copy_back_keeps_the_pages_on_the_gpu_or_poisons_only_the_faulting_page() {
     with_timeout(60, || {
-        let space = space();
-        let gpu = gpu(0);
-        let dev = device(&space, &gpu, StagingMode::Ring);
+        let (space, gpu, dev) = rig(StagingMode::Ring);
         let n = 512;
         let r = map(&space, n);
         fill(&r, 0..n, |i| i);
@@ -265,9 +259,7 @@ fn a_failed_copy_back_keeps_the_pages_on_the_gpu_or_poisons_only_the_faulting_pa
 fn dropping_the_device_brings_every_page_home() {
     with_timeout(60, || {
         for mode in MODES {
-            let space = space();
-            let gpu = gpu(0);
-            let dev = device(&space, &gpu, mode);
+            let (space, gpu, dev) = rig(mode);
             let n = 1100;
             let r = map(&space, n);
             fill(&r, 0..n, |i| i ^ 0xdead);
@@ -286,9 +278,7 @@ fn dropping_the_device_brings_every_page_home() {
 #[test]
 fn release_evicts_and_chunks_are_reused() {
     with_timeout(60, || {
-        let space = space();
-        let gpu = gpu(0);
-        let dev = device(&space, &gpu, StagingMode::Registered);
+        let (space, gpu, dev) = rig(StagingMode::Registered);
         let n = 1024;
         let r = map(&space, n);
         fill(&r, 0..n, |i| i);
